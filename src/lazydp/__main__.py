@@ -1,0 +1,5 @@
+import sys
+
+from lazydp.cli import main
+
+sys.exit(main())

@@ -1,0 +1,113 @@
+"""The contract every per-layer clipper fulfils.
+
+A *call* is one forward invocation of a layer, captured by the engine: the positional and keyword
+arguments it was called with, and the gradient of the loss w.r.t. its output, already scaled to
+*per-example* loss gradients (the engine undoes the 1/B of a mean-reduced loss). Dimension 0 of the
+output is the batch (for EmbeddingBag with offsets: the bags). A layer called k times in one forward
+(weight sharing) gives k calls; a clipper treats them as one longer sequence per example.
+
+A clipper never changes a parameter. It returns, per example i, the squared norm of that example's
+gradient over all of the layer's *trainable direct* parameters, and the clipped sum
+sum_i c_i * grad_i, for each trainable parameter (by parameter name, e.g. ``"weight"``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass
+class Call:
+    """One captured forward call of a layer."""
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    grad_output: Tensor  # per-example dL_i/d(output), shape (B, ...)
+
+
+@dataclass
+class SparseRows:
+    """A row-sparse gradient of a (num_rows, dim) table: rows ``indices`` get ``values`` added.
+
+    Duplicated indices are allowed (they add up) unless ``coalesced`` is True.
+    """
+
+    indices: Tensor  # int64, (n,)
+    values: Tensor  # (n, dim)
+    num_rows: int
+    coalesced: bool = False
+
+    def coalesce(self) -> SparseRows:
+        """Sum duplicated rows: unique sorted indices, one value row each."""
+        if self.coalesced:
+            return self
+        uniq, inverse = torch.unique(self.indices, return_inverse=True)
+        summed = self.values.new_zeros((uniq.numel(), self.values.shape[1]))
+        summed.index_add_(0, inverse, self.values)
+        return SparseRows(uniq, summed, self.num_rows, coalesced=True)
+
+    def to_dense(self) -> Tensor:
+        dense = self.values.new_zeros((self.num_rows, self.values.shape[1]))
+        dense.index_add_(0, self.indices, self.values)
+        return dense
+
+
+@dataclass
+class PerSampleRows:
+    """Materialised per-example embedding gradients, kept compact (never B x rows x dim).
+
+    Example ``example[j]`` has gradient ``values[j]`` on table row ``indices[j]``; each
+    (example, row) pair appears at most once (coalesced), so norms are exact.
+    """
+
+    example: Tensor  # int64, (n,)
+    indices: Tensor  # int64, (n,)
+    values: Tensor  # (n, dim)
+    num_rows: int
+    batch_size: int = field(default=0)
+
+
+# A materialised per-example gradient: a dense (B, *param.shape) tensor or compact rows.
+PerSample = Tensor | PerSampleRows
+# A clipped sum: dense (param.shape) or row-sparse for embedding tables.
+ClippedSum = Tensor | SparseRows
+
+
+class LayerClipper:
+    """Per-example norms and clipped sums for one kind of layer. Subclasses are stateless."""
+
+    #: The layer types this clipper handles (set by ``register_clipper``).
+    layer_types: tuple[type[nn.Module], ...] = ()
+
+    def check(self, module: nn.Module) -> None:
+        """Raise UnsupportedLayerError if this module's configuration has no exact norm."""
+
+    def norms2(self, module: nn.Module, calls: list[Call]) -> Tensor:
+        """(B,) squared per-example gradient norms over all trainable direct parameters.
+
+        Ghost norms where the layer allows: per-example gradients are never materialised.
+        """
+        raise NotImplementedError
+
+    def clipped_sum(self, module: nn.Module, calls: list[Call], c: Tensor) -> dict[str, ClippedSum]:
+        """sum_i c[i] * grad_i per trainable parameter name, from the captured calls alone."""
+        raise NotImplementedError
+
+    def per_sample(self, module: nn.Module, calls: list[Call]) -> dict[str, PerSample]:
+        """Materialised per-example gradients (the ``dpsgd_b`` / ``dpsgd_r`` path)."""
+        raise NotImplementedError
+
+    def rows_read(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor | None:
+        """For embedding tables: the (unique or not) int64 row ids a forward call reads, after
+        validating them (out of range -> InputError naming the layer, the id and the table size).
+        ``padding_idx`` is excluded. None for layers that are not tables."""
+        return None
+
+
+def trainable_direct_params(module: nn.Module) -> dict[str, nn.Parameter]:
+    """The parameters a layer owns directly (not its children's) that require grad."""
+    return {n: p for n, p in module.named_parameters(recurse=False) if p.requires_grad}
