@@ -1,0 +1,34 @@
+"""lazydp: fast differentially private training (DP-SGD and LazyDP) for PyTorch.
+
+Example:
+    >>> from lazydp import PrivacyEngine
+    >>> engine = PrivacyEngine()
+"""
+
+from lazydp.engine import MODES, PrivacyEngine
+from lazydp.errors import (
+    ConfigError,
+    DataError,
+    InputError,
+    LazyDPError,
+    PrivacyError,
+    UnsupportedLayerError,
+    UnsupportedOptimizerError,
+)
+from lazydp.report import PrivacyReport
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MODES",
+    "ConfigError",
+    "DataError",
+    "InputError",
+    "LazyDPError",
+    "PrivacyEngine",
+    "PrivacyError",
+    "PrivacyReport",
+    "UnsupportedLayerError",
+    "UnsupportedOptimizerError",
+    "__version__",
+]

@@ -1,0 +1,209 @@
+"""Forward (capture): record what each parameterised layer saw and the gradient of its output.
+
+Every parameterised leaf layer gets an instance-level ``forward`` that
+1. lets a *read hook* act on the rows it is about to read (LazyDP catches those rows up here, so no
+   forward -- training or evaluation -- ever observes a row with pending noise);
+2. runs the layer's own forward with its parameters *detached*, so autograd never builds the
+   parameter gradient (for a table that would be a dense rows x dim tensor per step);
+3. during training, routes the output through a tap whose backward stores dL/d(output).
+
+The optimizer step then computes exact per-example norms and clipped sums from the recorded inputs
+and output gradients alone (one backward pass, "book-keeping"). The model object is the caller's own,
+unchanged in type, state_dict keys and parameters; ``CaptureSet.remove()`` restores it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lazydp.clipping import clipper_for, parameterised_leaves
+from lazydp.clipping._base import Call, LayerClipper, trainable_direct_params
+from lazydp.errors import InputError, UnsupportedLayerError
+
+ReadHook = Callable[[Tensor], None]
+
+
+class _Tap(torch.autograd.Function):
+    """Identity whose backward hands the output gradient to a sink (the recorded call)."""
+
+    @staticmethod
+    def forward(ctx: Any, out: Tensor, anchor: Tensor, record: _Record) -> Tensor:  # type: ignore[override]
+        ctx.record = record
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None]:  # type: ignore[override]
+        rec: _Record = ctx.record
+        # A layer whose output is used twice in the graph gets two backward calls: they add up.
+        rec.grad_output = grad if rec.grad_output is None else rec.grad_output + grad
+        return (grad if ctx.needs_input_grad[0] else None), None, None
+
+
+@dataclass
+class _Record:
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    batch_size: int
+    grad_output: Tensor | None = None
+
+
+@dataclass
+class LayerCapture:
+    """One parameterised leaf layer under capture."""
+
+    name: str
+    module: nn.Module
+    clipper: LayerClipper
+    records: list[_Record] = field(default_factory=list)
+    read_hook: ReadHook | None = None
+    is_table: bool = False
+
+    def params(self) -> dict[str, nn.Parameter]:
+        return trainable_direct_params(self.module)
+
+    def calls(self, scale: float) -> list[Call]:
+        """The recorded calls that received a gradient, output gradients scaled per example."""
+        out = []
+        for r in self.records:
+            if r.grad_output is None:  # output did not reach the loss: contributes nothing
+                continue
+            g = r.grad_output if scale == 1.0 else r.grad_output * scale
+            out.append(Call(r.args, r.kwargs, g))
+        return out
+
+
+class CaptureSet:
+    """All captured layers of one model, plus the root-level capture ``dpsgd_r`` needs."""
+
+    def __init__(self, model: nn.Module, *, capture_root: bool = False) -> None:
+        self.model = model
+        self.layers: list[LayerCapture] = []
+        self._anchor = torch.zeros((), requires_grad=True)
+        self._passthrough = False
+        self._handles: list[Any] = []
+        self.root_args: tuple[Any, ...] = ()
+        self.root_kwargs: dict[str, Any] = {}
+        self.root_record: _Record | None = None
+        for name, module in parameterised_leaves(model):
+            clipper = clipper_for(module)
+            clipper.check(module)
+            layer = LayerCapture(
+                name=name or type(module).__name__,
+                module=module,
+                clipper=clipper,
+                is_table=isinstance(module, (nn.Embedding, nn.EmbeddingBag)),
+            )
+            self.layers.append(layer)
+            module.forward = self._make_forward(layer)  # type: ignore[method-assign]
+        self._handles.append(model.register_forward_pre_hook(self._on_root_pre, with_kwargs=True))
+        if capture_root:
+            self._handles.append(model.register_forward_hook(self._on_root_post))
+
+    # ------------------------------------------------------------------ forward
+    def _make_forward(self, layer: LayerCapture) -> Callable[..., Tensor]:
+        module = layer.module
+        cls_forward = type(module).forward
+
+        def forward(*args: Any, **kwargs: Any) -> Tensor:
+            if self._passthrough:  # dpsgd_r's second pass: plain autograd through the parameters
+                return cls_forward(module, *args, **kwargs)
+            if layer.is_table:
+                rows = layer.clipper.rows_read(module, args, kwargs)  # validates ids too
+                if layer.read_hook is not None and rows is not None:
+                    layer.read_hook(rows)
+            with _detached_params(module):
+                out = cls_forward(module, *args, **kwargs)
+            if not torch.is_grad_enabled():
+                return out
+            if not isinstance(out, Tensor):
+                raise UnsupportedLayerError(
+                    f"layer {layer.name!r} ({type(module).__name__}) returns "
+                    f"{type(out).__name__}, not a Tensor; lazydp captures single-tensor outputs. "
+                    "Wrap the layer so that its parameters live in a leaf returning one tensor."
+                )
+            batch = out.shape[0] if out.dim() > 0 else 1
+            record = _Record(args, kwargs, batch)
+            layer.records.append(record)
+            return _Tap.apply(out, self._anchor, record)
+
+        return forward
+
+    def _on_root_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if not torch.is_grad_enabled() or self._passthrough:
+            return
+        # A new training forward is a new batch: forget what the previous one recorded.
+        self.clear()
+        self.root_args, self.root_kwargs = args, kwargs
+
+    def _on_root_post(self, module: nn.Module, args: tuple, out: Any) -> Any:
+        if not torch.is_grad_enabled() or self._passthrough or not isinstance(out, Tensor):
+            return None
+        record = _Record(args, {}, out.shape[0] if out.dim() else 1)
+        self.root_record = record
+        return _Tap.apply(out, self._anchor, record)
+
+    # ------------------------------------------------------------------ step side
+    def batch_size(self) -> int:
+        """The realised batch size of the recorded forward (all layers must agree)."""
+        sizes = {r.batch_size for layer in self.layers for r in layer.records}
+        if len(sizes) > 1:
+            raise InputError(
+                f"layers saw different batch sizes {sorted(sizes)} in one forward; lazydp needs "
+                "dimension 0 of every layer output to be the batch (batch_first=True)."
+            )
+        return sizes.pop() if sizes else 0
+
+    def check_finite(self) -> None:
+        """Refuse NaN/Inf before any parameter changes (clipping a NaN gives a NaN update)."""
+        for layer in self.layers:
+            for r in layer.records:
+                bad = r.grad_output is not None and not bool(torch.isfinite(r.grad_output).all())
+                for a in (*r.args, *r.kwargs.values()):
+                    if isinstance(a, Tensor) and a.is_floating_point():
+                        bad = bad or not bool(torch.isfinite(a).all())
+                if bad:
+                    raise InputError(
+                        f"NaN or Inf reached layer {layer.name!r} (its input or its output "
+                        "gradient): check the batch's features and the loss. No parameter was "
+                        "changed and nothing was charged to the privacy ledger."
+                    )
+
+    def clear(self) -> None:
+        for layer in self.layers:
+            layer.records.clear()
+        self.root_record = None
+
+    @contextmanager
+    def passthrough(self) -> Iterator[None]:
+        self._passthrough = True
+        try:
+            yield
+        finally:
+            self._passthrough = False
+
+    def remove(self) -> None:
+        """Give the model back exactly as it was (class forwards, no hooks)."""
+        for layer in self.layers:
+            layer.module.__dict__.pop("forward", None)
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+
+@contextmanager
+def _detached_params(module: nn.Module) -> Iterator[None]:
+    """Run the layer with its own parameters detached (same storage, no autograd edge)."""
+    saved = dict(module._parameters)
+    try:
+        for name, p in saved.items():
+            if p is not None and p.requires_grad:
+                module._parameters[name] = p.detach()  # type: ignore[assignment]
+        yield
+    finally:
+        module._parameters.update(saved)

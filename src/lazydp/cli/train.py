@@ -1,0 +1,105 @@
+"""``lazydp train``: private training on a built-in real dataset or a preprocessed directory.
+
+Example:
+    $ lazydp train                       # private DLRM on MovieLens-100k, LazyDP, epsilon 3
+    $ lazydp train --mode dpsgd_f --target-epsilon 1
+    $ lazydp train --config configs/movielens.yaml --epochs 5
+    $ lazydp train --data out/criteo --json
+Options come from --config (YAML, keys = flag names with underscores) and are overridden by flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lazydp.cli import add_json_flag
+from lazydp.errors import ConfigError
+from lazydp.training import TrainConfig
+
+EPILOG = """example:
+  $ lazydp train
+  train: 100%|████| 264/264 [00:40, loss=0.55, eps=2.98, ex_s=6,900]
+  privacy: epsilon = 2.99 at delta = 1.0e-05 (PLD; RDP gives 3.4)
+    mode lazydp, sampler poisson, 264 steps, ...
+  test AUC 0.75  accuracy 0.70
+"""
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a model privately (default: DLRM on MovieLens, LazyDP)",
+        description=__doc__,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--config", help="YAML file of options (flags override it)")
+    p.add_argument("--dataset", choices=["movielens", "acs"], help="built-in real dataset")
+    p.add_argument("--data", help="preprocessed directory (from `lazydp preprocess`)")
+    p.add_argument("--mode", choices=["sgd", "dpsgd_b", "dpsgd_r", "dpsgd_f", "lazydp"])
+    p.add_argument("--epochs", type=float)
+    p.add_argument("--batch-size", type=int, help="expected batch size (sets q = B / N)")
+    p.add_argument("--lr", type=float, help="learning rate of the embedding tables (SGD)")
+    p.add_argument("--dense-lr", type=float, help="learning rate of the MLPs (Adam)")
+    p.add_argument("--noise-multiplier", type=float)
+    p.add_argument("--target-epsilon", type=float, help="calibrate the noise to this epsilon")
+    p.add_argument("--delta", type=float, help="default: 1/N rounded down to a power of ten")
+    p.add_argument("--max-grad-norm", type=float)
+    p.add_argument("--sampler", choices=["poisson", "shuffle"])
+    p.add_argument("--embedding-dim", type=int)
+    p.add_argument("--seed", type=int, help="reproducible research run (not for production)")
+    p.add_argument("--out", help="output directory (ledger, checkpoints, model, report)")
+    p.add_argument("--checkpoint-every", type=int, help="steps between atomic checkpoints")
+    p.add_argument("--resume", action="store_true", default=None, help="continue OUT's run")
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+    p.add_argument("--nproc-per-node", type=int, help="launch N processes with torchrun")
+    p.add_argument("--nnodes", type=int, default=1)
+    p.add_argument("--rdzv-endpoint", default=None)
+    p.add_argument("--max-restarts", type=int, default=0)
+    add_json_flag(p)
+    p.set_defaults(func=run)
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """Defaults <- YAML file <- flags."""
+    values: dict[str, Any] = {}
+    if args.config:
+        path = Path(args.config)
+        if not path.exists():
+            raise ConfigError(f"--config {path} does not exist")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"--config {path} must hold a mapping of option: value")
+        values.update({k.replace("-", "_"): val for k, val in loaded.items()})
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = set(values) - names
+    if unknown:
+        raise ConfigError(
+            f"unknown option(s) {sorted(unknown)} in {args.config}; valid: {sorted(names)}"
+        )
+    for name in names:
+        val = getattr(args, name, None)
+        if val is not None:
+            values[name] = val
+    if values.get("noise_multiplier") is not None and "target_epsilon" not in values:
+        values["target_epsilon"] = None
+    return TrainConfig(**values)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    cfg = config_from_args(args)
+    if args.nproc_per_node and args.nproc_per_node > 1:
+        from lazydp.distributed.launch import launch
+
+        return launch(args, cfg)
+    from lazydp.training import run as train_run
+
+    if args.json:
+        cfg.progress = False
+    return train_run(cfg)

@@ -1,0 +1,335 @@
+"""PrivacyEngine: the one place that wires the DP stages together.
+
+    sampler -> batch -> forward (capture) -> backward (capture) -> norms -> clip factors
+            -> ledger -> clipped sums -> [all-reduce] -> noise (eager | lazy) -> update
+
+Example:
+    >>> import torch
+    >>> from torch.utils.data import DataLoader, TensorDataset
+    >>> from lazydp import PrivacyEngine
+    >>> data = TensorDataset(torch.randn(64, 4), torch.randn(64, 1))
+    >>> model = torch.nn.Linear(4, 1)
+    >>> engine = PrivacyEngine(seed=0)
+    >>> model, opt, loader = engine.make_private(
+    ...     module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+    ...     data_loader=DataLoader(data, batch_size=16), noise_multiplier=1.0, max_grad_norm=1.0)
+    >>> for x, y in loader:
+    ...     opt.zero_grad(); torch.nn.functional.mse_loss(model(x), y).backward(); opt.step()
+    >>> engine.get_epsilon(1e-5) > 0
+    True
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+from torch.utils.data import DataLoader
+
+from lazydp import _validate as v
+from lazydp._timing import PhaseTimer
+from lazydp.accounting import calibrate_noise_multiplier
+from lazydp.capture import CaptureSet
+from lazydp.errors import ConfigError, PrivacyError
+from lazydp.ledger import PrivacyLedger
+from lazydp.loader import DPDataLoader
+from lazydp.noise import GaussianNoise, active_override
+from lazydp.optim.dp_optimizer import DPOptimizer, PrivacyParams
+from lazydp.report import PrivacyReport, build_report
+from lazydp.sampling import PoissonSampling, ShuffledFixedSize
+
+MODES = ("sgd", "dpsgd_b", "dpsgd_r", "dpsgd_f", "lazydp")
+SAMPLERS = ("poisson", "shuffle")
+CHECKPOINT_FORMAT = "lazydp-checkpoint-v1"
+
+
+class PrivacyEngine:
+    """Makes a model, optimizer and data loader differentially private (Opacus-style API).
+
+    Args:
+        accountant: "pld" (default, tight) or "rdp"; both are always reported.
+        seed: None (default) seeds sampling and noise from OS entropy. An int makes the run
+            reproducible -- for research only; the privacy report then says so.
+        ledger_path: JSON-lines privacy ledger; an existing file is resumed, never reset.
+    """
+
+    def __init__(
+        self,
+        accountant: str = "pld",
+        seed: int | None = None,
+        ledger_path: str | os.PathLike[str] | None = None,
+    ) -> None:
+        v.check_choice("accountant", accountant, ("pld", "rdp"))
+        self.accountant = accountant
+        self.seed = seed
+        self.ledger = PrivacyLedger(ledger_path)
+        self.timer = PhaseTimer()
+        self.optimizer: DPOptimizer | None = None
+        self.module: nn.Module | None = None
+        self.capture: CaptureSet | None = None
+        self.loader: DataLoader | None = None
+        self.privacy: PrivacyParams | None = None
+        self.noise: GaussianNoise | None = None
+        self._suppress_flush = False
+        self._hooks: list[Any] = []
+
+    # ------------------------------------------------------------------ set-up
+    def make_private(
+        self,
+        *,
+        module: nn.Module,
+        optimizer: Optimizer | Sequence[Optimizer],
+        data_loader: DataLoader,
+        noise_multiplier: float,
+        max_grad_norm: float,
+        mode: str = "dpsgd_f",
+        sampler: str = "poisson",
+        loss_reduction: str = "mean",
+        steps_per_epoch: int | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> tuple[nn.Module, Optimizer, DataLoader]:
+        """Return (module, optimizer, data_loader) that train with DP-SGD in ``mode``.
+
+        The module is the same object (its parameterised layers are captured in place); the
+        optimizer wraps yours and keeps its param_groups; the loader draws batches with
+        Poisson sampling at rate q = data_loader.batch_size / len(dataset).
+        """
+        v.check_mode(mode)
+        v.check_choice("sampler", sampler, SAMPLERS)
+        v.check_choice("loss_reduction", loss_reduction, ("mean", "sum"))
+        v.check_noise_multiplier(noise_multiplier)
+        v.check_max_grad_norm(max_grad_norm, allow_inf=True)
+        if self.module is not None:
+            raise ConfigError(
+                "this PrivacyEngine already made a model private; use one engine per model "
+                "(its ledger belongs to that training run)."
+            )
+        if any(isinstance(m, nn.parallel.DistributedDataParallel) for m in [module]):
+            raise ConfigError(
+                "module is wrapped in DistributedDataParallel, which averages *unclipped* "
+                "gradients; pass the bare model and use lazydp.distributed instead."
+            )
+        optimizers = [optimizer] if isinstance(optimizer, Optimizer) else list(optimizer)
+        if not optimizers or not all(isinstance(o, Optimizer) for o in optimizers):
+            raise ConfigError(
+                f"optimizer must be a torch.optim.Optimizer or a list of them, got {optimizer!r}"
+            )
+        dataset = data_loader.dataset
+        n = len(dataset)  # type: ignore[arg-type]
+        batch_size = data_loader.batch_size or getattr(
+            data_loader.batch_sampler, "batch_size", None
+        )
+        if not batch_size or n == 0:
+            raise ConfigError(
+                f"data_loader needs a batch_size and a non-empty dataset (got batch_size="
+                f"{batch_size}, {n} examples); the expected batch size sets the sample rate."
+            )
+        n_global = n  # each rank passes the full dataset; the sampler picks its shard
+        q = min(1.0, batch_size / n_global)
+        v.check_sample_rate(q)
+        seed = self.seed if self.seed is None else self.seed + 7919 * rank
+        steps = steps_per_epoch or max(1, round(1 / q))
+        batch_sampler: Any
+        if sampler == "poisson":
+            if world_size > 1:
+                from lazydp.sampling import DistributedPoissonSampling
+
+                batch_sampler = DistributedPoissonSampling(
+                    n_global, q, rank=rank, world_size=world_size, steps=steps, seed=self.seed
+                )
+            else:
+                batch_sampler = PoissonSampling(n_global, q, steps=steps, seed=seed)
+        else:
+            batch_sampler = ShuffledFixedSize(n_global, batch_size, seed=seed)
+        loader = DPDataLoader(
+            dataset,
+            batch_sampler,
+            collate_fn=data_loader.collate_fn,
+            num_workers=data_loader.num_workers,
+            pin_memory=data_loader.pin_memory,
+        )
+        self.loader = loader
+        self.module = module
+        self.privacy = PrivacyParams(
+            noise_multiplier=float(noise_multiplier),
+            max_grad_norm=float(max_grad_norm),
+            sample_rate=q,
+            expected_batch_size=q * n_global,
+            mode=mode,
+            sampler=sampler,
+            loss_reduction=loss_reduction,
+        )
+        if mode == "sgd":  # the non-private reference: the same data, nothing else changes
+            return module, optimizers[0] if len(optimizers) == 1 else optimizer, loader  # type: ignore[return-value]
+        self.noise = GaussianNoise(seed=self.seed, stream=1000 * rank)
+        self.capture = CaptureSet(module, capture_root=(mode == "dpsgd_r"))
+        self.optimizer = DPOptimizer(
+            optimizers, self.capture, self.privacy, self.noise, self.ledger, self.timer, rank=rank
+        )
+        if mode == "lazydp":
+            loader.on_epoch_end = self.flush
+            for layer in self.capture.layers:
+                if layer.is_table:
+                    self._hooks.append(layer.module.register_state_dict_pre_hook(self._on_export))
+        return module, self.optimizer, loader
+
+    def make_private_with_epsilon(
+        self,
+        *,
+        module: nn.Module,
+        optimizer: Optimizer | Sequence[Optimizer],
+        data_loader: DataLoader,
+        target_epsilon: float,
+        target_delta: float,
+        epochs: float,
+        max_grad_norm: float,
+        **kwargs: Any,
+    ) -> tuple[nn.Module, Optimizer, DataLoader]:
+        """As ``make_private``, with the smallest noise multiplier whose epsilon <= target."""
+        v.check_epsilon(target_epsilon)
+        v.check_delta(target_delta)
+        n = len(data_loader.dataset)  # type: ignore[arg-type]
+        batch_size = data_loader.batch_size or 0
+        q = min(1.0, batch_size / max(n, 1))
+        v.check_sample_rate(q)
+        steps = max(1, int(round(epochs / q)))
+        sigma = calibrate_noise_multiplier(
+            target_epsilon, target_delta, q, steps, accountant=self.accountant
+        )
+        self.target = {"epsilon": target_epsilon, "delta": target_delta, "steps": steps}
+        return self.make_private(
+            module=module,
+            optimizer=optimizer,
+            data_loader=data_loader,
+            noise_multiplier=sigma,
+            max_grad_norm=max_grad_norm,
+            **kwargs,
+        )
+
+    # ------------------------------------------------------------------ privacy
+    def get_epsilon(self, delta: float, accountant: str | None = None) -> float:
+        """Epsilon spent so far at ``delta``, recomputed from the ledger."""
+        v.check_delta(delta)
+        return self.ledger.epsilon(delta, accountant=accountant or self.accountant)
+
+    def privacy_report(self, delta: float) -> PrivacyReport:
+        """Epsilon (PLD and RDP), mode, sampler, steps, and every caveat that applies."""
+        return build_report(
+            self.ledger,
+            delta,
+            self.privacy,
+            seeded=self.seed is not None,
+            override=active_override(),
+        )
+
+    # ------------------------------------------------------------------ lazy noise
+    def flush(self) -> None:
+        """Apply all pending LazyDP noise to every row (automatic at epoch end and export)."""
+        if self.optimizer is not None and not self._suppress_flush:
+            self.optimizer.flush()
+
+    def _on_export(self, *args: Any, **kwargs: Any) -> None:
+        self.flush()
+
+    def export(self, path: str | os.PathLike[str]) -> Path:
+        """Save the fully flushed model's state_dict (the releasable artefact)."""
+        self.flush()
+        assert self.module is not None
+        return _atomic_save(
+            {k: t.detach().clone() for k, t in self.module.state_dict().items()}, path
+        )
+
+    # ------------------------------------------------------------------ checkpoints
+    @contextmanager
+    def _no_flush(self) -> Any:
+        self._suppress_flush = True
+        try:
+            yield
+        finally:
+            self._suppress_flush = False
+
+    def save_checkpoint(self, path: str | os.PathLike[str], **extra: Any) -> Path:
+        """A private training state: weights may carry pending lazy noise -- never release it.
+
+        Atomic: written to a temporary file and renamed, so a checkpoint exists only complete.
+        """
+        if self.module is None or self.privacy is None:
+            raise ConfigError("save_checkpoint before make_private: nothing to save")
+        with self._no_flush():
+            state: dict[str, Any] = {
+                "format": CHECKPOINT_FORMAT,
+                "private_training_state": True,
+                "model": self.module.state_dict(),
+                "privacy": asdict(self.privacy),
+                "ledger_steps": self.ledger.steps,
+                "extra": extra,
+            }
+        if self.optimizer is not None:
+            state["optimizer"] = self.optimizer.state_dict()
+            state["lazy"] = self.optimizer.lazy_state_dict()
+        if self.noise is not None:
+            state["noise"] = self.noise.state_dict()
+        return _atomic_save(state, path)
+
+    def load_checkpoint(self, path: str | os.PathLike[str]) -> dict[str, Any]:
+        """Restore a checkpoint into the private model; the ledger is never lowered."""
+        if self.module is None:
+            raise ConfigError("load_checkpoint needs make_private first (same model and mode)")
+        state = load_checkpoint_file(path)
+        if self.ledger.steps < int(state["ledger_steps"]):
+            raise PrivacyError(
+                f"checkpoint {path} was taken after {state['ledger_steps']} charged steps but the "
+                f"privacy ledger holds {self.ledger.steps}; refusing to resume with a lower "
+                "epsilon. Restore the ledger file that belongs to this run."
+            )
+        with self._no_flush():
+            self.module.load_state_dict(state["model"])
+        if self.optimizer is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.optimizer.load_lazy_state_dict(state["lazy"])
+        if self.noise is not None and "noise" in state:
+            self.noise.load_state_dict(state["noise"])
+        return dict(state.get("extra", {}))
+
+    def detach(self) -> nn.Module:
+        """Flush and hand back the plain model (captures and hooks removed)."""
+        self.flush()
+        for h in self._hooks:
+            h.remove()
+        if self.capture is not None:
+            self.capture.remove()
+        assert self.module is not None
+        return self.module
+
+
+def _atomic_save(obj: Any, path: str | os.PathLike[str]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_checkpoint_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Load a lazydp checkpoint safely (weights_only), with a clear error if it is corrupt."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise PrivacyError(f"checkpoint {path} does not exist") from None
+    except Exception as exc:  # torch raises many kinds for a damaged file
+        raise PrivacyError(
+            f"checkpoint {path} is corrupt or not a lazydp checkpoint ({type(exc).__name__}: "
+            f"{exc}). Use an earlier complete checkpoint; partial files are never renamed into place."
+        ) from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise PrivacyError(f"{path} is not a {CHECKPOINT_FORMAT} file")
+    return state

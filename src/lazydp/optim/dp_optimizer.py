@@ -1,0 +1,372 @@
+"""The DP step: norms -> clip factors -> ledger -> clipped sums -> noise (eager | lazy) -> update.
+
+``DPOptimizer`` wraps the user's optimizer(s); the training loop does not change. It shares the
+wrapped optimizers' ``param_groups`` (LR schedulers keep working) and adds, in ``step()``:
+
+1. per-example squared norms from the captured calls (ghost norms in ``dpsgd_f``/``lazydp``,
+   materialised per-example gradients in ``dpsgd_b``/``dpsgd_r``);
+2. clip factors c_i = min(1, C / ||g_i||);
+3. a charge to the privacy ledger -- before any noise is drawn;
+4. clipped sums sum_i c_i g_i (book-keeping from the captured tensors; ``dpsgd_r`` re-runs the
+   forward and a reweighted backward, as that method is defined);
+5. noise N(0, (sigma*C)^2) on the sum, divided by the *expected* batch size; tables get it eagerly
+   (``dpsgd_*``) or lazily (``lazydp``), every other parameter eagerly;
+6. the parameter update.
+
+Validation happens before step 3, so a bad batch changes nothing and charges nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from lazydp._timing import PhaseTimer
+from lazydp.capture import CaptureSet, LayerCapture
+from lazydp.clipping import per_sample_clipped_sum, per_sample_norms2
+from lazydp.clipping._base import ClippedSum, SparseRows
+from lazydp.errors import UnsupportedOptimizerError
+from lazydp.ledger import PrivacyLedger, StepEvent
+from lazydp.noise import GaussianNoise
+from lazydp.optim.eager import eager_table_sgd, noisy_dense_grad
+from lazydp.optim.lazy import LazyTable, LrPrefix
+
+# Dividing by norm + tiny keeps c_i finite for an all-zero gradient (then c_i = 1, as clipping a
+# zero vector leaves it zero); it shrinks a norm exactly at C by a relative 1e-12 only.
+_NORM_EPS = 1e-12
+
+
+@dataclass(frozen=True)
+class PrivacyParams:
+    """Everything that decides the privacy guarantee of one step (kept apart from speed flags)."""
+
+    noise_multiplier: float
+    max_grad_norm: float
+    sample_rate: float
+    expected_batch_size: float
+    mode: str
+    sampler: str
+    loss_reduction: str = "mean"
+
+    @property
+    def noise_std(self) -> float:
+        """Std of the noise on the *sum* of clipped gradients: sigma * C."""
+        if self.noise_multiplier == 0:
+            return 0.0
+        return self.noise_multiplier * self.max_grad_norm
+
+
+def clip_factors(norms2: Tensor, max_grad_norm: float) -> Tensor:
+    """c_i = min(1, C / ||g_i||): scales every example's gradient to norm <= C."""
+    norms = norms2.clamp_min(0).sqrt()
+    return (max_grad_norm / (norms + _NORM_EPS)).clamp(max=1.0)
+
+
+def is_plain_sgd(optimizer: Optimizer, group: dict[str, Any]) -> bool:
+    """SGD without momentum, weight decay or maximize: the update LazyDP can defer exactly."""
+    return (
+        isinstance(optimizer, torch.optim.SGD)
+        and not group.get("momentum", 0)
+        and not group.get("weight_decay", 0)
+        and not group.get("maximize", False)
+    )
+
+
+class DPOptimizer(Optimizer):
+    """A differentially private view of one or more optimizers over the same model."""
+
+    def __init__(
+        self,
+        optimizers: list[Optimizer],
+        capture: CaptureSet,
+        privacy: PrivacyParams,
+        noise: GaussianNoise,
+        ledger: PrivacyLedger,
+        timer: PhaseTimer,
+        rank: int = 0,
+    ) -> None:
+        self.originals = optimizers
+        self.param_groups = [g for o in optimizers for g in o.param_groups]
+        self.defaults = optimizers[0].defaults
+        self.state = optimizers[0].state  # type: ignore[assignment]
+        self._optimizer_step_pre_hooks: dict = {}
+        self._optimizer_step_post_hooks: dict = {}
+        self._optimizer_state_dict_pre_hooks: dict = {}
+        self._optimizer_state_dict_post_hooks: dict = {}
+        self._optimizer_load_state_dict_pre_hooks: dict = {}
+        self._optimizer_load_state_dict_post_hooks: dict = {}
+        self.capture = capture
+        self.privacy = privacy
+        self.noise = noise
+        self.ledger = ledger
+        self.timer = timer
+        self.rank = rank
+        self.steps_done = 0
+        self._group_of: dict[nn.Parameter, tuple[Optimizer, dict[str, Any]]] = {}
+        for o in optimizers:
+            for g in o.param_groups:
+                for p in g["params"]:
+                    self._group_of[p] = (o, g)
+        self.tables: dict[nn.Parameter, LayerCapture] = {
+            layer.module.weight: layer
+            for layer in capture.layers
+            if layer.is_table and layer.module.weight.requires_grad
+        }
+        self.lazy: dict[nn.Parameter, LazyTable] = {}
+        self._prefixes: dict[int, LrPrefix] = {}
+        self._check_optimizers()
+        if privacy.mode == "lazydp":
+            self._make_lazy()
+        # Hooks the engine sets: after each step (distributed reduction, checkpoints).
+        self.reduce_hook: Callable[[dict[nn.Parameter, ClippedSum]], None] | None = None
+
+    # ------------------------------------------------------------------ set-up checks
+    def _check_optimizers(self) -> None:
+        model_params = {p for layer in self.capture.layers for p in layer.params().values()}
+        for p in self._group_of:
+            if p.requires_grad and p not in model_params:
+                raise UnsupportedOptimizerError(
+                    "the optimizer holds a parameter that is not in the model passed to "
+                    "make_private; build the optimizer from model.parameters()."
+                )
+        if self.privacy.mode != "lazydp":
+            return
+        for p, layer in self.tables.items():
+            opt, group = self._group_of.get(p, (None, {}))
+            if opt is None or not is_plain_sgd(opt, group):
+                raise UnsupportedOptimizerError(
+                    f"mode='lazydp' defers the noise of table {layer.name!r}, which is exact only "
+                    f"for plain SGD; its optimizer is {type(opt).__name__} with "
+                    f"{ {k: group.get(k) for k in ('momentum', 'weight_decay', 'maximize')} }. "
+                    "Momentum, weight decay and adaptive optimizers make pending noise depend on "
+                    "the path. Put the embedding tables in their own torch.optim.SGD (momentum=0, "
+                    "weight_decay=0) and pass optimizer=[dense_optimizer, table_sgd]; dense "
+                    "layers may keep Adam/Adagrad/momentum."
+                )
+
+    def _make_lazy(self) -> None:
+        for k, (p, layer) in enumerate(self.tables.items()):
+            _, group = self._group_of[p]
+            prefix = self._prefixes.setdefault(id(group), LrPrefix())
+            table = LazyTable(
+                p,
+                prefix,
+                self.noise.fork(1 + k),
+                self.privacy.noise_std / self.privacy.expected_batch_size,
+                getattr(layer.module, "padding_idx", None),
+            )
+            self.lazy[p] = table
+            layer.read_hook = self._read_hook(table)
+
+    def _read_hook(self, table: LazyTable) -> Callable[[Tensor], None]:
+        def hook(rows: Tensor) -> None:
+            with self.timer.phase("lazy_catch_up"):
+                table.catch_up(rows, self.steps_done)
+
+        return hook
+
+    # ------------------------------------------------------------------ the step
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for o in self.originals:
+            o.zero_grad(set_to_none=set_to_none)
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        p = self.privacy
+        cap = self.capture
+        batch = cap.batch_size()
+        cap.check_finite()
+        scale = float(batch) if p.loss_reduction == "mean" else 1.0
+        calls = {layer.name: layer.calls(scale) for layer in cap.layers}
+
+        with self.timer.phase("norms"):
+            norms2 = torch.zeros(batch, dtype=torch.float64)
+            per_sample: dict[str, dict[str, Any]] = {}
+            for layer in cap.layers:
+                if not calls[layer.name]:
+                    continue
+                if p.mode in ("dpsgd_f", "lazydp"):
+                    n2 = layer.clipper.norms2(layer.module, calls[layer.name])
+                else:
+                    per_sample[layer.name] = layer.clipper.per_sample(
+                        layer.module, calls[layer.name]
+                    )
+                    n2 = per_sample_norms2(per_sample[layer.name], batch)
+                norms2 += n2.detach().double().cpu()
+            c = clip_factors(norms2, p.max_grad_norm).float()
+
+        # Charged before any noise is drawn (DP invariant 6).
+        self.ledger.charge(
+            StepEvent(
+                step=self.ledger.steps,
+                sample_rate=p.sample_rate,
+                noise_multiplier=p.noise_multiplier,
+                max_grad_norm=p.max_grad_norm,
+                mode=p.mode,
+                sampler=p.sampler,
+                rank=self.rank,
+            )
+        )
+
+        with self.timer.phase("clipped_sum"):
+            sums = self._clipped_sums(calls, per_sample, c, scale)
+        if self.reduce_hook is not None:
+            with self.timer.phase("all_reduce"):
+                self.reduce_hook(sums)
+        self._update(sums)
+        cap.clear()
+        return loss
+
+    def _clipped_sums(
+        self,
+        calls: dict[str, list[Any]],
+        per_sample: dict[str, dict[str, Any]],
+        c: Tensor,
+        scale: float,
+    ) -> dict[nn.Parameter, ClippedSum]:
+        sums: dict[nn.Parameter, ClippedSum] = {}
+        if self.privacy.mode == "dpsgd_r":
+            return self._reweighted_backward(c, scale)
+        for layer in self.capture.layers:
+            if not calls[layer.name]:
+                continue
+            params = layer.params()
+            cl = c.to(_device_of(params))
+            if self.privacy.mode == "dpsgd_b":
+                by_name = per_sample_clipped_sum(per_sample[layer.name], cl)
+            else:
+                by_name = layer.clipper.clipped_sum(layer.module, calls[layer.name], cl)
+            for name, s in by_name.items():
+                sums[params[name]] = s
+        return sums
+
+    def _reweighted_backward(self, c: Tensor, scale: float) -> dict[nn.Parameter, ClippedSum]:
+        """dpsgd_r: a second forward and a backward of sum_i c_i * l_i (the paper's method)."""
+        cap = self.capture
+        root = cap.root_record
+        if root is None or root.grad_output is None:
+            return {}
+        g = root.grad_output * scale
+        g = g * c.to(g.device).view(-1, *([1] * (g.dim() - 1)))
+        params = [q for layer in cap.layers for q in layer.params().values()]
+        saved = [q.grad for q in params]
+        for q in params:
+            q.grad = None
+        with torch.enable_grad(), cap.passthrough():
+            out = cap.model(*cap.root_args, **cap.root_kwargs)
+            torch.autograd.backward(out, g)
+        sums: dict[nn.Parameter, ClippedSum] = {}
+        for q, old in zip(params, saved):
+            if q.grad is not None:
+                grad = q.grad
+                if grad.is_sparse:
+                    grad = grad.coalesce()
+                    sums[q] = SparseRows(grad.indices()[0], grad.values(), q.shape[0], True)
+                else:
+                    sums[q] = grad
+            q.grad = old
+        return sums
+
+    @torch.no_grad()
+    def _update(self, sums: dict[nn.Parameter, ClippedSum]) -> None:
+        p = self.privacy
+        eager_tables: list[tuple[nn.Parameter, float]] = []
+        for opt, group in ((o, g) for o in self.originals for g in o.param_groups):
+            lr = float(group["lr"])
+            for q in group["params"]:
+                if not q.requires_grad:
+                    continue
+                if q in self.lazy:
+                    q.grad = None
+                    with self.timer.phase("param_update"):
+                        s = sums.get(q)
+                        if isinstance(s, SparseRows):
+                            q.index_add_(0, s.indices, s.values, alpha=-lr / p.expected_batch_size)
+                        elif s is not None:
+                            q.add_(s, alpha=-lr / p.expected_batch_size)
+                elif q in self.tables and is_plain_sgd(opt, group):
+                    q.grad = None  # updated below in one streaming pass, never a dense gradient
+                    eager_tables.append((q, lr))
+                else:
+                    q.grad = noisy_dense_grad(
+                        sums.get(q), q, self.noise, p.noise_std, p.expected_batch_size, self.timer
+                    )
+        with self.timer.phase("param_update"):
+            for o in self.originals:
+                o.step()
+        for k, (q, lr) in enumerate(eager_tables):
+            module = self.tables[q].module
+            eager_table_sgd(
+                q,
+                sums.get(q),
+                lr,
+                self._table_noise(k),
+                p.noise_std,
+                p.expected_batch_size,
+                getattr(module, "padding_idx", None),
+                self.timer,
+            )
+        with self.timer.phase("lazy_bookkeeping"):
+            seen: set[int] = set()
+            for q, table in self.lazy.items():
+                if id(table.prefix) not in seen:
+                    seen.add(id(table.prefix))
+                    table.prefix.append(float(self._group_of[q][1]["lr"]))
+        self.steps_done += 1
+
+    def _table_noise(self, k: int) -> GaussianNoise:
+        cache = self.__dict__.setdefault("_table_noise_cache", {})
+        if k not in cache:
+            cache[k] = self.noise.fork(1 + k)
+        return cache[k]
+
+    # ------------------------------------------------------------------ lazy
+    def flush(self) -> None:
+        """Apply every pending noise draw to every table row (LazyDP's full flush)."""
+        with self.timer.phase("lazy_flush"):
+            for table in self.lazy.values():
+                table.flush(self.steps_done)
+
+    def pending_rows(self) -> int:
+        return sum(t.pending_rows(self.steps_done) for t in self.lazy.values())
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        if len(self.originals) == 1:
+            return self.originals[0].state_dict()
+        return {"optimizers": [o.state_dict() for o in self.originals]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if len(self.originals) == 1:
+            self.originals[0].load_state_dict(state_dict)
+        else:
+            for o, s in zip(self.originals, state_dict["optimizers"]):
+                o.load_state_dict(s)
+
+    def lazy_state_dict(self) -> dict[str, Any]:
+        return {
+            "steps_done": self.steps_done,
+            "tables": [t.state_dict() for t in self.lazy.values()],
+            "prefixes": [pr.state_dict() for pr in self._prefixes.values()],
+        }
+
+    def load_lazy_state_dict(self, state: dict[str, Any]) -> None:
+        self.steps_done = int(state["steps_done"])
+        for t, s in zip(self.lazy.values(), state["tables"]):
+            t.load_state_dict(s)
+        for pr, s in zip(self._prefixes.values(), state["prefixes"]):
+            pr.load_state_dict(s)
+
+
+def _device_of(params: dict[str, nn.Parameter]) -> torch.device:
+    for q in params.values():
+        return q.device
+    return torch.device("cpu")

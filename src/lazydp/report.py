@@ -1,0 +1,109 @@
+"""The privacy report: what was spent, how it was accounted, and every caveat that applies.
+
+Epsilon always comes from the ledger (never from a counter the training loop keeps). A run on
+shuffled fixed-size batches reports the honest no-amplification figure as ``epsilon`` and shows the
+Poisson figure only as what it would have been. Seeded runs and test noise overrides are named.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from lazydp.accounting import epsilon_report
+
+if TYPE_CHECKING:
+    from lazydp.ledger import PrivacyLedger
+    from lazydp.optim.dp_optimizer import PrivacyParams
+
+
+@dataclass
+class PrivacyReport:
+    """Epsilon at delta by PLD (the guarantee) and RDP (for comparison), plus caveats."""
+
+    delta: float
+    epsilon: float
+    epsilon_rdp: float
+    steps: int
+    mode: str
+    sampler: str
+    noise_multiplier: float | None
+    max_grad_norm: float | None
+    sample_rate: float | None
+    epsilon_if_poisson: float | None = None
+    external_epsilon: float = 0.0
+    external_delta: float = 0.0
+    caveats: list[str] = field(default_factory=list)
+
+    @property
+    def private(self) -> bool:
+        return self.mode != "sgd" and not any(c.startswith("NOT PRIVATE") for c in self.caveats)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self) | {"private": self.private}
+
+    def __str__(self) -> str:
+        lines = [
+            f"privacy: epsilon = {self.epsilon:.4g} at delta = {self.delta:.1e} "
+            f"(PLD; RDP gives {self.epsilon_rdp:.4g})",
+            f"  mode {self.mode}, sampler {self.sampler}, {self.steps} steps, "
+            f"noise multiplier {self.noise_multiplier}, max grad norm {self.max_grad_norm}, "
+            f"sample rate {self.sample_rate}",
+        ]
+        if self.epsilon_if_poisson is not None:
+            lines.append(
+                f"  Poisson epsilon would be {self.epsilon_if_poisson:.4g}, but it does NOT apply: "
+                "batches were shuffled fixed-size, so the figure above has no sampling amplification"
+            )
+        if self.external_epsilon:
+            lines.append(
+                f"  includes preprocessing cost epsilon {self.external_epsilon:.4g}, "
+                f"delta {self.external_delta:.1e} (basic composition)"
+            )
+        lines += [f"  ! {c}" for c in self.caveats]
+        return "\n".join(lines)
+
+
+def build_report(
+    ledger: PrivacyLedger,
+    delta: float,
+    privacy: PrivacyParams | None,
+    *,
+    seeded: bool,
+    override: str | None,
+) -> PrivacyReport:
+    """Assemble the report from the ledger (the only source of truth for what was spent)."""
+    caveats: list[str] = []
+    mode = privacy.mode if privacy else "sgd"
+    sampler = privacy.sampler if privacy else "poisson"
+    counts = ledger.mechanism_counts()
+    ext_eps, ext_delta = ledger.external_cost() if hasattr(ledger, "external_cost") else (0.0, 0.0)
+    if mode == "sgd":
+        caveats.append(
+            "NOT PRIVATE: mode 'sgd' is the non-private reference (no clipping, no noise)"
+        )
+    if override:
+        caveats.append(f"NOT PRIVATE: test noise override {override} was active")
+    if seeded:
+        caveats.append("reproducible run (explicit seed): for research, not for production")
+    if counts:
+        rep = epsilon_report(counts, max(delta - ext_delta, delta * 1e-3))
+        eps, eps_rdp, eps_poisson = rep.pld, rep.rdp, rep.pld_as_if_poisson
+    else:
+        eps = eps_rdp = 0.0
+        eps_poisson = None
+    return PrivacyReport(
+        delta=delta,
+        epsilon=eps + ext_eps,
+        epsilon_rdp=eps_rdp + ext_eps,
+        steps=ledger.steps,
+        mode=mode,
+        sampler=sampler,
+        noise_multiplier=privacy.noise_multiplier if privacy else None,
+        max_grad_norm=privacy.max_grad_norm if privacy else None,
+        sample_rate=privacy.sample_rate if privacy else None,
+        epsilon_if_poisson=eps_poisson,
+        external_epsilon=ext_eps,
+        external_delta=ext_delta,
+        caveats=caveats,
+    )

@@ -1,0 +1,126 @@
+"""The paper's correctness checks across modes, and Opacus' "noise 0 + clip inf = vanilla"."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lazydp import PrivacyEngine
+from lazydp.testing import constant_noise, zero_noise
+from tests.toy import Toy, loader, loss_fn, make_batches
+
+DP_MODES = ["dpsgd_b", "dpsgd_r", "dpsgd_f", "lazydp"]
+
+
+def train(mode: str, batches, *, sigma: float = 1.0, clip: float = 1.0, lr: float = 0.3):
+    torch.manual_seed(0)
+    model = Toy()
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    engine = PrivacyEngine(seed=1)
+    model, opt, _ = engine.make_private(
+        module=model,
+        optimizer=opt,
+        data_loader=loader(),
+        noise_multiplier=sigma,
+        max_grad_norm=clip,
+        mode=mode,
+    )
+    for x, bag, emb, y in batches:
+        opt.zero_grad()
+        loss_fn(model(x, bag, emb), y).backward()
+        opt.step()
+    engine.flush()
+    return {k: t.detach().clone() for k, t in model.state_dict().items()}, engine
+
+
+def assert_same(a, b, atol=1e-5):
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=1e-4, msg=f"parameter {k}")
+
+
+def test_dp_modes_agree_with_noise_off():
+    batches = make_batches(6)
+    with zero_noise():
+        ref, _ = train("dpsgd_b", batches, clip=0.5)
+        for mode in ["dpsgd_r", "dpsgd_f", "lazydp"]:
+            got, _ = train(mode, batches, clip=0.5)
+            assert_same(ref, got)
+
+
+def test_dp_modes_agree_with_constant_noise():
+    batches = make_batches(6)
+    with constant_noise(0.7):
+        ref, _ = train("dpsgd_f", batches, clip=0.5)
+        for mode in ["dpsgd_b", "dpsgd_r", "lazydp"]:
+            got, _ = train(mode, batches, clip=0.5)
+            assert_same(ref, got)
+
+
+def _sgd_full_batch(batch, steps=3):
+    """Plain SGD on one fixed full batch (B_real == B_expected)."""
+    torch.manual_seed(0)
+    model = Toy()
+    opt = torch.optim.SGD(model.parameters(), lr=0.3)
+    for _ in range(steps):
+        opt.zero_grad()
+        loss_fn(model(*batch[:3]), batch[3]).backward()
+        opt.step()
+    return {k: t.detach().clone() for k, t in model.state_dict().items()}
+
+
+def test_noise_zero_and_clip_inf_equals_sgd_and_each_knob_differs():
+    # Batch size 8 == expected batch size (loader batch_size), so mean loss matches sum / B_exp.
+    g = torch.Generator().manual_seed(3)
+    batch = (
+        torch.randn(8, 3, generator=g),
+        torch.randint(0, 40, (8, 3), generator=g),
+        torch.randint(0, 40, (8, 2), generator=g),
+        (torch.rand(8, generator=g) < 0.5).float(),
+    )
+    ref = _sgd_full_batch(batch)
+    for mode in DP_MODES:
+        got, _ = train(mode, [batch] * 3, sigma=0.0, clip=math.inf)
+        assert_same(ref, got)
+        clipped, _ = train(mode, [batch] * 3, sigma=0.0, clip=0.01)
+        noisy, _ = train(mode, [batch] * 3, sigma=1.0, clip=math.inf)
+        assert any(not torch.allclose(ref[k], clipped[k]) for k in ref), mode
+        assert any(not torch.allclose(ref[k], noisy[k]) for k in ref), mode
+
+
+def test_clipping_bounds_each_example_contribution():
+    # With noise off and a tiny clip, one step moves parameters by at most lr * C * B / B_exp.
+    batches = make_batches(1)
+    with zero_noise():
+        before, _ = train("dpsgd_f", [], clip=0.05)
+        after, _ = train("dpsgd_f", batches, clip=0.05)
+    delta2 = sum(float(((after[k] - before[k]) ** 2).sum()) for k in before)
+    b = batches[0][0].shape[0]
+    assert math.sqrt(delta2) <= 0.3 * 0.05 * b / 8 + 1e-6
+
+
+def test_ledger_counts_steps_and_epsilon_grows():
+    batches = make_batches(4)
+    _, engine = train("lazydp", batches)
+    assert engine.ledger.steps == 4
+    eps = engine.get_epsilon(1e-5)
+    assert 0 < eps < math.inf
+    report = engine.privacy_report(1e-5)
+    assert report.steps == 4 and report.mode == "lazydp"
+    assert any("reproducible" in c for c in report.caveats)
+
+
+@pytest.mark.parametrize("mode", DP_MODES)
+def test_empty_batch_is_charged_and_changes_only_by_noise(mode):
+    empty = (
+        torch.zeros(0, 3),
+        torch.zeros(0, 3, dtype=torch.long),
+        torch.zeros(0, 2, dtype=torch.long),
+        torch.zeros(0),
+    )
+    with zero_noise():
+        before, _ = train(mode, [])
+        after, engine = train(mode, [empty])
+    assert engine.ledger.steps == 1
+    assert_same(before, after)
