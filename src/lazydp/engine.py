@@ -135,20 +135,8 @@ class PrivacyEngine:
         n_global = n  # each rank passes the full dataset; the sampler picks its shard
         q = min(1.0, batch_size / n_global)
         v.check_sample_rate(q)
-        seed = self.seed if self.seed is None else self.seed + 7919 * rank
         steps = steps_per_epoch or max(1, round(1 / q))
-        batch_sampler: Any
-        if sampler == "poisson":
-            if world_size > 1:
-                from lazydp.sampling import DistributedPoissonSampling
-
-                batch_sampler = DistributedPoissonSampling(
-                    n_global, q, rank=rank, world_size=world_size, steps=steps, seed=self.seed
-                )
-            else:
-                batch_sampler = PoissonSampling(n_global, q, steps=steps, seed=seed)
-        else:
-            batch_sampler = ShuffledFixedSize(n_global, batch_size, seed=seed)
+        batch_sampler = self._make_sampler(sampler, n, q, batch_size, steps, rank, world_size)
         loader = DPDataLoader(
             dataset,
             batch_sampler,
@@ -169,7 +157,7 @@ class PrivacyEngine:
         )
         if mode == "sgd":  # the non-private reference: the same data, nothing else changes
             return module, optimizers[0] if len(optimizers) == 1 else optimizer, loader  # type: ignore[return-value]
-        self.noise = GaussianNoise(seed=self.seed, stream=1000 * rank)
+        self.noise = self._make_noise(rank, world_size)
         self.capture = CaptureSet(module, capture_root=(mode == "dpsgd_r"))
         self.optimizer = DPOptimizer(
             optimizers, self.capture, self.privacy, self.noise, self.ledger, self.timer, rank=rank
@@ -180,6 +168,33 @@ class PrivacyEngine:
                 if layer.is_table:
                     self._hooks.append(layer.module.register_state_dict_pre_hook(self._on_export))
         return module, self.optimizer, loader
+
+    # Extension points (lazydp.distributed overrides them; nothing else should need to).
+    def _make_sampler(
+        self,
+        sampler: str,
+        n: int,
+        q: float,
+        batch_size: int,
+        steps: int,
+        rank: int,
+        world_size: int,
+    ) -> Any:
+        """The batch sampler: Poisson at rate q over all n examples (this rank's shard if W > 1)."""
+        if sampler == "shuffle":
+            seed = None if self.seed is None else self.seed + 7919 * rank
+            return ShuffledFixedSize(n, batch_size, seed=seed)
+        if world_size > 1:
+            from lazydp.sampling import DistributedPoissonSampling
+
+            return DistributedPoissonSampling(
+                n, q, rank=rank, world_size=world_size, steps=steps, seed=self.seed
+            )
+        return PoissonSampling(n, q, steps=steps, seed=self.seed)
+
+    def _make_noise(self, rank: int, world_size: int) -> GaussianNoise:
+        """The noise source; tables fork independent streams from it."""
+        return GaussianNoise(seed=self.seed, stream=0)
 
     def make_private_with_epsilon(
         self,
