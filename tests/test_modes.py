@@ -84,7 +84,7 @@ def test_noise_zero_and_clip_inf_equals_sgd_and_each_knob_differs():
         got, _ = train(mode, [batch] * 3, sigma=0.0, clip=math.inf)
         assert_same(ref, got)
         clipped, _ = train(mode, [batch] * 3, sigma=0.0, clip=0.01)
-        noisy, _ = train(mode, [batch] * 3, sigma=1.0, clip=math.inf)
+        noisy, _ = train(mode, [batch] * 3, sigma=1e-3, clip=1e3)
         assert any(not torch.allclose(ref[k], clipped[k]) for k in ref), mode
         assert any(not torch.allclose(ref[k], noisy[k]) for k in ref), mode
 
@@ -124,3 +124,10 @@ def test_empty_batch_is_charged_and_changes_only_by_noise(mode):
         after, engine = train(mode, [empty])
     assert engine.ledger.steps == 1
     assert_same(before, after)
+
+
+def test_infinite_clip_with_noise_is_refused():
+    from lazydp import ConfigError
+
+    with pytest.raises(ConfigError, match="max_grad_norm"):
+        train("dpsgd_f", [], sigma=1.0, clip=math.inf)

@@ -106,7 +106,8 @@ class PrivacyEngine:
         v.check_choice("sampler", sampler, SAMPLERS)
         v.check_choice("loss_reduction", loss_reduction, ("mean", "sum"))
         v.check_noise_multiplier(noise_multiplier)
-        v.check_max_grad_norm(max_grad_norm, allow_inf=True)
+        # No clipping (C = inf) only makes sense with no noise: the "equals plain SGD" check.
+        v.check_max_grad_norm(max_grad_norm, allow_inf=noise_multiplier == 0)
         if self.module is not None:
             raise ConfigError(
                 "this PrivacyEngine already made a model private; use one engine per model "

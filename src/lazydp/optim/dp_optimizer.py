@@ -91,7 +91,6 @@ class DPOptimizer(Optimizer):
         rank: int = 0,
     ) -> None:
         self.originals = optimizers
-        self.param_groups = [g for o in optimizers for g in o.param_groups]
         self.defaults = optimizers[0].defaults
         self.state = optimizers[0].state  # type: ignore[assignment]
         self._optimizer_step_pre_hooks: dict = {}
@@ -107,28 +106,45 @@ class DPOptimizer(Optimizer):
         self.timer = timer
         self.rank = rank
         self.steps_done = 0
-        self._group_of: dict[nn.Parameter, tuple[Optimizer, dict[str, Any]]] = {}
-        for o in optimizers:
-            for g in o.param_groups:
+        # (optimizer index, group index): load_state_dict replaces the group dicts, so we
+        # always look the live dict up instead of keeping a reference to it.
+        self._group_index: dict[nn.Parameter, tuple[int, int]] = {}
+        for i, o in enumerate(optimizers):
+            for j, g in enumerate(o.param_groups):
                 for p in g["params"]:
-                    self._group_of[p] = (o, g)
+                    self._group_index[p] = (i, j)
         self.tables: dict[nn.Parameter, LayerCapture] = {
             layer.module.weight: layer
             for layer in capture.layers
             if layer.is_table and layer.module.weight.requires_grad
         }
         self.lazy: dict[nn.Parameter, LazyTable] = {}
-        self._prefixes: dict[int, LrPrefix] = {}
+        self._prefixes: dict[tuple[int, int], LrPrefix] = {}
         self._check_optimizers()
         if privacy.mode == "lazydp":
             self._make_lazy()
         # Hooks the engine sets: after each step (distributed reduction, checkpoints).
         self.reduce_hook: Callable[[dict[nn.Parameter, ClippedSum]], None] | None = None
 
+    @property  # type: ignore[override]
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The wrapped optimizers' live param groups (LR schedulers act on these)."""
+        return [g for o in self.originals for g in o.param_groups]
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict[str, Any]]) -> None:  # set by Optimizer internals only
+        pass
+
+    def _group_of(self, p: nn.Parameter) -> tuple[Optimizer | None, dict[str, Any]]:
+        if p not in self._group_index:
+            return None, {}
+        i, j = self._group_index[p]
+        return self.originals[i], self.originals[i].param_groups[j]
+
     # ------------------------------------------------------------------ set-up checks
     def _check_optimizers(self) -> None:
         model_params = {p for layer in self.capture.layers for p in layer.params().values()}
-        for p in self._group_of:
+        for p in self._group_index:
             if p.requires_grad and p not in model_params:
                 raise UnsupportedOptimizerError(
                     "the optimizer holds a parameter that is not in the model passed to "
@@ -137,7 +153,7 @@ class DPOptimizer(Optimizer):
         if self.privacy.mode != "lazydp":
             return
         for p, layer in self.tables.items():
-            opt, group = self._group_of.get(p, (None, {}))
+            opt, group = self._group_of(p)
             if opt is None or not is_plain_sgd(opt, group):
                 raise UnsupportedOptimizerError(
                     f"mode='lazydp' defers the noise of table {layer.name!r}, which is exact only "
@@ -151,8 +167,7 @@ class DPOptimizer(Optimizer):
 
     def _make_lazy(self) -> None:
         for k, (p, layer) in enumerate(self.tables.items()):
-            _, group = self._group_of[p]
-            prefix = self._prefixes.setdefault(id(group), LrPrefix())
+            prefix = self._prefixes.setdefault(self._group_index[p], LrPrefix())
             table = LazyTable(
                 p,
                 prefix,
@@ -185,7 +200,8 @@ class DPOptimizer(Optimizer):
         batch = cap.batch_size()
         cap.check_finite()
         scale = float(batch) if p.loss_reduction == "mean" else 1.0
-        calls = {layer.name: layer.calls(scale) for layer in cap.layers}
+        # An empty Poisson batch has no per-example work; it still gets noise and is charged.
+        calls = {layer.name: layer.calls(scale) if batch else [] for layer in cap.layers}
 
         with self.timer.phase("norms"):
             norms2 = torch.zeros(batch, dtype=torch.float64)
@@ -234,7 +250,7 @@ class DPOptimizer(Optimizer):
     ) -> dict[nn.Parameter, ClippedSum]:
         sums: dict[nn.Parameter, ClippedSum] = {}
         if self.privacy.mode == "dpsgd_r":
-            return self._reweighted_backward(c, scale)
+            return self._reweighted_backward(c, scale) if c.numel() else {}
         for layer in self.capture.layers:
             if not calls[layer.name]:
                 continue
@@ -319,7 +335,7 @@ class DPOptimizer(Optimizer):
             for q, table in self.lazy.items():
                 if id(table.prefix) not in seen:
                     seen.add(id(table.prefix))
-                    table.prefix.append(float(self._group_of[q][1]["lr"]))
+                    table.prefix.append(float(self._group_of(q)[1]["lr"]))
         self.steps_done += 1
 
     def _table_noise(self, k: int) -> GaussianNoise:
