@@ -1,0 +1,174 @@
+"""Accounting: golden values, an exact Gaussian reference, shuffle accounting, calibration."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from scipy.optimize import brentq
+from scipy.stats import norm
+
+from lazydp import accounting as acc
+from lazydp.accounting import (
+    MechanismCount,
+    calibrate_noise_multiplier,
+    compute_epsilon,
+    compute_epsilon_as_if_poisson,
+    default_delta,
+    epsilon_report,
+)
+from lazydp.errors import ConfigError
+
+GOLDEN = [MechanismCount(sample_rate=0.04, noise_multiplier=1.5, steps=2250)]
+
+
+def exact_gaussian_epsilon(mu: float, delta: float) -> float:
+    """Exact epsilon of a Gaussian mechanism with mu = sensitivity / std (Balle & Wang 2018)."""
+
+    def delta_of(eps: float) -> float:
+        return norm.cdf(-eps / mu + mu / 2) - math.exp(eps) * norm.cdf(-eps / mu - mu / 2)
+
+    return brentq(lambda e: delta_of(e) - delta, 0.0, 500.0, xtol=1e-12)
+
+
+def test_golden_rdp_and_pld():
+    assert round(compute_epsilon(GOLDEN, 1e-5, accountant="rdp"), 4) == 7.3293
+    assert compute_epsilon(GOLDEN, 1e-5) == pytest.approx(6.77, abs=0.02)
+    report = epsilon_report(GOLDEN, 1e-5)
+    assert round(report.rdp, 4) == 7.3293
+    assert report.pld == pytest.approx(6.77, abs=0.02)
+    assert report.pld_as_if_poisson is None
+    assert report.delta == 1e-5
+
+
+@pytest.mark.parametrize("sigma,epochs", [(1.0, 1), (5.0, 20), (30.0, 90), (200.0, 4)])
+def test_shuffle_matches_exact_gaussian_composition(sigma, epochs):
+    # k Gaussian releases of sensitivity 1, std sigma == one with mu = sqrt(k) / sigma.
+    q = 0.01
+    groups = [MechanismCount(q, sigma, steps=epochs * 100, sampler="shuffle")]
+    exact = exact_gaussian_epsilon(math.sqrt(epochs) / sigma, 1e-5)
+    pld = compute_epsilon(groups, 1e-5)
+    # PLD is pessimistic (never below the truth) and its discretisation costs <= 1e-3 relative.
+    assert exact <= pld <= exact * (1 + 1e-3) + 1e-6
+    assert compute_epsilon(groups, 1e-5, "rdp") >= exact
+
+
+def test_shuffle_counts_partial_epochs_as_whole():
+    assert MechanismCount(0.04, 1.0, 2250, "shuffle").epochs == 90  # not 91 (float rounding)
+    assert MechanismCount(0.04, 1.0, 2251, "shuffle").epochs == 91
+    one_more = compute_epsilon([MechanismCount(0.04, 3.0, 2251, "shuffle")], 1e-5)
+    ninety_one = compute_epsilon([MechanismCount(0.04, 3.0, 91 * 25, "shuffle")], 1e-5)
+    assert one_more == ninety_one
+
+
+def test_shuffle_reports_the_poisson_figure_beside_it():
+    shuffled = [MechanismCount(0.04, 1.5, 2250, sampler="shuffle")]
+    as_if = compute_epsilon_as_if_poisson(shuffled, 1e-5)
+    assert as_if == compute_epsilon(GOLDEN, 1e-5)
+    honest = compute_epsilon(shuffled, 1e-5)
+    assert honest > 5 * as_if  # no amplification is expensive: ~46 vs ~6.8
+    assert epsilon_report(shuffled, 1e-5).pld_as_if_poisson == as_if
+
+
+def test_groups_compose_and_order_does_not_matter():
+    halves = [MechanismCount(0.04, 1.5, 1000), MechanismCount(0.04, 1.5, 1250)]
+    assert compute_epsilon(halves, 1e-5) == pytest.approx(compute_epsilon(GOLDEN, 1e-5), rel=1e-3)
+    mixed = [MechanismCount(0.04, 1.5, 1000), MechanismCount(0.02, 0.9, 500)]
+    assert compute_epsilon(mixed, 1e-5) == compute_epsilon(mixed[::-1], 1e-5)
+    # Adding a group never lowers epsilon.
+    assert compute_epsilon(mixed, 1e-5) > compute_epsilon(mixed[:1], 1e-5)
+
+
+def test_no_noise_is_infinite_and_no_steps_is_free():
+    assert compute_epsilon([MechanismCount(0.04, 0.0, 1)], 1e-5) == math.inf
+    assert compute_epsilon([MechanismCount(0.04, 0.0, 1)], 1e-5, "rdp") == math.inf
+    assert compute_epsilon([], 1e-5) == 0.0
+
+
+def test_monotone_in_noise_steps_and_rate():
+    base = compute_epsilon([MechanismCount(0.01, 1.0, 1000)], 1e-5)
+    assert compute_epsilon([MechanismCount(0.01, 1.2, 1000)], 1e-5) < base
+    assert compute_epsilon([MechanismCount(0.01, 1.0, 2000)], 1e-5) > base
+    assert compute_epsilon([MechanismCount(0.02, 1.0, 1000)], 1e-5) > base
+    assert compute_epsilon([MechanismCount(0.01, 1.0, 1000)], 1e-6) > base
+
+
+def test_repeated_calls_hit_the_cache():
+    groups = [MechanismCount(0.03, 1.1, 777)]
+    first = compute_epsilon(groups, 1e-5)
+    hits = acc._epsilon.cache_info().hits
+    # numpy scalars and a fresh but equal list are the same key.
+    assert compute_epsilon([MechanismCount(0.03, 1.1, 777)], 1e-5) == first
+    assert acc._epsilon.cache_info().hits == hits + 1
+
+
+def test_bad_arguments():
+    with pytest.raises(ConfigError, match="accountant"):
+        compute_epsilon(GOLDEN, 1e-5, accountant="gdp")
+    with pytest.raises(ConfigError, match="delta"):
+        compute_epsilon(GOLDEN, 0.0)
+    with pytest.raises(ConfigError, match="MechanismCount"):
+        compute_epsilon([(0.04, 1.5, 2250)], 1e-5)  # type: ignore[list-item]
+    with pytest.raises(ConfigError, match="sampler"):
+        MechanismCount(0.04, 1.5, 10, sampler="fixed")
+    with pytest.raises(ConfigError, match="steps"):
+        MechanismCount(0.04, 1.5, 0)
+    with pytest.raises(ConfigError, match="sample_rate"):
+        MechanismCount(1.5, 1.5, 10)
+
+
+@pytest.mark.parametrize(
+    "target,q,steps,accountant",
+    [(3.0, 0.04, 2250, "pld"), (1.0, 0.01, 500, "rdp"), (8.0, 1.0, 10, "pld")],
+)
+def test_calibration_never_overshoots_and_is_tight(target, q, steps, accountant):
+    sigma = calibrate_noise_multiplier(target, 1e-5, q, steps, accountant=accountant)
+    spent = compute_epsilon([MechanismCount(q, sigma, steps)], 1e-5, accountant)
+    assert spent <= target
+    # 1% less noise would overshoot: the search stopped within its 1e-3 tolerance.
+    assert compute_epsilon([MechanismCount(q, 0.99 * sigma, steps)], 1e-5, accountant) > target
+
+
+def test_calibration_for_shuffle_needs_more_noise():
+    poisson = calibrate_noise_multiplier(3.0, 1e-5, 0.04, 2250)
+    shuffle = calibrate_noise_multiplier(3.0, 1e-5, 0.04, 2250, sampler="shuffle")
+    assert shuffle > 3 * poisson
+    spent = compute_epsilon([MechanismCount(0.04, shuffle, 2250, "shuffle")], 1e-5)
+    assert spent <= 3.0
+
+
+@pytest.mark.parametrize(
+    "kwargs,names",
+    [
+        (dict(target_epsilon=0.0), ["target_epsilon", "0.0"]),
+        (dict(target_epsilon=-1.0), ["target_epsilon", "-1.0"]),
+        (dict(delta=1.0), ["delta", "1.0"]),
+        (dict(delta=0.0), ["delta"]),
+        (dict(steps=0), ["steps", "0"]),
+        (dict(sample_rate=0.0), ["sample_rate"]),
+        (dict(sample_rate=1.5), ["sample_rate", "1.5"]),
+        # Needs sigma > 1000: one full-batch step at epsilon 1e-4.
+        (dict(target_epsilon=1e-4, sample_rate=1.0, steps=100), ["1000", "target_epsilon"]),
+    ],
+)
+def test_calibration_rejects_impossible_targets(kwargs, names):
+    args = dict(target_epsilon=3.0, delta=1e-5, sample_rate=0.04, steps=100) | kwargs
+    with pytest.raises(ConfigError) as info:
+        calibrate_noise_multiplier(**args)
+    for name in names:
+        assert name in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "n,expected", [(100_000, 1e-5), (80_000, 1e-5), (100_001, 1e-6), (60_000, 1e-5), (10, 0.1)]
+)
+def test_default_delta(n, expected):
+    assert default_delta(n) == expected
+
+
+def test_default_delta_is_the_largest_power_of_ten_below_one_over_n():
+    for n in [2, 9, 11, 99, 101, 999_999, 1_000_000, 1_000_001, 45_840_617]:
+        d = default_delta(n)
+        assert d <= 1 / n < 10 * d
+    with pytest.raises(ConfigError, match="n must be"):
+        default_delta(0)
