@@ -1,0 +1,196 @@
+"""The privacy ledger: charged to disk at once, resumed never reset, corruption never ignored."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from lazydp.accounting import MechanismCount, compute_epsilon
+from lazydp.errors import ConfigError, PrivacyError
+from lazydp.ledger import PrivacyLedger, StepEvent, require_existing
+
+
+def step(t: int, q: float = 0.04, sigma: float = 1.5, sampler: str = "poisson") -> StepEvent:
+    return StepEvent(t, q, sigma, max_grad_norm=1.0, mode="lazydp", sampler=sampler)
+
+
+def lines(path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+def test_in_memory_golden_epsilon():
+    ledger = PrivacyLedger()
+    for t in range(2250):
+        ledger.charge(step(t))
+    assert ledger.steps == 2250
+    assert ledger.mechanism_counts() == [MechanismCount(0.04, 1.5, 2250)]
+    assert round(ledger.epsilon(1e-5, accountant="rdp"), 4) == 7.3293
+    assert ledger.epsilon(1e-5) == pytest.approx(6.77, abs=0.02)
+
+
+def test_mechanism_counts_group_by_rate_noise_and_sampler():
+    ledger = PrivacyLedger()
+    for t in range(5):
+        ledger.charge(step(t))
+    for t in range(5, 8):
+        ledger.charge(step(t, sigma=2.0))
+    for t in range(8, 10):
+        ledger.charge(step(t, sampler="shuffle"))
+    groups = sorted(ledger.mechanism_counts(), key=lambda g: (g.sampler, g.noise_multiplier))
+    assert groups == [
+        MechanismCount(0.04, 1.5, 5),
+        MechanismCount(0.04, 2.0, 3),
+        MechanismCount(0.04, 1.5, 2, "shuffle"),
+    ]
+    assert ledger.epsilon(1e-5) == compute_epsilon(groups, 1e-5)
+
+
+def test_charge_is_on_disk_before_it_returns(tmp_path):
+    path = tmp_path / "ledger.jsonl"
+    ledger = PrivacyLedger(path)
+    ledger.charge(step(0))
+    # Read through a separate handle while the ledger is still open: nothing is buffered.
+    records = lines(path)
+    assert records[0]["kind"] == "header"
+    assert records[1] == {"kind": "step", **step(0).__dict__}
+    ledger.charge(step(1))
+    assert len(lines(path)) == 3
+
+
+def test_resume_continues_and_never_resets(tmp_path):
+    path = tmp_path / "ledger.jsonl"
+    with PrivacyLedger(path) as ledger:
+        for t in range(100):
+            ledger.charge(step(t))
+        before = ledger.epsilon(1e-5)
+    resumed = PrivacyLedger(path)
+    assert resumed.steps == 100
+    assert resumed.events == [step(t) for t in range(100)]
+    assert resumed.epsilon(1e-5) == before
+    # A step redone after a crash is paid again: steps count charges, not step numbers.
+    resumed.charge(step(99))
+    resumed.close()
+    again = PrivacyLedger(path, fsync=True)
+    assert again.steps == 101
+    assert again.epsilon(1e-5) > before
+    assert sum(r["kind"] == "header" for r in lines(path)) == 1
+
+
+@pytest.mark.parametrize(
+    "bad_line,expected",
+    [
+        ('{"kind": "step", "step": 3, "sample_rate": 0.0', "truncated"),
+        ("[1, 2]", "not a JSON object"),
+        ('{"kind": "mystery"}', "unknown record kind"),
+        ('{"kind": "step", "step": 3}', "lacks"),
+    ],
+)
+def test_corrupt_line_names_file_and_line(tmp_path, bad_line, expected):
+    path = tmp_path / "ledger.jsonl"
+    with PrivacyLedger(path) as ledger:
+        ledger.charge(step(0))
+        ledger.charge(step(1))
+    with open(path, "a") as f:
+        f.write(bad_line)  # no newline: a crash mid-write
+    with pytest.raises(PrivacyError) as info:
+        PrivacyLedger(path)
+    message = str(info.value)
+    assert str(path) in message and "line 4" in message and expected in message
+    assert "restore" in message.lower()
+    # The loader refused; it did not repair or truncate the file behind our back.
+    assert path.read_text().endswith(bad_line)
+
+
+def test_foreign_file_is_not_a_ledger(tmp_path):
+    path = tmp_path / "notes.jsonl"
+    path.write_text('{"loss": 0.5}\n')
+    with pytest.raises(PrivacyError, match="not a lazydp privacy ledger"):
+        PrivacyLedger(path)
+
+
+def test_empty_file_becomes_a_new_ledger(tmp_path):
+    path = tmp_path / "ledger.jsonl"
+    path.touch()
+    with PrivacyLedger(path) as ledger:
+        ledger.charge(step(0))
+    assert PrivacyLedger(path).steps == 1
+
+
+def test_external_charges_add_by_basic_composition(tmp_path):
+    path = tmp_path / "ledger.jsonl"
+    with PrivacyLedger(path) as ledger:
+        ledger.charge_external("vocabulary", epsilon=0.5, delta=1e-7)
+        for t in range(50):
+            ledger.charge(step(t))
+    ledger = PrivacyLedger(path)
+    training = compute_epsilon([MechanismCount(0.04, 1.5, 50)], 1e-5)
+    assert ledger.epsilon(1e-5) == pytest.approx(training + 0.5)
+    assert ledger.total_delta(1e-5) == pytest.approx(1e-5 + 1e-7)
+    assert ledger.external_cost() == (0.5, 1e-7)
+    assert ledger.external[0].name == "vocabulary"
+    with pytest.raises(ConfigError, match="epsilon"):
+        ledger.charge_external("bad", epsilon=-1.0, delta=1e-7)
+
+
+def test_summary_and_json(tmp_path):
+    ledger = PrivacyLedger(tmp_path / "l.jsonl")
+    for t in range(25):
+        ledger.charge(step(t, sampler="shuffle"))
+    ledger.charge_external("vocabulary", epsilon=0.25, delta=1e-8)
+    summary = json.loads(ledger.to_json(1e-5))
+    assert summary["steps"] == 25 and summary["modes"] == ["lazydp"]
+    assert summary["mechanisms"] == [
+        {"sample_rate": 0.04, "noise_multiplier": 1.5, "steps": 25, "sampler": "shuffle"}
+    ]
+    assert summary["epsilon_pld"] == pytest.approx(ledger.epsilon(1e-5))
+    assert summary["epsilon_pld_as_if_poisson"] < summary["epsilon_pld"]
+    assert summary["delta"] == pytest.approx(1e-5 + 1e-8)
+    assert "epsilon_pld" not in ledger.summary()
+
+
+def test_zero_noise_step_is_infinite():
+    ledger = PrivacyLedger()
+    ledger.charge(StepEvent(0, 0.1, 0.0, math.inf, "sgd", "poisson"))
+    assert ledger.epsilon(1e-5) == math.inf
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        StepEvent(0, 0.0, 1.0, 1.0, "lazydp", "poisson"),
+        StepEvent(0, 0.1, float("nan"), 1.0, "lazydp", "poisson"),
+        StepEvent(0, 0.1, 1.0, math.inf, "lazydp", "poisson"),  # inf clip only without noise
+        StepEvent(0, 0.1, 1.0, 1.0, "fast", "poisson"),
+        StepEvent(0, 0.1, 1.0, 1.0, "lazydp", "fixed"),
+    ],
+)
+def test_invalid_events_are_refused_and_not_written(tmp_path, event):
+    path = tmp_path / "l.jsonl"
+    ledger = PrivacyLedger(path)
+    with pytest.raises(ConfigError):
+        ledger.charge(event)
+    assert ledger.steps == 0 and len(lines(path)) == 1
+
+
+def test_closed_ledger_refuses_to_charge(tmp_path):
+    ledger = PrivacyLedger(tmp_path / "l.jsonl")
+    ledger.close()
+    with pytest.raises(PrivacyError, match="closed"):
+        ledger.charge(step(0))
+
+
+def test_require_existing(tmp_path):
+    path = tmp_path / "ledger.jsonl"
+    with pytest.raises(PrivacyError, match="missing.*refusing to restart at epsilon 0"):
+        require_existing(path, 10)
+    with PrivacyLedger(path) as ledger:
+        for t in range(5):
+            ledger.charge(step(t))
+    with pytest.raises(PrivacyError, match="records 5 steps but the checkpoint says 10"):
+        require_existing(path, 10)
+    ledger = require_existing(path, 5)
+    assert ledger.steps == 5
+    ledger.charge(step(5))  # resumed ledgers keep charging
+    assert require_existing(path, 5).steps == 6  # more than the checkpoint is fine
