@@ -1,0 +1,100 @@
+"""`lazydp epsilon` through the real dispatcher: text output, --json, calibration, errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lazydp.accounting import MechanismCount, compute_epsilon
+from lazydp.cli import main
+
+GOLDEN = ["epsilon", "--sample-rate", "0.04", "--noise-multiplier", "1.5", "--steps", "2250",
+          "--delta", "1e-5"]  # fmt: skip
+
+
+def run(capsys, argv: list[str]) -> tuple[int, str, str]:
+    code = main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_epsilon_text(capsys):
+    code, out, _ = run(capsys, GOLDEN)
+    assert code == 0
+    assert "epsilon 6.769 (PLD), 7.329 (RDP) at delta 1e-05" in out
+    assert "2250 steps (90 epochs)" in out
+
+
+def test_epsilon_json_last_line(capsys):
+    code, out, _ = run(capsys, GOLDEN + ["--json"])
+    assert code == 0
+    result = json.loads(out.strip().splitlines()[-1])
+    assert round(result["epsilon_rdp"], 4) == 7.3293
+    assert result["epsilon_pld"] == pytest.approx(6.77, abs=0.02)
+    assert result["steps"] == 2250 and result["noise_multiplier"] == 1.5
+
+
+def test_calibration_with_epochs(capsys):
+    argv = ["epsilon", "--target-epsilon", "3", "--sample-rate", "0.04", "--epochs", "90",
+            "--delta", "1e-5", "--json"]  # fmt: skip
+    code, out, _ = run(capsys, argv)
+    assert code == 0
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["steps"] == 2250  # ceil(90 / 0.04) without floating-point creep
+    sigma = result["noise_multiplier"]
+    assert result["epsilon_pld"] <= 3.0
+    assert compute_epsilon([MechanismCount(0.04, sigma, 2250)], 1e-5) == result["epsilon_pld"]
+    assert f"noise_multiplier {sigma:.4g} reaches epsilon" in out
+
+
+def test_epochs_round_up_to_whole_steps(capsys):
+    argv = ["epsilon", "--sample-rate", "0.03", "--noise-multiplier", "1", "--epochs", "1",
+            "--delta", "1e-5", "--json"]  # fmt: skip
+    _, out, _ = run(capsys, argv)
+    assert json.loads(out.strip().splitlines()[-1])["steps"] == 34
+
+
+def test_shuffle_shows_both_figures(capsys):
+    code, out, _ = run(capsys, GOLDEN + ["--sampler", "shuffle", "--json"])
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["epsilon_pld"] > 40  # 90 unamplified Gaussian releases
+    assert result["epsilon_pld_as_if_poisson"] == pytest.approx(6.77, abs=0.02)
+    assert "no amplification" in out
+
+
+@pytest.mark.parametrize(
+    "flag,value,named",
+    [("--delta", "2", "--delta"), ("--sample-rate", "0", "--sample-rate"),
+     ("--steps", "0", "--steps"), ("--noise-multiplier", "nan", "--noise-multiplier")],
+)  # fmt: skip
+def test_bad_input_is_a_clean_error(capsys, flag, value, named):
+    argv = list(GOLDEN)
+    argv[argv.index(flag) + 1] = value
+    code, out, err = run(capsys, argv + ["--json"])
+    assert code == 1
+    assert err.startswith("lazydp epsilon: error:") and named in err and "Traceback" not in err
+    assert json.loads(out.strip().splitlines()[-1])["type"] == "ConfigError"
+
+
+def test_impossible_target(capsys):
+    argv = ["epsilon", "--target-epsilon", "1e-4", "--sample-rate", "1", "--steps", "100",
+            "--delta", "1e-5"]  # fmt: skip
+    code, _, err = run(capsys, argv)
+    assert code == 1 and "noise_multiplier > 1000" in err
+
+
+def test_noise_and_target_are_exclusive(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(GOLDEN + ["--target-epsilon", "3"])
+    assert info.value.code == 2
+    assert "not allowed with" in capsys.readouterr().err
+
+
+def test_help_shows_an_example_and_its_output(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["epsilon", "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert "$ lazydp epsilon --sample-rate 0.04 --noise-multiplier 1.5" in out
+    assert "epsilon 6.769 (PLD), 7.329 (RDP)" in out
