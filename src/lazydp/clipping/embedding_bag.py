@@ -1,0 +1,196 @@
+"""nn.EmbeddingBag (mode "sum" or "mean"): exact ghost norms and row-sparse clipped sums.
+
+Contract: one bag per example (dimension 0 of the output). Input is 2-D (B, L) with offsets None, or
+1-D with offsets (``include_last_offset`` either way; empty bags allowed); ``per_sample_weights``
+(mode "sum" only, as torch); ``padding_idx`` entries are dropped and, in mode "mean", not counted
+in the bag length (as torch). Entry j of bag i with weight w_j (mean: 1/len) sends w_j * g_i to row
+ids_j, so row r of example i gets s_ir * g_i with s_ir = sum of w over the bag's occurrences of r:
+
+    ||dE_i||^2 = ||g_i||^2 * sum_r s_ir^2        (repeats grouped first: never sqrt(L) * ||g_i||)
+
+With k calls per step, example i's gradient is sum_c sum_r s^c_ir g^c_i e_r, so
+||dE_i||^2 = sum_{c,c'} (g^c_i . g^c'_i) * sum_r s^c_ir s^c'_ir: a k x k Gram per example, still
+without materialising any (example, row, dim) tensor. ``mode="max"`` (no exact per-example norm),
+``max_norm`` and ``scale_grad_by_freq`` are refused.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lazydp.clipping._base import (
+    Call,
+    ClippedSum,
+    LayerClipper,
+    PerSample,
+    PerSampleRows,
+    SparseRows,
+)
+from lazydp.clipping.embedding import check_table, group_pairs, validate_ids
+from lazydp.clipping.registry import batch_size, call_arg, clip_factors, register_clipper
+from lazydp.errors import InputError, UnsupportedLayerError
+
+
+@dataclass
+class _Bags:
+    """The non-padding lookups of one call: row ``ids[j]`` enters bag ``bag[j]`` with weight ``w[j]``
+    (``w`` None: every weight is 1, the common case, kept implicit to save a multiply per entry)."""
+
+    ids: Tensor
+    bag: Tensor
+    w: Tensor | None
+    num_bags: int
+
+    def weights(self, dtype: torch.dtype) -> Tensor:
+        if self.w is None:
+            return torch.ones(self.ids.numel(), dtype=dtype, device=self.ids.device)
+        return self.w.to(dtype)
+
+    def rows_times(self, grad: Tensor, scale: Tensor | None = None) -> Tensor:
+        """(n, dim): each entry's gradient row, w_j * scale[bag_j] * grad[bag_j]."""
+        per_bag = grad if scale is None else grad * scale[:, None]
+        rows = per_bag.index_select(0, self.bag)
+        return rows if self.w is None else rows * self.w.to(rows.dtype)[:, None]
+
+
+def _bag_lengths(module: nn.EmbeddingBag, ids: Tensor, offsets: Tensor) -> Tensor:
+    """Length of each bag from offsets (validated: start at 0, non-decreasing, within the input)."""
+    n = ids.numel()
+    if offsets.dim() != 1 or offsets.is_floating_point():
+        raise InputError(
+            f"EmbeddingBag offsets must be a 1-D integer tensor; got {offsets.dtype} of shape {tuple(offsets.shape)}"
+        )
+    ends = (
+        offsets[1:]
+        if module.include_last_offset
+        else torch.cat([offsets[1:], offsets.new_tensor([n])])
+    )
+    starts = offsets[: ends.numel()]
+    lengths = (ends - starts).long()
+    first = int(offsets[0]) if offsets.numel() else 0
+    last = int(ends[-1]) if ends.numel() else 0
+    if first != 0 or last > n:
+        raise InputError(
+            f"EmbeddingBag offsets must start at 0 and end within the {n} ids; got offsets[0]={first}, "
+            f"last bag end {last}"
+        )
+    if lengths.numel() and int(lengths.min()) < 0:
+        raise InputError(
+            "EmbeddingBag offsets must be non-decreasing (each bag starts where the last ended)"
+        )
+    return lengths
+
+
+def _bags(module: nn.EmbeddingBag, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Bags:
+    ids = call_arg(args, kwargs, 0, "input")
+    offsets = call_arg(args, kwargs, 1, "offsets")
+    weights = call_arg(args, kwargs, 2, "per_sample_weights")
+    if ids.dim() == 2:
+        if offsets is not None:
+            raise InputError("EmbeddingBag with 2-D input takes offsets=None (each row is one bag)")
+        num_bags, length = ids.shape
+        bag = (
+            torch.arange(num_bags, device=ids.device)[:, None].expand(num_bags, length).reshape(-1)
+        )
+    elif ids.dim() == 1 and offsets is not None:
+        lengths = _bag_lengths(module, ids, offsets)
+        num_bags = lengths.numel()
+        bag = torch.arange(num_bags, device=ids.device).repeat_interleave(lengths)
+    else:
+        raise InputError(
+            f"EmbeddingBag input has shape {tuple(ids.shape)} with offsets "
+            f"{'None' if offsets is None else 'given'}; use 2-D (B, L) input, or 1-D input with offsets"
+        )
+    flat = ids.reshape(-1)[: bag.numel()].long()
+    w = None if weights is None else weights.detach().reshape(-1)[: bag.numel()]
+    if module.padding_idx is not None:
+        keep = flat != module.padding_idx
+        flat, bag = flat[keep], bag[keep]
+        w = None if w is None else w[keep]
+    if module.mode == "mean":  # torch counts only non-padding entries in a bag's length
+        w = 1.0 / torch.bincount(bag, minlength=num_bags).double()[bag]
+    return _Bags(flat, bag, w, num_bags)
+
+
+def _cat(parts: list[Tensor]) -> Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def _all_bags(module: nn.EmbeddingBag, calls: list[Call]) -> tuple[list[_Bags], int]:
+    batch = batch_size(calls)
+    bags = [_bags(module, call.args, call.kwargs) for call in calls]
+    return bags, batch
+
+
+@register_clipper(nn.EmbeddingBag)
+class EmbeddingBagClipper(LayerClipper):
+    """Exact ghost norms and row-sparse clipped sums for nn.EmbeddingBag(mode="sum" | "mean")."""
+
+    def check(self, module: nn.Module) -> None:
+        assert isinstance(module, nn.EmbeddingBag)
+        if module.mode not in ("sum", "mean"):
+            raise UnsupportedLayerError(
+                f'EmbeddingBag(mode="{module.mode}") has no exact per-example norm; use mode="sum" or "mean"'
+            )
+        check_table(module)
+
+    def norms2(self, module: nn.Module, calls: list[Call]) -> Tensor:
+        assert isinstance(module, nn.EmbeddingBag)
+        bags, batch = _all_bags(module, calls)
+        grads = [call.grad_output.detach().reshape(batch, -1) for call in calls]
+        if not module.weight.requires_grad:
+            return grads[0].new_zeros(batch)
+        dtype = grads[0].dtype
+        if len(calls) == 1:
+            b = bags[0]
+            pair_bag, _, inverse = group_pairs(b.bag, b.ids, module.num_embeddings)
+            s = grads[0].new_zeros(pair_bag.numel()).index_add_(0, inverse, b.weights(dtype))
+            s2 = grads[0].new_zeros(batch).index_add_(0, pair_bag, s * s)
+            return s2 * grads[0].pow(2).sum(1)
+        k = len(calls)
+        bag = _cat([b.bag for b in bags])
+        ids = _cat([b.ids for b in bags])
+        w = _cat([b.weights(dtype) for b in bags])
+        which = _cat([torch.full_like(b.bag, j) for j, b in enumerate(bags)])
+        pair_bag, _, inverse = group_pairs(bag, ids, module.num_embeddings)
+        # s[u, c]: summed weight of (example, row) pair u in call c.
+        s = w.new_zeros(pair_bag.numel() * k).index_add_(0, inverse * k + which, w).view(-1, k)
+        outer = (s[:, :, None] * s[:, None, :]).view(-1, k * k)
+        overlap = w.new_zeros((batch, k * k)).index_add_(0, pair_bag, outer)
+        g = torch.stack(grads, 1)  # (B, k, D)
+        gram = torch.bmm(g, g.transpose(1, 2)).view(batch, k * k)
+        return (overlap * gram).sum(1)
+
+    def clipped_sum(self, module: nn.Module, calls: list[Call], c: Tensor) -> dict[str, ClippedSum]:
+        assert isinstance(module, nn.EmbeddingBag)
+        if not module.weight.requires_grad:
+            return {}
+        bags, batch = _all_bags(module, calls)
+        cw = clip_factors(c, batch, calls[0].grad_output)
+        ids = _cat([b.ids for b in bags])
+        values = _cat([b.rows_times(call.grad_output.detach(), cw) for b, call in zip(bags, calls)])
+        return {"weight": SparseRows(ids, values, module.num_embeddings)}
+
+    def per_sample(self, module: nn.Module, calls: list[Call]) -> dict[str, PerSample]:
+        assert isinstance(module, nn.EmbeddingBag)
+        if not module.weight.requires_grad:
+            return {}
+        bags, batch = _all_bags(module, calls)
+        bag = _cat([b.bag for b in bags])
+        ids = _cat([b.ids for b in bags])
+        entries = _cat([b.rows_times(call.grad_output.detach()) for b, call in zip(bags, calls)])
+        pair_bag, pair_row, inverse = group_pairs(bag, ids, module.num_embeddings)
+        summed = entries.new_zeros((pair_row.numel(), module.embedding_dim))
+        summed.index_add_(0, inverse, entries)
+        return {"weight": PerSampleRows(pair_bag, pair_row, summed, module.num_embeddings, batch)}
+
+    def rows_read(
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Tensor | None:
+        assert isinstance(module, nn.EmbeddingBag)
+        validate_ids(module, call_arg(args, kwargs, 0, "input"), module.num_embeddings)
+        return _bags(module, args, kwargs).ids

@@ -1,0 +1,106 @@
+"""nn.Linear: ghost per-example norms and book-keeping clipped sums, exact.
+
+Contract: input a of shape (B, d_in) or (B, T..., d_in), grad_output g of shape (B, T..., d_out).
+Calls of the same layer are one longer sequence per example (concatenated along T), because the
+per-example gradient is sum_t g_t a_t^T over every position of every call.
+
+* 2-D (T == 1): ||dW_i||^2 = ||a_i||^2 ||g_i||^2, ||db_i||^2 = ||g_i||^2.
+* T > 1: ||dW_i||^2 = sum_{s,t} (a_is.a_it)(g_is.g_it) (Gram, cost T^2 (d_in + d_out) per example)
+  or ||G_i^T A_i||^2 (materialised, cost T d_in d_out), whichever is cheaper; done in batch chunks so
+  the temporary stays under ``_CHUNK_ELEMENTS``.
+* Clipped sum: (diag(c) G)^T A as one matmul; no per-example tensor.
+Frozen weight or bias (requires_grad False) is left out of norms and sums.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from lazydp.clipping._base import Call, ClippedSum, LayerClipper, PerSample
+from lazydp.clipping.registry import batch_size, call_arg, clip_factors, register_clipper
+from lazydp.errors import InputError
+
+# Upper bound on the elements of one temporary (Gram matrices or per-example weights) per chunk.
+_CHUNK_ELEMENTS = 1 << 25
+
+
+def _sequences(module: nn.Linear, calls: list[Call]) -> tuple[Tensor, Tensor]:
+    """A (B, T, d_in) and G (B, T, d_out), with every call's positions concatenated along T."""
+    batch = batch_size(calls)
+    acts, grads = [], []
+    for call in calls:
+        a = call_arg(call.args, call.kwargs, 0, "input")
+        if not isinstance(a, Tensor) or a.dim() < 2:
+            shape = tuple(a.shape) if isinstance(a, Tensor) else type(a).__name__
+            raise InputError(
+                f"Linear input has shape {shape}; per-example clipping needs a batch dimension: "
+                "(B, in_features) or (B, ..., in_features)"
+            )
+        acts.append(a.detach().reshape(batch, -1, module.in_features))
+        grads.append(call.grad_output.detach().reshape(batch, -1, module.out_features))
+    if len(calls) == 1:
+        return acts[0], grads[0]
+    return torch.cat(acts, 1), torch.cat(grads, 1)
+
+
+def _chunks(batch: int, per_example: int) -> list[slice]:
+    step = max(1, _CHUNK_ELEMENTS // max(1, per_example))
+    return [slice(i, i + step) for i in range(0, batch, step)]
+
+
+def _weight_norms2(a: Tensor, g: Tensor) -> Tensor:
+    """(B,) ||G_i^T A_i||_F^2 without materialising per-example weights when Gram is cheaper."""
+    batch, seq, d_in = a.shape
+    d_out = g.shape[2]
+    if seq == 1:
+        return a.pow(2).sum((1, 2)) * g.pow(2).sum((1, 2))
+    a = a.to(g.dtype)
+    out = g.new_empty(batch)
+    if seq * (d_in + d_out) <= d_in * d_out:
+        for sl in _chunks(batch, seq * seq):
+            gram_a = torch.bmm(a[sl], a[sl].transpose(1, 2))
+            gram_g = torch.bmm(g[sl], g[sl].transpose(1, 2))
+            out[sl] = (gram_a * gram_g).sum((1, 2))
+    else:
+        for sl in _chunks(batch, d_in * d_out):
+            out[sl] = torch.bmm(g[sl].transpose(1, 2), a[sl]).pow(2).sum((1, 2))
+    return out
+
+
+@register_clipper(nn.Linear)
+class LinearClipper(LayerClipper):
+    """Exact ghost norms and clipped sums for nn.Linear."""
+
+    def norms2(self, module: nn.Module, calls: list[Call]) -> Tensor:
+        assert isinstance(module, nn.Linear)
+        a, g = _sequences(module, calls)
+        norms = g.new_zeros(g.shape[0])
+        if module.weight.requires_grad:
+            norms += _weight_norms2(a, g)
+        if module.bias is not None and module.bias.requires_grad:
+            norms += g.sum(1).pow(2).sum(1)
+        return norms
+
+    def clipped_sum(self, module: nn.Module, calls: list[Call], c: Tensor) -> dict[str, ClippedSum]:
+        assert isinstance(module, nn.Linear)
+        a, g = _sequences(module, calls)
+        cg = g * clip_factors(c, g.shape[0], g)[:, None, None]
+        out: dict[str, ClippedSum] = {}
+        if module.weight.requires_grad:
+            out["weight"] = cg.reshape(-1, module.out_features).T @ a.reshape(
+                -1, module.in_features
+            ).to(g.dtype)
+        if module.bias is not None and module.bias.requires_grad:
+            out["bias"] = cg.sum((0, 1))
+        return out
+
+    def per_sample(self, module: nn.Module, calls: list[Call]) -> dict[str, PerSample]:
+        assert isinstance(module, nn.Linear)
+        a, g = _sequences(module, calls)
+        out: dict[str, PerSample] = {}
+        if module.weight.requires_grad:
+            out["weight"] = torch.bmm(g.transpose(1, 2), a.to(g.dtype))
+        if module.bias is not None and module.bias.requires_grad:
+            out["bias"] = g.sum(1)
+        return out

@@ -1,0 +1,181 @@
+"""Which clipper handles which layer: a registry filled by decorator, explicit refusals, a fallback.
+
+Contract:
+* ``clipper_for(module)`` returns the clipper registered for ``type(module)``, else for the nearest
+  registered base class *whose forward the module does not override* (a subclass that changes the
+  forward computes something else, so it goes to the exact torch.func fallback instead), else
+  raises for refused layers (they mix examples across the batch), else returns the fallback.
+  It always runs ``clipper.check(module)``, so an unsupported configuration raises here too.
+* A layer must be a *leaf* in the parameter sense: a module owning trainable parameters directly
+  must not also have children with trainable parameters (``parameterised_leaves`` and
+  ``clipper_for`` raise UnsupportedLayerError for that mixed case).
+* This module also holds the two small readers of captured calls every clipper uses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from torch import Tensor, nn
+
+from lazydp.clipping._base import Call, LayerClipper, trainable_direct_params
+from lazydp.errors import InputError, UnsupportedLayerError
+
+_CLIPPERS: dict[type[nn.Module], LayerClipper] = {}
+_REFUSALS: dict[type[nn.Module], str] = {}
+_FALLBACK: list[LayerClipper] = []
+
+C = TypeVar("C", bound=type[LayerClipper])
+
+
+def register_clipper(*layer_types: type[nn.Module]) -> Callable[[C], C]:
+    """Class decorator: instantiate the clipper once and register it for ``layer_types``.
+
+    Example::
+
+        @register_clipper(nn.Linear)
+        class LinearClipper(LayerClipper): ...
+    """
+    if not layer_types:
+        raise TypeError(
+            "register_clipper needs at least one layer type, e.g. @register_clipper(nn.Linear)"
+        )
+
+    def decorate(cls: C) -> C:
+        cls.layer_types = tuple(layer_types)
+        instance = cls()
+        for layer_type in layer_types:
+            _CLIPPERS[layer_type] = instance
+        return cls
+
+    return decorate
+
+
+def register_fallback(cls: C) -> C:
+    """Class decorator: the clipper used for parameterised leaves with no registered clipper."""
+    _FALLBACK[:] = [cls()]
+    return cls
+
+
+def refuse_layers(*layer_types: type[nn.Module], reason: str) -> None:
+    """Declare layer types that have no exact per-example gradient; ``reason`` says what to use.
+
+    Example::
+
+        refuse_layers(nn.BatchNorm1d, reason="it mixes examples; use GroupNorm or LayerNorm")
+    """
+    for layer_type in layer_types:
+        _REFUSALS[layer_type] = reason
+
+
+refuse_layers(
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    nn.SyncBatchNorm,
+    reason=(
+        "batch normalisation mixes examples across the batch (each example's output depends on "
+        "the others), so no per-example gradient exists; use GroupNorm or LayerNorm instead"
+    ),
+)
+
+
+def clipper_for(module: nn.Module) -> LayerClipper:
+    """The clipper for one parameterised leaf layer (already checked for unsupported settings).
+
+    Example::
+
+        >>> clipper_for(nn.Linear(3, 2)).layer_types
+        (<class 'torch.nn.modules.linear.Linear'>,)
+    """
+    check_leaf(module)
+    clipper = _lookup(type(module))
+    clipper.check(module)
+    return clipper
+
+
+def _lookup(layer_type: type[nn.Module]) -> LayerClipper:
+    for base in layer_type.__mro__:
+        if base in _REFUSALS:
+            raise UnsupportedLayerError(
+                f"{layer_type.__name__} is not supported: {_REFUSALS[base]}"
+            )
+        # Only inherit a clipper when the forward is the registered one: the clipper's formulas
+        # are derivatives of that exact forward.
+        if base in _CLIPPERS and (base is layer_type or layer_type.forward is base.forward):
+            return _CLIPPERS[base]
+    if not _FALLBACK:
+        raise UnsupportedLayerError(
+            f"no clipper for {layer_type.__name__} and no fallback registered; import lazydp.clipping"
+        )
+    return _FALLBACK[0]
+
+
+def check_leaf(module: nn.Module, name: str = "") -> None:
+    """Raise UnsupportedLayerError if ``module`` owns trainable parameters *and* has children that do."""
+    own = trainable_direct_params(module)
+    if not own:
+        return
+    nested = [
+        f"{child_name}.{p_name}"
+        for child_name, child in module.named_children()
+        for p_name, p in child.named_parameters()
+        if p.requires_grad
+    ]
+    if nested:
+        label = f"{type(module).__name__} {name!r}" if name else type(module).__name__
+        raise UnsupportedLayerError(
+            f"{label} owns trainable parameters {sorted(own)} and also has children with trainable "
+            f"parameters {nested[:3]}; per-example gradients are computed per leaf layer: move "
+            "the direct parameters into their own small child module, or freeze them"
+        )
+
+
+def parameterised_leaves(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, module) for every module that owns trainable parameters directly, in model order.
+
+    Raises UnsupportedLayerError for a module that owns parameters and has parameterised children.
+
+    Example::
+
+        >>> [n for n, _ in parameterised_leaves(nn.Sequential(nn.Linear(2, 2), nn.ReLU()))]
+        ['0']
+    """
+    leaves = []
+    for name, module in model.named_modules():
+        if trainable_direct_params(module):
+            check_leaf(module, name)
+            leaves.append((name, module))
+    return leaves
+
+
+def call_arg(
+    call_args: tuple[Any, ...], kwargs: dict[str, Any], pos: int, name: str, default: Any = None
+) -> Any:
+    """Argument ``name`` of a captured forward call, passed positionally at ``pos`` or by keyword."""
+    if len(call_args) > pos:
+        return call_args[pos]
+    return kwargs.get(name, default)
+
+
+def batch_size(calls: list[Call]) -> int:
+    """The batch size shared by all calls (dimension 0 of grad_output); InputError if they differ."""
+    if not calls:
+        raise InputError("calls is empty; a clipper needs at least one captured forward call")
+    sizes = {int(call.grad_output.shape[0]) for call in calls}
+    if len(sizes) != 1:
+        raise InputError(
+            f"calls have different batch sizes {sorted(sizes)}; every call of a layer in one step "
+            "must see the same batch (dimension 0 is the example)"
+        )
+    return sizes.pop()
+
+
+def clip_factors(c: Tensor, batch: int, like: Tensor) -> Tensor:
+    """Validate the per-example clip factors ``c`` (shape (B,)) and cast them to ``like``'s dtype."""
+    if c.shape != (batch,):
+        raise InputError(
+            f"c has shape {tuple(c.shape)}; expected ({batch},), one clip factor per example"
+        )
+    return c.to(dtype=like.dtype, device=like.device)
