@@ -1,0 +1,96 @@
+"""Registry: lookup by type and MRO, refusals before training, mixed parents, custom registration."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from lazydp.clipping import LayerClipper, clipper_for, parameterised_leaves, register_clipper
+from lazydp.clipping.embedding_bag import EmbeddingBagClipper
+from lazydp.clipping.fallback import FallbackClipper
+from lazydp.clipping.linear import LinearClipper
+from lazydp.errors import UnsupportedLayerError
+
+
+class PlainLinear(nn.Linear):
+    """Same forward as nn.Linear: inherits the Linear clipper."""
+
+
+class LoRALinear(nn.Linear):
+    """Changes the forward: the Linear formulas no longer hold, so it must go to the fallback."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x) * 2
+
+
+class Mixed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(2))
+        self.inner = nn.Linear(2, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.inner(x) * self.scale
+
+
+def test_lookup_exact_type_then_mro_only_when_forward_is_inherited() -> None:
+    assert isinstance(clipper_for(nn.Linear(2, 2)), LinearClipper)
+    assert isinstance(clipper_for(PlainLinear(2, 2)), LinearClipper)
+    assert isinstance(clipper_for(LoRALinear(2, 2)), FallbackClipper)
+    assert isinstance(clipper_for(nn.EmbeddingBag(3, 2)), EmbeddingBagClipper)
+    assert isinstance(clipper_for(nn.Conv1d(1, 1, 1)), FallbackClipper)
+
+
+@pytest.mark.parametrize(
+    "layer", [nn.BatchNorm1d(3), nn.BatchNorm2d(3), nn.BatchNorm3d(3), nn.SyncBatchNorm(3)]
+)
+def test_batchnorm_is_refused_with_alternative(layer) -> None:
+    with pytest.raises(
+        UnsupportedLayerError, match=r"BatchNorm.*mixes examples.*use GroupNorm or LayerNorm"
+    ):
+        clipper_for(layer)
+
+
+def test_subclass_of_refused_layer_is_refused() -> None:
+    class MyBN(nn.BatchNorm1d):
+        pass
+
+    with pytest.raises(UnsupportedLayerError, match="MyBN is not supported"):
+        clipper_for(MyBN(2))
+
+
+def test_mixed_parent_is_refused_and_leaves_are_listed() -> None:
+    with pytest.raises(
+        UnsupportedLayerError, match=r"Mixed owns trainable parameters \['scale'\].*inner.weight"
+    ):
+        clipper_for(Mixed())
+    model = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Sequential(nn.Embedding(4, 2)))
+    assert [(n, type(m)) for n, m in parameterised_leaves(model)] == [
+        ("0", nn.Linear),
+        ("2.0", nn.Embedding),
+    ]
+    with pytest.raises(UnsupportedLayerError, match=r"Mixed '1' owns"):
+        parameterised_leaves(nn.Sequential(nn.Linear(2, 2), Mixed()))
+
+
+def test_frozen_children_do_not_make_a_parent_mixed() -> None:
+    model = Mixed()
+    model.inner.requires_grad_(False)
+    assert [n for n, _ in parameterised_leaves(model)] == [""]
+    model.scale.requires_grad_(False)
+    assert parameterised_leaves(model) == []
+
+
+def test_register_clipper_for_a_custom_layer() -> None:
+    class Doubler(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(1))
+
+    @register_clipper(Doubler)
+    class DoublerClipper(LayerClipper):
+        pass
+
+    assert DoublerClipper.layer_types == (Doubler,)
+    assert isinstance(clipper_for(Doubler()), DoublerClipper)
