@@ -1,0 +1,191 @@
+"""Bad input gets a clear error and changes nothing (no parameter, no ledger entry)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, IterableDataset, TensorDataset
+
+from lazydp import (
+    ConfigError,
+    InputError,
+    PrivacyEngine,
+    PrivacyError,
+    UnsupportedLayerError,
+    UnsupportedOptimizerError,
+)
+from tests.toy import Toy, loader, loss_fn, make_batches
+
+
+def private(mode="lazydp", model=None, **kw):
+    model = model or Toy()
+    engine = PrivacyEngine(seed=0, ledger_path=kw.pop("ledger_path", None))
+    args = dict(noise_multiplier=1.0, max_grad_norm=1.0, mode=mode)
+    args.update(kw)
+    m, opt, dl = engine.make_private(
+        module=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        data_loader=loader(),
+        **args,
+    )
+    return m, opt, dl, engine
+
+
+def snapshot(model):
+    return {k: t.detach().clone() for k, t in model.named_parameters()}
+
+
+@pytest.mark.parametrize("mode", ["dpsgd_f", "lazydp"])
+def test_out_of_range_id_is_refused_before_any_change(mode):
+    model, opt, _, engine = private(mode)
+    x, bag, emb, y = make_batches(1)[0]
+    bag[0, 0] = 40  # the table has 40 rows
+    before = snapshot(model)
+    with pytest.raises(InputError, match="40"):
+        model(x, bag, emb)
+    assert engine.ledger.steps == 0
+    for k, t in snapshot(model).items():
+        assert torch.equal(t, before[k]), k
+
+
+def test_negative_and_float_ids_are_refused():
+    model, *_ = private()
+    x, bag, emb, _ = make_batches(1)[0]
+    with pytest.raises(InputError):
+        model(x, bag, emb - 5)
+    with pytest.raises(InputError):
+        model(x, bag.float(), emb)
+
+
+@pytest.mark.parametrize("mode", ["dpsgd_b", "dpsgd_f", "lazydp"])
+def test_nan_features_are_refused_at_step_and_nothing_is_charged(mode):
+    model, opt, _, engine = private(mode)
+    x, bag, emb, y = make_batches(1)[0]
+    x[0, 0] = float("nan")
+    before = snapshot(model)
+    loss_fn(model(x, bag, emb), y).backward()
+    with pytest.raises(InputError, match="NaN"):
+        opt.step()
+    assert engine.ledger.steps == 0
+    for k, t in snapshot(model).items():
+        assert torch.equal(t, before[k]), k
+
+
+def test_batchnorm_and_max_bag_are_refused_with_alternatives():
+    with pytest.raises(UnsupportedLayerError, match="GroupNorm|LayerNorm"):
+        private(model=nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)))
+    with pytest.raises(UnsupportedLayerError, match="sum"):
+        private(model=nn.EmbeddingBag(10, 3, mode="max"))
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(noise_multiplier=-1.0), "noise_multiplier"),
+        (dict(noise_multiplier=float("nan")), "noise_multiplier"),
+        (dict(max_grad_norm=0.0), "max_grad_norm"),
+        (dict(mode="fast"), "mode"),
+        (dict(sampler="random"), "sampler"),
+    ],
+)
+def test_bad_arguments_name_the_argument(kw, match):
+    with pytest.raises(ConfigError, match=match):
+        private(**kw)
+
+
+def test_optimizer_with_foreign_parameters_is_refused():
+    model = Toy()
+    other = nn.Linear(2, 2)
+    with pytest.raises(UnsupportedOptimizerError, match="not in the model"):
+        PrivacyEngine().make_private(
+            module=model,
+            optimizer=torch.optim.SGD([*model.parameters(), *other.parameters()], lr=0.1),
+            data_loader=loader(),
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+        )
+
+
+def test_iterable_dataset_is_refused():
+    class Stream(IterableDataset):
+        def __iter__(self):
+            yield from range(3)
+
+        def __len__(self):
+            return 3
+
+    model = nn.Linear(1, 1)
+    with pytest.raises(ConfigError, match="IterableDataset"):
+        PrivacyEngine().make_private(
+            module=model,
+            optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            data_loader=DataLoader(Stream(), batch_size=1),
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+        )
+
+
+def test_one_engine_per_model():
+    model, opt, dl, engine = private()
+    with pytest.raises(ConfigError, match="one engine per model"):
+        engine.make_private(
+            module=Toy(),
+            optimizer=torch.optim.SGD(Toy().parameters(), lr=1),
+            data_loader=loader(),
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+        )
+
+
+def test_corrupt_checkpoint_and_lowered_ledger_are_refused(tmp_path):
+    model, opt, _, engine = private(ledger_path=tmp_path / "ledger.jsonl")
+    for b in make_batches(3):
+        opt.zero_grad()
+        loss_fn(model(*b[:3]), b[3]).backward()
+        opt.step()
+    engine.save_checkpoint(tmp_path / "ck.pt")
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes((tmp_path / "ck.pt").read_bytes()[:100])
+    model2, opt2, _, engine2 = private(ledger_path=tmp_path / "other.jsonl")
+    with pytest.raises(PrivacyError, match="corrupt"):
+        engine2.load_checkpoint(bad)
+    # A fresh ledger (0 steps) cannot resume a checkpoint taken after 3 charged steps.
+    with pytest.raises(PrivacyError, match="lower"):
+        engine2.load_checkpoint(tmp_path / "ck.pt")
+
+
+def test_sgd_mode_report_says_not_private():
+    _, _, _, engine = private("sgd")
+    report = engine.privacy_report(1e-5)
+    assert not report.private and "NOT PRIVATE" in str(report)
+
+
+def test_noise_override_is_named_in_the_report():
+    from lazydp.testing import zero_noise
+
+    _, _, _, engine = private()
+    with zero_noise():
+        report = engine.privacy_report(1e-5)
+    assert not report.private and "override" in str(report)
+
+
+def test_tensor_dataset_empty_batches_flow_through_loader():
+    ds = TensorDataset(torch.randn(200, 3), torch.randn(200))
+    model = nn.Linear(3, 1)
+    engine = PrivacyEngine(seed=0)
+    m, opt, dl = engine.make_private(
+        module=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        data_loader=DataLoader(ds, batch_size=1),
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+    )
+    sizes = []
+    for x, y in dl:
+        sizes.append(len(x))
+        opt.zero_grad()
+        nn.functional.mse_loss(m(x).squeeze(1), y).backward() if len(x) else None
+        opt.step()
+    assert 0 in sizes  # q = 1/200: many steps are empty, and each is charged
+    assert engine.ledger.steps == len(sizes)
