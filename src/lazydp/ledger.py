@@ -103,6 +103,8 @@ class PrivacyLedger:
         self.path = Path(path) if path is not None else None
         self.fsync = fsync
         self._events: list[StepEvent] = []
+        # Kept up to date on every charge so that epsilon() on a long run stays O(groups).
+        self._counts: Counter[tuple[float, float, str]] = Counter()
         self._external: list[ExternalCharge] = []
         self._fd: int | None = None
         if self.path is None:
@@ -144,7 +146,7 @@ class PrivacyLedger:
             except (PrivacyError, TypeError) as exc:
                 raise PrivacyError(f"{exc} {fix}") from None
             if isinstance(item, StepEvent):
-                self._events.append(item)
+                self._record(item)
             else:
                 self._external.append(item)
 
@@ -161,6 +163,10 @@ class PrivacyLedger:
             )
         if self.fsync:
             os.fsync(self._fd)
+
+    def _record(self, event: StepEvent) -> None:
+        self._events.append(event)
+        self._counts[(event.sample_rate, event.noise_multiplier, event.sampler)] += 1
 
     def close(self) -> None:
         """Release the file descriptor (the ledger stays readable in memory)."""
@@ -192,7 +198,7 @@ class PrivacyLedger:
         if self.path is not None and self._fd is None:
             raise PrivacyError(f"privacy ledger {self.path} is closed; open it again to charge.")
         self._append({"kind": "step", **asdict(event)})
-        self._events.append(event)
+        self._record(event)
 
     def charge_external(self, name: str, epsilon: float, delta: float) -> None:
         """Record a one-off (epsilon, delta) cost paid outside training (basic composition).
@@ -225,8 +231,9 @@ class PrivacyLedger:
 
     def mechanism_counts(self) -> list[MechanismCount]:
         """Steps grouped by (sample_rate, noise_multiplier, sampler), for the accountant."""
-        counts = Counter((e.sample_rate, e.noise_multiplier, e.sampler) for e in self._events)
-        return [MechanismCount(q, sigma, n, sampler) for (q, sigma, sampler), n in counts.items()]
+        return [
+            MechanismCount(q, sigma, n, sampler) for (q, sigma, sampler), n in self._counts.items()
+        ]
 
     def epsilon(self, delta: float, accountant: str = "pld") -> float:
         """Total epsilon: training at ``delta`` plus every external charge's epsilon.
