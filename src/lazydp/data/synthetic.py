@@ -7,14 +7,16 @@ Contract:
 * Localities (``RowSampler``), each over popularity *ranks* 0..rows-1 (rank 0 = hottest):
   - ``uniform``: every row equally likely.
   - ``zipf:<a>`` (a > 0; ``zipf`` alone is ``zipf:1.0``): P(rank k) proportional to (k+1)^-a. The
-    1024 hottest ranks are drawn exactly by inverse CDF over a cumulative table; the tail is the
-    continuous power law on [1024.5, rows + 1/2) rounded to the nearest rank, whose mass per rank k
-    differs from k^-a by a relative a(a+1)/(24 k^2) < 1e-6. So a 10^8-row table costs O(1024)
+    1024 hottest ranks are drawn exactly from a Walker alias table (O(1) per draw); the tail is the
+    continuous power law on [1024.5, rows + 1/2) drawn by inverse CDF and rounded to the nearest
+    rank, whose mass per rank k differs from k^-a by a relative a(a+1)/(24 k^2) (< 1e-6 for
+    a <= 3). So a 10^8-row table costs O(1024)
     memory, never O(rows); ``top_share`` is exact for this law.
   - ``movielens``: the item popularity curve of the real MovieLens ratings (dslabs/movielens,
     ratings per movieId sorted descending) stretched to the table: a row's rank r covers the
     quantile interval [r/rows, (r+1)/rows) of that curve, read as a step density, so the top x% of
-    rows gets the share of accesses that the top x% of movies gets. O(#movies) memory.
+    rows gets the share of accesses that the top x% of movies gets (movie by alias table, then a
+    uniform position inside its interval). O(#movies) memory.
 * Ranks map to row ids by a fixed pseudo-random affine bijection ``id = (m * rank + c) mod rows``
   (gcd(m, rows) = 1) drawn from ``layout_seed``, so hot rows are spread over the table, not at id 0.
 * Planted signal (``planted_signal=True``): a fixed hot set per table (a hash of the row id, about
