@@ -1,0 +1,493 @@
+"""Fast, securely seeded Gaussian noise: the only source of DP-SGD's noise in lazydp.
+
+Contract (what may never change):
+
+* Every draw is *exactly* Gaussian: torch's Box-Muller kernel (float32, half, bfloat16) or
+  numpy's ziggurat (float64), never an approximation.
+* No noise stream is ever reused. A draw is split into fixed chunks of ``CHUNK_NUMEL``
+  elements and every chunk gets a generator with a fresh full-size state:
+  - unseeded (``seed=None``, production): straight from OS entropy (``secrets``), per chunk;
+  - seeded (research): SHAKE-256 of a prefix-free encoding of (seed, stream path, call counter,
+    chunk index). Distinct calls, chunks, streams and forks therefore never share a state,
+    and ``state_dict`` carries the call counter so that a resumed run continues the sequence.
+    A parent's state_dict holds its forks' states, so restoring the root restores every
+    table's stream too (forks made before or after the restore).
+* Seeded draws do not depend on the number of threads (chunk i always gets the same state).
+* A CPU Mersenne-Twister generator is given all 19937 bits of fresh state, not a 32-bit seed:
+  torch's ``manual_seed`` keeps only 32 bits, and over millions of chunks random 32-bit seeds
+  would collide (birthday bound), i.e. reuse noise. The state is written through
+  ``Generator.set_state``; its byte layout is verified once against torch's own seeding and,
+  if it ever changes, every dtype falls back to numpy's PCG64 (slower, equally exact).
+* The only way to make draws deterministic constants is the test-only override in
+  :mod:`lazydp.testing`; :func:`active_override` names it so reports can say "not private".
+  No environment variable or config key can switch it on.
+
+The generators (MT19937, PCG64) are statistically strong but not cryptographic PRNGs;
+the seeds are.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import math
+import os
+import secrets
+import struct
+import threading
+import warnings
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from lazydp.errors import ConfigError, InputError, PrivacyError
+
+__all__ = ["CHUNK_NUMEL", "GaussianNoise", "active_override"]
+
+#: Elements per chunk: each chunk has its own generator; big enough that the ~10 us setup is
+#: < 2% of its fill time, small enough that a 1M-element tensor already splits over 4 threads.
+CHUNK_NUMEL = 1 << 18
+_CUDA_CHUNK_NUMEL = 1 << 24  # GPU: one generator per call; chunks only bound add_'s scratch
+_STATE_FORMAT = "lazydp.noise/1"
+_DOMAIN = b"lazydp.noise/1\x00"
+_MT_WORDS = 624
+_MT_KEY_OFFSET = 24  # torch's CPU state: u64 seed, i32 left, i32 seeded, u64 next, u64 key[624]
+_MT_MATERIAL_BYTES = 4 * _MT_WORDS
+_PCG_MATERIAL_BYTES = 16
+_MAX_STREAM = 1 << 64
+
+# ------------------------------------------------------------------------ test-only override
+# Set only through lazydp.testing (constant_noise / zero_noise): a float replaces every draw.
+_override_value: float | None = None
+_override_name: str | None = None
+
+
+def active_override() -> str | None:
+    """Name of the test-only noise override in force, e.g. ``"constant_noise(1.0)"``, or None.
+
+    Only :mod:`lazydp.testing` can set it (no environment variable or config key can); a run
+    with an override is NOT private and its report must say so.
+
+    >>> active_override() is None
+    True
+    """
+    return _override_name
+
+
+def _swap_override(value: float | None, name: str | None) -> tuple[float | None, str | None]:
+    """Install an override (for lazydp.testing only); returns the previous one to restore."""
+    global _override_value, _override_name
+    previous = (_override_value, _override_name)
+    _override_value, _override_name = value, name
+    return previous
+
+
+# ------------------------------------------------------------------------ generator engines
+def _init_genrand(seed: int) -> np.ndarray:
+    """MT19937's reference 32-bit seeding (what torch's manual_seed does), for the layout check."""
+    key = [seed & 0xFFFFFFFF]
+    for j in range(1, _MT_WORDS):
+        prev = key[-1]
+        key.append((1812433253 * (prev ^ (prev >> 30)) + j) & 0xFFFFFFFF)
+    return np.array(key, dtype="<u4")
+
+
+def _mt_generator(template: bytes, material: bytes) -> torch.Generator:
+    """A CPU generator whose whole MT19937 key is ``material`` (624 little-endian u32 words)."""
+    state = bytearray(template)
+    key = np.frombuffer(state, dtype="<u8", count=_MT_WORDS, offset=_MT_KEY_OFFSET)
+    key[:] = np.frombuffer(material, dtype="<u4")
+    gen = torch.Generator()
+    gen.set_state(torch.frombuffer(state, dtype=torch.uint8))
+    return gen
+
+
+@functools.cache
+def _mt_template() -> bytes | None:
+    """torch's CPU generator state right after seeding, if its layout is the one we write."""
+    try:
+        template = bytes(torch.Generator().manual_seed(20240607).get_state().numpy())
+        key = np.frombuffer(template, dtype="<u8", count=_MT_WORDS, offset=_MT_KEY_OFFSET)
+        if not np.array_equal(key, _init_genrand(20240607)):
+            return None
+        # Writing seed 7's key must reproduce manual_seed(7) draw for draw (both kernels).
+        probe = _mt_generator(template, _init_genrand(7).tobytes())
+        reference = torch.Generator().manual_seed(7)
+        for numel in (5, 100):  # scalar path (< 16 elements) and vectorised path
+            got = torch.empty(numel).normal_(generator=probe)
+            want = torch.empty(numel).normal_(generator=reference)
+            if not torch.equal(got, want):
+                return None
+        return template
+    except (RuntimeError, ValueError, TypeError):
+        return None
+
+
+@functools.cache
+def _warn_no_mt_layout() -> None:
+    warnings.warn(
+        "lazydp.noise: torch's CPU generator state layout is not the one expected; drawing "
+        "all noise with numpy's PCG64 instead (exact, but about 2.5x slower for float32).",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+def _fill_standard_chunk(dst: Tensor, std: float, material: Callable[[int], bytes]) -> None:
+    """Fill a contiguous CPU float32/float64 tensor with N(0, std^2) from fresh key material."""
+    template = _mt_template() if dst.dtype == torch.float32 else None
+    if template is not None:
+        dst.normal_(0.0, std, generator=_mt_generator(template, material(_MT_MATERIAL_BYTES)))
+        return
+    if dst.dtype == torch.float32:
+        _warn_no_mt_layout()
+    # numpy's float64 ziggurat is ~2x faster than torch's scalar float64 Box-Muller.
+    seed = int.from_bytes(material(_PCG_MATERIAL_BYTES), "little")
+    array = dst.numpy()
+    np.random.Generator(np.random.PCG64(seed)).standard_normal(out=array, dtype=array.dtype)
+    if std != 1.0:
+        array *= std
+
+
+# ------------------------------------------------------------------------ threads and scratch
+_pools: dict[int, ThreadPoolExecutor] = {}
+_pools_lock = threading.Lock()
+_scratch = threading.local()
+
+
+def _default_threads() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
+
+
+def _pool(threads: int) -> ThreadPoolExecutor:
+    """The shared pool of ``threads`` workers (torch's and numpy's kernels release the GIL)."""
+    with _pools_lock:
+        if threads not in _pools:
+            _pools[threads] = ThreadPoolExecutor(threads, thread_name_prefix="lazydp-noise")
+        return _pools[threads]
+
+
+def _scratch_buffer(numel: int, dtype: torch.dtype) -> Tensor:
+    """A per-thread reusable buffer, so add_normal_ never allocates an out-sized temporary."""
+    buffers: dict[torch.dtype, Tensor] = _scratch.__dict__.setdefault("buffers", {})
+    if dtype not in buffers or buffers[dtype].numel() < numel:
+        buffers[dtype] = torch.empty(max(numel, CHUNK_NUMEL), dtype=dtype)
+    return buffers[dtype][:numel]
+
+
+def _check_std(std: Any) -> float:
+    if isinstance(std, bool) or not isinstance(std, (int, float)) or not math.isfinite(std):
+        raise ConfigError(f"std must be a finite number >= 0; got {std!r}. Pass e.g. std=1.0.")
+    if std < 0:
+        raise ConfigError(f"std must be >= 0; got {std!r}. Pass the noise standard deviation.")
+    return float(std)
+
+
+def _check_out(out: Any) -> Tensor:
+    if not isinstance(out, Tensor) or not out.is_floating_point():
+        what = out.dtype if isinstance(out, Tensor) else type(out).__name__
+        raise InputError(
+            f"out must be a floating-point torch.Tensor; got {what}. "
+            "Allocate it with dtype=torch.float32 (or float64)."
+        )
+    return out
+
+
+def _check_stream(stream: Any, name: str) -> int:
+    if isinstance(stream, bool) or not isinstance(stream, int) or not 0 <= stream < _MAX_STREAM:
+        raise ConfigError(
+            f"{name} must be an int in [0, 2**64); got {stream!r}. Use one per table and rank."
+        )
+    return stream
+
+
+# ------------------------------------------------------------------------ the generator
+class GaussianNoise:
+    """Exact Gaussian noise, chunked over a thread pool, seeded per chunk (see module docs).
+
+    Args:
+        seed: None (default): OS entropy for every chunk -- use this in production.
+            An int makes every draw a deterministic function of (seed, stream, call counter,
+            chunk index): reproducible research, not for releasing models.
+        stream: which independent stream of ``seed`` (e.g. one per rank); forks nest below it
+            (``stream_path`` is ``(stream, fork stream, fork-of-fork stream, ...)``).
+        threads: worker threads for large draws (default: the CPUs this process may use).
+
+    >>> noise = GaussianNoise(seed=0)
+    >>> x = noise.normal_(torch.empty(3, 4), std=2.0)
+    >>> bool(x.std() > 0), noise.seeded
+    (True, True)
+    """
+
+    def __init__(self, seed: int | None = None, stream: int = 0, threads: int | None = None):
+        self._init(seed, (_check_stream(stream, "stream"),), threads)
+
+    def _init(self, seed: int | None, path: tuple[int, ...], threads: int | None) -> None:
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise ConfigError(
+                f"seed must be None (OS entropy) or an int; got {seed!r}. "
+                "Use None for production runs."
+            )
+        if seed is not None and not -(2**127) <= seed < 2**127:
+            raise ConfigError(f"seed must fit in 128 signed bits; got {seed!r}.")
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)):
+            raise ConfigError(f"threads must be None or an int >= 1; got {threads!r}.")
+        if threads is not None and threads < 1:
+            raise ConfigError(f"threads must be >= 1; got {threads!r}. Use None for all CPUs.")
+        self.seed = seed
+        self.seeded: bool = seed is not None
+        self.stream_path = path
+        self.threads = threads if threads is not None else _default_threads()
+        self._counter = 0
+        self._lock = threading.Lock()
+        self._forks: dict[int, GaussianNoise] = {}
+        # Prefix-free: fixed-width seed, then the path's length and fixed-width entries.
+        self._prefix = b"".join(
+            [_DOMAIN, (seed or 0).to_bytes(16, "little", signed=True)]
+            + [struct.pack("<Q", x) for x in (len(path), *path)]
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"GaussianNoise(seeded={self.seeded}, stream={self.stream_path}, "
+            f"counter={self._counter}, threads={self.threads})"
+        )
+
+    # -- seeding -------------------------------------------------------------------------
+    def _next_call(self) -> int:
+        with self._lock:
+            self._counter += 1
+            return self._counter - 1
+
+    def _material(self, call: int, chunk: int) -> Callable[[int], bytes]:
+        """Key material of ``nbytes`` for one chunk: OS entropy, or SHAKE-256 when seeded."""
+        if not self.seeded:
+            return secrets.token_bytes
+        message = self._prefix + struct.pack("<QQ", call, chunk)
+        return lambda nbytes: hashlib.shake_256(message).digest(nbytes)
+
+    # -- drawing -------------------------------------------------------------------------
+    def _draw(self, out: Tensor, std: float, add: bool) -> Tensor:
+        """Fill (``add=False``) or add to (``add=True``) ``out`` with N(0, std^2), chunked."""
+        call = self._next_call()
+        if out.numel() == 0:
+            return out
+        if not out.is_contiguous():
+            # One contiguous temporary; the common (contiguous) case never allocates one.
+            tmp = torch.empty(out.shape, dtype=out.dtype, device=out.device)
+            self._fill(tmp.view(-1), std, add=False, call=call)
+            return out.add_(tmp) if add else out.copy_(tmp)
+        self._fill(out.view(-1), std, add, call)
+        return out
+
+    def _fill(self, flat: Tensor, std: float, add: bool, call: int) -> None:
+        if flat.device.type != "cpu":
+            self._fill_device(flat, std, add, call)
+            return
+        n = flat.numel()
+        starts = range(0, n, CHUNK_NUMEL)
+
+        def work(index: int) -> None:
+            with torch.no_grad():  # grad mode is per thread: the pool's workers need their own
+                _work(index)
+
+        def _work(index: int) -> None:
+            part = flat[starts[index] : starts[index] + CHUNK_NUMEL]
+            material = self._material(call, index)
+            native = part.dtype in (torch.float32, torch.float64)
+            if native and not add:
+                _fill_standard_chunk(part, std, material)
+                return
+            scratch = _scratch_buffer(part.numel(), part.dtype if native else torch.float32)
+            _fill_standard_chunk(scratch, 1.0 if add else std, material)
+            if add:
+                part.add_(scratch, alpha=std)
+            else:
+                part.copy_(scratch)  # half / bfloat16: drawn in float32, rounded once
+
+        if len(starts) == 1 or self.threads == 1:
+            for index in range(len(starts)):
+                work(index)
+        else:
+            list(_pool(self.threads).map(work, range(len(starts))))
+
+    def _fill_device(self, flat: Tensor, std: float, add: bool, call: int) -> None:
+        """GPU: one Philox generator per call with a 64-bit seed (Philox keeps all 64 bits)."""
+        seed = int.from_bytes(self._material(call, 0)(8), "little") >> 1  # manual_seed: < 2**63
+        gen = torch.Generator(device=flat.device)
+        gen.manual_seed(seed)
+        with torch.no_grad():
+            if not add:
+                flat.normal_(0.0, std, generator=gen)
+                return
+            for start in range(0, flat.numel(), _CUDA_CHUNK_NUMEL):
+                part = flat[start : start + _CUDA_CHUNK_NUMEL]
+                part.add_(torch.empty_like(part).normal_(generator=gen), alpha=std)
+
+    def normal_(self, out: Tensor, std: float = 1.0) -> Tensor:
+        """Fill ``out`` in place with i.i.d. N(0, std^2) samples and return it.
+
+        >>> GaussianNoise(seed=1).normal_(torch.empty(2, 2)).shape
+        torch.Size([2, 2])
+        """
+        out, std = _check_out(out), _check_std(std)
+        with torch.no_grad():  # noise goes straight into parameters: never part of autograd
+            if _override_value is not None:
+                self._next_call()
+                return out.fill_(_override_value * std)
+            return self._draw(out, std, add=False)
+
+    def add_normal_(self, out: Tensor, std: float) -> Tensor:
+        """Add i.i.d. N(0, std^2) noise to ``out`` in place (chunked: no out-sized temporary).
+
+        >>> grad = torch.zeros(1000)
+        >>> _ = GaussianNoise(seed=1).add_normal_(grad, std=0.5)
+        >>> 0.4 < float(grad.std()) < 0.6
+        True
+        """
+        out, std = _check_out(out), _check_std(std)
+        with torch.no_grad():
+            if _override_value is not None:
+                self._next_call()
+                return out.add_(_override_value * std)
+            return self._draw(out, std, add=True)
+
+    def aggregated(
+        self, sum_lr: Tensor, sum_lr2: Tensor, dim: int, dtype: torch.dtype = torch.float32
+    ) -> Tensor:
+        """LazyDP's one-draw catch-up noise: an (n, dim) tensor whose row j is sqrt(sum_lr2[j]) z_j.
+
+        This has exactly the distribution of sum over a row's pending steps s of lr_s * z_s
+        (z i.i.d. N(0, I)), because a sum of independent Gaussians is Gaussian with the summed
+        variance. ``sum_lr`` (sum of lr_s) is only used by the test override, which returns
+        ``value * sum_lr`` as per-step constants would. Both are float64 of shape (n,).
+
+        >>> rows = GaussianNoise(seed=0).aggregated(
+        ...     torch.tensor([0.2, 0.1], dtype=torch.float64),
+        ...     torch.tensor([0.02, 0.01], dtype=torch.float64), dim=4)
+        >>> rows.shape, rows.dtype
+        (torch.Size([2, 4]), torch.float32)
+        """
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+            raise ConfigError(f"dim must be an int >= 1 (embedding dimension); got {dim!r}.")
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ConfigError(f"dtype must be a floating torch.dtype; got {dtype!r}.")
+        for name, t in (("sum_lr", sum_lr), ("sum_lr2", sum_lr2)):
+            if not isinstance(t, Tensor) or t.dim() != 1 or not t.is_floating_point():
+                raise InputError(
+                    f"{name} must be a 1-D floating tensor (one entry per row); got "
+                    f"{getattr(t, 'shape', type(t).__name__)}. Pass float64 of shape (n,)."
+                )
+        if sum_lr.shape != sum_lr2.shape:
+            raise InputError(
+                f"sum_lr and sum_lr2 must have the same shape; got {tuple(sum_lr.shape)} and "
+                f"{tuple(sum_lr2.shape)}. Pass one entry per row in both."
+            )
+        n = sum_lr2.shape[0]
+        if _override_value is not None:
+            self._next_call()
+            rows = (_override_value * sum_lr.to(torch.float64)).to(dtype)
+            return rows.unsqueeze(1).expand(n, dim).contiguous()
+        if n and not bool(((sum_lr2 >= 0) & torch.isfinite(sum_lr2)).all()):
+            raise InputError(
+                "sum_lr2 must be finite and >= 0 (a sum of squared learning rates); got "
+                f"min={float(sum_lr2.min())}. Check the history table's lr^2 prefix sums."
+            )
+        out = torch.empty((n, dim), dtype=dtype, device=sum_lr2.device)
+        self._draw(out, 1.0, add=False)
+        return out.mul_(sum_lr2.to(torch.float64).sqrt().to(dtype).unsqueeze(1))
+
+    # -- streams and checkpoints ---------------------------------------------------------
+    def fork(self, stream: int) -> GaussianNoise:
+        """The independent child stream ``stream`` (one per table, per rank), same seed.
+
+        Forking the same ``stream`` again returns the same child (one stream, one counter),
+        so two callers can never draw the same noise from it. The parent's ``state_dict``
+        includes its forks, so restoring the parent continues every child's sequence.
+
+        >>> root = GaussianNoise(seed=0)
+        >>> root.fork(3).stream_path, root.fork(3) is root.fork(3)
+        ((0, 3), True)
+        """
+        stream = _check_stream(stream, "stream")
+        with self._lock:
+            if stream not in self._forks:
+                self._forks[stream] = self._new_fork(stream)
+            return self._forks[stream]
+
+    def _new_fork(self, stream: int) -> GaussianNoise:
+        child = GaussianNoise.__new__(GaussianNoise)
+        child._init(self.seed, (*self.stream_path, stream), self.threads)
+        return child
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain data (JSON / ``torch.load(weights_only=True)`` safe), forks included.
+
+        >>> GaussianNoise(seed=5).state_dict()["counter"]
+        0
+        """
+        return {
+            "format": _STATE_FORMAT,
+            "seed": self.seed,
+            "stream_path": list(self.stream_path),
+            "counter": self._counter,
+            "forks": {str(k): child.state_dict() for k, child in sorted(self._forks.items())},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore seed, stream, call counter and forks: the next draws continue the saved run.
+
+        Forks that callers already hold are updated in place; a fork the saved run had not
+        made yet restarts at call 0 (it had drawn nothing). Nothing changes if ``state`` is
+        invalid (PrivacyError).
+
+        >>> a = GaussianNoise(seed=5); _ = a.normal_(torch.empty(3))
+        >>> b = GaussianNoise(); b.load_state_dict(a.state_dict()); b.seeded
+        True
+        """
+        self._adopt(GaussianNoise._from_state(state, self.threads))
+
+    @staticmethod
+    def _from_state(state: dict[str, Any], threads: int) -> GaussianNoise:
+        """A detached, fully validated generator tree rebuilt from ``state``."""
+        try:
+            if state["format"] != _STATE_FORMAT:
+                raise ValueError(f"format {state['format']!r}")
+            seed, path, counter = state["seed"], state["stream_path"], state["counter"]
+            if isinstance(counter, bool) or not isinstance(counter, int) or counter < 0:
+                raise ValueError(f"counter {counter!r}")
+            path = tuple(_check_stream(x, "stream_path entry") for x in path)
+            if not path:
+                raise ValueError("empty stream_path")
+            noise = GaussianNoise.__new__(GaussianNoise)
+            noise._init(seed, path, threads)
+            noise._counter = counter
+            for key, sub in dict(state["forks"]).items():
+                child = GaussianNoise._from_state(sub, threads)
+                if child.seed != seed or child.stream_path != (*path, int(key)):
+                    raise ValueError(f"fork {key!r} has another seed or stream path")
+                noise._forks[int(key)] = child
+        except (KeyError, TypeError, ValueError) as exc:
+            raise PrivacyError(
+                f"noise state is corrupt or from another version ({exc!r}); expected "
+                f"{{'format': {_STATE_FORMAT!r}, 'seed', 'stream_path', 'counter', 'forks'}} as "
+                "written by GaussianNoise.state_dict(). Resume from an intact checkpoint."
+            ) from exc
+        return noise
+
+    def _adopt(self, other: GaussianNoise) -> None:
+        """Take ``other``'s state in place, keeping the fork objects callers already hold."""
+        live = self._forks
+        self._init(other.seed, other.stream_path, self.threads)
+        self._counter = other._counter
+        for stream in sorted(live.keys() | other._forks.keys()):
+            saved = other._forks.get(stream) or other._new_fork(stream)
+            if stream in live:
+                live[stream]._adopt(saved)
+            self._forks[stream] = live.get(stream, saved)

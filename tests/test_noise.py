@@ -1,0 +1,373 @@
+"""lazydp.noise and lazydp.testing: exact distribution, stream independence, seeding, overrides.
+
+Statistical tests use fixed seeds (not flaky) and each one also shows it can fail: the same
+KS test must reject a wrong sigma (0.8x and 1.25x), the same repeat detector must catch
+torch's 32-bit seed truncation.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+
+import pytest
+import torch
+from scipy import stats
+
+import lazydp.noise as noise_mod
+from lazydp.errors import ConfigError, InputError, PrivacyError
+from lazydp.noise import CHUNK_NUMEL, GaussianNoise, active_override
+from lazydp.testing import constant_noise, zero_noise
+
+N = 4 * CHUNK_NUMEL + 12_345  # several chunks and a ragged tail: exercises the thread pool
+ACCEPT, REJECT = 1e-3, 1e-6
+
+
+def ks_pvalue(sample: torch.Tensor, scale: float) -> float:
+    """KS p-value of ``sample`` against N(0, scale^2)."""
+    data = sample.detach().double().flatten().numpy()
+    return float(stats.kstest(data, "norm", args=(0.0, scale)).pvalue)
+
+
+def assert_gaussian(sample: torch.Tensor, std: float) -> None:
+    """Accept N(0, std^2) and reject 0.8x and 1.25x of std (the test can fail)."""
+    assert ks_pvalue(sample, std) > ACCEPT
+    assert ks_pvalue(sample, 0.8 * std) < REJECT
+    assert ks_pvalue(sample, 1.25 * std) < REJECT
+
+
+def chunks_of(t: torch.Tensor) -> list[torch.Tensor]:
+    return list(t.flatten().split(CHUNK_NUMEL))
+
+
+# ----------------------------------------------------------------------------- distribution
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("std", [1.0, 3.5])
+def test_normal_has_requested_std(dtype: torch.dtype, std: float) -> None:
+    out = GaussianNoise(seed=11).normal_(torch.empty(N, dtype=dtype), std=std)
+    assert out.dtype == dtype
+    assert_gaussian(out, std)
+
+
+def test_unseeded_normal_is_gaussian() -> None:
+    assert_gaussian(GaussianNoise().normal_(torch.empty(N), std=0.7), 0.7)
+
+
+def test_half_precision_outputs_have_right_moments() -> None:
+    for dtype in (torch.float16, torch.bfloat16):
+        out = GaussianNoise(seed=2).normal_(torch.empty(200_000, dtype=dtype), std=2.0)
+        assert out.dtype == dtype
+        assert abs(float(out.float().mean())) < 0.03
+        assert abs(float(out.float().std()) - 2.0) < 0.03
+
+
+def test_add_normal_adds_right_std_and_keeps_values() -> None:
+    base = torch.linspace(-5, 5, N)
+    out = GaussianNoise(seed=4).add_normal_(base.clone(), std=0.3)
+    assert_gaussian(out - base, 0.3)
+    # Same seed and call: add_normal_ adds the very draw normal_ would have written.
+    drawn = GaussianNoise(seed=4).normal_(torch.empty(N), std=0.3)
+    torch.testing.assert_close(out - base, drawn, rtol=0, atol=1e-6)
+
+
+def test_add_normal_float64_and_half() -> None:
+    base = torch.ones(N, dtype=torch.float64)
+    out = GaussianNoise(seed=5).add_normal_(base.clone(), std=2.0)
+    assert_gaussian(out - base, 2.0)
+    half = GaussianNoise(seed=5).add_normal_(torch.full((100_000,), 10.0).half(), std=1.0)
+    assert abs(float(half.float().mean()) - 10.0) < 0.03
+    assert abs(float(half.float().std()) - 1.0) < 0.03
+
+
+def test_aggregated_rows_standardise_to_unit_normal() -> None:
+    n, dim = 20_000, 64
+    gen = torch.Generator().manual_seed(0)
+    sum_lr2 = torch.rand(n, generator=gen, dtype=torch.float64) * 4 + 0.01
+    sum_lr = sum_lr2.sqrt() * 2  # any values: ignored outside the test override
+    rows = GaussianNoise(seed=9).aggregated(sum_lr, sum_lr2, dim)
+    assert rows.shape == (n, dim) and rows.dtype == torch.float32
+    scale = sum_lr2.sqrt().unsqueeze(1)
+    assert ks_pvalue(rows.double() / scale, 1.0) > ACCEPT
+    assert ks_pvalue(rows.double() / (0.8 * scale), 1.0) < REJECT
+    assert ks_pvalue(rows.double() / (1.25 * scale), 1.0) < REJECT
+    # Forgetting the square root (scaling by sum_lr2) is caught too.
+    assert ks_pvalue(rows.double() / sum_lr2.unsqueeze(1), 1.0) < REJECT
+
+
+def test_aggregated_matches_sum_of_per_step_draws() -> None:
+    """One aggregated draw has the distribution of sum_s lr_s * z_s over the pending steps."""
+    lrs, n, dim = [0.5, 0.3, 0.1, 0.05], 4000, 64
+    eager = torch.zeros(n, dim, dtype=torch.float64)
+    noise = GaussianNoise(seed=21)
+    for lr in lrs:
+        noise.add_normal_(eager, std=lr)
+    sum_lr = torch.full((n,), sum(lrs), dtype=torch.float64)
+    sum_lr2 = torch.full((n,), sum(lr * lr for lr in lrs), dtype=torch.float64)
+    lazy = noise.aggregated(sum_lr, sum_lr2, dim, dtype=torch.float64)
+    assert stats.ks_2samp(eager.flatten(), lazy.flatten()).pvalue > ACCEPT
+    wrong = noise.aggregated(sum_lr, sum_lr, dim, dtype=torch.float64)  # sum lr, not sqrt(sum lr^2)
+    assert stats.ks_2samp(eager.flatten(), wrong.flatten()).pvalue < REJECT
+
+
+# ----------------------------------------------------------------------------- independence
+def test_consecutive_calls_chunks_and_streams_are_uncorrelated() -> None:
+    root = GaussianNoise(seed=3)
+    draws = [root.normal_(torch.empty(N)) for _ in range(2)]
+    draws += [root.fork(1).normal_(torch.empty(N)), root.fork(2).normal_(torch.empty(N))]
+    draws.append(GaussianNoise(seed=3, stream=1).normal_(torch.empty(N)))
+    bound = 5 / math.sqrt(N)  # 5 standard errors of a correlation under independence
+    for a, b in itertools.combinations(draws, 2):
+        assert abs(float(torch.corrcoef(torch.stack([a, b]))[0, 1])) < bound
+    first = draws[0]
+    for a, b in itertools.combinations(chunks_of(first[: 4 * CHUNK_NUMEL]), 2):
+        assert abs(float(torch.corrcoef(torch.stack([a, b]))[0, 1])) < 5 / math.sqrt(a.numel())
+    # The bound is tight enough to catch a stream that was reused with a small perturbation.
+    leaked = draws[1] + 0.05 * draws[0]
+    assert abs(float(torch.corrcoef(torch.stack([draws[0], leaked]))[0, 1])) > bound
+
+
+def no_repeated_chunks(draws: list[torch.Tensor]) -> bool:
+    heads = [c[:64].numpy().tobytes() for d in draws for c in chunks_of(d)]
+    return len(set(heads)) == len(heads)
+
+
+def test_no_chunk_repeats_across_calls_streams_forks_and_seeds() -> None:
+    draws = []
+    for seed, stream in itertools.product([0, 1, 2**40], [0, 1, 7]):
+        noise = GaussianNoise(seed=seed, stream=stream)
+        draws += [noise.normal_(torch.empty(2 * CHUNK_NUMEL + 5)) for _ in range(3)]
+        draws += [noise.fork(s).normal_(torch.empty(2 * CHUNK_NUMEL)) for s in (0, 1)]
+    assert no_repeated_chunks(draws)
+    # stream=3 and a fork(3) of stream 0 are different streams (the path is encoded).
+    a = GaussianNoise(seed=0, stream=3).normal_(torch.empty(100))
+    b = GaussianNoise(seed=0).fork(3).normal_(torch.empty(100))
+    assert not torch.equal(a, b)
+
+
+def test_repeat_detector_catches_torch_32bit_seed_truncation() -> None:
+    """Why chunks get a full MT state: torch's manual_seed drops the high 32 bits."""
+    reused = [
+        torch.empty(CHUNK_NUMEL).normal_(generator=torch.Generator().manual_seed(s))
+        for s in (5, 5 + 2**32)
+    ]
+    assert not no_repeated_chunks(reused)
+
+
+def test_full_mt_state_injection_matches_torch_layout() -> None:
+    template = noise_mod._mt_template()
+    assert template is not None  # torch 2.x layout recognised: the fast path is in use
+    injected = noise_mod._mt_generator(template, noise_mod._init_genrand(1234).tobytes())
+    want = torch.empty(1000).normal_(generator=torch.Generator().manual_seed(1234))
+    assert torch.equal(torch.empty(1000).normal_(generator=injected), want)
+
+
+def test_fallback_without_mt_layout_is_still_exact(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(noise_mod, "_mt_template", lambda: None)
+    with pytest.warns(RuntimeWarning, match="PCG64"):
+        noise_mod._warn_no_mt_layout.cache_clear()
+        out = GaussianNoise(seed=8).normal_(torch.empty(N), std=1.5)
+    assert out.dtype == torch.float32
+    assert_gaussian(out, 1.5)
+
+
+# ----------------------------------------------------------------------------- seeding
+def test_seeded_draws_do_not_depend_on_thread_count() -> None:
+    runs = []
+    for threads in (1, 2, 3):
+        noise = GaussianNoise(seed=77, stream=5, threads=threads)
+        runs.append([noise.normal_(torch.empty(N)), noise.add_normal_(torch.ones(N), 2.0)])
+        runs[-1].append(noise.normal_(torch.empty(N, dtype=torch.float64)))
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            assert torch.equal(a, b)
+
+
+def test_unseeded_calls_differ_and_take_os_entropy_per_chunk(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls: list[int] = []
+    real = noise_mod.secrets.token_bytes
+
+    def counting(nbytes: int) -> bytes:
+        calls.append(nbytes)
+        return real(nbytes)
+
+    monkeypatch.setattr(noise_mod.secrets, "token_bytes", counting)
+    a, b = GaussianNoise(), GaussianNoise()
+    assert not a.seeded
+    x1, x2, y = a.normal_(torch.empty(N)), a.normal_(torch.empty(N)), b.normal_(torch.empty(N))
+    assert len(calls) == 3 * len(chunks_of(x1))  # fresh key material for every chunk
+    assert not torch.equal(x1, x2) and not torch.equal(x1, y)
+    assert no_repeated_chunks([x1, x2, y])
+
+
+def test_state_dict_resume_continues_instead_of_replaying() -> None:
+    uninterrupted = GaussianNoise(seed=123, stream=2)
+    expected = [uninterrupted.normal_(torch.empty(N)) for _ in range(3)]
+
+    first = GaussianNoise(seed=123, stream=2)
+    first.normal_(torch.empty(N))
+    saved = json.loads(json.dumps(first.state_dict()))  # plain data
+    resumed = GaussianNoise()  # production default; the checkpoint restores the seed
+    resumed.load_state_dict(saved)
+    assert resumed.seeded and resumed.state_dict() == first.state_dict()
+    assert torch.equal(resumed.normal_(torch.empty(N)), expected[1])
+    assert torch.equal(resumed.normal_(torch.empty(N)), expected[2])
+    replay = GaussianNoise(seed=123, stream=2).normal_(torch.empty(N))
+    assert not torch.equal(replay, expected[1])
+
+
+def test_root_state_dict_resumes_forks_made_before_or_after_the_restore() -> None:
+    def draws(noise: GaussianNoise) -> list[torch.Tensor]:
+        return [noise.fork(k).normal_(torch.empty(1000)) for k in (1, 2)]
+
+    uninterrupted = GaussianNoise(seed=31)
+    expected = [draws(uninterrupted) for _ in range(3)]
+    assert uninterrupted.fork(1) is uninterrupted.fork(1)  # one stream per id: never reused
+
+    first = GaussianNoise(seed=31)
+    draws(first)
+    saved = json.loads(json.dumps(first.state_dict()))
+    resumed = GaussianNoise(seed=31)
+    held = resumed.fork(1)  # e.g. a lazy table forked while the model is built, before loading
+    resumed.load_state_dict(saved)
+    assert resumed.fork(1) is held
+    for want in expected[1:]:  # fork 1 restored in place, fork 2 created after the restore
+        assert all(torch.equal(a, b) for a, b in zip(draws(resumed), want))
+    replay = draws(GaussianNoise(seed=31))
+    assert no_repeated_chunks([*replay, *expected[1], *expected[2]])
+
+
+def test_loading_resets_forks_the_saved_run_had_not_made() -> None:
+    saved = GaussianNoise(seed=8).state_dict()
+    noise = GaussianNoise(seed=8)
+    late = noise.fork(4)
+    late.normal_(torch.empty(10))
+    noise.load_state_dict(saved)
+    fresh = GaussianNoise(seed=8).fork(4).normal_(torch.empty(10))
+    assert torch.equal(late.normal_(torch.empty(10)), fresh)
+
+
+def test_state_dict_survives_weights_only_torch_load(tmp_path) -> None:
+    noise = GaussianNoise(seed=2**100, stream=9).fork(4)
+    noise.normal_(torch.empty(10))
+    torch.save(noise.state_dict(), tmp_path / "noise.pt")
+    state = torch.load(tmp_path / "noise.pt", weights_only=True)
+    other = GaussianNoise(seed=0)
+    other.load_state_dict(state)
+    assert torch.equal(other.normal_(torch.empty(50)), noise.normal_(torch.empty(50)))
+
+
+OK = {"format": "lazydp.noise/1", "seed": 1, "stream_path": [0], "counter": 0, "forks": {}}
+
+
+@pytest.mark.parametrize(
+    "corrupt",
+    [{}, {"format": "other"}, {**OK, "counter": -3}, {**OK, "seed": "x"}, {**OK, "stream_path": [-1]},
+     {k: v for k, v in OK.items() if k != "forks"}, {**OK, "forks": {"1": {**OK, "seed": 2}}},
+     {**OK, "forks": {"2": {**OK, "stream_path": [0, 1]}}}, {**OK, "forks": {"x": OK}}],
+)  # fmt: skip
+def test_corrupt_state_raises_privacy_error_and_changes_nothing(corrupt: dict) -> None:
+    noise = GaussianNoise(seed=1)
+    noise.fork(1).normal_(torch.empty(3))
+    before = noise.state_dict()
+    with pytest.raises(PrivacyError, match="state_dict"):
+        noise.load_state_dict(corrupt)
+    assert noise.state_dict() == before
+
+
+# ----------------------------------------------------------------------------- shapes, dtypes
+def test_non_contiguous_empty_and_grad_outputs() -> None:
+    base = torch.empty(600, 700)
+    out = GaussianNoise(seed=6).normal_(base.t(), std=2.0)
+    assert out.data_ptr() == base.data_ptr()
+    assert torch.equal(out, GaussianNoise(seed=6).normal_(torch.empty(700, 600), std=2.0))
+    added = GaussianNoise(seed=6).add_normal_(torch.zeros(600, 700).t(), std=2.0)
+    torch.testing.assert_close(added, out, rtol=0, atol=1e-5)
+    assert GaussianNoise().normal_(torch.empty(0, 5)).shape == (0, 5)
+    empty = GaussianNoise(seed=1).aggregated(torch.zeros(0).double(), torch.zeros(0).double(), 4)
+    assert empty.shape == (0, 4)
+    param = torch.zeros(N, requires_grad=True)  # leaf parameter: noise goes in without autograd
+    GaussianNoise(seed=1).add_normal_(param.data, std=1.0)
+    GaussianNoise(seed=2).add_normal_(param, std=1.0)
+    assert float(param.detach().std()) == pytest.approx(math.sqrt(2), rel=0.01)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_draws_are_gaussian_and_seeded() -> None:
+    out = GaussianNoise(seed=1).normal_(torch.empty(N, device="cuda"), std=2.0)
+    assert out.is_cuda
+    assert_gaussian(out.cpu(), 2.0)
+    assert torch.equal(out, GaussianNoise(seed=1).normal_(torch.empty(N, device="cuda"), 2.0))
+    added = GaussianNoise(seed=1).add_normal_(torch.zeros(N, device="cuda"), std=2.0)
+    assert_gaussian(added.cpu(), 2.0)
+
+
+def test_bad_arguments_raise_named_errors() -> None:
+    noise = GaussianNoise(seed=0)
+    with pytest.raises(InputError, match="out"):
+        noise.normal_(torch.zeros(3, dtype=torch.int64))
+    for std in (-1.0, float("nan"), float("inf"), True, "1"):
+        with pytest.raises(ConfigError, match="std"):
+            noise.add_normal_(torch.zeros(3), std)  # type: ignore[arg-type]
+    for kwargs in ({"seed": 1.5}, {"seed": True}, {"stream": -1}, {"threads": 0}):
+        with pytest.raises(ConfigError, match=next(iter(kwargs))):
+            GaussianNoise(**kwargs)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="stream"):
+        noise.fork(2**64)
+    lr = torch.ones(3, dtype=torch.float64)
+    with pytest.raises(InputError, match="sum_lr2"):
+        noise.aggregated(lr, -lr, 4)
+    with pytest.raises(InputError, match="same shape"):
+        noise.aggregated(lr, torch.ones(2, dtype=torch.float64), 4)
+    with pytest.raises(InputError, match="sum_lr"):
+        noise.aggregated(lr.reshape(3, 1), lr, 4)
+    with pytest.raises(ConfigError, match="dim"):
+        noise.aggregated(lr, lr, 0)
+
+
+# ----------------------------------------------------------------------------- test override
+def test_constant_noise_makes_every_draw_the_constant() -> None:
+    noise = GaussianNoise()
+    assert active_override() is None
+    with constant_noise(2.0):
+        assert active_override() == "constant_noise(2.0)"
+        assert torch.equal(noise.normal_(torch.empty(N), std=0.5), torch.full((N,), 1.0))
+        assert torch.equal(
+            noise.fork(3).add_normal_(torch.ones(5), std=0.25), torch.full((5,), 1.5)
+        )
+        sum_lr = torch.tensor([0.1, 0.25, 0.0], dtype=torch.float64)
+        rows = noise.aggregated(sum_lr, sum_lr**2, dim=4, dtype=torch.float64)
+        assert torch.equal(rows, (2.0 * sum_lr).unsqueeze(1).expand(3, 4))
+    assert active_override() is None
+    assert noise.normal_(torch.empty(1000), std=0.5).std() > 0.4
+
+
+def test_lazy_constant_noise_equals_eager_per_step_constants() -> None:
+    lrs, dim = [0.1, 0.05, 0.025], 8
+    with constant_noise(1.0):
+        eager = torch.zeros(2, dim, dtype=torch.float64)
+        for lr in lrs:
+            GaussianNoise().add_normal_(eager, std=lr)
+        sum_lr = torch.full((2,), sum(lrs), dtype=torch.float64)
+        lazy = GaussianNoise().aggregated(sum_lr, sum_lr, dim, dtype=torch.float64)
+    torch.testing.assert_close(lazy, eager, rtol=1e-15, atol=0)
+
+
+def test_zero_noise_decorator_nesting_and_exception_restore() -> None:
+    @zero_noise()
+    def noisy(x: torch.Tensor) -> torch.Tensor:
+        assert active_override() == "zero_noise()"
+        return GaussianNoise().add_normal_(x, std=9.0)
+
+    assert torch.equal(noisy(torch.ones(4)), torch.ones(4))
+    assert active_override() is None
+    with constant_noise(3.0):
+        assert torch.equal(noisy(torch.ones(2)), torch.ones(2))
+        assert active_override() == "constant_noise(3.0)"  # the outer override is back
+    with pytest.raises(RuntimeError, match="boom"), zero_noise():
+        raise RuntimeError("boom")
+    assert active_override() is None
+    with pytest.raises(ConfigError, match="constant_noise"):
+        constant_noise(float("nan"))
