@@ -21,6 +21,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from contextlib import contextmanager
@@ -35,7 +36,7 @@ from torch.utils.data import DataLoader
 
 from lazydp import _validate as v
 from lazydp._timing import PhaseTimer
-from lazydp.accounting import calibrate_noise_multiplier
+from lazydp.accounting import SAMPLERS, calibrate_noise_multiplier
 from lazydp.capture import CaptureSet
 from lazydp.errors import ConfigError, PrivacyError
 from lazydp.ledger import PrivacyLedger
@@ -45,8 +46,8 @@ from lazydp.optim.dp_optimizer import DPOptimizer, PrivacyParams
 from lazydp.report import PrivacyReport, build_report
 from lazydp.sampling import PoissonSampling, ShuffledFixedSize
 
-MODES = ("sgd", "dpsgd_b", "dpsgd_r", "dpsgd_f", "lazydp")
-SAMPLERS = ("poisson", "shuffle")
+MODES = v.MODES
+
 CHECKPOINT_FORMAT = "lazydp-checkpoint-v1"
 
 
@@ -216,7 +217,7 @@ class PrivacyEngine:
         batch_size = data_loader.batch_size or 0
         q = min(1.0, batch_size / max(n, 1))
         v.check_sample_rate(q)
-        steps = max(1, int(round(epochs / q)))
+        steps = max(1, math.ceil(round(epochs / q, 9)))
         sigma = calibrate_noise_multiplier(
             target_epsilon, target_delta, q, steps, accountant=self.accountant
         )

@@ -77,7 +77,7 @@ def build_report(
     mode = privacy.mode if privacy else "sgd"
     sampler = privacy.sampler if privacy else "poisson"
     counts = ledger.mechanism_counts()
-    ext_eps, ext_delta = ledger.external_cost() if hasattr(ledger, "external_cost") else (0.0, 0.0)
+    ext_eps, ext_delta = ledger.external_cost()
     if mode == "sgd":
         caveats.append(
             "NOT PRIVATE: mode 'sgd' is the non-private reference (no clipping, no noise)"
