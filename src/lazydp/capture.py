@@ -91,8 +91,7 @@ class CaptureSet:
         self.root_kwargs: dict[str, Any] = {}
         self.root_record: _Record | None = None
         for name, module in parameterised_leaves(model):
-            clipper = clipper_for(module)
-            clipper.check(module)
+            clipper = clipper_for(module)  # raises for layers with no exact norm
             layer = LayerCapture(
                 name=name or type(module).__name__,
                 module=module,
@@ -114,7 +113,10 @@ class CaptureSet:
             if self._passthrough:  # dpsgd_r's second pass: plain autograd through the parameters
                 return cls_forward(module, *args, **kwargs)
             if layer.is_table:
-                rows = layer.clipper.rows_read(module, args, kwargs)  # validates ids too
+                try:
+                    rows = layer.clipper.rows_read(module, args, kwargs)  # validates ids too
+                except InputError as exc:
+                    raise InputError(f"layer {layer.name!r}: {exc}") from None
                 if layer.read_hook is not None and rows is not None:
                     layer.read_hook(rows)
             with _detached_params(module):
