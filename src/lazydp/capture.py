@@ -67,15 +67,11 @@ class LayerCapture:
     def params(self) -> dict[str, nn.Parameter]:
         return trainable_direct_params(self.module)
 
-    def calls(self, scale: float) -> list[Call]:
-        """The recorded calls that received a gradient, output gradients scaled per example."""
-        out = []
-        for r in self.records:
-            if r.grad_output is None:  # output did not reach the loss: contributes nothing
-                continue
-            g = r.grad_output if scale == 1.0 else r.grad_output * scale
-            out.append(Call(r.args, r.kwargs, g))
-        return out
+    def calls(self) -> list[Call]:
+        """The recorded calls whose output reached the loss (others contribute nothing)."""
+        return [
+            Call(r.args, r.kwargs, r.grad_output) for r in self.records if r.grad_output is not None
+        ]
 
 
 class CaptureSet:

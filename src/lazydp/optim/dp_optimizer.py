@@ -30,7 +30,7 @@ from lazydp._timing import PhaseTimer
 from lazydp.capture import CaptureSet, LayerCapture
 from lazydp.clipping import per_sample_clipped_sum, per_sample_norms2
 from lazydp.clipping._base import ClippedSum, SparseRows
-from lazydp.errors import UnsupportedOptimizerError
+from lazydp.errors import InputError, UnsupportedOptimizerError
 from lazydp.ledger import PrivacyLedger, StepEvent
 from lazydp.noise import GaussianNoise
 from lazydp.optim.eager import eager_table_sgd, noisy_dense_grad
@@ -198,10 +198,11 @@ class DPOptimizer(Optimizer):
         p = self.privacy
         cap = self.capture
         batch = cap.batch_size()
-        cap.check_finite()
+        # A mean-reduced loss scales every output gradient by 1/B. Rather than rescaling them all,
+        # fold B into the norms (x B^2) and into the clip factors (x B) -- the same numbers.
         scale = float(batch) if p.loss_reduction == "mean" else 1.0
         # An empty Poisson batch has no per-example work; it still gets noise and is charged.
-        calls = {layer.name: layer.calls(scale) if batch else [] for layer in cap.layers}
+        calls = {layer.name: layer.calls() if batch else [] for layer in cap.layers}
 
         with self.timer.phase("norms"):
             norms2 = torch.zeros(batch, dtype=torch.float64)
@@ -217,7 +218,17 @@ class DPOptimizer(Optimizer):
                     )
                     n2 = per_sample_norms2(per_sample[layer.name], batch)
                 norms2 += n2.detach().double().cpu()
+            norms2 *= scale * scale
+            # NaN/Inf anywhere in a layer's input or output gradient reaches that example's
+            # norm (NaN * 0 is NaN), so this one check on B numbers covers every tensor.
+            if not bool(torch.isfinite(norms2).all()):
+                cap.check_finite()  # names the layer
+                raise InputError(
+                    "a per-example gradient norm is NaN or Inf: check the batch's features and "
+                    "the loss. No parameter was changed and nothing was charged."
+                )
             c = clip_factors(norms2, p.max_grad_norm).float()
+            c_raw = c * scale  # applies to the unscaled captured gradients
 
         # Charged before any noise is drawn (DP invariant 6).
         self.ledger.charge(
@@ -233,7 +244,7 @@ class DPOptimizer(Optimizer):
         )
 
         with self.timer.phase("clipped_sum"):
-            sums = self._clipped_sums(calls, per_sample, c, scale)
+            sums = self._clipped_sums(calls, per_sample, c_raw)
         if self.reduce_hook is not None:
             with self.timer.phase("all_reduce"):
                 self.reduce_hook(sums)
@@ -246,11 +257,10 @@ class DPOptimizer(Optimizer):
         calls: dict[str, list[Any]],
         per_sample: dict[str, dict[str, Any]],
         c: Tensor,
-        scale: float,
     ) -> dict[nn.Parameter, ClippedSum]:
         sums: dict[nn.Parameter, ClippedSum] = {}
         if self.privacy.mode == "dpsgd_r":
-            return self._reweighted_backward(c, scale) if c.numel() else {}
+            return self._reweighted_backward(c) if c.numel() else {}
         for layer in self.capture.layers:
             if not calls[layer.name]:
                 continue
@@ -264,13 +274,13 @@ class DPOptimizer(Optimizer):
                 sums[params[name]] = s
         return sums
 
-    def _reweighted_backward(self, c: Tensor, scale: float) -> dict[nn.Parameter, ClippedSum]:
+    def _reweighted_backward(self, c: Tensor) -> dict[nn.Parameter, ClippedSum]:
         """dpsgd_r: a second forward and a backward of sum_i c_i * l_i (the paper's method)."""
         cap = self.capture
         root = cap.root_record
         if root is None or root.grad_output is None:
             return {}
-        g = root.grad_output * scale
+        g = root.grad_output
         g = g * c.to(g.device).view(-1, *([1] * (g.dim() - 1)))
         params = [q for layer in cap.layers for q in layer.params().values()]
         saved = [q.grad for q in params]
