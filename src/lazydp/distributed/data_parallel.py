@@ -1,0 +1,177 @@
+"""Data-parallel reduction of clipped sums, and LazyDP catch-up on the union of rows read.
+
+Contract (DESIGN.md invariant 7: a W-rank step equals the 1-rank step on the union batch):
+* :class:`ClippedSumReducer` is ``DPOptimizer.reduce_hook``. It runs after each rank has clipped
+  *its own* examples and summed them, and before noise: clipping happens per example, never
+  on an averaged gradient. It replaces every value of ``sums`` by the sum over all ranks:
+  - dense sums: flattened into buckets of at most ``bucket_cap_mb`` and all-reduced, one
+    collective per bucket (one per step for models under the cap);
+  - embedding-table sums: exchanged as rows -- sizes first, then one all-gather of every table's
+    indices and one of every table's values (3 collectives per step for all tables together).
+    A table gradient is never densified; the gathered rows stay uncoalesced (they add up).
+  Every rank runs every collective every step, with zeros / no rows when its local batch is
+  empty, so Poisson's empty batches never desynchronise the job. The result is identical on all
+  ranks, so with the shared noise stream the replicas stay bit-identical.
+* :func:`union_catch_up_hook` replaces a replicated LazyDP table's read hook: ranks read different
+  rows, so each gathers the row ids all ranks are about to read and catches up the sorted union
+  with the shared noise stream. Every replica applies the same draws to the same rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from lazydp.clipping._base import ClippedSum, SparseRows
+from lazydp.distributed._comm import (
+    ProcessGroup,
+    all_gather_sizes,
+    all_gather_varlen,
+    all_reduce_sum_,
+    comm_device,
+)
+from lazydp.errors import ConfigError
+from lazydp.optim.lazy import LazyTable
+
+
+def _buckets(params: Sequence[nn.Parameter], cap_bytes: int) -> list[list[nn.Parameter]]:
+    """Consecutive params of one dtype/device, at most ``cap_bytes`` per bucket (>= 1 param)."""
+    out: list[list[nn.Parameter]] = []
+    size = 0
+    for p in params:
+        nbytes = p.numel() * p.element_size()
+        last = out[-1] if out else None
+        fits = last is not None and size + nbytes <= cap_bytes
+        if last is None or not fits or (last[0].dtype, last[0].device) != (p.dtype, p.device):
+            out.append([p])
+            size = nbytes
+        else:
+            last.append(p)
+            size += nbytes
+    return out
+
+
+def _as_rows(s: ClippedSum | None, like: nn.Parameter) -> SparseRows:
+    """A table's clipped sum as rows (dpsgd_r on a dense-gradient table gives a dense sum)."""
+    if s is None:
+        return SparseRows(
+            torch.empty(0, dtype=torch.long, device=like.device),
+            like.new_empty((0, like.shape[1])),
+            like.shape[0],
+        )
+    if isinstance(s, SparseRows):
+        return s
+    rows = s.ne(0).any(1).nonzero().view(-1)
+    return SparseRows(rows, s[rows], like.shape[0], coalesced=True)
+
+
+class ClippedSumReducer:
+    """``reduce_hook`` summing every rank's clipped sums (dense bucketed, tables as rows).
+
+    Args:
+        dense: the non-table parameters, in the same order on every rank.
+        tables: the replicated embedding-table weights, in the same order on every rank.
+        group: the process group (None: the default one).
+        bucket_cap_mb: largest all-reduce buffer; 0 means one bucket per parameter.
+
+    Example (one process; under torchrun every rank builds the same reducer)::
+
+        >>> lin = nn.Linear(2, 1)
+        >>> reducer = ClippedSumReducer([lin.weight, lin.bias], [])
+        >>> sums = {lin.weight: torch.ones(1, 2)}
+        >>> reducer(sums); sums[lin.bias].tolist()
+        [0.0]
+    """
+
+    def __init__(
+        self,
+        dense: Sequence[nn.Parameter],
+        tables: Sequence[nn.Parameter],
+        group: ProcessGroup = None,
+        bucket_cap_mb: float = 25.0,
+    ) -> None:
+        if not bucket_cap_mb >= 0:
+            raise ConfigError(
+                f"bucket_cap_mb={bucket_cap_mb!r} must be >= 0 (megabytes per all-reduce "
+                "bucket); use the default 25.0."
+            )
+        self.group = group
+        self.tables = list(tables)
+        self.buckets = _buckets(list(dense), int(bucket_cap_mb * 2**20))
+        dtypes = {t.dtype for t in self.tables}
+        if len(dtypes) > 1:
+            raise ConfigError(
+                f"replicated tables have mixed dtypes {sorted(map(str, dtypes))}; their rows are "
+                "exchanged in one buffer. Give every embedding table the same dtype."
+            )
+
+    def __call__(self, sums: dict[nn.Parameter, ClippedSum]) -> None:
+        for bucket in self.buckets:
+            self._reduce_dense(bucket, sums)
+        if self.tables:
+            self._gather_rows(sums)
+
+    def _reduce_dense(
+        self, bucket: list[nn.Parameter], sums: dict[nn.Parameter, ClippedSum]
+    ) -> None:
+        parts = []
+        for p in bucket:
+            s = sums.get(p)
+            if isinstance(s, SparseRows):  # a non-table parameter never gets rows; be safe
+                s = s.to_dense()
+            parts.append(torch.zeros_like(p).view(-1) if s is None else s.detach().reshape(-1))
+        flat = all_reduce_sum_(torch.cat(parts), self.group)
+        offset = 0
+        for p in bucket:
+            sums[p] = flat[offset : offset + p.numel()].view_as(p)
+            offset += p.numel()
+
+    def _gather_rows(self, sums: dict[nn.Parameter, ClippedSum]) -> None:
+        local = [_as_rows(sums.get(t), t) for t in self.tables]
+        dims = [t.shape[1] for t in self.tables]
+        device = comm_device(self.group)
+        counts = all_gather_sizes(
+            torch.tensor([r.indices.numel() for r in local], dtype=torch.long, device=device),
+            self.group,
+        ).cpu()  # (W, T)
+        indices = all_gather_varlen(
+            torch.cat([r.indices for r in local]).to(device), counts.sum(1).tolist(), self.group
+        )
+        dim = torch.tensor(dims)
+        values = all_gather_varlen(
+            torch.cat([r.values.reshape(-1) for r in local]).to(device),
+            (counts * dim).sum(1).tolist(),
+            self.group,
+        )
+        # Split the rank-major concatenation back into tables: rank r holds table t's rows at
+        # (sum of earlier ranks) + (sum of earlier tables of rank r).
+        idx_chunks = torch.split(indices, counts.reshape(-1).tolist())
+        val_chunks = torch.split(values, (counts * dim).reshape(-1).tolist())
+        world_size, n_tables = counts.shape
+        for k, t in enumerate(self.tables):
+            picks = [r * n_tables + k for r in range(world_size)]
+            sums[t] = SparseRows(
+                torch.cat([idx_chunks[j] for j in picks]).to(t.device),
+                torch.cat([val_chunks[j] for j in picks]).view(-1, dims[k]).to(t.device),
+                t.shape[0],
+            )
+
+
+def union_catch_up_hook(
+    table: LazyTable, step: Callable[[], int], group: ProcessGroup = None
+) -> Callable[[Tensor], None]:
+    """A read hook: catch up the union over ranks of the rows about to be read, at ``step()``.
+
+    Every rank must run the same table forwards in the same order (a collective per call).
+    """
+
+    def hook(rows: Tensor) -> None:
+        device = comm_device(group)
+        mine = torch.unique(rows).to(device)
+        counts = all_gather_sizes(torch.tensor([mine.numel()], device=device), group)
+        union = all_gather_varlen(mine, counts.view(-1).tolist(), group)
+        table.catch_up(union.to(table.weight.device), step())
+
+    return hook

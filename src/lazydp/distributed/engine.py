@@ -1,0 +1,272 @@
+"""DistributedPrivacyEngine: the PrivacyEngine API, unchanged, inside a torch.distributed group.
+
+Contract (DESIGN.md invariant 7; every rank builds the same model and calls the same methods):
+* Sampling: rank r Poisson-samples its shard (r, r+W, ...) at the GLOBAL rate q; the expected
+  batch size used for normalisation is q * N (N = the whole data set, which every rank passes).
+* The step: each rank clips its own examples and sums; :class:`ClippedSumReducer` sums over
+  ranks (dense: bucketed all-reduce; replicated tables: rows); then noise is added ONCE: every
+  rank draws the same noise from a shared stream (rank 0 draws a seed from OS entropy and
+  broadcasts it; with a user seed, that seed everywhere), so the global sum gets std sigma*C --
+  not sqrt(W)*sigma*C -- and the replicas stay bit-identical.
+* LazyDP on replicated tables catches up the union of the rows all ranks read.
+* :class:`~lazydp.distributed.sharded.ShardedEmbeddingBag` tables are taken out of the wrapped
+  optimizers (they must be plain SGD) and updated by their owners with independent per-rank
+  noise streams.
+* Every rank must run forward, backward and ``step()`` every step, even on an empty batch.
+* Restart: ``load_checkpoint`` re-keys every noise stream (fresh broadcast entropy; with a user
+  seed, a stream derived from the charged step count), so re-run steps never replay noise; the
+  ledger is never lowered (the base engine refuses a ledger behind the checkpoint).
+* Checkpoints: without sharded tables rank 0's checkpoint serves every rank. With sharded tables
+  every rank saves and loads its own file (e.g. ``checkpoint.rank{r}.pt``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.optim import Optimizer
+from torch.utils.data import DataLoader
+
+from lazydp.distributed._comm import ProcessGroup, comm_device, shared_secret_seed, world
+from lazydp.distributed.data_parallel import ClippedSumReducer, union_catch_up_hook
+from lazydp.distributed.sharded import ShardedEmbeddingBag
+from lazydp.engine import PrivacyEngine, _atomic_save
+from lazydp.errors import ConfigError, UnsupportedOptimizerError
+from lazydp.noise import GaussianNoise
+from lazydp.optim.dp_optimizer import is_plain_sgd
+
+_SHARD_STREAM = 1 << 32  # seeded runs: shard streams live under (root, 2**32 + rank, table)
+
+
+class DistributedPrivacyEngine(PrivacyEngine):
+    """PrivacyEngine for data-parallel (and row-sharded) private training under torchrun.
+
+    Args: as :class:`lazydp.PrivacyEngine`, plus ``process_group`` (None: the default group)
+    and ``bucket_cap_mb`` (largest dense all-reduce buffer).
+
+    Example (inside each torchrun worker, after ``dist.init_process_group("gloo")``)::
+
+        engine = DistributedPrivacyEngine(ledger_path=f"out/ledger.rank{rank}.jsonl")
+        model, opt, loader = engine.make_private(module=model, optimizer=opt,
+            data_loader=DataLoader(full_dataset, batch_size=256),   # global expected batch
+            noise_multiplier=1.0, max_grad_norm=1.0, mode="lazydp")
+        for batch in loader:   # this rank's Poisson shard; may be empty -- still step
+            opt.zero_grad(); loss_fn(model, batch).backward(); opt.step()
+    """
+
+    def __init__(
+        self,
+        accountant: str = "pld",
+        seed: int | None = None,
+        ledger_path: str | os.PathLike[str] | None = None,
+        process_group: ProcessGroup = None,
+        bucket_cap_mb: float = 25.0,
+    ) -> None:
+        super().__init__(accountant=accountant, seed=seed, ledger_path=ledger_path)
+        self.process_group = process_group
+        self.bucket_cap_mb = bucket_cap_mb
+        self.sharded: dict[str, ShardedEmbeddingBag] = {}
+        self.reducer: ClippedSumReducer | None = None
+
+    # ------------------------------------------------------------------ set-up
+    def make_private(  # type: ignore[override]
+        self,
+        *,
+        module: nn.Module,
+        optimizer: Optimizer | list[Optimizer],
+        data_loader: DataLoader,
+        rank: int | None = None,
+        world_size: int | None = None,
+        **kwargs: Any,
+    ) -> tuple[nn.Module, Optimizer, DataLoader]:
+        """As :meth:`PrivacyEngine.make_private`; rank and world size default to the group's."""
+        g_rank, g_size = world(self.process_group)
+        rank = g_rank if rank is None else rank
+        world_size = g_size if world_size is None else world_size
+        if (rank, world_size) != (g_rank, g_size):
+            raise ConfigError(
+                f"rank={rank}, world_size={world_size} disagree with the process group "
+                f"({g_rank} of {g_size}); leave them out to use the group's."
+            )
+        mode = kwargs.get("mode", "dpsgd_f")
+        self.sharded = {
+            n: m for n, m in module.named_modules() if isinstance(m, ShardedEmbeddingBag)
+        }
+        optimizers = [optimizer] if isinstance(optimizer, Optimizer) else list(optimizer)
+        shard_groups = self._take_sharded_params(optimizers, mode) if self.sharded else {}
+        out = super().make_private(
+            module=module,
+            optimizer=optimizer,
+            data_loader=data_loader,
+            rank=rank,
+            world_size=world_size,
+            **kwargs,
+        )
+        opt = self.optimizer
+        if opt is None:  # mode "sgd": the non-private reference
+            return out
+        shard_weights = {m.weight for m in self.sharded.values()}
+        params = [
+            p
+            for layer in opt.capture.layers
+            for p in layer.params().values()
+            if p not in shard_weights
+        ]
+        tables = [p for p in params if p in opt.tables]
+        self.reducer = ClippedSumReducer(
+            [p for p in params if p not in opt.tables],
+            tables,
+            self.process_group,
+            self.bucket_cap_mb,
+        )
+        opt.reduce_hook = self._reduce
+        for p, table in opt.lazy.items():
+            opt.tables[p].read_hook = self._timed(
+                union_catch_up_hook(table, lambda: opt.steps_done, self.process_group)
+            )
+        assert self.noise is not None and self.privacy is not None
+        for k, (name, m) in enumerate(self.sharded.items()):
+            m.attach(
+                self._shard_noise(k),
+                self.privacy.noise_std,
+                self.privacy.expected_batch_size,
+                shard_groups[name],
+                lazy=mode == "lazydp",
+                timer=self.timer,
+            )
+            self._hooks.append(m.register_state_dict_pre_hook(self._on_export))
+        return out
+
+    def _take_sharded_params(
+        self, optimizers: list[Optimizer], mode: str
+    ) -> dict[str, dict[str, Any]]:
+        """Remove sharded weights from the optimizers (their owners update them); keep the group."""
+        if mode in ("sgd", "dpsgd_r"):
+            raise ConfigError(
+                f"mode={mode!r} runs autograd through the table, which cannot cross the "
+                "all-to-all of a ShardedEmbeddingBag; use mode='dpsgd_f' (same update, ghost "
+                "norms), 'dpsgd_b' or 'lazydp'."
+            )
+        found: dict[str, dict[str, Any]] = {}
+        for opt in optimizers:
+            for group in opt.param_groups:
+                for name, m in self.sharded.items():
+                    if any(p is m.weight for p in group["params"]):
+                        if not is_plain_sgd(opt, group):
+                            raise UnsupportedOptimizerError(
+                                f"sharded table {name!r} is in a {type(opt).__name__} group; "
+                                "sharded tables are updated by their owners with plain SGD. Put "
+                                "them in their own torch.optim.SGD (momentum=0, weight_decay=0)."
+                            )
+                        group["params"] = [p for p in group["params"] if p is not m.weight]
+                        found[name] = group
+        missing = sorted(set(self.sharded) - set(found))
+        if missing:
+            raise ConfigError(f"sharded tables {missing} are in no optimizer; add their weights.")
+        return found
+
+    def _timed(self, hook: Any) -> Any:
+        def timed(rows: torch.Tensor) -> None:
+            with self.timer.phase("lazy_catch_up"):
+                hook(rows)
+
+        return timed
+
+    def _reduce(self, sums: dict[nn.Parameter, Any]) -> None:
+        assert self.reducer is not None
+        self.reducer(sums)
+        for m in self.sharded.values():
+            m.apply_clipped_sum(sums.pop(m.weight, None))
+
+    # ------------------------------------------------------------------ noise streams
+    def _make_noise(self, rank: int, world_size: int) -> GaussianNoise:
+        """One stream shared by all ranks: identical draws everywhere, so noise is added once."""
+        seed = self.seed
+        if seed is None:
+            seed = shared_secret_seed(self.process_group, comm_device(self.process_group))
+        return GaussianNoise(seed=seed, stream=0)
+
+    def _shard_noise(self, k: int) -> GaussianNoise:
+        """Sharded table k's stream on this rank: independent of every other rank and table."""
+        if self.seed is None:
+            return GaussianNoise(seed=None)  # OS entropy per chunk
+        assert self.noise is not None
+        rank = world(self.process_group)[0]
+        return self.noise.fork(_SHARD_STREAM + rank).fork(k)
+
+    def _rekey_noise(self) -> None:
+        """Fresh streams after a restart: re-run steps must not replay the crashed run's noise."""
+        opt = self.optimizer
+        assert self.noise is not None and opt is not None
+        if self.seed is None:
+            seed: int | None = shared_secret_seed(
+                self.process_group, comm_device(self.process_group)
+            )
+            root = 0
+        else:
+            # Same on every rank: the largest charged-step count (ledgers can differ by a step).
+            steps = torch.tensor([self.ledger.steps], device=comm_device(self.process_group))
+            if world(self.process_group)[1] > 1:
+                dist.all_reduce(steps, op=dist.ReduceOp.MAX, group=self.process_group)
+            seed, root = self.seed, 1 + int(steps)
+        shared = [self.noise, *(t.noise for t in opt.lazy.values())]
+        shared += list(opt.__dict__.get("_table_noise_cache", {}).values())
+        for n in shared:
+            _rekey(n, seed, root)
+        for k, m in enumerate(self.sharded.values()):
+            if m._training is not None:
+                fresh = self._shard_noise(k)
+                _rekey(m._training.noise, fresh.seed, fresh.stream_path[0], fresh.stream_path)
+                if m._training.lazy is not None:
+                    m._training.lazy.noise = m._training.noise
+
+    # ------------------------------------------------------------------ flush, export, checkpoints
+    def flush(self) -> None:
+        """Apply all pending LazyDP noise: replicated tables (identically) and own shards."""
+        super().flush()
+        if not self._suppress_flush:
+            for m in self.sharded.values():
+                m.flush()
+
+    def export(self, path: str | os.PathLike[str]) -> Path:
+        """Save the flushed model; with sharded tables a collective (rank 0 writes full tables)."""
+        if not self.sharded:
+            return super().export(path)
+        self.flush()
+        assert self.module is not None
+        state = {k: t.detach().clone() for k, t in self.module.state_dict().items()}
+        for name, m in self.sharded.items():
+            state[f"{name}.weight" if name else "weight"] = m.gather_weight()
+        if world(self.process_group)[0] == 0:
+            _atomic_save(state, path)
+        return Path(path)
+
+    def save_checkpoint(self, path: str | os.PathLike[str], **extra: Any) -> Path:
+        """Atomic private training state; with sharded tables, call it on every rank (own path)."""
+        if self.sharded:
+            extra["_sharded"] = {n: m.training_state_dict() for n, m in self.sharded.items()}
+        return super().save_checkpoint(path, **extra)
+
+    def load_checkpoint(self, path: str | os.PathLike[str]) -> dict[str, Any]:
+        """Restore (a collective): the ledger is never lowered and every noise stream is re-keyed."""
+        extra = super().load_checkpoint(path)
+        for name, state in dict(extra.pop("_sharded", {})).items():
+            if name in self.sharded:
+                self.sharded[name].load_training_state_dict(state)
+        if self.optimizer is not None:
+            self._rekey_noise()
+        return extra
+
+
+def _rekey(
+    noise: GaussianNoise, seed: int | None, root: int, path: tuple[int, ...] | None = None
+) -> None:
+    state = noise.state_dict()
+    stream = list(path) if path is not None else [root, *state["stream_path"][1:]]
+    state.update(seed=seed, stream_path=stream, counter=0)
+    noise.load_state_dict(state)

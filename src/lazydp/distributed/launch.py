@@ -1,0 +1,139 @@
+"""``lazydp train --nproc-per-node N``: launch the training job through torchrun, restart on failure.
+
+Contract:
+* :func:`launch` runs ``python -m torch.distributed.run`` (torchrun) with ``--nproc-per-node``,
+  ``--nnodes``, ``--max-restarts`` and either ``--standalone`` or a c10d rendezvous at
+  ``--rdzv-endpoint``; every worker runs :mod:`lazydp.distributed.worker` on the same config.
+  Backend: NCCL when CUDA is available, gloo otherwise.
+* A worker that dies makes torchrun stop and restart ALL workers (up to ``--max-restarts``);
+  they resume from the last complete checkpoint (checkpoints are written atomically, so a
+  partial one never exists). Steps after that checkpoint run again and are charged again: the
+  ledger only grows. On a restart a missing ledger stops the run with a PrivacyError (the run
+  would otherwise restart at epsilon 0); a corrupt one already does (PrivacyLedger).
+* Multi-node runs need ``--out`` on a file system every node sees (checkpoint and ledgers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from lazydp.errors import ConfigError, LazyDPError, PrivacyError
+
+
+def init_from_env(backend: str | None = None) -> tuple[int, int]:
+    """Join the process group torchrun describes (RANK, WORLD_SIZE, MASTER_ADDR, ... env vars).
+
+    Returns (rank, world_size); (0, 1) with no torchrun environment. Idempotent. This is the one
+    line a training entry point needs: ``rank, world_size = init_from_env()``.
+
+    >>> init_from_env() if "WORLD_SIZE" not in os.environ else (0, 1)
+    (0, 1)
+    """
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size <= 1:
+        return 0, 1
+    if not dist.is_initialized():
+        backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def restart_count() -> int:
+    """How many times torchrun has restarted this job (0 on the first attempt)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+
+
+def ledger_path(out: str | os.PathLike[str], rank: int) -> Path:
+    """The ledger file of ``rank`` (rank 0's is the run's ledger; others keep their own)."""
+    return Path(out) / ("ledger.jsonl" if rank == 0 else f"ledger.rank{rank}.jsonl")
+
+
+def prepare_restart(cfg: Any, rank: int) -> None:
+    """After a torchrun restart: continue the run (``cfg.resume``), never restart at epsilon 0."""
+    if restart_count() == 0:
+        return
+    ledger = ledger_path(cfg.out, rank)
+    if not ledger.exists():
+        raise PrivacyError(
+            f"restart {restart_count()} of a distributed run, but the privacy ledger {ledger} is "
+            "missing: resuming would restart at epsilon 0. Restore the ledger file of this run "
+            "(it is the record of the privacy spent), then resume with --resume."
+        )
+    cfg.resume = True
+
+
+def torchrun_command(args: argparse.Namespace, config_file: Path) -> list[str]:
+    """The torchrun command line for ``args`` (nproc_per_node, nnodes, rdzv_endpoint, max_restarts).
+
+    >>> ns = argparse.Namespace(nproc_per_node=2, nnodes=1, rdzv_endpoint=None, max_restarts=3)
+    >>> torchrun_command(ns, Path("cfg.json"))[3:6]
+    ['--nproc-per-node=2', '--nnodes=1', '--max-restarts=3']
+    """
+    nproc, nnodes = int(args.nproc_per_node), int(getattr(args, "nnodes", 1) or 1)
+    restarts = int(getattr(args, "max_restarts", 0) or 0)
+    if nproc < 1 or nnodes < 1 or restarts < 0:
+        raise ConfigError(
+            f"--nproc-per-node={nproc}, --nnodes={nnodes}, --max-restarts={restarts}: the first "
+            "two must be >= 1 and restarts >= 0."
+        )
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc-per-node={nproc}",
+        f"--nnodes={nnodes}",
+        f"--max-restarts={restarts}",
+    ]
+    endpoint = getattr(args, "rdzv_endpoint", None)
+    if endpoint:
+        cmd += ["--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}"]
+    elif nnodes > 1:
+        raise ConfigError(
+            f"--nnodes={nnodes} needs --rdzv-endpoint HOST:PORT (the same on every node)."
+        )
+    else:
+        cmd.append("--standalone")
+    return [*cmd, "-m", "lazydp.distributed.worker", str(config_file)]
+
+
+def launch(args: argparse.Namespace, cfg: Any) -> dict[str, Any]:
+    """Run ``lazydp train`` as ``args.nproc_per_node`` torchrun workers; return rank 0's report.
+
+    Example::
+
+        $ lazydp train --data out/criteo --nproc-per-node 2 --max-restarts 3 --checkpoint-every 50
+    """
+    cfg.validate()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if getattr(args, "json", False):
+        cfg.progress = False
+    if int(getattr(args, "max_restarts", 0) or 0) > 0 and not cfg.checkpoint_every:
+        print(
+            "lazydp train: --max-restarts without --checkpoint-every restarts from step 0 (the "
+            "ledger keeps every charged step)",
+            file=sys.stderr,
+        )
+    config_file = out / "launch_config.json"
+    config_file.write_text(json.dumps(asdict(cfg), indent=2))
+    result = subprocess.run(torchrun_command(args, config_file), check=False)
+    if result.returncode != 0:
+        raise LazyDPError(
+            f"distributed training failed (torchrun exit code {result.returncode}) after at most "
+            f"{getattr(args, 'max_restarts', 0)} restarts; the workers' errors are printed above. "
+            f"The ledger in {out} records every step charged so far."
+        )
+    report = out / "report.json"
+    return json.loads(report.read_text()) if report.exists() else {}

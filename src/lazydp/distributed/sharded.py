@@ -1,0 +1,328 @@
+"""Row-wise sharded embedding tables: a table too large for one process, split over the ranks.
+
+Contract:
+* :class:`ShardedEmbeddingBag` is a drop-in for ``nn.EmbeddingBag(num_rows, dim, mode)`` (mode
+  "sum" or "mean"; 2-D input, or 1-D input with offsets; ``per_sample_weights`` in mode "sum",
+  treated as constants). Rank ``k`` of W stores rows r with ``r % W == k`` at local row
+  ``r // W``. Cyclic, not contiguous blocks: ids are usually frequency-ranked or hashed, and
+  blocks would put every hot row on rank 0; cyclic spreads hot rows and their traffic evenly.
+* Lookup (every rank calls forward, a collective, even with an empty batch): unique ids go by
+  all-to-all to their owners, owners first catch up their pending LazyDP noise on those rows,
+  then send the rows back; pooling happens locally.
+* Per-example norms stay exact with no communication: the rank that owns an *example* has its
+  bag ids and output gradient, and ||dE_i||^2 = ||g_i||^2 * sum_r (sum of w at r)^2 needs only
+  those (the EmbeddingBag clipper's formula on global ids, registered for this class).
+* The step (:meth:`apply_clipped_sum`, called by ``DistributedPrivacyEngine``): the clipped sum's
+  rows go by all-to-all to their owners; each owner updates its shard with plain SGD and adds
+  its rows' noise from an INDEPENDENT stream (eager: every local row every step; ``lazydp``: its
+  own history table, drawn on the next read). Noise work and table memory divide by W.
+* Training with sharded tables equals training with replicated ones (exactly in distribution;
+  under ``lazydp.testing.constant_noise`` up to float summation order).
+* ``state_dict()`` holds this rank's shard; :meth:`gather_weight` assembles the full table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lazydp._timing import PhaseTimer
+from lazydp.clipping._base import Call, ClippedSum, LayerClipper, PerSample, SparseRows
+from lazydp.clipping.embedding_bag import EmbeddingBagClipper
+from lazydp.clipping.registry import register_clipper
+from lazydp.distributed._comm import (
+    ProcessGroup,
+    all_gather_sizes,
+    all_gather_varlen,
+    all_to_all_varlen,
+    comm_device,
+    exchange_counts,
+    world,
+)
+from lazydp.errors import ConfigError, InputError, UnsupportedLayerError
+from lazydp.noise import GaussianNoise
+from lazydp.optim.eager import eager_table_sgd
+from lazydp.optim.lazy import LazyTable, LrPrefix
+
+
+@dataclass
+class _ShardTraining:
+    """What the engine hands a shard for private training (set by ``attach``)."""
+
+    noise: GaussianNoise
+    noise_std: float  # sigma * C on the global sum
+    expected_batch_size: float
+    group: dict[str, Any]  # the optimizer param group whose "lr" drives this table
+    lazy: LazyTable | None
+    timer: PhaseTimer
+    step: int = 0
+
+
+class ShardedEmbeddingBag(nn.Module):
+    """An EmbeddingBag whose rows are split over the ranks of ``process_group`` (r % W).
+
+    Example (one process: W = 1 holds the whole table)::
+
+        >>> bag = ShardedEmbeddingBag(10, 4, mode="sum")
+        >>> bag(torch.tensor([[1, 2], [3, 3]])).shape
+        torch.Size([2, 4])
+    """
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        mode: str = "sum",
+        process_group: ProcessGroup = None,
+        _weight: Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        for name, value in (("num_embeddings", num_embeddings), ("embedding_dim", embedding_dim)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be an int >= 1; got {value!r}.")
+        if mode not in ("sum", "mean"):
+            raise UnsupportedLayerError(
+                f'ShardedEmbeddingBag(mode="{mode}") has no exact per-example norm; use mode="sum" '
+                'or "mean"'
+            )
+        self.num_embeddings, self.embedding_dim, self.mode = num_embeddings, embedding_dim, mode
+        self.process_group = process_group
+        self.rank, self.world_size = world(process_group)
+        # nn.EmbeddingBag's attributes that the (shared) EmbeddingBag clipper reads.
+        self.padding_idx: int | None = None
+        self.include_last_offset = False
+        self.max_norm = None
+        self.scale_grad_by_freq = False
+        local_rows = len(range(self.rank, num_embeddings, self.world_size))
+        if _weight is None:
+            weight = torch.empty(local_rows, embedding_dim)
+            nn.init.normal_(weight)  # nn.EmbeddingBag's initialisation (not privacy noise)
+        else:
+            if tuple(_weight.shape) != (num_embeddings, embedding_dim):
+                raise ConfigError(
+                    f"_weight has shape {tuple(_weight.shape)}; expected the full table "
+                    f"({num_embeddings}, {embedding_dim}) -- each rank keeps its own rows."
+                )
+            weight = _weight.detach()[self.rank :: self.world_size].clone()
+        self.weight = nn.Parameter(weight)
+        # Plain attribute, not a submodule: the clipper's weightless stand-in (see _view).
+        self.__dict__["_clip_view"] = None
+        self._training: _ShardTraining | None = None
+
+    @classmethod
+    def from_full(
+        cls, full: nn.EmbeddingBag | Tensor, process_group: ProcessGroup = None
+    ) -> ShardedEmbeddingBag:
+        """This rank's shard of an existing table (an nn.EmbeddingBag or a full weight tensor)."""
+        weight = full.weight if isinstance(full, nn.EmbeddingBag) else full
+        mode = full.mode if isinstance(full, nn.EmbeddingBag) else "sum"
+        return cls(weight.shape[0], weight.shape[1], mode, process_group, _weight=weight)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_embeddings}, {self.embedding_dim}, mode={self.mode!r}, "
+            f"shard {self.rank}/{self.world_size} ({self.weight.shape[0]} rows)"
+        )
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self, input: Tensor, offsets: Tensor | None = None, per_sample_weights: Tensor | None = None
+    ) -> Tensor:
+        if per_sample_weights is not None and self.mode != "sum":
+            raise InputError(
+                f'per_sample_weights needs mode="sum" (as nn.EmbeddingBag); this table has '
+                f"mode={self.mode!r}"
+            )
+        ids = input.reshape(-1)
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.num_embeddings):
+            bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
+            raise InputError(
+                f"ShardedEmbeddingBag got id {bad}; ids must be in [0, {self.num_embeddings})"
+            )
+        # Fetch each distinct row once, then pool with torch's own kernel on the fetched rows
+        # (ids renumbered into them): exactly nn.EmbeddingBag's semantics (offsets, mean, weights).
+        uniq, inverse = torch.unique(ids, return_inverse=True)
+        rows = self._lookup(uniq)
+        return nn.functional.embedding_bag(
+            inverse.view_as(input),
+            rows,
+            offsets,
+            mode=self.mode,
+            per_sample_weights=per_sample_weights,
+        )
+
+    def _route(self, ids: Tensor) -> tuple[Tensor, list[int], list[int]]:
+        """Order that groups ``ids`` by owner, and the send / receive counts per rank."""
+        owner = ids % self.world_size
+        order = torch.argsort(owner, stable=True)
+        send = torch.bincount(owner, minlength=self.world_size)
+        recv = exchange_counts(send.to(comm_device(self.process_group)), self.process_group)
+        return order, send.tolist(), recv
+
+    def _lookup(self, uniq: Tensor) -> Tensor:
+        """The current (caught-up) rows ``uniq`` of the full table, fetched from their owners."""
+        group, dev = self.process_group, comm_device(self.process_group)
+        order, send, recv = self._route(uniq)
+        wanted = all_to_all_varlen(uniq[order].to(dev), send, recv, group).to(self.weight.device)
+        local = torch.div(wanted, self.world_size, rounding_mode="floor")
+        t = self._training
+        if t is not None and t.lazy is not None:
+            with t.timer.phase("lazy_catch_up"):  # no row leaves its owner with pending noise
+                t.lazy.catch_up(local, t.step)
+        rows = self.weight.detach()[local]
+        back = all_to_all_varlen(rows.to(dev), recv, send, group).to(self.weight.device)
+        out = torch.empty_like(back)
+        out[order] = back
+        return out
+
+    # ------------------------------------------------------------------ private training
+    def attach(
+        self,
+        noise: GaussianNoise,
+        noise_std: float,
+        expected_batch_size: float,
+        group: dict[str, Any],
+        lazy: bool,
+        timer: PhaseTimer,
+    ) -> None:
+        """Set up private training (the engine calls this): own noise stream, lr group, mode."""
+        table = (
+            LazyTable(self.weight, LrPrefix(), noise, noise_std / expected_batch_size)
+            if lazy
+            else None
+        )
+        self._training = _ShardTraining(noise, noise_std, expected_batch_size, group, table, timer)
+
+    @torch.no_grad()
+    def apply_clipped_sum(self, clipped: SparseRows | None) -> None:
+        """One SGD step of this shard from the clipped sum over all ranks (a collective).
+
+        ``clipped`` holds this rank's examples' clipped rows with *global* ids (or None for an
+        empty batch); rows go to their owners, which then add noise and update.
+        """
+        t = self._training
+        if t is None:
+            raise ConfigError("apply_clipped_sum before attach: use DistributedPrivacyEngine")
+        group, dev = self.process_group, comm_device(self.process_group)
+        if clipped is None:
+            clipped = SparseRows(
+                torch.empty(0, dtype=torch.long, device=self.weight.device),
+                self.weight.new_empty((0, self.embedding_dim)),
+                self.num_embeddings,
+            )
+        clipped = clipped.coalesce()  # fewer rows on the wire
+        order, send, recv = self._route(clipped.indices)
+        ids = all_to_all_varlen(clipped.indices[order].to(dev), send, recv, group)
+        values = all_to_all_varlen(clipped.values[order].to(dev), send, recv, group)
+        local = SparseRows(
+            torch.div(ids, self.world_size, rounding_mode="floor").to(self.weight.device),
+            values.to(self.weight.device),
+            self.weight.shape[0],
+        )
+        lr = float(t.group["lr"])
+        if t.lazy is None:
+            eager_table_sgd(
+                self.weight,
+                local,
+                lr,
+                t.noise,
+                t.noise_std,
+                t.expected_batch_size,
+                None,
+                t.timer,
+            )
+        else:
+            with t.timer.phase("param_update"):
+                self.weight.index_add_(
+                    0, local.indices, local.values, alpha=-lr / t.expected_batch_size
+                )
+            t.lazy.prefix.append(lr)
+        t.step += 1
+
+    def flush(self) -> None:
+        """Apply all pending lazy noise to this rank's rows (local; no communication)."""
+        t = self._training
+        if t is not None and t.lazy is not None:
+            t.lazy.flush(t.step)
+
+    def pending_rows(self) -> int:
+        t = self._training
+        return 0 if t is None or t.lazy is None else t.lazy.pending_rows(t.step)
+
+    def training_state_dict(self) -> dict[str, Any]:
+        """Step, history table, lr prefix sums and noise counter of this shard (plain data)."""
+        t = self._training
+        if t is None:
+            return {}
+        state: dict[str, Any] = {"step": t.step, "noise": t.noise.state_dict()}
+        if t.lazy is not None:
+            state["lazy"] = t.lazy.state_dict()
+            state["prefix"] = t.lazy.prefix.state_dict()
+        return state
+
+    def load_training_state_dict(self, state: dict[str, Any]) -> None:
+        t = self._training
+        if t is None or not state:
+            return
+        t.step = int(state["step"])
+        t.noise.load_state_dict(state["noise"])
+        if t.lazy is not None:
+            t.lazy.load_state_dict(state["lazy"])
+            t.lazy.prefix.load_state_dict(state["prefix"])
+
+    @torch.no_grad()
+    def gather_weight(self) -> Tensor:
+        """The full (num_embeddings, dim) table on every rank (a collective; flush first)."""
+        dev = comm_device(self.process_group)
+        counts = all_gather_sizes(
+            torch.tensor([self.weight.shape[0]], device=dev), self.process_group
+        )
+        rows = all_gather_varlen(
+            self.weight.detach().to(dev), counts.view(-1).tolist(), self.process_group
+        )
+        full = torch.empty(self.num_embeddings, self.embedding_dim, dtype=self.weight.dtype)
+        start = 0
+        for r, n in enumerate(counts.view(-1).tolist()):
+            full[r :: self.world_size] = rows[start : start + n].cpu()
+            start += n
+        return full
+
+
+@register_clipper(ShardedEmbeddingBag)
+class ShardedEmbeddingBagClipper(LayerClipper):
+    """nn.EmbeddingBag's exact ghost norms on global ids; clipped sums as global-id rows.
+
+    It delegates to the EmbeddingBag clipper through a weightless (meta-device) EmbeddingBag of
+    the full table's shape: the formulas need the ids, the output gradient and the table's
+    settings, never the rows themselves.
+    """
+
+    _bag = EmbeddingBagClipper()
+
+    def check(self, module: nn.Module) -> None:
+        self._bag.check(_view(module))
+
+    def norms2(self, module: nn.Module, calls: list[Call]) -> Tensor:
+        return self._bag.norms2(_view(module), calls)
+
+    def clipped_sum(self, module: nn.Module, calls: list[Call], c: Tensor) -> dict[str, ClippedSum]:
+        return self._bag.clipped_sum(_view(module), calls, c)
+
+    def per_sample(self, module: nn.Module, calls: list[Call]) -> dict[str, PerSample]:
+        return self._bag.per_sample(_view(module), calls)
+
+
+def _view(module: nn.Module) -> nn.EmbeddingBag:
+    """A meta-device nn.EmbeddingBag with the full table's shape and settings (no memory)."""
+    assert isinstance(module, ShardedEmbeddingBag)
+    view = module.__dict__["_clip_view"]
+    if view is None:
+        view = nn.EmbeddingBag(
+            module.num_embeddings, module.embedding_dim, mode=module.mode, device="meta"
+        )
+        module.__dict__["_clip_view"] = view
+    view.weight.requires_grad_(module.weight.requires_grad)
+    return view

@@ -1,0 +1,107 @@
+"""Single-process checks of lazydp.distributed: world size 1, launch command, restart guard."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from lazydp.clipping import clipper_for
+from lazydp.clipping._base import Call, SparseRows
+from lazydp.distributed import ShardedEmbeddingBag
+from lazydp.distributed.data_parallel import ClippedSumReducer, _buckets
+from lazydp.distributed.launch import prepare_restart, torchrun_command
+from lazydp.errors import ConfigError, PrivacyError, UnsupportedLayerError
+
+
+def test_sharded_bag_in_one_process_equals_embedding_bag() -> None:
+    torch.manual_seed(0)
+    full = nn.EmbeddingBag(20, 3, mode="mean")
+    sharded = ShardedEmbeddingBag.from_full(full)
+    ids = torch.tensor([1, 1, 5, 19, 0, 7])
+    offsets = torch.tensor([0, 3, 3])
+    torch.testing.assert_close(sharded(ids, offsets), full(ids, offsets))
+    summed = nn.EmbeddingBag(20, 3, mode="sum", _weight=full.weight.detach().clone())
+    sharded_sum = ShardedEmbeddingBag.from_full(summed)
+    w = torch.tensor([0.5, 2.0, -1.0, 1.0, 3.0, 1.0])
+    torch.testing.assert_close(sharded_sum(ids, offsets, w), summed(ids, offsets, w))
+
+
+def test_sharded_bag_norms_are_the_embedding_bag_norms_with_repeats() -> None:
+    torch.manual_seed(0)
+    full = nn.EmbeddingBag(10, 4, mode="sum")
+    sharded = ShardedEmbeddingBag.from_full(full)
+    ids = torch.tensor([[2, 2, 2], [1, 3, 4]])
+    g = torch.randn(2, 4)
+    call = Call((ids,), {}, g)
+    n_sharded = clipper_for(sharded).norms2(sharded, [call])
+    # Example 0 repeats row 2 three times: ||dE_0||^2 = 9 ||g_0||^2, not 3 ||g_0||^2.
+    torch.testing.assert_close(
+        n_sharded, torch.stack([9 * g[0].square().sum(), 3 * g[1].square().sum()])
+    )
+    torch.testing.assert_close(n_sharded, clipper_for(full).norms2(full, [call]))
+
+
+def test_sharded_bag_refuses_max_mode_and_bad_ids() -> None:
+    with pytest.raises(UnsupportedLayerError, match='mode="max"'):
+        ShardedEmbeddingBag(10, 2, mode="max")
+    with pytest.raises(Exception, match="ids must be in"):
+        ShardedEmbeddingBag(10, 2)(torch.tensor([[3, 10]]))
+    with pytest.raises(ConfigError, match="full table"):
+        ShardedEmbeddingBag(10, 2, _weight=torch.zeros(9, 2))
+
+
+def test_reducer_in_one_process_fills_missing_sums_and_keeps_rows() -> None:
+    lin, bag = nn.Linear(2, 3), nn.EmbeddingBag(6, 2)
+    reducer = ClippedSumReducer([lin.weight, lin.bias], [bag.weight])
+    rows = SparseRows(torch.tensor([4, 1, 4]), torch.ones(3, 2), 6)
+    sums = {lin.weight: torch.full((3, 2), 2.0), bag.weight: rows}
+    reducer(sums)
+    assert torch.equal(sums[lin.weight], torch.full((3, 2), 2.0))
+    assert torch.equal(sums[lin.bias], torch.zeros(3))
+    got = sums[bag.weight]
+    assert isinstance(got, SparseRows) and got.indices.tolist() == [4, 1, 4]
+    assert torch.equal(got.to_dense(), rows.to_dense())
+    # A dense table sum (dpsgd_r without sparse grads) travels as its non-zero rows only.
+    dense = torch.zeros(6, 2)
+    dense[3] = 1.5
+    sums = {bag.weight: dense}
+    reducer(sums)
+    assert sums[bag.weight].indices.tolist() == [3]  # type: ignore[union-attr]
+
+
+def test_buckets_respect_the_cap_and_keep_order() -> None:
+    params = [nn.Parameter(torch.zeros(n)) for n in (10, 10, 30, 5)]
+    sizes = [[p.numel() for p in b] for b in _buckets(params, cap_bytes=4 * 20)]
+    assert sizes == [[10, 10], [30], [5]]
+    assert [[p.numel() for p in b] for b in _buckets(params, 1 << 20)] == [[10, 10, 30, 5]]
+    with pytest.raises(ConfigError, match="bucket_cap_mb"):
+        ClippedSumReducer(params, [], bucket_cap_mb=-1)
+
+
+def test_torchrun_command() -> None:
+    ns = argparse.Namespace(nproc_per_node=2, nnodes=1, rdzv_endpoint=None, max_restarts=3)
+    cmd = torchrun_command(ns, Path("c.json"))
+    assert cmd[1:3] == ["-m", "torch.distributed.run"]
+    assert "--standalone" in cmd and "--max-restarts=3" in cmd
+    assert cmd[-3:] == ["-m", "lazydp.distributed.worker", "c.json"]
+    multi = argparse.Namespace(nproc_per_node=4, nnodes=2, rdzv_endpoint="h:29400", max_restarts=0)
+    assert "--rdzv-endpoint=h:29400" in torchrun_command(multi, Path("c.json"))
+    with pytest.raises(ConfigError, match="rdzv-endpoint"):
+        torchrun_command(argparse.Namespace(nproc_per_node=2, nnodes=2), Path("c.json"))
+
+
+def test_restart_without_ledger_is_a_privacy_error(tmp_path: Path, monkeypatch) -> None:
+    cfg = SimpleNamespace(out=str(tmp_path), resume=False)
+    prepare_restart(cfg, rank=1)  # first attempt: nothing to check
+    assert cfg.resume is False
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    with pytest.raises(PrivacyError, match="ledger.rank1.jsonl is missing"):
+        prepare_restart(cfg, rank=1)
+    (tmp_path / "ledger.rank1.jsonl").write_text("")
+    prepare_restart(cfg, rank=1)
+    assert cfg.resume is True
