@@ -1,0 +1,83 @@
+"""ParquetDataset.batch against reading the split with pandas; lazy == in-memory; built-ins."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from lazydp.data.parquet import Batch, ParquetDataset
+from lazydp.errors import DataError, InputError
+from lazydp.preprocess import preprocess
+
+FIX = Path(__file__).parent / "fixtures"
+
+
+@pytest.fixture(scope="module")
+def movielens_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pq") / "ml"
+    preprocess(
+        "movielens", [FIX / "movielens_small.csv"] * 3, root, test_fraction=0.0, progress=False
+    )
+    # many small row groups and files, so the lazy path crosses group and file boundaries
+    table = pq.read_table(sorted((root / "train").glob("*.parquet")))
+    for f in (root / "train").glob("*.parquet"):
+        f.unlink()
+    pq.write_table(table.slice(0, 20), root / "train" / "part-00000.parquet", row_group_size=3)
+    pq.write_table(table.slice(20), root / "train" / "part-00001.parquet", row_group_size=4)
+    return root
+
+
+def expected(root: Path, idx: list[int]) -> pd.DataFrame:
+    frame = pq.read_table(sorted((root / "train").glob("*.parquet"))).to_pandas()
+    return frame.iloc[idx].reset_index(drop=True)
+
+
+@pytest.mark.parametrize("in_memory", [True, False])
+def test_batch_matches_pandas(movielens_dir, in_memory):
+    ds = ParquetDataset(movielens_dir, "train", in_memory=in_memory)
+    assert ds.num_rows == len(ds) == 36 and ds.in_memory == in_memory
+    idx = [35, 0, 19, 20, 7, 7, 3]
+    b = ds.batch(np.array(idx))
+    want = expected(movielens_dir, idx)
+    assert torch.equal(b.label, torch.tensor(want["label"].to_numpy(), dtype=torch.float32))
+    dense = want[["hour_of_day", "day_of_week", "years_since_1995"]].to_numpy(np.float32)
+    assert torch.equal(b.dense, torch.from_numpy(dense.copy()))
+    ids, offsets = b.sparse[0]
+    assert ids.tolist() == want["userId"].tolist() and offsets.tolist() == list(range(len(idx)))
+    g_ids, g_off = b.sparse[2]
+    flat = [int(x) for lst in want["genres"] for x in lst]
+    lengths = [len(lst) for lst in want["genres"]]
+    assert g_ids.tolist() == flat
+    assert g_off.tolist() == np.concatenate([[0], np.cumsum(lengths)[:-1]]).tolist()
+    dense_, sparse_, label_ = b  # unpacks like the synthetic batches
+    assert dense_ is b.dense and label_ is b.label and len(b) == len(idx)
+
+
+@pytest.mark.parametrize("in_memory", [True, False])
+def test_empty_batch_is_valid(movielens_dir, in_memory):
+    b = ParquetDataset(movielens_dir, in_memory=in_memory).batch([])
+    assert isinstance(b, Batch) and b.dense.shape == (0, 3) and b.label.shape == (0,)
+    assert all(i.numel() == 0 and o.numel() == 0 for i, o in b.sparse)
+    assert all(i.dtype == torch.int64 and o.dtype == torch.int64 for i, o in b.sparse)
+
+
+def test_out_of_range_and_damaged_directories(movielens_dir, tmp_path):
+    ds = ParquetDataset(movielens_dir)
+    with pytest.raises(InputError, match="row index 36 is outside"):
+        ds.batch([1, 36])
+    with pytest.raises(InputError, match="row index -1"):
+        ds.batch([-1])
+    with pytest.raises(DataError, match="no metadata.json"):
+        ParquetDataset(tmp_path)
+    assert ds.table_sizes == {"userId": 1 << 16, "movieId": 1 << 16, "genres": 1 << 10}
+    assert ParquetDataset(movielens_dir, "test").batch([]).label.shape == (0,)
+
+
+def test_lazy_mode_is_the_default_above_the_memory_limit(movielens_dir):
+    assert not ParquetDataset(movielens_dir, memory_limit_bytes=1).in_memory
+    assert ParquetDataset(movielens_dir).in_memory

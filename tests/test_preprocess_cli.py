@@ -1,0 +1,54 @@
+"""`lazydp preprocess` through lazydp.cli.main."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from lazydp.cli import main
+from lazydp.errors import ConfigError
+from lazydp.preprocess.pipeline import parse_buckets
+
+FIX = Path(__file__).parent / "fixtures"
+
+
+def test_cli_writes_output_and_json_summary(tmp_path, capsys):
+    out = tmp_path / "ml"
+    rc = main(["preprocess", "--format", "movielens", "--input", str(FIX / "movielens_small.csv"),
+               "--output", str(out), "--buckets", "4096,genres=64", "--test-fraction", "0.25",
+               "--no-progress", "--json"])  # fmt: skip
+    assert rc == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    sizes = {c["name"]: c["table_size"] for c in summary["schema"]["categorical"]}
+    assert sizes == {"userId": 4096, "movieId": 4096, "genres": 64}
+    assert summary["rows"]["train"] + summary["rows"]["test"] == 12
+    assert pq.read_table(out / "train").column("genres").type.value_type.bit_width == 64
+
+
+def test_cli_bad_row_exit_code_and_message(tmp_path, capsys):
+    rc = main(["preprocess", "--format", "criteo", "--input", str(FIX / "criteo_bad.tsv"),
+               "--output", str(tmp_path / "o"), "--no-progress", "--json"])  # fmt: skip
+    assert rc == 1
+    captured = capsys.readouterr()
+    assert "criteo_bad.tsv, line 3" in captured.err
+    assert json.loads(captured.out.strip().splitlines()[-1])["type"] == "DataError"
+    rc = main(["preprocess", "--format", "criteo", "--input", str(FIX / "criteo_bad.tsv"),
+               "--output", str(tmp_path / "o"), "--on-bad-row", "skip", "--no-progress"])  # fmt: skip
+    assert rc == 0 and "4 bad rows" in capsys.readouterr().out
+
+
+def test_help_shows_an_example(capsys):
+    with pytest.raises(SystemExit):
+        main(["preprocess", "--help"])
+    text = capsys.readouterr().out
+    assert "$ lazydp preprocess --format criteo" in text and "wrote out/criteo" in text
+
+
+def test_parse_buckets():
+    assert parse_buckets("1048576,C3=1000") == (1048576, {"C3": 1000})
+    assert parse_buckets(None) == (None, {})
+    with pytest.raises(ConfigError, match="not N or name=N"):
+        parse_buckets("C3=lots")

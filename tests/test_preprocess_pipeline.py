@@ -1,0 +1,185 @@
+"""The embedded (DuckDB) pipeline against a plain-Python reference, on the raw fixtures."""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import gzip
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from lazydp.errors import ConfigError, DataError
+from lazydp.preprocess import lines as lines_mod
+from lazydp.preprocess import preprocess, reference
+from lazydp.preprocess.embedded import EmbeddedEngine
+from lazydp.preprocess.spec import MAX_GENRES
+
+FIX = Path(__file__).parent / "fixtures"
+
+
+def read_split(root: Path, split: str):
+    return pq.read_table(sorted((root / split).glob("*.parquet"))).to_pandas()
+
+
+def both_splits(root: Path):
+    import pandas as pd
+
+    frame = pd.concat([read_split(root, "train"), read_split(root, "test")])
+    return frame.sort_values(["file_idx", "line_no"]).reset_index(drop=True)
+
+
+def test_criteo_matches_python_reference(tmp_path):
+    meta = preprocess("criteo", [FIX / "criteo_small.tsv"], tmp_path / "o", progress=False)
+    out = both_splits(tmp_path / "o")
+    raw = (FIX / "criteo_small.tsv").read_text().splitlines()
+    assert meta["rows"]["train"] + meta["rows"]["test"] == len(raw) == len(out)
+    assert out["line_no"].tolist() == list(range(1, len(raw) + 1))
+    for row, line in zip(out.itertuples(), raw):
+        f = line.split("\t")
+        assert row.label == float(f[0])
+        dense = [reference.log1p_int(v) for v in f[1:14]]
+        assert [getattr(row, f"I{i}") for i in range(1, 14)] == dense  # bit-exact float32
+        ids = [reference.bucket(f"C{i}", v.lower(), 1 << 20) for i, v in enumerate(f[14:], 1)]
+        assert [getattr(row, f"C{i}") for i in range(1, 27)] == ids
+    test_rows = {n for n, line in enumerate(raw, 1) if reference.is_test(line, 0.1)}
+    assert set(read_split(tmp_path / "o", "test")["line_no"]) == test_rows
+    assert meta["schema"]["categorical"][0] == {
+        "name": "C1",
+        "table_size": 1 << 20,
+        "multi_valued": False,
+    }
+    assert meta["privacy_cost"] == {"epsilon": 0.0, "delta": 0.0}
+    on_disk = json.loads((tmp_path / "o" / "metadata.json").read_text())
+    assert on_disk["rows"] == meta["rows"] and on_disk["engine"] == "embedded"
+
+
+def test_bad_rows_fail_names_file_and_line(tmp_path):
+    with pytest.raises(DataError, match=r"criteo_bad\.tsv, line 3: expected 40 fields, got 39"):
+        preprocess("criteo", [FIX / "criteo_bad.tsv"], tmp_path / "o", progress=False)
+    assert not (tmp_path / "o").exists()
+    assert list(tmp_path.iterdir()) == []  # no temporary directory left behind
+
+
+def test_bad_rows_skip_counts_and_drops(tmp_path):
+    meta = preprocess(
+        "criteo", [FIX / "criteo_bad.tsv"], tmp_path / "o", on_bad_row="skip", progress=False
+    )
+    assert meta["bad_rows"] == 4
+    reasons = [(e["line"], e["reason"]) for e in meta["bad_row_examples"]]
+    assert reasons == [
+        (3, "expected 40 fields, got 39"),
+        (5, "I3 is not an integer"),
+        (7, "C7 is not a hex string"),
+        (9, "label is not 0 or 1"),
+    ]
+    # 12 lines + 1 blank line (not a row) with CRLF endings: 8 good rows, numbered physically
+    assert both_splits(tmp_path / "o")["line_no"].tolist() == [1, 2, 4, 6, 8, 10, 12, 13]
+
+
+def test_movielens_csv_quoting_unicode_genres_and_time(tmp_path):
+    preprocess("movielens", [FIX / "movielens_small.csv"], tmp_path / "o", progress=False)
+    out = both_splits(tmp_path / "o")
+    with open(FIX / "movielens_small.csv", encoding="utf-8", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(out) == len(rows)
+    for got, want in zip(out.itertuples(), rows):
+        assert got.label == float(float(want["rating"]) >= 4)
+        assert got.userId == reference.bucket("userId", want["userId"], 1 << 16)
+        genres = want["genres"].split("|")[:MAX_GENRES]
+        assert list(got.genres) == [reference.bucket("genres", g, 1 << 10) for g in genres]
+        t = dt.datetime.fromtimestamp(int(want["timestamp"]), dt.timezone.utc)
+        assert got.hour_of_day == np.float32(t.hour / 23)
+        assert got.day_of_week == np.float32(t.weekday() / 6)
+    assert list(out.genres[8]) == [0]  # empty genres: the missing id
+    assert len(out.genres[10]) == MAX_GENRES  # 12 genres, bounded to 10
+
+
+def test_acs_filter_codes_and_label(tmp_path):
+    meta = preprocess("acs", [FIX / "acs_small.csv"], tmp_path / "o", progress=False)
+    out = both_splits(tmp_path / "o")
+    # folktables' filter: 16 < AGEP < 90 and PWGTP >= 1 (drops ages 15 and 90 and PWGTP 0)
+    assert out["line_no"].tolist() == [2, 4, 7, 8, 9]
+    assert out["label"].tolist() == [1.0, 0.0, 0.0, 1.0, 1.0]
+    assert out["AGEP_NUM"].tolist() == [np.float32(a / 100) for a in (34, 45, 61, 17, 30)]
+    assert out["SCHL"][1] == reference.bucket("SCHL", "16", 4096)  # "016" is code 16
+    assert out["ESP"][0] == 0  # blank is its own (missing) id
+    assert meta["rows"]["train"] + meta["rows"]["test"] == 5
+
+
+def test_failure_mid_write_leaves_nothing_that_looks_complete(tmp_path, monkeypatch):
+    real_write = EmbeddedEngine.write_parquet
+
+    def failing(self, sql_text, directory):
+        if directory.name == "test":
+            raise OSError("disk full (simulated)")
+        real_write(self, sql_text, directory)
+
+    monkeypatch.setattr(EmbeddedEngine, "write_parquet", failing)
+    with pytest.raises(OSError, match="simulated"):
+        preprocess("criteo", [FIX / "criteo_small.tsv"], tmp_path / "o", progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_output_and_bad_settings_are_refused(tmp_path):
+    (tmp_path / "o").mkdir()
+    src = [FIX / "criteo_small.tsv"]
+    with pytest.raises(ConfigError, match="already exists"):
+        preprocess("criteo", src, tmp_path / "o", progress=False)
+    with pytest.raises(ConfigError, match="format='tsv'"):
+        preprocess("tsv", src, tmp_path / "p")
+    with pytest.raises(ConfigError, match="test_fraction=1.5"):
+        preprocess("criteo", src, tmp_path / "p", test_fraction=1.5)
+    with pytest.raises(ConfigError, match="feature 'C99'"):
+        preprocess("criteo", src, tmp_path / "p", buckets={"C99": 10})
+    with pytest.raises(ConfigError, match="vocab_epsilon"):
+        preprocess("criteo", src, tmp_path / "p", vocabulary="dp")
+    with pytest.raises(ConfigError, match="is not a file"):
+        preprocess("criteo", [tmp_path / "missing.tsv"], tmp_path / "p")
+
+
+def test_csv_header_must_name_the_columns(tmp_path):
+    bad = tmp_path / "r.csv"
+    bad.write_text("user,movie,rating,timestamp,genres\n1,2,3,4,Drama\n")
+    with pytest.raises(DataError, match=r"r\.csv, line 1: header lacks column\(s\) \['userId'"):
+        preprocess("movielens", [bad], tmp_path / "o", progress=False)
+
+
+def test_dp_vocabulary_ids_and_privacy_cost(tmp_path):
+    meta = preprocess(
+        "movielens", [FIX / "movielens_small.csv"], tmp_path / "o", vocabulary="dp",
+        vocab_epsilon=30.0, vocab_delta=0.3, vocab_seed=1, test_fraction=0.0, progress=False,
+    )  # fmt: skip
+    cost = meta["privacy_cost"]
+    assert (cost["epsilon"], cost["delta"]) == (30.0, 0.3)
+    assert cost["per_feature"]["genres"]["max_values_per_row"] == MAX_GENRES
+    sizes = {c["name"]: c["table_size"] for c in meta["schema"]["categorical"]}
+    vocab = pq.read_table(tmp_path / "o" / "vocab" / "userId").to_pandas()
+    assert sizes["userId"] == len(vocab) + 2 and vocab["id"].tolist() == list(
+        range(1, len(vocab) + 1)
+    )
+    assert vocab["value"].tolist() == sorted(vocab["value"])
+    out = both_splits(tmp_path / "o")
+    mapping = dict(zip(vocab["value"], vocab["id"]))
+    with open(FIX / "movielens_small.csv", encoding="utf-8", newline="") as f:
+        users = [r["userId"] for r in csv.DictReader(f)]
+    assert out["userId"].tolist() == [mapping.get(u, sizes["userId"] - 1) for u in users]
+
+
+def test_line_reader_follows_hadoop_line_rules(tmp_path, monkeypatch):
+    monkeypatch.setattr(lines_mod, "BLOCK_BYTES", 3)  # \r\n split across blocks
+    p = tmp_path / "x.txt"
+    p.write_bytes(b"ab\r\ncd\re\n\nf\xc3\xa9")
+    got = [ln for _, chunk in lines_mod.iter_line_chunks(p, chunk_lines=2) for ln in chunk]
+    assert got == ["ab", "cd", "e", "", "f\u00e9"]
+    firsts = [first for first, _ in lines_mod.iter_line_chunks(p, chunk_lines=2)]
+    assert firsts == [1, 3, 5]
+    gz = tmp_path / "x.txt.gz"
+    gz.write_bytes(gzip.compress(b"a\nb\n"))
+    assert [c for _, c in lines_mod.iter_line_chunks(gz)] == [["a", "b"]]
+    (tmp_path / "bad.txt").write_bytes(b"ok\n\xff\n")
+    with pytest.raises(DataError, match="line 2: invalid UTF-8"):
+        list(lines_mod.iter_line_chunks(tmp_path / "bad.txt"))
