@@ -1,0 +1,367 @@
+"""The latency-breakdown harness: time each training mode on one workload with the paper's protocol.
+
+Contract:
+* One step = forward (model + loss) -> backward (``loss.backward()``) -> update
+  (``optimizer.step()`` then ``zero_grad``), on a fixed-size synthetic batch generated *outside*
+  the timed region. Warm-up, then the mean (or ``spec.statistic``) of the last ``measure_last``
+  of ``iterations`` steps; every step's total is kept in ``steps_ms``.
+* ``BREAKDOWN_ROWS`` is the paper's layout, in milliseconds. The engine's phase timer
+  (``PrivacyEngine.timer``) splits the measured walls:
+
+  - forward = forward wall - lazy catch-up (LazyDP catches rows up at read time, inside the
+    forward; the paper fuses that work into the previous update, so it counts as update);
+  - backward (per-example) = the ``norms`` phase; backward (per-batch) = autograd backward +
+    ``clipped_sum``;
+  - update = everything else of the step, + lazy catch-up. It splits into coalesce, noise sampling,
+    noisy-gradient merge (our engine fuses noise into the gradient or the weight in place, so this
+    is 0 unless the engine times a ``merge`` phase), parameter update, lazy bookkeeping (history
+    and lr prefix, + catch-up, also shown on its own row), and other (the untimed rest: ledger
+    charge, capture bookkeeping, zero_grad).
+
+  So forward + both backwards + update == total (the measured step wall), and the update rows sum
+  to update; ``other`` is >= 0 up to timer resolution unless phases double count.
+* ``run_mode(..., isolate=True)`` measures each mode in a fresh spawned process so that peak RSS
+  (``ru_maxrss``) belongs to that mode alone; memory is checked against ``bench.memory``'s
+  estimate *before* anything is allocated.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lazydp.bench import memory
+from lazydp.bench.workload import (
+    BenchSpec,
+    build_model,
+    build_optimizers,
+    dummy_loader,
+    loss_of,
+    make_batches,
+)
+from lazydp.errors import ConfigError, LazyDPError
+
+BENCH_MODES = ("sgd", "dpsgd_b", "dpsgd_r", "dpsgd_f", "lazydp")
+UPDATE_PARTS = (
+    "update: coalesce",
+    "update: noise sampling",
+    "update: noisy-gradient merge",
+    "update: parameter update",
+    "update: lazy bookkeeping",
+)
+CATCH_UP_ROW = "update: lazy bookkeeping: catch-up at read"
+BREAKDOWN_ROWS = (
+    "forward",
+    "backward (per-example)",
+    "backward (per-batch)",
+    "update",
+    *UPDATE_PARTS,
+    CATCH_UP_ROW,
+    "update: other",
+    "total",
+)
+TOP_ROWS = BREAKDOWN_ROWS[:4]
+# Engine phase -> breakdown row (catch-up and the backward phases are handled by hand).
+_PHASE_ROW = {
+    "coalesce": "update: coalesce",
+    "noise": "update: noise sampling",
+    "merge": "update: noisy-gradient merge",
+    "param_update": "update: parameter update",
+    "lazy_bookkeeping": "update: lazy bookkeeping",
+}
+
+
+@dataclass
+class ModeResult:
+    """One (workload, mode) measurement: breakdown in ms, memory in bytes, or why it did not run."""
+
+    label: str
+    mode: str
+    status: str = "ok"  # ok | refused | failed
+    message: str = ""
+    breakdown_ms: dict[str, float] = field(default_factory=dict)
+    steps_ms: list[float] = field(default_factory=list)  # total of every iteration (warm-up too)
+    peak_rss_bytes: int = 0
+    baseline_rss_bytes: int = 0  # RSS before the model was built (interpreter + torch)
+    table_bytes: int = 0
+    history_bytes: int = 0
+    estimate: dict[str, Any] = field(default_factory=dict)
+    isolated: bool = False
+    spec: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def column(self) -> str:
+        return f"{self.label} {self.mode}"
+
+    @property
+    def step_ms(self) -> float:
+        return self.breakdown_ms.get("total", float("nan"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "column": self.column}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModeResult:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def breakdown(
+    mode: str, forward_s: float, backward_s: float, step_s: float, phases: dict[str, float]
+) -> dict[str, float]:
+    """Paper-layout rows (ms) of one step from its three walls and the engine's phase totals.
+
+    Example: ``breakdown("sgd", 0.002, 0.003, 0.001, {})["total"] == 6.0``.
+    """
+    catch_up = phases.get("lazy_catch_up", 0.0)
+    norms = phases.get("norms", 0.0)
+    clipped = phases.get("clipped_sum", 0.0)
+    total = forward_s + backward_s + step_s
+    rows = {
+        "forward": forward_s - catch_up,
+        "backward (per-example)": norms,
+        "backward (per-batch)": backward_s + clipped,
+        "update": step_s - norms - clipped + catch_up,
+    }
+    parts = dict.fromkeys(UPDATE_PARTS, 0.0)
+    for phase, row in _PHASE_ROW.items():
+        parts[row] += phases.get(phase, 0.0)
+    parts["update: lazy bookkeeping"] += catch_up
+    if mode == "sgd":  # no engine: the whole optimizer step is the parameter update
+        parts["update: parameter update"] = rows["update"]
+    rows.update(parts)
+    rows[CATCH_UP_ROW] = catch_up
+    rows["update: other"] = rows["update"] - sum(parts.values())
+    rows["total"] = total
+    return {k: 1e3 * rows[k] for k in BREAKDOWN_ROWS}
+
+
+def aggregate(steps: list[dict[str, float]], statistic: str = "mean") -> dict[str, float]:
+    """One breakdown from per-step breakdowns: the row-wise mean, or the whole step whose
+    ``total`` is the median (lower middle) or the minimum -- rows then still sum to the total.
+
+    Example: ``aggregate([{"total": 1.0}, {"total": 3.0}])["total"] == 2.0``.
+    """
+    if statistic == "mean":
+        return {k: sum(s[k] for s in steps) / len(steps) for k in steps[0]}
+    ranked = sorted(steps, key=lambda s: s["total"])
+    return dict(ranked[(len(ranked) - 1) // 2] if statistic == "median" else ranked[0])
+
+
+def estimate_for(spec: BenchSpec, mode: str) -> dict[str, Any]:
+    """bench.memory's estimate of the peak bytes of ``mode`` on ``spec`` (tables dropped if
+    ``dense_only``)."""
+    est = memory.estimate_training_bytes(spec.model_config, mode, spec.batch_size)
+    if spec.dense_only:
+        est = {**est, "total": est["total"] - est["row_bytes"], "row_bytes": 0}
+    return est
+
+
+def check_fits(spec: BenchSpec, mode: str) -> dict[str, Any]:
+    """Raise ConfigError (naming mode, need, availability, largest scale) if it would not fit."""
+    est = estimate_for(spec, mode)
+    memory.check_fits(est)
+    return est
+
+
+def current_rss_bytes() -> int:
+    """Resident set size of this process now (Linux /proc; 0 where unavailable)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize()
+    except OSError:
+        return 0
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process so far (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak) if sys.platform == "darwin" else int(peak) * 1024
+
+
+def _private(model: torch.nn.Module, spec: BenchSpec, mode: str) -> tuple[Any, Any]:
+    """(optimizer, engine) for ``mode``: plain SGD for ``sgd``, a PrivacyEngine otherwise."""
+    opts = build_optimizers(model, spec.lr)
+    if mode == "sgd":
+        return _Both(opts), None
+    from lazydp.engine import PrivacyEngine
+
+    engine = PrivacyEngine(seed=0)  # seeded: a benchmark, not a release
+    _, opt, _ = engine.make_private(
+        module=model,
+        optimizer=opts,
+        data_loader=dummy_loader(spec.batch_size),
+        noise_multiplier=spec.noise_multiplier,
+        max_grad_norm=spec.max_grad_norm,
+        mode=mode,
+    )
+    engine.timer.enabled = True
+    return opt, engine
+
+
+class _Both:
+    """Steps several plain optimizers as one (the sgd reference: tables and MLPs)."""
+
+    def __init__(self, opts: list[torch.optim.Optimizer]) -> None:
+        self.opts = opts
+
+    def step(self) -> None:
+        for o in self.opts:
+            o.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for o in self.opts:
+            o.zero_grad(set_to_none=set_to_none)
+
+
+class _ModeRunner:
+    """One mode's model, optimizer and batch stream; ``step()`` times one step."""
+
+    def __init__(self, spec: BenchSpec, mode: str) -> None:
+        if mode not in BENCH_MODES:
+            raise ConfigError(f"mode={mode!r} is unknown; choose from {', '.join(BENCH_MODES)}")
+        self.spec, self.mode = spec, mode
+        self.result = ModeResult(
+            spec.label, mode, spec=spec.to_dict(), table_bytes=spec.table_bytes()
+        )
+        self.result.estimate = check_fits(spec, mode)
+        self.result.baseline_rss_bytes = current_rss_bytes()
+        self.model = build_model(spec, mode)
+        self.opt, self.engine = _private(self.model, spec, mode)
+        if mode == "lazydp":
+            self.result.history_bytes = sum(
+                t.history.applied.nbytes for t in self.opt.lazy.values()
+            )
+        self.batches = make_batches(spec)
+        self.rows: list[dict[str, float]] = []
+
+    def step(self) -> None:
+        batch = next(self.batches)
+        if self.engine is not None:
+            self.engine.timer.reset()
+        t0 = time.perf_counter()
+        loss = loss_of(self.model, batch)
+        t1 = time.perf_counter()
+        loss.backward()
+        t2 = time.perf_counter()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        t3 = time.perf_counter()
+        phases = self.engine.timer.reset() if self.engine is not None else {}
+        self.rows.append(breakdown(self.mode, t1 - t0, t2 - t1, t3 - t2, phases))
+        self.result.steps_ms.append(self.rows[-1]["total"])
+
+    def finish(self) -> ModeResult:
+        self.result.breakdown_ms = aggregate(
+            self.rows[-self.spec.measure_last :], self.spec.statistic
+        )
+        self.result.peak_rss_bytes = peak_rss_bytes()
+        return self.result
+
+
+def time_mode(
+    spec: BenchSpec, mode: str, progress: Callable[[int], None] | None = None
+) -> ModeResult:
+    """Time ``mode`` on ``spec`` in this process (peak RSS then includes earlier work).
+
+    Example: ``time_mode(BenchSpec("rmc1", 1e-5, 16, pooling=2, iterations=3, measure_last=2),
+    "lazydp").breakdown_ms["total"] > 0``.
+    """
+    runner = _ModeRunner(spec, mode)
+    for i in range(spec.iterations):
+        runner.step()
+        if progress is not None:
+            progress(i + 1)
+    return runner.finish()
+
+
+def time_interleaved(spec: BenchSpec, modes: list[str]) -> list[ModeResult]:
+    """Time all ``modes`` in this process, one step of each in turn (round robin).
+
+    On a shared machine, bursts of other work then hit every mode alike, so ratios between
+    modes are far steadier than from back-to-back runs. All models live at once (memory is
+    checked for their sum) and peak RSS is the process's, so it is not reported per mode.
+    Example: ``[r.mode for r in time_interleaved(spec, ["sgd", "lazydp"])] == ["sgd", "lazydp"]``.
+    """
+    need = sum(check_fits(spec, m)["total"] for m in modes)
+    available = memory.available_memory_bytes()
+    if need > 0.85 * available:
+        raise ConfigError(
+            f"--interleave keeps the models of {modes} in memory at once: ~{need / 1e9:.1f} GB "
+            f"for {spec.label}, but {available / 1e9:.1f} GB is available (85% usable); drop "
+            "--interleave (one process per mode) or lower --scale"
+        )
+    runners = [_ModeRunner(spec, m) for m in modes]
+    for _ in range(spec.iterations):
+        for runner in runners:
+            runner.step()
+    results = [r.finish() for r in runners]
+    for r in results:
+        r.peak_rss_bytes = 0  # shared by all modes: meaningless per mode
+    return results
+
+
+def run_isolated(kind: str, spec: BenchSpec, mode: str) -> ModeResult:
+    """Measure in a fresh interpreter (own peak RSS): ``kind`` "mode" runs ``time_mode``,
+    "opacus" runs ``opacus_compare.time_opacus``; with this process's torch thread count.
+
+    A child killed by the OS (e.g. out of memory) raises RuntimeError naming its exit status.
+    Example: ``run_isolated("mode", spec, "lazydp").isolated is True``.
+    """
+    with tempfile.TemporaryDirectory(prefix="lazydp-bench-") as tmp:
+        out = Path(tmp) / "result.json"
+        cmd = [sys.executable, "-m", "lazydp.bench.harness", kind, json.dumps(spec.to_dict()),
+               mode, str(out), str(torch.get_num_threads())]  # fmt: skip
+        proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, check=False)
+        if proc.returncode != 0 or not out.exists():
+            raise RuntimeError(
+                f"the {kind} {mode!r} child process exited with status {proc.returncode}"
+                + (" (killed: out of memory?)" if proc.returncode in (-9, 137) else "")
+            )
+        return ModeResult.from_dict(json.loads(out.read_text()))
+
+
+def _child_main(argv: list[str]) -> None:
+    kind, spec_json, mode, out, threads = argv
+    torch.set_num_threads(int(threads))
+    spec = BenchSpec(**json.loads(spec_json))
+    if kind == "opacus":
+        from lazydp.bench.opacus_compare import time_opacus
+
+        result = time_opacus(spec, mode)
+    else:
+        result = time_mode(spec, mode)
+    result.isolated = True
+    Path(out).write_text(json.dumps(result.to_dict()))
+
+
+def run_mode(spec: BenchSpec, mode: str, *, isolate: bool = True) -> ModeResult:
+    """Time one mode; ``isolate`` runs it in a fresh spawned process (own peak RSS).
+
+    Never raises for a mode that does not fit or fails: the result says ``refused``/``failed``
+    and why, so a sweep goes on.
+    """
+    try:
+        est = check_fits(spec, mode)
+    except ConfigError as exc:
+        return ModeResult(spec.label, mode, "refused", str(exc), spec=spec.to_dict())
+    try:
+        return run_isolated("mode", spec, mode) if isolate else time_mode(spec, mode)
+    except (LazyDPError, RuntimeError, MemoryError, OSError) as exc:
+        # BrokenProcessPool (an OS kill) is a RuntimeError: report it, keep the sweep going.
+        msg = f"{type(exc).__name__}: {exc}"
+        return ModeResult(spec.label, mode, "failed", msg, spec=spec.to_dict(), estimate=est)
+
+
+if __name__ == "__main__":  # the isolated child of run_isolated
+    _child_main(sys.argv[1:])

@@ -1,0 +1,165 @@
+"""Writers for a benchmark run: CSV and JSON in the paper's layout, and PNG figures.
+
+Contract:
+* ``breakdown.csv``: first column ``row`` (``harness.BREAKDOWN_ROWS``, milliseconds), then one
+  column per measured (workload, mode) in run order, named ``"<workload label> <mode>"``. Modes
+  that were refused or failed get no column (the JSON says why). Opacus columns carry only the
+  rows they have (forward, total; backward and update in ``extra_rows``), others are empty.
+* ``bench.json``: the same breakdown (``columns``), every result with status, message, peak RSS
+  and memory estimate, the noise floors, the summary ratios, and the machine
+  (``lazydp.cli.env.collect()``).
+* ``breakdown.png``: stacked bars per column (the paper's figure style), absolute milliseconds
+  above, share of the step below. ``scaling.png`` (only when a config ran at two or more
+  scales): step time against table bytes per (config, mode), log-log.
+Figures use matplotlib's Agg backend (no display needed).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from lazydp.bench.harness import BREAKDOWN_ROWS, CATCH_UP_ROW
+from lazydp.bench.opacus_compare import OPACUS_BACKWARD_ROW
+from lazydp.bench.suite import SuiteResult
+
+# Rows stacked in the bar chart: they partition the step (catch-up is inside lazy bookkeeping).
+STACKED = tuple(
+    r for r in BREAKDOWN_ROWS if r not in ("update", "total", CATCH_UP_ROW)
+)  # fmt: skip
+
+
+def columns(suite: SuiteResult) -> dict[str, dict[str, float]]:
+    """Column name -> {row: ms} for every result that ran."""
+    return {r.column: dict(r.breakdown_ms) for r in suite.results if r.status == "ok"}
+
+
+def write_csv(suite: SuiteResult, path: Path) -> Path:
+    """The paper-layout CSV (rows x (workload, mode) columns, ms)."""
+    cols = columns(suite)
+    rows = [*BREAKDOWN_ROWS, OPACUS_BACKWARD_ROW] if _has_opacus(suite) else BREAKDOWN_ROWS
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["row (ms)", *cols])
+        for row in rows:
+            w.writerow([row, *(_fmt(c.get(row)) for c in cols.values())])
+    return path
+
+
+def _has_opacus(suite: SuiteResult) -> bool:
+    return any(r.mode.startswith("opacus_") and r.status == "ok" for r in suite.results)
+
+
+def _fmt(x: float | None) -> str:
+    return "" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
+
+
+def write_json(
+    suite: SuiteResult, summary: dict[str, Any], machine: dict[str, Any], path: Path
+) -> Path:
+    """Everything measured, plus the summary ratios and the machine description."""
+    doc = {
+        "rows": list(BREAKDOWN_ROWS),
+        "columns": columns(suite),
+        "results": [r.to_dict() for r in suite.results],
+        "noise_floors": [f.to_dict() for f in suite.floors],
+        "summary": summary,
+        "machine": machine,
+    }
+    path.write_text(json.dumps(doc, indent=2, default=str))
+    return path
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_breakdown(suite: SuiteResult, path: Path) -> Path:
+    """Stacked bars of the breakdown per column: absolute ms (top), share of the step (bottom)."""
+    plt = _pyplot()
+    results = [r for r in suite.results if r.status == "ok" and not r.mode.startswith("opacus")]
+    names = [r.column.replace(" ", "\n", 1) for r in results]
+    fig, axes = plt.subplots(2, 1, figsize=(max(6, 1.2 * len(results) + 2), 8), sharex=True)
+    for ax, share in zip(axes, (False, True)):
+        bottom = [0.0] * len(results)
+        for row in STACKED:
+            vals = [max(0.0, r.breakdown_ms.get(row, 0.0)) for r in results]
+            if share:
+                vals = [100 * v / max(r.step_ms, 1e-12) for v, r in zip(vals, results)]
+            ax.bar(range(len(results)), vals, bottom=bottom, label=row)
+            bottom = [b + v for b, v in zip(bottom, vals)]
+        ax.set_ylabel("% of step" if share else "ms per step")
+    axes[0].set_title("Latency breakdown per training mode (mean of the measured steps)")
+    axes[0].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    axes[1].set_xticks(range(len(results)), names, rotation=60, ha="right", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_scaling(suite: SuiteResult, path: Path) -> Path | None:
+    """Step time vs table bytes per (config, mode); None unless some config ran at >= 2 scales."""
+    lines: dict[str, list[tuple[float, float]]] = {}
+    for r in suite.results:
+        if r.status != "ok" or not r.table_bytes:
+            continue
+        key = f"{r.spec.get('config')} B={r.spec.get('batch_size')} {r.mode}"
+        lines.setdefault(key, []).append((r.table_bytes, r.step_ms))
+    lines = {k: sorted(v) for k, v in lines.items() if len({x for x, _ in v}) >= 2}
+    if not lines:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for key, pts in sorted(lines.items()):
+        ax.plot([x / 2**30 for x, _ in pts], [y for _, y in pts], marker="o", label=key)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("embedding tables (GiB, fp32)")
+    ax.set_ylabel("ms per step")
+    ax.set_title("Step time vs table size")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_all(
+    suite: SuiteResult, summary: dict[str, Any], machine: dict[str, Any], out: Path
+) -> dict[str, str]:
+    """Write CSV, JSON and PNGs into ``out`` (created); returns {kind: path}."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths: dict[str, Path | None] = {
+        "csv": write_csv(suite, out / "breakdown.csv"),
+        "json": write_json(suite, summary, machine, out / "bench.json"),
+        "breakdown_png": plot_breakdown(suite, out / "breakdown.png"),
+        "scaling_png": plot_scaling(suite, out / "scaling.png"),
+    }
+    return {k: str(p) for k, p in paths.items() if p is not None}
+
+
+def format_table(suite: SuiteResult) -> str:
+    """The breakdown as fixed-width text, one block per workload (what the CLI prints)."""
+    blocks = []
+    width = max(len(r) for r in BREAKDOWN_ROWS)
+    for spec in suite.specs:
+        results = [r for r in suite.results if r.label == spec.label and r.status == "ok"]
+        if not results:
+            continue
+        head = "".join(f"{r.mode:>14}" for r in results)
+        lines = [f"{spec.label} (ms)".ljust(width) + head]
+        for row in BREAKDOWN_ROWS:
+            vals = "".join(f"{_fmt(r.breakdown_ms.get(row)) or '-':>14}" for r in results)
+            lines.append(f"{row:<{width}}{vals}")
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks) if blocks else "(nothing measured)"

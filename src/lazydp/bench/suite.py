@@ -1,0 +1,176 @@
+"""A benchmark run: every (workload, mode) measured, the noise floor, Opacus, and the ratios.
+
+Contract:
+* ``run_suite(specs, modes, ...)`` measures each workload in each mode (each in its own process by
+  default), the noise floor of each workload when ``lazydp`` is among the modes, and Opacus in its
+  hooks and ghost modes when ``compare`` names ``opacus``. It never stops for a mode that does not
+  fit or fails: that result carries ``status`` and the reason.
+* ``summarise`` turns the results into the ratios the targets are stated in (step time ratios per
+  workload, and peak memory over the model's own bytes per mode). A ratio whose inputs are missing
+  is absent, never guessed.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from tqdm import tqdm
+
+from lazydp.bench.floor import NoiseFloor, measure_noise_floor
+from lazydp.bench.harness import ModeResult, run_mode, time_interleaved
+from lazydp.bench.opacus_compare import OPACUS_MODES, opacus_version, run_opacus, speedups
+from lazydp.bench.workload import BenchSpec
+from lazydp.errors import ConfigError, LazyDPError
+
+COMPARE_WITH = ("opacus",)
+
+
+@dataclass
+class SuiteResult:
+    """Everything one ``lazydp bench`` invocation measured."""
+
+    specs: list[BenchSpec]
+    modes: list[str]
+    results: list[ModeResult] = field(default_factory=list)
+    floors: list[NoiseFloor] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def by_label(self, label: str) -> dict[str, ModeResult]:
+        return {r.mode: r for r in self.results if r.label == label and r.status == "ok"}
+
+
+def run_suite(
+    specs: Sequence[BenchSpec],
+    modes: Sequence[str],
+    *,
+    compare: Sequence[str] = (),
+    isolate: bool = True,
+    interleave: bool = False,
+    progress: bool = True,
+    opacus_iterations: tuple[int, int] = (3, 2),
+) -> SuiteResult:
+    """Measure ``modes`` on every spec (+ noise floor, + Opacus); see the module contract.
+
+    ``interleave`` times the modes of a workload round robin in one process (steadier ratios on a
+    shared machine, no per-mode peak RSS); ``opacus_iterations`` = (iterations, measure_last) for
+    Opacus, whose steps take seconds.
+    Example: ``run_suite([BenchSpec("rmc1", 1e-5, 16, pooling=2, iterations=3, measure_last=2)],
+    ["sgd", "lazydp"], isolate=False).results[1].mode == "lazydp"``.
+    """
+    suite = SuiteResult(list(specs), list(modes))
+    use_opacus = "opacus" in compare
+    if use_opacus and opacus_version() is None:
+        suite.notes.append(
+            "--compare opacus: Opacus is not installed (pip install 'lazydp[bench]'); skipped."
+        )
+        use_opacus = False
+    units = len(specs) * (len(modes) + ("lazydp" in modes) + use_opacus * len(OPACUS_MODES))
+    bar = tqdm(total=units, file=sys.stderr, disable=not progress, desc="bench", unit="run")
+    for spec in specs:
+        if interleave:
+            bar.set_postfix_str(f"{spec.label} {','.join(modes)} interleaved")
+            for result in _interleaved(spec, modes):
+                _say(bar, result)
+                suite.results.append(result)
+                bar.update()
+        for mode in [] if interleave else modes:
+            bar.set_postfix_str(f"{spec.label} {mode}")
+            result = run_mode(spec, mode, isolate=isolate)
+            _say(bar, result)
+            suite.results.append(result)
+            bar.update()
+        if "lazydp" in modes:
+            bar.set_postfix_str(f"{spec.label} noise floor")
+            suite.floors.append(measure_noise_floor(spec))
+            bar.update()
+        if use_opacus:
+            short = replace(
+                spec, iterations=opacus_iterations[0], measure_last=opacus_iterations[1]
+            )
+            for gsm in OPACUS_MODES:
+                bar.set_postfix_str(f"{spec.label} opacus {gsm}")
+                result = run_opacus(short, gsm, isolate=isolate)
+                _say(bar, result)
+                suite.results.append(result)
+                bar.update()
+    bar.close()
+    return suite
+
+
+def _interleaved(spec: BenchSpec, modes: Sequence[str]) -> list[ModeResult]:
+    try:
+        return time_interleaved(spec, list(modes))
+    except (LazyDPError, RuntimeError, MemoryError) as exc:
+        status = "refused" if isinstance(exc, ConfigError) else "failed"
+        return [ModeResult(spec.label, m, status, str(exc), spec=spec.to_dict()) for m in modes]
+
+
+def _say(bar: tqdm, result: ModeResult) -> None:
+    if result.status == "ok":
+        bar.write(f"{result.column}: {result.step_ms:.1f} ms/step", file=sys.stderr)
+    else:
+        bar.write(f"{result.column}: {result.status}: {result.message}", file=sys.stderr)
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def summarise(suite: SuiteResult) -> dict[str, Any]:
+    """Per workload: step-time ratios and the noise floor; per result: peak memory over model.
+
+    Example: ``summarise(SuiteResult([], []))["workloads"] == []``.
+    """
+    floors = {f.label: f for f in suite.floors}
+    workloads = []
+    for spec in suite.specs:
+        ok = suite.by_label(spec.label)
+        ms = {m: r.step_ms for m, r in ok.items()}
+        floor = floors.get(spec.label)
+        floor_ms = floor.floor_ms if floor else None
+        sgd_floor = ms["sgd"] + floor_ms if "sgd" in ms and floor_ms is not None else None
+        row: dict[str, Any] = {
+            "label": spec.label,
+            "config": spec.config,
+            "scale": spec.scale,
+            "table_bytes": spec.table_bytes(),
+            "step_ms": ms,
+            "noise_floor_ms": floor_ms,
+            "lazydp_over_sgd": _ratio(ms.get("lazydp"), ms.get("sgd")),
+            "lazydp_over_sgd_plus_floor": _ratio(ms.get("lazydp"), sgd_floor),
+            "dpsgd_f_over_lazydp": _ratio(ms.get("dpsgd_f"), ms.get("lazydp")),
+            "dpsgd_f_over_sgd": _ratio(ms.get("dpsgd_f"), ms.get("sgd")),
+        }
+        workloads.append({k: v for k, v in row.items() if v is not None})
+    memory = [_memory_row(r) for r in suite.results if r.status == "ok" and r.peak_rss_bytes]
+    return {
+        "workloads": workloads,
+        "memory": memory,
+        "opacus": speedups(suite.results),
+        "notes": suite.notes,
+    }
+
+
+def _memory_row(r: ModeResult) -> dict[str, Any]:
+    """Peak RSS above the pre-model baseline, against the bytes the mode must hold by design:
+    tables (+ history table for lazydp, + one table-sized noise buffer for dpsgd_*)."""
+    largest = 0
+    if r.table_bytes and r.spec:
+        spec = BenchSpec(**r.spec)
+        cfg = spec.model_config
+        largest = max(cfg.table_rows) * cfg.embedding_dim * 4
+    allowance = r.table_bytes + r.history_bytes + (largest if r.mode.startswith("dpsgd") else 0)
+    above = r.peak_rss_bytes - r.baseline_rss_bytes
+    return {
+        "column": r.column,
+        "peak_rss_bytes": r.peak_rss_bytes,
+        "baseline_rss_bytes": r.baseline_rss_bytes,
+        "table_bytes": r.table_bytes,
+        "history_bytes": r.history_bytes,
+        "allowance_bytes": allowance,
+        "peak_above_baseline_over_allowance": above / allowance if allowance else None,
+        "isolated": r.isolated,
+    }

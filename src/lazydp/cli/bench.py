@@ -1,0 +1,187 @@
+"""``lazydp bench``: latency breakdowns of the training modes on the LazyDP paper's workloads.
+
+Example:
+    $ lazydp bench --config rmc1 --scale 0.01 --batch-size 2048 --pooling 20
+    $ lazydp bench --config small8 --scale 1 --batch-size 256 --modes sgd,lazydp --compare opacus
+    $ lazydp bench --sweep configs/bench_sweep.yaml --json
+Writes breakdown.csv, bench.json, breakdown.png (and scaling.png for a sweep over --scale) to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import time
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lazydp.bench.harness import BENCH_MODES
+from lazydp.bench.workload import BENCH_CONFIGS, STATISTICS, BenchSpec
+from lazydp.cli import add_json_flag
+from lazydp.errors import ConfigError
+
+EPILOG = """example (2 shared cores, no GPU):
+  $ lazydp bench --config rmc1 --scale 0.001 --batch-size 2048 --pooling 20 \\
+        --iterations 6 --measure-last 3
+  rmc1 s=0.001 B=2048 L=20 (ms)             sgd       dpsgd_f        lazydp
+  forward                                  20.1          43.0          21.9
+  backward (per-example)                      -          28.4          40.6
+  backward (per-batch)                     40.5         101.2          96.4
+  update                                  139.6         373.0         170.9
+  ...
+  total                                   200.2         545.6         329.8
+  lazydp/sgd 1.65   lazydp/(sgd+floor) 1.38   dpsgd_f/lazydp 1.65
+  wrote runs/bench-20250101-120000/{breakdown.csv,bench.json,breakdown.png}
+
+sweep file (YAML; a list value sweeps that key, flags given on the command line win):
+  modes: [sgd, dpsgd_f, lazydp]
+  config: mlperf
+  scale: [0.001, 0.01, 0.05]
+  iterations: 8
+  measure_last: 4
+"""
+
+SPEC_KEYS = {f.name for f in fields(BenchSpec)}
+SWEEP_KEYS = SPEC_KEYS | {"modes", "compare", "opacus_iterations"}
+DEFAULT_MODES = "sgd,dpsgd_f,lazydp"
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="time sgd / dpsgd_* / lazydp steps on the paper's DLRM workloads (latency breakdown)",
+        description=__doc__,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--config", choices=BENCH_CONFIGS, help="workload (default rmc1)")
+    p.add_argument("--scale", type=float, help="table rows x scale (1 = paper, ~96 GB)")
+    p.add_argument("--batch-size", type=int, help="fixed batch size (default 2048)")
+    p.add_argument("--pooling", type=int, help="ids per bag (default: the config's)")
+    p.add_argument("--embedding-dim", type=int, help="override d (default: the config's)")
+    p.add_argument("--locality", help="uniform (default), zipf:<a> or movielens")
+    p.add_argument("--modes", help=f"comma-separated, from {','.join(BENCH_MODES)}")
+    p.add_argument("--iterations", type=int, help="steps per mode (default 30)")
+    p.add_argument("--measure-last", type=int, help="average the last N steps (default 10)")
+    p.add_argument("--statistic", choices=STATISTICS,
+                   help="mean (default, the paper's), median or min of the measured steps")  # fmt: skip
+    p.add_argument("--mlp-only", dest="dense_only", action="store_true", default=None,
+                   help="drop the tables: the config's MLPs on dense input only")  # fmt: skip
+    p.add_argument("--compare", choices=["opacus"], help="also time Opacus (hooks and ghost)")
+    p.add_argument("--opacus-iterations", type=int, help="Opacus steps (default 3, last 2 timed)")
+    p.add_argument("--sweep", help="YAML file: keys as the flags, a list value sweeps that key")
+    p.add_argument("--out", help="output directory (default runs/bench-<timestamp>)")
+    p.add_argument("--no-isolate", dest="isolate", action="store_false",
+                   help="measure in this process (faster start; peak RSS then mixes modes)")  # fmt: skip
+    p.add_argument("--interleave", action="store_true",
+                   help="one process, modes round robin step by step: steadier ratios on a "
+                   "shared machine; no per-mode peak memory")  # fmt: skip
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    add_json_flag(p)
+    p.set_defaults(func=run)
+
+
+def _modes(value: Any) -> list[str]:
+    modes = value.split(",") if isinstance(value, str) else list(value)
+    modes = [m.strip() for m in modes if m.strip()]
+    bad = [m for m in modes if m not in BENCH_MODES]
+    if bad or not modes:
+        raise ConfigError(
+            f"--modes={value!r}: {bad or 'empty'} not known; use a comma-separated subset of "
+            f"{','.join(BENCH_MODES)}"
+        )
+    return modes
+
+
+def load_sweep(path: str) -> dict[str, Any]:
+    """Read a sweep YAML; unknown keys are refused with the list of known ones."""
+    try:
+        doc = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"--sweep {path}: cannot read it as YAML ({exc})") from None
+    if not isinstance(doc, dict):
+        raise ConfigError(
+            f"--sweep {path}: expected a mapping of options, got {type(doc).__name__}"
+        )
+    doc = {k.replace("-", "_"): v for k, v in doc.items()}
+    unknown = sorted(set(doc) - SWEEP_KEYS)
+    if unknown:
+        raise ConfigError(f"--sweep {path}: unknown keys {unknown}; known: {sorted(SWEEP_KEYS)}")
+    return doc
+
+
+def build_specs(options: dict[str, Any]) -> list[BenchSpec]:
+    """The cartesian product of every list-valued spec option (in file order).
+
+    Example: ``len(build_specs({"config": "rmc1", "scale": [0.001, 0.01]})) == 2``.
+    """
+    spec_opts = {k: v for k, v in options.items() if k in SPEC_KEYS and v is not None}
+    swept = {k: v for k, v in spec_opts.items() if isinstance(v, list)}
+    fixed = {k: v for k, v in spec_opts.items() if k not in swept}
+    try:
+        return [
+            BenchSpec(**fixed, **dict(zip(swept, values)))
+            for values in itertools.product(*swept.values())
+        ]
+    except TypeError as exc:
+        raise ConfigError(f"bench options {spec_opts}: {exc}") from None
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from lazydp.bench.report import format_table, write_all
+    from lazydp.bench.suite import run_suite, summarise
+    from lazydp.cli.env import collect
+
+    options: dict[str, Any] = load_sweep(args.sweep) if args.sweep else {}
+    for key in SWEEP_KEYS:  # flags given on the command line override the file
+        if getattr(args, key, None) is not None:
+            options[key] = getattr(args, key)
+    options.setdefault("config", "rmc1")
+    modes = _modes(options.pop("modes", DEFAULT_MODES))
+    compare = options.pop("compare", None)
+    compare_with = [compare] if isinstance(compare, str) else list(compare or [])
+    opacus_its = int(options.pop("opacus_iterations", None) or 3)
+    specs = build_specs(options)
+    if not args.sweep:  # a single configuration that cannot fit is refused outright
+        from lazydp.bench.harness import check_fits
+
+        for mode in modes:
+            check_fits(specs[0], mode)
+    suite = run_suite(
+        specs,
+        modes,
+        compare=compare_with,
+        isolate=args.isolate,
+        interleave=args.interleave,
+        progress=args.progress,
+        opacus_iterations=(max(1, opacus_its), max(1, opacus_its - 1)),
+    )
+    summary = summarise(suite)
+    out = Path(args.out or f"runs/bench-{time.strftime('%Y%m%d-%H%M%S')}")
+    paths = write_all(suite, summary, collect(), out)
+    print(format_table(suite))
+    for w in summary["workloads"]:
+        print(_ratios_line(w))
+    for row in summary["opacus"]:
+        ratio = row.get("opacus_over_lazydp")
+        if ratio:
+            print(f"{row['label']}: {row['opacus_mode']}/lazydp {ratio:.0f}x")
+    for note in summary["notes"] + [
+        f"{r.column}: {r.status}: {r.message}" for r in suite.results if r.status != "ok"
+    ]:
+        print(note)
+    print(f"wrote {', '.join(paths.values())}")
+    return {"out": str(out), "files": paths, "summary": summary}
+
+
+def _ratios_line(w: dict[str, Any]) -> str:
+    names = {
+        "lazydp_over_sgd": "lazydp/sgd",
+        "lazydp_over_sgd_plus_floor": "lazydp/(sgd+floor)",
+        "dpsgd_f_over_lazydp": "dpsgd_f/lazydp",
+    }
+    parts = [f"{label} {w[key]:.2f}" for key, label in names.items() if key in w]
+    return f"{w['label']}: " + ("   ".join(parts) if parts else "no ratios (modes missing)")

@@ -1,0 +1,98 @@
+"""``lazydp bench`` end to end: CSV layout, JSON with peak memory, PNG files, sweeps, refusals."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from lazydp.bench.harness import BREAKDOWN_ROWS
+from lazydp.cli import main
+from lazydp.cli.bench import build_specs, load_sweep
+from lazydp.errors import ConfigError
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+TINY = ["--config", "rmc1", "--scale", "1e-5", "--batch-size", "16", "--pooling", "3",
+        "--iterations", "3", "--measure-last", "2", "--no-progress", "--json"]  # fmt: skip
+
+
+def _last_json(capsys) -> dict:
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_bench_isolated_writes_csv_json_png(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["bench", *TINY, "--modes", "sgd,lazydp", "--out", str(out)]) == 0
+    summary = _last_json(capsys)
+    assert summary["out"] == str(out)
+    with open(out / "breakdown.csv") as f:
+        table = list(csv.reader(f))
+    label = "rmc1 s=1e-05 B=16 L=3"
+    assert table[0] == ["row (ms)", f"{label} sgd", f"{label} lazydp"]
+    assert [r[0] for r in table[1:]] == list(BREAKDOWN_ROWS)
+    assert all(float(x) >= 0 for x in table[-1][1:])  # totals
+    doc = json.loads((out / "bench.json").read_text())
+    assert doc["machine"]["cpu_count"] >= 1 and "torch" in doc["machine"]["versions"]
+    for r in doc["results"]:
+        assert r["status"] == "ok" and r["isolated"]
+        # Measured in its own process: peak covers at least the tables it allocated.
+        assert r["peak_rss_bytes"] >= r["baseline_rss_bytes"] + r["table_bytes"] > 0
+    (work,) = doc["summary"]["workloads"]
+    ms = work["step_ms"]
+    assert work["lazydp_over_sgd"] == pytest.approx(ms["lazydp"] / ms["sgd"])
+    assert work["noise_floor_ms"] > 0
+    assert (out / "breakdown.png").read_bytes()[:8] == PNG_MAGIC
+    assert not (out / "scaling.png").exists()  # one scale only
+
+
+def test_bench_sweep_over_scale_draws_the_scaling_plot(tmp_path, capsys):
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(
+        "# lazydp bench --sweep sweep.yaml\nconfig: rmc1\nscale: [1.0e-5, 2.0e-5]\n"
+        "modes: [sgd, dpsgd_f]\nbatch_size: 16\npooling: 2\niterations: 2\nmeasure_last: 1\n"
+    )
+    out = tmp_path / "sweep"
+    argv = ["bench", "--sweep", str(sweep), "--out", str(out), "--interleave", "--no-progress"]
+    assert main([*argv, "--json"]) == 0
+    summary = _last_json(capsys)["summary"]
+    assert [w["scale"] for w in summary["workloads"]] == [1e-5, 2e-5]
+    assert all("dpsgd_f_over_sgd" in w for w in summary["workloads"])
+    header = next(csv.reader(open(out / "breakdown.csv")))
+    assert len(header) == 1 + 4
+    assert (out / "scaling.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_bench_refuses_a_config_that_does_not_fit(tmp_path, capsys):
+    code = main(["bench", "--config", "mlperf", "--scale", "50", "--out", str(tmp_path), "--json"])
+    assert code == 1
+    captured = capsys.readouterr()
+    assert "needs" in captured.err and "lower --scale" in captured.err
+    assert json.loads(captured.out.strip().splitlines()[-1])["type"] == "ConfigError"
+    assert not any(tmp_path.iterdir())  # refused before anything was written
+
+
+def test_bench_rejects_unknown_modes_and_sweep_keys(tmp_path, capsys):
+    assert main(["bench", *TINY, "--modes", "sgd,fast"]) == 1
+    assert "fast" in capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("scales: [1, 2]\n")
+    with pytest.raises(ConfigError, match=r"unknown keys \['scales'\]"):
+        load_sweep(str(bad))
+
+
+def test_build_specs_is_the_product_of_list_options():
+    specs = build_specs({"config": "rmc1", "scale": [0.001, 0.01], "batch_size": [1024, 2048]})
+    assert [(s.scale, s.batch_size) for s in specs] == [
+        (0.001, 1024),
+        (0.001, 2048),
+        (0.01, 1024),
+        (0.01, 2048),
+    ]
+
+
+def test_help_shows_an_example_with_output(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    text = capsys.readouterr().out
+    assert "$ lazydp bench --config rmc1" in text and "lazydp/sgd" in text

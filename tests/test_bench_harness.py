@@ -1,0 +1,156 @@
+"""The benchmark harness: breakdown arithmetic, timing runs, refusals, noise floor, Opacus."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lazydp.bench.floor import measure_noise_floor, unique_rows
+from lazydp.bench.harness import (
+    BREAKDOWN_ROWS,
+    CATCH_UP_ROW,
+    TOP_ROWS,
+    UPDATE_PARTS,
+    aggregate,
+    breakdown,
+    run_mode,
+    time_interleaved,
+    time_mode,
+)
+from lazydp.bench.opacus_compare import opacus_version, speedups, time_opacus
+from lazydp.bench.workload import BenchSpec, build_model, make_batches
+from lazydp.errors import ConfigError
+
+TINY = BenchSpec("rmc1", scale=1e-5, batch_size=16, pooling=3, iterations=3, measure_last=2)
+
+
+def _update_sum(rows: dict[str, float]) -> float:
+    return sum(rows[r] for r in UPDATE_PARTS) + rows["update: other"]
+
+
+def test_breakdown_moves_catch_up_from_forward_to_update_and_sums_to_total():
+    phases = {
+        "norms": 0.010,
+        "clipped_sum": 0.020,
+        "coalesce": 0.001,
+        "noise": 0.004,
+        "param_update": 0.003,
+        "lazy_bookkeeping": 0.002,
+        "lazy_catch_up": 0.005,
+    }
+    rows = breakdown("lazydp", forward_s=0.030, backward_s=0.040, step_s=0.050, phases=phases)
+    assert list(rows) == list(BREAKDOWN_ROWS)
+    assert rows["forward"] == pytest.approx(25.0)  # 30 ms wall - 5 ms catch-up
+    assert rows["backward (per-example)"] == pytest.approx(10.0)
+    assert rows["backward (per-batch)"] == pytest.approx(60.0)  # 40 autograd + 20 clipped sum
+    assert rows["update"] == pytest.approx(50 - 10 - 20 + 5)
+    assert rows["update: lazy bookkeeping"] == pytest.approx(7.0)
+    assert rows[CATCH_UP_ROW] == pytest.approx(5.0)
+    assert rows["update: other"] == pytest.approx(25 - 1 - 4 - 3 - 7)
+    assert sum(rows[r] for r in TOP_ROWS) == pytest.approx(rows["total"]) == pytest.approx(120.0)
+    assert _update_sum(rows) == pytest.approx(rows["update"])
+
+
+def test_breakdown_of_sgd_puts_the_optimizer_step_in_parameter_update():
+    rows = breakdown("sgd", 0.002, 0.003, 0.001, {})
+    assert rows["total"] == pytest.approx(6.0)
+    assert rows["update: parameter update"] == pytest.approx(1.0)
+    assert rows["update: other"] == pytest.approx(0.0)
+
+
+def test_aggregate_mean_and_whole_step_statistics():
+    steps = [{"a": 1.0, "total": 5.0}, {"a": 3.0, "total": 1.0}, {"a": 2.0, "total": 3.0}]
+    assert aggregate(steps, "mean") == {"a": 2.0, "total": 3.0}
+    assert aggregate(steps, "median") == {"a": 2.0, "total": 3.0}
+    assert aggregate(steps, "min") == {"a": 3.0, "total": 1.0}  # the whole fastest step
+
+
+@pytest.mark.parametrize("mode", ["sgd", "dpsgd_f", "lazydp"])
+def test_time_mode_breakdown_is_consistent(mode):
+    r = time_mode(TINY, mode)
+    rows = r.breakdown_ms
+    assert r.status == "ok" and len(r.steps_ms) == TINY.iterations
+    assert sum(rows[k] for k in TOP_ROWS) == pytest.approx(rows["total"], rel=1e-9)
+    assert _update_sum(rows) == pytest.approx(rows["update"], rel=1e-9)
+    # Phases are nested inside the walls they are subtracted from: nothing is counted twice.
+    assert rows["update: other"] >= -0.05 and rows["forward"] > 0
+    assert rows["total"] == pytest.approx(sum(r.steps_ms[-2:]) / 2)
+    if mode == "sgd":
+        assert rows["update: noise sampling"] == 0 and rows["backward (per-example)"] == 0
+    else:
+        assert rows["update: noise sampling"] > 0 and rows["backward (per-example)"] > 0
+    assert (rows[CATCH_UP_ROW] > 0) == (mode == "lazydp")
+    # lazydp's history table: one int32 per row of every table.
+    expected_history = 4 * TINY.model_config.total_rows if mode == "lazydp" else 0
+    assert r.history_bytes == expected_history
+    assert r.table_bytes == TINY.model_config.total_rows * TINY.model_config.embedding_dim * 4
+
+
+def test_interleaved_returns_every_mode_with_a_full_breakdown():
+    results = time_interleaved(TINY, ["sgd", "lazydp"])
+    assert [r.mode for r in results] == ["sgd", "lazydp"]
+    for r in results:
+        assert len(r.steps_ms) == TINY.iterations and r.peak_rss_bytes == 0
+        assert r.breakdown_ms["total"] == pytest.approx(sum(r.steps_ms[-2:]) / 2)
+
+
+def test_mlp_only_model_has_no_tables_and_times():
+    spec = BenchSpec(
+        "mlperf", scale=1e-6, batch_size=8, iterations=2, measure_last=1, dense_only=True
+    )
+    model = build_model(spec, "dpsgd_f")
+    assert not any(isinstance(m, torch.nn.EmbeddingBag) for m in model.modules())
+    assert spec.table_bytes() == 0 and "mlp-only" in spec.label
+    r = time_mode(spec, "dpsgd_f")
+    assert r.breakdown_ms["total"] > 0 and r.breakdown_ms[CATCH_UP_ROW] == 0
+
+
+def test_memory_refusal_before_allocating():
+    huge = BenchSpec("mlperf", scale=50.0, batch_size=2048, iterations=1, measure_last=1)
+    with pytest.raises(ConfigError, match=r"mlperf at scale 50 needs .* lower --scale"):
+        time_mode(huge, "lazydp")
+    r = run_mode(huge, "dpsgd_f", isolate=False)
+    assert r.status == "refused" and "GB" in r.message and not r.breakdown_ms
+
+
+def test_spec_validation_names_the_argument():
+    with pytest.raises(ConfigError, match="measure_last=10 exceeds iterations=5"):
+        BenchSpec(iterations=5, measure_last=10)
+    with pytest.raises(ConfigError, match="scale"):
+        BenchSpec(scale=-1.0)
+    with pytest.raises(ConfigError, match="statistic"):
+        BenchSpec(statistic="max")
+
+
+def test_noise_floor_counts_distinct_rows_of_the_same_batches():
+    assert (
+        unique_rows([(torch.tensor([4, 4, 1]), torch.tensor([0])), (torch.tensor([2]), None)]) == 3
+    )
+    floor = measure_noise_floor(TINY)
+    batches = list(make_batches(TINY))[-TINY.measure_last :]
+    expected = sum(unique_rows(s) for _, s, _ in batches) / len(batches)
+    assert floor.unique_rows == pytest.approx(expected)
+    assert floor.elements == pytest.approx(expected * TINY.model_config.embedding_dim)
+    assert floor.floor_ms > 0 and math.isfinite(floor.samples_per_s)
+
+
+@pytest.mark.skipif(opacus_version() is None, reason="Opacus not installed (lazydp[bench])")
+@pytest.mark.parametrize("gsm", ["hooks", "ghost"])
+def test_opacus_runs_on_the_same_workload(gsm):
+    spec = BenchSpec("small8", scale=1e-3, batch_size=8, iterations=2, measure_last=1)
+    r = time_opacus(spec, gsm)
+    assert r.status == "ok", r.message
+    assert r.mode == f"opacus_{gsm}" and r.breakdown_ms["total"] == pytest.approx(r.steps_ms[-1])
+    ours = time_mode(spec, "lazydp")
+    (row,) = speedups([r, ours])
+    assert row["opacus_over_lazydp"] == pytest.approx(r.step_ms / ours.step_ms)
+
+
+def test_opacus_refuses_what_would_not_fit():
+    spec = BenchSpec("mlperf", scale=0.01, batch_size=2048, iterations=1, measure_last=1)
+    r = time_opacus(spec, "hooks")
+    assert r.status in ("refused", "failed")  # failed only when Opacus is absent
+    if opacus_version() is not None:
+        assert "per-sample gradients" in r.message and "GB" in r.message
