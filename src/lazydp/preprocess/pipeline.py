@@ -307,4 +307,4 @@ def _make_engine(name: str, tmp: Path, master: str | None, spark: Any, progress:
         from lazydp.preprocess.spark import SparkEngine
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise ConfigError("engine='spark' needs pyspark: pip install 'lazydp[spark]'") from exc
-    return SparkEngine(spark, master)
+    return SparkEngine(spark, master, progress)

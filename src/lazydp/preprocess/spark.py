@@ -49,8 +49,9 @@ class SparkEngine(Engine):
 
     name = "spark"
 
-    def __init__(self, spark: Any = None, master: str | None = None) -> None:
+    def __init__(self, spark: Any = None, master: str | None = None, progress: bool = True) -> None:
         self.dialect = SparkDialect()
+        self.progress = progress
         self.spark = spark if spark is not None else spark_session(master)
         self.spark.conf.set("spark.sql.ansi.enabled", "false")
         self._cached: list[Any] = []
