@@ -18,6 +18,8 @@ Contract (what may never change):
   would collide (birthday bound), i.e. reuse noise. The state is written through
   ``Generator.set_state``; its byte layout is verified once against torch's own seeding and,
   if it ever changes, every dtype falls back to numpy's PCG64 (slower, equally exact).
+* CUDA tensors: one torch Philox generator per call, seeded with 64 bits of the same key
+  material (Philox keeps all 64); seeded GPU draws are reproducible but differ from CPU draws.
 * The only way to make draws deterministic constants is the test-only override in
   :mod:`lazydp.testing`; :func:`active_override` names it so reports can say "not private".
   No environment variable or config key can switch it on.
