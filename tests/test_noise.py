@@ -10,6 +10,8 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import multiprocessing
+import os
 
 import pytest
 import torch
@@ -371,3 +373,16 @@ def test_zero_noise_decorator_nesting_and_exception_restore() -> None:
     assert active_override() is None
     with pytest.raises(ConfigError, match="constant_noise"):
         constant_noise(float("nan"))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_forked_child_process_can_still_draw_in_parallel() -> None:
+    GaussianNoise(threads=2).normal_(torch.empty(N))  # the parent's pool now exists
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(1) as pool:
+        std = pool.apply_async(_child_draw_std).get(timeout=60)
+    assert std == pytest.approx(1.0, rel=0.01)
+
+
+def _child_draw_std() -> float:
+    return float(GaussianNoise(threads=2).normal_(torch.empty(N)).std())

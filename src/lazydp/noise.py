@@ -159,6 +159,9 @@ def _fill_standard_chunk(dst: Tensor, std: float, material: Callable[[int], byte
 _pools: dict[int, ThreadPoolExecutor] = {}
 _pools_lock = threading.Lock()
 _scratch = threading.local()
+if hasattr(os, "register_at_fork"):
+    # A forked child inherits the pools but not their threads: it would wait on them forever.
+    os.register_at_fork(after_in_child=_pools.clear)
 
 
 def _default_threads() -> int:
