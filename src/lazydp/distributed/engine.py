@@ -201,8 +201,7 @@ class DistributedPrivacyEngine(PrivacyEngine):
 
     def _rekey_noise(self) -> None:
         """Fresh streams after a restart: re-run steps must not replay the crashed run's noise."""
-        opt = self.optimizer
-        assert self.noise is not None and opt is not None
+        assert self.noise is not None
         if self.seed is None:
             seed: int | None = shared_secret_seed(
                 self.process_group, comm_device(self.process_group)
@@ -214,16 +213,8 @@ class DistributedPrivacyEngine(PrivacyEngine):
             if world(self.process_group)[1] > 1:
                 dist.all_reduce(steps, op=dist.ReduceOp.MAX, group=self.process_group)
             seed, root = self.seed, 1 + int(steps)
-        shared = [self.noise, *(t.noise for t in opt.lazy.values())]
-        shared += list(opt.__dict__.get("_table_noise_cache", {}).values())
-        for n in shared:
-            _rekey(n, seed, root)
-        for k, m in enumerate(self.sharded.values()):
-            if m._training is not None:
-                fresh = self._shard_noise(k)
-                _rekey(m._training.noise, fresh.seed, fresh.stream_path[0], fresh.stream_path)
-                if m._training.lazy is not None:
-                    m._training.lazy.noise = m._training.noise
+        # Forks (tables, and shards in a seeded run) hang off the root and follow it in place.
+        self.noise.load_state_dict(_rekeyed(self.noise.state_dict(), seed, [root]))
 
     # ------------------------------------------------------------------ flush, export, checkpoints
     def flush(self) -> None:
@@ -250,7 +241,15 @@ class DistributedPrivacyEngine(PrivacyEngine):
         """Atomic private training state; with sharded tables, call it on every rank (own path)."""
         if self.sharded:
             extra["_sharded"] = {n: m.training_state_dict() for n, m in self.sharded.items()}
-        return super().save_checkpoint(path, **extra)
+        real = self.noise
+        if self.seed is None and real is not None:
+            # The shared stream's secret seed would let a checkpoint's reader regenerate (and
+            # subtract) every noise draw; a resumed run re-keys anyway, so never write it.
+            self.noise = _Redacted(_rekeyed(real.state_dict(), None, list(real.stream_path)))  # type: ignore[assignment]
+        try:
+            return super().save_checkpoint(path, **extra)
+        finally:
+            self.noise = real
 
     def load_checkpoint(self, path: str | os.PathLike[str]) -> dict[str, Any]:
         """Restore (a collective): the ledger is never lowered and every noise stream is re-keyed."""
@@ -263,10 +262,19 @@ class DistributedPrivacyEngine(PrivacyEngine):
         return extra
 
 
-def _rekey(
-    noise: GaussianNoise, seed: int | None, root: int, path: tuple[int, ...] | None = None
-) -> None:
-    state = noise.state_dict()
-    stream = list(path) if path is not None else [root, *state["stream_path"][1:]]
-    state.update(seed=seed, stream_path=stream, counter=0)
-    noise.load_state_dict(state)
+class _Redacted:
+    """Stands in for the noise source while a checkpoint is written: only its state, seedless."""
+
+    def __init__(self, state: dict[str, Any]) -> None:
+        self._state = state
+
+    def state_dict(self) -> dict[str, Any]:
+        return self._state
+
+
+def _rekeyed(state: dict[str, Any], seed: int | None, path: list[int]) -> dict[str, Any]:
+    """``state`` (a noise tree) moved to ``seed`` and ``path`` with every counter at 0."""
+    forks = {
+        k: _rekeyed(sub, seed, [*path, int(k)]) for k, sub in dict(state.get("forks", {})).items()
+    }
+    return {**state, "seed": seed, "stream_path": path, "counter": 0, "forks": forks}

@@ -21,6 +21,7 @@ import os
 import subprocess
 import sys
 from dataclasses import asdict
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +47,20 @@ def init_from_env(backend: str | None = None) -> tuple[int, int]:
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend)
+        rank = int(os.environ["RANK"])
+        # Under torchrun the agent hosts the store and keeps it across restarts; gloo would then
+        # read the crashed attempt's stale addresses and fail to connect. A prefix per attempt
+        # gives every restart fresh keys.
+        agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+        store = dist.TCPStore(
+            os.environ["MASTER_ADDR"],
+            int(os.environ["MASTER_PORT"]),
+            size,
+            is_master=rank == 0 and not agent_store,
+            timeout=timedelta(minutes=5),
+        )
+        prefixed = dist.PrefixStore(f"lazydp/attempt{restart_count()}", store)
+        dist.init_process_group(backend, store=prefixed, rank=rank, world_size=size)
     return dist.get_rank(), dist.get_world_size()
 
 

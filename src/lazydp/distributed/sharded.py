@@ -253,11 +253,12 @@ class ShardedEmbeddingBag(nn.Module):
         return 0 if t is None or t.lazy is None else t.lazy.pending_rows(t.step)
 
     def training_state_dict(self) -> dict[str, Any]:
-        """Step, history table, lr prefix sums and noise counter of this shard (plain data)."""
+        """Step, history table and lr prefix sums of this shard (plain data; the noise stream is
+        re-keyed on resume, never restored)."""
         t = self._training
         if t is None:
             return {}
-        state: dict[str, Any] = {"step": t.step, "noise": t.noise.state_dict()}
+        state: dict[str, Any] = {"step": t.step}
         if t.lazy is not None:
             state["lazy"] = t.lazy.state_dict()
             state["prefix"] = t.lazy.prefix.state_dict()
@@ -268,7 +269,6 @@ class ShardedEmbeddingBag(nn.Module):
         if t is None or not state:
             return
         t.step = int(state["step"])
-        t.noise.load_state_dict(state["noise"])
         if t.lazy is not None:
             t.lazy.load_state_dict(state["lazy"])
             t.lazy.prefix.load_state_dict(state["prefix"])
