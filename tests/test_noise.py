@@ -385,4 +385,6 @@ def test_forked_child_process_can_still_draw_in_parallel() -> None:
 
 
 def _child_draw_std() -> float:
+    # libgomp's pool does not survive fork either; torch's DataLoader workers do the same.
+    torch.set_num_threads(1)
     return float(GaussianNoise(threads=2).normal_(torch.empty(N)).std())
