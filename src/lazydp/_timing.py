@@ -5,8 +5,7 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
-from typing import ContextManager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 
 class PhaseTimer:
@@ -16,7 +15,7 @@ class PhaseTimer:
         self.enabled = False
         self.totals: dict[str, float] = defaultdict(float)
 
-    def phase(self, name: str) -> ContextManager[None]:
+    def phase(self, name: str) -> AbstractContextManager[None]:
         return self._timed(name) if self.enabled else nullcontext()
 
     @contextmanager

@@ -33,7 +33,7 @@ def _memory_gib() -> float | None:
 def collect() -> dict[str, Any]:
     import torch
 
-    versions = {}
+    versions: dict[str, str | None] = {}
     for name in PACKAGES:
         try:
             versions[name] = metadata.version(name)

@@ -101,7 +101,9 @@ class LayerClipper:
         """Materialised per-example gradients (the ``dpsgd_b`` / ``dpsgd_r`` path)."""
         raise NotImplementedError
 
-    def rows_read(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor | None:
+    def rows_read(
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Tensor | None:
         """For embedding tables: the (unique or not) int64 row ids a forward call reads, after
         validating them (out of range -> InputError naming the layer, the id and the table size).
         ``padding_idx`` is excluded. None for layers that are not tables."""

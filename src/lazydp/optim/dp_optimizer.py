@@ -19,8 +19,9 @@ Validation happens before step 3, so a bad batch changes nothing and charges not
 from __future__ import annotations
 
 from collections.abc import Callable
+from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -93,12 +94,17 @@ class DPOptimizer(Optimizer):
         self.originals = optimizers
         self.defaults = optimizers[0].defaults
         self.state = optimizers[0].state  # type: ignore[assignment]
-        self._optimizer_step_pre_hooks: dict = {}
-        self._optimizer_step_post_hooks: dict = {}
-        self._optimizer_state_dict_pre_hooks: dict = {}
-        self._optimizer_state_dict_post_hooks: dict = {}
-        self._optimizer_load_state_dict_pre_hooks: dict = {}
-        self._optimizer_load_state_dict_post_hooks: dict = {}
+        # Optimizer.__init__ is not called (the groups belong to the wrapped optimizers), so set
+        # the hook registries torch's Optimizer methods expect.
+        for name in (
+            "_optimizer_step_pre_hooks",
+            "_optimizer_step_post_hooks",
+            "_optimizer_state_dict_pre_hooks",
+            "_optimizer_state_dict_post_hooks",
+            "_optimizer_load_state_dict_pre_hooks",
+            "_optimizer_load_state_dict_post_hooks",
+        ):
+            setattr(self, name, OrderedDict())
         self.capture = capture
         self.privacy = privacy
         self.noise = noise
@@ -114,7 +120,7 @@ class DPOptimizer(Optimizer):
                 for p in g["params"]:
                     self._group_index[p] = (i, j)
         self.tables: dict[nn.Parameter, LayerCapture] = {
-            layer.module.weight: layer
+            cast(nn.Parameter, layer.module.weight): layer
             for layer in capture.layers
             if layer.is_table and layer.module.weight.requires_grad
         }
