@@ -18,8 +18,8 @@ Validation happens before step 3, so a bad batch changes nothing and charges not
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
