@@ -174,8 +174,25 @@ def evaluate(model: nn.Module, test: Any, batch_size: int) -> dict[str, float]:
     }
 
 
-def run(cfg: TrainConfig, *, rank: int = 0, world_size: int = 1) -> dict[str, Any]:
-    """Train privately as configured; return the summary (also written to OUT/report.json)."""
+def run(
+    cfg: TrainConfig,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    engine_cls: type[PrivacyEngine] | None = None,
+) -> dict[str, Any]:
+    """Train privately as configured; return the summary (also written to OUT/report.json).
+
+    Inside a process group (world_size > 1) the engine is the distributed one: clipped sums are
+    all-reduced and the noise is drawn once from a stream shared by every rank.
+    """
+    if engine_cls is None:
+        if world_size > 1:
+            from lazydp.distributed.engine import DistributedPrivacyEngine
+
+            engine_cls = DistributedPrivacyEngine
+        else:
+            engine_cls = PrivacyEngine
     cfg.validate()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -216,7 +233,7 @@ def run(cfg: TrainConfig, *, rank: int = 0, world_size: int = 1) -> dict[str, An
             f"{ledger_path} exists from an earlier run; pass --resume to continue it or choose "
             "another --out (a ledger is never reset)."
         )
-    engine = PrivacyEngine(seed=cfg.seed, ledger_path=ledger_path)
+    engine = engine_cls(seed=cfg.seed, ledger_path=ledger_path)
     privacy_cost = meta.get("privacy_cost") or {}
     if (
         privacy_cost.get("epsilon")

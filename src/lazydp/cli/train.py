@@ -98,8 +98,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         from lazydp.distributed.launch import launch
 
         return launch(args, cfg)
+    from lazydp.distributed.launch import init_from_env, prepare_restart
     from lazydp.training import run as train_run
 
     if args.json:
         cfg.progress = False
-    return train_run(cfg)
+    # Under `torchrun -m lazydp train ...` this joins the process group; otherwise (0, 1).
+    rank, world_size = init_from_env()
+    prepare_restart(cfg, rank)
+    return train_run(cfg, rank=rank, world_size=world_size)

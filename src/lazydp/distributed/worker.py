@@ -53,10 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = TrainConfig(**json.loads(Path(argv[0]).read_text()))
     rank, world_size = init_from_env()
     prepare_restart(cfg, rank)
-    # training.run builds a PrivacyEngine; under a process group it must be the distributed one.
-    training.PrivacyEngine = _WorkerEngine  # type: ignore[misc]
     try:
-        training.run(cfg, rank=rank, world_size=world_size)
+        training.run(cfg, rank=rank, world_size=world_size, engine_cls=_WorkerEngine)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
