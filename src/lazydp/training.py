@@ -37,7 +37,8 @@ class TrainConfig:
     epochs: float = 3.0
     batch_size: int = 1024
     lr: float = 2.0  # embedding tables (SGD)
-    dense_lr: float = 0.003  # MLPs (Adam)
+    dense_lr: float = 0.003  # MLPs
+    dense_optimizer: str = "adam"
     noise_multiplier: float | None = None
     target_epsilon: float | None = 3.0
     delta: float | None = None
@@ -56,6 +57,7 @@ class TrainConfig:
     def validate(self) -> None:
         v.check_mode(self.mode)
         v.check_choice("sampler", self.sampler, ("poisson", "shuffle"))
+        v.check_choice("dense_optimizer", self.dense_optimizer, ("adam", "sgd"))
         v.check_positive_int("batch_size", self.batch_size)
         v.check_max_grad_norm(self.max_grad_norm)
         if self.noise_multiplier is not None:
@@ -225,7 +227,12 @@ def run(
     ]
     table_ids = {id(p) for p in tables}
     dense = [p for p in model.parameters() if id(p) not in table_ids]
-    optimizers = [torch.optim.Adam(dense, lr=cfg.dense_lr), torch.optim.SGD(tables, lr=cfg.lr)]
+    dense_opt: torch.optim.Optimizer = (
+        torch.optim.Adam(dense, lr=cfg.dense_lr)
+        if cfg.dense_optimizer == "adam"
+        else torch.optim.SGD(dense, lr=cfg.dense_lr)
+    )
+    optimizers = [dense_opt, torch.optim.SGD(tables, lr=cfg.lr)]
 
     ledger_path = out / ("ledger.jsonl" if rank == 0 else f"ledger.rank{rank}.jsonl")
     if not cfg.resume and ledger_path.exists():
