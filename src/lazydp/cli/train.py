@@ -19,7 +19,7 @@ import yaml
 
 from lazydp.cli import add_json_flag
 from lazydp.errors import ConfigError
-from lazydp.training import TrainConfig
+from lazydp.training import DATASET_DEFAULTS, TrainConfig
 
 EPILOG = """example:
   $ lazydp train
@@ -68,7 +68,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """Defaults <- YAML file <- flags."""
+    """Defaults <- the dataset's defaults <- YAML file <- flags."""
     values: dict[str, Any] = {}
     if args.config:
         path = Path(args.config)
@@ -88,6 +88,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         val = getattr(args, name, None)
         if val is not None:
             values[name] = val
+    dataset = values.get("dataset", "movielens")
+    if not values.get("data"):
+        values = {**DATASET_DEFAULTS.get(dataset, {}), **values}
     if values.get("noise_multiplier") is not None and "target_epsilon" not in values:
         values["target_epsilon"] = None
     return TrainConfig(**values)
