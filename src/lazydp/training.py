@@ -46,7 +46,8 @@ class TrainConfig:
     sampler: str = "poisson"
     embedding_dim: int = 16
     hidden: list[int] = field(default_factory=lambda: [64, 32])
-    seed: int | None = None
+    seed: int | None = None  # sampling and noise (None: OS entropy)
+    model_seed: int = 0  # model initialisation only; no privacy randomness
     out: str = "runs/latest"
     checkpoint_every: int = 0
     resume: bool = False
@@ -148,7 +149,7 @@ def build_model(train: Any, cfg: TrainConfig, kind: str) -> nn.Module:
         d,
         (max(num_dense, 1), *cfg.hidden, d),
         (*cfg.hidden, 1),
-        seed=0 if cfg.seed is None else cfg.seed,
+        seed=cfg.model_seed,
     )
 
 
@@ -225,7 +226,7 @@ def run(
             else calibrate_noise_multiplier(float(cfg.target_epsilon or 0), delta, q, total_steps)
         )
 
-    torch.manual_seed(0 if cfg.seed is None else cfg.seed)  # model init only; DP noise is separate
+    torch.manual_seed(cfg.model_seed)  # model init only; DP noise is drawn in lazydp.noise
     model = build_model(train, cfg, kind)
     tables = [
         p

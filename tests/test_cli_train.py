@@ -1,0 +1,127 @@
+"""`lazydp train` end to end through the CLI (small runs on the built-in real datasets)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lazydp.cli import main
+
+
+def run_cli(args, capsys):
+    code = main(args)
+    out = capsys.readouterr()
+    return code, out
+
+
+def last_json(text: str) -> dict:
+    return json.loads(text.strip().splitlines()[-1])
+
+
+def test_train_acs_json_reports_privacy_and_metrics(tmp_path, capsys):
+    code, out = run_cli(
+        [
+            "train",
+            "--dataset",
+            "acs",
+            "--epochs",
+            "2",
+            "--target-epsilon",
+            "2",
+            "--out",
+            str(tmp_path / "run"),
+            "--json",
+        ],
+        capsys,
+    )
+    assert code == 0, out.err
+    result = last_json(out.out)
+    assert result["privacy"]["epsilon"] <= 2.0 + 1e-9
+    assert result["privacy"]["private"] is True
+    assert result["privacy"]["delta"] == 1e-4  # ~1.4k rows: 1/N rounded down to a power of ten
+    assert 0.0 <= result["test"]["accuracy"] <= 1.0
+    assert (tmp_path / "run" / "model.pt").exists()
+    ledger = (tmp_path / "run" / "ledger.jsonl").read_text().splitlines()
+    assert sum('"step"' in line for line in ledger) == result["steps"]
+
+
+def test_train_movielens_dlrm_few_steps(tmp_path, capsys):
+    code, out = run_cli(
+        [
+            "train",
+            "--max-steps",
+            "3",
+            "--batch-size",
+            "512",
+            "--noise-multiplier",
+            "1.0",
+            "--out",
+            str(tmp_path / "run"),
+            "--json",
+        ],
+        capsys,
+    )
+    assert code == 0, out.err
+    result = last_json(out.out)
+    assert result["steps"] == 3 and result["mode"] == "lazydp"
+    assert result["test"]["rows"] > 9000
+
+
+def test_config_file_then_flags(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("dataset: acs\nepochs: 1\nmode: dpsgd_f\nnoise_multiplier: 2.0\n")
+    code, out = run_cli(
+        ["train", "--config", str(cfg), "--mode", "lazydp", "--out", str(tmp_path / "r"), "--json"],
+        capsys,
+    )
+    assert code == 0, out.err
+    result = last_json(out.out)
+    assert result["mode"] == "lazydp"  # the flag wins over the file
+    assert result["noise_multiplier"] == 2.0  # the file wins over the default
+
+
+def test_ledger_is_never_reset_and_resume_continues(tmp_path, capsys):
+    args = [
+        "train",
+        "--dataset",
+        "acs",
+        "--epochs",
+        "1",
+        "--noise-multiplier",
+        "2.0",
+        "--out",
+        str(tmp_path / "r"),
+        "--checkpoint-every",
+        "2",
+        "--json",
+    ]
+    assert run_cli(args, capsys)[0] == 0
+    code, out = run_cli(args, capsys)
+    assert code == 1 and "--resume" in out.err  # an existing ledger is never overwritten
+    code, out = run_cli([*args, "--resume", "--epochs", "2"], capsys)
+    assert code == 0, out.err
+    result = last_json(out.out)
+    ledger = (tmp_path / "r" / "ledger.jsonl").read_text()
+    assert ledger.count('"step"') >= result["steps"]
+
+
+@pytest.mark.parametrize(
+    "flags, match",
+    [
+        (["--noise-multiplier", "-1"], "noise_multiplier"),
+        (["--target-epsilon", "0"], "epsilon"),
+        (["--batch-size", "0"], "batch_size"),
+    ],
+)
+def test_bad_flags_give_clean_errors(tmp_path, capsys, flags, match):
+    code, out = run_cli(["train", "--dataset", "acs", "--out", str(tmp_path / "r"), *flags], capsys)
+    assert code == 1
+    assert match in out.err and "Traceback" not in out.err
+
+
+def test_unknown_config_key(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("epochz: 1\n")
+    code, out = run_cli(["train", "--config", str(cfg)], capsys)
+    assert code == 1 and "epochz" in out.err
