@@ -180,6 +180,7 @@ class DPOptimizer(Optimizer):
                 self.noise.fork(1 + k),
                 self.privacy.noise_std / self.privacy.expected_batch_size,
                 getattr(layer.module, "padding_idx", None),
+                self.timer,
             )
             self.lazy[p] = table
             layer.read_hook = self._read_hook(table)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from lazydp._timing import PhaseTimer
 from lazydp.noise import GaussianNoise
 
 _FLUSH_ROWS = 1 << 16  # rows per chunk in a full flush: bounds the temporary noise buffer
@@ -80,7 +81,9 @@ class LazyTable:
         noise: GaussianNoise,
         noise_std: float,
         padding_idx: int | None = None,
+        timer: PhaseTimer | None = None,
     ) -> None:
+        self.timer = timer or PhaseTimer()
         self.weight = weight
         self.prefix = prefix
         self.noise = noise
@@ -100,7 +103,10 @@ class LazyTable:
         if rows.numel() == 0:
             return 0
         s1, s2 = self.prefix.pending(applied, t)
-        z = self.noise.aggregated(s1, s2, self.weight.shape[1], self.weight.dtype)
+        # Timed apart from the bookkeeping: the draw is the floor every lazy scheme pays; the
+        # rest (unique, history gather/scatter, index_add) is what a lookahead fusion could save.
+        with self.timer.phase("lazy_catch_up_noise"):
+            z = self.noise.aggregated(s1, s2, self.weight.shape[1], self.weight.dtype)
         # Noise enters as W += lr*sigma*C/B*z, the same sign the eager table path uses.
         self.weight.index_add_(0, rows, z.to(self.weight.device), alpha=self.noise_std)
         self.history.applied[rows] = t
