@@ -95,4 +95,4 @@ def test_help_shows_an_example_with_output(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "--help"])
     text = capsys.readouterr().out
-    assert "$ lazydp bench --config rmc1" in text and "lazydp/sgd" in text
+    assert "$ lazydp bench --config mlperf" in text and "lazydp/sgd" in text

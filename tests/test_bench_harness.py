@@ -10,6 +10,7 @@ import torch
 from lazydp.bench.floor import measure_noise_floor, unique_rows
 from lazydp.bench.harness import (
     BREAKDOWN_ROWS,
+    CATCH_UP_NOISE_ROW,
     CATCH_UP_ROW,
     TOP_ROWS,
     UPDATE_PARTS,
@@ -39,6 +40,7 @@ def test_breakdown_moves_catch_up_from_forward_to_update_and_sums_to_total():
         "param_update": 0.003,
         "lazy_bookkeeping": 0.002,
         "lazy_catch_up": 0.005,
+        "lazy_catch_up_noise": 0.001,  # nested inside lazy_catch_up: never added twice
     }
     rows = breakdown("lazydp", forward_s=0.030, backward_s=0.040, step_s=0.050, phases=phases)
     assert list(rows) == list(BREAKDOWN_ROWS)
@@ -48,6 +50,7 @@ def test_breakdown_moves_catch_up_from_forward_to_update_and_sums_to_total():
     assert rows["update"] == pytest.approx(50 - 10 - 20 + 5)
     assert rows["update: lazy bookkeeping"] == pytest.approx(7.0)
     assert rows[CATCH_UP_ROW] == pytest.approx(5.0)
+    assert rows[CATCH_UP_NOISE_ROW] == pytest.approx(1.0)
     assert rows["update: other"] == pytest.approx(25 - 1 - 4 - 3 - 7)
     assert sum(rows[r] for r in TOP_ROWS) == pytest.approx(rows["total"]) == pytest.approx(120.0)
     assert _update_sum(rows) == pytest.approx(rows["update"])
@@ -82,6 +85,7 @@ def test_time_mode_breakdown_is_consistent(mode):
     else:
         assert rows["update: noise sampling"] > 0 and rows["backward (per-example)"] > 0
     assert (rows[CATCH_UP_ROW] > 0) == (mode == "lazydp")
+    assert 0 <= rows[CATCH_UP_NOISE_ROW] <= rows[CATCH_UP_ROW]
     # lazydp's history table: one int32 per row of every table.
     expected_history = 4 * TINY.model_config.total_rows if mode == "lazydp" else 0
     assert r.history_bytes == expected_history

@@ -15,7 +15,8 @@ Contract:
   - update = everything else of the step, + lazy catch-up. It splits into coalesce, noise sampling,
     noisy-gradient merge (our engine fuses noise into the gradient or the weight in place, so this
     is 0 unless the engine times a ``merge`` phase), parameter update, lazy bookkeeping (history
-    and lr prefix, + catch-up, also shown on its own row), and other (the untimed rest: ledger
+    and lr prefix, + catch-up, also shown on its own row, with its noise draw as a sub-row), and
+    other (the untimed rest: ledger
     charge, capture bookkeeping, zero_grad).
 
   So forward + both backwards + update == total (the measured step wall), and the update rows sum
@@ -60,6 +61,8 @@ UPDATE_PARTS = (
     "update: lazy bookkeeping",
 )
 CATCH_UP_ROW = "update: lazy bookkeeping: catch-up at read"
+# Part of the catch-up: the aggregated draw itself (the floor); the rest is its bookkeeping.
+CATCH_UP_NOISE_ROW = "update: lazy bookkeeping: catch-up at read: noise draw"
 BREAKDOWN_ROWS = (
     "forward",
     "backward (per-example)",
@@ -67,6 +70,7 @@ BREAKDOWN_ROWS = (
     "update",
     *UPDATE_PARTS,
     CATCH_UP_ROW,
+    CATCH_UP_NOISE_ROW,
     "update: other",
     "total",
 )
@@ -141,6 +145,7 @@ def breakdown(
         parts["update: parameter update"] = rows["update"]
     rows.update(parts)
     rows[CATCH_UP_ROW] = catch_up
+    rows[CATCH_UP_NOISE_ROW] = phases.get("lazy_catch_up_noise", 0.0)  # nested in catch-up
     rows["update: other"] = rows["update"] - sum(parts.values())
     rows["total"] = total
     return {k: 1e3 * rows[k] for k in BREAKDOWN_ROWS}

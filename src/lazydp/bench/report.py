@@ -22,13 +22,13 @@ import math
 from pathlib import Path
 from typing import Any
 
-from lazydp.bench.harness import BREAKDOWN_ROWS, CATCH_UP_ROW
+from lazydp.bench.harness import BREAKDOWN_ROWS, CATCH_UP_NOISE_ROW, CATCH_UP_ROW
 from lazydp.bench.opacus_compare import OPACUS_BACKWARD_ROW
 from lazydp.bench.suite import SuiteResult
 
 # Rows stacked in the bar chart: they partition the step (catch-up is inside lazy bookkeeping).
 STACKED = tuple(
-    r for r in BREAKDOWN_ROWS if r not in ("update", "total", CATCH_UP_ROW)
+    r for r in BREAKDOWN_ROWS if r not in ("update", "total", CATCH_UP_ROW, CATCH_UP_NOISE_ROW)
 )  # fmt: skip
 
 
@@ -97,7 +97,8 @@ def plot_breakdown(suite: SuiteResult, path: Path) -> Path:
             ax.bar(range(len(results)), vals, bottom=bottom, label=row)
             bottom = [b + v for b, v in zip(bottom, vals)]
         ax.set_ylabel("% of step" if share else "ms per step")
-    axes[0].set_title("Latency breakdown per training mode (mean of the measured steps)")
+    stats = sorted({str(r.spec.get("statistic", "mean")) for r in results}) or ["mean"]
+    axes[0].set_title(f"Latency breakdown per training mode ({'/'.join(stats)} of measured steps)")
     axes[0].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     axes[1].set_xticks(range(len(results)), names, rotation=60, ha="right", fontsize=7)
     fig.tight_layout()
@@ -163,3 +164,46 @@ def format_table(suite: SuiteResult) -> str:
             lines.append(f"{row:<{width}}{vals}")
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks) if blocks else "(nothing measured)"
+
+
+RATIO_KEYS = (
+    "lazydp_over_sgd",
+    "lazydp_over_sgd_plus_floor",
+    "dpsgd_f_over_lazydp",
+    "dpsgd_f_over_sgd",
+)
+
+
+def markdown_summary(summary: dict[str, Any]) -> str:
+    """The summary ratios as a Markdown table (what benchmarks/*.py paste into RESULTS.md).
+
+    Example: ``markdown_summary({"workloads": [], "memory": [], "opacus": []})`` is a header.
+    """
+    modes = ("sgd", "dpsgd_f", "lazydp")
+    head = "| workload | tables GB | " + " | ".join(f"{m} ms" for m in modes)
+    head += " | floor ms | lazydp/sgd | lazydp/(sgd+floor) | dpsgd_f/lazydp | dpsgd_f/sgd |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for w in summary["workloads"]:
+        ms = w.get("step_ms", {})
+        cells = [w["label"], f"{w['table_bytes'] / 1e9:.3g}"]
+        cells += [f"{ms[m]:.1f}" if m in ms else "-" for m in modes]
+        cells.append(f"{w['noise_floor_ms']:.1f}" if "noise_floor_ms" in w else "-")
+        for key in RATIO_KEYS:
+            cells.append(f"{w[key]:.2f}" if key in w else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    for m in summary.get("memory", []):
+        ratio = m["peak_above_baseline_over_allowance"]
+        if ratio is not None:
+            lines.append(
+                f"\npeak memory {m['column']}: {m['peak_rss_bytes'] / 1e9:.2f} GB peak RSS, "
+                f"{(m['peak_rss_bytes'] - m['baseline_rss_bytes']) / 1e9:.2f} GB above the "
+                f"interpreter = {ratio:.2f} x allowance ({m['allowance_bytes'] / 1e9:.2f} GB)"
+            )
+    for o in summary.get("opacus", []):
+        parts = [
+            f"{k.removeprefix('opacus_over_')} {v:.0f}x" for k, v in o.items() if "_over_" in k
+        ]
+        lines.append(
+            f"\n{o['label']} {o['opacus_mode']}: {o['opacus_ms']:.0f} ms/step; " + ", ".join(parts)
+        )
+    return "\n".join(lines)

@@ -23,18 +23,19 @@ from lazydp.bench.workload import BENCH_CONFIGS, STATISTICS, BenchSpec
 from lazydp.cli import add_json_flag
 from lazydp.errors import ConfigError
 
-EPILOG = """example (2 shared cores, no GPU):
-  $ lazydp bench --config rmc1 --scale 0.001 --batch-size 2048 --pooling 20 \\
-        --iterations 6 --measure-last 3
-  rmc1 s=0.001 B=2048 L=20 (ms)             sgd       dpsgd_f        lazydp
-  forward                                  20.1          43.0          21.9
-  backward (per-example)                      -          28.4          40.6
-  backward (per-batch)                     40.5         101.2          96.4
-  update                                  139.6         373.0         170.9
+EPILOG = """example (2 shared cores, no GPU; numbers from benchmarks/RESULTS.md):
+  $ lazydp bench --config mlperf --scale 0.001 --batch-size 2048 --iterations 20 \\
+        --measure-last 10 --statistic median --interleave
+  mlperf s=0.001 B=2048 L=1 (ms)                       sgd       dpsgd_f        lazydp
+  forward                                          154.203       144.267       157.500
+  backward (per-example)                             0.000        28.166        26.025
+  backward (per-batch)                             330.819       337.024       336.225
+  update                                             8.171       133.160        46.733
+  update: noise sampling                             0.000       121.740        14.870
   ...
-  total                                   200.2         545.6         329.8
-  lazydp/sgd 1.65   lazydp/(sgd+floor) 1.38   dpsgd_f/lazydp 1.65
-  wrote runs/bench-20250101-120000/{breakdown.csv,bench.json,breakdown.png}
+  total                                            493.194       642.618       566.484
+  mlperf s=0.001 B=2048 L=1: lazydp/sgd 1.15   lazydp/(sgd+floor) 1.13   dpsgd_f/lazydp 1.13
+  wrote runs/bench-<timestamp>/breakdown.csv, .../bench.json, .../breakdown.png
 
 sweep file (YAML; a list value sweeps that key, flags given on the command line win):
   modes: [sgd, dpsgd_f, lazydp]
@@ -45,7 +46,7 @@ sweep file (YAML; a list value sweeps that key, flags given on the command line 
 """
 
 SPEC_KEYS = {f.name for f in fields(BenchSpec)}
-SWEEP_KEYS = SPEC_KEYS | {"modes", "compare", "opacus_iterations"}
+SWEEP_KEYS = SPEC_KEYS | {"modes", "compare", "opacus_iterations", "interleave"}
 DEFAULT_MODES = "sgd,dpsgd_f,lazydp"
 
 
@@ -76,7 +77,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="output directory (default runs/bench-<timestamp>)")
     p.add_argument("--no-isolate", dest="isolate", action="store_false",
                    help="measure in this process (faster start; peak RSS then mixes modes)")  # fmt: skip
-    p.add_argument("--interleave", action="store_true",
+    p.add_argument("--interleave", action="store_true", default=None,
                    help="one process, modes round robin step by step: steadier ratios on a "
                    "shared machine; no per-mode peak memory")  # fmt: skip
     p.add_argument("--no-progress", dest="progress", action="store_false")
@@ -155,7 +156,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         modes,
         compare=compare_with,
         isolate=args.isolate,
-        interleave=args.interleave,
+        interleave=bool(options.pop("interleave", False)),
         progress=args.progress,
         opacus_iterations=(max(1, opacus_its), max(1, opacus_its - 1)),
     )
