@@ -200,3 +200,20 @@ def test_sparse_tables_are_supported():
         opt.step()
     assert opt.pending_rows() == 0  # the epoch end flushed everything
     assert torch.isfinite(model.weight).all()
+
+
+def test_add_rows_matches_index_add_on_large_tables():
+    from lazydp.optim.rows import add_rows_
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(300_000, 4, generator=g)
+    rows = torch.randint(0, 300_000, (5000,), generator=g)
+    rows[:100] = rows[100:200]  # duplicates add up
+    vals = torch.randn(5000, 4, generator=g)
+    ref = w.clone().index_add_(0, rows, vals, alpha=-0.3)
+    add_rows_(w, rows, vals, -0.3)
+    torch.testing.assert_close(w, ref)
+    u = torch.unique(rows)
+    ref.index_add_(0, u, vals[: u.numel()], alpha=2.0)
+    add_rows_(w, u, vals[: u.numel()], 2.0, unique=True)
+    torch.testing.assert_close(w, ref)

@@ -36,6 +36,7 @@ from lazydp.ledger import PrivacyLedger, StepEvent
 from lazydp.noise import GaussianNoise
 from lazydp.optim.eager import eager_table_sgd, noisy_dense_grad
 from lazydp.optim.lazy import LazyTable, LrPrefix
+from lazydp.optim.rows import add_rows_
 
 # Dividing by norm + tiny keeps c_i finite for an all-zero gradient (then c_i = 1, as clipping a
 # zero vector leaves it zero); it shrinks a norm exactly at C by a relative 1e-12 only.
@@ -322,7 +323,7 @@ class DPOptimizer(Optimizer):
                     with self.timer.phase("param_update"):
                         s = sums.get(q)
                         if isinstance(s, SparseRows):
-                            q.index_add_(0, s.indices, s.values, alpha=-lr / p.expected_batch_size)
+                            add_rows_(q, s.indices, s.values, -lr / p.expected_batch_size)
                         elif s is not None:
                             q.add_(s, alpha=-lr / p.expected_batch_size)
                 elif q in self.tables and is_plain_sgd(opt, group):

@@ -14,6 +14,7 @@ from torch import Tensor
 from lazydp._timing import PhaseTimer
 from lazydp.clipping._base import ClippedSum, SparseRows
 from lazydp.noise import GaussianNoise
+from lazydp.optim.rows import add_rows_
 
 
 @torch.no_grad()
@@ -65,6 +66,6 @@ def eager_table_sgd(
         return
     with timer.phase("param_update"):
         if isinstance(clipped, SparseRows):
-            weight.index_add_(0, clipped.indices, clipped.values, alpha=-lr / expected_batch_size)
+            add_rows_(weight, clipped.indices, clipped.values, -lr / expected_batch_size)
         else:
             weight.add_(clipped, alpha=-lr / expected_batch_size)

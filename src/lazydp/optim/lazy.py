@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from lazydp._timing import PhaseTimer
 from lazydp.noise import GaussianNoise
+from lazydp.optim.rows import add_rows_
 
 _FLUSH_ROWS = 1 << 16  # rows per chunk in a full flush: bounds the temporary noise buffer
 
@@ -108,7 +109,7 @@ class LazyTable:
         with self.timer.phase("lazy_catch_up_noise"):
             z = self.noise.aggregated(s1, s2, self.weight.shape[1], self.weight.dtype)
         # Noise enters as W += lr*sigma*C/B*z, the same sign the eager table path uses.
-        self.weight.index_add_(0, rows, z.to(self.weight.device), alpha=self.noise_std)
+        add_rows_(self.weight, rows, z.to(self.weight.device), self.noise_std, unique=True)
         self.history.applied[rows] = t
         return int(rows.numel())
 

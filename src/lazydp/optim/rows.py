@@ -1,0 +1,41 @@
+"""Row updates of large embedding tables: ``W[rows] += alpha * values``.
+
+torch's CPU ``index_add_`` into a table of millions of rows is dominated by scattered
+read-modify-writes (10 ms for 40k rows of a 10M-row table here); gathering the rows, adding in a
+small contiguous buffer and writing them back with ``index_copy_`` does the same in ~1.5 ms. Rows
+must be unique for that, so duplicated rows are summed first (coalesced) -- still cheaper on big
+tables. Small tables keep ``index_add_``, which is as fast there and needs no sort.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+# Below this many rows the table is cache-resident and index_add_ is as fast as anything.
+_LARGE_TABLE_ROWS = 1 << 17
+
+
+@torch.no_grad()
+def add_rows_(
+    weight: Tensor, rows: Tensor, values: Tensor, alpha: float, unique: bool = False
+) -> None:
+    """``weight[rows] += alpha * values`` with duplicated rows adding up.
+
+    >>> w = torch.zeros(3, 2)
+    >>> add_rows_(w, torch.tensor([2, 0, 2]), torch.ones(3, 2), alpha=0.5)
+    >>> w[:, 0].tolist()
+    [0.5, 0.0, 1.0]
+    """
+    if rows.numel() == 0:
+        return
+    if weight.shape[0] < _LARGE_TABLE_ROWS or weight.device.type != "cpu":
+        weight.index_add_(0, rows, values.to(weight.dtype), alpha=alpha)
+        return
+    if not unique:
+        rows, inverse = torch.unique(rows, return_inverse=True)
+        summed = values.new_zeros((rows.numel(), values.shape[1]))
+        values = summed.index_add_(0, inverse, values)
+    block = weight.index_select(0, rows)
+    block.add_(values.to(weight.dtype), alpha=alpha)
+    weight.index_copy_(0, rows, block)
