@@ -113,7 +113,11 @@ def plot_scaling(suite: SuiteResult, path: Path) -> Path | None:
     for r in suite.results:
         if r.status != "ok" or not r.table_bytes:
             continue
-        key = f"{r.spec.get('config')} B={r.spec.get('batch_size')} {r.mode}"
+        # One line per (config, batch, pooling, mode): mixing poolings would zigzag.
+        key = (
+            f"{r.spec.get('config')} B={r.spec.get('batch_size')} "
+            f"L={r.spec.get('pooling')} {r.mode}"
+        )
         lines.setdefault(key, []).append((r.table_bytes, r.step_ms))
     lines = {k: sorted(v) for k, v in lines.items() if len({x for x, _ in v}) >= 2}
     if not lines:
