@@ -125,6 +125,9 @@ class DPOptimizer(Optimizer):
             for layer in capture.layers
             if layer.is_table and layer.module.weight.requires_grad
         }
+        # A fixed stream per table (fork(k) returns the same child for the same k): the same
+        # index in the eager and the lazy path, never shared between tables or with dense params.
+        self._table_stream = {p: 1 + k for k, p in enumerate(self.tables)}
         self.lazy: dict[nn.Parameter, LazyTable] = {}
         self._prefixes: dict[tuple[int, int], LrPrefix] = {}
         self._check_optimizers()
@@ -173,12 +176,12 @@ class DPOptimizer(Optimizer):
                 )
 
     def _make_lazy(self) -> None:
-        for k, (p, layer) in enumerate(self.tables.items()):
+        for p, layer in self.tables.items():
             prefix = self._prefixes.setdefault(self._group_index[p], LrPrefix())
             table = LazyTable(
                 p,
                 prefix,
-                self.noise.fork(1 + k),
+                self.noise.fork(self._table_stream[p]),
                 self.privacy.noise_std / self.privacy.expected_batch_size,
                 getattr(layer.module, "padding_idx", None),
                 self.timer,
@@ -336,13 +339,13 @@ class DPOptimizer(Optimizer):
         with self.timer.phase("param_update"):
             for o in self.originals:
                 o.step()
-        for k, (q, lr) in enumerate(eager_tables):
+        for q, lr in eager_tables:
             module = self.tables[q].module
             eager_table_sgd(
                 q,
                 sums.get(q),
                 lr,
-                self._table_noise(k),
+                self.noise.fork(self._table_stream[q]),
                 p.noise_std,
                 p.expected_batch_size,
                 getattr(module, "padding_idx", None),
@@ -355,12 +358,6 @@ class DPOptimizer(Optimizer):
                     seen.add(id(table.prefix))
                     table.prefix.append(float(self._group_of(q)[1]["lr"]))
         self.steps_done += 1
-
-    def _table_noise(self, k: int) -> GaussianNoise:
-        cache = self.__dict__.setdefault("_table_noise_cache", {})
-        if k not in cache:
-            cache[k] = self.noise.fork(1 + k)
-        return cache[k]
 
     # ------------------------------------------------------------------ lazy
     def flush(self) -> None:
