@@ -87,13 +87,15 @@ def build_report(
     if seeded:
         caveats.append("reproducible run (explicit seed): for research, not for production")
     if counts:
-        rep = epsilon_report(counts, max(delta - ext_delta, delta * 1e-3))
+        # Training is accounted at ``delta``; one-off external charges (e.g. a DP vocabulary)
+        # add by basic composition, so the stated guarantee is at ledger.total_delta(delta).
+        rep = epsilon_report(counts, delta)
         eps, eps_rdp, eps_poisson = rep.pld, rep.rdp, rep.pld_as_if_poisson
     else:
         eps = eps_rdp = 0.0
         eps_poisson = None
     return PrivacyReport(
-        delta=delta,
+        delta=ledger.total_delta(delta),
         epsilon=eps + ext_eps,
         epsilon_rdp=eps_rdp + ext_eps,
         steps=ledger.steps,

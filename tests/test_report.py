@@ -1,0 +1,23 @@
+"""The privacy report states exactly the ledger's composed guarantee."""
+
+from __future__ import annotations
+
+import pytest
+
+from lazydp.accounting import MechanismCount, compute_epsilon
+from lazydp.ledger import PrivacyLedger, StepEvent
+from lazydp.optim.dp_optimizer import PrivacyParams
+from lazydp.report import build_report
+
+
+def test_external_cost_adds_to_epsilon_and_delta():
+    ledger = PrivacyLedger()
+    for t in range(50):
+        ledger.charge(StepEvent(t, 0.01, 1.2, 1.0, "lazydp", "poisson"))
+    ledger.charge_external("vocabulary", epsilon=0.5, delta=2e-5)  # delta larger than requested
+    params = PrivacyParams(1.2, 1.0, 0.01, 100.0, "lazydp", "poisson")
+    report = build_report(ledger, 1e-5, params, seeded=False, override=None)
+    training = compute_epsilon([MechanismCount(0.01, 1.2, 50)], 1e-5)
+    assert report.epsilon == pytest.approx(training + 0.5)
+    assert report.delta == pytest.approx(3e-5)  # never silently stated at the requested 1e-5
+    assert report.epsilon == pytest.approx(ledger.epsilon(1e-5))
