@@ -43,6 +43,7 @@ from lazydp.ledger import PrivacyLedger
 from lazydp.loader import DPDataLoader
 from lazydp.noise import GaussianNoise, active_override
 from lazydp.optim.dp_optimizer import DPOptimizer, PrivacyParams
+from lazydp.optim.group import OptimizerGroup
 from lazydp.report import PrivacyReport, build_report
 from lazydp.sampling import PoissonSampling, ShuffledFixedSize
 
@@ -326,40 +327,6 @@ class PrivacyEngine:
             self.capture.remove()
         assert self.module is not None
         return self.module
-
-
-class OptimizerGroup(Optimizer):
-    """Several optimizers driven as one (dense layers on Adam, tables on SGD), for mode "sgd"."""
-
-    def __init__(self, optimizers: list[Optimizer]) -> None:
-        self.originals = optimizers
-        self.defaults = optimizers[0].defaults
-        self.state = optimizers[0].state  # type: ignore[assignment]
-
-    @property  # type: ignore[override]
-    def param_groups(self) -> list[dict[str, Any]]:
-        return [g for o in self.originals for g in o.param_groups]
-
-    @param_groups.setter
-    def param_groups(self, value: list[dict[str, Any]]) -> None:
-        pass
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        for o in self.originals:
-            o.zero_grad(set_to_none=set_to_none)
-
-    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
-        loss = closure() if closure is not None else None
-        for o in self.originals:
-            o.step()
-        return loss
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"optimizers": [o.state_dict() for o in self.originals]}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        for o, s in zip(self.originals, state_dict["optimizers"]):
-            o.load_state_dict(s)
 
 
 def _atomic_save(obj: Any, path: str | os.PathLike[str]) -> Path:

@@ -18,7 +18,6 @@ Validation happens before step 3, so a bad batch changes nothing and charges not
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
@@ -35,6 +34,7 @@ from lazydp.errors import InputError, UnsupportedOptimizerError
 from lazydp.ledger import PrivacyLedger, StepEvent
 from lazydp.noise import GaussianNoise
 from lazydp.optim.eager import eager_table_sgd, noisy_dense_grad
+from lazydp.optim.group import OptimizerGroup
 from lazydp.optim.lazy import LazyTable, LrPrefix
 from lazydp.optim.rows import add_rows_
 
@@ -79,7 +79,7 @@ def is_plain_sgd(optimizer: Optimizer, group: dict[str, Any]) -> bool:
     )
 
 
-class DPOptimizer(Optimizer):
+class DPOptimizer(OptimizerGroup):
     """A differentially private view of one or more optimizers over the same model."""
 
     def __init__(
@@ -92,20 +92,7 @@ class DPOptimizer(Optimizer):
         timer: PhaseTimer,
         rank: int = 0,
     ) -> None:
-        self.originals = optimizers
-        self.defaults = optimizers[0].defaults
-        self.state = optimizers[0].state  # type: ignore[assignment]
-        # Optimizer.__init__ is not called (the groups belong to the wrapped optimizers), so set
-        # the hook registries torch's Optimizer methods expect.
-        for name in (
-            "_optimizer_step_pre_hooks",
-            "_optimizer_step_post_hooks",
-            "_optimizer_state_dict_pre_hooks",
-            "_optimizer_state_dict_post_hooks",
-            "_optimizer_load_state_dict_pre_hooks",
-            "_optimizer_load_state_dict_post_hooks",
-        ):
-            setattr(self, name, OrderedDict())
+        super().__init__(optimizers)
         self.capture = capture
         self.privacy = privacy
         self.noise = noise
@@ -135,15 +122,6 @@ class DPOptimizer(Optimizer):
             self._make_lazy()
         # Hooks the engine sets: after each step (distributed reduction, checkpoints).
         self.reduce_hook: Callable[[dict[nn.Parameter, ClippedSum]], None] | None = None
-
-    @property  # type: ignore[override]
-    def param_groups(self) -> list[dict[str, Any]]:
-        """The wrapped optimizers' live param groups (LR schedulers act on these)."""
-        return [g for o in self.originals for g in o.param_groups]
-
-    @param_groups.setter
-    def param_groups(self, value: list[dict[str, Any]]) -> None:  # set by Optimizer internals only
-        pass
 
     def _group_of(self, p: nn.Parameter) -> tuple[Optimizer | None, dict[str, Any]]:
         if p not in self._group_index:
@@ -197,10 +175,6 @@ class DPOptimizer(Optimizer):
         return hook
 
     # ------------------------------------------------------------------ the step
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        for o in self.originals:
-            o.zero_grad(set_to_none=set_to_none)
-
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         loss = None
         if closure is not None:
@@ -370,18 +344,6 @@ class DPOptimizer(Optimizer):
         return sum(t.pending_rows(self.steps_done) for t in self.lazy.values())
 
     # ------------------------------------------------------------------ state
-    def state_dict(self) -> dict[str, Any]:
-        if len(self.originals) == 1:
-            return self.originals[0].state_dict()
-        return {"optimizers": [o.state_dict() for o in self.originals]}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if len(self.originals) == 1:
-            self.originals[0].load_state_dict(state_dict)
-        else:
-            for o, s in zip(self.originals, state_dict["optimizers"]):
-                o.load_state_dict(s)
-
     def lazy_state_dict(self) -> dict[str, Any]:
         return {
             "steps_done": self.steps_done,
