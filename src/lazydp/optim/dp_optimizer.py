@@ -100,6 +100,7 @@ class DPOptimizer(OptimizerGroup):
         self.timer = timer
         self.rank = rank
         self.steps_done = 0
+        self._flushed_at = -1  # the step count at the last full flush
         # (optimizer index, group index): load_state_dict replaces the group dicts, so we
         # always look the live dict up instead of keeping a reference to it.
         self._group_index: dict[nn.Parameter, tuple[int, int]] = {}
@@ -335,10 +336,17 @@ class DPOptimizer(OptimizerGroup):
 
     # ------------------------------------------------------------------ lazy
     def flush(self) -> None:
-        """Apply every pending noise draw to every table row (LazyDP's full flush)."""
+        """Apply every pending noise draw to every table row (LazyDP's full flush).
+
+        state_dict() fires one pre-hook per table; after the first, nothing is pending until the
+        next step, so the rest return at once instead of rescanning every table.
+        """
+        if self._flushed_at == self.steps_done:
+            return
         with self.timer.phase("lazy_flush"):
             for table in self.lazy.values():
                 table.flush(self.steps_done)
+        self._flushed_at = self.steps_done
 
     def pending_rows(self) -> int:
         return sum(t.pending_rows(self.steps_done) for t in self.lazy.values())
@@ -353,6 +361,7 @@ class DPOptimizer(OptimizerGroup):
 
     def load_lazy_state_dict(self, state: dict[str, Any]) -> None:
         self.steps_done = int(state["steps_done"])
+        self._flushed_at = -1
         for t, s in zip(self.lazy.values(), state["tables"]):
             t.load_state_dict(s)
         for pr, s in zip(self._prefixes.values(), state["prefixes"]):

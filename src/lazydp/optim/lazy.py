@@ -101,11 +101,15 @@ class LazyTable:
         stale = applied < t
         if not bool(stale.all()):
             rows, applied = rows[stale], applied[stale]
+        return self._apply(rows, applied, t)
+
+    def _apply(self, rows: Tensor, applied: Tensor, t: int) -> int:
+        """One aggregated draw for unique ``rows`` whose noise is applied up to ``applied``."""
         if rows.numel() == 0:
             return 0
         s1, s2 = self.prefix.pending(applied, t)
         # Timed apart from the bookkeeping: the draw is the floor every lazy scheme pays; the
-        # rest (unique, history gather/scatter, index_add) is what a lookahead fusion could save.
+        # rest (unique, history gather/scatter, row writes) is what a lookahead fusion could save.
         with self.timer.phase("lazy_catch_up_noise"):
             z = self.noise.aggregated(s1, s2, self.weight.shape[1], self.weight.dtype)
         # Noise enters as W += lr*sigma*C/B*z, the same sign the eager table path uses.
@@ -118,10 +122,12 @@ class LazyTable:
         """Bring every row up to step t (O(table); only at epoch end, export and state_dict)."""
         n = self.weight.shape[0]
         for start in range(0, n, _FLUSH_ROWS):
-            rows = torch.arange(start, min(n, start + _FLUSH_ROWS), device=self.weight.device)
-            if self.padding_idx is not None:
-                rows = rows[rows != self.padding_idx]
-            self.catch_up(rows, t)
+            applied = self.history.applied[start : start + _FLUSH_ROWS]
+            stale = applied < t
+            if self.padding_idx is not None and start <= self.padding_idx < start + stale.numel():
+                stale[self.padding_idx - start] = False  # its gradient is always 0: no noise
+            rows = stale.nonzero().squeeze(1)  # already unique and sorted
+            self._apply(rows + start, applied[rows], t)
 
     def pending_rows(self, t: int) -> int:
         """How many rows still carry pending noise at step t (for tests and reports)."""
