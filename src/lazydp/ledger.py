@@ -314,3 +314,12 @@ def require_existing(path: str | os.PathLike[str], expected_steps: int) -> Priva
             f"{expected_steps} were charged (ledger truncated or replaced); {restore}"
         )
     return ledger
+
+
+def ledger_path(out: str | os.PathLike[str], rank: int = 0) -> Path:
+    """The ledger file of ``rank`` in a run directory (rank 0's is the run's ledger).
+
+    >>> ledger_path("runs/x", 1).name
+    'ledger.rank1.jsonl'
+    """
+    return Path(out) / ("ledger.jsonl" if rank == 0 else f"ledger.rank{rank}.jsonl")

@@ -24,6 +24,7 @@ from lazydp import _validate as v
 from lazydp.accounting import calibrate_noise_multiplier, default_delta
 from lazydp.engine import PrivacyEngine
 from lazydp.errors import ConfigError
+from lazydp.ledger import ledger_path
 from lazydp.metrics import accuracy, roc_auc
 
 
@@ -243,13 +244,13 @@ def run(
     )
     optimizers = [dense_opt, torch.optim.SGD(tables, lr=cfg.lr)]
 
-    ledger_path = out / ("ledger.jsonl" if rank == 0 else f"ledger.rank{rank}.jsonl")
-    if not cfg.resume and ledger_path.exists():
+    ledger_file = ledger_path(out, rank)
+    if not cfg.resume and ledger_file.exists():
         raise ConfigError(
-            f"{ledger_path} exists from an earlier run; pass --resume to continue it or choose "
+            f"{ledger_file} exists from an earlier run; pass --resume to continue it or choose "
             "another --out (a ledger is never reset)."
         )
-    engine = engine_cls(seed=cfg.seed, ledger_path=ledger_path)
+    engine = engine_cls(seed=cfg.seed, ledger_path=ledger_file)
     privacy_cost = meta.get("privacy_cost") or {}
     if (
         privacy_cost.get("epsilon")

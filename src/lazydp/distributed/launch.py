@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from lazydp.errors import ConfigError, LazyDPError, PrivacyError
+from lazydp.ledger import ledger_path
 
 
 def init_from_env(backend: str | None = None) -> tuple[int, int]:
@@ -67,11 +68,6 @@ def init_from_env(backend: str | None = None) -> tuple[int, int]:
 def restart_count() -> int:
     """How many times torchrun has restarted this job (0 on the first attempt)."""
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-
-
-def ledger_path(out: str | os.PathLike[str], rank: int) -> Path:
-    """The ledger file of ``rank`` (rank 0's is the run's ledger; others keep their own)."""
-    return Path(out) / ("ledger.jsonl" if rank == 0 else f"ledger.rank{rank}.jsonl")
 
 
 def prepare_restart(cfg: Any, rank: int) -> None:
