@@ -40,13 +40,16 @@ import threading
 import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from lazydp.errors import ConfigError, InputError, PrivacyError
+
+if TYPE_CHECKING:
+    from lazydp.noise_pool import NoisePool
 
 __all__ = ["CHUNK_NUMEL", "GaussianNoise", "active_override"]
 
@@ -293,6 +296,11 @@ class GaussianNoise:
             f"counter={self._counter}, threads={self.threads})"
         )
 
+    @property
+    def calls(self) -> int:
+        """Draw calls made on this stream so far (restored by ``load_state_dict``)."""
+        return self._counter
+
     # -- seeding -------------------------------------------------------------------------
     def _next_call(self) -> int:
         with self._lock:
@@ -360,6 +368,23 @@ class GaussianNoise:
                 part = flat[start : start + _CUDA_CHUNK_NUMEL]
                 part.add_(torch.empty_like(part).normal_(generator=gen), alpha=std)
 
+    def replay_(self, out: Tensor, call: int) -> Tensor:
+        """Seeded streams only: refill ``out`` (float32, CPU) with the N(0, 1) values that past
+        call ``call`` drew into a tensor of the same size, without advancing the counter.
+
+        Only :class:`~lazydp.noise_pool.NoisePool` uses it, to rebuild the part of a refill a
+        checkpoint had not consumed yet, so that a seeded resume equals the uninterrupted run.
+        Unseeded streams draw from OS entropy and can never replay (PrivacyError).
+        """
+        if not self.seeded:
+            raise PrivacyError("an unseeded noise stream cannot replay a draw; draw afresh.")
+        if isinstance(call, bool) or not isinstance(call, int) or not 0 <= call < self._counter:
+            raise PrivacyError(f"call {call!r} was never drawn on this stream ({self})")
+        out = _check_out(out)
+        with torch.no_grad():
+            self._fill(out.view(-1), 1.0, add=False, call=call)
+        return out
+
     def normal_(self, out: Tensor, std: float = 1.0) -> Tensor:
         """Fill ``out`` in place with i.i.d. N(0, std^2) samples and return it.
 
@@ -389,7 +414,12 @@ class GaussianNoise:
             return self._draw(out, std, add=True)
 
     def aggregated(
-        self, sum_lr: Tensor, sum_lr2: Tensor, dim: int, dtype: torch.dtype = torch.float32
+        self,
+        sum_lr: Tensor,
+        sum_lr2: Tensor,
+        dim: int,
+        dtype: torch.dtype = torch.float32,
+        pool: NoisePool | None = None,
     ) -> Tensor:
         """LazyDP's one-draw catch-up noise: an (n, dim) tensor whose row j is sqrt(sum_lr2[j]) z_j.
 
@@ -397,6 +427,8 @@ class GaussianNoise:
         (z i.i.d. N(0, I)), because a sum of independent Gaussians is Gaussian with the summed
         variance. ``sum_lr`` (sum of lr_s) is only used by the test override, which returns
         ``value * sum_lr`` as per-step constants would. Both are float64 of shape (n,).
+        ``pool`` (a :class:`~lazydp.noise_pool.NoisePool` over this stream) takes the z's from
+        samples drawn ahead in large batches: the same distribution, about half the cost.
 
         >>> rows = GaussianNoise(seed=0).aggregated(
         ...     torch.tensor([0.2, 0.1], dtype=torch.float64),
@@ -429,9 +461,14 @@ class GaussianNoise:
                 "sum_lr2 must be finite and >= 0 (a sum of squared learning rates); got "
                 f"min={float(sum_lr2.min())}. Check the history table's lr^2 prefix sums."
             )
+        scale = sum_lr2.to(torch.float64).sqrt().to(dtype).unsqueeze(1)
+        if pool is not None and dtype == torch.float32 and sum_lr2.device.type == "cpu":
+            if pool.noise is not self:
+                raise ConfigError("pool draws from another stream; build it as NoisePool(self)")
+            return pool.standard(n * dim).view(n, dim) * scale
         out = torch.empty((n, dim), dtype=dtype, device=sum_lr2.device)
         self._draw(out, 1.0, add=False)
-        return out.mul_(sum_lr2.to(torch.float64).sqrt().to(dtype).unsqueeze(1))
+        return out.mul_(scale)
 
     # -- streams and checkpoints ---------------------------------------------------------
     def fork(self, stream: int) -> GaussianNoise:

@@ -33,6 +33,7 @@ from lazydp.clipping._base import ClippedSum, SparseRows
 from lazydp.errors import InputError, UnsupportedOptimizerError
 from lazydp.ledger import PrivacyLedger, StepEvent
 from lazydp.noise import GaussianNoise
+from lazydp.noise_pool import NoisePool
 from lazydp.optim.eager import eager_table_sgd, noisy_dense_grad
 from lazydp.optim.group import OptimizerGroup
 from lazydp.optim.lazy import LazyTable, LrPrefix
@@ -118,6 +119,7 @@ class DPOptimizer(OptimizerGroup):
         self._table_stream = {p: 1 + k for k, p in enumerate(self.tables)}
         self.lazy: dict[nn.Parameter, LazyTable] = {}
         self._prefixes: dict[tuple[int, int], LrPrefix] = {}
+        self._pool: NoisePool | None = None
         self._check_optimizers()
         if privacy.mode == "lazydp":
             self._make_lazy()
@@ -155,12 +157,15 @@ class DPOptimizer(OptimizerGroup):
                 )
 
     def _make_lazy(self) -> None:
+        # One catch-up stream for all tables, drawn ahead in large batches (noise_pool.py); its
+        # stream index is past every table's, so it never shares a stream with the eager path.
+        pool = self._pool = NoisePool(self.noise.fork(1 + len(self.tables)))
         for p, layer in self.tables.items():
             prefix = self._prefixes.setdefault(self._group_index[p], LrPrefix())
             table = LazyTable(
                 p,
                 prefix,
-                self.noise.fork(self._table_stream[p]),
+                pool,
                 self.privacy.noise_std / self.privacy.expected_batch_size,
                 getattr(layer.module, "padding_idx", None),
                 self.timer,
@@ -357,6 +362,7 @@ class DPOptimizer(OptimizerGroup):
             "steps_done": self.steps_done,
             "tables": [t.state_dict() for t in self.lazy.values()],
             "prefixes": [pr.state_dict() for pr in self._prefixes.values()],
+            "pool": self._pool.state_dict() if self._pool is not None else None,
         }
 
     def load_lazy_state_dict(self, state: dict[str, Any]) -> None:
@@ -366,6 +372,8 @@ class DPOptimizer(OptimizerGroup):
             t.load_state_dict(s)
         for pr, s in zip(self._prefixes.values(), state["prefixes"]):
             pr.load_state_dict(s)
+        if self._pool is not None and state.get("pool") is not None:  # older checkpoints: none
+            self._pool.load_state_dict(state["pool"])
 
 
 def _device_of(params: dict[str, nn.Parameter]) -> torch.device:

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from lazydp._timing import PhaseTimer
 from lazydp.noise import GaussianNoise
+from lazydp.noise_pool import NoisePool
 from lazydp.optim.rows import add_rows_
 
 _FLUSH_ROWS = 1 << 16  # rows per chunk in a full flush: bounds the temporary noise buffer
@@ -79,7 +80,7 @@ class LazyTable:
         self,
         weight: nn.Parameter,
         prefix: LrPrefix,
-        noise: GaussianNoise,
+        noise: GaussianNoise | NoisePool,
         noise_std: float,
         padding_idx: int | None = None,
         timer: PhaseTimer | None = None,
@@ -87,7 +88,9 @@ class LazyTable:
         self.timer = timer or PhaseTimer()
         self.weight = weight
         self.prefix = prefix
-        self.noise = noise
+        # Several tables may share one pool (and so one stream): each value is still used once.
+        self.pool = noise if isinstance(noise, NoisePool) else NoisePool(noise)
+        self.noise = self.pool.noise
         # sigma * C / B_expected: the per-unit-lr std of one step's noise on one row.
         self.noise_std = noise_std
         self.padding_idx = padding_idx
@@ -111,7 +114,9 @@ class LazyTable:
         # Timed apart from the bookkeeping: the draw is the floor every lazy scheme pays; the
         # rest (unique, history gather/scatter, row writes) is what a lookahead fusion could save.
         with self.timer.phase("lazy_catch_up_noise"):
-            z = self.noise.aggregated(s1, s2, self.weight.shape[1], self.weight.dtype)
+            z = self.noise.aggregated(
+                s1, s2, self.weight.shape[1], self.weight.dtype, pool=self.pool
+            )
         # Noise enters as W += lr*sigma*C/B*z, the same sign the eager table path uses.
         add_rows_(self.weight, rows, z.to(self.weight.device), self.noise_std, unique=True)
         self.history.applied[rows] = t

@@ -1,0 +1,104 @@
+"""Standard normals drawn ahead in large batches, each handed out exactly once.
+
+Why: LazyDP's catch-up draws one table's rows at a time (about 2k rows x d per table per step,
+26 tables on DLRM). Drawn one by one, each draw is below one generator chunk, so it runs on one
+thread and pays the per-call set-up; drawn ahead 1M values at a time, the draw splits over all
+threads (benchmarks/RESULTS.md, "Catch-up noise pool").
+
+Contract:
+
+* Every value comes from :class:`~lazydp.noise.GaussianNoise` (same generators, same seeding)
+  and is handed out once: the read position only moves forward, and a refill is a new call on
+  the stream. So the catch-up noise is exactly i.i.d. N(0, 1), as without a pool.
+* A pool owns its stream: nothing else draws from it. If the stream's call counter is not
+  where the last refill left it (``load_state_dict`` on the stream restored another state),
+  the leftover values are dropped.
+* The read position is part of the checkpoint (``state_dict``): a seeded run resumed from a
+  checkpoint replays the refill it was in and continues at the same position, so it equals the
+  uninterrupted run. An unseeded run cannot replay OS entropy and simply refills afresh.
+* Draws larger than half a refill, float64 and GPU draws bypass the pool.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lazydp.errors import PrivacyError
+from lazydp.noise import GaussianNoise
+
+#: Values per refill (4 MiB of float32). 2^20 splits into two generator chunks, so a refill
+#: uses both cores here; larger refills measured no faster and hold more memory.
+POOL_NUMEL = 1 << 20
+
+
+class NoisePool:
+    """Hands out fresh N(0, 1) float32 values from ``noise``, refilled in large draws.
+
+    >>> pool = NoisePool(GaussianNoise(seed=0))
+    >>> a, b = pool.standard(5).clone(), pool.standard(5)
+    >>> a.shape, bool((a != b).all())
+    (torch.Size([5]), True)
+    """
+
+    def __init__(self, noise: GaussianNoise) -> None:
+        self.noise = noise
+        self._buffer = torch.empty(0)
+        self._pos = 0
+        self._refill_call = -1  # the stream call that filled the buffer
+        self._restore: dict[str, int] | None = None
+
+    def standard(self, n: int) -> Tensor:
+        """``n`` fresh samples: a view into the pool, valid until the next call (use it at once)."""
+        if n > POOL_NUMEL // 2:
+            return self.noise.normal_(torch.empty(n))
+        if self._restore is not None:
+            self._replay(self._restore)
+        if self.noise.calls != self._refill_call + 1 or self._pos + n > self._buffer.numel():
+            self._refill()
+        out = self._buffer[self._pos : self._pos + n]
+        self._pos += n
+        return out
+
+    def _refill(self) -> None:
+        if self._buffer.numel() != POOL_NUMEL:
+            self._buffer = torch.empty(POOL_NUMEL)
+        self._refill_call = self.noise.calls
+        self.noise.normal_(self._buffer)  # the unused tail of the last refill is dropped
+        self._pos = 0
+
+    def _replay(self, state: dict[str, int]) -> None:
+        """Rebuild a checkpointed refill (seeded streams whose counter is right after it)."""
+        self._restore = None
+        call, pos = state["call"], state["pos"]
+        if not self.noise.seeded or self.noise.calls != call + 1:
+            return  # unseeded, or the stream moved on: the next standard() refills afresh
+        self._buffer = torch.empty(POOL_NUMEL)
+        self.noise.replay_(self._buffer, call)
+        self._refill_call, self._pos = call, pos
+
+    # -- checkpoints -----------------------------------------------------------------------
+    def state_dict(self) -> dict[str, int]:
+        if self._restore is not None:  # restored but not used yet: keep what was restored
+            return dict(self._restore)
+        return {"call": self._refill_call, "pos": self._pos}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Remember where the saved run was; applied at the next draw, once the stream itself
+        has been restored (the engine restores the streams after the optimizer)."""
+        try:
+            call, pos = state["call"], state["pos"]
+            for v in (call, pos):
+                if isinstance(v, bool) or not isinstance(v, int):
+                    raise TypeError(type(v).__name__)
+            if not (-1 <= call and 0 <= pos <= POOL_NUMEL):
+                raise ValueError(f"call={call}, pos={pos}")
+        except (KeyError, TypeError, ValueError) as e:
+            raise PrivacyError(
+                f"corrupt noise-pool state in the checkpoint ({e!r}); it must be "
+                "{'call': int, 'pos': int}. Use a checkpoint written by lazydp."
+            ) from e
+        self._buffer, self._pos, self._refill_call = torch.empty(0), 0, -1
+        self._restore = {"call": call, "pos": pos}
