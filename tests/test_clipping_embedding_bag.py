@@ -61,6 +61,32 @@ def bag_inputs(gen, num_rows, lengths, two_d, weighted, include_last_offset) -> 
 def test_embedding_bag_matches_reference(
     lengths, num_rows, dim, mode, weighted, padding, two_d, include_last_offset, n_calls, seed
 ) -> None:
+    _check_bags(
+        lengths, num_rows, dim, mode, weighted, padding, two_d, include_last_offset, n_calls, seed
+    )
+
+
+@FAST
+@given(
+    lengths=st.lists(st.integers(0, 1), min_size=1, max_size=6),
+    num_rows=st.integers(1, 4),
+    mode=st.sampled_from(["sum", "mean"]),
+    weighted=st.booleans(),
+    padding=st.booleans(),
+    two_d=st.booleans(),
+    include_last_offset=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_pooling_one_fast_path_matches_reference(
+    lengths, num_rows, mode, weighted, padding, two_d, include_last_offset, seed
+) -> None:
+    # Bags of at most one lookup take norms2's short path (no (example, row) grouping).
+    _check_bags(lengths, num_rows, 2, mode, weighted, padding, two_d, include_last_offset, 1, seed)
+
+
+def _check_bags(
+    lengths, num_rows, dim, mode, weighted, padding, two_d, include_last_offset, n_calls, seed
+) -> None:
     gen = torch.Generator().manual_seed(seed)
     weighted = weighted and mode == "sum"  # torch allows per_sample_weights only with sum
     if two_d:

@@ -51,6 +51,7 @@ class _Record:
     kwargs: dict[str, Any]
     batch_size: int
     grad_output: Tensor | None = None
+    memo: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -70,7 +71,9 @@ class LayerCapture:
     def calls(self) -> list[Call]:
         """The recorded calls whose output reached the loss (others contribute nothing)."""
         return [
-            Call(r.args, r.kwargs, r.grad_output) for r in self.records if r.grad_output is not None
+            Call(r.args, r.kwargs, r.grad_output, r.memo)
+            for r in self.records
+            if r.grad_output is not None
         ]
 
 
@@ -108,9 +111,10 @@ class CaptureSet:
         def forward(*args: Any, **kwargs: Any) -> Tensor:
             if self._passthrough:  # dpsgd_r's second pass: plain autograd through the parameters
                 return cls_forward(module, *args, **kwargs)
+            memo: dict[str, Any] = {}
             if layer.is_table:
                 try:
-                    rows = layer.clipper.rows_read(module, args, kwargs)  # validates ids too
+                    rows = layer.clipper.rows_read(module, args, kwargs, memo)  # validates ids
                 except InputError as exc:
                     raise InputError(f"layer {layer.name!r}: {exc}") from None
                 if layer.read_hook is not None and rows is not None:
@@ -126,7 +130,7 @@ class CaptureSet:
                     "Wrap the layer so that its parameters live in a leaf returning one tensor."
                 )
             batch = out.shape[0] if out.dim() > 0 else 1
-            record = _Record(args, kwargs, batch)
+            record = _Record(args, kwargs, batch, memo=memo)
             layer.records.append(record)
             return _Tap.apply(out, self._anchor, record)
 

@@ -27,6 +27,9 @@ class Call:
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
     grad_output: Tensor  # per-example dL_i/d(output), shape (B, ...)
+    # What a clipper derived from args alone (e.g. an EmbeddingBag's flattened bags), shared by
+    # rows_read at forward time and norms2 / clipped_sum at step time: computed once per call.
+    memo: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -102,11 +105,16 @@ class LayerClipper:
         raise NotImplementedError
 
     def rows_read(
-        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+        self,
+        module: nn.Module,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        memo: dict[str, Any] | None = None,
     ) -> Tensor | None:
         """For embedding tables: the (unique or not) int64 row ids a forward call reads, after
         validating them (out of range -> InputError naming the layer, the id and the table size).
-        ``padding_idx`` is excluded. None for layers that are not tables."""
+        ``padding_idx`` is excluded. None for layers that are not tables. ``memo`` becomes the
+        call's :attr:`Call.memo`: work done here can be reused at step time."""
         return None
 
 

@@ -160,7 +160,11 @@ class EmbeddingClipper(LayerClipper):
         }
 
     def rows_read(
-        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+        self,
+        module: nn.Module,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        memo: dict[str, Any] | None = None,
     ) -> Tensor | None:
         assert isinstance(module, nn.Embedding)
         ids = validate_ids(module, call_arg(args, kwargs, 0, "input"), module.num_embeddings)

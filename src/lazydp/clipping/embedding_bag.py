@@ -44,6 +44,7 @@ class _Bags:
     bag: Tensor
     w: Tensor | None
     num_bags: int
+    single: bool = False  # every bag holds at most one lookup (pooling 1): no repeats to group
 
     def weights(self, dtype: torch.dtype) -> Tensor:
         if self.w is None:
@@ -93,12 +94,14 @@ def _bags(module: nn.EmbeddingBag, args: tuple[Any, ...], kwargs: dict[str, Any]
         if offsets is not None:
             raise InputError("EmbeddingBag with 2-D input takes offsets=None (each row is one bag)")
         num_bags, length = ids.shape
+        single = length <= 1
         bag = (
             torch.arange(num_bags, device=ids.device)[:, None].expand(num_bags, length).reshape(-1)
         )
     elif ids.dim() == 1 and offsets is not None:
         lengths = _bag_lengths(module, ids, offsets)
         num_bags = lengths.numel()
+        single = num_bags == 0 or int(lengths.max()) <= 1
         bag = torch.arange(num_bags, device=ids.device).repeat_interleave(lengths)
     else:
         raise InputError(
@@ -113,7 +116,17 @@ def _bags(module: nn.EmbeddingBag, args: tuple[Any, ...], kwargs: dict[str, Any]
         w = None if w is None else w[keep]
     if module.mode == "mean":  # torch counts only non-padding entries in a bag's length
         w = 1.0 / torch.bincount(bag, minlength=num_bags).double()[bag]
-    return _Bags(flat, bag, w, num_bags)
+    return _Bags(flat, bag, w, num_bags, single)
+
+
+def _memo_bags(
+    module: nn.EmbeddingBag, args: tuple[Any, ...], kwargs: dict[str, Any], memo: dict[str, Any]
+) -> _Bags:
+    """``_bags`` once per call: the forward's rows_read computes it, the step reuses it."""
+    if "bags" not in memo:
+        memo["bags"] = _bags(module, args, kwargs)
+    bags: _Bags = memo["bags"]
+    return bags
 
 
 def _cat(parts: list[Tensor]) -> Tensor:
@@ -122,7 +135,7 @@ def _cat(parts: list[Tensor]) -> Tensor:
 
 def _all_bags(module: nn.EmbeddingBag, calls: list[Call]) -> tuple[list[_Bags], int]:
     batch = batch_size(calls)
-    bags = [_bags(module, call.args, call.kwargs) for call in calls]
+    bags = [_memo_bags(module, call.args, call.kwargs, call.memo) for call in calls]
     return bags, batch
 
 
@@ -145,6 +158,11 @@ class EmbeddingBagClipper(LayerClipper):
         if not module.weight.requires_grad:
             return grads[0].new_zeros(batch)
         dtype = grads[0].dtype
+        if len(calls) == 1 and bags[0].single:
+            # Each example reads at most one row once: sum_r s_ir^2 is its one weight squared.
+            b = bags[0]
+            s2 = grads[0].new_zeros(batch).index_add_(0, b.bag, b.weights(dtype).square())
+            return s2 * grads[0].pow(2).sum(1)
         if len(calls) == 1:
             b = bags[0]
             pair_bag, _, inverse = group_pairs(b.bag, b.ids, module.num_embeddings)
@@ -189,8 +207,12 @@ class EmbeddingBagClipper(LayerClipper):
         return {"weight": PerSampleRows(pair_bag, pair_row, summed, module.num_embeddings, batch)}
 
     def rows_read(
-        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+        self,
+        module: nn.Module,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        memo: dict[str, Any] | None = None,
     ) -> Tensor | None:
         assert isinstance(module, nn.EmbeddingBag)
         validate_ids(module, call_arg(args, kwargs, 0, "input"), module.num_embeddings)
-        return _bags(module, args, kwargs).ids
+        return _memo_bags(module, args, kwargs, {} if memo is None else memo).ids
