@@ -10,6 +10,8 @@ from scipy import stats
 from torch import nn
 
 from lazydp import PrivacyEngine, UnsupportedOptimizerError
+from lazydp.optim import rows as rows_module
+from lazydp.optim.lazy import LazyTable
 from lazydp.testing import constant_noise
 from tests.toy import Toy, dense_params, loader, loss_fn, make_batches, table_params
 
@@ -44,7 +46,21 @@ def snapshot(model):
     return {k: t.detach().clone() for k, t in model.state_dict().items()}
 
 
-def test_lazy_equals_eager_under_constant_noise_with_schedule_and_mid_eval():
+@pytest.mark.parametrize("large_tables", [False, True])
+def test_lazy_equals_eager_under_constant_noise_with_schedule_and_mid_eval(
+    large_tables, monkeypatch
+):
+    reused = []
+    if large_tables:  # the row-update path of big tables: sort-coalesce, reusing catch-up's sort
+        monkeypatch.setattr(rows_module, "_LARGE_TABLE_ROWS", 1)
+        coalesce = LazyTable.coalesce
+
+        def spy(self, grad):
+            out = coalesce(self, grad)
+            reused.append(out.coalesced and out.indices is self._last_read[1])
+            return out
+
+        monkeypatch.setattr(LazyTable, "coalesce", spy)
     batches = make_batches(30, seed=5)
     probe = make_batches(1, seed=99)[0]
     results = {}
@@ -67,6 +83,8 @@ def test_lazy_equals_eager_under_constant_noise_with_schedule_and_mid_eval():
         torch.testing.assert_close(lazy[k], eager[k], atol=2e-5, rtol=1e-5, msg=k)
     for a, b in zip(eager_evals, lazy_evals):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
+    if large_tables:  # the EmbeddingBag reused its sort every step; nn.Embedding did not
+        assert sum(reused) == len(batches) and len(reused) == 2 * len(batches)
 
 
 def test_export_without_explicit_flush_is_flushed(tmp_path):

@@ -306,7 +306,10 @@ class DPOptimizer(OptimizerGroup):
                     with self.timer.phase("param_update"):
                         s = sums.get(q)
                         if isinstance(s, SparseRows):
-                            add_rows_(q, s.indices, s.values, -lr / p.expected_batch_size)
+                            s = self.lazy[q].coalesce(s)  # reuses the catch-up's unique ids
+                            add_rows_(
+                                q, s.indices, s.values, -lr / p.expected_batch_size, s.coalesced
+                            )
                         elif s is not None:
                             q.add_(s, alpha=-lr / p.expected_batch_size)
                 elif q in self.tables and is_plain_sgd(opt, group):

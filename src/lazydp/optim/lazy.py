@@ -20,9 +20,10 @@ import torch
 from torch import Tensor, nn
 
 from lazydp._timing import PhaseTimer
+from lazydp.clipping._base import SparseRows
 from lazydp.noise import GaussianNoise
 from lazydp.noise_pool import NoisePool
-from lazydp.optim.rows import add_rows_
+from lazydp.optim.rows import add_rows_, sorts_rows
 
 _FLUSH_ROWS = 1 << 16  # rows per chunk in a full flush: bounds the temporary noise buffer
 
@@ -95,16 +96,34 @@ class LazyTable:
         self.noise_std = noise_std
         self.padding_idx = padding_idx
         self.history = HistoryTable(weight.shape[0], weight.device)
+        empty = torch.empty(0, dtype=torch.long)
+        self._last_read: tuple[Tensor, Tensor, Tensor] = (empty, empty, empty)
 
     @torch.no_grad()
     def catch_up(self, rows: Tensor, t: int) -> int:
         """Apply all pending noise (steps before t) to ``rows``; returns rows actually drawn."""
-        rows = torch.unique(rows)
+        read = rows
+        rows, inverse = torch.unique(rows, return_inverse=True)
+        # The step's clipped sum for this table usually carries the very same id tensor: keep
+        # the sort so that coalesce() need not sort it again (on high-pooling tables, a big sort).
+        self._last_read = (read, rows, inverse)
         applied = self.history.applied[rows]
         stale = applied < t
         if not bool(stale.all()):
             rows, applied = rows[stale], applied[stale]
         return self._apply(rows, applied, t)
+
+    def coalesce(self, grad: SparseRows) -> SparseRows:
+        """``grad`` with duplicated rows summed; free of a sort when its ids are the tensor the
+        last catch-up read (one call of this table per step, the common case)."""
+        if grad.coalesced or not sorts_rows(self.weight):
+            return grad
+        read, rows, inverse = self._last_read
+        if grad.indices is not read:
+            return grad  # add_rows_ coalesces it itself
+        summed = grad.values.new_zeros((rows.numel(), grad.values.shape[1]))
+        summed.index_add_(0, inverse, grad.values)
+        return SparseRows(rows, summed, grad.num_rows, coalesced=True)
 
     def _apply(self, rows: Tensor, applied: Tensor, t: int) -> int:
         """One aggregated draw for unique ``rows`` whose noise is applied up to ``applied``."""

@@ -16,6 +16,11 @@ from torch import Tensor
 _LARGE_TABLE_ROWS = 1 << 17
 
 
+def sorts_rows(weight: Tensor) -> bool:
+    """Whether add_rows_ coalesces (sorts) duplicated rows for this table, or index_add_s."""
+    return weight.shape[0] >= _LARGE_TABLE_ROWS and weight.device.type == "cpu"
+
+
 @torch.no_grad()
 def add_rows_(
     weight: Tensor, rows: Tensor, values: Tensor, alpha: float, unique: bool = False
@@ -29,7 +34,7 @@ def add_rows_(
     """
     if rows.numel() == 0:
         return
-    if weight.shape[0] < _LARGE_TABLE_ROWS or weight.device.type != "cpu":
+    if not sorts_rows(weight):
         weight.index_add_(0, rows, values.to(weight.dtype), alpha=alpha)
         return
     if not unique:
