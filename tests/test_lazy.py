@@ -50,7 +50,7 @@ def snapshot(model):
 def test_lazy_equals_eager_under_constant_noise_with_schedule_and_mid_eval(
     large_tables, monkeypatch
 ):
-    reused = []
+    reused, fresh = [], []
     if large_tables:  # the row-update path of big tables: sort-coalesce, reusing catch-up's sort
         monkeypatch.setattr(rows_module, "_LARGE_TABLE_ROWS", 1)
         coalesce = LazyTable.coalesce
@@ -61,6 +61,20 @@ def test_lazy_equals_eager_under_constant_noise_with_schedule_and_mid_eval(
             return out
 
         monkeypatch.setattr(LazyTable, "coalesce", spy)
+        update = LazyTable.update
+
+        def spy_update(self, grad, alpha):
+            w = self._written  # the catch-up's rows are still what the table holds
+            read, rows, _ = self._last_read
+            fresh.append(
+                w is not None
+                and w[2] == self.weight._version
+                and w[0] is rows
+                and grad.indices is read
+            )
+            return update(self, grad, alpha)
+
+        monkeypatch.setattr(LazyTable, "update", spy_update)
     batches = make_batches(30, seed=5)
     probe = make_batches(1, seed=99)[0]
     results = {}
@@ -85,6 +99,9 @@ def test_lazy_equals_eager_under_constant_noise_with_schedule_and_mid_eval(
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
     if large_tables:  # the EmbeddingBag reused its sort every step; nn.Embedding did not
         assert sum(reused) == len(batches) and len(reused) == 2 * len(batches)
+        # ... and its update skipped the gather, except at step 0 (nothing owed yet) and after
+        # the two evaluations (rows they read were current, so the catch-up drew a subset).
+        assert sum(fresh) == len(batches) - 3
 
 
 def test_export_without_explicit_flush_is_flushed(tmp_path):

@@ -37,7 +37,6 @@ from lazydp.noise_pool import NoisePool
 from lazydp.optim.eager import eager_table_sgd, noisy_dense_grad
 from lazydp.optim.group import OptimizerGroup
 from lazydp.optim.lazy import LazyTable, LrPrefix
-from lazydp.optim.rows import add_rows_
 
 # Dividing by norm + tiny keeps c_i finite for an all-zero gradient (then c_i = 1, as clipping a
 # zero vector leaves it zero); it shrinks a norm exactly at C by a relative 1e-12 only.
@@ -306,10 +305,8 @@ class DPOptimizer(OptimizerGroup):
                     with self.timer.phase("param_update"):
                         s = sums.get(q)
                         if isinstance(s, SparseRows):
-                            s = self.lazy[q].coalesce(s)  # reuses the catch-up's unique ids
-                            add_rows_(
-                                q, s.indices, s.values, -lr / p.expected_batch_size, s.coalesced
-                            )
+                            # Reuses the catch-up's sort and written rows where it can.
+                            self.lazy[q].update(s, -lr / p.expected_batch_size)
                         elif s is not None:
                             q.add_(s, alpha=-lr / p.expected_batch_size)
                 elif q in self.tables and is_plain_sgd(opt, group):

@@ -98,6 +98,8 @@ class LazyTable:
         self.history = HistoryTable(weight.shape[0], weight.device)
         empty = torch.empty(0, dtype=torch.long)
         self._last_read: tuple[Tensor, Tensor, Tensor] = (empty, empty, empty)
+        # (rows, their values as the catch-up wrote them, the table's version right after)
+        self._written: tuple[Tensor, Tensor, int] | None = None
 
     @torch.no_grad()
     def catch_up(self, rows: Tensor, t: int) -> int:
@@ -111,7 +113,29 @@ class LazyTable:
         stale = applied < t
         if not bool(stale.all()):
             rows, applied = rows[stale], applied[stale]
-        return self._apply(rows, applied, t)
+        drawn, block = self._apply(rows, applied, t)
+        # A single read per step catches up every row it reads (each owes at least this step's
+        # noise), so the update usually writes exactly these rows again: keep them.
+        self._written = None if block is None else (rows, block, self.weight._version)
+        return drawn
+
+    @torch.no_grad()
+    def update(self, grad: SparseRows, alpha: float) -> None:
+        """``W += alpha * grad`` for the step's clipped sum. When the catch-up at read wrote the
+        same rows and nothing has written to the table since (its version counter is where the
+        catch-up left it), add to the rows it wrote instead of gathering them again."""
+        grad = self.coalesce(grad)
+        written, self._written = self._written, None
+        if (
+            grad.coalesced
+            and written is not None
+            and written[0] is grad.indices
+            and written[2] == self.weight._version
+        ):
+            block = written[1].add_(grad.values.to(self.weight.dtype), alpha=alpha)
+            self.weight.index_copy_(0, grad.indices, block)
+            return
+        add_rows_(self.weight, grad.indices, grad.values, alpha, grad.coalesced)
 
     def coalesce(self, grad: SparseRows) -> SparseRows:
         """``grad`` with duplicated rows summed; free of a sort when its ids are the tensor the
@@ -125,10 +149,11 @@ class LazyTable:
         summed.index_add_(0, inverse, grad.values)
         return SparseRows(rows, summed, grad.num_rows, coalesced=True)
 
-    def _apply(self, rows: Tensor, applied: Tensor, t: int) -> int:
-        """One aggregated draw for unique ``rows`` whose noise is applied up to ``applied``."""
+    def _apply(self, rows: Tensor, applied: Tensor, t: int) -> tuple[int, Tensor | None]:
+        """One aggregated draw for unique ``rows`` whose noise is applied up to ``applied``;
+        returns how many rows were drawn and, on large tables, the rows as written."""
         if rows.numel() == 0:
-            return 0
+            return 0, None
         s1, s2 = self.prefix.pending(applied, t)
         # Timed apart from the bookkeeping: the draw is the floor every lazy scheme pays; the
         # rest (unique, history gather/scatter, row writes) is what a lookahead fusion could save.
@@ -137,9 +162,9 @@ class LazyTable:
                 s1, s2, self.weight.shape[1], self.weight.dtype, pool=self.pool
             )
         # Noise enters as W += lr*sigma*C/B*z, the same sign the eager table path uses.
-        add_rows_(self.weight, rows, z.to(self.weight.device), self.noise_std, unique=True)
+        block = add_rows_(self.weight, rows, z.to(self.weight.device), self.noise_std, unique=True)
         self.history.applied[rows] = t
-        return int(rows.numel())
+        return int(rows.numel()), block
 
     @torch.no_grad()
     def flush(self, t: int) -> None:
