@@ -232,7 +232,7 @@ class _Both:
 class _ModeRunner:
     """One mode's model, optimizer and batch stream; ``step()`` times one step."""
 
-    def __init__(self, spec: BenchSpec, mode: str) -> None:
+    def __init__(self, spec: BenchSpec, mode: str, steps: int | None = None) -> None:
         if mode not in BENCH_MODES:
             raise ConfigError(f"mode={mode!r} is unknown; choose from {', '.join(BENCH_MODES)}")
         self.spec, self.mode = spec, mode
@@ -247,10 +247,11 @@ class _ModeRunner:
             self.result.history_bytes = sum(
                 t.history.applied.nbytes for t in self.opt.lazy.values()
             )
-        self.batches = make_batches(spec)
+        self.batches = make_batches(spec, steps)  # default: spec.iterations
         self.rows: list[dict[str, float]] = []
 
-    def step(self) -> None:
+    def step(self, timed: bool = True) -> None:
+        """One training step; ``timed=False`` runs it without recording (a warm-up)."""
         batch = next(self.batches)
         if self.engine is not None:
             self.engine.timer.reset()
@@ -263,6 +264,8 @@ class _ModeRunner:
         self.opt.zero_grad(set_to_none=True)
         t3 = time.perf_counter()
         phases = self.engine.timer.reset() if self.engine is not None else {}
+        if not timed:
+            return
         self.rows.append(breakdown(self.mode, t1 - t0, t2 - t1, t3 - t2, phases))
         self.result.steps_ms.append(self.rows[-1]["total"])
 
@@ -294,8 +297,11 @@ def time_interleaved(spec: BenchSpec, modes: list[str]) -> list[ModeResult]:
     """Time all ``modes`` in this process, one step of each in turn (round robin).
 
     On a shared machine, bursts of other work then hit every mode alike, so ratios between
-    modes are far steadier than from back-to-back runs. All models live at once (memory is
-    checked for their sum) and peak RSS is the process's, so it is not reported per mode.
+    modes are far steadier than from back-to-back runs. Each timed step follows an untimed step
+    of the same mode, as in real training: otherwise the mode after ``dpsgd_f`` (which streams
+    every table) pays for the caches it left cold (measured: lazydp +30% on ``basic``). All
+    models live at once (memory is checked for their sum) and peak RSS is the process's, so it
+    is not reported per mode.
     Example: ``[r.mode for r in time_interleaved(spec, ["sgd", "lazydp"])] == ["sgd", "lazydp"]``.
     """
     need = sum(check_fits(spec, m)["total"] for m in modes)
@@ -306,9 +312,10 @@ def time_interleaved(spec: BenchSpec, modes: list[str]) -> list[ModeResult]:
             f"for {spec.label}, but {available / 1e9:.1f} GB is available (85% usable); drop "
             "--interleave (one process per mode) or lower --scale"
         )
-    runners = [_ModeRunner(spec, m) for m in modes]
+    runners = [_ModeRunner(spec, m, steps=2 * spec.iterations) for m in modes]
     for _ in range(spec.iterations):
         for runner in runners:
+            runner.step(timed=False)
             runner.step()
     results = [r.finish() for r in runners]
     for r in results:

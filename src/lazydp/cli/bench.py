@@ -79,7 +79,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="measure in this process (faster start; peak RSS then mixes modes)")  # fmt: skip
     p.add_argument("--interleave", action="store_true", default=None,
                    help="one process, modes round robin step by step: steadier ratios on a "
-                   "shared machine; no per-mode peak memory")  # fmt: skip
+                   "shared machine (each timed step after an untimed one of the same mode); no "
+                   "per-mode peak memory")  # fmt: skip
     p.add_argument("--no-progress", dest="progress", action="store_false")
     add_json_flag(p)
     p.set_defaults(func=run)
