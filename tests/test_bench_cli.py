@@ -58,6 +58,8 @@ def test_bench_sweep_over_scale_draws_the_scaling_plot(tmp_path, capsys):
     summary = _last_json(capsys)["summary"]
     assert [w["scale"] for w in summary["workloads"]] == [1e-5, 2e-5]
     assert all("dpsgd_f_over_sgd" in w for w in summary["workloads"])
+    results = json.loads((out / "bench.json").read_text())["results"]
+    assert results and all(r["isolated"] for r in results)  # each workload in its own process
     header = next(csv.reader(open(out / "breakdown.csv")))
     assert len(header) == 1 + 4
     assert (out / "scaling.png").read_bytes()[:8] == PNG_MAGIC

@@ -20,7 +20,13 @@ from typing import Any
 from tqdm import tqdm
 
 from lazydp.bench.floor import NoiseFloor, measure_noise_floor
-from lazydp.bench.harness import ModeResult, run_mode, time_interleaved
+from lazydp.bench.harness import (
+    ModeResult,
+    check_fits_together,
+    run_interleaved_isolated,
+    run_mode,
+    time_interleaved,
+)
 from lazydp.bench.opacus_compare import OPACUS_MODES, opacus_version, run_opacus, speedups
 from lazydp.bench.workload import BenchSpec
 from lazydp.errors import ConfigError, LazyDPError
@@ -72,7 +78,7 @@ def run_suite(
     for spec in specs:
         if interleave:
             bar.set_postfix_str(f"{spec.label} {','.join(modes)} interleaved")
-            for result in _interleaved(spec, modes):
+            for result in _interleaved(spec, modes, isolate):
                 _say(bar, result)
                 suite.results.append(result)
                 bar.update()
@@ -100,8 +106,11 @@ def run_suite(
     return suite
 
 
-def _interleaved(spec: BenchSpec, modes: Sequence[str]) -> list[ModeResult]:
+def _interleaved(spec: BenchSpec, modes: Sequence[str], isolate: bool) -> list[ModeResult]:
     try:
+        if isolate:
+            check_fits_together(spec, list(modes))  # refuse here, before starting a child
+            return run_interleaved_isolated(spec, list(modes))
         return time_interleaved(spec, list(modes))
     except (LazyDPError, RuntimeError, MemoryError) as exc:
         status = "refused" if isinstance(exc, ConfigError) else "failed"
