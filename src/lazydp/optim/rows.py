@@ -4,7 +4,10 @@ torch's CPU ``index_add_`` into a table of millions of rows is dominated by scat
 read-modify-writes (10 ms for 40k rows of a 10M-row table here); gathering the rows, adding in a
 small contiguous buffer and writing them back with ``index_copy_`` does the same in ~1.5 ms. Rows
 must be unique for that, so duplicated rows are summed first (coalesced) -- still cheaper on big
-tables. Small tables keep ``index_add_``, which is as fast there and needs no sort.
+tables. Only small tables keep ``index_add_``: for 2048 unique rows of d=64 the gather path
+measured 0.087 vs 0.112 ms at 4k rows and 0.100 vs 0.137 ms at 16k rows, but duplicated rows
+there cost a sort (0.19 vs 0.14 ms at 4k rows). LazyDP's row writes are unique (catch-up) or
+reuse the catch-up's sort (update), so they gain from the gather path down to small tables.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import torch
 from torch import Tensor
 
 # Below this many rows the table is cache-resident and index_add_ is as fast as anything.
-_LARGE_TABLE_ROWS = 1 << 17
+_LARGE_TABLE_ROWS = 1 << 12
 
 
 def sorts_rows(weight: Tensor) -> bool:
