@@ -388,3 +388,23 @@ def _child_draw_std() -> float:
     # libgomp's pool does not survive fork either; torch's DataLoader workers do the same.
     torch.set_num_threads(1)
     return float(GaussianNoise(threads=2).normal_(torch.empty(N)).std())
+
+
+@pytest.mark.parametrize("pooled", [False, True])
+def test_add_aggregated_adds_alpha_times_the_aggregated_rows(pooled) -> None:
+    from lazydp.noise_pool import NoisePool
+
+    s1 = torch.tensor([0.3, 0.2, 0.1], dtype=torch.float64)
+    s2 = torch.tensor([0.05, 0.02, 0.01], dtype=torch.float64)
+    a, b = GaussianNoise(seed=3), GaussianNoise(seed=3)
+    want = a.aggregated(s1, s2, 4, pool=NoisePool(a) if pooled else None)
+    base = torch.randn(3, 4)
+    got = b.add_aggregated_(base.clone(), s1, s2, 0.5, pool=NoisePool(b) if pooled else None)
+    torch.testing.assert_close(got, base + 0.5 * want)
+    with constant_noise(2.0):  # the test override adds value * sum_lr, as per-step constants
+        torch.testing.assert_close(
+            b.add_aggregated_(torch.zeros(3, 2), s1, s2, 0.5),
+            (s1 * 1.0).float()[:, None].expand(3, 2),
+        )
+    with pytest.raises(InputError, match="2-D floating"):
+        b.add_aggregated_(torch.zeros(3), s1, s2, 0.5)

@@ -436,6 +436,47 @@ class GaussianNoise:
         >>> rows.shape, rows.dtype
         (torch.Size([2, 4]), torch.float32)
         """
+        z, scale = self._aggregated_parts(sum_lr, sum_lr2, dim, dtype, pool)
+        return z.contiguous() if scale is None else z * scale
+
+    def add_aggregated_(
+        self,
+        out: Tensor,
+        sum_lr: Tensor,
+        sum_lr2: Tensor,
+        alpha: float,
+        pool: NoisePool | None = None,
+    ) -> Tensor:
+        """``out += alpha * aggregated(sum_lr, sum_lr2, out.shape[1], out.dtype)`` in one pass
+        (no (n, dim) temporary for the scaled noise): LazyDP's catch-up adds straight into the
+        gathered rows.
+
+        >>> rows = torch.zeros(2, 3)
+        >>> _ = GaussianNoise(seed=0).add_aggregated_(
+        ...     rows, torch.ones(2).double(), torch.ones(2).double(), alpha=0.5)
+        >>> bool((rows != 0).all())
+        True
+        """
+        if not isinstance(out, Tensor) or out.dim() != 2 or not out.is_floating_point():
+            raise InputError(
+                f"out must be a 2-D floating tensor (rows x dim); got "
+                f"{getattr(out, 'shape', type(out).__name__)}."
+            )
+        z, scale = self._aggregated_parts(sum_lr, sum_lr2, out.shape[1], out.dtype, pool)
+        with torch.no_grad():
+            if scale is None:
+                return out.add_(z.to(out.device), alpha=alpha)
+            return out.addcmul_(z.to(out.device), scale.to(out.device), value=alpha)
+
+    def _aggregated_parts(
+        self,
+        sum_lr: Tensor,
+        sum_lr2: Tensor,
+        dim: int,
+        dtype: torch.dtype,
+        pool: NoisePool | None,
+    ) -> tuple[Tensor, Tensor | None]:
+        """(z, scale) with z * scale the aggregated rows; scale None when z is final already."""
         if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
             raise ConfigError(f"dim must be an int >= 1 (embedding dimension); got {dim!r}.")
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
@@ -455,7 +496,7 @@ class GaussianNoise:
         if _override_value is not None:
             self._next_call()
             rows = (_override_value * sum_lr.to(torch.float64)).to(dtype)
-            return rows.unsqueeze(1).expand(n, dim).contiguous()
+            return rows.unsqueeze(1).expand(n, dim), None
         if n and not bool(((sum_lr2 >= 0) & torch.isfinite(sum_lr2)).all()):
             raise InputError(
                 "sum_lr2 must be finite and >= 0 (a sum of squared learning rates); got "
@@ -465,10 +506,10 @@ class GaussianNoise:
         if pool is not None and dtype == torch.float32 and sum_lr2.device.type == "cpu":
             if pool.noise is not self:
                 raise ConfigError("pool draws from another stream; build it as NoisePool(self)")
-            return pool.standard(n * dim).view(n, dim) * scale
+            return pool.standard(n * dim).view(n, dim), scale
         out = torch.empty((n, dim), dtype=dtype, device=sum_lr2.device)
         self._draw(out, 1.0, add=False)
-        return out.mul_(scale)
+        return out, scale
 
     # -- streams and checkpoints ---------------------------------------------------------
     def fork(self, stream: int) -> GaussianNoise:

@@ -155,14 +155,22 @@ class LazyTable:
         if rows.numel() == 0:
             return 0, None
         s1, s2 = self.prefix.pending(applied, t)
-        # Timed apart from the bookkeeping: the draw is the floor every lazy scheme pays; the
-        # rest (unique, history gather/scatter, row writes) is what a lookahead fusion could save.
+        # Noise enters as W += lr*sigma*C/B*z, the same sign the eager table path uses. Large
+        # tables: gather the rows, add the noise into them in one pass, write them back.
+        block = self.weight.index_select(0, rows) if sorts_rows(self.weight) else None
+        # Timed apart from the bookkeeping: the draw (and its add) is the floor every lazy
+        # scheme pays; the rest (unique, history, row gather/write) is bookkeeping.
         with self.timer.phase("lazy_catch_up_noise"):
-            z = self.noise.aggregated(
-                s1, s2, self.weight.shape[1], self.weight.dtype, pool=self.pool
-            )
-        # Noise enters as W += lr*sigma*C/B*z, the same sign the eager table path uses.
-        block = add_rows_(self.weight, rows, z.to(self.weight.device), self.noise_std, unique=True)
+            if block is not None:
+                self.noise.add_aggregated_(block, s1, s2, self.noise_std, pool=self.pool)
+            else:
+                z = self.noise.aggregated(
+                    s1, s2, self.weight.shape[1], self.weight.dtype, pool=self.pool
+                )
+        if block is not None:
+            self.weight.index_copy_(0, rows, block)
+        else:
+            add_rows_(self.weight, rows, z.to(self.weight.device), self.noise_std, unique=True)
         self.history.applied[rows] = t
         return int(rows.numel()), block
 

@@ -27,12 +27,8 @@ def sorts_rows(weight: Tensor) -> bool:
 @torch.no_grad()
 def add_rows_(
     weight: Tensor, rows: Tensor, values: Tensor, alpha: float, unique: bool = False
-) -> Tensor | None:
+) -> None:
     """``weight[rows] += alpha * values`` with duplicated rows adding up.
-
-    Returns the rows as written (a copy, in the order of ``rows``) when ``rows`` was unique and
-    the table takes the gather/add/copy path, else None: a caller that writes the same rows
-    again soon can start from it instead of gathering them again.
 
     >>> w = torch.zeros(3, 2)
     >>> add_rows_(w, torch.tensor([2, 0, 2]), torch.ones(3, 2), alpha=0.5)
@@ -40,10 +36,10 @@ def add_rows_(
     [0.5, 0.0, 1.0]
     """
     if rows.numel() == 0:
-        return None
+        return
     if not sorts_rows(weight):
         weight.index_add_(0, rows, values.to(weight.dtype), alpha=alpha)
-        return None
+        return
     if not unique:
         rows, inverse = torch.unique(rows, return_inverse=True)
         summed = values.new_zeros((rows.numel(), values.shape[1]))
@@ -51,4 +47,3 @@ def add_rows_(
     block = weight.index_select(0, rows)
     block.add_(values.to(weight.dtype), alpha=alpha)
     weight.index_copy_(0, rows, block)
-    return block if unique else None
