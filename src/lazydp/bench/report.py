@@ -114,9 +114,10 @@ def plot_scaling(suite: SuiteResult, path: Path) -> Path | None:
         if r.status != "ok" or not r.table_bytes:
             continue
         # One line per (config, batch, pooling, mode): mixing poolings would zigzag.
+        pooling = r.spec.get("pooling")
         key = (
             f"{r.spec.get('config')} B={r.spec.get('batch_size')} "
-            f"L={r.spec.get('pooling')} {r.mode}"
+            f"L={'default' if pooling is None else pooling} {r.mode}"
         )
         lines.setdefault(key, []).append((r.table_bytes, r.step_ms))
     lines = {k: sorted(v) for k, v in lines.items() if len({x for x, _ in v}) >= 2}
