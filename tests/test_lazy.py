@@ -9,7 +9,7 @@ import torch
 from scipy import stats
 from torch import nn
 
-from lazydp import PrivacyEngine, UnsupportedOptimizerError
+from lazydp import PrivacyEngine, PrivacyError, UnsupportedOptimizerError
 from lazydp.optim import rows as rows_module
 from lazydp.optim.lazy import LazyTable
 from lazydp.testing import constant_noise
@@ -257,3 +257,18 @@ def test_add_rows_matches_index_add_on_large_tables():
     ref.index_add_(0, u, vals[: u.numel()], alpha=2.0)
     add_rows_(w, u, vals[: u.numel()], 2.0, unique=True)
     torch.testing.assert_close(w, ref)
+
+
+def test_corrupt_noise_pool_state_in_a_checkpoint_is_refused_before_any_lazy_change(tmp_path):
+    model, opt, sched, engine = build("lazydp", ledger_path=tmp_path / "a.jsonl")
+    for b in make_batches(3, seed=1):
+        step(model, opt, sched, b)
+    engine.save_checkpoint(tmp_path / "ck.pt")
+    state = torch.load(tmp_path / "ck.pt", weights_only=True)
+    assert state["lazy"]["pool"]["pos"] > 0  # the catch-up drew from the pool
+    state["lazy"]["pool"]["pos"] = -5
+    torch.save(state, tmp_path / "bad.pt")
+    steps = opt.steps_done
+    with pytest.raises(PrivacyError, match="noise-pool state"):
+        engine.load_checkpoint(tmp_path / "bad.pt")
+    assert opt.steps_done == steps and engine.ledger.steps == 3

@@ -366,14 +366,14 @@ class DPOptimizer(OptimizerGroup):
         }
 
     def load_lazy_state_dict(self, state: dict[str, Any]) -> None:
+        if self._pool is not None and state.get("pool") is not None:  # older checkpoints: none
+            self._pool.load_state_dict(state["pool"])  # validated first: raises before any change
         self.steps_done = int(state["steps_done"])
         self._flushed_at = -1
         for t, s in zip(self.lazy.values(), state["tables"]):
             t.load_state_dict(s)
         for pr, s in zip(self._prefixes.values(), state["prefixes"]):
             pr.load_state_dict(s)
-        if self._pool is not None and state.get("pool") is not None:  # older checkpoints: none
-            self._pool.load_state_dict(state["pool"])
 
 
 def _device_of(params: dict[str, nn.Parameter]) -> torch.device:
