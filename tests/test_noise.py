@@ -421,3 +421,29 @@ def test_add_aggregated_adds_alpha_times_the_aggregated_rows(pooled) -> None:
         )
     with pytest.raises(InputError, match="2-D floating"):
         b.add_aggregated_(torch.zeros(3), s1, s2, 0.5)
+
+
+def test_fused_catch_up_add_equals_draw_then_addcmul_over_many_chunks() -> None:
+    """The fused path (draw, scale and add chunk by chunk) against the slow obvious one."""
+    n, dim = 20_000, 64  # 1.28M values: three chunks, CHUNK_NUMEL a multiple of dim
+    gen = torch.Generator().manual_seed(1)
+    s2 = torch.rand(n, generator=gen, dtype=torch.float64) * 4 + 0.01
+    base = torch.randn(n, dim, generator=gen)
+    want = base + 0.25 * GaussianNoise(seed=6).aggregated(s2, s2, dim)
+    got = GaussianNoise(seed=6).add_aggregated_(base.clone(), s2, s2, 0.25)
+    torch.testing.assert_close(got, want)
+
+
+def test_fused_catch_up_add_has_the_aggregated_distribution() -> None:
+    n, dim = 30_000, 48  # chunks of whole rows that do not split CHUNK_NUMEL evenly
+    gen = torch.Generator().manual_seed(2)
+    s2 = torch.rand(n, generator=gen, dtype=torch.float64) * 4 + 0.01
+    base = torch.randn(n, dim, generator=gen)
+    got = GaussianNoise(seed=7).add_aggregated_(base.clone(), s2, s2, 0.5)
+    scale = 0.5 * s2.sqrt().unsqueeze(1)
+    z = (got.double() - base.double()) / scale
+    assert ks_pvalue(z, 1.0) > ACCEPT
+    assert ks_pvalue(z, 0.8) < REJECT and ks_pvalue(z, 1.25) < REJECT
+    # Rows come from distinct chunk streams: neighbouring rows are uncorrelated.
+    a, b = z[:-1].flatten(), z[1:].flatten()
+    assert abs(float(torch.corrcoef(torch.stack([a, b]))[0, 1])) < 5 / math.sqrt(a.numel())

@@ -421,6 +421,7 @@ class GaussianNoise:
         (torch.Size([2, 4]), torch.float32)
         """
         z, scale = self._aggregated_parts(sum_lr, sum_lr2, dim, dtype, pool)
+        assert z is not None  # draw=True: always drawn
         return z.contiguous() if scale is None else z * scale
 
     def add_aggregated_(
@@ -446,11 +447,41 @@ class GaussianNoise:
                 f"out must be a 2-D floating tensor (rows x dim); got "
                 f"{getattr(out, 'shape', type(out).__name__)}."
             )
-        z, scale = self._aggregated_parts(sum_lr, sum_lr2, out.shape[1], out.dtype, pool)
+        fusable = out.device.type == "cpu" and out.dtype == torch.float32 and out.is_contiguous()
+        z, scale = self._aggregated_parts(
+            sum_lr, sum_lr2, out.shape[1], out.dtype, pool, draw=not fusable
+        )
         with torch.no_grad():
             if scale is None:
+                assert z is not None
                 return out.add_(z.to(out.device), alpha=alpha)
+            if z is None:
+                self._add_row_scaled_(out, scale.view(-1) * alpha)
+                return out
             return out.addcmul_(z.to(out.device), scale.to(out.device), value=alpha)
+
+    def _add_row_scaled_(self, out: Tensor, scale: Tensor) -> None:
+        """``out[j] += scale[j] * z_j`` (z i.i.d. N(0, I), out float32 CPU contiguous), drawn,
+        scaled and added chunk by chunk in numpy: one pass over ``out``, no (n, dim) temporary,
+        no torch op on the pool's threads. Chunks hold whole rows (about CHUNK_NUMEL values)."""
+        call = self._next_call()
+        n, dim = out.shape
+        if n == 0:
+            return
+        rows_per_chunk = max(1, CHUNK_NUMEL // dim)
+        starts = range(0, n, rows_per_chunk)
+        target, factor = out.detach().numpy(), scale.detach().to(torch.float32).numpy()
+
+        def work(index: int) -> None:
+            lo = starts[index]
+            hi = min(n, lo + rows_per_chunk)
+            z = _scratch_array((hi - lo) * dim, np.dtype(np.float32))
+            _fill_standard_chunk(z, 1.0, self._material(call, index))
+            rows = z.reshape(hi - lo, dim)
+            np.multiply(rows, factor[lo:hi, None], out=rows)
+            np.add(target[lo:hi], rows, out=target[lo:hi])
+
+        _run_chunks(work, len(starts), self.threads)
 
     def _aggregated_parts(
         self,
@@ -459,8 +490,10 @@ class GaussianNoise:
         dim: int,
         dtype: torch.dtype,
         pool: NoisePool | None,
-    ) -> tuple[Tensor, Tensor | None]:
-        """(z, scale) with z * scale the aggregated rows; scale None when z is final already."""
+        draw: bool = True,
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """(z, scale) with z * scale the aggregated rows; scale None when z is final already,
+        z None when ``draw`` is False and the pool does not serve it (the caller draws it)."""
         if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
             raise ConfigError(f"dim must be an int >= 1 (embedding dimension); got {dim!r}.")
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
@@ -487,10 +520,13 @@ class GaussianNoise:
                 f"min={float(sum_lr2.min())}. Check the history table's lr^2 prefix sums."
             )
         scale = sum_lr2.to(torch.float64).sqrt().to(dtype).unsqueeze(1)
-        if pool is not None and dtype == torch.float32 and sum_lr2.device.type == "cpu":
+        served = pool is not None and (draw or pool.serves(n * dim))
+        if served and pool is not None and dtype == torch.float32 and sum_lr2.device.type == "cpu":
             if pool.noise is not self:
                 raise ConfigError("pool draws from another stream; build it as NoisePool(self)")
             return pool.standard(n * dim).view(n, dim), scale
+        if not draw:
+            return None, scale
         out = torch.empty((n, dim), dtype=dtype, device=sum_lr2.device)
         self._draw(out, 1.0, add=False)
         return out, scale

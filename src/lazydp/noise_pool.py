@@ -50,9 +50,13 @@ class NoisePool:
         self._refill_call = -1  # the stream call that filled the buffer
         self._restore: dict[str, int] | None = None
 
+    def serves(self, n: int) -> bool:
+        """Whether a draw of ``n`` values comes from the pool (larger ones bypass it)."""
+        return n <= POOL_NUMEL // 2
+
     def standard(self, n: int) -> Tensor:
         """``n`` fresh samples: a view into the pool, valid until the next call (use it at once)."""
-        if n > POOL_NUMEL // 2:
+        if not self.serves(n):
             return self.noise.normal_(torch.empty(n))
         if self._restore is not None:
             self._replay(self._restore)
