@@ -2,7 +2,7 @@
 
 Why: LazyDP's catch-up draws one table's rows at a time (about 2k rows x d per table per step,
 26 tables on DLRM). Drawn one by one, each draw is below one generator chunk, so it runs on one
-thread and pays the per-call set-up; drawn ahead 1M values at a time, the draw splits over all
+thread and pays the per-call set-up; drawn ahead 4M values at a time, the draw splits over all
 threads (benchmarks/RESULTS.md, "Catch-up noise pool").
 
 Contract:
@@ -29,9 +29,10 @@ from torch import Tensor
 from lazydp.errors import PrivacyError
 from lazydp.noise import GaussianNoise
 
-#: Values per refill (4 MiB of float32). 2^20 splits into two generator chunks, so a refill
-#: uses both cores here; larger refills measured no faster and hold more memory.
-POOL_NUMEL = 1 << 20
+#: Values per refill (16 MiB of float32), split over the generator's chunks and threads. Inside
+#: a training step fewer, larger refills cost less: on DLRM basic (3.4M catch-up values a step)
+#: 2^22 took 7 ms of refills a step against 10 ms for 2^20 (benchmarks/RESULTS.md).
+POOL_NUMEL = 1 << 22
 
 
 class NoisePool:
