@@ -10,9 +10,10 @@ from scipy import stats
 from torch import nn
 
 from lazydp import PrivacyEngine, PrivacyError, UnsupportedOptimizerError
+from lazydp.noise import GaussianNoise
 from lazydp.optim import rows as rows_module
 from lazydp.optim.lazy import LazyTable
-from lazydp.testing import constant_noise
+from lazydp.testing import constant_noise, zero_noise
 from tests.toy import Toy, dense_params, loader, loss_fn, make_batches, table_params
 
 
@@ -97,11 +98,14 @@ def test_lazy_equals_eager_under_constant_noise_with_schedule_and_mid_eval(
         torch.testing.assert_close(lazy[k], eager[k], atol=2e-5, rtol=1e-5, msg=k)
     for a, b in zip(eager_evals, lazy_evals):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
-    if large_tables:  # the EmbeddingBag reused its sort every step; nn.Embedding did not
-        assert sum(reused) == len(batches) and len(reused) == 2 * len(batches)
-        # ... and its update skipped the gather, except at step 0 (nothing owed yet) and after
-        # the two evaluations (rows they read were current, so the catch-up drew a subset).
+    if large_tables:
+        # The EmbeddingBag's update added into the rows its catch-up wrote (no coalesce, no
+        # gather), except at step 0 (nothing owed yet) and after the two evaluations (rows they
+        # read were current, so the catch-up drew a subset) ...
         assert sum(fresh) == len(batches) - 3
+        # ... and on those 3 steps its coalesce reused the catch-up's sort; nn.Embedding's
+        # clipped sum carries other ids (coalesced every step, no reuse).
+        assert sum(reused) == 3 and len(reused) == len(batches) + 3
 
 
 def test_export_without_explicit_flush_is_flushed(tmp_path):
@@ -272,3 +276,28 @@ def test_corrupt_noise_pool_state_in_a_checkpoint_is_refused_before_any_lazy_cha
     with pytest.raises(PrivacyError, match="noise-pool state"):
         engine.load_checkpoint(tmp_path / "bad.pt")
     assert opt.steps_done == steps and engine.ledger.steps == 3
+
+
+@pytest.mark.parametrize("repeats", [False, True])
+def test_update_into_the_caught_up_rows_equals_a_plain_row_update(repeats, monkeypatch):
+    """The update's fast path (add into the rows the catch-up wrote) against add_rows_."""
+    from lazydp.clipping._base import SparseRows
+    from lazydp.optim.lazy import LrPrefix
+
+    gen = torch.Generator().manual_seed(3)
+    weight = torch.nn.Parameter(torch.randn(5000, 8, generator=gen))
+    prefix = LrPrefix()
+    prefix.append(0.1)
+    table = LazyTable(weight, prefix, GaussianNoise(seed=1), noise_std=0.5)
+    ids = torch.randperm(5000, generator=gen)[:300]
+    if repeats:
+        ids = torch.cat([ids, ids[:40]])
+    values = torch.randn(ids.numel(), 8, generator=gen)
+    with zero_noise():
+        table.catch_up(ids, 1)  # writes every distinct row: all were one step behind
+    want = weight.detach().clone()
+    rows_module.add_rows_(want, ids, values, alpha=-0.3)
+    monkeypatch.setattr(LazyTable, "coalesce", lambda *a: pytest.fail("took the slow path"))
+    table.update(SparseRows(ids, values, 5000), alpha=-0.3)
+    torch.testing.assert_close(weight.detach(), want)
+    assert (table.history.applied[ids] == 1).all()

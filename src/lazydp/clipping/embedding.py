@@ -25,6 +25,7 @@ from lazydp.clipping._base import (
     PerSample,
     PerSampleRows,
     SparseRows,
+    sq_norms,
 )
 from lazydp.clipping.registry import batch_size, call_arg, clip_factors, register_clipper
 from lazydp.errors import InputError, UnsupportedLayerError
@@ -138,9 +139,9 @@ class EmbeddingClipper(LayerClipper):
         if len(calls) == 1 and call_arg(calls[0].args, calls[0].kwargs, 0, "input").dim() == 1:
             # One id per example: no repeats are possible, so no grouping is needed.
             example, _, grad, batch = _entries(module, calls)
-            return grad.new_zeros(batch).index_add_(0, example, grad.pow(2).sum(1))
+            return grad.new_zeros(batch).index_add_(0, example, sq_norms(grad))
         pair_example, _, summed, batch = _pair_grads(module, calls)
-        return summed.new_zeros(batch).index_add_(0, pair_example, summed.pow(2).sum(1))
+        return summed.new_zeros(batch).index_add_(0, pair_example, sq_norms(summed))
 
     def clipped_sum(self, module: nn.Module, calls: list[Call], c: Tensor) -> dict[str, ClippedSum]:
         assert isinstance(module, nn.Embedding)

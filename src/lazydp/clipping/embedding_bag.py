@@ -29,6 +29,7 @@ from lazydp.clipping._base import (
     PerSample,
     PerSampleRows,
     SparseRows,
+    sq_norms,
 )
 from lazydp.clipping.embedding import check_table, group_pairs, validate_ids
 from lazydp.clipping.registry import batch_size, call_arg, clip_factors, register_clipper
@@ -162,13 +163,13 @@ class EmbeddingBagClipper(LayerClipper):
             # Each example reads at most one row once: sum_r s_ir^2 is its one weight squared.
             b = bags[0]
             s2 = grads[0].new_zeros(batch).index_add_(0, b.bag, b.weights(dtype).square())
-            return s2 * grads[0].pow(2).sum(1)
+            return s2 * sq_norms(grads[0])
         if len(calls) == 1:
             b = bags[0]
             pair_bag, _, inverse = group_pairs(b.bag, b.ids, module.num_embeddings)
             s = grads[0].new_zeros(pair_bag.numel()).index_add_(0, inverse, b.weights(dtype))
             s2 = grads[0].new_zeros(batch).index_add_(0, pair_bag, s * s)
-            return s2 * grads[0].pow(2).sum(1)
+            return s2 * sq_norms(grads[0])
         k = len(calls)
         bag = _cat([b.bag for b in bags])
         ids = _cat([b.ids for b in bags])

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from lazydp.clipping._base import Call, ClippedSum, LayerClipper, PerSample
+from lazydp.clipping._base import Call, ClippedSum, LayerClipper, PerSample, sq_norms
 from lazydp.clipping.registry import batch_size, call_arg, clip_factors, register_clipper
 from lazydp.errors import InputError
 
@@ -54,7 +54,7 @@ def _weight_norms2(a: Tensor, g: Tensor) -> Tensor:
     batch, seq, d_in = a.shape
     d_out = g.shape[2]
     if seq == 1:
-        return a.pow(2).sum((1, 2)) * g.pow(2).sum((1, 2))
+        return sq_norms(a, (1, 2)) * sq_norms(g, (1, 2))
     a = a.to(g.dtype)
     out = g.new_empty(batch)
     if seq * (d_in + d_out) <= d_in * d_out:
@@ -64,7 +64,7 @@ def _weight_norms2(a: Tensor, g: Tensor) -> Tensor:
             out[sl] = (gram_a * gram_g).sum((1, 2))
     else:
         for sl in _chunks(batch, d_in * d_out):
-            out[sl] = torch.bmm(g[sl].transpose(1, 2), a[sl]).pow(2).sum((1, 2))
+            out[sl] = sq_norms(torch.bmm(g[sl].transpose(1, 2), a[sl]), (1, 2))
     return out
 
 
@@ -79,7 +79,7 @@ class LinearClipper(LayerClipper):
         if module.weight.requires_grad:
             norms += _weight_norms2(a, g)
         if module.bias is not None and module.bias.requires_grad:
-            norms += g.sum(1).pow(2).sum(1)
+            norms += sq_norms(g.sum(1))
         return norms
 
     def clipped_sum(self, module: nn.Module, calls: list[Call], c: Tensor) -> dict[str, ClippedSum]:

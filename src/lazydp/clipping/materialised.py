@@ -21,6 +21,7 @@ from lazydp.clipping._base import (
     PerSample,
     PerSampleRows,
     SparseRows,
+    sq_norms,
 )
 from lazydp.clipping.registry import batch_size, clip_factors
 from lazydp.errors import InputError
@@ -38,13 +39,13 @@ def per_sample_norms2(ps: Mapping[str, PerSample], batch_size: int) -> Tensor:
     for name, grad in ps.items():
         if isinstance(grad, PerSampleRows):
             part = grad.values.new_zeros(batch_size)
-            part.index_add_(0, grad.example, grad.values.pow(2).sum(1))
+            part.index_add_(0, grad.example, sq_norms(grad.values))
         else:
             if grad.shape[0] != batch_size:
                 raise InputError(
                     f"per-example gradient {name!r} has {grad.shape[0]} examples; expected {batch_size}"
                 )
-            part = grad.reshape(batch_size, -1).pow(2).sum(1)
+            part = sq_norms(grad.reshape(batch_size, -1))
         total = part if total is None else total + part
     if total is None:
         return torch.zeros(batch_size)

@@ -38,7 +38,8 @@ def add_rows_(
     if rows.numel() == 0:
         return
     if not sorts_rows(weight):
-        weight.index_add_(0, rows, values.to(weight.dtype), alpha=alpha)
+        # alpha= sends index_add_ down a slow path (3x on 2048 x 64): scale the values first.
+        weight.index_add_(0, rows, values.to(weight.dtype) * alpha)
         return
     if not unique:
         rows, inverse = torch.unique(rows, return_inverse=True)
