@@ -447,3 +447,26 @@ def test_fused_catch_up_add_has_the_aggregated_distribution() -> None:
     # Rows come from distinct chunk streams: neighbouring rows are uncorrelated.
     a, b = z[:-1].flatten(), z[1:].flatten()
     assert abs(float(torch.corrcoef(torch.stack([a, b]))[0, 1])) < 5 / math.sqrt(a.numel())
+
+
+def test_add_normal_each_draws_every_tensor_in_one_call() -> None:
+    sizes = [(300, 7), (CHUNK_NUMEL + 11,), (5,), (2 * CHUNK_NUMEL,)]
+    tensors = [torch.zeros(s) for s in sizes]
+    noise = GaussianNoise(seed=12)
+    noise.add_normal_each_(tensors, std=0.4)
+    assert noise.calls == 1
+    flat = torch.cat([t.flatten() for t in tensors])
+    assert_gaussian(flat, 0.4)
+    assert no_repeated_chunks([t.flatten() for t in tensors])  # every chunk its own key
+    # One tensor alone is chunked and keyed exactly as add_normal_.
+    one = torch.zeros(CHUNK_NUMEL + 11)
+    GaussianNoise(seed=12).add_normal_each_([one], std=0.4)
+    torch.testing.assert_close(one, GaussianNoise(seed=12).add_normal_(torch.zeros_like(one), 0.4))
+    # Non-contiguous tensors are drawn on calls of their own; the override adds constants.
+    strided = torch.zeros(4, 6).t()
+    noise.add_normal_each_([torch.zeros(3), strided], std=1.0)
+    assert noise.calls == 3 and bool((strided != 0).all())
+    with constant_noise(2.0):
+        out = [torch.zeros(2), torch.zeros(3)]
+        GaussianNoise(seed=1).add_normal_each_(out, std=0.5)
+        assert all(bool((t == 1.0).all()) for t in out)

@@ -313,12 +313,19 @@ class GaussianNoise:
         if flat.device.type != "cpu":
             self._fill_device(flat, std, add, call)
             return
-        n = flat.numel()
-        starts = range(0, n, CHUNK_NUMEL)
+        self._fill_cpu([flat], std, add, call)
+
+    def _fill_cpu(self, flats: list[Tensor], std: float, add: bool, call: int) -> None:
+        """Chunk every 1-D contiguous CPU tensor of ``flats``; chunk i of the whole list (in
+        order) gets key (call, i), so one tensor alone is chunked exactly as ``_fill`` does."""
+        parts = [
+            flat[start : start + CHUNK_NUMEL].detach()
+            for flat in flats
+            for start in range(0, flat.numel(), CHUNK_NUMEL)
+        ]
 
         def work(index: int) -> None:
-            part = flat[starts[index] : starts[index] + CHUNK_NUMEL].detach()
-            material = self._material(call, index)
+            part, material = parts[index], self._material(call, index)
             if part.dtype in (torch.float32, torch.float64):
                 array = part.numpy()  # shares memory: numpy fills the tensor in place
                 if not add:
@@ -337,7 +344,7 @@ class GaussianNoise:
                 else:
                     part.copy_(scratch32)
 
-        _run_chunks(work, len(starts), self.threads)
+        _run_chunks(work, len(parts), self.threads)
 
     def _fill_device(self, flat: Tensor, std: float, add: bool, call: int) -> None:
         """GPU: one Philox generator per call with a 64-bit seed (Philox keeps all 64 bits)."""
@@ -396,6 +403,30 @@ class GaussianNoise:
                 self._next_call()
                 return out.add_(_override_value * std)
             return self._draw(out, std, add=True)
+
+    def add_normal_each_(self, tensors: list[Tensor], std: float) -> None:
+        """``add_normal_(t, std)`` for every tensor in one call: their chunks share the thread
+        pool. DP-SGD's dense layers are each below one chunk; drawn one by one, each would run
+        on one thread only. CUDA or non-contiguous tensors are drawn one call each.
+
+        >>> a, b = torch.zeros(3), torch.zeros(2, 2)
+        >>> GaussianNoise(seed=1).add_normal_each_([a, b], std=0.5)
+        >>> bool((a != 0).all() and (b != 0).all())
+        True
+        """
+        tensors, std = [_check_out(t) for t in tensors], _check_std(std)
+        flat = [t for t in tensors if t.device.type == "cpu" and t.is_contiguous()]
+        others = [t for t in tensors if not (t.device.type == "cpu" and t.is_contiguous())]
+        if flat:
+            call = self._next_call()
+            with torch.no_grad():
+                if _override_value is not None:
+                    for t in flat:
+                        t.add_(_override_value * std)
+                else:
+                    self._fill_cpu([t.view(-1) for t in flat], std, add=True, call=call)
+        for t in others:
+            self.add_normal_(t, std)
 
     def aggregated(
         self,

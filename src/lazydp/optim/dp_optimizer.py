@@ -34,7 +34,7 @@ from lazydp.errors import InputError, UnsupportedOptimizerError
 from lazydp.ledger import PrivacyLedger, StepEvent
 from lazydp.noise import GaussianNoise
 from lazydp.noise_pool import NoisePool
-from lazydp.optim.eager import eager_table_sgd, noisy_dense_grad
+from lazydp.optim.eager import eager_table_sgd, noisy_dense_grads
 from lazydp.optim.group import OptimizerGroup
 from lazydp.optim.lazy import LazyTable, LrPrefix
 
@@ -295,6 +295,7 @@ class DPOptimizer(OptimizerGroup):
     def _update(self, sums: dict[nn.Parameter, ClippedSum]) -> None:
         p = self.privacy
         eager_tables: list[tuple[nn.Parameter, float]] = []
+        dense: list[nn.Parameter] = []  # noised together below: one generator call, all threads
         for opt, group in ((o, g) for o in self.originals for g in o.param_groups):
             lr = float(group["lr"])
             for q in group["params"]:
@@ -313,9 +314,16 @@ class DPOptimizer(OptimizerGroup):
                     q.grad = None  # updated below in one streaming pass, never a dense gradient
                     eager_tables.append((q, lr))
                 else:
-                    q.grad = noisy_dense_grad(
-                        sums.get(q), q, self.noise, p.noise_std, p.expected_batch_size, self.timer
-                    )
+                    dense.append(q)
+        grads = noisy_dense_grads(
+            [(sums.get(q), q) for q in dense],
+            self.noise,
+            p.noise_std,
+            p.expected_batch_size,
+            self.timer,
+        )
+        for q, grad in zip(dense, grads):
+            q.grad = grad
         with self.timer.phase("param_update"):
             for o in self.originals:
                 o.step()

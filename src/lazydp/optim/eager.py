@@ -18,26 +18,28 @@ from lazydp.optim.rows import add_rows_
 
 
 @torch.no_grad()
-def noisy_dense_grad(
-    clipped: ClippedSum | None,
-    like: Tensor,
+def noisy_dense_grads(
+    clipped: list[tuple[ClippedSum | None, Tensor]],
     noise: GaussianNoise,
     noise_std: float,
     expected_batch_size: float,
     timer: PhaseTimer,
-) -> Tensor:
-    """(sum_i c_i g_i + N(0, noise_std^2)) / B_expected as a dense gradient for ``like``."""
+) -> list[Tensor]:
+    """(sum_i c_i g_i + N(0, noise_std^2)) / B_expected as a dense gradient for each
+    (clipped sum, parameter) pair; all the noise in one generator call (all threads)."""
+    grads = []
     with timer.phase("coalesce"):
-        if clipped is None:
-            grad = torch.zeros_like(like)
-        elif isinstance(clipped, SparseRows):
-            grad = clipped.to_dense()
-        else:
-            grad = clipped.detach().clone()
+        for s, like in clipped:
+            if s is None:
+                grads.append(torch.zeros_like(like))
+            elif isinstance(s, SparseRows):
+                grads.append(s.to_dense())
+            else:
+                grads.append(s.detach().clone())
     with timer.phase("noise"):
         if noise_std > 0:
-            noise.add_normal_(grad, noise_std)
-    return grad.div_(expected_batch_size)
+            noise.add_normal_each_(grads, noise_std)
+    return [g.div_(expected_batch_size) for g in grads]
 
 
 @torch.no_grad()
