@@ -1,6 +1,6 @@
 """Issue 3's benchmark: lazydp against sgd and dpsgd_f as the embedding tables grow.
 
-    python benchmarks/lazy_vs_eager.py        # about 10 minutes on 2 shared cores
+    python benchmarks/lazy_vs_eager.py        # about 15 minutes on 2 shared cores
 
 Runs `lazydp bench --sweep configs/bench_lazy_vs_eager.yaml` (10 tables of 1M, 3M, 10M rows,
 d=32, pooling 1 and 20, batch 2048; one process per mode) and prints, per table size, lazydp / sgd
