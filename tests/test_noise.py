@@ -180,10 +180,49 @@ def test_box_muller_matches_float64_reference(numel: int, std: float) -> None:
 
 
 def test_box_muller_uses_the_float32_uniform_grid() -> None:
-    """Uniforms on the 2^-24 grid, u in (0, 1]: no inf / nan, |z| <= sqrt(2 ln 2^24)."""
+    """Uniforms on the 2^-24 grid, u in (0, 1]: no inf / nan (the tail cell is tested below)."""
     out = GaussianNoise(seed=21).normal_(torch.empty(N))
     assert bool(torch.isfinite(out).all())
-    assert float(out.abs().max()) <= math.sqrt(2 * 24 * math.log(2)) + 1e-4
+
+
+class _ScriptedBits:
+    """A bit generator stand-in that returns scripted raw 64-bit words, call by call."""
+
+    def __init__(self, *calls: list[int]) -> None:
+        self.calls = [np.array(c, dtype=np.uint64) for c in calls]
+
+    def random_raw(self, n: int) -> np.ndarray:
+        out = self.calls.pop(0)
+        assert out.size == n
+        return out.copy()
+
+
+def test_lowest_grid_cell_is_refined_instead_of_cutting_the_tail_at_5_77_sigma() -> None:
+    # 4 pairs: words 0-3 are u (little-endian halves of the raw words), 4-7 the angles (0).
+    # Pair 1 falls in the lowest cell (top 24 bits all ones); the refinement draws one word.
+    lowest = (0xFFFFFF << 8) | 0x5A
+    words = np.array([123 << 8, lowest, 7 << 8, 99 << 8, 0, 0, 0, 0], dtype=np.uint32)
+    fine = 1 << 40  # u' = ((fine >> 11) + 1) * 2^-53
+    bits = _ScriptedBits(list(words.view(np.uint64)), [fine])
+    out = np.empty(8, dtype=np.float32)
+    noise_mod._box_muller_(out, 1.0, bits)  # type: ignore[arg-type]
+    u = 2.0**-24 * ((fine >> 11) + 1) * 2.0**-53
+    assert out[1] == pytest.approx(math.sqrt(-2 * math.log(u)), rel=1e-6)  # cos(0) = 1
+    assert out[1] > math.sqrt(2 * 24 * math.log(2))  # past the grid's 5.77 sigma bound
+    assert out[0] == pytest.approx(math.sqrt(-2 * math.log(1 - 123 * 2.0**-24)), rel=1e-5)
+    assert not bits.calls  # the refinement drew exactly one word
+
+
+def test_refined_tail_radius_has_the_rayleigh_tail() -> None:
+    """Given u <= 2^-24, R^2/2 - 24 ln 2 = -ln u' must be Exp(1): the exact Gaussian tail."""
+    r = noise_mod._refined_tail_radius(np.random.SFC64(5), 200_000).astype(np.float64)
+    excess = r**2 / 2 - 24 * math.log(2)
+    assert stats.kstest(excess, "expon").pvalue > ACCEPT
+    assert stats.kstest(excess, "expon", args=(0, 1.25)).pvalue < REJECT
+    assert stats.kstest(excess, "expon", args=(0, 0.8)).pvalue < REJECT
+    # Without the refinement every such radius is the grid's bound: the test would fail.
+    cut = np.full_like(r, math.sqrt(2 * 24 * math.log(2)))
+    assert stats.kstest(cut**2 / 2 - 24 * math.log(2), "expon").pvalue < REJECT
 
 
 # ----------------------------------------------------------------------------- seeding
