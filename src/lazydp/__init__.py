@@ -15,6 +15,7 @@ from lazydp.errors import (
     UnsupportedLayerError,
     UnsupportedOptimizerError,
 )
+from lazydp.malloc import tune_malloc
 from lazydp.report import PrivacyReport
 
 __version__ = "0.1.0"
@@ -31,4 +32,5 @@ __all__ = [
     "UnsupportedLayerError",
     "UnsupportedOptimizerError",
     "__version__",
+    "tune_malloc",
 ]

@@ -51,6 +51,7 @@ from lazydp.bench.workload import (
     make_batches,
 )
 from lazydp.errors import ConfigError, LazyDPError
+from lazydp.malloc import tune_malloc
 
 BENCH_MODES = ("sgd", "dpsgd_b", "dpsgd_r", "dpsgd_f", "lazydp")
 UPDATE_PARTS = (
@@ -361,6 +362,7 @@ def _run_child(kind: str, spec: BenchSpec, mode: str) -> Any:
 
 def _child_main(argv: list[str]) -> None:
     kind, spec_json, mode, out, threads = argv
+    tune_malloc()  # as the parent command did (lazydp/malloc.py)
     torch.set_num_threads(int(threads))
     spec = BenchSpec(**json.loads(spec_json))
     if kind == "interleaved":

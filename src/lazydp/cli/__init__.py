@@ -14,6 +14,7 @@ import sys
 from typing import Any
 
 from lazydp.errors import LazyDPError
+from lazydp.malloc import tune_malloc
 
 # Order here is the order in `lazydp --help`.
 SUBCOMMANDS = ["train", "epsilon", "preprocess", "bench", "env"]
@@ -44,6 +45,7 @@ def add_json_flag(p: argparse.ArgumentParser) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    tune_malloc()  # training and benchmarks reuse freed memory (lazydp/malloc.py)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
