@@ -112,7 +112,8 @@ def _refined_tail_radius(bits: np.random.SFC64, n: int) -> np.ndarray:
     5.77 sigma -- a truncated Gaussian. A truncated Gaussian breaks the DP analysis: an output
     just past the truncation is impossible under one dataset and possible under its neighbour
     (probability ~1e-6 each time an example is sampled, at noise multiplier 1: over a run of
-    20 epochs, more than a typical delta). Refined, the bound moves to sqrt(2 ln 2^77) = 10.3 sigma, a tail of 1e-24.
+    20 epochs, more than a typical delta). Refined, the bound moves to sqrt(2 ln 2^77) =
+    10.3 sigma, a tail of 1e-24.
     """
     fine = (bits.random_raw(n) >> np.uint64(11)).astype(np.float64) + 1.0  # in [1, 2^53]
     log_u = np.log(fine) - 77.0 * math.log(2.0)  # ln(2^-24 * fine * 2^-53), exact in float64
@@ -124,9 +125,10 @@ def _box_muller_(dst: np.ndarray, std: float, bits: np.random.SFC64) -> None:
 
     The same algorithm and the same float32 uniform grid as torch's CPU ``normal_`` kernel
     (except the grid's lowest cell, refined so that the tail is not cut at 5.77 sigma: see
-    ``_refined_tail_radius``), only the uniforms come from SFC64 (about 3x faster than torch's Mersenne Twister) and the
-    transcendental functions from numpy's SIMD loops. All work happens in numpy calls that
-    release the GIL, so chunks run truly in parallel -- and torch's OpenMP pool is not used.
+    ``_refined_tail_radius``), only the uniforms come from SFC64 (about 3x faster than torch's
+    Mersenne Twister) and the transcendental functions from numpy's SIMD loops. All work
+    happens in numpy calls that release the GIL, so chunks run truly in parallel -- and
+    torch's OpenMP pool is not used.
     """
     m = dst.size
     h = (m + 1) // 2  # pairs: each gives a cosine and a sine normal
