@@ -145,7 +145,7 @@ class LazyTable:
                 # order and add them with add_'s fused alpha (half the time of index_add_ here;
                 # index_add_'s own alpha= takes a 3x slower path).
                 order = torch.empty_like(inverse)
-                order.index_copy_(0, inverse, torch.arange(inverse.numel()))
+                order.index_copy_(0, inverse, torch.arange(inverse.numel(), device=inverse.device))
                 values = values.index_select(0, order)
             else:
                 values = values.new_zeros(block.shape).index_add_(0, inverse, values)
