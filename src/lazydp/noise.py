@@ -168,6 +168,23 @@ def _fill_standard_chunk(dst: np.ndarray, std: float, material: Callable[[int], 
         dst *= std
 
 
+def _add_standard_chunk(
+    dst: np.ndarray,
+    std: float,
+    material: Callable[[int], bytes],
+    row_scale: np.ndarray | None = None,
+) -> None:
+    """``dst += N(0, std^2)`` for a contiguous float32/float64 array, drawn into this thread's
+    scratch; with ``row_scale`` (n,), ``dst`` is read as n rows and row j's noise is scaled by
+    ``row_scale[j]`` first."""
+    z = _scratch_array(dst.size, dst.dtype)
+    _fill_standard_chunk(z, std, material)
+    if row_scale is not None:
+        rows = z.reshape(row_scale.size, -1)
+        np.multiply(rows, row_scale[:, None], out=rows)
+    np.add(dst, z.reshape(dst.shape), out=dst)
+
+
 # ------------------------------------------------------------------------ threads and scratch
 _pools: dict[int, ThreadPoolExecutor] = {}
 _pools_lock = threading.Lock()
@@ -355,12 +372,10 @@ class GaussianNoise:
             part, material = parts[index], self._material(call, index)
             if part.dtype in (torch.float32, torch.float64):
                 array = part.numpy()  # shares memory: numpy fills the tensor in place
-                if not add:
+                if add:
+                    _add_standard_chunk(array, std, material)
+                else:
                     _fill_standard_chunk(array, std, material)
-                    return
-                scratch = _scratch_array(array.size, array.dtype)
-                _fill_standard_chunk(scratch, std, material)
-                np.add(array, scratch, out=array)
                 return
             # half / bfloat16: drawn in float32, rounded once (numpy has no bfloat16).
             with torch.no_grad():  # grad mode is per thread: the pool's workers need their own
@@ -531,13 +546,8 @@ class GaussianNoise:
         target, factor = out.detach().numpy(), scale.detach().to(torch.float32).numpy()
 
         def work(index: int) -> None:
-            lo = starts[index]
-            hi = min(n, lo + rows_per_chunk)
-            z = _scratch_array((hi - lo) * dim, np.dtype(np.float32))
-            _fill_standard_chunk(z, 1.0, self._material(call, index))
-            rows = z.reshape(hi - lo, dim)
-            np.multiply(rows, factor[lo:hi, None], out=rows)
-            np.add(target[lo:hi], rows, out=target[lo:hi])
+            rows = slice(starts[index], starts[index] + rows_per_chunk)
+            _add_standard_chunk(target[rows], 1.0, self._material(call, index), factor[rows])
 
         _run_chunks(work, len(starts), self.threads)
 
@@ -578,8 +588,8 @@ class GaussianNoise:
                 f"min={float(sum_lr2.min())}. Check the history table's lr^2 prefix sums."
             )
         scale = sum_lr2.to(torch.float64).sqrt().to(dtype).unsqueeze(1)
-        served = pool is not None and (draw or pool.serves(n * dim))
-        if served and pool is not None and dtype == torch.float32 and sum_lr2.device.type == "cpu":
+        pooled = dtype == torch.float32 and sum_lr2.device.type == "cpu"
+        if pool is not None and pooled and (draw or pool.serves(n * dim)):
             if pool.noise is not self:
                 raise ConfigError("pool draws from another stream; build it as NoisePool(self)")
             return pool.standard(n * dim).view(n, dim), scale

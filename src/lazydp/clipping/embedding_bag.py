@@ -59,8 +59,9 @@ class _Bags:
         return rows if self.w is None else rows * self.w.to(rows.dtype)[:, None]
 
 
-def _bag_lengths(module: nn.EmbeddingBag, ids: Tensor, offsets: Tensor) -> Tensor:
-    """Length of each bag from offsets (validated: start at 0, non-decreasing, within the input)."""
+def _bag_lengths(module: nn.EmbeddingBag, ids: Tensor, offsets: Tensor) -> tuple[Tensor, int]:
+    """Length of each bag from offsets (validated: start at 0, non-decreasing, within the input),
+    and the longest length (0 without bags)."""
     n = ids.numel()
     if offsets.dim() != 1 or offsets.is_floating_point():
         raise InputError(
@@ -80,11 +81,12 @@ def _bag_lengths(module: nn.EmbeddingBag, ids: Tensor, offsets: Tensor) -> Tenso
             f"EmbeddingBag offsets must start at 0 and end within the {n} ids; got offsets[0]={first}, "
             f"last bag end {last}"
         )
-    if lengths.numel() and int(lengths.min()) < 0:
+    shortest, longest = (int(x) for x in torch.aminmax(lengths)) if lengths.numel() else (0, 0)
+    if shortest < 0:
         raise InputError(
             "EmbeddingBag offsets must be non-decreasing (each bag starts where the last ended)"
         )
-    return lengths
+    return lengths, longest
 
 
 def _bags(module: nn.EmbeddingBag, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Bags:
@@ -100,9 +102,9 @@ def _bags(module: nn.EmbeddingBag, args: tuple[Any, ...], kwargs: dict[str, Any]
             torch.arange(num_bags, device=ids.device)[:, None].expand(num_bags, length).reshape(-1)
         )
     elif ids.dim() == 1 and offsets is not None:
-        lengths = _bag_lengths(module, ids, offsets)
+        lengths, longest = _bag_lengths(module, ids, offsets)
         num_bags = lengths.numel()
-        single = num_bags == 0 or int(lengths.max()) <= 1
+        single = longest <= 1
         bag = torch.arange(num_bags, device=ids.device).repeat_interleave(lengths)
     else:
         raise InputError(

@@ -28,6 +28,18 @@ from lazydp.optim.rows import add_rows_, sorts_rows
 _FLUSH_ROWS = 1 << 16  # rows per chunk in a full flush: bounds the temporary noise buffer
 
 
+def _in_row_order(values: Tensor, rows: Tensor, inverse: Tensor) -> Tensor:
+    """``values`` (one row per read id) summed per distinct row, in the order of ``rows``
+    (``rows, inverse = torch.unique(ids, return_inverse=True)``)."""
+    inverse = inverse.view(-1)
+    if inverse.numel() == rows.numel():
+        # No id repeats, so inverse is a permutation: a gather (half the time of index_add_ here).
+        order = torch.empty_like(inverse)
+        order.index_copy_(0, inverse, torch.arange(inverse.numel(), device=inverse.device))
+        return values.index_select(0, order)
+    return values.new_zeros((rows.numel(), values.shape[1])).index_add_(0, inverse, values)
+
+
 class LrPrefix:
     """Prefix sums S1[t] = sum_{s<t} lr_s and S2[t] = sum_{s<t} lr_s^2, in float64."""
 
@@ -138,18 +150,8 @@ class LazyTable:
             and written[0] is rows
             and written[2] == self.weight._version
         ):
-            block, inverse = written[1], inverse.view(-1)
-            values = grad.values.to(self.weight.dtype)
-            if inverse.numel() == rows.numel():
-                # No id repeats, so inverse is a permutation: put the values in the block's row
-                # order and add them with add_'s fused alpha (half the time of index_add_ here;
-                # index_add_'s own alpha= takes a 3x slower path).
-                order = torch.empty_like(inverse)
-                order.index_copy_(0, inverse, torch.arange(inverse.numel(), device=inverse.device))
-                values = values.index_select(0, order)
-            else:
-                values = values.new_zeros(block.shape).index_add_(0, inverse, values)
-            block.add_(values, alpha=alpha)
+            block = written[1]
+            block.add_(_in_row_order(grad.values.to(self.weight.dtype), rows, inverse), alpha=alpha)
             self.weight.index_copy_(0, rows, block)
             return
         grad = self.coalesce(grad)
@@ -163,9 +165,7 @@ class LazyTable:
         read, rows, inverse = self._last_read
         if grad.indices is not read:
             return grad  # add_rows_ coalesces it itself
-        summed = grad.values.new_zeros((rows.numel(), grad.values.shape[1]))
-        summed.index_add_(0, inverse, grad.values)
-        return SparseRows(rows, summed, grad.num_rows, coalesced=True)
+        return SparseRows(rows, _in_row_order(grad.values, rows, inverse), grad.num_rows, True)
 
     def _apply(self, rows: Tensor, applied: Tensor, t: int) -> tuple[int, Tensor | None]:
         """One aggregated draw for unique ``rows`` whose noise is applied up to ``applied``;
