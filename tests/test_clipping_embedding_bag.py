@@ -84,6 +84,24 @@ def test_pooling_one_fast_path_matches_reference(
     _check_bags(lengths, num_rows, 2, mode, weighted, padding, two_d, include_last_offset, 1, seed)
 
 
+@FAST
+@given(
+    lengths=st.lists(st.integers(0, 4), min_size=1, max_size=6),
+    num_rows=st.integers(1, 60),
+    mode=st.sampled_from(["sum", "mean"]),
+    weighted=st.booleans(),
+    padding=st.booleans(),
+    two_d=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_one_call_norms_with_and_without_repeats_in_a_bag(
+    lengths, num_rows, mode, weighted, padding, two_d, seed
+) -> None:
+    # One call groups its ids with RowGroups: ids all distinct, repeated only across bags (no
+    # pair repeats: the short formula) and repeated inside a bag (pairs grouped).
+    _check_bags(lengths, num_rows, 2, mode, weighted, padding, two_d, False, 1, seed)
+
+
 def _check_bags(
     lengths, num_rows, dim, mode, weighted, padding, two_d, include_last_offset, n_calls, seed
 ) -> None:

@@ -58,7 +58,7 @@ def test_lazy_equals_eager_under_constant_noise_with_schedule_and_mid_eval(
 
         def spy(self, grad):
             out = coalesce(self, grad)
-            reused.append(out.coalesced and out.indices is self._last_read[1])
+            reused.append(out.coalesced and out.indices is self.last_read.rows)
             return out
 
         monkeypatch.setattr(LazyTable, "coalesce", spy)
@@ -66,12 +66,11 @@ def test_lazy_equals_eager_under_constant_noise_with_schedule_and_mid_eval(
 
         def spy_update(self, grad, alpha):
             w = self._written  # the catch-up's rows are still what the table holds
-            read, rows, _ = self._last_read
             fresh.append(
                 w is not None
                 and w[2] == self.weight._version
-                and w[0] is rows
-                and grad.indices is read
+                and w[0] is self.last_read.rows
+                and grad.indices is self.last_read.ids
             )
             return update(self, grad, alpha)
 

@@ -25,8 +25,9 @@ from torch import Tensor, nn
 from lazydp.clipping import clipper_for, parameterised_leaves
 from lazydp.clipping._base import Call, LayerClipper, trainable_direct_params
 from lazydp.errors import InputError, UnsupportedLayerError
+from lazydp.row_groups import RowGroups
 
-ReadHook = Callable[[Tensor], None]
+ReadHook = Callable[[Tensor], RowGroups | None]
 
 
 class _Tap(torch.autograd.Function):
@@ -118,7 +119,9 @@ class CaptureSet:
                 except InputError as exc:
                     raise InputError(f"layer {layer.name!r}: {exc}") from None
                 if layer.read_hook is not None and rows is not None:
-                    layer.read_hook(rows)
+                    groups = layer.read_hook(rows)
+                    if groups is not None:  # the hook grouped these ids: the clipper reuses it
+                        memo["row_groups"] = groups
             with _detached_params(module):
                 out = cls_forward(module, *args, **kwargs)
             if not torch.is_grad_enabled():

@@ -37,12 +37,10 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 import secrets
 import struct
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -50,6 +48,7 @@ import torch
 from torch import Tensor
 
 from lazydp.errors import ConfigError, InputError, PrivacyError
+from lazydp.threads import default_threads, run_chunks
 
 if TYPE_CHECKING:
     from lazydp.noise_pool import NoisePool
@@ -185,54 +184,8 @@ def _add_standard_chunk(
     np.add(dst, z.reshape(dst.shape), out=dst)
 
 
-# ------------------------------------------------------------------------ threads and scratch
-_pools: dict[int, ThreadPoolExecutor] = {}
-_pools_lock = threading.Lock()
+# ------------------------------------------------------------------------ scratch
 _scratch = threading.local()
-if hasattr(os, "register_at_fork"):
-    # A forked child inherits the pools but not their threads: it would wait on them forever.
-    os.register_at_fork(after_in_child=_pools.clear)
-
-
-def _default_threads() -> int:
-    if hasattr(os, "sched_getaffinity"):
-        return max(1, len(os.sched_getaffinity(0)))
-    return os.cpu_count() or 1
-
-
-def _pool(threads: int) -> ThreadPoolExecutor:
-    """The shared pool of ``threads`` workers (torch's and numpy's kernels release the GIL)."""
-    with _pools_lock:
-        if threads not in _pools:
-            _pools[threads] = ThreadPoolExecutor(threads, thread_name_prefix="lazydp-noise")
-        return _pools[threads]
-
-
-def _run_chunks(work: Callable[[int], None], chunks: int, threads: int) -> None:
-    """Run ``work(i)`` for every chunk i on ``threads`` threads, the caller being one of them.
-
-    Workers pull the next chunk index from a shared counter: one task per worker rather than
-    per chunk keeps the pool's hand-offs (and the GIL traffic they cost) off the hot path,
-    while still balancing load when another process takes a core.
-    """
-    helpers = min(threads, chunks) - 1
-    next_index = iter(range(chunks))
-    lock = threading.Lock()
-
-    def drain() -> None:
-        while True:
-            with lock:
-                index = next(next_index, None)
-            if index is None:
-                return
-            work(index)
-
-    futures = [_pool(helpers).submit(drain) for _ in range(helpers)] if helpers > 0 else []
-    try:
-        drain()
-    finally:
-        for future in futures:
-            future.result()  # re-raises a worker's exception in the caller
 
 
 def _scratch_array(numel: int, dtype: np.dtype[Any]) -> np.ndarray:
@@ -305,7 +258,7 @@ class GaussianNoise:
         self.seed = seed
         self.seeded: bool = seed is not None
         self.stream_path = path
-        self.threads = threads if threads is not None else _default_threads()
+        self.threads = threads if threads is not None else default_threads()
         self._counter = 0
         self._lock = threading.Lock()
         self._forks: dict[int, GaussianNoise] = {}
@@ -386,7 +339,7 @@ class GaussianNoise:
                 else:
                     part.copy_(scratch32)
 
-        _run_chunks(work, len(parts), self.threads)
+        run_chunks(work, len(parts), self.threads)
 
     def _fill_device(self, flat: Tensor, std: float, add: bool, call: int) -> None:
         """GPU: one Philox generator per call with a 64-bit seed (Philox keeps all 64 bits)."""
@@ -549,7 +502,7 @@ class GaussianNoise:
             rows = slice(starts[index], starts[index] + rows_per_chunk)
             _add_standard_chunk(target[rows], 1.0, self._material(call, index), factor[rows])
 
-        _run_chunks(work, len(starts), self.threads)
+        run_chunks(work, len(starts), self.threads)
 
     def _aggregated_parts(
         self,

@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lazydp.row_groups import RowGroups
+
 
 @dataclass
 class Call:
@@ -48,10 +50,8 @@ class SparseRows:
         """Sum duplicated rows: unique sorted indices, one value row each."""
         if self.coalesced:
             return self
-        uniq, inverse = torch.unique(self.indices, return_inverse=True)
-        summed = self.values.new_zeros((uniq.numel(), self.values.shape[1]))
-        summed.index_add_(0, inverse, self.values)
-        return SparseRows(uniq, summed, self.num_rows, coalesced=True)
+        groups = RowGroups(self.indices)
+        return SparseRows(groups.rows, groups.sum_per_row(self.values), self.num_rows, True)
 
     def to_dense(self) -> Tensor:
         dense = self.values.new_zeros((self.num_rows, self.values.shape[1]))

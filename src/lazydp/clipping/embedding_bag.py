@@ -34,6 +34,7 @@ from lazydp.clipping._base import (
 from lazydp.clipping.embedding import check_table, group_pairs, validate_ids
 from lazydp.clipping.registry import batch_size, call_arg, clip_factors, register_clipper
 from lazydp.errors import InputError, UnsupportedLayerError
+from lazydp.row_groups import RowGroups
 
 
 @dataclass
@@ -136,6 +137,15 @@ def _cat(parts: list[Tensor]) -> Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
+def _row_groups(call: Call, bags: _Bags) -> RowGroups:
+    """The call's ids grouped by row: LazyDP's catch-up already sorted them (``row_groups`` in
+    the call's memo); otherwise sorted here, once per call."""
+    groups = call.memo.get("row_groups")
+    if not isinstance(groups, RowGroups) or groups.ids is not bags.ids:
+        groups = call.memo["row_groups"] = RowGroups(bags.ids)
+    return groups
+
+
 def _all_bags(module: nn.EmbeddingBag, calls: list[Call]) -> tuple[list[_Bags], int]:
     batch = batch_size(calls)
     bags = [_memo_bags(module, call.args, call.kwargs, call.memo) for call in calls]
@@ -161,16 +171,17 @@ class EmbeddingBagClipper(LayerClipper):
         if not module.weight.requires_grad:
             return grads[0].new_zeros(batch)
         dtype = grads[0].dtype
-        if len(calls) == 1 and bags[0].single:
-            # Each example reads at most one row once: sum_r s_ir^2 is its one weight squared.
-            b = bags[0]
-            s2 = grads[0].new_zeros(batch).index_add_(0, b.bag, b.weights(dtype).square())
-            return s2 * sq_norms(grads[0])
         if len(calls) == 1:
             b = bags[0]
-            pair_bag, _, inverse = group_pairs(b.bag, b.ids, module.num_embeddings)
-            s = grads[0].new_zeros(pair_bag.numel()).index_add_(0, inverse, b.weights(dtype))
-            s2 = grads[0].new_zeros(batch).index_add_(0, pair_bag, s * s)
+            found = None if b.single else _row_groups(calls[0], b).pairs(b.bag)
+            if found is None:
+                # No bag reads a row twice: sum_r s_ir^2 is the sum of its squared weights.
+                s2 = grads[0].new_zeros(batch).index_add_(0, b.bag, b.weights(dtype).square())
+            else:
+                pair_bag, pair = found  # pair[j]: the pair of the j-th id in sorted order
+                w = b.weights(dtype).index_select(0, _row_groups(calls[0], b).order)
+                s = grads[0].new_zeros(pair_bag.numel()).index_add_(0, pair, w)
+                s2 = grads[0].new_zeros(batch).index_add_(0, pair_bag, s * s)
             return s2 * sq_norms(grads[0])
         k = len(calls)
         bag = _cat([b.bag for b in bags])

@@ -37,6 +37,7 @@ from lazydp.noise_pool import NoisePool
 from lazydp.optim.eager import eager_table_sgd, noisy_dense_grads
 from lazydp.optim.group import OptimizerGroup
 from lazydp.optim.lazy import LazyTable, LrPrefix
+from lazydp.row_groups import RowGroups
 
 # Dividing by norm + tiny keeps c_i finite for an all-zero gradient (then c_i = 1, as clipping a
 # zero vector leaves it zero); it shrinks a norm exactly at C by a relative 1e-12 only.
@@ -172,10 +173,11 @@ class DPOptimizer(OptimizerGroup):
             self.lazy[p] = table
             layer.read_hook = self._read_hook(table)
 
-    def _read_hook(self, table: LazyTable) -> Callable[[Tensor], None]:
-        def hook(rows: Tensor) -> None:
+    def _read_hook(self, table: LazyTable) -> Callable[[Tensor], RowGroups]:
+        def hook(rows: Tensor) -> RowGroups:
             with self.timer.phase("lazy_catch_up"):
                 table.catch_up(rows, self.steps_done)
+            return table.last_read
 
         return hook
 

@@ -24,20 +24,9 @@ from lazydp.clipping._base import SparseRows
 from lazydp.noise import GaussianNoise
 from lazydp.noise_pool import NoisePool
 from lazydp.optim.rows import add_rows_, sorts_rows
+from lazydp.row_groups import RowGroups
 
 _FLUSH_ROWS = 1 << 16  # rows per chunk in a full flush: bounds the temporary noise buffer
-
-
-def _in_row_order(values: Tensor, rows: Tensor, inverse: Tensor) -> Tensor:
-    """``values`` (one row per read id) summed per distinct row, in the order of ``rows``
-    (``rows, inverse = torch.unique(ids, return_inverse=True)``)."""
-    inverse = inverse.view(-1)
-    if inverse.numel() == rows.numel():
-        # No id repeats, so inverse is a permutation: a gather (half the time of index_add_ here).
-        order = torch.empty_like(inverse)
-        order.index_copy_(0, inverse, torch.arange(inverse.numel(), device=inverse.device))
-        return values.index_select(0, order)
-    return values.new_zeros((rows.numel(), values.shape[1])).index_add_(0, inverse, values)
 
 
 class LrPrefix:
@@ -108,19 +97,18 @@ class LazyTable:
         self.noise_std = noise_std
         self.padding_idx = padding_idx
         self.history = HistoryTable(weight.shape[0], weight.device)
-        empty = torch.empty(0, dtype=torch.long)
-        self._last_read: tuple[Tensor, Tensor, Tensor] = (empty, empty, empty)
+        # The last catch-up's grouping of the ids it read (the step's clipped sum reuses it).
+        self.last_read = RowGroups(torch.empty(0, dtype=torch.long, device=weight.device))
         # (rows, their values as the catch-up wrote them, the table's version right after)
         self._written: tuple[Tensor, Tensor, int] | None = None
 
     @torch.no_grad()
     def catch_up(self, rows: Tensor, t: int) -> int:
         """Apply all pending noise (steps before t) to ``rows``; returns rows actually drawn."""
-        read = rows
-        rows, inverse = torch.unique(rows, return_inverse=True)
         # The step's clipped sum for this table usually carries the very same id tensor: keep
-        # the sort so that coalesce() need not sort it again (on high-pooling tables, a big sort).
-        self._last_read = (read, rows, inverse)
+        # the grouping so that update() and coalesce() need not sort it again.
+        self.last_read = groups = RowGroups(rows)
+        rows = groups.rows
         applied = self.history.applied[rows]
         stale = applied < t
         if not bool(stale.all()):
@@ -139,19 +127,19 @@ class LazyTable:
         the catch-up read, and the catch-up wrote every distinct row of it (all were behind) with
         nothing written to the table since (its version counter is where the catch-up left it).
         Then the sum is added straight into the rows as the catch-up wrote them (duplicate ids
-        summed through the catch-up's inverse) and written once: no second sort, no gather.
+        summed through the catch-up's grouping) and written once: no second sort, no gather.
         """
         written, self._written = self._written, None
-        read, rows, inverse = self._last_read
+        groups = self.last_read
         if (
             written is not None
             and not grad.coalesced
-            and grad.indices is read
-            and written[0] is rows
+            and grad.indices is groups.ids
+            and written[0] is groups.rows
             and written[2] == self.weight._version
         ):
-            block = written[1]
-            block.add_(_in_row_order(grad.values.to(self.weight.dtype), rows, inverse), alpha=alpha)
+            rows, block = groups.rows, written[1]
+            block.add_(groups.sum_per_row(grad.values.to(self.weight.dtype)), alpha=alpha)
             self.weight.index_copy_(0, rows, block)
             return
         grad = self.coalesce(grad)
@@ -162,10 +150,10 @@ class LazyTable:
         last catch-up read (one call of this table per step, the common case)."""
         if grad.coalesced or not sorts_rows(self.weight):
             return grad
-        read, rows, inverse = self._last_read
-        if grad.indices is not read:
+        groups = self.last_read
+        if grad.indices is not groups.ids:
             return grad  # add_rows_ coalesces it itself
-        return SparseRows(rows, _in_row_order(grad.values, rows, inverse), grad.num_rows, True)
+        return SparseRows(groups.rows, groups.sum_per_row(grad.values), grad.num_rows, True)
 
     def _apply(self, rows: Tensor, applied: Tensor, t: int) -> tuple[int, Tensor | None]:
         """One aggregated draw for unique ``rows`` whose noise is applied up to ``applied``;

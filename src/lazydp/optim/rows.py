@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from lazydp.row_groups import RowGroups
+
 # Below this many rows the table is cache-resident and index_add_ is as fast as anything.
 _LARGE_TABLE_ROWS = 1 << 12
 
@@ -42,9 +44,8 @@ def add_rows_(
         weight.index_add_(0, rows, values.to(weight.dtype) * alpha)
         return
     if not unique:
-        rows, inverse = torch.unique(rows, return_inverse=True)
-        summed = values.new_zeros((rows.numel(), values.shape[1]))
-        values = summed.index_add_(0, inverse, values)
+        groups = RowGroups(rows)
+        rows, values = groups.rows, groups.sum_per_row(values)
     block = weight.index_select(0, rows)
     block.add_(values.to(weight.dtype), alpha=alpha)
     weight.index_copy_(0, rows, block)

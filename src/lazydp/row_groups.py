@@ -1,0 +1,73 @@
+"""The ids one embedding call reads, grouped by row with ONE stable sort.
+
+A LazyDP step needs the same grouping three times per table: the catch-up draws once per
+distinct row, the update sums the clipped gradient per distinct row, and the ghost norm needs to
+know whether a bag reads a row twice. ``RowGroups`` sorts the ids once and answers all three
+with O(ids) gathers, where ``torch.unique(return_inverse=True)`` + ``index_add_`` (the obvious
+way) costs a sort per use and a scattered add (0.56 ms for 40k x 32 values here, against 0.10 ms
+for the segment sum below).
+
+Contract:
+* ``rows`` are the distinct ids, ascending; ``counts[i]`` how often ``rows[i]`` is read.
+* ``sum_per_row(values)`` (one row of ``values`` per id) equals
+  ``zeros(len(rows), d).index_add_(0, inverse, values)`` up to float rounding.
+* ``pairs(bag)`` is exact when ``bag`` (the bag of each id) never decreases along the ids,
+  as it does for one EmbeddingBag call: the sort is stable, so a row's reads stay in bag order
+  and a repeated (bag, row) pair is two neighbours.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+# embedding_bag's CPU kernel sums these dtypes; others take index_add_.
+_SEGMENT_SUM_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+class RowGroups:
+    """``ids`` (1-D int64) grouped by row.
+
+    >>> g = RowGroups(torch.tensor([5, 2, 5]))
+    >>> g.rows.tolist(), g.counts.tolist()
+    ([2, 5], [1, 2])
+    >>> g.sum_per_row(torch.tensor([[1.0], [2.0], [3.0]])).view(-1).tolist()
+    [2.0, 4.0]
+    """
+
+    def __init__(self, ids: Tensor) -> None:
+        self.ids = ids
+        self.sorted, self.order = torch.sort(ids, stable=True)
+        self.rows, self.counts = torch.unique_consecutive(self.sorted, return_counts=True)
+
+    @property
+    def unique(self) -> bool:
+        """Whether no id repeats (then ``order`` is a permutation onto ``rows``)."""
+        return self.rows.numel() == self.ids.numel()
+
+    def sum_per_row(self, values: Tensor) -> Tensor:
+        """(len(rows), d): the rows of ``values`` summed per distinct id, in ``rows`` order."""
+        if self.unique:
+            return values.index_select(0, self.order)
+        if values.dtype not in _SEGMENT_SUM_DTYPES:
+            segment = torch.arange(self.rows.numel(), device=self.counts.device)
+            inverse = torch.repeat_interleave(segment, self.counts)
+            out = values.new_zeros((self.rows.numel(), values.shape[1]))
+            return out.index_add_(0, inverse, values[self.order])
+        # Segment i of the sorted order holds the reads of rows[i]: a sum-mode bag.
+        starts = self.counts.cumsum(0) - self.counts
+        return F.embedding_bag(self.order, values, starts, mode="sum")
+
+    def pairs(self, bag: Tensor) -> tuple[Tensor, Tensor] | None:
+        """None when no bag reads a row twice (``bag`` non-decreasing along the ids); else
+        (pair_bag, pair): each distinct (bag, row) pair's bag, and for each id in sorted order
+        (``ids[order]``) the index of its pair."""
+        if self.unique:
+            return None
+        sorted_bag = bag.index_select(0, self.order)
+        same = (self.sorted[1:] == self.sorted[:-1]) & (sorted_bag[1:] == sorted_bag[:-1])
+        if not bool(same.any()):
+            return None
+        first = torch.cat([same.new_ones(1), ~same])  # the first read of each pair
+        return sorted_bag[first], first.cumsum(0) - 1

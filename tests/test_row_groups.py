@@ -1,0 +1,72 @@
+"""RowGroups (one stable sort per call's ids) against the obvious unique + index_add_."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lazydp.row_groups import RowGroups
+
+
+def _reference(ids: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    rows, inverse = torch.unique(ids, return_inverse=True)
+    return rows, values.new_zeros((rows.numel(), values.shape[1])).index_add_(0, inverse, values)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("n,num_rows", [(0, 5), (1, 5), (7, 1000), (500, 50), (4000, 10**6)])
+def test_sum_per_row_matches_index_add(dtype: torch.dtype, n: int, num_rows: int) -> None:
+    g = torch.Generator().manual_seed(n)
+    ids = torch.randint(0, num_rows, (n,), generator=g)
+    values = torch.randn(n, 6, generator=g).to(dtype)
+    groups = RowGroups(ids)
+    rows, want = _reference(ids, values.double())
+    assert torch.equal(groups.rows, rows)
+    assert torch.equal(groups.counts, torch.bincount(ids, minlength=num_rows)[rows])
+    assert groups.unique == (rows.numel() == n)
+    got = groups.sum_per_row(values)
+    assert got.dtype == dtype
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
+
+
+def test_sum_per_row_without_a_segment_kernel_falls_back() -> None:
+    ids = torch.tensor([3, 1, 3, 3])
+    values = torch.arange(8, dtype=torch.int64).view(4, 2)
+    assert RowGroups(ids).sum_per_row(values).tolist() == [[2, 3], [10, 13]]
+
+
+def _pair_weights_brute(bag: torch.Tensor, ids: torch.Tensor) -> dict[tuple[int, int], int]:
+    counts: dict[tuple[int, int], int] = {}
+    for pair in zip(bag.tolist(), ids.tolist()):
+        counts[pair] = counts.get(pair, 0) + 1
+    return counts
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_pairs_match_brute_force(seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(0, 6, (30,), generator=g)
+    bag = torch.repeat_interleave(torch.arange(30), lengths)  # non-decreasing, as in one call
+    ids = torch.randint(0, 40 + 20 * seed, (bag.numel(),), generator=g)
+    want = _pair_weights_brute(bag, ids)
+    groups = RowGroups(ids)
+    found = groups.pairs(bag)
+    if found is None:
+        assert max(want.values()) == 1
+        return
+    pair_bag, pair = found
+    sorted_ids = ids[groups.order]
+    got: dict[tuple[int, int], int] = {}
+    for j, p in enumerate(pair.tolist()):
+        key = (int(pair_bag[p]), int(sorted_ids[j]))
+        got[key] = got.get(key, 0) + 1
+    assert got == want and pair_bag.numel() == len(want)
+
+
+def test_pairs_see_repeats_that_are_far_apart_in_the_input() -> None:
+    # Row 7 is read by bags 0, 1, 1: the two reads of bag 1 are not neighbours in the input.
+    bag = torch.tensor([0, 0, 1, 1, 1])
+    found = RowGroups(torch.tensor([7, 2, 7, 9, 7])).pairs(bag)
+    assert found is not None and found[0].tolist() == [0, 0, 1, 1]
+    assert RowGroups(torch.tensor([7, 2, 7, 9, 8])).pairs(bag) is None
