@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -158,3 +160,22 @@ def test_opacus_refuses_what_would_not_fit():
     assert r.status in ("refused", "failed")  # failed only when Opacus is absent
     if opacus_version() is not None:
         assert "per-sample gradients" in r.message and "GB" in r.message
+
+
+def test_child_processes_get_the_openmp_spin_setting_unless_the_caller_has_one(monkeypatch):
+    from lazydp.bench import harness
+
+    seen: list[dict[str, str]] = []
+
+    def fake_run(cmd, **kwargs):
+        seen.append(kwargs["env"])
+        Path(cmd[-2]).write_text("[]")
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(harness.subprocess, "run", fake_run)
+    spec = BenchSpec("rmc1", 1e-5, 8, pooling=2, iterations=2, measure_last=1)
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    harness.run_interleaved_isolated(spec, ["sgd"])
+    monkeypatch.setenv("GOMP_SPINCOUNT", "7")
+    harness.run_interleaved_isolated(spec, ["sgd"])
+    assert [env["GOMP_SPINCOUNT"] for env in seen] == ["1000", "7"]

@@ -29,6 +29,7 @@ Contract:
 from __future__ import annotations
 
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -52,6 +53,7 @@ from lazydp.bench.workload import (
 )
 from lazydp.errors import ConfigError, LazyDPError
 from lazydp.malloc import tune_malloc
+from lazydp.threads import OPENMP_ENV
 
 BENCH_MODES = ("sgd", "dpsgd_b", "dpsgd_r", "dpsgd_f", "lazydp")
 UPDATE_PARTS = (
@@ -351,7 +353,8 @@ def _run_child(kind: str, spec: BenchSpec, mode: str) -> Any:
         out = Path(tmp) / "result.json"
         cmd = [sys.executable, "-m", "lazydp.bench.harness", kind, json.dumps(spec.to_dict()),
                mode, str(out), str(torch.get_num_threads())]  # fmt: skip
-        proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, check=False)
+        env = {**OPENMP_ENV, **os.environ}  # the caller's own setting wins (lazydp/threads.py)
+        proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, check=False, env=env)
         if proc.returncode != 0 or not out.exists():
             raise RuntimeError(
                 f"the {kind} {mode!r} child process exited with status {proc.returncode}"
