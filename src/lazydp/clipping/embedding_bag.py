@@ -90,14 +90,33 @@ def _bag_lengths(module: nn.EmbeddingBag, ids: Tensor, offsets: Tensor) -> tuple
     return lengths, longest
 
 
+def _uniform_pooling(module: nn.EmbeddingBag, ids: Tensor, offsets: Tensor) -> int | None:
+    """L when 1-D ``offsets`` hold equal bags of L >= 1 ids (the benchmark's and most DLRM
+    inputs): then the bags need no lengths, no validation syncs and no repeat_interleave."""
+    n = ids.numel()
+    bags = offsets.numel() - (1 if module.include_last_offset else 0)
+    if offsets.dim() != 1 or offsets.is_floating_point() or bags <= 0 or n % bags:
+        return None
+    length = n // bags
+    if length == 0:
+        return None
+    end = n + length if module.include_last_offset else n
+    equal = torch.arange(0, end, length, dtype=offsets.dtype, device=offsets.device)
+    return length if torch.equal(offsets, equal) else None
+
+
 def _bags(module: nn.EmbeddingBag, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Bags:
     ids = call_arg(args, kwargs, 0, "input")
     offsets = call_arg(args, kwargs, 1, "offsets")
     weights = call_arg(args, kwargs, 2, "per_sample_weights")
-    if ids.dim() == 2:
-        if offsets is not None:
-            raise InputError("EmbeddingBag with 2-D input takes offsets=None (each row is one bag)")
-        num_bags, length = ids.shape
+    if ids.dim() == 2 and offsets is not None:
+        raise InputError("EmbeddingBag with 2-D input takes offsets=None (each row is one bag)")
+    if ids.dim() == 1 and offsets is not None:
+        length = _uniform_pooling(module, ids, offsets)
+        num_bags = offsets.numel() - (1 if module.include_last_offset else 0)
+    else:
+        length, num_bags = (ids.shape[1], ids.shape[0]) if ids.dim() == 2 else (None, 0)
+    if length is not None:  # equal bags: 2-D input, or 1-D with evenly spaced offsets
         single = length <= 1
         bag = (
             torch.arange(num_bags, device=ids.device)[:, None].expand(num_bags, length).reshape(-1)
@@ -174,6 +193,8 @@ class EmbeddingBagClipper(LayerClipper):
         if len(calls) == 1:
             b = bags[0]
             found = None if b.single else _row_groups(calls[0], b).pairs(b.bag)
+            if found is None and b.single and b.w is None and b.ids.numel() == batch:
+                return sq_norms(grads[0])  # every bag reads exactly one row, with weight 1
             if found is None:
                 # No bag reads a row twice: sum_r s_ir^2 is the sum of its squared weights.
                 s2 = grads[0].new_zeros(batch).index_add_(0, b.bag, b.weights(dtype).square())
