@@ -300,3 +300,66 @@ def test_update_into_the_caught_up_rows_equals_a_plain_row_update(repeats, monke
     table.update(SparseRows(ids, values, 5000), alpha=-0.3)
     torch.testing.assert_close(weight.detach(), want)
     assert (table.history.applied[ids] == 1).all()
+
+
+def test_deferred_block_is_settled_before_every_other_read(tmp_path, monkeypatch):
+    """A training forward reads its caught-up rows from the block and leaves the table write to
+    the update. Whatever comes instead of the update -- a state_dict, a second call of the same
+    table, a checkpoint load, an evaluation -- must see exactly what the always-write path sees."""
+    from lazydp.clipping.embedding_bag import EmbeddingBagClipper
+
+    batches = make_batches(10, seed=8)
+    probe = make_batches(1, seed=98)[0]
+    runs = {}
+    used = []
+    reads_block = EmbeddingBagClipper.reads_block
+    for defer in (True, False):
+
+        def spy(self, *args, defer=defer):
+            ok = defer and reads_block(self, *args)
+            used.append(ok)
+            return ok
+
+        monkeypatch.setattr(EmbeddingBagClipper, "reads_block", spy)
+        with constant_noise(0.9):
+            model, opt, sched, engine = build("lazydp", ledger_path=tmp_path / f"{defer}.jsonl")
+            out = []
+            for b in batches[:4]:
+                step(model, opt, sched, b)
+            engine.save_checkpoint(tmp_path / f"{defer}.pt")
+            x, bag, emb, y = batches[4]
+            model(x, bag, emb)  # deferred block, then no step: the state_dict settles it
+            out.append(snapshot(model))
+            # Two calls of each table in one step: the second catch-up settles the first's block.
+            opt.zero_grad()
+            loss = loss_fn(model(x, bag, emb), y) + loss_fn(model(x, bag, emb), y)
+            loss.backward()
+            opt.step()
+            sched.step()
+            model(*batches[5][:3])  # deferred block, then an evaluation reads the same rows
+            model.eval()
+            with torch.no_grad():
+                out.append(model(*batches[5][:3]).clone())
+                out.append(model(*probe[:3]).clone())
+            model.train()
+            step(model, opt, sched, batches[5])
+            model(*batches[6][:3])  # deferred block, then a checkpoint (it must hold the block)
+            engine.save_checkpoint(tmp_path / f"{defer}-mid.pt")
+            engine.load_checkpoint(tmp_path / f"{defer}.pt")  # replaces the table's values
+            for b in batches[4:]:
+                step(model, opt, sched, b)
+            out.append(snapshot(model))  # flushed: a step first, so that rows are behind again
+            step(model, opt, sched, batches[9])
+            model(*batches[7][:3])  # deferred block, then a checkpoint load replaces everything
+            engine.load_checkpoint(tmp_path / f"{defer}-mid.pt")
+            for b in batches[6:]:
+                step(model, opt, sched, b)
+            out.append(snapshot(model))
+        runs[defer] = out
+    assert any(used) and not all(used)
+    for a, b in zip(runs[True], runs[False]):
+        if isinstance(a, dict):
+            for k in a:
+                torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-6, msg=k)
+        else:
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)

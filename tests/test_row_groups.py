@@ -24,6 +24,7 @@ def test_sum_per_row_matches_index_add(dtype: torch.dtype, n: int, num_rows: int
     assert torch.equal(groups.rows, rows)
     assert torch.equal(groups.counts, torch.bincount(ids, minlength=num_rows)[rows])
     assert groups.unique == (rows.numel() == n)
+    assert torch.equal(groups.rows[groups.positions()], ids)
     got = groups.sum_per_row(values)
     assert got.dtype == dtype
     tol = 2e-2 if dtype == torch.bfloat16 else 1e-5

@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -27,7 +27,17 @@ from lazydp.clipping._base import Call, LayerClipper, trainable_direct_params
 from lazydp.errors import InputError, UnsupportedLayerError
 from lazydp.row_groups import RowGroups
 
-ReadHook = Callable[[Tensor], RowGroups | None]
+
+class RowsRead(NamedTuple):
+    """What a read hook did with the ids a table call is about to read."""
+
+    groups: RowGroups  # the ids grouped by row (the clipper reuses the sort)
+    block: Tensor | None  # groups.rows as the forward must see them, when not in the table yet
+
+
+# Called with (ids, defer): defer=True allows the hook to leave the caught-up rows out of the
+# table (the forward then reads them from RowsRead.block).
+ReadHook = Callable[[Tensor, bool], RowsRead | None]
 
 
 class _Tap(torch.autograd.Function):
@@ -113,17 +123,26 @@ class CaptureSet:
             if self._passthrough:  # dpsgd_r's second pass: plain autograd through the parameters
                 return cls_forward(module, *args, **kwargs)
             memo: dict[str, Any] = {}
+            read = None
             if layer.is_table:
                 try:
                     rows = layer.clipper.rows_read(module, args, kwargs, memo)  # validates ids
                 except InputError as exc:
                     raise InputError(f"layer {layer.name!r}: {exc}") from None
                 if layer.read_hook is not None and rows is not None:
-                    groups = layer.read_hook(rows)
-                    if groups is not None:  # the hook grouped these ids: the clipper reuses it
-                        memo["row_groups"] = groups
-            with _detached_params(module):
-                out = cls_forward(module, *args, **kwargs)
+                    defer = torch.is_grad_enabled() and layer.clipper.reads_block(
+                        module, args, kwargs, memo
+                    )
+                    read = layer.read_hook(rows, defer)
+                    if read is not None:  # the hook grouped these ids: the clipper reuses it
+                        memo["row_groups"] = read.groups
+            if read is not None and read.block is not None:
+                out = layer.clipper.forward_from_block(
+                    module, args, kwargs, read.block, read.groups.positions()
+                )
+            else:
+                with _detached_params(module):
+                    out = cls_forward(module, *args, **kwargs)
             if not torch.is_grad_enabled():
                 return out
             if not isinstance(out, Tensor):

@@ -252,7 +252,12 @@ class PrivacyEngine:
     # ------------------------------------------------------------------ lazy noise
     def flush(self) -> None:
         """Apply all pending LazyDP noise to every row (automatic at epoch end and export)."""
-        if self.optimizer is not None and not self._suppress_flush:
+        if self.optimizer is None:
+            return
+        # Even a checkpoint (no full flush) must hold the rows a forward caught up into a
+        # deferred block: their history already counts that noise.
+        self.optimizer.settle()
+        if not self._suppress_flush:
             self.optimizer.flush()
 
     def _on_export(self, *args: Any, **kwargs: Any) -> None:

@@ -9,6 +9,7 @@ for the segment sum below).
 
 Contract:
 * ``rows`` are the distinct ids, ascending; ``counts[i]`` how often ``rows[i]`` is read.
+* ``positions()`` maps each id to its index in ``rows`` (``rows[positions()] == ids``).
 * ``sum_per_row(values)`` (one row of ``values`` per id) equals
   ``zeros(len(rows), d).index_add_(0, inverse, values)`` up to float rounding.
 * ``pairs(bag)`` is exact when ``bag`` (the bag of each id) never decreases along the ids,
@@ -45,6 +46,16 @@ class RowGroups:
     def unique(self) -> bool:
         """Whether no id repeats (then ``order`` is a permutation onto ``rows``)."""
         return self.rows.numel() == self.ids.numel()
+
+    def positions(self) -> Tensor:
+        """For each id, the index of its row in ``rows`` (``rows[positions()] == ids``)."""
+        if self.unique:
+            segment = torch.arange(self.ids.numel(), device=self.ids.device)
+        else:
+            new_row = torch.ones_like(self.sorted, dtype=torch.bool)
+            new_row[1:] = self.sorted[1:] != self.sorted[:-1]
+            segment = new_row.cumsum(0) - 1
+        return torch.empty_like(self.order).index_copy_(0, self.order, segment)
 
     def sum_per_row(self, values: Tensor) -> Tensor:
         """(len(rows), d): the rows of ``values`` summed per distinct id, in ``rows`` order."""

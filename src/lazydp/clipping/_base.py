@@ -117,6 +117,25 @@ class LayerClipper:
         call's :attr:`Call.memo`: work done here can be reused at step time."""
         return None
 
+    def reads_block(
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], memo: dict[str, Any]
+    ) -> bool:
+        """Whether :meth:`forward_from_block` can run this table call (after ``rows_read``)."""
+        return False
+
+    def forward_from_block(
+        self,
+        module: nn.Module,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        block: Tensor,
+        positions: Tensor,
+    ) -> Tensor:
+        """The call's output computed from ``block`` (the distinct rows it reads, with their
+        noise) instead of the table: ``positions[j]`` is the block row of the call's j-th id
+        (in ``rows_read`` order). Must equal the layer's own forward exactly."""
+        raise NotImplementedError
+
 
 def trainable_direct_params(module: nn.Module) -> dict[str, nn.Parameter]:
     """The parameters a layer owns directly (not its children's) that require grad."""

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from lazydp.clipping._base import (
     Call,
@@ -240,6 +241,41 @@ class EmbeddingBagClipper(LayerClipper):
         summed = entries.new_zeros((pair_row.numel(), module.embedding_dim))
         summed.index_add_(0, inverse, entries)
         return {"weight": PerSampleRows(pair_bag, pair_row, summed, module.num_embeddings, batch)}
+
+    def reads_block(
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], memo: dict[str, Any]
+    ) -> bool:
+        # Only torch's own forward, and only when every input id is a looked-up row (no padding
+        # entries dropped, no ids past the last bag) and nothing needs the table for autograd.
+        assert isinstance(module, nn.EmbeddingBag)
+        weights = call_arg(args, kwargs, 2, "per_sample_weights")
+        return (
+            type(module).forward is nn.EmbeddingBag.forward
+            and module.padding_idx is None
+            and module.max_norm is None
+            and not (isinstance(weights, Tensor) and weights.requires_grad)
+            and _memo_bags(module, args, kwargs, memo).ids.numel()
+            == call_arg(args, kwargs, 0, "input").numel()
+        )
+
+    def forward_from_block(
+        self,
+        module: nn.Module,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        block: Tensor,
+        positions: Tensor,
+    ) -> Tensor:
+        assert isinstance(module, nn.EmbeddingBag)
+        ids = call_arg(args, kwargs, 0, "input")
+        return F.embedding_bag(
+            positions.to(ids.dtype).view(ids.shape),
+            block,
+            call_arg(args, kwargs, 1, "offsets"),
+            mode=module.mode,
+            per_sample_weights=call_arg(args, kwargs, 2, "per_sample_weights"),
+            include_last_offset=module.include_last_offset,
+        )
 
     def rows_read(
         self,

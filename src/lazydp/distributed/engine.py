@@ -171,9 +171,11 @@ class DistributedPrivacyEngine(PrivacyEngine):
         return found
 
     def _timed(self, hook: Any) -> Any:
-        def timed(rows: torch.Tensor) -> None:
+        def timed(rows: torch.Tensor, defer: bool) -> None:
+            # The hook catches up the union over ranks, not these ids: it writes every row
+            # (no deferred block) and has no grouping of these ids to share.
             with self.timer.phase("lazy_catch_up"):
-                hook(rows)  # it groups the union over ranks, not these ids: nothing to share
+                hook(rows)
 
         return timed
 

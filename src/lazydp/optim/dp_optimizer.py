@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from lazydp._timing import PhaseTimer
-from lazydp.capture import CaptureSet, LayerCapture
+from lazydp.capture import CaptureSet, LayerCapture, ReadHook, RowsRead
 from lazydp.clipping import per_sample_clipped_sum, per_sample_norms2
 from lazydp.clipping._base import ClippedSum, SparseRows
 from lazydp.errors import InputError, UnsupportedOptimizerError
@@ -37,7 +37,6 @@ from lazydp.noise_pool import NoisePool
 from lazydp.optim.eager import eager_table_sgd, noisy_dense_grads
 from lazydp.optim.group import OptimizerGroup
 from lazydp.optim.lazy import LazyTable, LrPrefix
-from lazydp.row_groups import RowGroups
 
 # Dividing by norm + tiny keeps c_i finite for an all-zero gradient (then c_i = 1, as clipping a
 # zero vector leaves it zero); it shrinks a norm exactly at C by a relative 1e-12 only.
@@ -173,11 +172,11 @@ class DPOptimizer(OptimizerGroup):
             self.lazy[p] = table
             layer.read_hook = self._read_hook(table)
 
-    def _read_hook(self, table: LazyTable) -> Callable[[Tensor], RowGroups]:
-        def hook(rows: Tensor) -> RowGroups:
+    def _read_hook(self, table: LazyTable) -> ReadHook:
+        def hook(rows: Tensor, defer: bool) -> RowsRead:
             with self.timer.phase("lazy_catch_up"):
-                table.catch_up(rows, self.steps_done)
-            return table.last_read
+                table.catch_up(rows, self.steps_done, defer=defer)
+            return RowsRead(table.last_read, table.deferred_block())
 
         return hook
 
@@ -356,12 +355,18 @@ class DPOptimizer(OptimizerGroup):
         state_dict() fires one pre-hook per table; after the first, nothing is pending until the
         next step, so the rest return at once instead of rescanning every table.
         """
+        self.settle()  # a block deferred by a forward since the last flush
         if self._flushed_at == self.steps_done:
             return
         with self.timer.phase("lazy_flush"):
             for table in self.lazy.values():
                 table.flush(self.steps_done)
         self._flushed_at = self.steps_done
+
+    def settle(self) -> None:
+        """Write every table's deferred block (rows a forward read from it) into the table."""
+        for table in self.lazy.values():
+            table.settle()
 
     def pending_rows(self) -> int:
         return sum(t.pending_rows(self.steps_done) for t in self.lazy.values())
