@@ -71,3 +71,35 @@ def test_pairs_see_repeats_that_are_far_apart_in_the_input() -> None:
     found = RowGroups(torch.tensor([7, 2, 7, 9, 7])).pairs(bag)
     assert found is not None and found[0].tolist() == [0, 0, 1, 1]
     assert RowGroups(torch.tensor([7, 2, 7, 9, 8])).pairs(bag) is None
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.int64])
+def test_sum_gathered_matches_summing_the_gathered_rows(weighted: bool, dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(3)
+    table = (torch.randn(9, 5, generator=g) * 10).to(dtype)
+    index = torch.randint(0, 9, (300,), generator=g)
+    ids = torch.randint(0, 40, (300,), generator=g)
+    w = torch.rand(300, generator=g, dtype=torch.float64) if weighted else None
+    groups = RowGroups(ids)
+    if w is not None and not dtype.is_floating_point:
+        w = torch.randint(0, 3, (300,), generator=g)
+    rows = table[index] if w is None else table[index] * w.to(dtype)[:, None]
+    want = groups.sum_per_row(rows)
+    got = groups.sum_gathered(table, index, w)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+
+
+def test_factored_sparse_rows_equal_their_materialised_values() -> None:
+    from lazydp.clipping._base import BagFactors, SparseRows
+
+    g = torch.Generator().manual_seed(4)
+    per_bag, bag = torch.randn(6, 3, generator=g), torch.randint(0, 6, (50,), generator=g)
+    w, ids = torch.rand(50, generator=g), torch.randint(0, 20, (50,), generator=g)
+    factored = SparseRows(ids, BagFactors(bag, per_bag, w), 20)
+    plain = SparseRows(ids, per_bag[bag] * w[:, None], 20)
+    a, b = factored.coalesce(), plain.coalesce()
+    assert torch.equal(a.indices, b.indices)
+    torch.testing.assert_close(a.values, b.values)
+    torch.testing.assert_close(factored.values, plain.values)  # built on demand
+    torch.testing.assert_close(factored.to_dense(), plain.to_dense())

@@ -12,6 +12,7 @@ Contract:
 * ``positions()`` maps each id to its index in ``rows`` (``rows[positions()] == ids``).
 * ``sum_per_row(values)`` (one row of ``values`` per id) equals
   ``zeros(len(rows), d).index_add_(0, inverse, values)`` up to float rounding.
+* ``sum_gathered(table, index, w)`` equals ``sum_per_row(w[:, None] * table[index])``.
 * ``pairs(bag)`` is exact when ``bag`` (the bag of each id) never decreases along the ids,
   as it does for one EmbeddingBag call: the sort is stable, so a row's reads stay in bag order
   and a repeated (bag, row) pair is two neighbours.
@@ -41,6 +42,7 @@ class RowGroups:
         self.ids = ids
         self.sorted, self.order = torch.sort(ids, stable=True)
         self.rows, self.counts = torch.unique_consecutive(self.sorted, return_counts=True)
+        self._sorted_like: tuple[Tensor, Tensor] | None = None
 
     @property
     def unique(self) -> bool:
@@ -70,13 +72,31 @@ class RowGroups:
         starts = self.counts.cumsum(0) - self.counts
         return F.embedding_bag(self.order, values, starts, mode="sum")
 
+    def sum_gathered(self, table: Tensor, index: Tensor, weights: Tensor | None = None) -> Tensor:
+        """``sum_per_row(w[:, None] * table[index])`` without building ``table[index]``: one
+        sum-mode bag per row over ``table`` (w None: weight 1)."""
+        starts = self.counts.cumsum(0) - self.counts
+        w = None if weights is None else weights.index_select(0, self.order).to(table.dtype)
+        if table.dtype not in _SEGMENT_SUM_DTYPES:
+            rows = table[index]
+            return self.sum_per_row(rows if weights is None else rows * weights[:, None])
+        return F.embedding_bag(
+            self.in_sorted_order(index), table, starts, mode="sum", per_sample_weights=w
+        )
+
+    def in_sorted_order(self, t: Tensor) -> Tensor:
+        """``t[order]`` (one value per id), remembered for the last ``t`` asked."""
+        if self._sorted_like is None or self._sorted_like[0] is not t:
+            self._sorted_like = (t, t.index_select(0, self.order))
+        return self._sorted_like[1]
+
     def pairs(self, bag: Tensor) -> tuple[Tensor, Tensor] | None:
         """None when no bag reads a row twice (``bag`` non-decreasing along the ids); else
         (pair_bag, pair): each distinct (bag, row) pair's bag, and for each id in sorted order
         (``ids[order]``) the index of its pair."""
         if self.unique:
             return None
-        sorted_bag = bag.index_select(0, self.order)
+        sorted_bag = self.in_sorted_order(bag)
         same = (self.sorted[1:] == self.sorted[:-1]) & (sorted_bag[1:] == sorted_bag[:-1])
         if not bool(same.any()):
             return None

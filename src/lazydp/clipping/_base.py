@@ -35,23 +35,64 @@ class Call:
 
 
 @dataclass
+class BagFactors:
+    """Entry j of a row-sparse gradient as ``w[j] * per_bag[bag[j]]`` (w None: weight 1).
+
+    An EmbeddingBag's clipped sum has this form: every entry of bag b carries that bag's
+    clipped output gradient. Kept factored, the per-row sums read a (bags, dim) matrix that
+    fits in cache instead of an (entries, dim) one (21 MB per table on rmc1) that is written
+    once and read once.
+    """
+
+    bag: Tensor  # int64, (n,)
+    per_bag: Tensor  # (bags, dim)
+    w: Tensor | None = None  # (n,)
+
+    def values(self) -> Tensor:
+        rows = self.per_bag.index_select(0, self.bag)
+        return rows if self.w is None else rows * self.w.to(rows.dtype)[:, None]
+
+
 class SparseRows:
     """A row-sparse gradient of a (num_rows, dim) table: rows ``indices`` get ``values`` added.
 
-    Duplicated indices are allowed (they add up) unless ``coalesced`` is True.
+    Duplicated indices are allowed (they add up) unless ``coalesced`` is True. ``values`` may be
+    given as :class:`BagFactors` instead, and are then built only if something asks for them.
     """
 
-    indices: Tensor  # int64, (n,)
-    values: Tensor  # (n, dim)
-    num_rows: int
-    coalesced: bool = False
+    def __init__(
+        self,
+        indices: Tensor,
+        values: Tensor | BagFactors,
+        num_rows: int,
+        coalesced: bool = False,
+    ) -> None:
+        self.indices = indices  # int64, (n,)
+        self.num_rows = num_rows
+        self.coalesced = coalesced
+        self.factors = values if isinstance(values, BagFactors) else None
+        self._values = None if isinstance(values, BagFactors) else values
+
+    @property
+    def values(self) -> Tensor:  # (n, dim)
+        if self._values is None:
+            assert self.factors is not None
+            self._values = self.factors.values()
+        return self._values
+
+    def summed_by(self, groups: RowGroups) -> Tensor:
+        """Values summed per distinct row of ``groups`` (built from these ``indices``)."""
+        if self._values is None and self.factors is not None:
+            f = self.factors
+            return groups.sum_gathered(f.per_bag, f.bag, f.w)
+        return groups.sum_per_row(self.values)
 
     def coalesce(self) -> SparseRows:
         """Sum duplicated rows: unique sorted indices, one value row each."""
         if self.coalesced:
             return self
         groups = RowGroups(self.indices)
-        return SparseRows(groups.rows, groups.sum_per_row(self.values), self.num_rows, True)
+        return SparseRows(groups.rows, self.summed_by(groups), self.num_rows, True)
 
     def to_dense(self) -> Tensor:
         dense = self.values.new_zeros((self.num_rows, self.values.shape[1]))

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from lazydp.clipping._base import (
+    BagFactors,
     Call,
     ClippedSum,
     LayerClipper,
@@ -53,12 +54,6 @@ class _Bags:
         if self.w is None:
             return torch.ones(self.ids.numel(), dtype=dtype, device=self.ids.device)
         return self.w.to(dtype)
-
-    def rows_times(self, grad: Tensor, scale: Tensor | None = None) -> Tensor:
-        """(n, dim): each entry's gradient row, w_j * scale[bag_j] * grad[bag_j]."""
-        per_bag = grad if scale is None else grad * scale[:, None]
-        rows = per_bag.index_select(0, self.bag)
-        return rows if self.w is None else rows * self.w.to(rows.dtype)[:, None]
 
 
 def _bag_lengths(module: nn.EmbeddingBag, ids: Tensor, offsets: Tensor) -> tuple[Tensor, int]:
@@ -226,8 +221,13 @@ class EmbeddingBagClipper(LayerClipper):
         bags, batch = _all_bags(module, calls)
         cw = clip_factors(c, batch, calls[0].grad_output)
         ids = _cat([b.ids for b in bags])
-        values = _cat([b.rows_times(call.grad_output.detach(), cw) for b, call in zip(bags, calls)])
-        return {"weight": SparseRows(ids, values, module.num_embeddings)}
+        # Entry j of call k carries w_j * cw[b] * g^k[b] for its bag b: kept per bag (factors).
+        per_bag = _cat([call.grad_output.detach() * cw[:, None] for call in calls])
+        bag = _cat([b.bag if k == 0 else b.bag + k * batch for k, b in enumerate(bags)])
+        dtype = per_bag.dtype
+        w = None if all(b.w is None for b in bags) else _cat([b.weights(dtype) for b in bags])
+        factors = BagFactors(bag, per_bag, w)
+        return {"weight": SparseRows(ids, factors, module.num_embeddings)}
 
     def per_sample(self, module: nn.Module, calls: list[Call]) -> dict[str, PerSample]:
         assert isinstance(module, nn.EmbeddingBag)
@@ -236,7 +236,9 @@ class EmbeddingBagClipper(LayerClipper):
         bags, batch = _all_bags(module, calls)
         bag = _cat([b.bag for b in bags])
         ids = _cat([b.ids for b in bags])
-        entries = _cat([b.rows_times(call.grad_output.detach()) for b, call in zip(bags, calls)])
+        entries = _cat(
+            [BagFactors(b.bag, c.grad_output.detach(), b.w).values() for b, c in zip(bags, calls)]
+        )
         pair_bag, pair_row, inverse = group_pairs(bag, ids, module.num_embeddings)
         summed = entries.new_zeros((pair_row.numel(), module.embedding_dim))
         summed.index_add_(0, inverse, entries)

@@ -168,7 +168,7 @@ class LazyTable:
             and written[2] == self.weight._version
         ):
             rows, block = groups.rows, written[1]
-            block.add_(groups.sum_per_row(grad.values.to(self.weight.dtype)), alpha=alpha)
+            block.add_(grad.summed_by(groups).to(self.weight.dtype), alpha=alpha)
             self.weight.index_copy_(0, rows, block)  # a deferred block lands here, with the sum
             self._deferred = False
             return
@@ -186,7 +186,7 @@ class LazyTable:
         groups = self.last_read
         if grad.indices is not groups.ids:
             return grad  # add_rows_ coalesces it itself
-        return SparseRows(groups.rows, groups.sum_per_row(grad.values), grad.num_rows, True)
+        return SparseRows(groups.rows, grad.summed_by(groups), grad.num_rows, True)
 
     def _apply(
         self, rows: Tensor, applied: Tensor, t: int, write: bool = True
