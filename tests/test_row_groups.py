@@ -103,3 +103,12 @@ def test_factored_sparse_rows_equal_their_materialised_values() -> None:
     torch.testing.assert_close(a.values, b.values)
     torch.testing.assert_close(factored.values, plain.values)  # built on demand
     torch.testing.assert_close(factored.to_dense(), plain.to_dense())
+
+
+@pytest.mark.parametrize("num_rows", [None, 3 * 10**5])
+def test_int32_keyed_sort_groups_like_the_int64_one(num_rows: int | None) -> None:
+    ids = torch.randint(0, 3 * 10**5, (40_000,), generator=torch.Generator().manual_seed(5))
+    groups, plain = RowGroups(ids, num_rows), RowGroups(ids)
+    assert groups.sorted.dtype == torch.int64
+    for name in ("sorted", "order", "rows", "counts"):
+        assert torch.equal(getattr(groups, name), getattr(plain, name)), name

@@ -24,6 +24,8 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+_INT32_ROWS = 1 << 31
+_INT32_SORT_MIN = 1 << 14
 # embedding_bag's CPU kernel sums these dtypes; others take index_add_.
 _SEGMENT_SUM_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -38,9 +40,16 @@ class RowGroups:
     [2.0, 4.0]
     """
 
-    def __init__(self, ids: Tensor) -> None:
+    def __init__(self, ids: Tensor, num_rows: int | None = None) -> None:
+        """``num_rows``: a bound the caller has checked (0 <= ids < num_rows), if any."""
         self.ids = ids
-        self.sorted, self.order = torch.sort(ids, stable=True)
+        if num_rows is not None and num_rows <= _INT32_ROWS and ids.numel() >= _INT32_SORT_MIN:
+            # int32 keys sort 1.5x faster (163k ids: 0.76 vs 1.20 ms); below ~16k ids the two
+            # conversions cost what the sort saves.
+            keys, self.order = torch.sort(ids.to(torch.int32), stable=True)
+            self.sorted = keys.to(ids.dtype)
+        else:
+            self.sorted, self.order = torch.sort(ids, stable=True)
         self.rows, self.counts = torch.unique_consecutive(self.sorted, return_counts=True)
         self._sorted_like: tuple[Tensor, Tensor] | None = None
 

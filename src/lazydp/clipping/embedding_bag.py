@@ -152,12 +152,12 @@ def _cat(parts: list[Tensor]) -> Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
-def _row_groups(call: Call, bags: _Bags) -> RowGroups:
+def _row_groups(module: nn.EmbeddingBag, call: Call, bags: _Bags) -> RowGroups:
     """The call's ids grouped by row: LazyDP's catch-up already sorted them (``row_groups`` in
     the call's memo); otherwise sorted here, once per call."""
     groups = call.memo.get("row_groups")
     if not isinstance(groups, RowGroups) or groups.ids is not bags.ids:
-        groups = call.memo["row_groups"] = RowGroups(bags.ids)
+        groups = call.memo["row_groups"] = RowGroups(bags.ids, module.num_embeddings)
     return groups
 
 
@@ -188,16 +188,23 @@ class EmbeddingBagClipper(LayerClipper):
         dtype = grads[0].dtype
         if len(calls) == 1:
             b = bags[0]
-            found = None if b.single else _row_groups(calls[0], b).pairs(b.bag)
+            found = None if b.single else _row_groups(module, calls[0], b).pairs(b.bag)
             if found is None and b.single and b.w is None and b.ids.numel() == batch:
                 return sq_norms(grads[0])  # every bag reads exactly one row, with weight 1
-            if found is None:
+            w = b.w
+            if found is None and w is None:
                 # No bag reads a row twice: sum_r s_ir^2 is the sum of its squared weights.
-                s2 = grads[0].new_zeros(batch).index_add_(0, b.bag, b.weights(dtype).square())
+                s2 = torch.bincount(b.bag, minlength=batch).to(dtype)
+            elif found is None:
+                assert w is not None
+                s2 = grads[0].new_zeros(batch).index_add_(0, b.bag, w.to(dtype).square())
             else:
                 pair_bag, pair = found  # pair[j]: the pair of the j-th id in sorted order
-                w = b.weights(dtype).index_select(0, _row_groups(calls[0], b).order)
-                s = grads[0].new_zeros(pair_bag.numel()).index_add_(0, pair, w)
+                if w is None:  # s = how often the pair's bag reads its row
+                    s = torch.bincount(pair, minlength=pair_bag.numel()).to(dtype)
+                else:
+                    w = _row_groups(module, calls[0], b).in_sorted_order(w).to(dtype)
+                    s = grads[0].new_zeros(pair_bag.numel()).index_add_(0, pair, w)
                 s2 = grads[0].new_zeros(batch).index_add_(0, pair_bag, s * s)
             return s2 * sq_norms(grads[0])
         k = len(calls)

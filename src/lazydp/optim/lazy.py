@@ -121,7 +121,7 @@ class LazyTable:
         self.settle()
         # The step's clipped sum for this table usually carries the very same id tensor: keep
         # the grouping so that update() and coalesce() need not sort it again.
-        self.last_read = groups = RowGroups(rows)
+        self.last_read = groups = RowGroups(rows, self.weight.shape[0])  # ids validated
         rows = groups.rows
         applied = self.history.applied[rows]
         stale = applied < t
