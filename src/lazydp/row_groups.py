@@ -84,11 +84,11 @@ class RowGroups:
     def sum_gathered(self, table: Tensor, index: Tensor, weights: Tensor | None = None) -> Tensor:
         """``sum_per_row(w[:, None] * table[index])`` without building ``table[index]``: one
         sum-mode bag per row over ``table`` (w None: weight 1)."""
-        starts = self.counts.cumsum(0) - self.counts
-        w = None if weights is None else weights.index_select(0, self.order).to(table.dtype)
         if table.dtype not in _SEGMENT_SUM_DTYPES:
             rows = table[index]
             return self.sum_per_row(rows if weights is None else rows * weights[:, None])
+        starts = self.counts.cumsum(0) - self.counts
+        w = None if weights is None else weights.index_select(0, self.order).to(table.dtype)
         return F.embedding_bag(
             self.in_sorted_order(index), table, starts, mode="sum", per_sample_weights=w
         )

@@ -203,7 +203,7 @@ class EmbeddingBagClipper(LayerClipper):
                 if w is None:  # s = how often the pair's bag reads its row
                     s = torch.bincount(pair, minlength=pair_bag.numel()).to(dtype)
                 else:
-                    w = _row_groups(module, calls[0], b).in_sorted_order(w).to(dtype)
+                    w = w.index_select(0, _row_groups(module, calls[0], b).order).to(dtype)
                     s = grads[0].new_zeros(pair_bag.numel()).index_add_(0, pair, w)
                 s2 = grads[0].new_zeros(batch).index_add_(0, pair_bag, s * s)
             return s2 * sq_norms(grads[0])
