@@ -9,7 +9,7 @@ import torch
 from scipy import stats
 from torch import nn
 
-from lazydp import PrivacyEngine, PrivacyError, UnsupportedOptimizerError
+from lazydp import ConfigError, PrivacyEngine, PrivacyError, UnsupportedOptimizerError
 from lazydp.noise import GaussianNoise
 from lazydp.optim import rows as rows_module
 from lazydp.optim.lazy import LazyTable
@@ -363,3 +363,19 @@ def test_deferred_block_is_settled_before_every_other_read(tmp_path, monkeypatch
                 torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-6, msg=k)
         else:
             torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("bad_lr", [float("nan"), float("inf"), -0.1])
+def test_a_bad_table_learning_rate_is_refused_before_anything_changes(bad_lr):
+    model, opt, sched, engine = build("lazydp")
+    step(model, opt, sched, make_batches(1)[0])
+    opt.param_groups[-1]["lr"] = bad_lr  # the tables' SGD group
+    x, bag, emb, y = make_batches(1, seed=3)[0]
+    loss_fn(model(x, bag, emb), y).backward()  # (its reads caught rows up: that is not a step)
+    before = {k: t.detach().clone() for k, t in model.named_parameters()}
+    charged = engine.ledger.steps
+    with pytest.raises(ConfigError, match="learning rate"):
+        opt.step()
+    assert engine.ledger.steps == charged
+    for k, t in model.named_parameters():
+        assert torch.equal(t.detach(), before[k]), k

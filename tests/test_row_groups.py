@@ -112,3 +112,16 @@ def test_int32_keyed_sort_groups_like_the_int64_one(num_rows: int | None) -> Non
     assert groups.sorted.dtype == torch.int64
     for name in ("sorted", "order", "rows", "counts"):
         assert torch.equal(getattr(groups, name), getattr(plain, name)), name
+
+
+def test_sum_gathered_without_an_index_reads_one_table_row_per_id() -> None:
+    from lazydp.clipping._base import BagFactors, SparseRows
+
+    g = torch.Generator().manual_seed(6)
+    ids, table = torch.randint(0, 30, (64,), generator=g), torch.randn(64, 4, generator=g)
+    groups = RowGroups(ids)
+    torch.testing.assert_close(groups.sum_gathered(table, None), groups.sum_per_row(table))
+    w = torch.rand(64, generator=g)
+    factored = SparseRows(ids, BagFactors(None, table, w), 30)
+    torch.testing.assert_close(factored.coalesce().values, groups.sum_per_row(table * w[:, None]))
+    torch.testing.assert_close(factored.values, table * w[:, None])

@@ -453,10 +453,11 @@ class GaussianNoise:
     def add_aggregated_(
         self,
         out: Tensor,
-        sum_lr: Tensor,
+        sum_lr: Tensor | None,
         sum_lr2: Tensor,
         alpha: float,
         pool: NoisePool | None = None,
+        checked: bool = False,
     ) -> Tensor:
         """``out += alpha * aggregated(sum_lr, sum_lr2, out.shape[1], out.dtype)`` in one pass
         (no (n, dim) temporary for the scaled noise): LazyDP's catch-up adds straight into the
@@ -475,7 +476,7 @@ class GaussianNoise:
             )
         fusable = out.device.type == "cpu" and out.dtype == torch.float32 and out.is_contiguous()
         z, scale = self._aggregated_parts(
-            sum_lr, sum_lr2, out.shape[1], out.dtype, pool, draw=not fusable
+            sum_lr, sum_lr2, out.shape[1], out.dtype, pool, draw=not fusable, checked=checked
         )
         with torch.no_grad():
             if scale is None:
@@ -506,36 +507,45 @@ class GaussianNoise:
 
     def _aggregated_parts(
         self,
-        sum_lr: Tensor,
+        sum_lr: Tensor | None,
         sum_lr2: Tensor,
         dim: int,
         dtype: torch.dtype,
         pool: NoisePool | None,
         draw: bool = True,
+        checked: bool = False,
     ) -> tuple[Tensor | None, Tensor | None]:
         """(z, scale) with z * scale the aggregated rows; scale None when z is final already,
-        z None when ``draw`` is False and the pool does not serve it (the caller draws it)."""
+        z None when ``draw`` is False and the pool does not serve it (the caller draws it).
+
+        ``sum_lr`` is only read by the test-only constant override (None is allowed while none
+        is active). ``checked``: the caller guarantees sum_lr2 finite and >= 0 (LazyDP's lr^2
+        prefix sums, whose lrs were checked as they were appended), so it is not re-checked:
+        a reduction and a sync per table per step."""
         if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
             raise ConfigError(f"dim must be an int >= 1 (embedding dimension); got {dim!r}.")
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise ConfigError(f"dtype must be a floating torch.dtype; got {dtype!r}.")
         for name, t in (("sum_lr", sum_lr), ("sum_lr2", sum_lr2)):
+            if (name == "sum_lr" and t is None) and _override_value is None:
+                continue
             if not isinstance(t, Tensor) or t.dim() != 1 or not t.is_floating_point():
                 raise InputError(
                     f"{name} must be a 1-D floating tensor (one entry per row); got "
                     f"{getattr(t, 'shape', type(t).__name__)}. Pass float64 of shape (n,)."
                 )
-        if sum_lr.shape != sum_lr2.shape:
+        if sum_lr is not None and sum_lr.shape != sum_lr2.shape:
             raise InputError(
                 f"sum_lr and sum_lr2 must have the same shape; got {tuple(sum_lr.shape)} and "
                 f"{tuple(sum_lr2.shape)}. Pass one entry per row in both."
             )
         n = sum_lr2.shape[0]
         if _override_value is not None:
+            assert sum_lr is not None  # checked above
             self._next_call()
             rows = (_override_value * sum_lr.to(torch.float64)).to(dtype)
             return rows.unsqueeze(1).expand(n, dim), None
-        if n and not bool(((sum_lr2 >= 0) & torch.isfinite(sum_lr2)).all()):
+        if n and not checked and not bool(((sum_lr2 >= 0) & torch.isfinite(sum_lr2)).all()):
             raise InputError(
                 "sum_lr2 must be finite and >= 0 (a sum of squared learning rates); got "
                 f"min={float(sum_lr2.min())}. Check the history table's lr^2 prefix sums."

@@ -12,7 +12,8 @@ Contract:
 * ``positions()`` maps each id to its index in ``rows`` (``rows[positions()] == ids``).
 * ``sum_per_row(values)`` (one row of ``values`` per id) equals
   ``zeros(len(rows), d).index_add_(0, inverse, values)`` up to float rounding.
-* ``sum_gathered(table, index, w)`` equals ``sum_per_row(w[:, None] * table[index])``.
+* ``sum_gathered(table, index, w)`` equals ``sum_per_row(w[:, None] * table[index])``
+  (``index`` None: ``table`` itself, one row per id).
 * ``pairs(bag)`` is exact when ``bag`` (the bag of each id) never decreases along the ids,
   as it does for one EmbeddingBag call: the sort is stable, so a row's reads stay in bag order
   and a repeated (bag, row) pair is two neighbours.
@@ -81,17 +82,19 @@ class RowGroups:
         starts = self.counts.cumsum(0) - self.counts
         return F.embedding_bag(self.order, values, starts, mode="sum")
 
-    def sum_gathered(self, table: Tensor, index: Tensor, weights: Tensor | None = None) -> Tensor:
+    def sum_gathered(
+        self, table: Tensor, index: Tensor | None, weights: Tensor | None = None
+    ) -> Tensor:
         """``sum_per_row(w[:, None] * table[index])`` without building ``table[index]``: one
-        sum-mode bag per row over ``table`` (w None: weight 1)."""
+        sum-mode bag per row over ``table`` (w None: weight 1; index None: ``table``'s row j
+        goes with id j)."""
         if table.dtype not in _SEGMENT_SUM_DTYPES:
-            rows = table[index]
+            rows = table if index is None else table[index]
             return self.sum_per_row(rows if weights is None else rows * weights[:, None])
         starts = self.counts.cumsum(0) - self.counts
         w = None if weights is None else weights.index_select(0, self.order).to(table.dtype)
-        return F.embedding_bag(
-            self.in_sorted_order(index), table, starts, mode="sum", per_sample_weights=w
-        )
+        sorted_index = self.order if index is None else self.in_sorted_order(index)
+        return F.embedding_bag(sorted_index, table, starts, mode="sum", per_sample_weights=w)
 
     def in_sorted_order(self, t: Tensor) -> Tensor:
         """``t[order]`` (one value per id), remembered for the last ``t`` asked."""

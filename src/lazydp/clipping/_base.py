@@ -44,12 +44,12 @@ class BagFactors:
     once and read once.
     """
 
-    bag: Tensor  # int64, (n,)
+    bag: Tensor | None  # int64, (n,); None: entry j is bag j's only entry (pooling 1)
     per_bag: Tensor  # (bags, dim)
     w: Tensor | None = None  # (n,)
 
     def values(self) -> Tensor:
-        rows = self.per_bag.index_select(0, self.bag)
+        rows = self.per_bag if self.bag is None else self.per_bag.index_select(0, self.bag)
         return rows if self.w is None else rows * self.w.to(rows.dtype)[:, None]
 
 

@@ -50,6 +50,11 @@ class _Bags:
     num_bags: int
     single: bool = False  # every bag holds at most one lookup (pooling 1): no repeats to group
 
+    @property
+    def one_each(self) -> bool:
+        """Every bag reads exactly one row (so ``bag`` is 0, 1, ..., num_bags - 1)."""
+        return self.single and self.ids.numel() == self.num_bags
+
     def weights(self, dtype: torch.dtype) -> Tensor:
         if self.w is None:
             return torch.ones(self.ids.numel(), dtype=dtype, device=self.ids.device)
@@ -189,7 +194,7 @@ class EmbeddingBagClipper(LayerClipper):
         if len(calls) == 1:
             b = bags[0]
             found = None if b.single else _row_groups(module, calls[0], b).pairs(b.bag)
-            if found is None and b.single and b.w is None and b.ids.numel() == batch:
+            if found is None and b.one_each and b.w is None:
                 return sq_norms(grads[0])  # every bag reads exactly one row, with weight 1
             w = b.w
             if found is None and w is None:
@@ -230,7 +235,9 @@ class EmbeddingBagClipper(LayerClipper):
         ids = _cat([b.ids for b in bags])
         # Entry j of call k carries w_j * cw[b] * g^k[b] for its bag b: kept per bag (factors).
         per_bag = _cat([call.grad_output.detach() * cw[:, None] for call in calls])
-        bag = _cat([b.bag if k == 0 else b.bag + k * batch for k, b in enumerate(bags)])
+        bag: Tensor | None = None  # one call, one lookup per bag: entry j is bag j
+        if len(bags) > 1 or not bags[0].one_each:
+            bag = _cat([b.bag if k == 0 else b.bag + k * batch for k, b in enumerate(bags)])
         dtype = per_bag.dtype
         w = None if all(b.w is None for b in bags) else _cat([b.weights(dtype) for b in bags])
         factors = BagFactors(bag, per_bag, w)

@@ -18,6 +18,7 @@ Validation happens before step 3, so a bad batch changes nothing and charges not
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
@@ -30,7 +31,7 @@ from lazydp._timing import PhaseTimer
 from lazydp.capture import CaptureSet, LayerCapture, ReadHook, RowsRead
 from lazydp.clipping import per_sample_clipped_sum, per_sample_norms2
 from lazydp.clipping._base import ClippedSum, SparseRows
-from lazydp.errors import InputError, UnsupportedOptimizerError
+from lazydp.errors import ConfigError, InputError, UnsupportedOptimizerError
 from lazydp.ledger import PrivacyLedger, StepEvent
 from lazydp.noise import GaussianNoise
 from lazydp.noise_pool import NoisePool
@@ -188,6 +189,14 @@ class DPOptimizer(OptimizerGroup):
                 loss = closure()
         p = self.privacy
         cap = self.capture
+        for q in self.lazy:  # LazyDP's lr^2 prefix sums must stay exact: refuse before any change
+            lr = float(self._group_of(q)[1]["lr"])
+            if not math.isfinite(lr) or lr < 0:
+                raise ConfigError(
+                    f"learning rate {lr!r} of a LazyDP table's parameter group: it must be finite "
+                    "and >= 0 (check the LR schedule). No parameter was changed and nothing was "
+                    "charged."
+                )
         batch = cap.batch_size()
         # A mean-reduced loss scales every output gradient by 1/B. Rather than rescaling them all,
         # fold B into the norms (x B^2) and into the clip factors (x B) -- the same numbers.

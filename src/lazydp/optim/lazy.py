@@ -25,12 +25,15 @@ it, and the history table already counts it.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
 from lazydp._timing import PhaseTimer
 from lazydp.clipping._base import SparseRows
-from lazydp.noise import GaussianNoise
+from lazydp.errors import ConfigError, PrivacyError
+from lazydp.noise import GaussianNoise, active_override
 from lazydp.noise_pool import NoisePool
 from lazydp.optim.rows import add_rows_, sorts_rows
 from lazydp.row_groups import RowGroups
@@ -47,6 +50,11 @@ class LrPrefix:
         self.steps = 0
 
     def append(self, lr: float) -> None:
+        if not math.isfinite(lr) or lr < 0:
+            raise ConfigError(
+                f"learning rate {lr!r} of a LazyDP table: it must be finite and >= 0 "
+                "(check the LR schedule)"
+            )
         t = self.steps
         if t + 1 >= self._s1.numel():  # amortised O(1) growth
             self._s1 = torch.cat([self._s1, torch.zeros_like(self._s1)])
@@ -55,10 +63,13 @@ class LrPrefix:
         self._s2[t + 1] = self._s2[t] + lr * lr
         self.steps = t + 1
 
-    def pending(self, applied: Tensor, t: int) -> tuple[Tensor, Tensor]:
-        """(sum lr, sum lr^2) over the steps [applied, t) for each row."""
-        a = applied.long()
-        return self._s1[t] - self._s1[a], self._s2[t] - self._s2[a]
+    def pending(self, applied: Tensor, t: int, sum_lr: bool = True) -> tuple[Tensor | None, Tensor]:
+        """(sum lr, sum lr^2) over the steps [applied, t) for each row; sum lr is None unless
+        asked for (only the constant-noise test override reads it)."""
+        s2 = self._s2.index_select(0, applied).neg_().add_(float(self._s2[t]))
+        if not sum_lr:
+            return None, s2
+        return self._s1.index_select(0, applied).neg_().add_(float(self._s1[t])), s2
 
     def state_dict(self) -> dict[str, object]:
         return {"s1": self._s1[: self.steps + 1].clone(), "s2": self._s2[: self.steps + 1].clone()}
@@ -123,7 +134,7 @@ class LazyTable:
         # the grouping so that update() and coalesce() need not sort it again.
         self.last_read = groups = RowGroups(rows, self.weight.shape[0])  # ids validated
         rows = groups.rows
-        applied = self.history.applied[rows]
+        applied = self.history.applied.index_select(0, rows)
         stale = applied < t
         if not bool(stale.all()):
             rows, applied = rows[stale], applied[stale]
@@ -196,7 +207,7 @@ class LazyTable:
         unless ``write`` is False: then the caller owns getting them there)."""
         if rows.numel() == 0:
             return 0, None
-        s1, s2 = self.prefix.pending(applied, t)
+        s1, s2 = self.prefix.pending(applied, t, sum_lr=active_override() is not None)
         # Noise enters as W += lr*sigma*C/B*z, the same sign the eager table path uses. The rows
         # are unique, so gathering them, adding the noise in one pass and writing them back is
         # the fast path on every table size (optim/rows.py has the measurements).
@@ -204,10 +215,10 @@ class LazyTable:
         # Timed apart from the bookkeeping: the draw (and its add) is the floor every lazy
         # scheme pays; the rest (unique, history, row gather/write) is bookkeeping.
         with self.timer.phase("lazy_catch_up_noise"):
-            self.noise.add_aggregated_(block, s1, s2, self.noise_std, pool=self.pool)
+            self.noise.add_aggregated_(block, s1, s2, self.noise_std, pool=self.pool, checked=True)
         if write:
             self.weight.index_copy_(0, rows, block)
-        self.history.applied[rows] = t
+        self.history.applied.index_fill_(0, rows, t)
         return int(rows.numel()), block
 
     @torch.no_grad()
@@ -237,8 +248,6 @@ class LazyTable:
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         applied = state["applied"]
         if applied.shape != self.history.applied.shape:
-            from lazydp.errors import PrivacyError
-
             raise PrivacyError(
                 f"history table has {applied.numel()} rows but the table has "
                 f"{self.history.applied.numel()}; the checkpoint belongs to another model."
