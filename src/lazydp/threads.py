@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 #: 11.3 ms inside a step against 5.6 ms alone, and 6.0 ms with GOMP_SPINCOUNT=1000. Spinning 0
 #: costs every torch op a wake-up instead (basic steps 25% slower). libgomp reads the variable
 #: once, when torch loads it, so it cannot be set from inside a process that imported torch:
-#: set it in the environment of the training job (README, "Speed knobs").
+#: set it in the environment of the training job (the README, next to tune_malloc).
 OPENMP_ENV = {"GOMP_SPINCOUNT": "1000"}
 
 _pools: dict[int, ThreadPoolExecutor] = {}

@@ -20,7 +20,8 @@ same rows (a scattered row write is the dearest part of a high-pooling step: 4.5
 of d=32, twice per table per step on rmc1). Until then the table holds those rows without their
 new noise, so every other way in -- another catch-up, an update that cannot use the block, a
 flush, ``settle()`` -- writes the block back first. Noise is never lost: the block already holds
-it, and the history table already counts it.
+it, and the history table already counts it. (A write to those rows from outside between the
+forward and the step is overwritten, as it was before by the update's row write.)
 """
 
 from __future__ import annotations
