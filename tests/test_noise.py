@@ -509,3 +509,20 @@ def test_add_normal_each_draws_every_tensor_in_one_call() -> None:
         out = [torch.zeros(2), torch.zeros(3)]
         GaussianNoise(seed=1).add_normal_each_(out, std=0.5)
         assert all(bool((t == 1.0).all()) for t in out)
+
+
+def test_add_normal_each_packs_small_tensors_without_sharing_values() -> None:
+    # Many small layers (biases, small weights) share chunks through one packed draw: every
+    # value is still used once, and the whole is N(0, std^2).
+    tensors = [torch.zeros(s) for s in [(7,), (33, 5), (1,), (256,), (64, 100)] * 40]
+    noise = GaussianNoise(seed=21)
+    noise.add_normal_each_(tensors, std=1.7)
+    assert noise.calls == 1
+    flat = torch.cat([t.flatten() for t in tensors])
+    assert_gaussian(flat, 1.7)
+    heads = [t.flatten()[:5].numpy().tobytes() for t in tensors if t.numel() >= 5]
+    assert len(set(heads)) == len(heads)  # no stretch of the packed draw handed out twice
+    # A large tensor next to them is still drawn in place, chunked as add_normal_ would.
+    big = torch.zeros(CHUNK_NUMEL + 3)
+    GaussianNoise(seed=21).add_normal_each_([big, torch.zeros(5), torch.zeros(6)], std=1.0)
+    torch.testing.assert_close(big, GaussianNoise(seed=21).add_normal_(torch.zeros_like(big), 1.0))

@@ -55,6 +55,8 @@ if TYPE_CHECKING:
 
 __all__ = ["CHUNK_NUMEL", "GaussianNoise", "active_override"]
 
+#: add_normal_each_ packs float32 tensors below this size into shared chunks (_add_packed).
+_PACK_NUMEL = 1 << 16
 #: Elements per chunk: each chunk has its own generator. Big enough that the ~10 us seeding and
 #: the hand-off are ~1% of its ~1.2 ms fill (2^18: 1M-element draws 25% slower on 2 cores),
 #: small enough that a 1M-element tensor still splits over 2 threads. Smaller draws stay in
@@ -419,9 +421,25 @@ class GaussianNoise:
                     for t in flat:
                         t.add_(_override_value * std)
                 else:
-                    self._fill_cpu([t.view(-1) for t in flat], std, add=True, call=call)
+                    self._add_packed(flat, std, call)
         for t in others:
             self.add_normal_(t, std)
+
+    def _add_packed(self, flat: list[Tensor], std: float, call: int) -> None:
+        """Noise for CPU contiguous tensors in one call. Small float32 tensors (biases, small
+        layers) share chunks through one packed buffer: each chunk pays its own seeding and
+        set-up (~0.1 ms), so 12 tensors of an 80k-parameter MLP took 1.4 ms as 12 chunks and
+        0.3 ms packed. Large tensors get noise added in place, chunk by chunk, as before."""
+        small = [t for t in flat if t.dtype == torch.float32 and t.numel() < _PACK_NUMEL]
+        if len(small) < 2:
+            small = []
+        large = [t for t in flat if not any(t is u for u in small)]
+        views = [t.view(-1) for t in large]
+        packed = torch.zeros(sum(t.numel() for t in small)) if small else None
+        self._fill_cpu(views if packed is None else [*views, packed], std, add=True, call=call)
+        if packed is not None:
+            for t, part in zip(small, packed.split([t.numel() for t in small])):
+                t.add_(part.view_as(t))
 
     def aggregated(
         self,
