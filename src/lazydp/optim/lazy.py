@@ -170,8 +170,7 @@ class LazyTable:
         Then the sum is added straight into the rows as the catch-up wrote them (duplicate ids
         summed through the catch-up's grouping) and written once: no second sort, no gather.
         """
-        written, self._written = self._written, None
-        groups = self.last_read
+        written, groups = self._written, self.last_read
         if (
             written is not None
             and not grad.coalesced
@@ -182,10 +181,9 @@ class LazyTable:
             rows, block = groups.rows, written[1]
             block.add_(grad.summed_by(groups).to(self.weight.dtype), alpha=alpha)
             self.weight.index_copy_(0, rows, block)  # a deferred block lands here, with the sum
-            self._deferred = False
+            self._written, self._deferred = None, False
             return
-        self._written = written
-        self.settle()
+        self.settle()  # a deferred block goes into the table before anything else is added
         self._written = None
         grad = self.coalesce(grad)
         add_rows_(self.weight, grad.indices, grad.values, alpha, grad.coalesced)
