@@ -430,10 +430,12 @@ class GaussianNoise:
         layers) share chunks through one packed buffer: each chunk pays its own seeding and
         set-up (~0.1 ms), so 12 tensors of an 80k-parameter MLP took 1.4 ms as 12 chunks and
         0.3 ms packed. Large tensors get noise added in place, chunk by chunk, as before."""
-        small = [t for t in flat if t.dtype == torch.float32 and t.numel() < _PACK_NUMEL]
+        small: list[Tensor] = []
+        large: list[Tensor] = []
+        for t in flat:
+            (small if t.dtype == torch.float32 and t.numel() < _PACK_NUMEL else large).append(t)
         if len(small) < 2:
-            small = []
-        large = [t for t in flat if not any(t is u for u in small)]
+            small, large = [], flat
         views = [t.view(-1) for t in large]
         packed = torch.zeros(sum(t.numel() for t in small)) if small else None
         self._fill_cpu(views if packed is None else [*views, packed], std, add=True, call=call)

@@ -82,7 +82,7 @@ class SparseRows:
 
     def summed_by(self, groups: RowGroups) -> Tensor:
         """Values summed per distinct row of ``groups`` (built from these ``indices``)."""
-        if self._values is None and self.factors is not None:
+        if self.factors is not None:  # cheaper than the values even once they are built
             f = self.factors
             return groups.sum_gathered(f.per_bag, f.bag, f.w)
         return groups.sum_per_row(self.values)

@@ -18,7 +18,6 @@ Validation happens before step 3, so a bad batch changes nothing and charges not
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
@@ -31,13 +30,13 @@ from lazydp._timing import PhaseTimer
 from lazydp.capture import CaptureSet, LayerCapture, ReadHook, RowsRead
 from lazydp.clipping import per_sample_clipped_sum, per_sample_norms2
 from lazydp.clipping._base import ClippedSum, SparseRows
-from lazydp.errors import ConfigError, InputError, UnsupportedOptimizerError
+from lazydp.errors import InputError, UnsupportedOptimizerError
 from lazydp.ledger import PrivacyLedger, StepEvent
 from lazydp.noise import GaussianNoise
 from lazydp.noise_pool import NoisePool
 from lazydp.optim.eager import eager_table_sgd, noisy_dense_grads
 from lazydp.optim.group import OptimizerGroup
-from lazydp.optim.lazy import LazyTable, LrPrefix
+from lazydp.optim.lazy import LazyTable, LrPrefix, check_table_lr
 
 # Dividing by norm + tiny keeps c_i finite for an all-zero gradient (then c_i = 1, as clipping a
 # zero vector leaves it zero); it shrinks a norm exactly at C by a relative 1e-12 only.
@@ -199,14 +198,8 @@ class DPOptimizer(OptimizerGroup):
                 loss = closure()
         p = self.privacy
         cap = self.capture
-        for q in self.lazy:  # LazyDP's lr^2 prefix sums must stay exact: refuse before any change
-            lr = float(self._group_of(q)[1]["lr"])
-            if not math.isfinite(lr) or lr < 0:
-                raise ConfigError(
-                    f"learning rate {lr!r} of a LazyDP table's parameter group: it must be finite "
-                    "and >= 0 (check the LR schedule). No parameter was changed and nothing was "
-                    "charged."
-                )
+        for q in self.lazy:  # refused here, before any change, not when the prefix appends it
+            check_table_lr(float(self._group_of(q)[1]["lr"]))
         batch = cap.batch_size()
         # A mean-reduced loss scales every output gradient by 1/B. Rather than rescaling them all,
         # fold B into the norms (x B^2) and into the clip factors (x B) -- the same numbers.

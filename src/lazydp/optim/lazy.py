@@ -42,6 +42,15 @@ from lazydp.row_groups import RowGroups
 _FLUSH_ROWS = 1 << 16  # rows per chunk in a full flush: bounds the temporary noise buffer
 
 
+def check_table_lr(lr: float) -> None:
+    """ConfigError unless ``lr`` is finite and >= 0: the lr^2 prefix sums must stay exact."""
+    if not math.isfinite(lr) or lr < 0:
+        raise ConfigError(
+            f"learning rate {lr!r} of a LazyDP table's parameter group: it must be finite "
+            "and >= 0 (check the LR schedule). No parameter was changed and nothing was charged."
+        )
+
+
 class LrPrefix:
     """Prefix sums S1[t] = sum_{s<t} lr_s and S2[t] = sum_{s<t} lr_s^2, in float64."""
 
@@ -51,11 +60,7 @@ class LrPrefix:
         self.steps = 0
 
     def append(self, lr: float) -> None:
-        if not math.isfinite(lr) or lr < 0:
-            raise ConfigError(
-                f"learning rate {lr!r} of a LazyDP table: it must be finite and >= 0 "
-                "(check the LR schedule)"
-            )
+        check_table_lr(lr)
         t = self.steps
         if t + 1 >= self._s1.numel():  # amortised O(1) growth
             self._s1 = torch.cat([self._s1, torch.zeros_like(self._s1)])
@@ -234,8 +239,8 @@ class LazyTable:
             self._apply(rows + start, applied[rows], t)
 
     def pending_rows(self, t: int) -> int:
-        """How many rows still carry pending noise at step t (for tests and reports)."""
-        self.settle()
+        """How many rows still carry pending noise at step t (for tests and reports; a deferred
+        block's rows are counted as caught up, as their history says)."""
         stale = self.history.applied < t
         if self.padding_idx is not None:
             stale[self.padding_idx] = False
