@@ -8,7 +8,8 @@ per-example gradient is sum_t g_t a_t^T over every position of every call.
 * T > 1: ||dW_i||^2 = sum_{s,t} (a_is.a_it)(g_is.g_it) (Gram, cost T^2 (d_in + d_out) per example)
   or ||G_i^T A_i||^2 (materialised, cost T d_in d_out), whichever is cheaper; done in batch chunks so
   the temporary stays under ``_CHUNK_ELEMENTS``.
-* Clipped sum: (diag(c) G)^T A as one matmul; no per-example tensor.
+* Clipped sum: (diag(c) G)^T A = G^T (diag(c) A) as one matmul, c scaling the narrower of G
+  and A; no per-example tensor. The 2-D norm is (||a_i||^2 + 1) ||g_i||^2 with a bias.
 Frozen weight or bias (requires_grad False) is left out of norms and sums.
 """
 
@@ -75,24 +76,33 @@ class LinearClipper(LayerClipper):
     def norms2(self, module: nn.Module, calls: list[Call]) -> Tensor:
         assert isinstance(module, nn.Linear)
         a, g = _sequences(module, calls)
+        weight = module.weight.requires_grad
+        bias = module.bias is not None and module.bias.requires_grad
+        if a.shape[1] == 1 and weight:
+            # 2-D: ||dW_i||^2 + ||db_i||^2 = (||a_i||^2 + 1) ||g_i||^2, one reduction each.
+            a2 = sq_norms(a, (1, 2)).to(g.dtype)
+            return (a2 + 1 if bias else a2).mul_(sq_norms(g, (1, 2)))
         norms = g.new_zeros(g.shape[0])
-        if module.weight.requires_grad:
+        if weight:
             norms += _weight_norms2(a, g)
-        if module.bias is not None and module.bias.requires_grad:
+        if bias:
             norms += sq_norms(g.sum(1))
         return norms
 
     def clipped_sum(self, module: nn.Module, calls: list[Call], c: Tensor) -> dict[str, ClippedSum]:
         assert isinstance(module, nn.Linear)
         a, g = _sequences(module, calls)
-        cg = g * clip_factors(c, g.shape[0], g)[:, None, None]
+        c = clip_factors(c, g.shape[0], g)
+        a2d, g2d = a.reshape(-1, module.in_features).to(g.dtype), g.reshape(-1, module.out_features)
         out: dict[str, ClippedSum] = {}
         if module.weight.requires_grad:
-            out["weight"] = cg.reshape(-1, module.out_features).T @ a.reshape(
-                -1, module.in_features
-            ).to(g.dtype)
+            # sum_i c_i G_i^T A_i as one matmul, the clip factors scaling the narrower side
+            # (the temporary is B*T x min(d_in, d_out)).
+            scale_a = module.in_features < module.out_features
+            per_row = c.repeat_interleave(a.shape[1])[:, None] if a.shape[1] > 1 else c[:, None]
+            out["weight"] = g2d.T @ (a2d * per_row) if scale_a else (g2d * per_row).T @ a2d
         if module.bias is not None and module.bias.requires_grad:
-            out["bias"] = cg.sum((0, 1))
+            out["bias"] = c @ g.sum(1) if a.shape[1] > 1 else c @ g2d
         return out
 
     def per_sample(self, module: nn.Module, calls: list[Call]) -> dict[str, PerSample]:
