@@ -17,9 +17,17 @@ from lazydp.testing import constant_noise, zero_noise
 from tests.toy import Toy, dense_params, loader, loss_fn, make_batches, table_params
 
 
-def build(mode: str, lr_fn=lambda s: 1.0 / (1 + 0.1 * s), seed: int = 1, ledger_path=None):
+def build(
+    mode: str,
+    lr_fn=lambda s: 1.0 / (1 + 0.1 * s),
+    seed: int = 1,
+    ledger_path=None,
+    emb_padding: bool = True,
+):
     torch.manual_seed(0)
     model = Toy()
+    if not emb_padding:  # an nn.Embedding without padding_idx reads from the deferred block
+        model.emb.padding_idx = None
     dense = torch.optim.Adam(dense_params(model), lr=0.01)
     tables = torch.optim.SGD(table_params(model), lr=0.5)
     sched = torch.optim.lr_scheduler.LambdaLR(tables, lr_fn)
@@ -47,9 +55,11 @@ def snapshot(model):
     return {k: t.detach().clone() for k, t in model.state_dict().items()}
 
 
-@pytest.mark.parametrize("large_tables", [False, True])
+@pytest.mark.parametrize(
+    ("large_tables", "emb_padding"), [(False, True), (True, True), (True, False)]
+)
 def test_lazy_equals_eager_under_constant_noise_with_schedule_and_mid_eval(
-    large_tables, monkeypatch
+    large_tables, emb_padding, monkeypatch
 ):
     reused, fresh = [], []
     if large_tables:  # the row-update path of big tables: sort-coalesce, reusing catch-up's sort
@@ -80,7 +90,7 @@ def test_lazy_equals_eager_under_constant_noise_with_schedule_and_mid_eval(
     results = {}
     with constant_noise(0.9):
         for mode in ["dpsgd_f", "lazydp"]:
-            model, opt, sched, engine = build(mode)
+            model, opt, sched, engine = build(mode, emb_padding=emb_padding)
             evals = []
             for i, b in enumerate(batches):
                 step(model, opt, sched, b)
@@ -97,14 +107,17 @@ def test_lazy_equals_eager_under_constant_noise_with_schedule_and_mid_eval(
         torch.testing.assert_close(lazy[k], eager[k], atol=2e-5, rtol=1e-5, msg=k)
     for a, b in zip(eager_evals, lazy_evals):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
-    if large_tables:
+    if large_tables and emb_padding:
         # The EmbeddingBag's update added into the rows its catch-up wrote (no coalesce, no
         # gather), except at step 0 (nothing owed yet) and after the two evaluations (rows they
         # read were current, so the catch-up drew a subset) ...
         assert sum(fresh) == len(batches) - 3
-        # ... and on those 3 steps its coalesce reused the catch-up's sort; nn.Embedding's
-        # clipped sum carries other ids (coalesced every step, no reuse).
+        # ... and on those 3 steps its coalesce reused the catch-up's sort; the padded
+        # nn.Embedding's clipped sum carries other ids (coalesced every step, no reuse).
         assert sum(reused) == 3 and len(reused) == len(batches) + 3
+    elif large_tables:  # without padding, nn.Embedding takes the same paths as the bag
+        assert sum(fresh) == 2 * (len(batches) - 3)
+        assert sum(reused) == len(reused) == 6
 
 
 def test_export_without_explicit_flush_is_flushed(tmp_path):
@@ -306,23 +319,26 @@ def test_deferred_block_is_settled_before_every_other_read(tmp_path, monkeypatch
     """A training forward reads its caught-up rows from the block and leaves the table write to
     the update. Whatever comes instead of the update -- a state_dict, a second call of the same
     table, a checkpoint load, an evaluation -- must see exactly what the always-write path sees."""
+    from lazydp.clipping.embedding import EmbeddingClipper
     from lazydp.clipping.embedding_bag import EmbeddingBagClipper
 
     batches = make_batches(10, seed=8)
     probe = make_batches(1, seed=98)[0]
     runs = {}
-    used = []
-    reads_block = EmbeddingBagClipper.reads_block
+    used: dict[str, list[bool]] = {"EmbeddingBag": [], "Embedding": []}
+    originals = {c: c.__dict__["reads_block"] for c in (EmbeddingBagClipper, EmbeddingClipper)}
     for defer in (True, False):
+        for clipper, reads_block in originals.items():
 
-        def spy(self, *args, defer=defer):
-            ok = defer and reads_block(self, *args)
-            used.append(ok)
-            return ok
+            def spy(self, module, *args, defer=defer, reads_block=reads_block):
+                ok = defer and reads_block(self, module, *args)
+                used[type(module).__name__].append(ok)
+                return ok
 
-        monkeypatch.setattr(EmbeddingBagClipper, "reads_block", spy)
+            monkeypatch.setattr(clipper, "reads_block", spy)
         with constant_noise(0.9):
-            model, opt, sched, engine = build("lazydp", ledger_path=tmp_path / f"{defer}.jsonl")
+            path = tmp_path / f"{defer}.jsonl"
+            model, opt, sched, engine = build("lazydp", ledger_path=path, emb_padding=False)
             out = []
             for b in batches[:4]:
                 step(model, opt, sched, b)
@@ -356,7 +372,8 @@ def test_deferred_block_is_settled_before_every_other_read(tmp_path, monkeypatch
                 step(model, opt, sched, b)
             out.append(snapshot(model))
         runs[defer] = out
-    assert any(used) and not all(used)
+    for kind in used:  # both layer kinds deferred when allowed, and never when not
+        assert any(used[kind]) and not all(used[kind]), kind
     for a, b in zip(runs[True], runs[False]):
         if isinstance(a, dict):
             for k in a:

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from lazydp.clipping._base import (
     Call,
@@ -107,7 +108,10 @@ def _entries(module: nn.Embedding, calls: list[Call]) -> tuple[Tensor, Tensor, T
     grad = grad_parts[0] if len(calls) == 1 else torch.cat(grad_parts, 1)
     positions = ids.shape[1]
     example = torch.arange(batch, device=ids.device).repeat_interleave(positions)
-    flat_ids = ids.reshape(-1).long()
+    # One call: the very id tensor its forward handed LazyDP's catch-up (rows_read), so that the
+    # update recognises the rows the catch-up gathered (LazyTable.update's fast path).
+    remembered = calls[0].memo.get("flat_ids") if len(calls) == 1 else None
+    flat_ids = remembered if isinstance(remembered, Tensor) else ids.reshape(-1).long()
     flat_grad = grad.reshape(-1, module.embedding_dim)
     if module.padding_idx is not None:
         keep = flat_ids != module.padding_idx
@@ -171,5 +175,27 @@ class EmbeddingClipper(LayerClipper):
         ids = validate_ids(module, call_arg(args, kwargs, 0, "input"), module.num_embeddings)
         flat = ids.reshape(-1).long()
         if module.padding_idx is not None:
-            flat = flat[flat != module.padding_idx]
+            return flat[flat != module.padding_idx]
+        if memo is not None:
+            memo["flat_ids"] = flat  # _entries hands the same tensor to the step (no padding only)
         return flat
+
+    def reads_block(
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], memo: dict[str, Any]
+    ) -> bool:
+        # Only torch's own forward, and only without padding_idx (its entries are not read, so
+        # the block would not hold one row per id). max_norm is refused by check_table.
+        assert isinstance(module, nn.Embedding)
+        return type(module).forward is nn.Embedding.forward and module.padding_idx is None
+
+    def forward_from_block(
+        self,
+        module: nn.Module,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        block: Tensor,
+        positions: Tensor,
+    ) -> Tensor:
+        assert isinstance(module, nn.Embedding)
+        ids = call_arg(args, kwargs, 0, "input")
+        return F.embedding(positions.view(ids.shape), block)
