@@ -10,6 +10,7 @@ from scipy import stats
 from torch import nn
 
 from lazydp import ConfigError, PrivacyEngine, PrivacyError, UnsupportedOptimizerError
+from lazydp.clipping import clipper_for
 from lazydp.noise import GaussianNoise
 from lazydp.optim import rows as rows_module
 from lazydp.optim.lazy import LazyTable
@@ -22,12 +23,15 @@ def build(
     lr_fn=lambda s: 1.0 / (1 + 0.1 * s),
     seed: int = 1,
     ledger_path=None,
-    emb_padding: bool = True,
+    padding: str = "emb",
 ):
+    """``padding``: which tables have a padding_idx (row 0): "emb" (Toy's), "none" or "both"."""
     torch.manual_seed(0)
     model = Toy()
-    if not emb_padding:  # an nn.Embedding without padding_idx reads from the deferred block
+    if padding == "none":
         model.emb.padding_idx = None
+    if padding == "both":
+        model.bag.padding_idx = 0
     dense = torch.optim.Adam(dense_params(model), lr=0.01)
     tables = torch.optim.SGD(table_params(model), lr=0.5)
     sched = torch.optim.lr_scheduler.LambdaLR(tables, lr_fn)
@@ -56,10 +60,10 @@ def snapshot(model):
 
 
 @pytest.mark.parametrize(
-    ("large_tables", "emb_padding"), [(False, True), (True, True), (True, False)]
+    ("large_tables", "padding"), [(False, "emb"), (True, "emb"), (True, "none"), (True, "both")]
 )
 def test_lazy_equals_eager_under_constant_noise_with_schedule_and_mid_eval(
-    large_tables, emb_padding, monkeypatch
+    large_tables, padding, monkeypatch
 ):
     reused, fresh = [], []
     if large_tables:  # the row-update path of big tables: sort-coalesce, reusing catch-up's sort
@@ -90,7 +94,7 @@ def test_lazy_equals_eager_under_constant_noise_with_schedule_and_mid_eval(
     results = {}
     with constant_noise(0.9):
         for mode in ["dpsgd_f", "lazydp"]:
-            model, opt, sched, engine = build(mode, emb_padding=emb_padding)
+            model, opt, sched, engine = build(mode, padding=padding)
             evals = []
             for i, b in enumerate(batches):
                 step(model, opt, sched, b)
@@ -107,16 +111,12 @@ def test_lazy_equals_eager_under_constant_noise_with_schedule_and_mid_eval(
         torch.testing.assert_close(lazy[k], eager[k], atol=2e-5, rtol=1e-5, msg=k)
     for a, b in zip(eager_evals, lazy_evals):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
-    if large_tables and emb_padding:
-        # The EmbeddingBag's update added into the rows its catch-up wrote (no coalesce, no
+    if large_tables:
+        # Each table's update added into the rows its catch-up gathered (no coalesce, no
         # gather), except at step 0 (nothing owed yet) and after the two evaluations (rows they
         # read were current, so the catch-up drew a subset) ...
-        assert sum(fresh) == len(batches) - 3
-        # ... and on those 3 steps its coalesce reused the catch-up's sort; the padded
-        # nn.Embedding's clipped sum carries other ids (coalesced every step, no reuse).
-        assert sum(reused) == 3 and len(reused) == len(batches) + 3
-    elif large_tables:  # without padding, nn.Embedding takes the same paths as the bag
         assert sum(fresh) == 2 * (len(batches) - 3)
+        # ... and on those 3 steps its coalesce reused the catch-up's sort.
         assert sum(reused) == len(reused) == 6
 
 
@@ -315,7 +315,8 @@ def test_update_into_the_caught_up_rows_equals_a_plain_row_update(repeats, monke
     assert (table.history.applied[ids] == 1).all()
 
 
-def test_deferred_block_is_settled_before_every_other_read(tmp_path, monkeypatch):
+@pytest.mark.parametrize("padding", ["none", "both"])
+def test_deferred_block_is_settled_before_every_other_read(padding, tmp_path, monkeypatch):
     """A training forward reads its caught-up rows from the block and leaves the table write to
     the update. Whatever comes instead of the update -- a state_dict, a second call of the same
     table, a checkpoint load, an evaluation -- must see exactly what the always-write path sees."""
@@ -338,7 +339,7 @@ def test_deferred_block_is_settled_before_every_other_read(tmp_path, monkeypatch
             monkeypatch.setattr(clipper, "reads_block", spy)
         with constant_noise(0.9):
             path = tmp_path / f"{defer}.jsonl"
-            model, opt, sched, engine = build("lazydp", ledger_path=path, emb_padding=False)
+            model, opt, sched, engine = build("lazydp", ledger_path=path, padding=padding)
             out = []
             for b in batches[:4]:
                 step(model, opt, sched, b)
@@ -396,3 +397,55 @@ def test_a_bad_table_learning_rate_is_refused_before_anything_changes(bad_lr):
     assert engine.ledger.steps == charged
     for k, t in model.named_parameters():
         assert torch.equal(t.detach(), before[k]), k
+
+
+def _read_from_block(module, args, kwargs):
+    """What LazyDP's deferred read computes: the layer's output from the gathered block alone."""
+    from lazydp.row_groups import RowGroups
+
+    clipper, memo = clipper_for(module), {}
+    ids = clipper.rows_read(module, args, kwargs, memo)
+    assert clipper.reads_block(module, args, kwargs, memo)
+    groups = RowGroups(ids, module.num_embeddings)
+    block = module.weight.detach().index_select(0, groups.rows)
+    return clipper.forward_from_block(module, args, kwargs, block, groups.positions())
+
+
+@pytest.mark.parametrize("padding_idx", [None, 0, 3])
+@pytest.mark.parametrize("mode", ["sum", "mean"])
+@pytest.mark.parametrize("form", ["2d", "offsets", "last_offset", "weights"])
+def test_a_bag_read_from_the_block_equals_the_layer(padding_idx, mode, form):
+    """Exact equality with torch's own forward, padding entries (dropped, and left out of a
+    "mean" bag's length) and empty bags included."""
+    gen = torch.Generator().manual_seed(4)
+    if form == "weights" and mode == "mean":
+        pytest.skip("torch: per_sample_weights only with mode='sum'")
+    bag = nn.EmbeddingBag(
+        9, 3, mode=mode, padding_idx=padding_idx, include_last_offset=form == "last_offset"
+    )
+    with torch.no_grad():
+        bag.weight.normal_(generator=gen)  # the padding row too: it must not be read
+    ids = torch.randint(0, 6, (5, 4), generator=gen)
+    ids[1] = 3  # a bag of padding only, where padding_idx=3
+    args, kwargs = (ids,), {}
+    if form != "2d":
+        offsets = torch.tensor([0, 4, 4, 9, 13])  # an empty bag, uneven bags
+        if form == "last_offset":
+            offsets = torch.cat([offsets, torch.tensor([20])])
+        args = (ids.reshape(-1), offsets)
+        if form == "weights":
+            kwargs = {"per_sample_weights": torch.rand(20, generator=gen)}
+    torch.testing.assert_close(
+        _read_from_block(bag, args, kwargs), bag(*args, **kwargs), atol=0, rtol=0
+    )
+
+
+@pytest.mark.parametrize("padding_idx", [None, 0, 3])
+def test_an_embedding_read_from_the_block_equals_the_layer(padding_idx):
+    """The padding row is read as the table holds it (here non-zero), never from the block."""
+    gen = torch.Generator().manual_seed(5)
+    emb = nn.Embedding(9, 3, padding_idx=padding_idx)
+    with torch.no_grad():
+        emb.weight.normal_(generator=gen)
+    ids = torch.randint(0, 6, (5, 4), generator=gen)
+    torch.testing.assert_close(_read_from_block(emb, (ids,), {}), emb(ids), atol=0, rtol=0)

@@ -67,6 +67,24 @@ def validate_ids(module: nn.Module, ids: Any, num_rows: int) -> Tensor:
     return ids
 
 
+def padded_positions(
+    positions: Tensor, keep: Tensor, block: Tensor, padding_row: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """LazyDP's deferred read of a padded table: the block row of every input entry (``keep``:
+    the entries that are not padding, whose block rows are ``positions``, in order) with padding
+    entries pointing at one extra row appended to ``block`` (``padding_row``, zeros if None).
+
+    >>> index, ext = padded_positions(torch.tensor([1, 0]), torch.tensor([True, False, True]),
+    ...                               torch.ones(2, 3))
+    >>> index.tolist(), ext.shape
+    ([1, 2, 0], torch.Size([3, 3]))
+    """
+    index = positions.new_full(keep.shape, block.shape[0])
+    index[keep] = positions
+    extra = block.new_zeros(1, block.shape[1]) if padding_row is None else padding_row.view(1, -1)
+    return index.view(-1), torch.cat([block, extra.to(block.dtype)])
+
+
 def check_table(module: nn.Embedding | nn.EmbeddingBag) -> None:
     """Refuse table settings with no exact per-example gradient (shared by both table kinds)."""
     name = type(module).__name__
@@ -108,11 +126,17 @@ def _entries(module: nn.Embedding, calls: list[Call]) -> tuple[Tensor, Tensor, T
     grad = grad_parts[0] if len(calls) == 1 else torch.cat(grad_parts, 1)
     positions = ids.shape[1]
     example = torch.arange(batch, device=ids.device).repeat_interleave(positions)
-    # One call: the very id tensor its forward handed LazyDP's catch-up (rows_read), so that the
-    # update recognises the rows the catch-up gathered (LazyTable.update's fast path).
-    remembered = calls[0].memo.get("flat_ids") if len(calls) == 1 else None
-    flat_ids = remembered if isinstance(remembered, Tensor) else ids.reshape(-1).long()
     flat_grad = grad.reshape(-1, module.embedding_dim)
+    # One call: hand the step the very id tensor the forward gave LazyDP's catch-up (rows_read),
+    # so that the update recognises the rows the catch-up gathered (LazyTable.update's fast path).
+    memo = calls[0].memo if len(calls) == 1 else {}
+    remembered = memo.get("flat_ids")
+    if isinstance(remembered, Tensor) and (module.padding_idx is None) == ("keep" not in memo):
+        if module.padding_idx is not None:
+            keep = memo["keep"]
+            example, flat_grad = example[keep], flat_grad[keep]
+        return example, remembered, flat_grad, batch
+    flat_ids = ids.reshape(-1).long()
     if module.padding_idx is not None:
         keep = flat_ids != module.padding_idx
         example, flat_ids, flat_grad = example[keep], flat_ids[keep], flat_grad[keep]
@@ -175,18 +199,20 @@ class EmbeddingClipper(LayerClipper):
         ids = validate_ids(module, call_arg(args, kwargs, 0, "input"), module.num_embeddings)
         flat = ids.reshape(-1).long()
         if module.padding_idx is not None:
-            return flat[flat != module.padding_idx]
+            keep = flat != module.padding_idx
+            flat = flat[keep]
+            if memo is not None:
+                memo["keep"] = keep
         if memo is not None:
-            memo["flat_ids"] = flat  # _entries hands the same tensor to the step (no padding only)
+            memo["flat_ids"] = flat  # _entries hands the very same tensor to the step
         return flat
 
     def reads_block(
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], memo: dict[str, Any]
     ) -> bool:
-        # Only torch's own forward, and only without padding_idx (its entries are not read, so
-        # the block would not hold one row per id). max_norm is refused by check_table.
+        # Only torch's own forward (max_norm is refused by check_table).
         assert isinstance(module, nn.Embedding)
-        return type(module).forward is nn.Embedding.forward and module.padding_idx is None
+        return type(module).forward is nn.Embedding.forward
 
     def forward_from_block(
         self,
@@ -198,4 +224,10 @@ class EmbeddingClipper(LayerClipper):
     ) -> Tensor:
         assert isinstance(module, nn.Embedding)
         ids = call_arg(args, kwargs, 0, "input")
-        return F.embedding(positions.view(ids.shape), block)
+        if module.padding_idx is None:
+            return F.embedding(positions.view(ids.shape), block)
+        # Padding entries read the table's padding row as it is (it never gets noise or a
+        # gradient, so it is never in a block): appended to the block as one extra row.
+        row = module.weight.detach()[module.padding_idx]
+        index, block = padded_positions(positions, ids != module.padding_idx, block, row)
+        return F.embedding(index.view(ids.shape), block)

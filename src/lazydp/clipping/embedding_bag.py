@@ -33,7 +33,7 @@ from lazydp.clipping._base import (
     SparseRows,
     sq_norms,
 )
-from lazydp.clipping.embedding import check_table, group_pairs, validate_ids
+from lazydp.clipping.embedding import check_table, group_pairs, padded_positions, validate_ids
 from lazydp.clipping.registry import batch_size, call_arg, clip_factors, register_clipper
 from lazydp.errors import InputError, UnsupportedLayerError
 from lazydp.row_groups import RowGroups
@@ -49,6 +49,7 @@ class _Bags:
     w: Tensor | None
     num_bags: int
     single: bool = False  # every bag holds at most one lookup (pooling 1): no repeats to group
+    entries: int = -1  # input entries inside bags, padding included (-1: same as ids.numel())
 
     @property
     def one_each(self) -> bool:
@@ -134,13 +135,14 @@ def _bags(module: nn.EmbeddingBag, args: tuple[Any, ...], kwargs: dict[str, Any]
         )
     flat = ids.reshape(-1)[: bag.numel()].long()
     w = None if weights is None else weights.detach().reshape(-1)[: bag.numel()]
+    entries = flat.numel()
     if module.padding_idx is not None:
         keep = flat != module.padding_idx
         flat, bag = flat[keep], bag[keep]
         w = None if w is None else w[keep]
     if module.mode == "mean":  # torch counts only non-padding entries in a bag's length
         w = 1.0 / torch.bincount(bag, minlength=num_bags).double()[bag]
-    return _Bags(flat, bag, w, num_bags, single)
+    return _Bags(flat, bag, w, num_bags, single, entries)
 
 
 def _memo_bags(
@@ -261,16 +263,15 @@ class EmbeddingBagClipper(LayerClipper):
     def reads_block(
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], memo: dict[str, Any]
     ) -> bool:
-        # Only torch's own forward, and only when every input id is a looked-up row (no padding
-        # entries dropped, no ids past the last bag) and nothing needs the table for autograd.
+        # Only torch's own forward, only when every input id lies in a bag (none past the last
+        # offset), and only when nothing needs the table for autograd.
         assert isinstance(module, nn.EmbeddingBag)
         weights = call_arg(args, kwargs, 2, "per_sample_weights")
         return (
             type(module).forward is nn.EmbeddingBag.forward
-            and module.padding_idx is None
             and module.max_norm is None
             and not (isinstance(weights, Tensor) and weights.requires_grad)
-            and _memo_bags(module, args, kwargs, memo).ids.numel()
+            and _memo_bags(module, args, kwargs, memo).entries
             == call_arg(args, kwargs, 0, "input").numel()
         )
 
@@ -284,13 +285,20 @@ class EmbeddingBagClipper(LayerClipper):
     ) -> Tensor:
         assert isinstance(module, nn.EmbeddingBag)
         ids = call_arg(args, kwargs, 0, "input")
+        index, padding = positions, None
+        if module.padding_idx is not None:
+            # Padding entries point at one extra row, which embedding_bag's padding_idx skips
+            # (and leaves out of a "mean" bag's length), exactly as the table's own padding row.
+            index, block = padded_positions(positions, ids != module.padding_idx, block)
+            padding = block.shape[0] - 1
         return F.embedding_bag(
-            positions.to(ids.dtype).view(ids.shape),
+            index.to(ids.dtype).view(ids.shape),
             block,
             call_arg(args, kwargs, 1, "offsets"),
             mode=module.mode,
             per_sample_weights=call_arg(args, kwargs, 2, "per_sample_weights"),
             include_last_offset=module.include_last_offset,
+            padding_idx=padding,
         )
 
     def rows_read(
