@@ -37,7 +37,7 @@ def main() -> None:
     rows = []
     for dataset, metric in (("movielens", "auc"), ("acs", "accuracy")):
         for mode, eps in SETTINGS:
-            values, report = [], {}
+            values, loglosses, report = [], [], {}
             for seed in range(args.seeds):
                 run_dir = out / f"{dataset}-{mode}-{eps}-{seed}"
                 shutil.rmtree(run_dir, ignore_errors=True)
@@ -52,6 +52,7 @@ def main() -> None:
                 )
                 report = run(cfg)
                 values.append(report["test"][metric])
+                loglosses.append(report["test"]["logloss"])
             command = f"lazydp train --dataset {dataset} --mode {mode}" + (
                 f" --target-epsilon {eps:g}" if eps else ""
             )
@@ -64,6 +65,7 @@ def main() -> None:
                     "delta": report["privacy"]["delta"],
                     "mean": round(statistics.mean(values), 4),
                     "std": round(statistics.stdev(values), 4) if len(values) > 1 else 0.0,
+                    "logloss": round(statistics.mean(loglosses), 4),
                     "runs": len(values),
                     "command": command,
                 }
@@ -74,12 +76,12 @@ def main() -> None:
         writer.writeheader()
         writer.writerows(rows)
     lines = [
-        "| dataset | metric | mode | epsilon | delta | mean | std | runs | command |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| dataset | metric | mode | epsilon | delta | mean | std | log-loss | runs | command |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     lines += [
         f"| {r['dataset']} | {r['metric']} | {r['mode']} | {r['epsilon']} | {r['delta']:.0e} | "
-        f"{r['mean']:.4f} | {r['std']:.4f} | {r['runs']} | `{r['command']}` |"
+        f"{r['mean']:.4f} | {r['std']:.4f} | {r['logloss']:.4f} | {r['runs']} | `{r['command']}` |"
         for r in rows
     ]
     (out / "accuracy.md").write_text("\n".join(lines) + "\n")

@@ -125,3 +125,21 @@ def test_unknown_config_key(tmp_path, capsys):
     cfg.write_text("epochz: 1\n")
     code, out = run_cli(["train", "--config", str(cfg)], capsys)
     assert code == 1 and "epochz" in out.err
+
+
+@pytest.mark.slow
+def test_default_movielens_model_is_calibrated_and_clipping_norm_one_is_not(tmp_path, capsys):
+    """The main job's defaults (clipping norm 4) give test log-loss below the base rate's
+    (ln 2 = 0.693 for balanced labels) while still ranking; clipping norm 1 does not (overconfident
+    logits), which shows that this check can fail."""
+    results = {}
+    for norm in ("4", "1"):
+        code, out = run_cli(
+            ["train", "--seed", "1", "--max-grad-norm", norm, "--no-progress"]
+            + ["--out", str(tmp_path / norm), "--json"],
+            capsys,
+        )
+        assert code == 0, out.err
+        results[norm] = last_json(out.out)["test"]
+    assert results["4"]["logloss"] < 0.66 and results["4"]["auc"] > 0.72
+    assert results["1"]["logloss"] > 0.8

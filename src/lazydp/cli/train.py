@@ -26,7 +26,7 @@ EPILOG = """example:
   train: 100%|████| 264/264 [00:40, loss=0.55, eps=2.98, ex_s=6,900]
   privacy: epsilon = 2.99 at delta = 1.0e-05 (PLD; RDP gives 3.4)
     mode lazydp, sampler poisson, 264 steps, ...
-  test AUC 0.75  accuracy 0.70
+  test AUC 0.75  accuracy 0.69  log-loss 0.62
 """
 
 
@@ -50,7 +50,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--noise-multiplier", type=float)
     p.add_argument("--target-epsilon", type=float, help="calibrate the noise to this epsilon")
     p.add_argument("--delta", type=float, help="default: 1/N rounded down to a power of ten")
-    p.add_argument("--max-grad-norm", type=float)
+    p.add_argument(
+        "--max-grad-norm",
+        type=float,
+        help="per-example clipping norm C (default 4; 1 ranks a little better but is overconfident)",
+    )
     p.add_argument("--sampler", choices=["poisson", "shuffle"])
     p.add_argument("--embedding-dim", type=int)
     p.add_argument("--seed", type=int, help="reproducible research run (not for production)")
