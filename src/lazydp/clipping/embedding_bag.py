@@ -49,7 +49,7 @@ class _Bags:
     w: Tensor | None
     num_bags: int
     single: bool = False  # every bag holds at most one lookup (pooling 1): no repeats to group
-    entries: int = -1  # input entries inside bags, padding included (-1: same as ids.numel())
+    entries: int = -1  # input entries inside bags, padding included (-1: unknown: no block read)
 
     @property
     def one_each(self) -> bool:
