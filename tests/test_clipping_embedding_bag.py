@@ -45,18 +45,24 @@ def bag_inputs(gen, num_rows, lengths, two_d, weighted, include_last_offset) -> 
     return (ids,), {"offsets": offsets, "per_sample_weights": w}
 
 
+# The input flags every bag test draws (mode, weights, padding, 2-D input, seed).
+FLAGS = {
+    "mode": st.sampled_from(["sum", "mean"]),
+    "weighted": st.booleans(),
+    "padding": st.booleans(),
+    "two_d": st.booleans(),
+    "seed": st.integers(0, 2**16),
+}
+
+
 @FAST
 @given(
     lengths=st.lists(st.integers(0, 5), min_size=1, max_size=5),
     num_rows=st.integers(1, 5),
     dim=st.integers(1, 3),
-    mode=st.sampled_from(["sum", "mean"]),
-    weighted=st.booleans(),
-    padding=st.booleans(),
-    two_d=st.booleans(),
     include_last_offset=st.booleans(),
     n_calls=st.integers(1, 3),
-    seed=st.integers(0, 2**16),
+    **FLAGS,
 )
 def test_embedding_bag_matches_reference(
     lengths, num_rows, dim, mode, weighted, padding, two_d, include_last_offset, n_calls, seed
@@ -70,12 +76,8 @@ def test_embedding_bag_matches_reference(
 @given(
     lengths=st.lists(st.integers(0, 1), min_size=1, max_size=6),
     num_rows=st.integers(1, 4),
-    mode=st.sampled_from(["sum", "mean"]),
-    weighted=st.booleans(),
-    padding=st.booleans(),
-    two_d=st.booleans(),
     include_last_offset=st.booleans(),
-    seed=st.integers(0, 2**16),
+    **FLAGS,
 )
 def test_pooling_one_fast_path_matches_reference(
     lengths, num_rows, mode, weighted, padding, two_d, include_last_offset, seed
@@ -88,11 +90,7 @@ def test_pooling_one_fast_path_matches_reference(
 @given(
     lengths=st.lists(st.integers(0, 4), min_size=1, max_size=6),
     num_rows=st.integers(1, 60),
-    mode=st.sampled_from(["sum", "mean"]),
-    weighted=st.booleans(),
-    padding=st.booleans(),
-    two_d=st.booleans(),
-    seed=st.integers(0, 2**16),
+    **FLAGS,
 )
 def test_one_call_norms_with_and_without_repeats_in_a_bag(
     lengths, num_rows, mode, weighted, padding, two_d, seed

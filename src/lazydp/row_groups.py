@@ -72,13 +72,10 @@ class RowGroups:
         if self.unique:
             return values.index_select(0, self.order)
         if values.dtype not in _SEGMENT_SUM_DTYPES:
-            segment = torch.arange(self.rows.numel(), device=self.counts.device)
-            inverse = torch.repeat_interleave(segment, self.counts)
             out = values.new_zeros((self.rows.numel(), values.shape[1]))
-            return out.index_add_(0, inverse, values[self.order])
+            return out.index_add_(0, self._segment, values[self.order])
         # Segment i of the sorted order holds the reads of rows[i]: a sum-mode bag.
-        starts = self.counts.cumsum(0) - self.counts
-        return F.embedding_bag(self.order, values, starts, mode="sum")
+        return F.embedding_bag(self.order, values, self._starts(), mode="sum")
 
     def sum_gathered(
         self, table: Tensor, index: Tensor | None, weights: Tensor | None = None
@@ -89,10 +86,15 @@ class RowGroups:
         if table.dtype not in _SEGMENT_SUM_DTYPES:
             rows = table if index is None else table[index]
             return self.sum_per_row(rows if weights is None else rows * weights[:, None])
-        starts = self.counts.cumsum(0) - self.counts
         w = None if weights is None else weights.index_select(0, self.order).to(table.dtype)
         sorted_index = self.order if index is None else self.in_sorted_order(index)
-        return F.embedding_bag(sorted_index, table, starts, mode="sum", per_sample_weights=w)
+        return F.embedding_bag(
+            sorted_index, table, self._starts(), mode="sum", per_sample_weights=w
+        )
+
+    def _starts(self) -> Tensor:
+        """Where each row's segment begins in the sorted order (embedding_bag's offsets)."""
+        return self.counts.cumsum(0) - self.counts
 
     def in_sorted_order(self, t: Tensor) -> Tensor:
         """``t[order]`` (one value per id), remembered for the last ``t`` asked."""

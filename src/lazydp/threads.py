@@ -1,4 +1,4 @@
-"""The one thread pool lazydp's CPU kernels share (noise draws, row writes).
+"""The one thread pool lazydp's CPU noise draws share (lazydp.noise).
 
 Contract: ``run_chunks(work, chunks, threads)`` runs ``work(i)`` for i in range(chunks) with the
 caller as one of the workers and re-raises a worker's exception; ``work`` must release the GIL

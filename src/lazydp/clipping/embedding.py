@@ -130,12 +130,11 @@ def _entries(module: nn.Embedding, calls: list[Call]) -> tuple[Tensor, Tensor, T
     # One call: hand the step the very id tensor the forward gave LazyDP's catch-up (rows_read),
     # so that the update recognises the rows the catch-up gathered (LazyTable.update's fast path).
     memo = calls[0].memo if len(calls) == 1 else {}
-    remembered = memo.get("flat_ids")
-    if isinstance(remembered, Tensor) and (module.padding_idx is None) == ("keep" not in memo):
-        if module.padding_idx is not None:
-            keep = memo["keep"]
+    if "flat_ids" in memo:
+        keep = memo["keep"]  # None: no padding_idx
+        if keep is not None:
             example, flat_grad = example[keep], flat_grad[keep]
-        return example, remembered, flat_grad, batch
+        return example, memo["flat_ids"], flat_grad, batch
     flat_ids = ids.reshape(-1).long()
     if module.padding_idx is not None:
         keep = flat_ids != module.padding_idx
@@ -198,13 +197,11 @@ class EmbeddingClipper(LayerClipper):
         assert isinstance(module, nn.Embedding)
         ids = validate_ids(module, call_arg(args, kwargs, 0, "input"), module.num_embeddings)
         flat = ids.reshape(-1).long()
-        if module.padding_idx is not None:
-            keep = flat != module.padding_idx
+        keep = None if module.padding_idx is None else flat != module.padding_idx
+        if keep is not None:
             flat = flat[keep]
-            if memo is not None:
-                memo["keep"] = keep
-        if memo is not None:
-            memo["flat_ids"] = flat  # _entries hands the very same tensor to the step
+        if memo is not None:  # _entries hands the very same tensor to the step
+            memo["flat_ids"], memo["keep"] = flat, keep
         return flat
 
     def reads_block(
