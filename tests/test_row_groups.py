@@ -114,6 +114,34 @@ def test_int32_keyed_sort_groups_like_the_int64_one(num_rows: int | None) -> Non
         assert torch.equal(getattr(groups, name), getattr(plain, name)), name
 
 
+@pytest.mark.parametrize(
+    "n,num_rows", [(1, 1), (2, 2), (2048, 50), (2048, 10**6), (16_383, 10**9), (100, 2**52)]
+)
+def test_packed_sort_orders_like_torchs_stable_sort(n: int, num_rows: int) -> None:
+    # Small CPU batches take a numpy sort of (id, position) keys; ties must keep input order.
+    from lazydp.row_groups import _packs
+
+    high = min(num_rows, 2**62)
+    ids = torch.randint(0, high, (n,), generator=torch.Generator().manual_seed(n))
+    ids[: n // 3] = ids[n // 3 : 2 * (n // 3)]  # plenty of repeats, far apart
+    if num_rows == 2**52:
+        ids[0] = num_rows - 1  # 52 + 7 bits: still packs
+    groups, plain = RowGroups(ids, num_rows), RowGroups(ids)
+    assert _packs(ids, num_rows)
+    for name in ("sorted", "order", "rows", "counts"):
+        assert torch.equal(getattr(groups, name), getattr(plain, name)), name
+    assert torch.equal(groups.rows[groups.positions()], ids)
+
+
+def test_ids_too_wide_to_pack_take_torchs_sort() -> None:
+    from lazydp.row_groups import _packs
+
+    ids = torch.tensor([2**60, 3, 2**60, 0])
+    assert not _packs(ids, 2**61)
+    groups = RowGroups(ids, 2**61)
+    assert groups.rows.tolist() == [0, 3, 2**60] and groups.order.tolist() == [3, 1, 0, 2]
+
+
 def test_sum_gathered_without_an_index_reads_one_table_row_per_id() -> None:
     from lazydp.clipping._base import BagFactors, SparseRows
 

@@ -138,7 +138,7 @@ class CaptureSet:
                         memo["row_groups"] = read.groups
             if read is not None and read.block is not None:
                 out = layer.clipper.forward_from_block(
-                    module, args, kwargs, read.block, read.groups.positions()
+                    module, args, kwargs, read.block, read.groups.positions(), memo
                 )
             else:
                 with _detached_params(module):

@@ -21,6 +21,7 @@ Contract:
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.nn import functional as F
@@ -29,6 +30,25 @@ _INT32_ROWS = 1 << 31
 _INT32_SORT_MIN = 1 << 14
 # embedding_bag's CPU kernel sums these dtypes; others take index_add_.
 _SEGMENT_SUM_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def _packs(ids: Tensor, num_rows: int) -> bool:
+    """Whether (id, position) pairs of ``ids`` fit one int64 key (ids checked < num_rows)."""
+    return (
+        ids.device.type == "cpu"
+        and ids.dtype == torch.int64
+        and max(num_rows - 1, 1).bit_length() + max(ids.numel() - 1, 1).bit_length() <= 62
+    )
+
+
+def _packed_sort(ids: Tensor) -> tuple[Tensor, Tensor]:
+    """torch.sort(ids, stable=True) for a few thousand CPU ids, about twice as fast: each key is
+    id * 2^k + position, so the keys are distinct and a plain (unstable, values-only) numpy sort
+    orders them as a stable sort would (2048 ids: 40-47 against 80-87 us; from ~16k ids torch's
+    own parallel sort wins: 40k ids, 1.45 against 0.34-0.41 ms)."""
+    shift = max(ids.numel() - 1, 1).bit_length()
+    keys = np.sort((ids.numpy() << shift) | np.arange(ids.numel(), dtype=np.int64))
+    return torch.from_numpy(keys >> shift), torch.from_numpy(keys & ((1 << shift) - 1))
 
 
 class RowGroups:
@@ -44,7 +64,10 @@ class RowGroups:
     def __init__(self, ids: Tensor, num_rows: int | None = None) -> None:
         """``num_rows``: a bound the caller has checked (0 <= ids < num_rows), if any."""
         self.ids = ids
-        if num_rows is not None and num_rows <= _INT32_ROWS and ids.numel() >= _INT32_SORT_MIN:
+        n = ids.numel()
+        if num_rows is not None and n < _INT32_SORT_MIN and _packs(ids, num_rows):
+            self.sorted, self.order = _packed_sort(ids)
+        elif num_rows is not None and num_rows <= _INT32_ROWS and n >= _INT32_SORT_MIN:
             # int32 keys sort 1.5x faster (163k ids: 0.76 vs 1.20 ms); below ~16k ids the two
             # conversions cost what the sort saves.
             keys, self.order = torch.sort(ids.to(torch.int32), stable=True)

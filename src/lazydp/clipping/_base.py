@@ -171,10 +171,12 @@ class LayerClipper:
         kwargs: dict[str, Any],
         block: Tensor,
         positions: Tensor,
+        memo: dict[str, Any],
     ) -> Tensor:
         """The call's output computed from ``block`` (the distinct rows it reads, with their
         noise) instead of the table: ``positions[j]`` is the block row of the call's j-th id
-        (in ``rows_read`` order). Must equal the layer's own forward exactly."""
+        (in ``rows_read`` order; ``memo`` is the call's, as ``reads_block`` left it). Must equal
+        the layer's own forward exactly."""
         raise NotImplementedError
 
 

@@ -218,6 +218,7 @@ class EmbeddingClipper(LayerClipper):
         kwargs: dict[str, Any],
         block: Tensor,
         positions: Tensor,
+        memo: dict[str, Any],
     ) -> Tensor:
         assert isinstance(module, nn.Embedding)
         ids = call_arg(args, kwargs, 0, "input")

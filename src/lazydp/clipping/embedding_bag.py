@@ -282,9 +282,17 @@ class EmbeddingBagClipper(LayerClipper):
         kwargs: dict[str, Any],
         block: Tensor,
         positions: Tensor,
+        memo: dict[str, Any],
     ) -> Tensor:
         assert isinstance(module, nn.EmbeddingBag)
         ids = call_arg(args, kwargs, 0, "input")
+        weights = call_arg(args, kwargs, 2, "per_sample_weights")
+        if weights is None and module.padding_idx is None and _memo_bags(
+            module, args, kwargs, memo
+        ).one_each:
+            # Pooling 1: every bag is one row, as it is (a mean of one row too): a row gather
+            # costs half of embedding_bag's kernel (2048 bags: 20 against 41 us).
+            return block.index_select(0, positions)
         index, padding = positions, None
         if module.padding_idx is not None:
             # Padding entries point at one extra row, which embedding_bag's padding_idx skips

@@ -58,6 +58,7 @@ class LrPrefix:
         self._s1 = torch.zeros(1024, dtype=torch.float64)
         self._s2 = torch.zeros(1024, dtype=torch.float64)
         self.steps = 0
+        self._last_s2 = 0.0  # S2[steps], as a Python float
 
     def append(self, lr: float) -> None:
         check_table_lr(lr)
@@ -68,14 +69,22 @@ class LrPrefix:
         self._s1[t + 1] = self._s1[t] + lr
         self._s2[t + 1] = self._s2[t] + lr * lr
         self.steps = t + 1
+        self._last_s2 = float(self._s2[t + 1])
 
     def pending(self, applied: Tensor, t: int, sum_lr: bool = True) -> tuple[Tensor | None, Tensor]:
         """(sum lr, sum lr^2) over the steps [applied, t) for each row; sum lr is None unless
         asked for (only the constant-noise test override reads it)."""
-        s2 = self._s2.index_select(0, applied).neg_().add_(float(self._s2[t]))
+        # S2[t] - S2[applied]: rsub is one op (neg_ + add_ was two), and the total is kept as
+        # a Python float for the current step (reading it from the tensor costs a sync).
+        s2 = torch.rsub(self._s2.index_select(0, applied), self._total(self._s2, t))
         if not sum_lr:
             return None, s2
-        return self._s1.index_select(0, applied).neg_().add_(float(self._s1[t])), s2
+        return torch.rsub(self._s1.index_select(0, applied), self._total(self._s1, t)), s2
+
+    def _total(self, sums: Tensor, t: int) -> float:
+        if t == self.steps and sums is self._s2:
+            return self._last_s2
+        return float(sums[t])
 
     def state_dict(self) -> dict[str, object]:
         return {"s1": self._s1[: self.steps + 1].clone(), "s2": self._s2[: self.steps + 1].clone()}
@@ -89,6 +98,7 @@ class LrPrefix:
         self._s2 = torch.zeros(cap, dtype=torch.float64)
         self._s1[: self.steps + 1] = s1
         self._s2[: self.steps + 1] = s2
+        self._last_s2 = float(self._s2[self.steps])
 
 
 class HistoryTable:
@@ -130,27 +140,25 @@ class LazyTable:
         self._deferred = False  # _written's block is not in the table yet (see the module doc)
 
     @torch.no_grad()
-    def catch_up(self, rows: Tensor, t: int, defer: bool = False) -> int:
-        """Apply all pending noise (steps before t) to ``rows``; returns rows actually drawn.
+    def catch_up(self, rows: Tensor, t: int, defer: bool = False) -> None:
+        """Apply all pending noise (steps before t) to ``rows``.
 
-        ``defer``: keep the noised rows in :meth:`deferred_block` instead of writing them when
-        every distinct row was behind (the caller then reads them from the block)."""
+        ``defer``: keep the noised rows in :meth:`deferred_block` instead of writing them (the
+        caller then reads them from the block).
+
+        Every distinct row gets a draw, also one already caught up to t (read twice in a step,
+        or by an evaluation since the last step): its pending sum of lr^2 is exactly 0, so its
+        draw adds exactly 0 and the block still holds its value. Filtering those rows out would
+        cost a compare, a reduction and a sync per table per step for a case that is rare."""
         self.settle()
         # The step's clipped sum for this table usually carries the very same id tensor: keep
         # the grouping so that update() and coalesce() need not sort it again.
         self.last_read = groups = RowGroups(rows, self.weight.shape[0])  # ids validated
         rows = groups.rows
-        applied = self.history.applied.index_select(0, rows)
-        stale = applied < t
-        if not bool(stale.all()):
-            rows, applied = rows[stale], applied[stale]
-            defer = False  # the block would not hold every row the caller reads
-        drawn, block = self._apply(rows, applied, t, write=not defer)
-        # A single read per step catches up every row it reads (each owes at least this step's
-        # noise), so the update usually writes exactly these rows again: keep them.
+        block = self._apply(rows, self.history.applied.index_select(0, rows), t, write=not defer)
+        # The update usually writes exactly these rows again: keep them.
         self._written = None if block is None else (rows, block, self.weight._version)
         self._deferred = defer and block is not None
-        return drawn
 
     def deferred_block(self) -> Tensor | None:
         """The rows of ``last_read.rows`` with their noise, while they are not in the table."""
@@ -203,14 +211,12 @@ class LazyTable:
             return grad  # add_rows_ coalesces it itself
         return SparseRows(groups.rows, grad.summed_by(groups), grad.num_rows, True)
 
-    def _apply(
-        self, rows: Tensor, applied: Tensor, t: int, write: bool = True
-    ) -> tuple[int, Tensor | None]:
+    def _apply(self, rows: Tensor, applied: Tensor, t: int, write: bool = True) -> Tensor | None:
         """One aggregated draw for unique ``rows`` whose noise is applied up to ``applied``;
-        returns how many rows were drawn and the rows with their noise (written to the table
-        unless ``write`` is False: then the caller owns getting them there)."""
+        returns the rows with their noise (written to the table unless ``write`` is False: then
+        the caller owns getting them there)."""
         if rows.numel() == 0:
-            return 0, None
+            return None
         s1, s2 = self.prefix.pending(applied, t, sum_lr=active_override() is not None)
         # Noise enters as W += lr*sigma*C/B*z, the same sign the eager table path uses. The rows
         # are unique, so gathering them, adding the noise in one pass and writing them back is
@@ -223,7 +229,7 @@ class LazyTable:
         if write:
             self.weight.index_copy_(0, rows, block)
         self.history.applied.index_fill_(0, rows, t)
-        return int(rows.numel()), block
+        return block
 
     @torch.no_grad()
     def flush(self, t: int) -> None:
