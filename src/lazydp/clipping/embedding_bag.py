@@ -45,11 +45,22 @@ class _Bags:
     (``w`` None: every weight is 1, the common case, kept implicit to save a multiply per entry)."""
 
     ids: Tensor
-    bag: Tensor
+    bag_index: Tensor | None  # None: ``length`` ids per bag, ``bag`` built on first use
     w: Tensor | None
     num_bags: int
     single: bool = False  # every bag holds at most one lookup (pooling 1): no repeats to group
     entries: int = -1  # input entries inside bags, padding included (-1: unknown: no block read)
+    length: int = 0  # ids per bag when every bag holds the same number (with bag_index None)
+
+    @property
+    def bag(self) -> Tensor:
+        """The bag of each id (non-decreasing). Equal bags build it only when a step asks:
+        pooling 1 never does (4 ops a table a step saved)."""
+        if self.bag_index is None:
+            bags, length = self.num_bags, self.length
+            ar = torch.arange(bags, device=self.ids.device)
+            self.bag_index = ar[:, None].expand(bags, length).reshape(-1)
+        return self.bag_index
 
     @property
     def one_each(self) -> bool:
@@ -103,8 +114,21 @@ def _uniform_pooling(module: nn.EmbeddingBag, ids: Tensor, offsets: Tensor) -> i
     if length == 0:
         return None
     end = n + length if module.include_last_offset else n
-    equal = torch.arange(0, end, length, dtype=offsets.dtype, device=offsets.device)
-    return length if torch.equal(offsets, equal) else None
+    return length if torch.equal(offsets, _steps(end, length, offsets)) else None
+
+
+_STEPS: dict[tuple[int, int, torch.dtype, torch.device], Tensor] = {}
+
+
+def _steps(end: int, length: int, like: Tensor) -> Tensor:
+    """``arange(0, end, length)`` as ``like``'s dtype and device, kept for the next batch of the
+    same shape (never written: only compared with)."""
+    key = (end, length, like.dtype, like.device)
+    if key not in _STEPS:
+        if len(_STEPS) > 64:  # many shapes (ragged last batches, evaluation): start over
+            _STEPS.clear()
+        _STEPS[key] = torch.arange(0, end, length, dtype=like.dtype, device=like.device)
+    return _STEPS[key]
 
 
 def _bags(module: nn.EmbeddingBag, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Bags:
@@ -118,31 +142,32 @@ def _bags(module: nn.EmbeddingBag, args: tuple[Any, ...], kwargs: dict[str, Any]
         num_bags = offsets.numel() - (1 if module.include_last_offset else 0)
     else:
         length, num_bags = (ids.shape[1], ids.shape[0]) if ids.dim() == 2 else (None, 0)
+    bag: Tensor | None = None
     if length is not None:  # equal bags: 2-D input, or 1-D with evenly spaced offsets
         single = length <= 1
-        bag = (
-            torch.arange(num_bags, device=ids.device)[:, None].expand(num_bags, length).reshape(-1)
-        )
+        entries = num_bags * length
     elif ids.dim() == 1 and offsets is not None:
         lengths, longest = _bag_lengths(module, ids, offsets)
         num_bags = lengths.numel()
         single = longest <= 1
         bag = torch.arange(num_bags, device=ids.device).repeat_interleave(lengths)
+        entries = bag.numel()
     else:
         raise InputError(
             f"EmbeddingBag input has shape {tuple(ids.shape)} with offsets "
             f"{'None' if offsets is None else 'given'}; use 2-D (B, L) input, or 1-D input with offsets"
         )
-    flat = ids.reshape(-1)[: bag.numel()].long()
-    w = None if weights is None else weights.detach().reshape(-1)[: bag.numel()]
-    entries = flat.numel()
+    flat = ids.reshape(-1)[:entries].long()
+    w = None if weights is None else weights.detach().reshape(-1)[:entries]
+    bags = _Bags(flat, bag, w, num_bags, single, entries, length or 0)
     if module.padding_idx is not None:
         keep = flat != module.padding_idx
-        flat, bag = flat[keep], bag[keep]
-        w = None if w is None else w[keep]
+        bags.ids, bags.bag_index = flat[keep], bags.bag[keep]
+        bags.w = None if w is None else w[keep]
     if module.mode == "mean":  # torch counts only non-padding entries in a bag's length
-        w = 1.0 / torch.bincount(bag, minlength=num_bags).double()[bag]
-    return _Bags(flat, bag, w, num_bags, single, entries)
+        bag = bags.bag
+        bags.w = 1.0 / torch.bincount(bag, minlength=num_bags).double()[bag]
+    return bags
 
 
 def _memo_bags(
