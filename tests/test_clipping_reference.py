@@ -96,6 +96,10 @@ def check_clipper(
     ref_sum = {n: torch.einsum("b,b...->...", c, g) for n, g in ref.items()}
 
     torch.testing.assert_close(clipper.norms2(module, calls), ref_norms2, rtol=1e-6, atol=1e-9)
+    rows = clipper.norm_rows(module, calls)  # the step's shared-reduction form, where offered
+    if rows is not None:
+        assert rows.shape[0] == batch
+        torch.testing.assert_close((rows**2).sum(1), ref_norms2, rtol=1e-6, atol=1e-9)
     sums = clipper.clipped_sum(module, calls, c)
     assert set(sums) == set(ref)
     for name, value in sums.items():

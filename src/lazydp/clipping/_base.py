@@ -137,6 +137,12 @@ class LayerClipper:
         """
         raise NotImplementedError
 
+    def norm_rows(self, module: nn.Module, calls: list[Call]) -> Tensor | None:
+        """A (B, D) tensor whose squared row norms are exactly :meth:`norms2`, or None. The
+        step then reduces layers whose rows are views into one tensor together
+        (``shared_rows.py``)."""
+        return None
+
     def clipped_sum(self, module: nn.Module, calls: list[Call], c: Tensor) -> dict[str, ClippedSum]:
         """sum_i c[i] * grad_i per trainable parameter name, from the captured calls alone."""
         raise NotImplementedError

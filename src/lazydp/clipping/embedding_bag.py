@@ -253,6 +253,15 @@ class EmbeddingBagClipper(LayerClipper):
         gram = torch.bmm(g, g.transpose(1, 2)).view(batch, k * k)
         return (overlap * gram).sum(1)
 
+    def norm_rows(self, module: nn.Module, calls: list[Call]) -> Tensor | None:
+        assert isinstance(module, nn.EmbeddingBag)
+        if len(calls) != 1 or not module.weight.requires_grad:
+            return None
+        bags, batch = _all_bags(module, calls)
+        if not (bags[0].one_each and bags[0].w is None):
+            return None
+        return calls[0].grad_output.detach().reshape(batch, -1)  # every bag one row, weight 1
+
     def clipped_sum(self, module: nn.Module, calls: list[Call], c: Tensor) -> dict[str, ClippedSum]:
         assert isinstance(module, nn.EmbeddingBag)
         if not module.weight.requires_grad:

@@ -30,6 +30,7 @@ from lazydp._timing import PhaseTimer
 from lazydp.capture import CaptureSet, LayerCapture, ReadHook, RowsRead
 from lazydp.clipping import per_sample_clipped_sum, per_sample_norms2
 from lazydp.clipping._base import ClippedSum, SparseRows
+from lazydp.clipping.shared_rows import sum_sq_norms
 from lazydp.errors import InputError, UnsupportedOptimizerError
 from lazydp.ledger import PrivacyLedger, StepEvent
 from lazydp.noise import GaussianNoise
@@ -209,11 +210,16 @@ class DPOptimizer(OptimizerGroup):
 
         with self.timer.phase("norms"):
             parts: list[Tensor] = []
+            shared: list[Tensor] = []  # layers whose norms are row norms: reduced together
             per_sample: dict[str, dict[str, Any]] = {}
             for layer in cap.layers:
                 if not calls[layer.name]:
                     continue
                 if p.mode in ("dpsgd_f", "lazydp"):
+                    rows = layer.clipper.norm_rows(layer.module, calls[layer.name])
+                    if rows is not None:
+                        shared.append(rows)
+                        continue
                     n2 = layer.clipper.norms2(layer.module, calls[layer.name])
                 else:
                     per_sample[layer.name] = layer.clipper.per_sample(
@@ -221,6 +227,7 @@ class DPOptimizer(OptimizerGroup):
                     )
                     n2 = per_sample_norms2(per_sample[layer.name], batch)
                 parts.append(n2.detach())
+            parts += [n2.detach() for n2 in sum_sq_norms(shared)]
             norms2 = _sum_in_float64(parts, batch)
             norms2 *= scale * scale
             # NaN/Inf anywhere in a layer's input or output gradient reaches that example's
