@@ -179,3 +179,34 @@ def test_child_processes_get_the_openmp_spin_setting_unless_the_caller_has_one(m
     monkeypatch.setenv("GOMP_SPINCOUNT", "7")
     harness.run_interleaved_isolated(spec, ["sgd"])
     assert [env["GOMP_SPINCOUNT"] for env in seen] == ["1000", "7"]
+
+
+def test_suite_interleaves_a_subset_of_modes_and_isolates_the_rest():
+    from lazydp.bench import suite as suite_module
+
+    suite = suite_module.run_suite(
+        [TINY], ["sgd", "dpsgd_f", "lazydp"], isolate=False, interleave=["lazydp", "sgd"],
+        progress=False,
+    )  # fmt: skip
+    assert [r.mode for r in suite.results] == ["sgd", "dpsgd_f", "lazydp"]
+    assert all(r.status == "ok" for r in suite.results)
+    peaks = {r.mode: r.peak_rss_bytes for r in suite.results}
+    assert peaks["sgd"] == peaks["lazydp"] == 0  # timed together: no per-mode peak
+    assert peaks["dpsgd_f"] > 0  # timed alone
+    with pytest.raises(ConfigError, match="not among the modes"):
+        suite_module.run_suite([TINY], ["sgd", "lazydp"], interleave=["dpsgd_f"], progress=False)
+
+
+def test_suite_times_a_group_that_does_not_fit_together_one_mode_at_a_time(monkeypatch):
+    from lazydp.bench import suite as suite_module
+
+    def too_big(spec, modes):
+        raise ConfigError("~99 GB for both")
+
+    monkeypatch.setattr(suite_module, "check_fits_together", too_big)
+    suite = suite_module.run_suite(
+        [TINY], ["sgd", "lazydp"], isolate=False, interleave=True, progress=False
+    )
+    assert [r.status for r in suite.results] == ["ok", "ok"]
+    assert all(r.peak_rss_bytes > 0 for r in suite.results)  # each timed on its own
+    assert any("one mode per process" in n and "99 GB" in n for n in suite.notes)

@@ -54,14 +54,17 @@ def run_suite(
     *,
     compare: Sequence[str] = (),
     isolate: bool = True,
-    interleave: bool = False,
+    interleave: bool | Sequence[str] = False,
     progress: bool = True,
     opacus_iterations: tuple[int, int] = (3, 2),
 ) -> SuiteResult:
     """Measure ``modes`` on every spec (+ noise floor, + Opacus); see the module contract.
 
     ``interleave`` times the modes of a workload round robin in one process (steadier ratios on a
-    shared machine, no per-mode peak RSS); ``opacus_iterations`` = (iterations, measure_last) for
+    shared machine, no per-mode peak RSS): True for all of them, or a list of the modes to time
+    together (the others get a process each, e.g. dpsgd_f, whose table-sized noise buffer slows
+    whatever shares its process). A group that does not fit in memory at once is timed one mode
+    per process instead, with a note. ``opacus_iterations`` = (iterations, measure_last) for
     Opacus, whose steps take seconds.
     Example: ``run_suite([BenchSpec("rmc1", 1e-5, 16, pooling=2, iterations=3, measure_last=2)],
     ["sgd", "lazydp"], isolate=False).results[1].mode == "lazydp"``.
@@ -74,20 +77,29 @@ def run_suite(
         )
         use_opacus = False
     units = len(specs) * (len(modes) + ("lazydp" in modes) + use_opacus * len(OPACUS_MODES))
+    together = _interleaved_modes(modes, interleave)
     bar = tqdm(total=units, file=sys.stderr, disable=not progress, desc="bench", unit="run")
     for spec in specs:
-        if interleave:
-            bar.set_postfix_str(f"{spec.label} {','.join(modes)} interleaved")
-            for result in _interleaved(spec, modes, isolate):
+        group = together
+        if group:
+            try:
+                check_fits_together(spec, group)
+            except ConfigError as exc:
+                suite.notes.append(f"{spec.label}: timed one mode per process: {exc}")
+                group = []
+        by_mode: dict[str, ModeResult] = {}
+        if group:
+            bar.set_postfix_str(f"{spec.label} {','.join(group)} interleaved")
+            for result in _interleaved(spec, group, isolate):
                 _say(bar, result)
-                suite.results.append(result)
+                by_mode[result.mode] = result
                 bar.update()
-        for mode in [] if interleave else modes:
+        for mode in [m for m in modes if m not in group]:
             bar.set_postfix_str(f"{spec.label} {mode}")
-            result = run_mode(spec, mode, isolate=isolate)
+            by_mode[mode] = result = run_mode(spec, mode, isolate=isolate)
             _say(bar, result)
-            suite.results.append(result)
             bar.update()
+        suite.results += [by_mode[m] for m in modes]
         if "lazydp" in modes:
             bar.set_postfix_str(f"{spec.label} noise floor")
             suite.floors.append(measure_noise_floor(spec))
@@ -104,6 +116,20 @@ def run_suite(
                 bar.update()
     bar.close()
     return suite
+
+
+def _interleaved_modes(modes: Sequence[str], interleave: bool | Sequence[str]) -> list[str]:
+    """The modes to time round robin in one process (in ``modes`` order); [] for none."""
+    if isinstance(interleave, bool):
+        return list(modes) if interleave and len(modes) > 1 else []
+    unknown = sorted(set(interleave) - set(modes))
+    if unknown:
+        raise ConfigError(
+            f"interleave={list(interleave)}: {unknown} not among the modes {list(modes)}; "
+            "interleave a subset of the modes measured (or true for all of them)"
+        )
+    group = [m for m in modes if m in set(interleave)]
+    return group if len(group) > 1 else []
 
 
 def _interleaved(spec: BenchSpec, modes: Sequence[str], isolate: bool) -> list[ModeResult]:

@@ -5,6 +5,8 @@ Example:
     $ lazydp bench --config small8 --scale 1 --batch-size 256 --modes sgd,lazydp --compare opacus
     $ lazydp bench --sweep configs/bench_sweep.yaml --json
 Writes breakdown.csv, bench.json, breakdown.png (and scaling.png for a sweep over --scale) to --out.
+A sweep file takes the flags' names as keys (lists are swept); its ``interleave`` may also name
+the modes to time together, e.g. ``interleave: [sgd, lazydp]`` (configs/bench_lazy_vs_eager.yaml).
 """
 
 from __future__ import annotations
@@ -98,6 +100,13 @@ def _modes(value: Any) -> list[str]:
     return modes
 
 
+def _interleave(value: Any) -> bool | list[str]:
+    """A sweep's ``interleave``: true/false, or the modes to time together (list or "a,b")."""
+    if isinstance(value, bool) or value is None:
+        return bool(value)
+    return _modes(value)
+
+
 def load_sweep(path: str) -> dict[str, Any]:
     """Read a sweep YAML; unknown keys are refused with the list of known ones."""
     try:
@@ -157,7 +166,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         modes,
         compare=compare_with,
         isolate=args.isolate,
-        interleave=bool(options.pop("interleave", False)),
+        interleave=_interleave(options.pop("interleave", False)),
         progress=args.progress,
         opacus_iterations=(max(1, opacus_its), max(1, opacus_its - 1)),
     )
