@@ -296,15 +296,25 @@ def time_mode(
     return runner.finish()
 
 
-def check_fits_together(spec: BenchSpec, modes: list[str]) -> None:
-    """ConfigError unless the models of all ``modes`` fit in memory at once (--interleave)."""
+def memory_together(spec: BenchSpec, modes: list[str]) -> str | None:
+    """None if the models of all ``modes`` fit in memory at once; else why not."""
     need = sum(check_fits(spec, m)["total"] for m in modes)
     available = memory.available_memory_bytes()
-    if need > 0.85 * available:
+    if need <= 0.85 * available:
+        return None
+    return (
+        f"the models of {modes} need ~{need / 1e9:.1f} GB together for {spec.label}, and "
+        f"{available / 1e9:.1f} GB is available (85% usable)"
+    )
+
+
+def check_fits_together(spec: BenchSpec, modes: list[str]) -> None:
+    """ConfigError unless the models of all ``modes`` fit in memory at once (--interleave)."""
+    reason = memory_together(spec, modes)
+    if reason is not None:
         raise ConfigError(
-            f"--interleave keeps the models of {modes} in memory at once: ~{need / 1e9:.1f} GB "
-            f"for {spec.label}, but {available / 1e9:.1f} GB is available (85% usable); drop "
-            "--interleave (one process per mode) or lower --scale"
+            f"--interleave keeps every model in memory at once: {reason}; drop --interleave "
+            "(one process per mode) or lower --scale"
         )
 
 

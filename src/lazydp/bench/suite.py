@@ -23,6 +23,7 @@ from lazydp.bench.floor import NoiseFloor, measure_noise_floor
 from lazydp.bench.harness import (
     ModeResult,
     check_fits_together,
+    memory_together,
     run_interleaved_isolated,
     run_mode,
     time_interleaved,
@@ -81,12 +82,10 @@ def run_suite(
     bar = tqdm(total=units, file=sys.stderr, disable=not progress, desc="bench", unit="run")
     for spec in specs:
         group = together
-        if group:
-            try:
-                check_fits_together(spec, group)
-            except ConfigError as exc:
-                suite.notes.append(f"{spec.label}: timed one mode per process: {exc}")
-                group = []
+        reason = memory_together(spec, group) if group else None
+        if reason is not None:
+            suite.notes.append(f"{spec.label}: {reason}, so each was timed in its own process")
+            group = []
         by_mode: dict[str, ModeResult] = {}
         if group:
             bar.set_postfix_str(f"{spec.label} {','.join(group)} interleaved")
