@@ -119,6 +119,27 @@ def _check_bags(
     check_clipper(table, capture(table, inputs, seed), single_bag(include_last_offset), seed=seed)
 
 
+@pytest.mark.parametrize("form", ["2d", "offsets", "last_offset"])
+@pytest.mark.parametrize("repeats", [False, True])
+def test_equal_bags_match_reference_with_and_without_repeats(form, repeats) -> None:
+    # Equal bags (DLRM's pooling L) never build a bag tensor: no repeat in a bag gives
+    # L * ||g_i||^2; a repeat takes the grouped path. Both against the batch-of-one reference.
+    gen = torch.Generator().manual_seed(7)
+    batch, length = 6, 4
+    ids = torch.randperm(50, generator=gen)[: batch * length].view(batch, length)
+    if repeats:
+        ids[2, 3] = ids[2, 0]
+    table = nn.EmbeddingBag(50, 3, mode="sum", include_last_offset=form == "last_offset").double()
+    if form == "2d":
+        inputs, slicer = [((ids,), {})], slice_batch
+    else:
+        offsets = torch.arange(0, batch * length + (form == "last_offset"), length)
+        offsets = offsets[: batch + (form == "last_offset")]
+        inputs = [((ids.reshape(-1),), {"offsets": offsets})]
+        slicer = single_bag(form == "last_offset")
+    check_clipper(table, capture(table, inputs, 3), slicer, seed=3)
+
+
 def test_bag_repeating_one_id_16_times_has_norm_16_g_not_4_g() -> None:
     """Teeth: the sqrt(L) * ||g|| shortcut gives 4||g|| here; the exact norm is 16||g||."""
     table = nn.EmbeddingBag(10, 2, mode="sum")

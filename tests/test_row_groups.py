@@ -65,6 +65,35 @@ def test_pairs_match_brute_force(seed: int) -> None:
     assert got == want and pair_bag.numel() == len(want)
 
 
+@pytest.mark.parametrize("seed", range(12))
+@pytest.mark.parametrize("length", [2, 3, 20])
+def test_equal_bags_without_a_bag_tensor_equal_the_explicit_bags(seed: int, length: int) -> None:
+    # pairs / sum_gathered / BagFactors with bag None and `length` (id j in bag j // length)
+    # against the same calls given the bag of each id; about half the seeds repeat a pair.
+    from lazydp.clipping._base import BagFactors
+
+    g = torch.Generator().manual_seed(seed)
+    bags = 6
+    ids = torch.randint(0, 4 * length * bags // (1 + seed % 3), (bags * length,), generator=g)
+    bag = torch.arange(bags).repeat_interleave(length)
+    groups, explicit = RowGroups(ids), RowGroups(ids)
+    assert torch.equal(groups.bag_in_sorted_order(None, length), bag[groups.order])
+    found, want = groups.pairs(None, length), explicit.pairs(bag)
+    assert (found is None) == (want is None)
+    if want is not None:
+        assert found is not None
+        assert all(torch.equal(a, b) for a, b in zip(found, want))
+    per_bag, w = torch.randn(bags, 5, generator=g), torch.rand(ids.numel(), generator=g)
+    torch.testing.assert_close(
+        groups.sum_gathered(per_bag, None, w, length), explicit.sum_gathered(per_bag, bag, w)
+    )
+    torch.testing.assert_close(
+        BagFactors(None, per_bag, w, length).values(), BagFactors(bag, per_bag, w).values()
+    )
+    f64 = per_bag.to(torch.int64)  # no segment-sum kernel: the gathered fallback
+    assert torch.equal(groups.sum_gathered(f64, None, None, length), explicit.sum_gathered(f64, bag))
+
+
 def test_pairs_see_repeats_that_are_far_apart_in_the_input() -> None:
     # Row 7 is read by bags 0, 1, 1: the two reads of bag 1 are not neighbours in the input.
     bag = torch.tensor([0, 0, 1, 1, 1])

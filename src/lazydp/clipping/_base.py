@@ -44,12 +44,16 @@ class BagFactors:
     once and read once.
     """
 
-    bag: Tensor | None  # int64, (n,); None: entry j is bag j's only entry (pooling 1)
+    bag: Tensor | None  # int64, (n,); None: equal bags, entry j in bag j // length
     per_bag: Tensor  # (bags, dim)
     w: Tensor | None = None  # (n,)
+    length: int = 1  # entries per bag when ``bag`` is None (1: pooling 1)
 
     def values(self) -> Tensor:
-        rows = self.per_bag if self.bag is None else self.per_bag.index_select(0, self.bag)
+        if self.bag is not None:
+            rows = self.per_bag.index_select(0, self.bag)
+        else:
+            rows = self.per_bag if self.length == 1 else self.per_bag.repeat_interleave(self.length, 0)
         return rows if self.w is None else rows * self.w.to(rows.dtype)[:, None]
 
 
@@ -84,7 +88,7 @@ class SparseRows:
         """Values summed per distinct row of ``groups`` (built from these ``indices``)."""
         if self.factors is not None:  # cheaper than the values even once they are built
             f = self.factors
-            return groups.sum_gathered(f.per_bag, f.bag, f.w)
+            return groups.sum_gathered(f.per_bag, f.bag, f.w, f.length)
         return groups.sum_per_row(self.values)
 
     def coalesce(self) -> SparseRows:

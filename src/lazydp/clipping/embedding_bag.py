@@ -220,10 +220,16 @@ class EmbeddingBagClipper(LayerClipper):
         dtype = grads[0].dtype
         if len(calls) == 1:
             b = bags[0]
-            found = None if b.single else _row_groups(module, calls[0], b).pairs(b.bag)
+            equal = b.bag_index is None  # equal bags of b.length, no bag tensor built
+            found = None
+            if not b.single:
+                groups = _row_groups(module, calls[0], b)
+                found = groups.pairs(None, b.length) if equal else groups.pairs(b.bag)
             if found is None and b.one_each and b.w is None:
                 return sq_norms(grads[0])  # every bag reads exactly one row, with weight 1
             w = b.w
+            if found is None and w is None and equal:
+                return sq_norms(grads[0]) * b.length  # no repeats: sum_r s_ir^2 = L
             if found is None and w is None:
                 # No bag reads a row twice: sum_r s_ir^2 is the sum of its squared weights.
                 s2 = torch.bincount(b.bag, minlength=batch).to(dtype)
@@ -272,11 +278,14 @@ class EmbeddingBagClipper(LayerClipper):
         # Entry j of call k carries w_j * cw[b] * g^k[b] for its bag b: kept per bag (factors).
         per_bag = _cat([call.grad_output.detach() * cw[:, None] for call in calls])
         bag: Tensor | None = None  # one call, one lookup per bag: entry j is bag j
-        if len(bags) > 1 or not bags[0].one_each:
+        length = 1
+        if len(bags) == 1 and bags[0].bag_index is None and bags[0].length > 1:
+            length = bags[0].length  # equal bags: entry j is in bag j // length
+        elif len(bags) > 1 or not bags[0].one_each:
             bag = _cat([b.bag if k == 0 else b.bag + k * batch for k, b in enumerate(bags)])
         dtype = per_bag.dtype
         w = None if all(b.w is None for b in bags) else _cat([b.weights(dtype) for b in bags])
-        factors = BagFactors(bag, per_bag, w)
+        factors = BagFactors(bag, per_bag, w, length)
         return {"weight": SparseRows(ids, factors, module.num_embeddings)}
 
     def per_sample(self, module: nn.Module, calls: list[Call]) -> dict[str, PerSample]:
