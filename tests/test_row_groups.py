@@ -91,7 +91,9 @@ def test_equal_bags_without_a_bag_tensor_equal_the_explicit_bags(seed: int, leng
         BagFactors(None, per_bag, w, length).values(), BagFactors(bag, per_bag, w).values()
     )
     f64 = per_bag.to(torch.int64)  # no segment-sum kernel: the gathered fallback
-    assert torch.equal(groups.sum_gathered(f64, None, None, length), explicit.sum_gathered(f64, bag))
+    assert torch.equal(
+        groups.sum_gathered(f64, None, None, length), explicit.sum_gathered(f64, bag)
+    )
 
 
 def test_pairs_see_repeats_that_are_far_apart_in_the_input() -> None:

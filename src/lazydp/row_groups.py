@@ -62,12 +62,14 @@ _POSITIONS: dict[int, np.ndarray] = {}
 
 def _positions(n: int) -> np.ndarray:
     """np.arange(n) as int64, kept for the next batch of the same size (read only)."""
-    if n not in _POSITIONS:
+    positions = _POSITIONS.get(n)  # one lookup: safe if another thread clears the cache
+    if positions is None:
         if len(_POSITIONS) > 64:  # many batch sizes (Poisson sampling): start over
             _POSITIONS.clear()
-        _POSITIONS[n] = np.arange(n, dtype=np.int64)
-        _POSITIONS[n].flags.writeable = False
-    return _POSITIONS[n]
+        positions = np.arange(n, dtype=np.int64)
+        positions.flags.writeable = False
+        _POSITIONS[n] = positions
+    return positions
 
 
 class RowGroups:

@@ -124,11 +124,12 @@ def _steps(end: int, length: int, like: Tensor) -> Tensor:
     """``arange(0, end, length)`` as ``like``'s dtype and device, kept for the next batch of the
     same shape (never written: only compared with)."""
     key = (end, length, like.dtype, like.device)
-    if key not in _STEPS:
+    steps = _STEPS.get(key)  # one lookup: safe if another thread clears the cache
+    if steps is None:
         if len(_STEPS) > 64:  # many shapes (ragged last batches, evaluation): start over
             _STEPS.clear()
-        _STEPS[key] = torch.arange(0, end, length, dtype=like.dtype, device=like.device)
-    return _STEPS[key]
+        steps = _STEPS[key] = torch.arange(0, end, length, dtype=like.dtype, device=like.device)
+    return steps
 
 
 def _bags(module: nn.EmbeddingBag, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Bags:
@@ -330,9 +331,11 @@ class EmbeddingBagClipper(LayerClipper):
         assert isinstance(module, nn.EmbeddingBag)
         ids = call_arg(args, kwargs, 0, "input")
         weights = call_arg(args, kwargs, 2, "per_sample_weights")
-        if weights is None and module.padding_idx is None and _memo_bags(
-            module, args, kwargs, memo
-        ).one_each:
+        if (
+            weights is None
+            and module.padding_idx is None
+            and _memo_bags(module, args, kwargs, memo).one_each
+        ):
             # Pooling 1: every bag is one row, as it is (a mean of one row too): a row gather
             # costs half of embedding_bag's kernel (2048 bags: 20 against 41 us).
             return block.index_select(0, positions)
