@@ -22,7 +22,6 @@ from tqdm import tqdm
 from lazydp.bench.floor import NoiseFloor, measure_noise_floor
 from lazydp.bench.harness import (
     ModeResult,
-    check_fits_together,
     memory_together,
     run_interleaved_isolated,
     run_mode,
@@ -127,14 +126,14 @@ def _interleaved_modes(modes: Sequence[str], interleave: bool | Sequence[str]) -
             f"interleave={list(interleave)}: {unknown} not among the modes {list(modes)}; "
             "interleave a subset of the modes measured (or true for all of them)"
         )
-    group = [m for m in modes if m in set(interleave)]
+    chosen = set(interleave)
+    group = [m for m in modes if m in chosen]
     return group if len(group) > 1 else []
 
 
 def _interleaved(spec: BenchSpec, modes: Sequence[str], isolate: bool) -> list[ModeResult]:
     try:
-        if isolate:
-            check_fits_together(spec, list(modes))  # refuse here, before starting a child
+        if isolate:  # run_suite already checked that the group fits (memory_together)
             return run_interleaved_isolated(spec, list(modes))
         return time_interleaved(spec, list(modes))
     except (LazyDPError, RuntimeError, MemoryError) as exc:

@@ -52,10 +52,10 @@ class BagFactors:
     def values(self) -> Tensor:
         if self.bag is not None:
             rows = self.per_bag.index_select(0, self.bag)
+        elif self.length > 1:
+            rows = self.per_bag.repeat_interleave(self.length, 0)
         else:
-            rows = (
-                self.per_bag if self.length == 1 else self.per_bag.repeat_interleave(self.length, 0)
-            )
+            rows = self.per_bag
         return rows if self.w is None else rows * self.w.to(rows.dtype)[:, None]
 
 

@@ -224,8 +224,7 @@ class EmbeddingBagClipper(LayerClipper):
             equal = b.bag_index is None  # equal bags of b.length, no bag tensor built
             found = None
             if not b.single:
-                groups = _row_groups(module, calls[0], b)
-                found = groups.pairs(None, b.length) if equal else groups.pairs(b.bag)
+                found = _row_groups(module, calls[0], b).pairs(b.bag_index, b.length)
             if found is None and b.one_each and b.w is None:
                 return sq_norms(grads[0])  # every bag reads exactly one row, with weight 1
             w = b.w
