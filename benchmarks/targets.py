@@ -4,6 +4,7 @@
     python benchmarks/targets.py rmc           # target 1: rmc1-3 with the noise floor
     python benchmarks/targets.py scaling       # targets 2, 3, 6: mlperf scale sweep (minutes)
     python benchmarks/targets.py scaling_basic # target 2, 6: basic scale sweep
+    python benchmarks/targets.py growth        # target 2: each mode at s=0.001 and 0.15 in one process
     python benchmarks/targets.py opacus        # target 4: 8 x 100k model against Opacus
     python benchmarks/targets.py mlp_only      # target 5: dpsgd_f on the mlperf MLPs alone
     python benchmarks/targets.py all
@@ -26,6 +27,7 @@ TARGETS: dict[str, list[str]] = {
     "rmc": ["--sweep", "configs/bench_rmc.yaml"],
     "scaling": ["--sweep", "configs/bench_sweep.yaml"],
     "scaling_basic": ["--sweep", "configs/bench_sweep_basic.yaml"],
+    "growth": ["--sweep", "configs/bench_growth.yaml"],
     "opacus": [
         "--config",
         "small8",

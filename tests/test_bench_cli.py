@@ -46,12 +46,17 @@ def test_bench_isolated_writes_csv_json_png(tmp_path, capsys):
     assert not (out / "scaling.png").exists()  # one scale only
 
 
-def test_bench_sweep_over_scale_draws_the_scaling_plot(tmp_path, capsys):
-    sweep = tmp_path / "sweep.yaml"
-    sweep.write_text(
-        "# lazydp bench --sweep sweep.yaml\nconfig: rmc1\nscale: [1.0e-5, 2.0e-5]\n"
-        "modes: [sgd, dpsgd_f]\nbatch_size: 16\npooling: 2\niterations: 2\nmeasure_last: 1\n"
+def _tiny_sweep(path, extra: str):
+    """A sweep file of two tiny rmc1 scales, plus ``extra`` lines."""
+    path.write_text(
+        "# lazydp bench --sweep sweep.yaml\nconfig: rmc1\nbatch_size: 16\npooling: 2\n"
+        "iterations: 2\nmeasure_last: 1\n" + extra
     )
+    return path
+
+
+def test_bench_sweep_over_scale_draws_the_scaling_plot(tmp_path, capsys):
+    sweep = _tiny_sweep(tmp_path / "sweep.yaml", "scale: [1.0e-5, 2.0e-5]\nmodes: [sgd, dpsgd_f]\n")
     out = tmp_path / "sweep"
     argv = ["bench", "--sweep", str(sweep), "--out", str(out), "--interleave", "--no-progress"]
     assert main([*argv, "--json"]) == 0
@@ -63,6 +68,26 @@ def test_bench_sweep_over_scale_draws_the_scaling_plot(tmp_path, capsys):
     header = next(csv.reader(open(out / "breakdown.csv")))
     assert len(header) == 1 + 4
     assert (out / "scaling.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_bench_sweep_interleaving_scales_reports_each_modes_growth(tmp_path, capsys):
+    sweep = _tiny_sweep(
+        tmp_path / "growth.yaml",
+        "scale: [1.0e-5, 3.0e-5]\nmodes: [sgd, lazydp]\ninterleave_scales: true\n",
+    )
+    out = tmp_path / "growth"
+    assert main(["bench", "--sweep", str(sweep), "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "lazydp: " in printed and "(in one process, interleaved)" in printed
+    doc = json.loads((out / "bench.json").read_text())
+    growth = doc["summary"]["growth"]
+    assert [(g["mode"], g["side_by_side"]) for g in growth] == [("sgd", True), ("lazydp", True)]
+    # One child process per mode, holding both table sizes.
+    for r in doc["results"]:
+        assert r["isolated"] and len(r["timed_with"]) == 1 and r["mode"] in r["timed_with"][0]
+    _tiny_sweep(sweep, "scale: [1.0e-5, 3.0e-5]\ninterleave_scales: yes please\n")
+    assert main(["bench", "--sweep", str(sweep), "--out", str(out), "--no-progress"]) == 1
+    assert "expected true or false" in capsys.readouterr().err
 
 
 def test_bench_refuses_a_config_that_does_not_fit(tmp_path, capsys):

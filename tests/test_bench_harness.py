@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -95,11 +96,12 @@ def test_time_mode_breakdown_is_consistent(mode):
 
 
 def test_interleaved_returns_every_mode_with_a_full_breakdown():
-    results = time_interleaved(TINY, ["sgd", "lazydp"])
+    results = time_interleaved([(TINY, "sgd"), (TINY, "lazydp")])
     assert [r.mode for r in results] == ["sgd", "lazydp"]
     for r in results:
         assert len(r.steps_ms) == TINY.iterations and r.peak_rss_bytes == 0
         assert r.breakdown_ms["total"] == pytest.approx(sum(r.steps_ms[-2:]) / 2)
+    assert results[0].timed_with == [results[1].column]
 
 
 def test_mlp_only_model_has_no_tables_and_times():
@@ -175,9 +177,9 @@ def test_child_processes_get_the_openmp_spin_setting_unless_the_caller_has_one(m
     monkeypatch.setattr(harness.subprocess, "run", fake_run)
     spec = BenchSpec("rmc1", 1e-5, 8, pooling=2, iterations=2, measure_last=1)
     monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
-    harness.run_interleaved_isolated(spec, ["sgd"])
+    harness.run_interleaved_isolated([(spec, "sgd")])
     monkeypatch.setenv("GOMP_SPINCOUNT", "7")
-    harness.run_interleaved_isolated(spec, ["sgd"])
+    harness.run_interleaved_isolated([(spec, "sgd")])
     assert [env["GOMP_SPINCOUNT"] for env in seen] == ["1000", "7"]
 
 
@@ -200,10 +202,55 @@ def test_suite_interleaves_a_subset_of_modes_and_isolates_the_rest():
 def test_suite_times_a_group_that_does_not_fit_together_one_mode_at_a_time(monkeypatch):
     from lazydp.bench import suite as suite_module
 
-    monkeypatch.setattr(suite_module, "memory_together", lambda spec, modes: "~99 GB for both")
+    monkeypatch.setattr(suite_module, "memory_together", lambda pairs: "~99 GB for both")
     suite = suite_module.run_suite(
         [TINY], ["sgd", "lazydp"], isolate=False, interleave=True, progress=False
     )
     assert [r.status for r in suite.results] == ["ok", "ok"]
     assert all(r.peak_rss_bytes > 0 for r in suite.results)  # each timed on its own
     assert any("99 GB" in n and "its own process" in n for n in suite.notes)
+
+
+def test_suite_times_each_mode_across_scales_in_one_round_robin_and_reports_growth():
+    from lazydp.bench import suite as suite_module
+
+    small, large = replace(TINY, scale=1e-5), replace(TINY, scale=3e-5)
+    suite = suite_module.run_suite(
+        [large, small], ["sgd", "lazydp"], isolate=False, interleave_scales=True, progress=False
+    )
+    assert all(r.status == "ok" for r in suite.results)
+    by = {r.column: r for r in suite.results}
+    # Each mode's two sizes were timed together, and never with the other mode.
+    assert by[f"{small.label} lazydp"].timed_with == [f"{large.label} lazydp"]
+    assert by[f"{large.label} sgd"].timed_with == [f"{small.label} sgd"]
+    growth = suite_module.summarise(suite)["growth"]
+    assert [(g["mode"], g["from"], g["to"], g["side_by_side"]) for g in growth] == [
+        ("sgd", small.label, large.label, True),
+        ("lazydp", small.label, large.label, True),
+    ]
+    g = growth[1]
+    assert g["growth"] == pytest.approx(g["to_ms"] / g["from_ms"] - 1)
+    assert g["to_ms"] == by[f"{large.label} lazydp"].step_ms
+    with pytest.raises(ConfigError, match="not both"):
+        suite_module.run_suite(
+            [small, large], ["sgd", "lazydp"], interleave=True, interleave_scales=True,
+            progress=False,
+        )  # fmt: skip
+
+
+def test_growth_of_modes_timed_apart_says_so():
+    from lazydp.bench import suite as suite_module
+
+    small, large = replace(TINY, scale=1e-5), replace(TINY, scale=3e-5)
+    suite = suite_module.run_suite([small, large], ["sgd"], isolate=False, progress=False)
+    (g,) = suite_module.summarise(suite)["growth"]
+    assert g["side_by_side"] is False and g["mode"] == "sgd"
+
+
+def test_scale_groups_put_together_only_specs_that_differ_in_scale():
+    from lazydp.bench.suite import scale_groups
+
+    a, b = replace(TINY, scale=3e-5), replace(TINY, scale=1e-5)
+    other = replace(TINY, pooling=5)
+    groups = scale_groups([a, other, b])
+    assert groups == [[b, a], [other]]

@@ -105,6 +105,7 @@ class ModeResult:
     estimate: dict[str, Any] = field(default_factory=dict)
     isolated: bool = False
     spec: dict[str, Any] = field(default_factory=dict)
+    timed_with: list[str] = field(default_factory=list)  # columns of its round robin (--interleave)
 
     @property
     def column(self) -> str:
@@ -296,21 +297,29 @@ def time_mode(
     return runner.finish()
 
 
-def memory_together(spec: BenchSpec, modes: list[str]) -> str | None:
-    """None if the models of all ``modes`` fit in memory at once; else why not."""
-    need = sum(check_fits(spec, m)["total"] for m in modes)
+# One round robin: the (workload, mode) pairs timed in turn in one process.
+Pairs = list[tuple[BenchSpec, str]]
+
+
+def _pairs_label(pairs: Pairs) -> str:
+    return ", ".join(f"{spec.label} {mode}" for spec, mode in pairs)
+
+
+def memory_together(pairs: Pairs) -> str | None:
+    """None if the models of all ``pairs`` fit in memory at once; else why not."""
+    need = sum(check_fits(spec, mode)["total"] for spec, mode in pairs)
     available = memory.available_memory_bytes()
     if need <= 0.85 * available:
         return None
     return (
-        f"the models of {modes} need ~{need / 1e9:.1f} GB together for {spec.label}, and "
+        f"the models of {_pairs_label(pairs)} need ~{need / 1e9:.1f} GB together, and "
         f"{available / 1e9:.1f} GB is available (85% usable)"
     )
 
 
-def check_fits_together(spec: BenchSpec, modes: list[str]) -> None:
-    """ConfigError unless the models of all ``modes`` fit in memory at once (--interleave)."""
-    reason = memory_together(spec, modes)
+def check_fits_together(pairs: Pairs) -> None:
+    """ConfigError unless the models of all ``pairs`` fit in memory at once (--interleave)."""
+    reason = memory_together(pairs)
     if reason is not None:
         raise ConfigError(
             f"--interleave keeps every model in memory at once: {reason}; drop --interleave "
@@ -318,26 +327,30 @@ def check_fits_together(spec: BenchSpec, modes: list[str]) -> None:
         )
 
 
-def time_interleaved(spec: BenchSpec, modes: list[str]) -> list[ModeResult]:
-    """Time all ``modes`` in this process, one step of each in turn (round robin).
+def time_interleaved(pairs: Pairs) -> list[ModeResult]:
+    """Time every (workload, mode) of ``pairs`` in this process, one step of each in turn.
 
-    On a shared machine, bursts of other work then hit every mode alike, so ratios between
-    modes are far steadier than from back-to-back runs. Each timed step follows an untimed step
-    of the same mode, as in real training: otherwise the mode after ``dpsgd_f`` (which streams
-    every table) pays for the caches it left cold (measured: lazydp +30% on ``basic``). All
-    models live at once (memory is checked for their sum) and peak RSS is the process's, so it
-    is not reported per mode.
-    Example: ``[r.mode for r in time_interleaved(spec, ["sgd", "lazydp"])] == ["sgd", "lazydp"]``.
+    On a shared machine, bursts of other work then hit every pair alike, so ratios between
+    them -- modes of one workload, or one mode at two table sizes -- are far steadier than from
+    back-to-back runs. Each timed step follows an untimed step of the same pair, as in real
+    training: otherwise the mode after ``dpsgd_f`` (which streams every table) pays for the
+    caches it left cold (measured: lazydp +30% on ``basic``). All models live at once (memory
+    is checked for their sum) and peak RSS is the process's, so it is not reported per pair.
+    Every result names the others in ``timed_with``.
+    Example: ``[r.mode for r in time_interleaved([(spec, "sgd"), (spec, "lazydp")])]``.
     """
-    check_fits_together(spec, modes)
-    runners = [_ModeRunner(spec, m, steps=2 * spec.iterations) for m in modes]
-    for _ in range(spec.iterations):
+    check_fits_together(pairs)
+    iterations = max(spec.iterations for spec, _ in pairs)
+    runners = [_ModeRunner(spec, m, steps=2 * iterations) for spec, m in pairs]
+    for i in range(iterations):
         for runner in runners:
-            runner.step(timed=False)
-            runner.step()
+            if i < runner.spec.iterations:
+                runner.step(timed=False)
+                runner.step()
     results = [r.finish() for r in runners]
     for r in results:
-        r.peak_rss_bytes = 0  # shared by all modes: meaningless per mode
+        r.peak_rss_bytes = 0  # shared by every pair: meaningless per pair
+        r.timed_with = [o.column for o in results if o is not r]
     return results
 
 
@@ -351,17 +364,23 @@ def run_isolated(kind: str, spec: BenchSpec, mode: str) -> ModeResult:
     return ModeResult.from_dict(_run_child(kind, spec, mode))
 
 
-def run_interleaved_isolated(spec: BenchSpec, modes: list[str]) -> list[ModeResult]:
+def run_interleaved_isolated(pairs: Pairs) -> list[ModeResult]:
     """``time_interleaved`` in a fresh interpreter: a workload of a sweep then never runs in
     a heap the previous workloads' models fragmented (measured: lazydp on ``basic`` after the
     ``mlperf`` workloads of the same process, 20-40% slower parameter updates and norms)."""
-    return [ModeResult.from_dict(d) for d in _run_child("interleaved", spec, ",".join(modes))]
+    specs = json.dumps([spec.to_dict() for spec, _ in pairs])
+    return [
+        ModeResult.from_dict(d)
+        for d in _run_child("interleaved", specs, ",".join(m for _, m in pairs))
+    ]
 
 
-def _run_child(kind: str, spec: BenchSpec, mode: str) -> Any:
+def _run_child(kind: str, spec: BenchSpec | str, mode: str) -> Any:
+    """Run ``kind`` in a fresh interpreter; ``spec`` is a spec or (interleaved) a JSON list."""
+    spec_json = spec if isinstance(spec, str) else json.dumps(spec.to_dict())
     with tempfile.TemporaryDirectory(prefix="lazydp-bench-") as tmp:
         out = Path(tmp) / "result.json"
-        cmd = [sys.executable, "-m", "lazydp.bench.harness", kind, json.dumps(spec.to_dict()),
+        cmd = [sys.executable, "-m", "lazydp.bench.harness", kind, spec_json,
                mode, str(out), str(torch.get_num_threads())]  # fmt: skip
         env = {**OPENMP_ENV, **os.environ}  # the caller's own setting wins (lazydp/threads.py)
         proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, check=False, env=env)
@@ -377,13 +396,14 @@ def _child_main(argv: list[str]) -> None:
     kind, spec_json, mode, out, threads = argv
     tune_malloc()  # as the parent command did (lazydp/malloc.py)
     torch.set_num_threads(int(threads))
-    spec = BenchSpec(**json.loads(spec_json))
     if kind == "interleaved":
-        results = time_interleaved(spec, mode.split(","))
+        specs = [BenchSpec(**d) for d in json.loads(spec_json)]
+        results = time_interleaved(list(zip(specs, mode.split(","), strict=True)))
         for r in results:
             r.isolated = True
         Path(out).write_text(json.dumps([r.to_dict() for r in results]))
         return
+    spec = BenchSpec(**json.loads(spec_json))
     if kind == "opacus":
         from lazydp.bench.opacus_compare import time_opacus
 

@@ -179,6 +179,15 @@ RATIO_KEYS = (
 )
 
 
+def growth_line(g: dict[str, Any]) -> str:
+    """One mode's growth with table size, e.g. ``lazydp: 110.0 -> 118.0 ms (+7.3%) ...``."""
+    how = "in one process, interleaved" if g["side_by_side"] else "in separate processes"
+    return (
+        f"{g['mode']}: {g['from_ms']:.1f} -> {g['to_ms']:.1f} ms ({100 * g['growth']:+.1f}%) "
+        f"from {g['from']} to {g['to']} ({how})"
+    )
+
+
 def markdown_summary(summary: dict[str, Any]) -> str:
     """The summary ratios as a Markdown table (what benchmarks/*.py paste into RESULTS.md).
 
@@ -196,6 +205,8 @@ def markdown_summary(summary: dict[str, Any]) -> str:
         for key in RATIO_KEYS:
             cells.append(f"{w[key]:.2f}" if key in w else "-")
         lines.append("| " + " | ".join(cells) + " |")
+    for g in summary.get("growth", []):
+        lines.append("\n" + growth_line(g))
     for m in summary.get("memory", []):
         ratio = m["peak_above_baseline_over_allowance"]
         if ratio is not None:

@@ -12,6 +12,7 @@ Contract:
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -22,6 +23,7 @@ from tqdm import tqdm
 from lazydp.bench.floor import NoiseFloor, measure_noise_floor
 from lazydp.bench.harness import (
     ModeResult,
+    Pairs,
     memory_together,
     run_interleaved_isolated,
     run_mode,
@@ -55,6 +57,7 @@ def run_suite(
     compare: Sequence[str] = (),
     isolate: bool = True,
     interleave: bool | Sequence[str] = False,
+    interleave_scales: bool = False,
     progress: bool = True,
     opacus_iterations: tuple[int, int] = (3, 2),
 ) -> SuiteResult:
@@ -64,7 +67,9 @@ def run_suite(
     shared machine, no per-mode peak RSS): True for all of them, or a list of the modes to time
     together (the others get a process each, e.g. dpsgd_f, whose table-sized noise buffer slows
     whatever shares its process). A group that does not fit in memory at once is timed one mode
-    per process instead, with a note. ``opacus_iterations`` = (iterations, measure_last) for
+    per process instead, with a note. ``interleave_scales`` instead times each mode at every
+    scale of a workload in one process, so that its growth with table size comes from one run
+    (``summarise``'s ``growth``). ``opacus_iterations`` = (iterations, measure_last) for
     Opacus, whose steps take seconds.
     Example: ``run_suite([BenchSpec("rmc1", 1e-5, 16, pooling=2, iterations=3, measure_last=2)],
     ["sgd", "lazydp"], isolate=False).results[1].mode == "lazydp"``.
@@ -77,27 +82,26 @@ def run_suite(
         )
         use_opacus = False
     units = len(specs) * (len(modes) + ("lazydp" in modes) + use_opacus * len(OPACUS_MODES))
-    together = _interleaved_modes(modes, interleave)
     bar = tqdm(total=units, file=sys.stderr, disable=not progress, desc="bench", unit="run")
-    for spec in specs:
-        group = together
-        reason = memory_together(spec, group) if group else None
+    timed: dict[tuple[str, str], ModeResult] = {}
+    for pairs in _round_robins(specs, modes, interleave, interleave_scales):
+        reason = memory_together(pairs)
         if reason is not None:
-            suite.notes.append(f"{spec.label}: {reason}, so each was timed in its own process")
-            group = []
-        by_mode: dict[str, ModeResult] = {}
-        if group:
-            bar.set_postfix_str(f"{spec.label} {','.join(group)} interleaved")
-            for result in _interleaved(spec, group, isolate):
-                _say(bar, result)
-                by_mode[result.mode] = result
-                bar.update()
-        for mode in [m for m in modes if m not in group]:
-            bar.set_postfix_str(f"{spec.label} {mode}")
-            by_mode[mode] = result = run_mode(spec, mode, isolate=isolate)
+            suite.notes.append(f"{reason}, so each was timed in its own process")
+            continue
+        bar.set_postfix_str(f"{len(pairs)} interleaved")
+        for result in _interleaved(pairs, isolate):
             _say(bar, result)
+            timed[(result.label, result.mode)] = result
             bar.update()
-        suite.results += [by_mode[m] for m in modes]
+    for spec in specs:
+        for mode in modes:
+            if (spec.label, mode) not in timed:
+                bar.set_postfix_str(f"{spec.label} {mode}")
+                timed[(spec.label, mode)] = result = run_mode(spec, mode, isolate=isolate)
+                _say(bar, result)
+                bar.update()
+        suite.results += [timed[(spec.label, m)] for m in modes]
         if "lazydp" in modes:
             bar.set_postfix_str(f"{spec.label} noise floor")
             suite.floors.append(measure_noise_floor(spec))
@@ -116,6 +120,39 @@ def run_suite(
     return suite
 
 
+def _round_robins(
+    specs: Sequence[BenchSpec],
+    modes: Sequence[str],
+    interleave: bool | Sequence[str],
+    interleave_scales: bool,
+) -> list[Pairs]:
+    """The groups of (workload, mode) to time in one process each: the interleaved modes of
+    every workload, or (``interleave_scales``) each mode at every scale of its workload."""
+    together = _interleaved_modes(modes, interleave)
+    if not interleave_scales:
+        return [[(spec, m) for m in together] for spec in specs] if together else []
+    if together:
+        raise ConfigError(
+            "interleave and interleave_scales both given: time modes together (interleave) or "
+            "each mode across the table sizes (interleave_scales), not both"
+        )
+    return [
+        [(s, m) for s in group] for group in scale_groups(specs) if len(group) > 1 for m in modes
+    ]
+
+
+def scale_groups(specs: Sequence[BenchSpec]) -> list[list[BenchSpec]]:
+    """Specs that differ only in scale, grouped (first-seen order), each sorted by scale.
+
+    Example: ``len(scale_groups([BenchSpec(scale=0.1), BenchSpec(scale=0.01)])) == 1``.
+    """
+    groups: dict[str, list[BenchSpec]] = {}
+    for spec in specs:
+        key = json.dumps({k: v for k, v in spec.to_dict().items() if k != "scale"}, sort_keys=True)
+        groups.setdefault(key, []).append(spec)
+    return [sorted(g, key=lambda s: s.scale) for g in groups.values()]
+
+
 def _interleaved_modes(modes: Sequence[str], interleave: bool | Sequence[str]) -> list[str]:
     """The modes to time round robin in one process (in ``modes`` order); [] for none."""
     if isinstance(interleave, bool):
@@ -131,14 +168,16 @@ def _interleaved_modes(modes: Sequence[str], interleave: bool | Sequence[str]) -
     return group if len(group) > 1 else []
 
 
-def _interleaved(spec: BenchSpec, modes: Sequence[str], isolate: bool) -> list[ModeResult]:
+def _interleaved(pairs: Pairs, isolate: bool) -> list[ModeResult]:
     try:
         if isolate:  # run_suite already checked that the group fits (memory_together)
-            return run_interleaved_isolated(spec, list(modes))
-        return time_interleaved(spec, list(modes))
+            return run_interleaved_isolated(pairs)
+        return time_interleaved(pairs)
     except (LazyDPError, RuntimeError, MemoryError) as exc:
         status = "refused" if isinstance(exc, ConfigError) else "failed"
-        return [ModeResult(spec.label, m, status, str(exc), spec=spec.to_dict()) for m in modes]
+        return [
+            ModeResult(spec.label, m, status, str(exc), spec=spec.to_dict()) for spec, m in pairs
+        ]
 
 
 def _say(bar: tqdm, result: ModeResult) -> None:
@@ -181,10 +220,31 @@ def summarise(suite: SuiteResult) -> dict[str, Any]:
     memory = [_memory_row(r) for r in suite.results if r.status == "ok" and r.peak_rss_bytes]
     return {
         "workloads": workloads,
+        "growth": _growth(suite),
         "memory": memory,
         "opacus": speedups(suite.results),
         "notes": suite.notes,
     }
+
+
+def _growth(suite: SuiteResult) -> list[dict[str, Any]]:
+    """Per mode, its step time at the largest scale of a workload over that at the smallest
+    (target 2); ``side_by_side`` when both were timed in one round robin (interleave_scales)."""
+    rows = []
+    for group in scale_groups(suite.specs):
+        if len(group) < 2:
+            continue
+        small, large = suite.by_label(group[0].label), suite.by_label(group[-1].label)
+        for mode in suite.modes:
+            if mode in small and mode in large:
+                a, b = small[mode], large[mode]
+                rows.append({
+                    "mode": mode, "from": a.label, "to": b.label,
+                    "from_ms": a.step_ms, "to_ms": b.step_ms,
+                    "growth": b.step_ms / a.step_ms - 1.0,
+                    "side_by_side": b.column in a.timed_with,
+                })  # fmt: skip
+    return rows
 
 
 def _memory_row(r: ModeResult) -> dict[str, Any]:

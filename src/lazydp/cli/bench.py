@@ -6,7 +6,9 @@ Example:
     $ lazydp bench --sweep configs/bench_sweep.yaml --json
 Writes breakdown.csv, bench.json, breakdown.png (and scaling.png for a sweep over --scale) to --out.
 A sweep file takes the flags' names as keys (lists are swept); its ``interleave`` may also name
-the modes to time together, e.g. ``interleave: [sgd, lazydp]`` (configs/bench_lazy_vs_eager.yaml).
+the modes to time together, e.g. ``interleave: [sgd, lazydp]`` (configs/bench_lazy_vs_eager.yaml);
+``interleave_scales: true`` times each mode at every swept scale in one process instead, so a
+mode's growth with table size comes from one run (configs/bench_growth_basic.yaml).
 """
 
 from __future__ import annotations
@@ -48,7 +50,9 @@ sweep file (YAML; a list value sweeps that key, flags given on the command line 
 """
 
 SPEC_KEYS = {f.name for f in fields(BenchSpec)}
-SWEEP_KEYS = SPEC_KEYS | {"modes", "compare", "opacus_iterations", "interleave"}
+SWEEP_KEYS = SPEC_KEYS | {
+    "modes", "compare", "opacus_iterations", "interleave", "interleave_scales",
+}  # fmt: skip
 DEFAULT_MODES = "sgd,dpsgd_f,lazydp"
 
 
@@ -107,6 +111,12 @@ def _interleave(value: Any) -> bool | list[str]:
     return _modes(value)
 
 
+def _flag(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name}={value!r}: expected true or false")
+    return value
+
+
 def load_sweep(path: str) -> dict[str, Any]:
     """Read a sweep YAML; unknown keys are refused with the list of known ones."""
     try:
@@ -142,7 +152,7 @@ def build_specs(options: dict[str, Any]) -> list[BenchSpec]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from lazydp.bench.report import format_table, write_all
+    from lazydp.bench.report import format_table, growth_line, write_all
     from lazydp.bench.suite import run_suite, summarise
     from lazydp.cli.env import collect
 
@@ -167,6 +177,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         compare=compare_with,
         isolate=args.isolate,
         interleave=_interleave(options.pop("interleave", False)),
+        interleave_scales=_flag("interleave_scales", options.pop("interleave_scales", False)),
         progress=args.progress,
         opacus_iterations=(max(1, opacus_its), max(1, opacus_its - 1)),
     )
@@ -176,6 +187,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     print(format_table(suite))
     for w in summary["workloads"]:
         print(_ratios_line(w))
+    for g in summary["growth"]:
+        print(growth_line(g))
     for row in summary["opacus"]:
         ratio = row.get("opacus_over_lazydp")
         if ratio:
