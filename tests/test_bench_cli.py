@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import pytest
 
@@ -123,3 +124,25 @@ def test_help_shows_an_example_with_output(capsys):
         main(["bench", "--help"])
     text = capsys.readouterr().out
     assert "$ lazydp bench --config mlperf" in text and "lazydp/sgd" in text
+
+
+@pytest.mark.parametrize(
+    "path", sorted(str(p) for p in Path(__file__).parents[1].glob("configs/bench_*.yaml"))
+)
+def test_shipped_sweep_files_are_valid(path):
+    """Every benchmark config the README and benchmarks/*.py name parses into workloads, modes
+    and round robins (nothing is timed)."""
+    from lazydp.bench.suite import _round_robins
+    from lazydp.cli.bench import _flag, _interleave, _modes
+
+    options = load_sweep(path)
+    modes = _modes(options.pop("modes", "sgd,dpsgd_f,lazydp"))
+    interleave = _interleave(options.pop("interleave", False))
+    scales = _flag("interleave_scales", options.pop("interleave_scales", False))
+    options.pop("compare", None)
+    options.pop("opacus_iterations", None)
+    specs = build_specs(options)
+    assert specs
+    groups = _round_robins(specs, modes, interleave, scales)
+    if scales:  # each mode across the scales of its workload, one process each
+        assert groups and all(len({m for _, m in g}) == 1 and len(g) > 1 for g in groups)
