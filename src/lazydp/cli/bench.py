@@ -8,7 +8,7 @@ Writes breakdown.csv, bench.json, breakdown.png (and scaling.png for a sweep ove
 A sweep file takes the flags' names as keys (lists are swept); its ``interleave`` may also name
 the modes to time together, e.g. ``interleave: [sgd, lazydp]`` (configs/bench_lazy_vs_eager.yaml);
 ``interleave_scales: true`` times each mode at every swept scale in one process instead, so a
-mode's growth with table size comes from one run (configs/bench_growth_basic.yaml).
+mode's growth with table size comes from one run (configs/bench_growth.yaml).
 """
 
 from __future__ import annotations
