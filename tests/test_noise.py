@@ -19,6 +19,8 @@ import torch
 from scipy import stats
 
 import lazydp.noise as noise_mod
+from lazydp import box_muller
+from lazydp.box_muller import AesCtrBits
 from lazydp.errors import ConfigError, InputError, PrivacyError
 from lazydp.noise import CHUNK_NUMEL, GaussianNoise, active_override
 from lazydp.testing import constant_noise, zero_noise
@@ -166,17 +168,57 @@ def box_muller_reference(words: np.ndarray, std: float) -> np.ndarray:
     return np.concatenate([radius * np.cos(theta), radius * np.sin(theta)])
 
 
+KEY = bytes(range(32))  # a fixed 256-bit key
+
+
 @pytest.mark.parametrize("numel", [1, 2, 7, 1000, 4097])
 @pytest.mark.parametrize("std", [1.0, 0.3])
 def test_box_muller_matches_float64_reference(numel: int, std: float) -> None:
-    material = lambda nbytes: bytes(range(nbytes))  # noqa: E731 -- a fixed 256-bit key
     out = np.empty(numel, dtype=np.float32)
-    noise_mod._fill_standard_chunk(out, std, material)
+    box_muller.fill_standard_chunk(out, std, KEY)
     h = (numel + 1) // 2
-    words = noise_mod._bit_generator(material).random_raw(h).view(np.uint32)
+    words = AesCtrBits(KEY).random_raw(h).view(np.uint32)
     want = box_muller_reference(words, std)
     want = np.concatenate([want[:h], want[h : h + numel - h]])
     np.testing.assert_allclose(out, want, rtol=2e-6, atol=2e-6 * std)
+
+
+@pytest.mark.parametrize("numel", [1, 2, 7, 1001])
+def test_float64_box_muller_matches_scalar_math_on_53_bit_uniforms(numel: int) -> None:
+    """float64 draws: Box-Muller on the top 53 bits of each 64-bit word, against Python's
+    scalar libm one value at a time."""
+    out = np.empty(numel, dtype=np.float64)
+    box_muller.fill_standard_chunk(out, 2.5, KEY)
+    h = (numel + 1) // 2
+    words = [int(w) >> 11 for w in AesCtrBits(KEY).random_raw(2 * h)]
+    want = []
+    for trig in (math.cos, math.sin):
+        for u, v in zip(words[:h], words[h:]):
+            radius = 2.5 * math.sqrt(-2.0 * math.log(1.0 - u * 2.0**-53))
+            want.append(radius * trig(2.0 * math.pi * v * 2.0**-53))
+    np.testing.assert_allclose(out, want[:numel], rtol=1e-12, atol=1e-12)
+
+
+def test_aes_ctr_bits_are_the_nist_keystream() -> None:
+    """Known answer (NIST SP 800-38A, F.5.1 CTR-AES128): the first keystream block is the
+    first ciphertext block XOR the first plaintext block."""
+    key = bytes.fromhex("2b7e151628aed2a6abf7158809cf4f3c")
+    counter = bytes.fromhex("f0f1f2f3f4f5f6f7f8f9fafbfcfdfeff")
+    plain = bytes.fromhex("6bc1bee22e409f96e93d7e117393172a")
+    cipher = bytes.fromhex("874d6191b620e3261bef6864990db6ce")
+    keystream = bytes(p ^ c for p, c in zip(plain, cipher))
+    assert AesCtrBits(key + counter).random_raw(2).tobytes() == keystream
+
+
+def test_aes_ctr_bits_continue_across_calls_and_megabyte_pieces() -> None:
+    """A draw of more than one 1 MB piece, or split over calls, is one keystream."""
+    whole = AesCtrBits(KEY).random_raw(300_000)  # 2.4 MB: three pieces
+    bits = AesCtrBits(KEY)
+    parts = np.concatenate([bits.random_raw(n) for n in (1, 131_071, 168_928)])
+    assert np.array_equal(whole, parts)
+    assert len(np.unique(whole)) == whole.size  # no repeated word in 2.4 MB (2^-40 chance)
+    with pytest.raises(ValueError, match="32 bytes"):
+        AesCtrBits(bytes(16))
 
 
 def test_box_muller_uses_the_float32_uniform_grid() -> None:
@@ -205,7 +247,7 @@ def test_lowest_grid_cell_is_refined_instead_of_cutting_the_tail_at_5_77_sigma()
     fine = 1 << 40  # u' = ((fine >> 11) + 1) * 2^-53
     bits = _ScriptedBits(list(words.view(np.uint64)), [fine])
     out = np.empty(8, dtype=np.float32)
-    noise_mod._box_muller_(out, 1.0, bits)  # type: ignore[arg-type]
+    box_muller.box_muller_(out, 1.0, bits)
     u = 2.0**-24 * ((fine >> 11) + 1) * 2.0**-53
     assert out[1] == pytest.approx(math.sqrt(-2 * math.log(u)), rel=1e-6)  # cos(0) = 1
     assert out[1] > math.sqrt(2 * 24 * math.log(2))  # past the grid's 5.77 sigma bound
@@ -213,9 +255,23 @@ def test_lowest_grid_cell_is_refined_instead_of_cutting_the_tail_at_5_77_sigma()
     assert not bits.calls  # the refinement drew exactly one word
 
 
+def test_float64_lowest_grid_cell_is_refined_past_8_57_sigma() -> None:
+    # 2 pairs of 64-bit words: u = words 0-1 (pair 1 in the lowest cell), angles 2-3 (0).
+    lowest = (((1 << 53) - 1) << 11) | 0x5A
+    fine = 1 << 40
+    bits = _ScriptedBits([77 << 11, lowest, 0, 0], [fine])
+    out = np.empty(4, dtype=np.float64)
+    box_muller.box_muller_(out, 1.0, bits)
+    u = 2.0**-53 * ((fine >> 11) + 1) * 2.0**-53
+    assert out[1] == pytest.approx(math.sqrt(-2 * math.log(u)), rel=1e-12)
+    assert out[1] > math.sqrt(2 * 53 * math.log(2))  # past the 53-bit grid's bound
+    assert out[0] == pytest.approx(math.sqrt(-2 * math.log(1 - 77 * 2.0**-53)), rel=1e-9)
+    assert not bits.calls
+
+
 def test_refined_tail_radius_has_the_rayleigh_tail() -> None:
     """Given u <= 2^-24, R^2/2 - 24 ln 2 = -ln u' must be Exp(1): the exact Gaussian tail."""
-    r = noise_mod._refined_tail_radius(np.random.SFC64(5), 200_000).astype(np.float64)
+    r = box_muller.refined_tail_radius(AesCtrBits(KEY), 200_000)
     excess = r**2 / 2 - 24 * math.log(2)
     assert stats.kstest(excess, "expon").pvalue > ACCEPT
     assert stats.kstest(excess, "expon", args=(0, 1.25)).pvalue < REJECT

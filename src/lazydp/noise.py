@@ -6,9 +6,10 @@ Contract (what may never change):
   rounded once from float32) by the Box-Muller transform on 24-bit uniforms -- the algorithm
   and uniform grid of torch's own CPU ``normal_`` kernel, except that the grid's lowest cell
   is refined with 53 more bits, so the tail is not cut off at 5.77 sigma as torch's is (a cut
-  tail is a delta leak: ``_refined_tail_radius``); float64 by numpy's ziggurat.
+  tail is a delta leak: ``box_muller.refined_tail_radius``); float64 the same on 53-bit
+  uniforms. The kernel lives in :mod:`lazydp.box_muller`.
 * No noise stream is ever reused. A draw is split into fixed chunks of ``CHUNK_NUMEL``
-  elements and every chunk gets a generator with a fresh full-size (256-bit) state:
+  elements and every chunk gets a generator with fresh 256-bit key material (an AES-128 key and counter):
   - unseeded (``seed=None``, production): straight from OS entropy (``secrets``), per chunk;
   - seeded (research): SHAKE-256 of a prefix-free encoding of (seed, stream path, call counter,
     chunk index). Distinct calls, chunks, streams and forks therefore never share a state,
@@ -19,18 +20,19 @@ Contract (what may never change):
 * Seeded draws do not depend on the number of threads (chunk i always gets the same state).
 * Why not torch's generator: its ``manual_seed`` keeps only 32 bits (over millions of chunks
   random 32-bit seeds would collide, i.e. reuse noise), and its Mersenne Twister makes
-  ``normal_`` run at ~290M samples/s on one core. SFC64 (numpy), seeded with 256 bits through
-  ``SeedSequence``, gives the uniforms ~3x faster; the transform runs in numpy's SIMD loops,
-  which release the GIL, so chunks scale over the thread pool without touching torch's
-  OpenMP threads (benchmarks/noise_throughput.py).
+  ``normal_`` run at ~290M samples/s on one core. The uniforms here are the AES-128-CTR
+  keystream (AES-NI, through ``cryptography``): a cryptographically secure generator that is
+  also faster than numpy's SFC64; the transform runs in numpy's SIMD loops, which release the
+  GIL, so chunks scale over the thread pool without touching torch's OpenMP threads
+  (benchmarks/noise_throughput.py).
 * CUDA tensors: one torch Philox generator per call, seeded with 64 bits of the same key
   material (Philox keeps all 64); seeded GPU draws are reproducible but differ from CPU draws.
 * The only way to make draws deterministic constants is the test-only override in
   :mod:`lazydp.testing`; :func:`active_override` names it so reports can say "not private".
   No environment variable or config key can switch it on.
 
-The generators (SFC64, Philox) are statistically strong but not cryptographic PRNGs;
-the seeds are.
+CPU noise is cryptographically secure end to end (OS entropy or SHAKE-256 keys, AES-CTR
+bits). GPU noise comes from Philox, statistically strong but not a cryptographic PRNG.
 """
 
 from __future__ import annotations
@@ -40,13 +42,19 @@ import math
 import secrets
 import struct
 import threading
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from lazydp.box_muller import (
+    CHUNK_NUMEL,
+    MATERIAL_BYTES,
+    add_standard_chunk,
+    fill_standard_chunk,
+    scratch_array,
+)
 from lazydp.errors import ConfigError, InputError, PrivacyError
 from lazydp.threads import default_threads, run_chunks
 
@@ -57,15 +65,9 @@ __all__ = ["CHUNK_NUMEL", "GaussianNoise", "active_override"]
 
 #: add_normal_each_ packs float32 tensors below this size into shared chunks (_add_packed).
 _PACK_NUMEL = 1 << 16
-#: Elements per chunk: each chunk has its own generator. Big enough that the ~10 us seeding and
-#: the hand-off are ~1% of its ~1.2 ms fill (2^18: 1M-element draws 25% slower on 2 cores),
-#: small enough that a 1M-element tensor still splits over 2 threads. Smaller draws stay in
-#: the caller's thread.
-CHUNK_NUMEL = 1 << 19
 _CUDA_CHUNK_NUMEL = 1 << 24  # GPU: one generator per call; chunks only bound add_'s scratch
 _STATE_FORMAT = "lazydp.noise/1"
 _DOMAIN = b"lazydp.noise/1\x00"
-_MATERIAL_BYTES = 32  # 256 bits of key material per chunk: SFC64's whole state
 _MAX_STREAM = 1 << 64
 
 # ------------------------------------------------------------------------ test-only override
@@ -92,110 +94,6 @@ def _swap_override(value: float | None, name: str | None) -> tuple[float | None,
     previous = (_override_value, _override_name)
     _override_value, _override_name = value, name
     return previous
-
-
-# ------------------------------------------------------------------------ generator engine
-def _bit_generator(material: Callable[[int], bytes]) -> np.random.SFC64:
-    """A fresh SFC64 whose whole 256-bit state is derived from 256 bits of key material."""
-    entropy = int.from_bytes(material(_MATERIAL_BYTES), "little")
-    return np.random.SFC64(np.random.SeedSequence(entropy))
-
-
-#: The 24-bit grid's lowest cell, u = 2^-24: the only one whose radius is the grid's maximum.
-_LOWEST_CELL = (1 << 24) - 1
-
-
-def _refined_tail_radius(bits: np.random.SFC64, n: int) -> np.ndarray:
-    """Radii for pairs whose uniform fell in the grid's lowest cell (0, 2^-24]: the uniform is
-    redrawn inside that cell with 53 more bits, u = 2^-24 * u', u' in (0, 1].
-
-    Why: on the 24-bit grid alone (torch's kernel) u >= 2^-24, so |z| <= sqrt(2 ln 2^24) =
-    5.77 sigma -- a truncated Gaussian. A truncated Gaussian breaks the DP analysis: an output
-    just past the truncation is impossible under one dataset and possible under its neighbour
-    (probability ~1e-6 each time an example is sampled, at noise multiplier 1: over a run of
-    20 epochs, more than a typical delta). Refined, the bound moves to sqrt(2 ln 2^77) =
-    10.3 sigma, a tail of 1e-24.
-    """
-    fine = (bits.random_raw(n) >> np.uint64(11)).astype(np.float64) + 1.0  # in [1, 2^53]
-    log_u = np.log(fine) - 77.0 * math.log(2.0)  # ln(2^-24 * fine * 2^-53), exact in float64
-    return np.sqrt(-2.0 * log_u).astype(np.float32)
-
-
-def _box_muller_(dst: np.ndarray, std: float, bits: np.random.SFC64) -> None:
-    """Fill a 1-D float32 array with N(0, std^2): Box-Muller on 24-bit uniforms.
-
-    The same algorithm and the same float32 uniform grid as torch's CPU ``normal_`` kernel
-    (except the grid's lowest cell, refined so that the tail is not cut at 5.77 sigma: see
-    ``_refined_tail_radius``), only the uniforms come from SFC64 (about 3x faster than torch's
-    Mersenne Twister) and the transcendental functions from numpy's SIMD loops. All work
-    happens in numpy calls that release the GIL, so chunks run truly in parallel -- and
-    torch's OpenMP pool is not used.
-    """
-    m = dst.size
-    h = (m + 1) // 2  # pairs: each gives a cosine and a sine normal
-    words = bits.random_raw(h).view(np.uint32)  # 2h fresh 32-bit words
-    np.right_shift(words, 8, out=words)  # the top 24 bits: float32's exact uniform grid
-    u, v = words[:h], words[h:]
-    lowest = np.flatnonzero(u == _LOWEST_CELL)  # usually empty: probability 2^-24 per pair
-    radius = dst[:h]
-    np.multiply(u, np.float32(2.0**-24), out=radius, dtype=np.float32, casting="unsafe")
-    np.subtract(np.float32(1.0), radius, out=radius)  # u in (0, 1], so log(u) is finite
-    np.log(radius, out=radius)
-    np.multiply(radius, np.float32(-2.0), out=radius)
-    np.sqrt(radius, out=radius)
-    if lowest.size:
-        radius[lowest] = _refined_tail_radius(bits, lowest.size)
-    if std != 1.0:
-        np.multiply(radius, np.float32(std), out=radius)
-    theta = u.view(np.float32)  # u is consumed: its memory holds the angle
-    np.multiply(
-        v, np.float32(2.0 * math.pi * 2.0**-24), out=theta, dtype=np.float32, casting="unsafe"
-    )
-    trig, tail = v.view(np.float32), m - h  # v is consumed: its memory holds sin / cos
-    np.sin(theta[:tail], out=trig[:tail])
-    np.multiply(radius[:tail], trig[:tail], out=dst[h:])
-    np.cos(theta, out=trig)
-    np.multiply(radius, trig, out=radius)
-
-
-def _fill_standard_chunk(dst: np.ndarray, std: float, material: Callable[[int], bytes]) -> None:
-    """Fill a contiguous 1-D float32/float64 array with N(0, std^2) from fresh key material."""
-    bits = _bit_generator(material)
-    if dst.dtype == np.float32:
-        _box_muller_(dst, std, bits)
-        return
-    np.random.Generator(bits).standard_normal(out=dst, dtype=dst.dtype)  # float64: ziggurat
-    if std != 1.0:
-        dst *= std
-
-
-def _add_standard_chunk(
-    dst: np.ndarray,
-    std: float,
-    material: Callable[[int], bytes],
-    row_scale: np.ndarray | None = None,
-) -> None:
-    """``dst += N(0, std^2)`` for a contiguous float32/float64 array, drawn into this thread's
-    scratch; with ``row_scale`` (n,), ``dst`` is read as n rows and row j's noise is scaled by
-    ``row_scale[j]`` first."""
-    z = _scratch_array(dst.size, dst.dtype)
-    _fill_standard_chunk(z, std, material)
-    if row_scale is not None:
-        rows = z.reshape(row_scale.size, -1)
-        np.multiply(rows, row_scale[:, None], out=rows)
-    np.add(dst, z.reshape(dst.shape), out=dst)
-
-
-# ------------------------------------------------------------------------ scratch
-_scratch = threading.local()
-
-
-def _scratch_array(numel: int, dtype: np.dtype[Any]) -> np.ndarray:
-    """A per-thread reusable buffer, so add_normal_ never allocates an out-sized temporary."""
-    buffers: dict[np.dtype[Any], np.ndarray] = _scratch.__dict__.setdefault("buffers", {})
-    if dtype not in buffers or buffers[dtype].size < numel:
-        buffers[dtype] = np.empty(max(numel, CHUNK_NUMEL), dtype=dtype)
-    return buffers[dtype][:numel]
 
 
 def _check_std(std: Any) -> float:
@@ -287,12 +185,12 @@ class GaussianNoise:
             self._counter += 1
             return self._counter - 1
 
-    def _material(self, call: int, chunk: int) -> Callable[[int], bytes]:
-        """Key material of ``nbytes`` for one chunk: OS entropy, or SHAKE-256 when seeded."""
+    def _material(self, call: int, chunk: int) -> bytes:
+        """256 bits of key material for one chunk: OS entropy, or SHAKE-256 when seeded."""
         if not self.seeded:
-            return secrets.token_bytes
+            return secrets.token_bytes(MATERIAL_BYTES)
         message = self._prefix + struct.pack("<QQ", call, chunk)
-        return lambda nbytes: hashlib.shake_256(message).digest(nbytes)
+        return hashlib.shake_256(message).digest(MATERIAL_BYTES)
 
     # -- drawing -------------------------------------------------------------------------
     def _draw(self, out: Tensor, std: float, add: bool) -> Tensor:
@@ -328,14 +226,14 @@ class GaussianNoise:
             if part.dtype in (torch.float32, torch.float64):
                 array = part.numpy()  # shares memory: numpy fills the tensor in place
                 if add:
-                    _add_standard_chunk(array, std, material)
+                    add_standard_chunk(array, std, material)
                 else:
-                    _fill_standard_chunk(array, std, material)
+                    fill_standard_chunk(array, std, material)
                 return
             # half / bfloat16: drawn in float32, rounded once (numpy has no bfloat16).
             with torch.no_grad():  # grad mode is per thread: the pool's workers need their own
-                scratch32 = torch.from_numpy(_scratch_array(part.numel(), np.dtype(np.float32)))
-                _fill_standard_chunk(scratch32.numpy(), std, material)
+                scratch32 = torch.from_numpy(scratch_array(part.numel(), np.dtype(np.float32)))
+                fill_standard_chunk(scratch32.numpy(), std, material)
                 if add:
                     part.add_(scratch32)
                 else:
@@ -345,7 +243,7 @@ class GaussianNoise:
 
     def _fill_device(self, flat: Tensor, std: float, add: bool, call: int) -> None:
         """GPU: one Philox generator per call with a 64-bit seed (Philox keeps all 64 bits)."""
-        seed = int.from_bytes(self._material(call, 0)(8), "little") >> 1  # manual_seed: < 2**63
+        seed = int.from_bytes(self._material(call, 0)[:8], "little") >> 1  # manual_seed: < 2**63
         gen = torch.Generator(device=flat.device)
         gen.manual_seed(seed)
         with torch.no_grad():
@@ -521,7 +419,7 @@ class GaussianNoise:
 
         def work(index: int) -> None:
             rows = slice(starts[index], starts[index] + rows_per_chunk)
-            _add_standard_chunk(target[rows], 1.0, self._material(call, index), factor[rows])
+            add_standard_chunk(target[rows], 1.0, self._material(call, index), factor[rows])
 
         run_chunks(work, len(starts), self.threads)
 
