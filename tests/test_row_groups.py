@@ -184,3 +184,15 @@ def test_sum_gathered_without_an_index_reads_one_table_row_per_id() -> None:
     factored = SparseRows(ids, BagFactors(None, table, w), 30)
     torch.testing.assert_close(factored.coalesce().values, groups.sum_per_row(table * w[:, None]))
     torch.testing.assert_close(factored.values, table * w[:, None])
+
+
+def test_shape_cache_builds_once_per_key_and_starts_over_past_its_limit() -> None:
+    from lazydp._cache import ShapeCache
+
+    built: list[int] = []
+    cache: ShapeCache[int, list[int]] = ShapeCache(lambda n: built.append(n) or [n], limit=2)
+    first = cache(1)
+    assert cache(1) is first and built == [1]
+    cache(2)
+    cache(3)  # a third key: the cache starts over instead of growing
+    assert cache(1) is not first and built == [1, 2, 3, 1]

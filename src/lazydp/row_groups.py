@@ -27,6 +27,8 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from lazydp._cache import ShapeCache
+
 _INT32_ROWS = 1 << 31
 _INT32_SORT_MIN = 1 << 14
 # embedding_bag's CPU kernel sums these dtypes; others take index_add_.
@@ -57,19 +59,14 @@ def _packed_sort(ids: Tensor) -> tuple[Tensor, Tensor]:
     return torch.from_numpy(keys), torch.from_numpy(order)
 
 
-_POSITIONS: dict[int, np.ndarray] = {}
-
-
-def _positions(n: int) -> np.ndarray:
-    """np.arange(n) as int64, kept for the next batch of the same size (read only)."""
-    positions = _POSITIONS.get(n)  # one lookup: safe if another thread clears the cache
-    if positions is None:
-        if len(_POSITIONS) > 64:  # many batch sizes (Poisson sampling): start over
-            _POSITIONS.clear()
-        positions = np.arange(n, dtype=np.int64)
-        positions.flags.writeable = False
-        _POSITIONS[n] = positions
+def _readonly_arange(n: int) -> np.ndarray:
+    positions = np.arange(n, dtype=np.int64)
+    positions.flags.writeable = False
     return positions
+
+
+#: np.arange(n) as int64, kept for the next batch of the same size (read only).
+_positions: ShapeCache[int, np.ndarray] = ShapeCache(_readonly_arange)
 
 
 class RowGroups:

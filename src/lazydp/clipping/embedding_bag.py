@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from lazydp._cache import ShapeCache
 from lazydp.clipping._base import (
     BagFactors,
     Call,
@@ -117,19 +118,16 @@ def _uniform_pooling(module: nn.EmbeddingBag, ids: Tensor, offsets: Tensor) -> i
     return length if torch.equal(offsets, _steps(end, length, offsets)) else None
 
 
-_STEPS: dict[tuple[int, int, torch.dtype, torch.device], Tensor] = {}
+#: ``arange(0, end, length)`` as a dtype on a device, kept for the next batch of the same shape
+#: (never written: only compared with).
+_ARANGES: ShapeCache[tuple[int, int, torch.dtype, torch.device], Tensor] = ShapeCache(
+    lambda key: torch.arange(0, key[0], key[1], dtype=key[2], device=key[3])
+)
 
 
 def _steps(end: int, length: int, like: Tensor) -> Tensor:
-    """``arange(0, end, length)`` as ``like``'s dtype and device, kept for the next batch of the
-    same shape (never written: only compared with)."""
-    key = (end, length, like.dtype, like.device)
-    steps = _STEPS.get(key)  # one lookup: safe if another thread clears the cache
-    if steps is None:
-        if len(_STEPS) > 64:  # many shapes (ragged last batches, evaluation): start over
-            _STEPS.clear()
-        steps = _STEPS[key] = torch.arange(0, end, length, dtype=like.dtype, device=like.device)
-    return steps
+    """``arange(0, end, length)`` as ``like``'s dtype and device (cached)."""
+    return _ARANGES((end, length, like.dtype, like.device))
 
 
 def _bags(module: nn.EmbeddingBag, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Bags:
