@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from lazydp import huge_pages
 from lazydp.errors import ConfigError, InputError
 
 _CHUNK = 1 << 22  # elements per independently seeded fill chunk (16 MiB of fp32)
@@ -47,7 +48,7 @@ def uniform_table(
     Example: ``uniform_table(1000, 16, 0.03, seed=0).abs().max() <= 0.03``.
     """
     device = torch.device(device) if device is not None else torch.device("cpu")
-    out = torch.empty((rows, dim), dtype=torch.float32, device=device)
+    out = huge_pages.empty((rows, dim), torch.float32, device)  # rows are read at random
     if device.type != "cpu":
         gen = torch.Generator(device=device).manual_seed(seed)
         return out.uniform_(-bound, bound, generator=gen)

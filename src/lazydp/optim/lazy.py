@@ -31,6 +31,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from lazydp import huge_pages
 from lazydp._timing import PhaseTimer
 from lazydp.clipping._base import SparseRows
 from lazydp.errors import ConfigError, PrivacyError
@@ -105,7 +106,8 @@ class HistoryTable:
     """Per row of one embedding table: the step up to which its noise has been applied."""
 
     def __init__(self, num_rows: int, device: torch.device | str = "cpu") -> None:
-        self.applied = torch.zeros(num_rows, dtype=torch.int32, device=device)
+        # read and written at the rows of each batch, like the table: on huge pages too
+        self.applied = huge_pages.empty((num_rows,), torch.int32, device).zero_()
 
     def __len__(self) -> int:
         return self.applied.numel()
