@@ -61,9 +61,18 @@ def main() -> None:
         print(f"\rstep {i + 1}/{args.steps}", end="", flush=True)
     print()
     step = {k: statistics.median(r.result.steps_ms) for k, r in runners.items()}
+    rows = (
+        "forward",
+        "backward (per-batch)",
+        "update: parameter update",
+        "update: lazy bookkeeping",
+    )
+    print(
+        f"{'':10s} {'step':>8s}" + "".join(f" {row.removeprefix('update: '):>18s}" for row in rows)
+    )
     for k, r in runners.items():
-        update = statistics.median(x["update: parameter update"] for x in r.rows)
-        print(f"{k:10s} step {step[k]:7.2f} ms   parameter update {update:6.2f} ms")
+        parts = [statistics.median(x[row] for x in r.rows) for row in rows]
+        print(f"{k:10s} {step[k]:8.2f}" + "".join(f" {v:18.2f}" for v in parts))
     for pages in ("4K", "2M"):
         print(f"lazydp/sgd on {pages} pages: {step[f'lazydp {pages}'] / step[f'sgd {pages}']:.3f}")
     for mode in ("sgd", "lazydp"):

@@ -4,8 +4,9 @@ Why: a training step reads and writes a few thousand random rows of every table 
 LazyDP catch-up, the history table, the row update). With 4 KiB pages each of those rows sits on
 its own page, so every access also misses the TLB and walks page tables that are cold themselves
 (a 1M x 32 float32 table spans 32k pages). On 2 MiB pages the same table is 64 pages. Measured
-here on 10 tables of 1M x 32, batch 2048, pooling 1 (``benchmarks/huge_pages.py``): the row
-update of LazyDP went from about 4.1 to 2.9 ms a step, and sgd's sparse update from 5.8 to 4.5.
+here on 10 tables of 1M x 32, batch 2048, pooling 1 (``benchmarks/huge_pages.py``, three runs):
+LazyDP's row update went from 4.1-4.6 to 3.1-3.3 ms a step, sgd's sparse update from 5.9-6.4
+to 4.6-5.0 ms (benchmarks/RESULTS.md, seventh session).
 
 Linux's transparent huge pages default to ``madvise`` on many machines (this one included): only
 regions that ask get them, and only pages first touched after asking. So :func:`empty` allocates,
