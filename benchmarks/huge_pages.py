@@ -16,6 +16,7 @@ import argparse
 import os
 import statistics
 
+import lazydp
 from lazydp.bench.harness import _ModeRunner
 from lazydp.bench.workload import BenchSpec
 
@@ -37,6 +38,7 @@ def main() -> None:
     ap.add_argument("--embedding-dim", type=int, default=32)
     ap.add_argument("--steps", type=int, default=40)
     args = ap.parse_args()
+    lazydp.tune_malloc()  # as `lazydp bench` and the README's training set-up do
     spec = BenchSpec(
         args.config,
         args.scale,
