@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -53,3 +55,17 @@ def test_small_and_non_cpu_tensors_are_left_alone():
     assert not huge_pages.advise(torch.empty(100))
     assert not huge_pages.advise(torch.empty((1 << 21) // 4 + 1, device="meta"))
     assert huge_pages.empty((5,), torch.int32).dtype == torch.int32
+
+
+def test_the_benchmark_script_runs_on_a_tiny_model():
+    """benchmarks/huge_pages.py end to end (seconds): it must not rot between sessions."""
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "huge_pages.py"), "--scale", "1e-5"]
+        + ["--steps", "2", "--batch-size", "32"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    ).stdout
+    assert "lazydp/sgd on 4K pages:" in out and "lazydp 4K/2M:" in out
