@@ -18,15 +18,12 @@ import statistics
 
 import lazydp
 from lazydp.bench.harness import _ModeRunner
+from lazydp.bench.memory import meminfo_bytes
 from lazydp.bench.workload import BenchSpec
 
 
 def anon_huge_mb() -> int:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("AnonHugePages:"):
-                return int(line.split()[1]) // 1024
-    return 0
+    return (meminfo_bytes("AnonHugePages") or 0) >> 20
 
 
 def main() -> None:

@@ -18,33 +18,20 @@ It is advice: the kernel may still use small pages (fragmented memory), values a
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
-import sys
 
 import torch
 from torch import Tensor
 
-__all__ = ["advise", "empty"]
+from lazydp._libc import libc_function
+
+__all__ = ["advise", "empty", "enabled"]
 
 HUGE_PAGE = 1 << 21
 _MADV_HUGEPAGE = 14  # linux/mman.h
 
 
-def _madvise() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    except OSError:
-        return None
-    fn = libc.madvise
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-_MADVISE = _madvise()
+_MADVISE = libc_function("madvise", [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int)
 
 
 def enabled() -> bool:

@@ -24,8 +24,8 @@ The ``lazydp`` command calls it at start; library users call it once before trai
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
-import sys
+
+from lazydp._libc import libc_function
 
 __all__ = ["tune_malloc"]
 
@@ -37,14 +37,9 @@ TRIM_THRESHOLD = 256 << 20
 
 def tune_malloc() -> bool:
     """Apply the settings above; True if glibc accepted both, False where not applicable."""
-    if not sys.platform.startswith("linux"):
+    mallopt = libc_function("mallopt", [ctypes.c_int, ctypes.c_int], ctypes.c_int)
+    if mallopt is None:  # not Linux, or not glibc (e.g. musl has no mallopt)
         return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # not glibc (e.g. musl has no mallopt)
-        return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     # Order matters: a trim threshold alone switches off glibc's dynamic mmap threshold and
     # leaves it at 128 KiB, which measured far slower (every activation its own mapping).
     mmap_ok = mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1

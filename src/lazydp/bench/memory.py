@@ -97,18 +97,25 @@ def _read_int(path: str) -> int | None:
     return int(text) if text.isdigit() else None  # "max" means no limit
 
 
+def meminfo_bytes(key: str) -> int | None:
+    """A ``/proc/meminfo`` field in bytes (``"MemAvailable"``, ``"AnonHugePages"``), or None
+    where there is none (not Linux, or no such field)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def available_memory_bytes() -> int:
     """Bytes this process can still allocate: MemAvailable, capped by a cgroup memory limit.
 
     Example: ``available_memory_bytes() > 0``.
     """
-    candidates: list[int] = []
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                candidates.append(int(line.split()[1]) * 1024)
-    except OSError:
-        pass
+    available = meminfo_bytes("MemAvailable")
+    candidates = [] if available is None else [available]
     for limit_file, usage_file in (
         ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
         (
