@@ -308,12 +308,7 @@ class PrivacyEngine:
         if self.module is None:
             raise ConfigError("load_checkpoint needs make_private first (same model and mode)")
         state = load_checkpoint_file(path)
-        if self.ledger.steps < int(state["ledger_steps"]):
-            raise PrivacyError(
-                f"checkpoint {path} was taken after {state['ledger_steps']} charged steps but the "
-                f"privacy ledger holds {self.ledger.steps}; refusing to resume with a lower "
-                "epsilon. Restore the ledger file that belongs to this run."
-            )
+        self._check_checkpoint(state, path)  # all of it first: a resume loads all or nothing
         with self._no_flush():
             self.module.load_state_dict(state["model"])
         if self.optimizer is not None:
@@ -322,6 +317,54 @@ class PrivacyEngine:
         if self.noise is not None and "noise" in state:
             self.noise.load_state_dict(state["noise"])
         return dict(state.get("extra", {}))
+
+    def _check_checkpoint(self, state: dict[str, Any], path: str | os.PathLike[str]) -> None:
+        """PrivacyError unless every part of ``state`` fits this engine (changes nothing)."""
+        assert self.module is not None and self.privacy is not None
+        if self.ledger.steps < int(state["ledger_steps"]):
+            raise PrivacyError(
+                f"checkpoint {path} was taken after {state['ledger_steps']} charged steps but the "
+                f"privacy ledger holds {self.ledger.steps}; refusing to resume with a lower "
+                "epsilon. Restore the ledger file that belongs to this run."
+            )
+        saved = state.get("privacy")
+        if not isinstance(saved, dict):
+            raise PrivacyError(f"checkpoint {path} has no privacy settings; it is damaged.")
+        mode = saved.get("mode")
+        if mode != self.privacy.mode:
+            # A lazydp checkpoint's weights owe the noise its history records; an eager engine
+            # would never add it (and a lazy one has no history for an eager checkpoint).
+            raise PrivacyError(
+                f"checkpoint {path} was written in mode {mode!r}, this engine runs "
+                f"{self.privacy.mode!r}; resume in the mode that wrote it. Nothing was loaded."
+            )
+        if mode == "lazydp" and not _same_lazy_noise(saved, self.privacy):
+            raise PrivacyError(
+                f"checkpoint {path}'s pending LazyDP noise was owed at sigma*C/B = "
+                f"{_lazy_noise(saved):.6g} per unit lr, this engine draws it at "
+                f"{_lazy_noise(asdict(self.privacy)):.6g}; resume with the noise multiplier, "
+                "max_grad_norm and batch size that wrote it (or resume in that setting and "
+                "export the flushed model to start a new run). Nothing was loaded."
+            )
+        with self._no_flush():
+            mine = self.module.state_dict()
+        model = state.get("model")
+        if not isinstance(model, dict) or set(model) != set(mine):
+            raise PrivacyError(
+                f"checkpoint {path} holds the state of another model (its keys differ from this "
+                "model's state_dict). Nothing was loaded."
+            )
+        for key, t in mine.items():
+            if not isinstance(model[key], torch.Tensor) or model[key].shape != t.shape:
+                raise PrivacyError(
+                    f"checkpoint {path}: {key!r} has shape "
+                    f"{tuple(getattr(model[key], 'shape', ()))}, the model's is {tuple(t.shape)}. "
+                    "Nothing was loaded."
+                )
+        if self.optimizer is not None:
+            self.optimizer.check_state_dicts(state.get("optimizer"), state.get("lazy"))
+        if self.noise is not None and "noise" in state:
+            GaussianNoise._from_state(state["noise"], self.noise.threads)  # validates only
 
     def detach(self) -> nn.Module:
         """Flush and hand back the plain model (captures and hooks removed)."""
@@ -332,6 +375,19 @@ class PrivacyEngine:
             self.capture.remove()
         assert self.module is not None
         return self.module
+
+
+def _lazy_noise(privacy: dict[str, Any]) -> float:
+    """sigma * C / B_expected: the std per unit lr of one step's pending noise on a row."""
+    sigma, c = float(privacy["noise_multiplier"]), float(privacy["max_grad_norm"])
+    return 0.0 if sigma == 0 else sigma * c / float(privacy["expected_batch_size"])
+
+
+def _same_lazy_noise(saved: dict[str, Any], privacy: PrivacyParams) -> bool:
+    try:
+        return math.isclose(_lazy_noise(saved), _lazy_noise(asdict(privacy)), rel_tol=1e-12)
+    except (KeyError, TypeError, ValueError):
+        return False
 
 
 def _atomic_save(obj: Any, path: str | os.PathLike[str]) -> Path:

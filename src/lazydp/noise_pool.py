@@ -93,6 +93,13 @@ class NoisePool:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Remember where the saved run was; applied at the next draw, once the stream itself
         has been restored (the engine restores the streams after the optimizer)."""
+        call, pos = self.check_state(state)
+        self._buffer, self._pos, self._refill_call = torch.empty(0), 0, -1
+        self._restore = {"call": call, "pos": pos}
+
+    @staticmethod
+    def check_state(state: Any) -> tuple[int, int]:
+        """(call, pos) of a saved pool state; PrivacyError if it is not one."""
         try:
             call, pos = state["call"], state["pos"]
             for v in (call, pos):
@@ -105,5 +112,4 @@ class NoisePool:
                 f"corrupt noise-pool state in the checkpoint ({e!r}); it must be "
                 "{'call': int, 'pos': int}. Use a checkpoint written by lazydp."
             ) from e
-        self._buffer, self._pos, self._refill_call = torch.empty(0), 0, -1
-        self._restore = {"call": call, "pos": pos}
+        return call, pos

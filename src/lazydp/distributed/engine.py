@@ -253,6 +253,13 @@ class DistributedPrivacyEngine(PrivacyEngine):
         finally:
             self.noise = real
 
+    def _check_checkpoint(self, state: dict[str, Any], path: str | os.PathLike[str]) -> None:
+        super()._check_checkpoint(state, path)
+        sharded = dict(state.get("extra", {})).get("_sharded", {})
+        for name, shard in dict(sharded).items():
+            if name in self.sharded:
+                self.sharded[name].check_training_state_dict(shard)
+
     def load_checkpoint(self, path: str | os.PathLike[str]) -> dict[str, Any]:
         """Restore (a collective): the ledger is never lowered and every noise stream is re-keyed."""
         extra = super().load_checkpoint(path)

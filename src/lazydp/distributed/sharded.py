@@ -46,6 +46,7 @@ from lazydp.errors import ConfigError, InputError, UnsupportedLayerError
 from lazydp.noise import GaussianNoise
 from lazydp.optim.eager import eager_table_sgd
 from lazydp.optim.lazy import LazyTable, LrPrefix
+from lazydp.optim.resume import check_lazy_state
 
 
 @dataclass
@@ -263,6 +264,22 @@ class ShardedEmbeddingBag(nn.Module):
             state["lazy"] = t.lazy.state_dict()
             state["prefix"] = t.lazy.prefix.state_dict()
         return state
+
+    def check_training_state_dict(self, state: Any) -> None:
+        """PrivacyError unless ``state`` fits this shard (checked before anything is loaded)."""
+        t = self._training
+        if t is None or not state:
+            return
+        lazy = [t.lazy] if t.lazy is not None else []
+        check_lazy_state(
+            lazy,
+            [x.prefix for x in lazy],
+            {
+                "steps_done": state.get("step") if isinstance(state, dict) else None,
+                "tables": [state.get("lazy")] if lazy else [],
+                "prefixes": [state.get("prefix")] if lazy else [],
+            },
+        )
 
     def load_training_state_dict(self, state: dict[str, Any]) -> None:
         t = self._training

@@ -38,6 +38,7 @@ from lazydp.noise_pool import NoisePool
 from lazydp.optim.eager import eager_table_sgd, noisy_dense_grads
 from lazydp.optim.group import OptimizerGroup
 from lazydp.optim.lazy import LazyTable, LrPrefix, check_table_lr
+from lazydp.optim.resume import check_lazy_state, check_optimizer_state
 
 # Dividing by norm + tiny keeps c_i finite for an all-zero gradient (then c_i = 1, as clipping a
 # zero vector leaves it zero); it shrinks a norm exactly at C by a relative 1e-12 only.
@@ -400,7 +401,13 @@ class DPOptimizer(OptimizerGroup):
             "pool": self._pool.state_dict() if self._pool is not None else None,
         }
 
+    def check_state_dicts(self, optimizer_state: Any, lazy_state: Any) -> None:
+        """PrivacyError unless both fit this optimizer (see optim/resume.py); changes nothing."""
+        check_optimizer_state(self.originals, optimizer_state)
+        check_lazy_state(list(self.lazy.values()), list(self._prefixes.values()), lazy_state)
+
     def load_lazy_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`lazy_state_dict` saved (checked first by check_state_dicts)."""
         if self._pool is not None and state.get("pool") is not None:  # older checkpoints: none
             self._pool.load_state_dict(state["pool"])  # validated first: raises before any change
         self.steps_done = int(state["steps_done"])

@@ -1,0 +1,90 @@
+"""Checks that a checkpoint's optimizer and LazyDP state fit the running engine, made before
+anything is loaded: a resume either restores all of it or changes nothing.
+
+Why all-or-nothing: the weights of a lazydp checkpoint still owe the noise its history tables
+record. Loading those weights and then failing on the history (or loading them beside this run's
+history) would leave rows that look caught up but never got their noise -- and the next export
+would release them. Each check raises :class:`PrivacyError` naming what does not fit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from lazydp.errors import PrivacyError
+from lazydp.noise_pool import NoisePool
+from lazydp.optim.lazy import LazyTable, LrPrefix
+
+
+def _refuse(what: str) -> PrivacyError:
+    return PrivacyError(
+        f"the checkpoint does not fit this engine: {what}. Nothing was loaded. Resume with the "
+        "model, optimizers, mode and privacy settings that wrote it."
+    )
+
+
+def check_optimizer_state(originals: Sequence[Optimizer], state: Any) -> None:
+    """``state`` (OptimizerGroup.state_dict's layout) has the groups and sizes of ``originals``."""
+    if len(originals) == 1:
+        states = [state]
+    elif isinstance(state, dict) and isinstance(state.get("optimizers"), list):
+        states = state["optimizers"]
+    else:
+        raise _refuse(f"it holds one optimizer's state, this engine wraps {len(originals)}")
+    if len(states) != len(originals):
+        raise _refuse(
+            f"it holds {len(states)} optimizers' states, this engine wraps {len(originals)}"
+        )
+    for k, (o, s) in enumerate(zip(originals, states)):
+        groups = s.get("param_groups") if isinstance(s, dict) else None
+        if not isinstance(groups, list) or not isinstance(s.get("state"), dict):
+            raise _refuse(f"optimizer {k}'s state is not a torch optimizer state_dict")
+        sizes = [len(g.get("params", ())) if isinstance(g, dict) else -1 for g in groups]
+        mine = [len(g["params"]) for g in o.param_groups]
+        if sizes != mine:
+            raise _refuse(
+                f"optimizer {k} ({type(o).__name__}) has parameter groups of sizes {mine}, the "
+                f"checkpoint's has {sizes}"
+            )
+
+
+def check_lazy_state(tables: Sequence[LazyTable], prefixes: Sequence[LrPrefix], state: Any) -> None:
+    """``state`` (DPOptimizer.lazy_state_dict) has one history per table of the same length, one
+    lr prefix per group, a step count they agree on, and a valid noise-pool position."""
+    if not isinstance(state, dict):
+        raise _refuse("its LazyDP state is missing")
+    steps = state.get("steps_done")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise _refuse(f"its step count {steps!r} is not an int >= 0")
+    saved_tables, saved_prefixes = state.get("tables"), state.get("prefixes")
+    if not isinstance(saved_tables, list) or len(saved_tables) != len(tables):
+        n = len(saved_tables) if isinstance(saved_tables, list) else None
+        raise _refuse(f"it holds {n} LazyDP history tables, this engine has {len(tables)}")
+    if not isinstance(saved_prefixes, list) or len(saved_prefixes) != len(prefixes):
+        n = len(saved_prefixes) if isinstance(saved_prefixes, list) else None
+        raise _refuse(f"it holds {n} lr prefix sums, this engine has {len(prefixes)}")
+    for k, (table, s) in enumerate(zip(tables, saved_tables)):
+        applied = s.get("applied") if isinstance(s, dict) else None
+        rows = len(table.history)
+        if (
+            not isinstance(applied, Tensor)
+            or applied.shape != (rows,)
+            or applied.is_floating_point()
+        ):
+            raise _refuse(f"history table {k} is not {rows} integer steps")
+        if rows and not bool(((applied >= 0) & (applied <= steps)).all()):
+            raise _refuse(f"history table {k} holds steps outside [0, {steps}]")
+    for k, s in enumerate(saved_prefixes):
+        parts = [s.get(key) if isinstance(s, dict) else None for key in ("s1", "s2")]
+        sums = [t for t in parts if isinstance(t, Tensor) and t.dtype == torch.float64]
+        if len(sums) != 2 or any(t.shape != (steps + 1,) for t in sums):
+            raise _refuse(f"lr prefix {k} does not cover the {steps} steps it claims")
+        if not bool(torch.isfinite(sums[1]).all()) or bool((sums[1].diff() < 0).any()):
+            raise _refuse(f"lr prefix {k}'s sums of lr^2 are not finite and non-decreasing")
+    if state.get("pool") is not None:
+        NoisePool.check_state(state["pool"])

@@ -1,0 +1,118 @@
+"""A checkpoint that does not fit the engine is refused before anything is loaded.
+
+The danger these guard against: a lazydp checkpoint's weights still owe the noise its history
+tables record. Loading them into an engine that does not apply that noise (another mode, another
+noise scale) or loading the weights and then failing half-way would release rows without it.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lazydp import PrivacyEngine, PrivacyError
+from lazydp.testing import constant_noise
+from tests.test_lazy import build, step
+from tests.toy import Toy, dense_params, loader, make_batches, table_params
+
+
+def _trained_checkpoint(tmp_path, mode="lazydp"):
+    model, opt, sched, engine = build(mode, ledger_path=tmp_path / "run.jsonl")
+    for b in make_batches(3, seed=1):
+        step(model, opt, sched, b)
+    engine.save_checkpoint(tmp_path / "ck.pt")
+    return tmp_path / "ck.pt"
+
+
+def _weights(model):
+    # Direct parameter reads on purpose: model.state_dict() would flush pending noise.
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def _assert_untouched(model, opt, before, steps, pending):
+    for a, b in zip(_weights(model), before):
+        assert torch.equal(a, b)
+    assert opt.steps_done == steps
+    assert opt.pending_rows() == pending
+
+
+def _fresh(mode, tmp_path, **kw):
+    model, opt, sched, engine = build(mode, ledger_path=tmp_path / "run.jsonl", **kw)
+    return model, opt, engine
+
+
+@pytest.mark.parametrize(("saved", "resumed"), [("lazydp", "dpsgd_f"), ("dpsgd_f", "lazydp")])
+def test_a_checkpoint_resumes_only_in_the_mode_that_wrote_it(tmp_path, saved, resumed):
+    with constant_noise(0.9):
+        path = _trained_checkpoint(tmp_path, saved)
+        model, opt, engine = _fresh(resumed, tmp_path)
+        before = _weights(model)
+        with pytest.raises(PrivacyError, match=f"written in mode '{saved}'"):
+            engine.load_checkpoint(path)
+        _assert_untouched(model, opt, before, 0, 0)
+
+
+def _two_optimizers(model):
+    return [
+        torch.optim.Adam(dense_params(model), lr=0.01),
+        torch.optim.SGD(table_params(model), lr=0.5),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("make_opt", "sigma", "match"),
+    [
+        # the checkpoint's run used sigma 1.3: its pending noise is owed at 1.3
+        (_two_optimizers, 0.9, "pending LazyDP noise"),
+        # one optimizer where the checkpoint holds two
+        (lambda model: torch.optim.SGD(model.parameters(), lr=0.5), 1.3, "optimizer"),
+    ],
+)
+def test_another_noise_scale_or_optimizer_layout_is_refused(tmp_path, make_opt, sigma, match):
+    path = _trained_checkpoint(tmp_path)
+    torch.manual_seed(0)
+    model = Toy()
+    engine = PrivacyEngine(seed=1, ledger_path=tmp_path / "run.jsonl")
+    model, opt, _ = engine.make_private(
+        module=model,
+        optimizer=make_opt(model),
+        data_loader=loader(),
+        noise_multiplier=sigma,
+        max_grad_norm=0.7,
+        mode="lazydp",
+    )
+    before = _weights(model)
+    with pytest.raises(PrivacyError, match=match):
+        engine.load_checkpoint(path)
+    _assert_untouched(model, opt, before, 0, 0)
+
+
+def test_a_bad_part_late_in_the_checkpoint_leaves_the_model_as_it_was(tmp_path):
+    path = _trained_checkpoint(tmp_path)
+    state = torch.load(path, weights_only=True)
+    model, opt, sched, engine = build("lazydp", ledger_path=tmp_path / "run.jsonl")
+    for b in make_batches(2, seed=2):
+        step(model, opt, sched, b)
+    before, pending = _weights(model), opt.pending_rows()
+    assert pending > 0
+    broken = {
+        "pool": lambda s: s["lazy"]["pool"].update(pos=-5),
+        "history": lambda s: s["lazy"]["tables"][0].update(
+            applied=torch.zeros(3, dtype=torch.int32)
+        ),
+        "prefix": lambda s: s["lazy"]["prefixes"][0].update(s2=torch.zeros(2, dtype=torch.float64)),
+        "tables": lambda s: s["lazy"]["tables"].pop(),
+        "noise": lambda s: s["noise"].update(counter=-1),
+        "shape": lambda s: s["model"].update({"fc1.weight": torch.zeros(1, 1)}),
+        "keys": lambda s: s["model"].pop("fc1.bias"),
+    }
+    for name, damage in broken.items():
+        bad = torch.load(path, weights_only=True)
+        damage(bad)
+        torch.save(bad, tmp_path / f"{name}.pt")
+        with pytest.raises(PrivacyError, match="Nothing was loaded|noise|corrupt"):
+            engine.load_checkpoint(tmp_path / f"{name}.pt")
+        _assert_untouched(model, opt, before, 2, pending)
+    # The refusals are not spurious: the undamaged checkpoint loads.
+    engine.load_checkpoint(path)
+    assert opt.steps_done == state["lazy"]["steps_done"] == 3
