@@ -24,10 +24,12 @@ def build(
     seed: int = 1,
     ledger_path=None,
     padding: str = "emb",
+    model: Toy | None = None,
 ):
-    """``padding``: which tables have a padding_idx (row 0): "emb" (Toy's), "none" or "both"."""
+    """``padding``: which tables have a padding_idx (row 0): "emb" (Toy's), "none" or "both".
+    ``model``: a Toy to use instead of a fresh one (e.g. with a layer swapped)."""
     torch.manual_seed(0)
-    model = Toy()
+    model = model or Toy()
     if padding == "none":
         model.emb.padding_idx = None
     if padding == "both":

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from lazydp.clipping import clipper_for, parameterised_leaves
 from lazydp.clipping._base import Call, LayerClipper, trainable_direct_params
-from lazydp.errors import InputError, UnsupportedLayerError
+from lazydp.errors import ConfigError, InputError, UnsupportedLayerError
 from lazydp.row_groups import RowGroups
 
 
@@ -46,7 +46,10 @@ class _Tap(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, out: Tensor, anchor: Tensor, record: _Record) -> Tensor:  # type: ignore[override]
         ctx.record = record
-        return out.view_as(out)
+        # An alias, not a view: a view made inside a custom Function may not be modified in
+        # place, and users do (``h *= 2``, ``relu(inplace=True)``). The backward still gets
+        # dL/d(output) as the layer produced it, before any in-place op after the tap.
+        return out.detach()
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None]:  # type: ignore[override]
@@ -101,18 +104,33 @@ class CaptureSet:
         self.root_kwargs: dict[str, Any] = {}
         self.root_record: _Record | None = None
         for name, module in parameterised_leaves(model):
+            if isinstance(module.__dict__.get("forward"), _CapturedForward):
+                raise ConfigError(
+                    f"layer {name or type(module).__name__!r} is already captured by another "
+                    "PrivacyEngine (make_private was called on this model before). Call the "
+                    "first engine's detach() -- it applies pending LazyDP noise and gives the "
+                    "model back -- before making it private again; two engines on one model "
+                    "would each miss the other's noise."
+                )
+        for name, module in parameterised_leaves(model):
             clipper = clipper_for(module)  # raises for layers with no exact norm
             layer = LayerCapture(
                 name=name or type(module).__name__,
                 module=module,
                 clipper=clipper,
-                is_table=isinstance(module, (nn.Embedding, nn.EmbeddingBag)),
+                is_table=_is_table(module, clipper),
             )
             self.layers.append(layer)
-            module.forward = self._make_forward(layer)  # type: ignore[method-assign]
+            module.forward = _CapturedForward(self._make_forward(layer))  # type: ignore[method-assign]
         self._handles.append(model.register_forward_pre_hook(self._on_root_pre, with_kwargs=True))
         if capture_root:
             self._handles.append(model.register_forward_hook(self._on_root_post))
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Any:  # reached through the root's hook
+        raise copy_refused()
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise copy_refused()
 
     # ------------------------------------------------------------------ forward
     def _make_forward(self, layer: LayerCapture) -> Callable[..., Tensor]:
@@ -161,7 +179,17 @@ class CaptureSet:
     def _on_root_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if not torch.is_grad_enabled() or self._passthrough:
             return
-        # A new training forward is a new batch: forget what the previous one recorded.
+        if any(r.grad_output is not None for layer in self.layers for r in layer.records):
+            # Forgetting them (as below) would train on the last micro-batch only, silently.
+            raise ConfigError(
+                "a training forward started after a backward whose gradients optimizer.step() "
+                "has not used: lazydp clips each example within one forward/backward, so "
+                "gradient accumulation over micro-batches is not supported. Use a larger "
+                "batch (the sample rate sets it), call optimizer.step() after each backward "
+                "(or optimizer.zero_grad() to drop it), and run evaluation forwards under "
+                "torch.no_grad(). Nothing was changed or charged."
+            )
+        # A new training forward is a new batch: forget what a forward without a backward recorded.
         self.clear()
         self.root_args, self.root_kwargs = args, kwargs
 
@@ -218,6 +246,45 @@ class CaptureSet:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+
+
+class _CapturedForward:
+    """A captured layer's instance-level forward. It refuses to be deep-copied or pickled: a
+    copy would still run the original layer (the closure holds it), and the engine behind it
+    (noise streams, ledger, pending LazyDP noise) is not something to duplicate."""
+
+    __slots__ = ("_fn",)
+
+    def __init__(self, fn: Callable[..., Tensor]) -> None:
+        self._fn = fn
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Tensor:
+        return self._fn(*args, **kwargs)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Any:
+        raise copy_refused()
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise copy_refused()
+
+
+def copy_refused() -> ConfigError:
+    return ConfigError(
+        "a model made private by a PrivacyEngine cannot be deep-copied or pickled whole "
+        "(copy.deepcopy, torch.save(model), AveragedModel): its layers are bound to the engine, "
+        "so a copy would run the original's weights, and LazyDP tables may owe noise. Copy the "
+        "weights instead: new = Model(); new.load_state_dict(model.state_dict()) -- state_dict "
+        "applies pending noise first -- or use engine.export(path) / engine.detach()."
+    )
+
+
+def _is_table(module: nn.Module, clipper: LayerClipper) -> bool:
+    """An embedding table whose clipper can say which rows a call reads (the row-sparse paths,
+    LazyDP's catch-up). A subclass with its own forward goes to the fallback clipper, which
+    cannot: its weight is then noised and updated densely like any other parameter."""
+    return isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and (
+        type(clipper).rows_read is not LayerClipper.rows_read
+    )
 
 
 @contextmanager

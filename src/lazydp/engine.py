@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader
 from lazydp import _validate as v
 from lazydp._timing import PhaseTimer
 from lazydp.accounting import SAMPLERS, calibrate_noise_multiplier
-from lazydp.capture import CaptureSet
+from lazydp.capture import CaptureSet, copy_refused
 from lazydp.errors import ConfigError, PrivacyError
 from lazydp.ledger import PrivacyLedger
 from lazydp.loader import DPDataLoader
@@ -81,6 +81,12 @@ class PrivacyEngine:
         self.noise: GaussianNoise | None = None
         self._suppress_flush = False
         self._hooks: list[Any] = []
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Any:  # reached through a table's hook
+        raise copy_refused()
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise copy_refused()
 
     # ------------------------------------------------------------------ set-up
     def make_private(

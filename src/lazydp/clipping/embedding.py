@@ -196,6 +196,12 @@ class EmbeddingClipper(LayerClipper):
     ) -> Tensor | None:
         assert isinstance(module, nn.Embedding)
         ids = validate_ids(module, call_arg(args, kwargs, 0, "input"), module.num_embeddings)
+        if ids.dim() == 0 and torch.is_grad_enabled():  # dim 0 of the output would be d, not B
+            raise InputError(
+                f"Embedding({module.num_embeddings} rows) got a 0-d id tensor in a training "
+                "forward; per-example clipping needs a batch dimension: pass shape (B,) or "
+                "(B, L), e.g. ids.unsqueeze(0) for one example."
+            )
         flat = ids.reshape(-1).long()
         keep = None if module.padding_idx is None else flat != module.padding_idx
         if keep is not None:

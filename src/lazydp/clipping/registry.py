@@ -143,10 +143,24 @@ def parameterised_leaves(model: nn.Module) -> list[tuple[str, nn.Module]]:
         ['0']
     """
     leaves = []
+    owner: dict[int, str] = {}  # id(parameter) -> the layer that owns it
     for name, module in model.named_modules():
-        if trainable_direct_params(module):
+        params = trainable_direct_params(module)
+        if params:
             check_leaf(module, name)
             leaves.append((name, module))
+        for pname, p in params.items():
+            if id(p) in owner:
+                # Each layer's norm and clipped sum is computed on its own; a weight shared by
+                # two layers would need the cross terms of both in one norm, and its two sums
+                # added. Neither is done, so it is refused rather than clipped wrongly.
+                raise UnsupportedLayerError(
+                    f"layers {owner[id(p)]!r} and {name!r} share one parameter ({pname!r}), e.g. "
+                    "tied input and output embeddings; per-example clipping of a tied weight is "
+                    "not supported. Untie them (give each layer its own weight), or call the "
+                    "one layer twice instead of sharing its weight with another layer."
+                )
+            owner[id(p)] = name or type(module).__name__
     return leaves
 
 

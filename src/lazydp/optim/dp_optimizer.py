@@ -192,6 +192,11 @@ class DPOptimizer(OptimizerGroup):
 
         return hook
 
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Also forgets the recorded forward and backward: a gradient dropped on purpose."""
+        self.capture.clear()
+        super().zero_grad(set_to_none)
+
     # ------------------------------------------------------------------ the step
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         loss = None
@@ -321,6 +326,8 @@ class DPOptimizer(OptimizerGroup):
         for opt, group in ((o, g) for o in self.originals for g in o.param_groups):
             lr = float(group["lr"])
             for q in group["params"]:
+                if q in self.lazy and self.lazy[q].sync_frozen(self.steps_done):
+                    continue  # frozen: no update, and (flushed once) no noise while it sits out
                 if not q.requires_grad:
                     continue
                 if q in self.lazy:
@@ -331,6 +338,7 @@ class DPOptimizer(OptimizerGroup):
                             # Reuses the catch-up's sort and written rows where it can.
                             self.lazy[q].update(s, -lr / p.expected_batch_size)
                         elif s is not None:
+                            self.lazy[q].settle()  # a deferred block first, or it overwrites s
                             q.add_(s, alpha=-lr / p.expected_batch_size)
                 elif q in self.tables and is_plain_sgd(opt, group):
                     q.grad = None  # updated below in one streaming pass, never a dense gradient

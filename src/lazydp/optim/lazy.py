@@ -27,6 +27,7 @@ forward and the step is overwritten, as it was before by the update's row write.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -140,6 +141,25 @@ class LazyTable:
         # (rows, their values as the catch-up wrote them, the table's version right after)
         self._written: tuple[Tensor, Tensor, int] | None = None
         self._deferred = False  # _written's block is not in the table yet (see the module doc)
+        self.frozen_at: int | None = None  # the step its weight stopped requiring grad
+
+    def sync_frozen(self, t: int) -> bool:
+        """Follow ``weight.requires_grad`` (True while the table is frozen).
+
+        Eager DP-SGD neither updates nor noises a frozen parameter. So a table frozen at step
+        f first gets the noise of every step it trained in (one full flush), then owes nothing
+        while it sits out; unfrozen at step t, every row's history moves to t.
+        """
+        frozen = not self.weight.requires_grad
+        if frozen != (self.frozen_at is not None):
+            if frozen:
+                self.settle()
+                self._flush_rows(t)
+                self.frozen_at = t
+            else:
+                self.history.applied.fill_(t)
+                self.frozen_at = None
+        return frozen
 
     @torch.no_grad()
     def catch_up(self, rows: Tensor, t: int, defer: bool = False) -> None:
@@ -156,6 +176,9 @@ class LazyTable:
         # The step's clipped sum for this table usually carries the very same id tensor: keep
         # the grouping so that update() and coalesce() need not sort it again.
         self.last_read = groups = RowGroups(rows, self.weight.shape[0])  # ids validated
+        if self.sync_frozen(t):  # nothing pending: flushed when it was frozen
+            self._written = None
+            return
         rows = groups.rows
         block = self._apply(rows, self.history.applied.index_select(0, rows), t, write=not defer)
         # The update usually writes exactly these rows again: keep them.
@@ -237,6 +260,10 @@ class LazyTable:
     def flush(self, t: int) -> None:
         """Bring every row up to step t (O(table); only at epoch end, export and state_dict)."""
         self.settle()
+        if not self.sync_frozen(t):
+            self._flush_rows(t)
+
+    def _flush_rows(self, t: int) -> None:
         n = self.weight.shape[0]
         for start in range(0, n, _FLUSH_ROWS):
             applied = self.history.applied[start : start + _FLUSH_ROWS]
@@ -249,15 +276,18 @@ class LazyTable:
     def pending_rows(self, t: int) -> int:
         """How many rows still carry pending noise at step t (for tests and reports; a deferred
         block's rows are counted as caught up, as their history says)."""
+        if self.frozen_at is not None:
+            return 0
         stale = self.history.applied < t
         if self.padding_idx is not None:
             stale[self.padding_idx] = False
         return int(stale.sum())
 
-    def state_dict(self) -> dict[str, Tensor]:
-        return {"applied": self.history.applied.clone()}
+    def state_dict(self) -> dict[str, Any]:
+        frozen = -1 if self.frozen_at is None else self.frozen_at
+        return {"applied": self.history.applied.clone(), "frozen_at": frozen}
 
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         applied = state["applied"]
         if applied.shape != self.history.applied.shape:
             raise PrivacyError(
@@ -265,5 +295,7 @@ class LazyTable:
                 f"{self.history.applied.numel()}; the checkpoint belongs to another model."
             )
         self.history.applied.copy_(applied)
+        frozen = int(state.get("frozen_at", -1))  # absent in older checkpoints: not frozen
+        self.frozen_at = None if frozen < 0 else frozen
         # The table's values were just loaded too: a block caught up before belongs to the old ones.
         self._written, self._deferred = None, False

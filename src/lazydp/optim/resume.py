@@ -79,6 +79,9 @@ def check_lazy_state(tables: Sequence[LazyTable], prefixes: Sequence[LrPrefix], 
             raise _refuse(f"history table {k} is not {rows} integer steps")
         if rows and not bool(((applied >= 0) & (applied <= steps)).all()):
             raise _refuse(f"history table {k} holds steps outside [0, {steps}]")
+        frozen = s.get("frozen_at", -1)
+        if isinstance(frozen, bool) or not isinstance(frozen, int) or not -1 <= frozen <= steps:
+            raise _refuse(f"history table {k}'s frozen step {frozen!r} is not in [-1, {steps}]")
     for k, s in enumerate(saved_prefixes):
         parts = [s.get(key) if isinstance(s, dict) else None for key in ("s1", "s2")]
         sums = [t for t in parts if isinstance(t, Tensor) and t.dtype == torch.float64]

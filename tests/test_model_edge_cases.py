@@ -1,0 +1,194 @@
+"""Model shapes and training-loop habits that must either work exactly or be refused clearly:
+tied weights, table subclasses, a second engine, frozen tables, copies, in-place ops on outputs,
+gradient accumulation, 0-d ids."""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from lazydp import ConfigError, InputError, PrivacyEngine, UnsupportedLayerError
+from lazydp.testing import constant_noise, zero_noise
+from tests.test_lazy import build, snapshot, step
+from tests.toy import Toy, loader, loss_fn, make_batches
+
+
+def _private(model, mode="lazydp"):
+    engine = PrivacyEngine(seed=0)
+    model, opt, _ = engine.make_private(
+        module=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.5),
+        data_loader=loader(),
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        mode=mode,
+    )
+    return model, opt, engine
+
+
+class TiedTables(nn.Module):
+    def __init__(self, out_layer: bool) -> None:
+        super().__init__()
+        self.a = nn.Embedding(10, 4)
+        self.b = nn.Linear(4, 10, bias=False) if out_layer else nn.Embedding(10, 4)
+        self.b.weight = self.a.weight
+
+
+@pytest.mark.parametrize("out_layer", [False, True])
+@pytest.mark.parametrize("mode", ["dpsgd_f", "lazydp"])
+def test_tied_weights_are_refused(out_layer, mode):
+    with pytest.raises(UnsupportedLayerError, match="share one parameter"):
+        _private(TiedTables(out_layer), mode)
+
+
+class ScaledEmbedding(nn.Embedding):
+    """Its own forward: the clipper cannot see which rows it reads (the fallback clips it)."""
+
+    def forward(self, ids):
+        return super().forward(ids) * math.sqrt(self.embedding_dim)
+
+
+def test_a_table_subclass_with_its_own_forward_is_noised_eagerly_under_lazydp():
+    probe = torch.tensor([[30, 31], [32, 33]])  # rows no batch reads: only noise moves them
+    out = {}
+    with constant_noise(0.9):
+        for mode in ("dpsgd_f", "lazydp"):
+            torch.manual_seed(0)
+            model = Toy()
+            model.emb = ScaledEmbedding(40, 4, padding_idx=0)
+            model, opt, sched, engine = build(mode, model=model)
+            assert model.emb.weight not in opt.lazy
+            for b in make_batches(5, seed=3):
+                step(model, opt, sched, b)
+            with torch.no_grad():
+                out[mode] = (model.emb(probe), snapshot(model))
+    torch.testing.assert_close(out["lazydp"][0], out["dpsgd_f"][0])
+    for k, v in out["dpsgd_f"][1].items():
+        torch.testing.assert_close(out["lazydp"][1][k], v, atol=1e-5, rtol=1e-5)
+
+
+def test_a_second_engine_on_a_captured_model_is_refused_until_the_first_detaches():
+    model, opt, engine = _private(Toy())
+    for b in make_batches(2):
+        opt.zero_grad()
+        loss_fn(model(*b[:3]), b[3]).backward()
+        opt.step()
+    with pytest.raises(ConfigError, match="already captured"):
+        _private(model)
+    engine.detach()  # flushes pending noise and gives the plain model back
+    _private(model)
+
+
+def test_freezing_and_unfreezing_a_table_matches_eager_dp_sgd():
+    batches = make_batches(9, seed=5)
+    out = {}
+    with constant_noise(0.9):
+        for mode in ("dpsgd_f", "lazydp"):
+            model, opt, sched, engine = build(mode)
+            evals = []
+            for i, b in enumerate(batches):
+                if i == 3:
+                    model.emb.weight.requires_grad_(False)
+                if i == 6:
+                    with torch.no_grad():
+                        evals.append(model(*b[:3]))
+                    model.emb.weight.requires_grad_(True)
+                step(model, opt, sched, b)
+            out[mode] = (evals, snapshot(model))
+    torch.testing.assert_close(out["lazydp"][0], out["dpsgd_f"][0], atol=1e-5, rtol=1e-5)
+    for k, v in out["dpsgd_f"][1].items():
+        torch.testing.assert_close(out["lazydp"][1][k], v, atol=1e-5, rtol=1e-5, msg=k)
+
+
+def test_frozen_table_does_not_move_and_checkpoints_say_so(tmp_path):
+    with constant_noise(0.9):
+        model, opt, sched, engine = build("lazydp", ledger_path=tmp_path / "l.jsonl")
+        step(model, opt, sched, make_batches(1)[0])
+        model.emb.weight.requires_grad_(False)
+        for b in make_batches(3, seed=2):
+            step(model, opt, sched, b)
+        frozen = model.emb.weight.detach().clone()
+        assert opt.pending_rows() > 0  # the bag still owes noise; the frozen table does not
+        assert opt.lazy[model.emb.weight].pending_rows(opt.steps_done) == 0
+        engine.save_checkpoint(tmp_path / "ck.pt")
+        step(model, opt, sched, make_batches(1, seed=9)[0])
+        assert torch.equal(model.emb.weight.detach(), frozen)
+    saved = torch.load(tmp_path / "ck.pt", weights_only=True)
+    assert [t["frozen_at"] for t in saved["lazy"]["tables"]] == [-1, 1]
+
+
+@pytest.mark.parametrize("mode", ["dpsgd_f", "lazydp"])
+def test_copying_or_pickling_a_private_model_is_refused_until_detached(mode):
+    model, opt, engine = _private(Toy(), mode)
+    for attempt in (lambda: copy.deepcopy(model), lambda: torch.save(model, io.BytesIO())):
+        with pytest.raises(ConfigError, match="cannot be deep-copied or pickled"):
+            attempt()
+    plain = engine.detach()
+    clone = copy.deepcopy(plain)
+    for a, b in zip(clone.parameters(), plain.parameters()):
+        assert torch.equal(a, b) and a is not b
+
+
+class InPlace(Toy):
+    """Toy with in-place ops on captured layers' outputs."""
+
+    def forward(self, x, bag_ids, emb_ids):
+        h = torch.relu_(self.fc1(x))
+        h = self.norm(h)
+        e1 = self.bag(bag_ids)
+        e1 *= 2
+        e2 = self.emb(emb_ids).sum(1)
+        return self.top(torch.cat([h, e1, e2], 1)).squeeze(1)
+
+
+class OutOfPlace(Toy):
+    def forward(self, x, bag_ids, emb_ids):
+        h = self.norm(torch.relu(self.fc1(x)))
+        e1 = self.bag(bag_ids) * 2
+        e2 = self.emb(emb_ids).sum(1)
+        return self.top(torch.cat([h, e1, e2], 1)).squeeze(1)
+
+
+@pytest.mark.parametrize("mode", ["dpsgd_f", "lazydp"])
+def test_in_place_ops_on_layer_outputs_train_as_their_out_of_place_form(mode):
+    out = []
+    with zero_noise():
+        for cls in (InPlace, OutOfPlace):
+            torch.manual_seed(0)
+            model, opt, engine = _private(cls(), mode)
+            for b in make_batches(4, seed=7):
+                opt.zero_grad()
+                loss_fn(model(*b[:3]), b[3]).backward()
+                opt.step()
+            out.append(snapshot(model))
+    for k, v in out[1].items():
+        torch.testing.assert_close(out[0][k], v, msg=k)
+
+
+def test_gradient_accumulation_is_refused_and_zero_grad_drops_a_backward():
+    model, opt, engine = _private(Toy())
+    a, b = make_batches(2, seed=1)
+    loss_fn(model(*a[:3]), a[3]).backward()
+    with pytest.raises(ConfigError, match="gradient accumulation"):
+        model(*b[:3])  # a second micro-batch before step()
+    with pytest.raises(ConfigError, match="torch.no_grad"):
+        model(*b[:3])  # and a grad-enabled evaluation forward is the same mistake
+    assert engine.ledger.steps == 0
+    opt.zero_grad()  # drops the unused backward
+    model(*a[:3])  # a forward without a backward is simply replaced by the next
+    loss_fn(model(*b[:3]), b[3]).backward()
+    opt.step()
+    assert engine.ledger.steps == 1
+
+
+def test_zero_dim_ids_are_refused_in_training_only():
+    model, opt, engine = _private(nn.Sequential(nn.Embedding(10, 3)))
+    with pytest.raises(InputError, match="0-d id tensor"):
+        model(torch.tensor(3))
+    with torch.no_grad():
+        assert model(torch.tensor(3)).shape == (3,)
