@@ -10,13 +10,21 @@ Contract:
 * Memory: splits smaller than ``memory_limit_bytes`` (uncompressed) are loaded once (fast path);
   larger ones stay on disk and only the row groups holding requested rows are read (footers and
   row-group boundaries are cached; a small LRU keeps recently used row groups).
+* Bad data raise DataError naming the file and column, never a pyarrow/json traceback and never
+  silently wrong batches (lazydp.data.checks): opening checks metadata.json, that every file is
+  readable Parquet with the columns and types it names (integer ids, numeric label and dense),
+  the row counts, and the values (labels 0/1, finite dense, no nulls, ids within the tables):
+  all rows when the split is loaded, else the footer statistics at open and each row group when
+  it is first read. A 'train' split with 0 rows is refused (nothing to train on); other splits
+  may be empty.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +35,13 @@ import pyarrow.parquet as pq
 import torch
 from torch import Tensor
 
+from lazydp.data.checks import (
+    REBUILD,
+    Column,
+    check_schema,
+    check_statistics,
+    check_table,
+)
 from lazydp.errors import DataError, InputError
 
 DEFAULT_MEMORY_LIMIT = 512 << 20
@@ -71,62 +86,118 @@ class ParquetDataset:
         from lazydp.preprocess.output import read_metadata
 
         self.root = Path(root)
-        self.metadata = read_metadata(self.root)
+        self.metadata = read_metadata(self.root)  # DataError unless complete and well-formed
         if split not in self.metadata["rows"]:
             raise InputError(f"split={split!r}; use one of {sorted(self.metadata['rows'])}")
         self.split = split
         schema = self.metadata["schema"]
         self.schema: dict[str, Any] = schema
+        self.label_name: str = schema.get("label", "label")
         self.dense_names: list[str] = list(schema["dense"])
         self.sparse_names: list[str] = [c["name"] for c in schema["categorical"]]
         self.multi_valued = {c["name"]: bool(c["multi_valued"]) for c in schema["categorical"]}
         self.table_sizes: dict[str, int] = {
             c["name"]: int(c["table_size"]) for c in schema["categorical"]
         }
-        self.columns = ["label", *self.dense_names, *self.sparse_names]
-        self.files = sorted((self.root / split).glob("*.parquet"))
-        self._parquet = [pq.ParquetFile(f) for f in self.files]
-        # global start row of every (file, row group), for bisect
+        self.columns = [self.label_name, *self.dense_names, *self.sparse_names]
+        self._checks = [
+            Column(self.label_name, "label"),
+            *(Column(n, "dense") for n in self.dense_names),
+            *(
+                Column(n, "categorical", self.table_sizes[n], self.multi_valued[n])
+                for n in self.sparse_names
+            ),
+        ]
+        self.num_rows = int(self.metadata["rows"][split])
+        split_dir = self.root / split
+        if not split_dir.is_dir():
+            raise DataError(
+                f"{split_dir} is missing (metadata.json says the {split!r} split has "
+                f"{self.num_rows} rows); the directory is incomplete: {REBUILD}"
+            )
+        self.files = sorted(split_dir.glob("*.parquet"))
+        if not self.files and self.num_rows:
+            raise DataError(
+                f"{split_dir} holds no *.parquet files but metadata.json says {self.num_rows} "
+                f"rows; the directory is incomplete: {REBUILD}"
+            )
+        self._parquet = [_open_parquet(f) for f in self.files]
+        # global start row of every (file, row group), for bisect; and its first row in its file
         self._groups: list[tuple[int, int]] = []
         self._starts: list[int] = []
+        self._file_row: dict[tuple[int, int], int] = {}
         total, size = 0, 0
         for fi, pf in enumerate(self._parquet):
+            check_schema(self.files[fi], pf.schema_arrow, self._checks)
             meta = pf.metadata
+            in_file = 0
             for g in range(meta.num_row_groups):
+                rows = meta.row_group(g).num_rows
                 self._groups.append((fi, g))
                 self._starts.append(total)
-                total += meta.row_group(g).num_rows
+                self._file_row[(fi, g)] = in_file
+                total += rows
+                in_file += rows
                 size += meta.row_group(g).total_byte_size
-        self.num_rows = int(self.metadata["rows"][split])
         if total != self.num_rows:
             raise DataError(
-                f"{self.root / split}: Parquet files hold {total} rows but metadata.json says "
+                f"{split_dir}: Parquet files hold {total} rows but metadata.json says "
                 f"{self.num_rows}; the directory is damaged, run the preprocessing again"
+            )
+        if self.num_rows == 0 and split == "train":
+            raise DataError(
+                f"{split_dir}: the 'train' split has 0 rows, so there is nothing to train on; "
+                "preprocess input that holds data rows (not only a header line, not only bad "
+                "or filtered-out rows)"
             )
         self.in_memory = size <= memory_limit_bytes if in_memory is None else in_memory
         self._table: pa.Table | None = None
+        self._checked: set[tuple[int, int]] = set()  # row groups that passed check_table
         if self.in_memory:
-            tables = [pf.read(columns=self.columns) for pf in self._parquet]
+            tables = []
+            for f, pf in zip(self.files, self._parquet):
+                t = _read(f, partial(pf.read, columns=self.columns))
+                check_table(f, t, self._checks, 0)
+                tables.append(self._canonical(t))
             self._table = pa.concat_tables(tables) if tables else self._empty()
+        else:
+            for f, pf in zip(self.files, self._parquet):
+                check_statistics(f, pf, self._checks)
         self._cache: OrderedDict[tuple[int, int], pa.Table] = OrderedDict()
 
     def __len__(self) -> int:
         return self.num_rows
 
     def _empty(self) -> pa.Table:
-        fields = [("label", pa.float32())] + [(n, pa.float32()) for n in self.dense_names]
-        fields += [
-            (n, pa.list_(pa.int64()) if self.multi_valued[n] else pa.int64())
-            for n in self.sparse_names
-        ]
-        return pa.schema(fields).empty_table()
+        return pa.schema([(c.name, c.target_type) for c in self._checks]).empty_table()
+
+    def _canonical(self, t: pa.Table) -> pa.Table:
+        """``t`` with the reader's types (float32 label and dense, int64 ids), so that tables of
+        files written with other (checked, usable) types concatenate."""
+        for c in self._checks:
+            col = t.column(c.name)
+            same = col.type == c.target_type or (
+                c.multi_valued  # list<int64> whatever its element field is named
+                and pa.types.is_list(col.type)
+                and col.type.value_type == pa.int64()
+            )
+            if not same:
+                i = t.schema.get_field_index(c.name)
+                t = t.set_column(i, c.name, pc.cast(col, c.target_type, safe=False))
+        return t
 
     def _group(self, key: tuple[int, int]) -> pa.Table:
         if key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key]
         fi, g = key
-        table = self._parquet[fi].read_row_group(g, columns=self.columns)
+        table = _read(
+            self.files[fi], partial(self._parquet[fi].read_row_group, g, columns=self.columns), g
+        )
+        if key not in self._checked:
+            check_table(self.files[fi], table, self._checks, self._file_row[key])
+            self._checked.add(key)
+        table = self._canonical(table)
         self._cache[key] = table
         if len(self._cache) > ROW_GROUP_CACHE:
             self._cache.popitem(last=False)
@@ -179,8 +250,33 @@ class ParquetDataset:
                 ids = torch.from_numpy(_i64(col))
                 offs = torch.arange(n, dtype=torch.int64)
             sparse.append((ids, offs))
-        label = torch.from_numpy(_f32(t.column("label")))
+        label = torch.from_numpy(_f32(t.column(self.label_name)))
         return Batch(torch.from_numpy(np.ascontiguousarray(dense)), sparse, label)
+
+
+def _open_parquet(path: Path) -> pq.ParquetFile:
+    try:
+        return pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise DataError(
+            f"{path} is not a readable Parquet file ({_reason(exc)}); it is truncated or "
+            f"corrupt: {REBUILD}"
+        ) from None
+
+
+def _read(path: Path, read: Callable[[], pa.Table], group: int | None = None) -> pa.Table:
+    try:
+        return read()
+    except (pa.ArrowException, OSError) as exc:
+        where = "" if group is None else f", row group {group}"
+        raise DataError(
+            f"{path}{where}: cannot be read ({_reason(exc)}); the file is damaged: {REBUILD}"
+        ) from None
+
+
+def _reason(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def _f32(col: pa.ChunkedArray) -> np.ndarray:

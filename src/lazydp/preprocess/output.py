@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from lazydp.errors import ConfigError
+from lazydp.errors import ConfigError, DataError
 
 METADATA = "metadata.json"
 
@@ -34,8 +34,16 @@ def atomic_directory(final: str | Path, overwrite: bool = False) -> Iterator[Pat
             f"output={str(final)!r} already exists; remove it, choose another --output, "
             "or pass overwrite=True"
         )
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{final.name}.tmp-", dir=final.parent))
+    if final.exists() and not final.is_dir():
+        raise ConfigError(
+            f"output={str(final)!r} is a file, not a directory; overwrite only replaces an "
+            "output directory: choose another --output"
+        )
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f"{final.name}.tmp-", dir=final.parent))
+    except OSError as exc:
+        raise ConfigError(_unwritable(final, exc)) from None
     try:
         yield tmp
         if final.exists():
@@ -56,14 +64,110 @@ def write_metadata(directory: Path, metadata: dict[str, Any]) -> None:
     (directory / METADATA).write_text(text + "\n", encoding="utf-8")
 
 
-def read_metadata(directory: str | Path) -> dict[str, Any]:
-    """The metadata of a finished output directory (DataError when it is incomplete)."""
-    from lazydp.errors import DataError
+def _unwritable(final: Path, exc: OSError) -> str:
+    """Why the output directory ``final`` cannot be created, and what to do."""
+    blocker = next((p for p in [final.parent, *final.parent.parents] if p.is_file()), None)
+    if blocker is not None:
+        why = f"{str(blocker)!r} is a file, not a directory"
+    elif isinstance(exc, PermissionError):
+        why = f"no permission to write in {str(final.parent)!r}"
+    else:
+        why = f"{exc.strerror or exc} ({exc.filename or final.parent})"
+    return f"output={str(final)!r} cannot be created: {why}; choose another --output"
 
-    path = Path(directory) / METADATA
+
+def _damaged(path: Path, what: str) -> DataError:
+    return DataError(
+        f"{path}: {what}; the file is damaged or was not written by `lazydp preprocess`: "
+        "run the preprocessing again"
+    )
+
+
+def read_metadata(directory: str | Path) -> dict[str, Any]:
+    """The metadata of a finished output directory (DataError when it is missing, not JSON or
+    lacks what the readers need: ``rows`` and ``schema``, see ``check_metadata``)."""
+    directory = Path(directory)
+    path = directory / METADATA
+    if not directory.is_dir():
+        raise DataError(
+            f"{str(directory)!r} is not a directory; give the --output directory of "
+            "`lazydp preprocess`"
+        )
     if not path.is_file():
         raise DataError(
             f"{str(directory)!r} has no {METADATA}: not a finished `lazydp preprocess` output; "
             "run the preprocessing (again)"
         )
-    return json.loads(path.read_text(encoding="utf-8"))
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise DataError(f"{path}: cannot be read ({exc.strerror or exc}); check it") from None
+    except UnicodeDecodeError:
+        raise _damaged(path, "is not UTF-8 text") from None
+    try:
+        meta = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise _damaged(
+            path, f"is not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})"
+        ) from None
+    check_metadata(meta, path)
+    return meta  # type: ignore[no-any-return]
+
+
+def check_metadata(meta: Any, path: str | Path = METADATA) -> None:
+    """DataError unless ``meta`` has what the readers use: ``rows`` ({split: count >= 0}) and
+    ``schema`` (``dense``: names, ``categorical``: [{name, table_size >= 1, multi_valued}],
+    optional ``label``: name), all column names distinct.
+
+    Example: ``check_metadata({"rows": {"train": 0}, "schema": {"dense": [], "categorical": []}})``
+    """
+    path = Path(path)
+    if not isinstance(meta, dict):
+        raise _damaged(path, f"holds a JSON {type(meta).__name__}, not an object")
+    missing = [k for k in ("rows", "schema") if k not in meta]
+    if missing:
+        raise _damaged(path, f"lacks the key(s) {missing} (it needs 'rows' and 'schema')")
+    rows, schema = meta["rows"], meta["schema"]
+    if not isinstance(rows, dict):
+        raise _damaged(path, f"'rows' is {rows!r}, not an object of split: row count")
+    for split, n in rows.items():
+        if not _count(n):
+            raise _damaged(path, f"rows[{split!r}] is {n!r}, not an integer >= 0")
+    if not isinstance(schema, dict):
+        raise _damaged(path, f"'schema' is {schema!r}, not an object")
+    for key in ("dense", "categorical"):
+        if not isinstance(schema.get(key), list):
+            raise _damaged(path, f"schema[{key!r}] is {schema.get(key)!r}, not a list")
+    label = schema.get("label", "label")
+    if not isinstance(label, str) or not label:
+        raise _damaged(path, f"schema['label'] is {label!r}, not a column name")
+    names = [label]
+    for i, name in enumerate(schema["dense"]):
+        if not isinstance(name, str) or not name:
+            raise _damaged(path, f"schema['dense'][{i}] is {name!r}, not a column name")
+        names.append(name)
+    for i, c in enumerate(schema["categorical"]):
+        where = f"schema['categorical'][{i}]"
+        if not isinstance(c, dict):
+            raise _damaged(path, f"{where} is {c!r}, not an object")
+        absent = [k for k in ("name", "table_size", "multi_valued") if k not in c]
+        if absent:
+            raise _damaged(path, f"{where} lacks {absent}")
+        if not isinstance(c["name"], str) or not c["name"]:
+            raise _damaged(path, f"{where}['name'] is {c['name']!r}, not a column name")
+        if not _count(c["table_size"]) or c["table_size"] < 1:
+            raise _damaged(
+                path,
+                f"{where} ({c['name']!r}) has table_size {c['table_size']!r}; an embedding "
+                "table needs an integer number of rows >= 1",
+            )
+        if not isinstance(c["multi_valued"], bool):
+            raise _damaged(path, f"{where}['multi_valued'] is {c['multi_valued']!r}, not a bool")
+        names.append(c["name"])
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise _damaged(path, f"schema names column(s) {repeated} more than once")
+
+
+def _count(n: Any) -> bool:
+    return isinstance(n, int) and not isinstance(n, bool) and n >= 0

@@ -4,7 +4,10 @@ Contract:
 * One logical pipeline (lazydp.preprocess.sql) runs on either engine; for the same input and
   settings both produce the same rows, values, row order (file index, line number) and schema.
 * Output is atomic (lazydp.preprocess.output). Bad rows stop the run with a DataError naming the
-  file and line (``on_bad_row="fail"``) or are dropped and counted (``"skip"``).
+  file and line (``on_bad_row="fail"``) or are dropped and counted (``"skip"``). A run that
+  would leave the train split empty (header-only input, every row bad or filtered out, every
+  row in the test split) stops with a DataError saying which; the test split may be empty
+  (``test_fraction=0``, or tiny inputs), which ``metadata.json`` records as ``rows.test == 0``.
 * ``metadata.json``: row counts, schema (dense names, categorical names with table sizes that
   include the reserved ids, multi-valued flags), parameters, engine, ``privacy_cost`` (what the DP
   vocabulary spent, zero for hashing), ``bad_rows``, lazydp version.
@@ -159,6 +162,7 @@ def _run(
             "input or pass --on-bad-row skip to drop and count them"
         )
     engine.view("prepared", sql.prepared_sql(d, spec, cfg.test_fraction), materialize=True)
+    _require_train_rows(engine, spec, cfg, paths, n_bad)
     steps.update()
 
     buckets = cfg.table_buckets(spec)
@@ -200,6 +204,40 @@ def _run(
         "schema_version": SCHEMA_VERSION,
         "lazydp_version": _version(),
     }
+
+
+def _require_train_rows(
+    engine: Engine, spec: FormatSpec, cfg: PreprocessConfig, paths: list[str], n_bad: int
+) -> None:
+    """DataError when no row would reach the train split: such a directory cannot be trained on
+    (``lazydp train`` samples from it) and would fail far from the cause."""
+    counts = dict(engine.query("SELECT is_test, COUNT(*) FROM prepared GROUP BY is_test"))
+    train, test = int(counts.get(False, 0)), int(counts.get(True, 0))
+    if train:
+        return
+    if test:
+        why = (
+            f"all {test} row(s) fell into the test split (test_fraction={cfg.test_fraction}); "
+            "give more rows or a smaller --test-fraction"
+        )
+    else:
+        n_rows = int(engine.query("SELECT COUNT(*) FROM checked")[0][0])
+        if n_rows == 0:
+            header = " besides the header line" if spec.has_header else ""
+            why = f"the input holds no data rows{header}; check --input"
+        elif n_bad == n_rows:
+            why = (
+                f"all {n_rows} data row(s) are bad and were skipped; rerun with --on-bad-row "
+                "fail to see the first bad line, and fix the input"
+            )
+        else:
+            kept = " (acs keeps 16 < AGEP < 90 and PWGTP >= 1)" if spec.name == "acs" else ""
+            why = (
+                f"the {spec.name} format's row filter dropped all {n_rows - n_bad} good "
+                f"row(s){kept}; check that the input is what --format {spec.name} expects"
+            )
+    shown = ", ".join(paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
+    raise DataError(f"{shown}: no training rows: {why}")
 
 
 def _dp_vocabulary(
