@@ -113,13 +113,26 @@ def check_epsilon(e: Any, name: str = "epsilon") -> float:
     >>> check_epsilon(3)
     3.0
     """
-    return _number(
-        name,
-        e,
-        "a finite number > 0",
-        lambda v: math.isfinite(v) and v > 0,
-        "Typical targets are 1-10.",
-    )
+    return check_positive_real(name, e, "Typical targets are 1-10.")
+
+
+def check_epochs(e: Any, name: str = "epochs") -> float:
+    """A finite number of epochs > 0 (fractions allowed).
+
+    >>> check_epochs(2.5)
+    2.5
+    """
+    return check_positive_real(name, e, "It sets how many steps the noise is calibrated for.")
+
+
+def check_positive_real(name: str, x: Any, advice: str, what: str = "") -> float:
+    """``x`` as a float if it is a finite number > 0, else ConfigError (``what`` explains it).
+
+    >>> check_positive_real("lr", 0.5, "Pass e.g. --lr 8.")
+    0.5
+    """
+    expected = f"a finite number > 0{f' ({what})' if what else ''}"
+    return _number(name, x, expected, lambda v: math.isfinite(v) and v > 0, advice)
 
 
 def check_positive_int(name: str, v: Any) -> int:

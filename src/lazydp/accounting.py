@@ -6,14 +6,17 @@ Contract:
 * ``sampler="poisson"``: one step is ``PoissonSampledDpEvent(q, GaussianDpEvent(sigma))``
   (add/remove-one adjacency), i.e. amplification by Poisson subsampling.
 * ``sampler="shuffle"`` (fixed-size batches from a shuffled epoch) gets *no* amplification: each
-  example is used once per epoch, so a group costs ``ceil(steps * q)`` compositions of
+  example is used once per epoch, so a group costs ``ceil(steps / floor(1/q))`` compositions of
   ``GaussianDpEvent(sigma)``. :func:`compute_epsilon_as_if_poisson` gives the (commonly
   reported, unjustified) Poisson figure beside it, so a report can show both.
 * ``noise_multiplier == 0`` with ``steps > 0`` costs ``inf``.
 * PLD (the default) is a pessimistic estimate: never below the true epsilon of the mechanism.
   Its discretisation interval is chosen per call as ``1e-4 * (a coarse first estimate)``,
-  clamped to [1e-6, 1e-2], which keeps the added pessimism near 1e-4 relative (1e-3 at worst)
-  at 10-100 ms per call. A fixed 1e-3 would be 5x too pessimistic at epsilon ~0.005.
+  clamped to [1e-4, 1e-2] (and to 1e-6 of one step's loss span for tiny sigma), which keeps
+  the added pessimism near 1e-4 relative at 10-100 ms per call. A finer floor took minutes
+  at epsilon ~0 (a large delta).
+* Where PLD is out of reach -- more than ``PLD_MAX_STEPS`` steps (1e7 took 164 s) or a grid
+  that overflows (sigma ~ 1e-6) -- the "pld" figure is RDP's, a valid but looser bound.
 * RDP is reported beside PLD; it uses dp_accounting's default orders (1.1..63, so the widely
   quoted figures are reproduced exactly) extended below 1.1 and above 63.
 * :func:`calibrate_noise_multiplier` never overshoots: the returned sigma has epsilon <= target
@@ -45,6 +48,7 @@ from lazydp.errors import ConfigError
 ACCOUNTANTS = ("pld", "rdp")
 SAMPLERS = ("poisson", "shuffle")
 MAX_NOISE_MULTIPLIER = 1000.0
+PLD_MAX_STEPS = 2_000_000
 CALIBRATION_RTOL = 1e-3
 
 RDP_ORDERS: tuple[float, ...] = tuple(
@@ -78,9 +82,17 @@ class MechanismCount:
 
     @property
     def epochs(self) -> int:
-        """Passes over the data (rounded up): how often a shuffled epoch uses each example."""
-        # round() first: 2250 * 0.04 is 90.00000000000001 in floating point, which is 90 epochs.
-        return math.ceil(round(self.steps * self.sample_rate, 9))
+        """Passes over the data (rounded up): how often a shuffled epoch uses each example.
+
+        A shuffled epoch is floor(N/B) = floor(1/q) steps (the partial batch is dropped), not
+        1/q: with N=10, B=3 ten epochs are 30 steps, and ceil(30 * 0.3) = 9 would under-count.
+
+        >>> MechanismCount(0.3, 1.0, 30, "shuffle").epochs
+        10
+        """
+        # round() first: 1 / 0.04 is 25.000000000000004 (or 24.99...) in floating point.
+        per_epoch = max(1, math.floor(round(1 / self.sample_rate, 9)))
+        return math.ceil(self.steps / per_epoch)
 
 
 @dataclass(frozen=True)
@@ -135,13 +147,27 @@ def _epsilon(
     event = _dp_event(groups, as_if_poisson)
     if accountant == "rdp":
         rdp_accountant = rdp.RdpAccountant(list(RDP_ORDERS))
-        rdp_accountant.compose(event)
         with _quiet_absl():
+            rdp_accountant.compose(event)
             return float(rdp_accountant.get_epsilon(delta))
-    coarse = _pld_epsilon(event, delta, 1e-2)
-    if not math.isfinite(coarse):
-        return coarse
-    return _pld_epsilon(event, delta, min(1e-2, max(1e-6, 1e-4 * coarse)))
+    # One step's privacy loss spans about 1/(2 sigma^2) + 40/sigma; cells are kept at least
+    # 1e-4 of that wide (finer costs memory and time, not accuracy that matters: sigma = 1e-6
+    # otherwise asked for 364 TiB). The discretisation is pessimistic, so wider cells can only
+    # raise epsilon. Absolute floor 1e-4: at eps ~ 0 (a large delta) 1e-6 took minutes.
+    if sum(g.steps for g in groups) > PLD_MAX_STEPS:  # PLD composition took minutes there
+        return _epsilon(groups, delta, "rdp", as_if_poisson)
+    sigma = min(g.noise_multiplier for g in groups)
+    span = 1 / (2 * sigma * sigma) + 40 / sigma
+    try:
+        coarse = _pld_epsilon(event, delta, max(1e-2, span * 1e-4))
+        if not math.isfinite(coarse):
+            return coarse
+        fine = max(1e-4, span * 1e-6, min(1e-2, 1e-4 * coarse))
+        return _pld_epsilon(event, delta, fine)
+    except (OverflowError, MemoryError, ValueError):
+        # Far outside any useful regime (sigma ~ 0, a billion steps): PLD's grid overflows.
+        # RDP is a valid upper bound there, and as conservative as it needs to be.
+        return _epsilon(groups, delta, "rdp", as_if_poisson)
 
 
 def _normalise(events: Sequence[MechanismCount]) -> tuple[MechanismCount, ...]:

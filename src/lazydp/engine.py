@@ -121,6 +121,13 @@ class PrivacyEngine:
                 "this PrivacyEngine already made a model private; use one engine per model "
                 "(its ledger belongs to that training run)."
             )
+        if sampler == "shuffle" and world_size > 1:
+            # Each rank would shuffle the whole dataset: examples in two ranks' batches of one
+            # step (sensitivity 2C) and a global batch W times the stated one.
+            raise ConfigError(
+                "sampler='shuffle' is single-process only; distributed training samples with "
+                "Poisson (the default), which each rank draws for its own shard."
+            )
         if any(isinstance(m, nn.parallel.DistributedDataParallel) for m in [module]):
             raise ConfigError(
                 "module is wrapped in DistributedDataParallel, which averages *unclipped* "
@@ -221,13 +228,23 @@ class PrivacyEngine:
         """As ``make_private``, with the smallest noise multiplier whose epsilon <= target."""
         v.check_epsilon(target_epsilon)
         v.check_delta(target_delta)
+        v.check_epochs(epochs)
         n = len(data_loader.dataset)  # type: ignore[arg-type]
         batch_size = data_loader.batch_size or 0
         q = min(1.0, batch_size / max(n, 1))
         v.check_sample_rate(q)
-        steps = max(1, math.ceil(round(epochs / q, 9)))
+        sampler = kwargs.get("sampler", "poisson")
+        v.check_choice("sampler", sampler, SAMPLERS)
+        # Calibrate for the steps the loader will run in ``epochs``: make_private's epoch is
+        # steps_per_epoch (default round(1/q)), a shuffled one floor(N/B); ceil(epochs/q) was
+        # fewer in both cases, and training for ``epochs`` then overshot the target.
+        if sampler == "shuffle":
+            per_epoch = max(1, n // max(batch_size, 1))
+        else:
+            per_epoch = kwargs.get("steps_per_epoch") or max(1, round(1 / q))
+        steps = max(1, math.ceil(round(epochs * per_epoch, 9)))
         sigma = calibrate_noise_multiplier(
-            target_epsilon, target_delta, q, steps, accountant=self.accountant
+            target_epsilon, target_delta, q, steps, accountant=self.accountant, sampler=sampler
         )
         self.target = {"epsilon": target_epsilon, "delta": target_delta, "steps": steps}
         return self.make_private(
@@ -327,7 +344,10 @@ class PrivacyEngine:
     def _check_checkpoint(self, state: dict[str, Any], path: str | os.PathLike[str]) -> None:
         """PrivacyError unless every part of ``state`` fits this engine (changes nothing)."""
         assert self.module is not None and self.privacy is not None
-        if self.ledger.steps < int(state["ledger_steps"]):
+        charged = state.get("ledger_steps")
+        if isinstance(charged, bool) or not isinstance(charged, int) or charged < 0:
+            raise PrivacyError(f"checkpoint {path} has no valid ledger_steps; it is damaged.")
+        if self.ledger.steps < charged:
             raise PrivacyError(
                 f"checkpoint {path} was taken after {state['ledger_steps']} charged steps but the "
                 f"privacy ledger holds {self.ledger.steps}; refusing to resume with a lower "

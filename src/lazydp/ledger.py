@@ -40,7 +40,7 @@ from lazydp._validate import (
     check_sample_rate,
 )
 from lazydp.accounting import SAMPLERS, MechanismCount, compute_epsilon, epsilon_report
-from lazydp.errors import PrivacyError
+from lazydp.errors import ConfigError, PrivacyError
 
 FORMAT = "lazydp-privacy-ledger"
 VERSION = 1
@@ -86,7 +86,29 @@ def _from_record(record: dict[str, Any], where: str) -> StepEvent | ExternalChar
     missing = names - record.keys()
     if missing:
         raise PrivacyError(f"{where}: {kind} record lacks {sorted(missing)}")
-    return cls(**{k: record[k] for k in names})
+    item = cls(**{k: record[k] for k in names})
+    try:  # the checks charging made: a line written any other way proves nothing
+        _check(item)
+    except (ValueError, TypeError) as exc:
+        raise PrivacyError(f"{where}: {exc}") from None
+    return item
+
+
+def _check(item: StepEvent | ExternalCharge) -> None:
+    """ConfigError unless ``item`` is a charge lazydp itself would write."""
+    if isinstance(item, ExternalCharge):
+        check_epsilon(item.epsilon)
+        check_delta(item.delta)
+        return
+    for name in ("step", "rank"):
+        value = getattr(item, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ConfigError(f"{name}={value!r} must be an int >= 0")
+    check_sample_rate(item.sample_rate)
+    check_noise_multiplier(item.noise_multiplier)
+    check_max_grad_norm(item.max_grad_norm, allow_inf=item.noise_multiplier == 0)
+    check_mode(item.mode)
+    check_choice("sampler", item.sampler, SAMPLERS)
 
 
 class PrivacyLedger:
@@ -109,8 +131,14 @@ class PrivacyLedger:
         self._fd: int | None = None
         if self.path is None:
             return
+        if self.path.is_dir():
+            raise PrivacyError(
+                f"privacy ledger path {self.path} is a directory; pass a file path, e.g. "
+                f"{self.path / 'ledger.jsonl'}"
+            )
         if self.path.exists():
             self._load(self.path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         if os.fstat(self._fd).st_size == 0:
             self._append({"kind": "header", "format": FORMAT, "version": VERSION})
@@ -122,8 +150,12 @@ class PrivacyLedger:
             f"Restore {path} from a backup, or repair that line by hand; deleting a step line "
             "under-reports the privacy spent."
         )
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().split("\n")
+        try:
+            lines = path.read_bytes().decode("utf-8").split("\n")
+        except UnicodeDecodeError as exc:
+            raise PrivacyError(
+                f"privacy ledger {path} is not UTF-8 text (byte {exc.start}); it is damaged. {fix}"
+            ) from None
         if lines and lines[-1] == "":
             lines.pop()  # the newline that ends the last complete line
         for number, line in enumerate(lines, start=1):
@@ -190,11 +222,7 @@ class PrivacyLedger:
 
         >>> PrivacyLedger().charge(StepEvent(0, 0.01, 1.0, 1.0, "dpsgd_f", "poisson"))
         """
-        check_sample_rate(event.sample_rate)
-        check_noise_multiplier(event.noise_multiplier)
-        check_max_grad_norm(event.max_grad_norm, allow_inf=event.noise_multiplier == 0)
-        check_mode(event.mode)
-        check_choice("sampler", event.sampler, SAMPLERS)
+        _check(event)
         if self.path is not None and self._fd is None:
             raise PrivacyError(f"privacy ledger {self.path} is closed; open it again to charge.")
         self._append({"kind": "step", **asdict(event)})

@@ -86,6 +86,16 @@ def build_report(
         caveats.append(f"NOT PRIVATE: test noise override {override} was active")
     if seeded:
         caveats.append("reproducible run (explicit seed): for research, not for production")
+    if privacy is not None and privacy.sample_rate > 0:
+        n = privacy.expected_batch_size / privacy.sample_rate  # the dataset size N
+        if ledger.total_delta(delta) * n >= 1:
+            # Releasing one random example in full is (0, 1/N)-DP: at such a delta the
+            # guarantee allows leaking whole records.
+            caveats.append(
+                f"WEAK DELTA: delta {ledger.total_delta(delta):.3g} >= 1/N = {1 / n:.3g}; a "
+                "mechanism that publishes a random example in full meets it. Use delta well "
+                f"below 1/N, e.g. lazydp.accounting.default_delta({round(n)})."
+            )
     if counts:
         # Training is accounted at ``delta``; one-off external charges (e.g. a DP vocabulary)
         # add by basic composition, so the stated guarantee is at ledger.total_delta(delta).

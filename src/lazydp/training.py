@@ -9,7 +9,6 @@ state), ``OUT/model.pt`` (the flushed, releasable model) and ``OUT/report.json``
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 from lazydp import _validate as v
 from lazydp.accounting import calibrate_noise_multiplier, default_delta
 from lazydp.engine import PrivacyEngine
-from lazydp.errors import ConfigError
+from lazydp.errors import ConfigError, DataError
 from lazydp.ledger import ledger_path
 from lazydp.metrics import accuracy, roc_auc
 
@@ -62,21 +61,146 @@ class TrainConfig:
     progress: bool = True
 
     def validate(self) -> None:
+        """Check every option's type and range, and that ``out`` can be created and written.
+
+        Raises ConfigError naming the option, the value and the fix. ``run`` calls it first,
+        before any data is read or any privacy is spent; the CLI calls it as soon as the options
+        are merged, so a bad YAML value never surfaces as a TypeError deep inside training.
+        """
+        v.check_choice("dataset", self.dataset, tuple(DATASET_DEFAULTS))
+        if self.data is not None:
+            _check_path("data", self.data)
+            if not Path(self.data).is_dir():
+                raise ConfigError(
+                    f"data (--data) {self.data} is not a directory; give the --output directory "
+                    "of `lazydp preprocess`"
+                )
         v.check_mode(self.mode)
         v.check_choice("sampler", self.sampler, ("poisson", "shuffle"))
         v.check_choice("dense_optimizer", self.dense_optimizer, ("adam", "sgd"))
         v.check_positive_int("batch_size", self.batch_size)
+        v.check_positive_int("embedding_dim", self.embedding_dim)
+        v.check_positive_int("eval_batch_size", self.eval_batch_size)
+        v.check_positive_real(
+            "epochs",
+            self.epochs,
+            "Pass e.g. --epochs 5.",
+            "passes over the training rows; fractions allowed",
+        )
+        # lr <= 0 is refused, not only lr < 0: with lr 0 every step is still charged to the
+        # ledger (the noise is drawn and accounted) but the parameters never move.
+        _check_lr("lr", self.lr, "of the embedding tables", "8")
+        _check_lr("dense_lr", self.dense_lr, "of the MLPs", "0.003")
         v.check_max_grad_norm(self.max_grad_norm)
         if self.noise_multiplier is not None:
             v.check_noise_multiplier(self.noise_multiplier)
-        elif self.mode != "sgd":
-            if self.target_epsilon is None:
-                raise ConfigError("give --noise-multiplier or --target-epsilon")
-            v.check_epsilon(self.target_epsilon)
-        if not (self.epochs > 0 and math.isfinite(self.epochs)):
-            raise ConfigError(f"epochs={self.epochs!r} must be a positive number")
+        elif self.mode != "sgd" and self.target_epsilon is None:
+            raise ConfigError("give --noise-multiplier or --target-epsilon")
+        if self.target_epsilon is not None:
+            v.check_epsilon(self.target_epsilon, "target_epsilon")
         if self.delta is not None:
             v.check_delta(self.delta)
+        _check_hidden(self.hidden)
+        if self.seed is not None:
+            _check_int("seed", self.seed, 0, "an integer >= 0 (or omit it: OS entropy)")
+        _check_int("model_seed", self.model_seed, 0, "an integer >= 0")
+        _check_int(
+            "checkpoint_every",
+            self.checkpoint_every,
+            0,
+            "an integer >= 0 (steps between checkpoints; 0 = only the final model)",
+        )
+        if self.max_steps is not None:
+            _check_int(
+                "max_steps",
+                self.max_steps,
+                1,
+                "an integer >= 1 (a cap on the number of steps)",
+                "Omit it to train for the full --epochs.",
+            )
+        for name in ("resume", "progress"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(
+                    f"{name} must be true or false; got {getattr(self, name)!r} of type "
+                    f"{type(getattr(self, name)).__name__}."
+                )
+        _check_path("out", self.out)
+        check_output_dir(self.out)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _check_lr(name: str, value: Any, what: str, example: str) -> float:
+    return v.check_positive_real(
+        name,
+        value,
+        "A rate <= 0 does not train (at 0 every step would still spend privacy budget "
+        f"while the parameters stay put); pass e.g. {_flag(name)} {example}.",
+        f"the learning rate {what}",
+    )
+
+
+def _check_int(name: str, value: Any, low: int, expected: str, advice: str = "") -> int:
+    import numbers
+
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise ConfigError(
+            f"{name} ({_flag(name)}) must be {expected}; got {value!r}"
+            + ("" if isinstance(value, int | float) else f" of type {type(value).__name__}")
+            + (f". {advice}" if advice else ".")
+        )
+    return int(value)
+
+
+def _check_hidden(hidden: Any) -> list[int]:
+    if isinstance(hidden, str | bytes) or not isinstance(hidden, list | tuple):
+        raise ConfigError(
+            f"hidden must be a list of MLP layer widths, e.g. [64, 32]; got {hidden!r} of type "
+            f"{type(hidden).__name__}."
+        )
+    return [v.check_positive_int(f"hidden[{i}]", h) for i, h in enumerate(hidden)]
+
+
+def _check_path(name: str, value: Any) -> None:
+    import os
+
+    if not isinstance(value, str | os.PathLike) or not str(value):
+        raise ConfigError(
+            f"{name} ({_flag(name)}) must be a non-empty path; got {value!r} of type "
+            f'{type(value).__name__}. Quote it in YAML if needed, e.g. {name}: "runs/a".'
+        )
+
+
+def check_output_dir(path: Any, flag: str = "--out") -> Path:
+    """``path`` as a Path if it is, or can be created as, a writable directory; else ConfigError.
+
+    Nothing is created: the check only looks at ``path`` and its nearest existing ancestor, so
+    a job can refuse a bad output location before it reads data, trains or spends privacy.
+
+    >>> import tempfile
+    >>> check_output_dir(Path(tempfile.gettempdir()) / "lazydp-example").name
+    'lazydp-example'
+    """
+    import os
+
+    out = Path(path)
+    existing = out
+    while not os.path.lexists(existing) and existing != existing.parent:
+        existing = existing.parent
+    advice = f"choose another {flag}"
+    if existing == out and os.path.lexists(out):
+        if not out.is_dir():
+            raise ConfigError(f"{flag} {out}: exists and is not a directory; {advice}.")
+    elif not existing.is_dir():
+        kind = "a file" if existing.is_file() else "not a directory"
+        raise ConfigError(
+            f"{flag} {out}: cannot create it, {existing} is {kind}; {advice} (or move {existing})."
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{flag} {out}: {existing} is not writable by this user; {advice}.")
+    return out
 
 
 # Per built-in dataset defaults (flags and --config override them). ACS has ~1.4k training rows:
@@ -191,6 +315,17 @@ def evaluate(model: nn.Module, test: Any, batch_size: int) -> dict[str, float]:
     }
 
 
+def _training_target(target: float, privacy_cost: dict[str, Any]) -> float:
+    """The epsilon left for training once preprocessing's (basic composition) is paid."""
+    spent = float(privacy_cost.get("epsilon") or 0.0)
+    if spent and target - spent <= 0:
+        raise ConfigError(
+            f"target epsilon {target} is already spent by preprocessing (epsilon {spent}); "
+            "raise --target-epsilon or preprocess with a smaller budget."
+        )
+    return target - spent
+
+
 def run(
     cfg: TrainConfig,
     *,
@@ -224,12 +359,25 @@ def run(
     total_steps = max(1, int(round(cfg.epochs * steps_per_epoch)))
     if cfg.max_steps:
         total_steps = min(total_steps, cfg.max_steps)
+    if int(test.num_rows) == 0:  # found now, not after the privacy budget is spent
+        raise DataError(
+            f"{root}: the test split has 0 rows, so the trained model cannot be evaluated; "
+            "preprocess with a test fraction > 0 (e.g. --test-fraction 0.1) or more input rows."
+        )
+    privacy_cost = meta.get("privacy_cost") or {}
     sigma = cfg.noise_multiplier
+    calibrated = sigma is None and cfg.mode != "sgd"
     if sigma is None:
         sigma = (
             0.0
             if cfg.mode == "sgd"
-            else calibrate_noise_multiplier(float(cfg.target_epsilon or 0), delta, q, total_steps)
+            else calibrate_noise_multiplier(
+                _training_target(float(cfg.target_epsilon or 0), privacy_cost),
+                delta,
+                q,
+                total_steps,
+                sampler=cfg.sampler,
+            )
         )
 
     torch.manual_seed(cfg.model_seed)  # model init only; DP noise is drawn in lazydp.noise
@@ -256,7 +404,6 @@ def run(
             "another --out (a ledger is never reset)."
         )
     engine = engine_cls(seed=cfg.seed, ledger_path=ledger_file)
-    privacy_cost = meta.get("privacy_cost") or {}
     if (
         privacy_cost.get("epsilon")
         and engine.ledger.steps == 0
@@ -286,8 +433,16 @@ def run(
     eps_every = max(10, total_steps // 8)
     eps = engine.get_epsilon(delta) if cfg.mode != "sgd" and engine.ledger.steps else 0.0
     started, examples, losses = time.perf_counter(), 0, []
-    while step < total_steps:
+    # A calibrated run may charge total_steps, no more: steps redone after a resume (the
+    # checkpoint was behind the ledger) were paid for twice, so the run ends that much earlier
+    # instead of passing the target epsilon.
+    budget_steps = total_steps if calibrated else None
+    stopped_for_budget = False
+    while step < total_steps and not stopped_for_budget:
         for batch in dp_loader:
+            if budget_steps is not None and engine.ledger.steps >= budget_steps:
+                stopped_for_budget = step < total_steps
+                break
             if step >= total_steps:
                 break
             opt.zero_grad()
@@ -315,10 +470,10 @@ def run(
         bar.close()
     train_seconds = time.perf_counter() - started
     engine.flush()  # end of training: every row gets all its pending noise
+    if rank == 0:  # saved before anything else can fail: the budget for it is already spent
+        engine.export(out / "model.pt")
     metrics = evaluate(model, test, cfg.eval_batch_size)
     report = engine.privacy_report(delta)
-    if rank == 0:
-        engine.export(out / "model.pt")
     summary = {
         "dataset": cfg.data or cfg.dataset,
         "mode": cfg.mode,
@@ -327,6 +482,7 @@ def run(
         "train_seconds": round(train_seconds, 2),
         "examples_per_second": round(examples / max(train_seconds, 1e-9), 1),
         "noise_multiplier": sigma,
+        "stopped_for_budget": stopped_for_budget,
         "test": metrics,
         "privacy": report.to_dict(),
         "config": asdict(cfg),
@@ -334,6 +490,12 @@ def run(
     if rank == 0:
         (out / "report.json").write_text(json.dumps(summary, indent=2, default=str))
         print(report)
+        if stopped_for_budget:
+            print(
+                f"stopped after {step} of {total_steps} steps: the ledger holds "
+                f"{engine.ledger.steps} charged steps (steps redone after the resume were paid "
+                "twice), all the target epsilon was calibrated for."
+            )
         print(
             f"test AUC {metrics['auc']:.4f}  accuracy {metrics['accuracy']:.4f}  "
             f"log-loss {metrics['logloss']:.4f}  "

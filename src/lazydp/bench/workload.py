@@ -42,6 +42,9 @@ BENCH_CONFIGS: tuple[str, ...] = (*PAPER_CONFIGS, *EXTRA_CONFIGS)
 # where other work only ever adds time) the median or the fastest whole step.
 STATISTICS = ("mean", "median", "min")
 
+# Largest --scale accepted: a million times the paper's tables (~10^17 bytes) fits no machine, so
+# the memory check refuses it with the largest scale that fits; far beyond, sizes overflow floats.
+MAX_SCALE = 1e6
 # Rows of the dummy dataset handed to make_private: only its length matters (q = B / N).
 DATASET_BATCHES = 100
 
@@ -76,10 +79,11 @@ class BenchSpec:
             isinstance(scale, bool)
             or not isinstance(scale, int | float)
             or not math.isfinite(scale)
-            or scale <= 0
+            or not 0 < scale <= MAX_SCALE
         ):
             raise ConfigError(
-                f"scale must be a finite number > 0 (1.0 = the paper's table sizes); got {scale!r}."
+                f"scale must be a finite number in (0, {MAX_SCALE:g}] (1.0 = the paper's table "
+                f"sizes, ~96 GB for rmc1); got {scale!r}."
             )
         v.check_positive_int("batch_size", self.batch_size)
         if self.pooling is not None:

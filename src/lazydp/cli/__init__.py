@@ -11,9 +11,12 @@ import argparse
 import importlib
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
-from lazydp.errors import LazyDPError
+import yaml
+
+from lazydp.errors import ConfigError, LazyDPError
 from lazydp.malloc import tune_malloc
 
 # Order here is the order in `lazydp --help`.
@@ -40,6 +43,41 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_json_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+
+
+def yaml_problem(exc: Exception) -> str:
+    """One line for a YAML parse error: what the parser disliked and where (line, column)."""
+    problem = getattr(exc, "problem", None) or getattr(exc, "context", None)
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    if problem and mark is not None:
+        return f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
+    return " ".join(str(exc).split())
+
+
+def load_yaml_mapping(path_text: str, flag: str) -> dict[str, Any]:
+    """The option: value mapping in the YAML file a ``flag`` names (keys normalised to
+    underscores); ConfigError if it is missing, a directory, unreadable, not YAML, or not a
+    mapping of text keys."""
+    path = Path(path_text)
+    if not path.exists():
+        raise ConfigError(f"{flag} {path} does not exist; pass a YAML file of options")
+    if path.is_dir():
+        raise ConfigError(f"{flag} {path} is a directory; pass a YAML file of options")
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{flag} {path} is not valid YAML: {yaml_problem(exc)}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{flag} {path} cannot be read: {exc}") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(
+            f"{flag} {path} must hold a mapping of option: value (e.g. `epochs: 5`); got a "
+            f"{type(loaded).__name__}"
+        )
+    bad_keys = [k for k in loaded if not isinstance(k, str)]
+    if bad_keys:
+        raise ConfigError(f"{flag} {path}: option names must be text; got {bad_keys!r}")
+    return {k.replace("-", "_"): val for k, val in loaded.items()}
 
 
 def main(argv: list[str] | None = None) -> int:

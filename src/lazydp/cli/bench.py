@@ -17,14 +17,12 @@ import argparse
 import itertools
 import time
 from dataclasses import fields
-from pathlib import Path
 from typing import Any
 
-import yaml
-
+from lazydp import _validate as v
 from lazydp.bench.harness import BENCH_MODES
 from lazydp.bench.workload import BENCH_CONFIGS, STATISTICS, BenchSpec
-from lazydp.cli import add_json_flag
+from lazydp.cli import add_json_flag, load_yaml_mapping
 from lazydp.errors import ConfigError
 
 EPILOG = """example (2 shared cores, no GPU; numbers from benchmarks/RESULTS.md):
@@ -92,13 +90,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _modes(value: Any) -> list[str]:
+def _modes(value: Any, name: str = "--modes") -> list[str]:
+    if not isinstance(value, str | list | tuple) or not all(isinstance(m, str) for m in value):
+        raise ConfigError(
+            f"{name}={value!r}: expected mode names, comma-separated or a list, from "
+            f"{','.join(BENCH_MODES)}"
+        )
     modes = value.split(",") if isinstance(value, str) else list(value)
     modes = [m.strip() for m in modes if m.strip()]
     bad = [m for m in modes if m not in BENCH_MODES]
     if bad or not modes:
         raise ConfigError(
-            f"--modes={value!r}: {bad or 'empty'} not known; use a comma-separated subset of "
+            f"{name}={value!r}: {bad or 'empty'} not known; use a comma-separated subset of "
             f"{','.join(BENCH_MODES)}"
         )
     return modes
@@ -108,7 +111,17 @@ def _interleave(value: Any) -> bool | list[str]:
     """A sweep's ``interleave``: true/false, or the modes to time together (list or "a,b")."""
     if isinstance(value, bool) or value is None:
         return bool(value)
-    return _modes(value)
+    return _modes(value, "interleave")
+
+
+def _compare(value: Any) -> list[str]:
+    """``--compare`` / a sweep's ``compare``: libraries to time too (a name or a list)."""
+    from lazydp.bench.suite import COMPARE_WITH
+
+    names = [value] if isinstance(value, str) else value if isinstance(value, list) else None
+    if names is None or any(n not in COMPARE_WITH for n in names):
+        raise ConfigError(f"compare={value!r}: expected one or more of {list(COMPARE_WITH)}")
+    return list(names)
 
 
 def _flag(name: str, value: Any) -> bool:
@@ -119,15 +132,7 @@ def _flag(name: str, value: Any) -> bool:
 
 def load_sweep(path: str) -> dict[str, Any]:
     """Read a sweep YAML; unknown keys are refused with the list of known ones."""
-    try:
-        doc = yaml.safe_load(Path(path).read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"--sweep {path}: cannot read it as YAML ({exc})") from None
-    if not isinstance(doc, dict):
-        raise ConfigError(
-            f"--sweep {path}: expected a mapping of options, got {type(doc).__name__}"
-        )
-    doc = {k.replace("-", "_"): v for k, v in doc.items()}
+    doc = load_yaml_mapping(path, "--sweep")
     unknown = sorted(set(doc) - SWEEP_KEYS)
     if unknown:
         raise ConfigError(f"--sweep {path}: unknown keys {unknown}; known: {sorted(SWEEP_KEYS)}")
@@ -141,6 +146,9 @@ def build_specs(options: dict[str, Any]) -> list[BenchSpec]:
     """
     spec_opts = {k: v for k, v in options.items() if k in SPEC_KEYS and v is not None}
     swept = {k: v for k, v in spec_opts.items() if isinstance(v, list)}
+    empty = sorted(k for k, v in swept.items() if not v)
+    if empty:
+        raise ConfigError(f"bench options {empty} are empty lists: give at least one value each")
     fixed = {k: v for k, v in spec_opts.items() if k not in swept}
     try:
         return [
@@ -155,6 +163,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from lazydp.bench.report import format_table, growth_line, write_all
     from lazydp.bench.suite import run_suite, summarise
     from lazydp.cli.env import collect
+    from lazydp.training import check_output_dir
 
     options: dict[str, Any] = load_sweep(args.sweep) if args.sweep else {}
     for key in SWEEP_KEYS:  # flags given on the command line override the file
@@ -163,9 +172,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     options.setdefault("config", "rmc1")
     modes = _modes(options.pop("modes", DEFAULT_MODES))
     compare = options.pop("compare", None)
-    compare_with = [compare] if isinstance(compare, str) else list(compare or [])
-    opacus_its = int(options.pop("opacus_iterations", None) or 3)
+    compare_with = [] if compare is None else _compare(compare)
+    opacus_its = options.pop("opacus_iterations", None)
+    opacus_its = 3 if opacus_its is None else v.check_positive_int("opacus_iterations", opacus_its)
+    interleave = _interleave(options.pop("interleave", False))
+    interleave_scales = _flag("interleave_scales", options.pop("interleave_scales", False))
     specs = build_specs(options)
+    # Refuse an unusable output directory now, not after the whole benchmark has run.
+    out = check_output_dir(args.out or f"runs/bench-{time.strftime('%Y%m%d-%H%M%S')}")
     if not args.sweep:  # a single configuration that cannot fit is refused outright
         from lazydp.bench.harness import check_fits
 
@@ -176,14 +190,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         modes,
         compare=compare_with,
         isolate=args.isolate,
-        interleave=_interleave(options.pop("interleave", False)),
-        interleave_scales=_flag("interleave_scales", options.pop("interleave_scales", False)),
+        interleave=interleave,
+        interleave_scales=interleave_scales,
         progress=args.progress,
         opacus_iterations=(max(1, opacus_its), max(1, opacus_its - 1)),
     )
     summary = summarise(suite)
-    out = Path(args.out or f"runs/bench-{time.strftime('%Y%m%d-%H%M%S')}")
-    paths = write_all(suite, summary, collect(), out)
+    try:
+        paths = write_all(suite, summary, collect(), out)
+    except OSError as exc:
+        raise ConfigError(f"--out {out}: cannot write the results ({exc})") from None
     print(format_table(suite))
     for w in summary["workloads"]:
         print(_ratios_line(w))

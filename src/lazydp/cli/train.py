@@ -12,12 +12,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from pathlib import Path
 from typing import Any
 
-import yaml
-
-from lazydp.cli import add_json_flag
+from lazydp.cli import add_json_flag, load_yaml_mapping
 from lazydp.errors import ConfigError
 from lazydp.training import DATASET_DEFAULTS, TrainConfig
 
@@ -72,38 +69,71 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def load_config_file(path_text: str) -> dict[str, Any]:
+    """The options in a ``--config`` YAML file (keys normalised to underscores); ConfigError if
+    the file cannot be read, is not YAML, or is not a mapping of option names."""
+    return load_yaml_mapping(path_text, "--config")
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """Defaults <- the dataset's defaults <- YAML file <- flags."""
-    values: dict[str, Any] = {}
-    if args.config:
-        path = Path(args.config)
-        if not path.exists():
-            raise ConfigError(f"--config {path} does not exist")
-        loaded = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"--config {path} must hold a mapping of option: value")
-        values.update({k.replace("-", "_"): val for k, val in loaded.items()})
+    """Defaults <- the dataset's defaults <- YAML file <- flags; validated (ConfigError)."""
+    file_values = load_config_file(args.config) if args.config else {}
     names = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = set(values) - names
+    unknown = set(file_values) - names
     if unknown:
         raise ConfigError(
             f"unknown option(s) {sorted(unknown)} in {args.config}; valid: {sorted(names)}"
         )
-    for name in names:
-        val = getattr(args, name, None)
-        if val is not None:
-            values[name] = val
+    flag_values = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+    # --noise-multiplier and --target-epsilon are two ways to set the noise: one of them would be
+    # silently ignored, so both from the same source are refused; a flag beats the file's other.
+    noise_keys = ("noise_multiplier", "target_epsilon")
+    for source, given in (
+        ("the command line", flag_values),
+        (f"--config {args.config}", file_values),
+    ):
+        if all(given.get(k) is not None for k in noise_keys):
+            raise ConfigError(
+                f"both noise_multiplier and target_epsilon are given in {source}; give one "
+                "(--target-epsilon calibrates the noise multiplier for you)"
+            )
+    for mine, other in (noise_keys, noise_keys[::-1]):
+        if flag_values.get(mine) is not None:
+            file_values.pop(other, None)
+    values = {**file_values, **flag_values}
     dataset = values.get("dataset", "movielens")
-    if not values.get("data"):
+    if not values.get("data") and isinstance(dataset, str):
         values = {**DATASET_DEFAULTS.get(dataset, {}), **values}
     if values.get("noise_multiplier") is not None and "target_epsilon" not in values:
         values["target_epsilon"] = None
-    return TrainConfig(**values)
+    cfg = TrainConfig(**values)
+    cfg.validate()
+    return cfg
+
+
+def _check_launch_flags(args: argparse.Namespace) -> bool:
+    """Whether to launch through torchrun; ConfigError for launch flags that would be ignored."""
+    nproc = args.nproc_per_node
+    if nproc is not None and nproc < 1:
+        raise ConfigError(f"--nproc-per-node={nproc} must be >= 1 (processes per node)")
+    if args.nnodes < 1 or args.max_restarts < 0:
+        raise ConfigError(
+            f"--nnodes={args.nnodes} must be >= 1 and --max-restarts={args.max_restarts} >= 0"
+        )
+    if (nproc or 1) > 1 or args.nnodes > 1:
+        args.nproc_per_node = nproc or 1  # --nnodes 2 alone: one process on each node
+        return True
+    if args.max_restarts or args.rdzv_endpoint:
+        raise ConfigError(
+            "--max-restarts and --rdzv-endpoint only apply to a distributed run (--nproc-per-node "
+            ">= 2 or --nnodes >= 2); a single-process run continues after a crash with --resume"
+        )
+    return False
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     cfg = config_from_args(args)
-    if args.nproc_per_node and args.nproc_per_node > 1:
+    if _check_launch_flags(args):
         from lazydp.distributed.launch import launch
 
         return launch(args, cfg)

@@ -31,7 +31,7 @@ from lazydp.capture import CaptureSet, LayerCapture, ReadHook, RowsRead
 from lazydp.clipping import per_sample_clipped_sum, per_sample_norms2
 from lazydp.clipping._base import ClippedSum, SparseRows
 from lazydp.clipping.shared_rows import sum_sq_norms
-from lazydp.errors import InputError, UnsupportedOptimizerError
+from lazydp.errors import ConfigError, InputError, UnsupportedOptimizerError
 from lazydp.ledger import PrivacyLedger, StepEvent
 from lazydp.noise import GaussianNoise
 from lazydp.noise_pool import NoisePool
@@ -146,6 +146,18 @@ class DPOptimizer(OptimizerGroup):
     # ------------------------------------------------------------------ set-up checks
     def _check_optimizers(self) -> None:
         model_params = {p for layer in self.capture.layers for p in layer.params().values()}
+        if not model_params:
+            raise ConfigError(
+                "the model has no trainable parameters (every requires_grad is False): there "
+                "is nothing to train, and each step would still be charged. Unfreeze the "
+                "layers to train before make_private."
+            )
+        for o in self.originals:
+            if isinstance(o, torch.optim.LBFGS):
+                raise UnsupportedOptimizerError(
+                    "torch.optim.LBFGS re-evaluates the loss several times per step; DP-SGD "
+                    "clips, noises and charges exactly one gradient per step. Use SGD or Adam."
+                )
         for p in self._group_index:
             if p.requires_grad and p not in model_params:
                 raise UnsupportedOptimizerError(

@@ -1,0 +1,188 @@
+"""Edge cases where the stated guarantee used to be wrong or the run lost what it had paid for:
+shuffled epochs, calibration for the steps actually run, large delta, tiny sigma, huge step
+counts, ledger lines written by hand, a weak delta, distributed shuffle, resume past a target."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from lazydp import ConfigError, PrivacyEngine, PrivacyError, UnsupportedOptimizerError
+from lazydp.accounting import PLD_MAX_STEPS, MechanismCount, compute_epsilon
+from lazydp.cli import main
+from lazydp.ledger import PrivacyLedger, StepEvent
+
+
+def test_shuffled_epochs_count_the_steps_a_shuffled_epoch_really_has():
+    # N=10, B=3: an epoch is 3 steps (the partial batch is dropped), so 30 steps are 10 epochs;
+    # ceil(30 * 0.3) = 9 under-counted one.
+    ten = MechanismCount(0.3, 1.0, 30, "shuffle")
+    assert ten.epochs == 10
+    gaussian_10 = compute_epsilon([MechanismCount(1.0, 1.0, 10)], 1e-5)  # q = 1: no amplification
+    assert compute_epsilon([ten], 1e-5) == pytest.approx(gaussian_10, rel=1e-6)
+
+
+def test_large_delta_tiny_sigma_and_huge_step_counts_answer_quickly():
+    started = time.perf_counter()
+    near_zero = compute_epsilon([MechanismCount(0.087, 0.5, 2)], 0.1)  # took minutes before
+    assert 0 < near_zero < 0.01
+    tiny = compute_epsilon([MechanismCount(0.087, 1e-6, 11)], 1e-3)  # asked for 364 TiB before
+    assert tiny > 1e6
+    huge = [MechanismCount(0.087, 1.0, PLD_MAX_STEPS + 1)]
+    assert compute_epsilon(huge, 1e-3) == compute_epsilon(huge, 1e-3, "rdp")  # valid upper bound
+    assert time.perf_counter() - started < 60  # generous: a hang, not a speed target
+
+
+def _data(n):
+    return TensorDataset(torch.randn(n, 3), torch.randn(n, 1))
+
+
+def _train(engine, model, opt, loader, epochs):
+    for _ in range(epochs):
+        for x, y in loader:
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+
+
+@pytest.mark.parametrize(
+    ("n", "batch", "kw"),
+    [
+        (13, 5, {"sampler": "shuffle"}),  # calibrated as Poisson before: 2x the target
+        (13, 5, {}),  # round(1/q) = 3 steps an epoch; ceil(epochs / q) calibrated 2.6
+        (100, 10, {"steps_per_epoch": 20}),  # twice the steps of 1/q
+    ],
+)
+def test_training_for_the_calibrated_epochs_ends_within_the_target(n, batch, kw):
+    model = torch.nn.Linear(3, 1)
+    engine = PrivacyEngine(seed=0)
+    epochs = 4
+    model, opt, loader = engine.make_private_with_epsilon(
+        module=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        data_loader=DataLoader(_data(n), batch_size=batch),
+        target_epsilon=2.0,
+        target_delta=1e-3,
+        epochs=epochs,
+        max_grad_norm=1.0,
+        **kw,
+    )
+    _train(engine, model, opt, loader, epochs)
+    assert engine.get_epsilon(1e-3) <= 2.0
+    assert engine.get_epsilon(1e-3) > 1.9  # and the calibration is not merely loose
+
+
+@pytest.mark.parametrize("epochs", [0, -1, float("nan"), "3"])
+def test_calibration_refuses_nonsense_epochs(epochs):
+    model = torch.nn.Linear(3, 1)
+    with pytest.raises(ConfigError, match="epochs"):
+        PrivacyEngine().make_private_with_epsilon(
+            module=model,
+            optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            data_loader=DataLoader(_data(64), batch_size=8),
+            target_epsilon=2.0,
+            target_delta=1e-5,
+            epochs=epochs,
+            max_grad_norm=1.0,
+        )
+
+
+def _make_private(model, opt, **kw):
+    return PrivacyEngine().make_private(
+        module=model,
+        optimizer=opt,
+        data_loader=DataLoader(_data(64), batch_size=8),
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        **kw,
+    )
+
+
+def test_refused_set_ups():
+    model = torch.nn.Linear(3, 1)
+    with pytest.raises(ConfigError, match="single-process only"):
+        _make_private(
+            model, torch.optim.SGD(model.parameters(), lr=0.1), sampler="shuffle", world_size=2
+        )
+    with pytest.raises(UnsupportedOptimizerError, match="LBFGS"):
+        _make_private(model, torch.optim.LBFGS(model.parameters()))
+    frozen = torch.nn.Linear(3, 1).requires_grad_(False)
+    with pytest.raises(ConfigError, match="no trainable parameters"):
+        _make_private(frozen, torch.optim.SGD(frozen.parameters(), lr=0.1))
+
+
+def test_a_delta_of_one_over_n_or_more_is_flagged():
+    model = torch.nn.Linear(3, 1)
+    engine = PrivacyEngine()
+    model, opt, loader = engine.make_private(
+        module=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        data_loader=DataLoader(_data(64), batch_size=8),
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+    )
+    _train(engine, model, opt, loader, 1)
+    assert any("WEAK DELTA" in c for c in engine.privacy_report(0.05).caveats)  # 1/64 = 0.016
+    assert not any("WEAK DELTA" in c for c in engine.privacy_report(1e-3).caveats)
+
+
+@pytest.mark.parametrize(
+    ("line", "match"),
+    [
+        ({"kind": "external", "name": "x", "epsilon": -5, "delta": 1e-6}, "epsilon"),
+        ({"kind": "external", "name": "x", "epsilon": "5", "delta": 1e-6}, "epsilon"),
+        (
+            {
+                **StepEvent(0, 0.1, 1.0, 1.0, "lazydp", "poisson").__dict__,
+                "kind": "step",
+                "sample_rate": "abc",
+            },
+            "sample_rate",
+        ),
+        (
+            {
+                **StepEvent(0, 0.1, 1.0, 1.0, "lazydp", "poisson").__dict__,
+                "kind": "step",
+                "mode": "xx",
+            },
+            "mode",
+        ),
+    ],
+)
+def test_ledger_lines_are_checked_as_charging_checks_them(tmp_path, line, match):
+    path = tmp_path / "ledger.jsonl"
+    PrivacyLedger(path).charge(StepEvent(0, 0.1, 1.0, 1.0, "lazydp", "poisson"))
+    with open(path, "a") as f:
+        f.write(json.dumps(line) + "\n")
+    with pytest.raises(PrivacyError, match=f"line 3: .*{match}"):
+        PrivacyLedger(path)
+
+
+def test_ledger_paths_that_cannot_be_a_ledger(tmp_path):
+    with pytest.raises(PrivacyError, match="is a directory"):
+        PrivacyLedger(tmp_path)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b'{"kind": "header"}\n\xff\xfe\n')
+    with pytest.raises(PrivacyError, match="not UTF-8"):
+        PrivacyLedger(bad)
+    fresh = PrivacyLedger(tmp_path / "new" / "dir" / "ledger.jsonl")  # parents are created
+    fresh.charge(StepEvent(0, 0.1, 1.0, 1.0, "lazydp", "poisson"))
+    assert fresh.steps == 1
+
+
+def test_a_resumed_calibrated_run_stops_at_the_steps_it_was_calibrated_for(tmp_path, capsys):
+    out = tmp_path / "r"
+    args = ["train", "--dataset", "acs", "--epochs", "2", "--target-epsilon", "3"]
+    args += ["--out", str(out), "--checkpoint-every", "4", "--json", "--no-progress"]
+    assert main(args) == 0  # 10 steps, checkpoints at steps 4 and 8: as if killed after 10
+    capsys.readouterr()
+    assert main([*args, "--resume"]) == 0  # resumes at step 8 with 10 steps charged
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    ledger = (out / "ledger.jsonl").read_text().count('"kind":"step"')
+    assert result["stopped_for_budget"] is True
+    assert ledger == 10 and result["steps"] == 8  # redoing steps 9-10 would pass the target
+    assert result["privacy"]["epsilon"] <= 3.0
