@@ -186,3 +186,20 @@ def test_a_resumed_calibrated_run_stops_at_the_steps_it_was_calibrated_for(tmp_p
     assert result["stopped_for_budget"] is True
     assert ledger == 10 and result["steps"] == 8  # redoing steps 9-10 would pass the target
     assert result["privacy"]["epsilon"] <= 3.0
+
+
+def test_steps_on_batches_the_private_loader_did_not_draw_are_flagged():
+    model = torch.nn.Linear(3, 1)
+    engine = PrivacyEngine()
+    original = DataLoader(_data(64), batch_size=8)
+    model, opt, loader = engine.make_private(
+        module=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        data_loader=original,
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+    )
+    _train(engine, model, opt, loader, 1)
+    assert not any("UNVERIFIED" in c for c in engine.privacy_report(1e-3).caveats)
+    _train(engine, model, opt, original, 1)  # the user's own loader: no Poisson sampling
+    assert any("UNVERIFIED SAMPLING" in c for c in engine.privacy_report(1e-3).caveats)

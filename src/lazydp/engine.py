@@ -264,12 +264,16 @@ class PrivacyEngine:
 
     def privacy_report(self, delta: float) -> PrivacyReport:
         """Epsilon (PLD and RDP), mode, sampler, steps, and every caveat that applies."""
+        unsampled = 0
+        if self.optimizer is not None and isinstance(self.loader, DPDataLoader):
+            unsampled = max(0, self.optimizer.steps_with_data - self.loader.batches_drawn)
         return build_report(
             self.ledger,
             delta,
             self.privacy,
             seeded=self.seed is not None,
             override=active_override(),
+            unsampled_steps=unsampled,
         )
 
     # ------------------------------------------------------------------ lazy noise

@@ -69,8 +69,11 @@ class DPDataLoader(DataLoader):
             pin_memory=pin_memory,
         )
         self.on_epoch_end: Callable[[], None] | None = None
+        self.batches_drawn = 0  # by this process: the report compares it with the steps taken
 
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
-        yield from super().__iter__()
+        for batch in super().__iter__():
+            self.batches_drawn += 1
+            yield batch
         if self.on_epoch_end is not None:
             self.on_epoch_end()

@@ -71,6 +71,7 @@ def build_report(
     *,
     seeded: bool,
     override: str | None,
+    unsampled_steps: int = 0,
 ) -> PrivacyReport:
     """Assemble the report from the ledger (the only source of truth for what was spent)."""
     caveats: list[str] = []
@@ -86,6 +87,14 @@ def build_report(
         caveats.append(f"NOT PRIVATE: test noise override {override} was active")
     if seeded:
         caveats.append("reproducible run (explicit seed): for research, not for production")
+    if unsampled_steps > 0:
+        # The accountant assumes each batch was drawn by the engine's sampler; a batch from
+        # elsewhere (the original DataLoader, a hand-built tensor) gets no amplification.
+        caveats.append(
+            f"UNVERIFIED SAMPLING: {unsampled_steps} step(s) trained on more batches than the "
+            "private data loader drew; epsilon assumes every batch came from it. Iterate the "
+            "loader make_private returned."
+        )
     if privacy is not None and privacy.sample_rate > 0:
         n = privacy.expected_batch_size / privacy.sample_rate  # the dataset size N
         if ledger.total_delta(delta) * n >= 1:

@@ -112,6 +112,7 @@ class DPOptimizer(OptimizerGroup):
         self.timer = timer
         self.rank = rank
         self.steps_done = 0
+        self.steps_with_data = 0  # steps of this process whose forward saw >= 1 example
         self._flushed_at = -1  # the step count at the last full flush
         # (optimizer index, group index): load_state_dict replaces the group dicts, so we
         # always look the live dict up instead of keeping a reference to it.
@@ -220,6 +221,7 @@ class DPOptimizer(OptimizerGroup):
         for q in self.lazy:  # refused here, before any change, not when the prefix appends it
             check_table_lr(float(self._group_of(q)[1]["lr"]))
         batch = cap.batch_size()
+        self.steps_with_data += batch > 0
         # A mean-reduced loss scales every output gradient by 1/B. Rather than rescaling them all,
         # fold B into the norms (x B^2) and into the clip factors (x B) -- the same numbers.
         scale = float(batch) if p.loss_reduction == "mean" else 1.0
