@@ -203,3 +203,40 @@ def test_steps_on_batches_the_private_loader_did_not_draw_are_flagged():
     assert not any("UNVERIFIED" in c for c in engine.privacy_report(1e-3).caveats)
     _train(engine, model, opt, original, 1)  # the user's own loader: no Poisson sampling
     assert any("UNVERIFIED SAMPLING" in c for c in engine.privacy_report(1e-3).caveats)
+
+
+def test_training_past_the_calibrated_epochs_is_flagged():
+    model = torch.nn.Linear(3, 1)
+    engine = PrivacyEngine(seed=0)
+    model, opt, loader = engine.make_private_with_epsilon(
+        module=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        data_loader=DataLoader(_data(64), batch_size=8),
+        target_epsilon=2.0,
+        target_delta=1e-3,
+        epochs=2,
+        max_grad_norm=1.0,
+    )
+    _train(engine, model, opt, loader, 2)
+    assert not any("OVER TARGET" in c for c in engine.privacy_report(1e-3).caveats)
+    _train(engine, model, opt, loader, 1)
+    assert any("OVER TARGET" in c for c in engine.privacy_report(1e-3).caveats)
+
+
+def test_datasets_without_a_length_and_bad_world_sizes_are_refused():
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            yield from _data(8)
+
+    model = torch.nn.Linear(3, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ConfigError, match="IterableDataset"):
+        PrivacyEngine().make_private(
+            module=model,
+            optimizer=opt,
+            data_loader=DataLoader(Stream(), batch_size=4),
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+        )
+    with pytest.raises(ConfigError, match="world_size"):
+        _make_private(model, opt, world_size=0)

@@ -121,6 +121,13 @@ class PrivacyEngine:
                 "this PrivacyEngine already made a model private; use one engine per model "
                 "(its ledger belongs to that training run)."
             )
+        world_size = v.check_positive_int("world_size", world_size)
+        if not hasattr(data_loader.dataset, "__len__"):
+            raise ConfigError(
+                f"data_loader's dataset ({type(data_loader.dataset).__name__}) has no length: "
+                "Poisson sampling draws each of N examples with probability B/N, so it needs a "
+                "map-style dataset (with __len__ and __getitem__), not an IterableDataset."
+            )
         if sampler == "shuffle" and world_size > 1:
             # Each rank would shuffle the whole dataset: examples in two ranks' batches of one
             # step (sensitivity 2C) and a global batch W times the stated one.
@@ -267,7 +274,7 @@ class PrivacyEngine:
         unsampled = 0
         if self.optimizer is not None and isinstance(self.loader, DPDataLoader):
             unsampled = max(0, self.optimizer.steps_with_data - self.loader.batches_drawn)
-        return build_report(
+        report = build_report(
             self.ledger,
             delta,
             self.privacy,
@@ -275,6 +282,14 @@ class PrivacyEngine:
             override=active_override(),
             unsampled_steps=unsampled,
         )
+        target = getattr(self, "target", None)  # set by make_private_with_epsilon
+        if target is not None and delta == target["delta"] and report.epsilon > target["epsilon"]:
+            report.caveats.append(
+                f"OVER TARGET: epsilon {report.epsilon:.4g} exceeds the target "
+                f"{target['epsilon']:g} the noise was calibrated for ({self.ledger.steps} steps "
+                f"charged, {target['steps']} planned): training ran past its epochs."
+            )
+        return report
 
     # ------------------------------------------------------------------ lazy noise
     def flush(self) -> None:
