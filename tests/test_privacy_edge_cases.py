@@ -240,3 +240,57 @@ def test_datasets_without_a_length_and_bad_world_sizes_are_refused():
         )
     with pytest.raises(ConfigError, match="world_size"):
         _make_private(model, opt, world_size=0)
+
+
+def _movielens_csv(path, rows=600, seed=0):
+    """A synthetic MovieLens-format file whose ids repeat enough to pass a DP vocabulary."""
+    g = torch.Generator().manual_seed(seed)
+    lines = ["userId,movieId,rating,timestamp,title,genres"]
+    for i in range(rows):
+        user, movie = (
+            int(torch.randint(1, 8, (1,), generator=g)),
+            int(torch.randint(1, 6, (1,), generator=g)),
+        )
+        rating = float(torch.randint(1, 6, (1,), generator=g))
+        lines.append(f"{user},{movie},{rating},{1260759144 + i},Movie {movie} (1995),Drama|Comedy")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _dp_data(tmp_path, name, epsilon, seed=None):
+    from lazydp.preprocess.pipeline import preprocess
+
+    out = tmp_path / name
+    preprocess(
+        "movielens",
+        [_movielens_csv(tmp_path / f"{name}.csv")],
+        out,
+        vocabulary="dp",
+        vocab_epsilon=epsilon,
+        vocab_delta=1e-6,
+        vocab_seed=seed,
+        progress=False,
+    )
+    return out
+
+
+def test_resume_on_other_preprocessed_data_is_refused_and_seeded_vocabularies_are_not_private(
+    tmp_path, capsys
+):
+    first, other = _dp_data(tmp_path, "a", 1.0), _dp_data(tmp_path, "b", 2.0)
+    run = ["train", "--max-steps", "2", "--noise-multiplier", "1", "--batch-size", "64"]
+    run += ["--delta", "1e-4", "--embedding-dim", "4", "--no-progress", "--json"]
+    out = ["--out", str(tmp_path / "r"), "--checkpoint-every", "1"]
+    assert main([*run, "--data", str(first), *out]) == 0
+    assert main([*run, "--data", str(first), *out, "--resume"]) == 0  # same data: fine
+    capsys.readouterr()
+    assert main([*run, "--data", str(other), *out, "--resume"]) == 1
+    assert "other preprocessed data" in capsys.readouterr().err
+    ledger = PrivacyLedger(tmp_path / "r" / "ledger.jsonl")
+    assert [c.epsilon for c in ledger.external] == [1.0]  # charged once
+
+    seeded = _dp_data(tmp_path, "s", 1.0, seed=1)
+    assert main([*run, "--data", str(seeded), "--out", str(tmp_path / "s")]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["privacy"]
+    assert report["private"] is False
+    assert any("--vocab-seed" in c for c in report["caveats"])

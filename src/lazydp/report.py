@@ -44,7 +44,7 @@ class PrivacyReport:
 
     def __str__(self) -> str:
         lines = [
-            f"privacy: epsilon = {self.epsilon:.4g} at delta = {self.delta:.1e} "
+            f"privacy: epsilon = {self.epsilon:.4g} at delta = {self.delta:.3g} "
             f"(PLD; RDP gives {self.epsilon_rdp:.4g})",
             f"  mode {self.mode}, sampler {self.sampler}, {self.steps} steps, "
             f"noise multiplier {self.noise_multiplier}, max grad norm {self.max_grad_norm}, "

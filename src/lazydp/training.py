@@ -8,6 +8,7 @@ state), ``OUT/model.pt`` (the flushed, releasable model) and ``OUT/report.json``
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -23,7 +24,7 @@ from lazydp import _validate as v
 from lazydp.accounting import calibrate_noise_multiplier, default_delta
 from lazydp.engine import PrivacyEngine
 from lazydp.errors import ConfigError, DataError
-from lazydp.ledger import ledger_path
+from lazydp.ledger import PrivacyLedger, ledger_path
 from lazydp.metrics import accuracy, roc_auc
 
 
@@ -315,6 +316,30 @@ def evaluate(model: nn.Module, test: Any, batch_size: int) -> dict[str, float]:
     }
 
 
+def _charge_preprocessing(ledger: PrivacyLedger, cost: dict[str, Any], digest: str) -> None:
+    """Charge the data's DP vocabulary once per run, named after its metadata.json; refuse a
+    resume on other preprocessed data (its vocabulary would never be charged)."""
+    name = f"preprocessing:{digest}"
+    earlier = [c for c in ledger.external if c.name.startswith("preprocessing")]
+    mine = [(float(cost["epsilon"]), float(cost.get("delta", 0.0)))] if cost.get("epsilon") else []
+    if ledger.steps == 0 and not earlier:
+        if mine:
+            ledger.charge_external(name, *mine[0])
+        return
+    # Ledgers from before the digest was recorded name it "preprocessing": compare the cost.
+    same = [(c.epsilon, c.delta) for c in earlier] == mine and all(
+        c.name in (name, "preprocessing") for c in earlier
+    )
+    if not same:
+        raise ConfigError(
+            f"--resume on other preprocessed data: the run's ledger charged "
+            f"{[(c.name, c.epsilon) for c in earlier] or 'no vocabulary'}, but --data "
+            f"{'has a DP vocabulary of epsilon ' + str(mine[0][0]) if mine else 'has none'} "
+            f"(metadata digest {digest}). Resume with the data the run started on, or start a "
+            "new --out (a new vocabulary release must be charged)."
+        )
+
+
 def _training_target(target: float, privacy_cost: dict[str, Any]) -> float:
     """The epsilon left for training once preprocessing's (basic composition) is paid."""
     spent = float(privacy_cost.get("epsilon") or 0.0)
@@ -404,14 +429,8 @@ def run(
             "another --out (a ledger is never reset)."
         )
     engine = engine_cls(seed=cfg.seed, ledger_path=ledger_file)
-    if (
-        privacy_cost.get("epsilon")
-        and engine.ledger.steps == 0
-        and not engine.ledger.external_cost()[0]
-    ):
-        engine.ledger.charge_external(
-            "preprocessing", float(privacy_cost["epsilon"]), float(privacy_cost.get("delta", 0.0))
-        )
+    digest = hashlib.sha256((root / "metadata.json").read_bytes()).hexdigest()[:16]
+    _charge_preprocessing(engine.ledger, privacy_cost, digest)
     loader = DataLoader(_Rows(train), batch_size=cfg.batch_size, collate_fn=_identity)
     model, opt, dp_loader = engine.make_private(
         module=model,
@@ -474,6 +493,12 @@ def run(
         engine.export(out / "model.pt")
     metrics = evaluate(model, test, cfg.eval_batch_size)
     report = engine.privacy_report(delta)
+    if privacy_cost.get("reproducible_seed"):
+        report.caveats.append(
+            f"NOT PRIVATE: the vocabulary of {root} was selected with a fixed --vocab-seed, "
+            "so its noise is known and the selection reveals rare values; preprocess "
+            "without --vocab-seed for a private run"
+        )
     summary = {
         "dataset": cfg.data or cfg.dataset,
         "mode": cfg.mode,
