@@ -186,16 +186,25 @@ def _worker(rank: int, world: int, store_path: str, out_dir: str) -> None:
             results[f"shard/{mode}/sharded"] = _shard_run(True, mode, rank)
     results["noise/before"], results["noise/after"] = _noise_run("dpsgd_f")
     results["noise_lazy/before"], results["noise_lazy/after"] = _noise_run("lazydp")
+    finish_rank(results, rank, out_dir)
+
+
+def finish_rank(results: dict[str, Any], rank: int, out_dir: str | Path) -> None:
+    """Save one rank's results for the fixture and leave the process group."""
     torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     dist.barrier()
     dist.destroy_process_group()
 
 
+def spawn_two_ranks(worker: Any, tmp: Path) -> list[dict[str, Any]]:
+    """Run ``worker(rank, 2, store, tmp)`` on two gloo ranks; return each rank's results."""
+    mp.spawn(worker, args=(2, str(tmp / "store"), str(tmp)), nprocs=2, join=True)
+    return [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
-    tmp = tmp_path_factory.mktemp("dist")
-    mp.spawn(_worker, args=(2, str(tmp / "store"), str(tmp)), nprocs=2, join=True)
-    return [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    return spawn_two_ranks(_worker, tmp_path_factory.mktemp("dist"))
 
 
 @pytest.mark.parametrize("mode", MODES)

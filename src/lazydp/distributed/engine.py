@@ -22,7 +22,9 @@ Contract (DESIGN.md invariant 7; every rank builds the same model and calls the 
 
 from __future__ import annotations
 
+import functools
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +34,18 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
-from lazydp.distributed._comm import ProcessGroup, comm_device, shared_secret_seed, world
+from lazydp.accounting import SAMPLERS
+from lazydp.distributed._comm import (
+    ProcessGroup,
+    all_gather_sizes,
+    comm_device,
+    shared_secret_seed,
+    world,
+)
 from lazydp.distributed.data_parallel import ClippedSumReducer, union_catch_up_hook
 from lazydp.distributed.sharded import ShardedEmbeddingBag
-from lazydp.engine import PrivacyEngine, _atomic_save
-from lazydp.errors import ConfigError, UnsupportedOptimizerError
+from lazydp.engine import MODES, PrivacyEngine, _atomic_save
+from lazydp.errors import ConfigError, PrivacyError, UnsupportedOptimizerError
 from lazydp.noise import GaussianNoise
 from lazydp.optim.dp_optimizer import is_plain_sgd
 
@@ -107,6 +116,31 @@ class DistributedPrivacyEngine(PrivacyEngine):
             world_size=world_size,
             **kwargs,
         )
+        assert self.privacy is not None
+        pr = self.privacy
+        self._check_ranks_agree(
+            {
+                "noise_multiplier": pr.noise_multiplier,
+                "max_grad_norm": pr.max_grad_norm,
+                "sample_rate": pr.sample_rate,
+                "expected batch size": pr.expected_batch_size,
+                "mode": MODES.index(pr.mode),
+                "sampler": SAMPLERS.index(pr.sampler),
+                "parameters": sum(1 for _ in module.parameters()),
+                "replicated elements": sum(
+                    p.numel()
+                    for p in module.parameters()
+                    if not any(p is m.weight for m in self.sharded.values())
+                ),
+                "sharded rows": sum(
+                    m.num_embeddings * m.embedding_dim for m in self.sharded.values()
+                ),
+            },
+            "every rank must build the same model and call make_private with the same settings "
+            "(a rank with another noise multiplier would noise its shard differently from what "
+            "the ledger records).",
+            ConfigError,
+        )
         opt = self.optimizer
         if opt is None:  # mode "sgd": the non-private reference
             return out
@@ -142,19 +176,39 @@ class DistributedPrivacyEngine(PrivacyEngine):
             self._hooks.append(m.register_state_dict_pre_hook(self._on_export))
         return out
 
+    def _check_ranks_agree(
+        self, values: dict[str, Any], advice: str, error: type[Exception]
+    ) -> None:
+        """Raise ``error`` on every rank alike if any value differs between ranks (a collective)."""
+        numbers = [
+            float(x) if isinstance(x, int | float) else float("nan") for x in values.values()
+        ]
+        mine = torch.tensor(numbers, dtype=torch.float64, device=comm_device(self.process_group))
+        table = all_gather_sizes(mine, self.process_group).cpu()
+        differ = [
+            f"{name} {table[:, i].tolist()}"
+            for i, name in enumerate(values)
+            if not bool((table[:, i] == table[0, i]).all())  # nan never agrees: refused too
+        ]
+        if differ:
+            raise error(f"the ranks disagree on {', '.join(differ)} (rank 0 first): {advice}")
+
     def _take_sharded_params(
         self, optimizers: list[Optimizer], mode: str
-    ) -> dict[str, dict[str, Any]]:
-        """Remove sharded weights from the optimizers (their owners update them); keep the group."""
+    ) -> dict[str, Callable[[], float]]:
+        """Remove sharded weights from the optimizers (their owners update them); return, per
+        table, how to read its group's current lr. A lookup by position, not the group dict:
+        ``Optimizer.load_state_dict`` replaces the dicts, and a resumed run's scheduler then
+        drives the new ones (a kept dict froze the shard at its lr of make_private)."""
         if mode in ("sgd", "dpsgd_r"):
             raise ConfigError(
                 f"mode={mode!r} runs autograd through the table, which cannot cross the "
                 "all-to-all of a ShardedEmbeddingBag; use mode='dpsgd_f' (same update, ghost "
                 "norms), 'dpsgd_b' or 'lazydp'."
             )
-        found: dict[str, dict[str, Any]] = {}
+        found: dict[str, Callable[[], float]] = {}
         for opt in optimizers:
-            for group in opt.param_groups:
+            for j, group in enumerate(opt.param_groups):
                 for name, m in self.sharded.items():
                     if any(p is m.weight for p in group["params"]):
                         if not is_plain_sgd(opt, group):
@@ -164,7 +218,7 @@ class DistributedPrivacyEngine(PrivacyEngine):
                                 "them in their own torch.optim.SGD (momentum=0, weight_decay=0)."
                             )
                         group["params"] = [p for p in group["params"] if p is not m.weight]
-                        found[name] = group
+                        found[name] = functools.partial(_group_lr, opt, j)
         missing = sorted(set(self.sharded) - set(found))
         if missing:
             raise ConfigError(f"sharded tables {missing} are in no optimizer; add their weights.")
@@ -254,6 +308,21 @@ class DistributedPrivacyEngine(PrivacyEngine):
             self.noise = real
 
     def _check_checkpoint(self, state: dict[str, Any], path: str | os.PathLike[str]) -> None:
+        # First, and on every rank (a collective): checkpoints of different steps would each
+        # load, then the ranks would wait on different collectives (a hang) or drift apart.
+        saved = state.get("lazy")
+        lazy: dict[str, Any] = saved if isinstance(saved, dict) else {}
+        shards = dict(dict(state.get("extra", {})).get("_sharded", {}))
+        self._check_ranks_agree(
+            {
+                "charged steps": state.get("ledger_steps"),
+                "optimizer steps": lazy.get("steps_done", 0),
+                "shard steps": sum(int(dict(s).get("step", 0)) for s in shards.values()),
+            },
+            f"checkpoint {path}: the ranks' checkpoints were taken at different steps (one rank "
+            "crashed before writing?); resume every rank from the same step. Nothing was loaded.",
+            PrivacyError,
+        )
         super()._check_checkpoint(state, path)
         sharded = dict(state.get("extra", {})).get("_sharded", {})
         for name, shard in dict(sharded).items():
@@ -269,6 +338,10 @@ class DistributedPrivacyEngine(PrivacyEngine):
         if self.optimizer is not None:
             self._rekey_noise()
         return extra
+
+
+def _group_lr(opt: Optimizer, index: int) -> float:
+    return float(opt.param_groups[index]["lr"])
 
 
 class _Redacted:

@@ -23,6 +23,7 @@ Contract:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,7 +57,7 @@ class _ShardTraining:
     noise: GaussianNoise
     noise_std: float  # sigma * C on the global sum
     expected_batch_size: float
-    group: dict[str, Any]  # the optimizer param group whose "lr" drives this table
+    lr: Callable[[], float]  # the current lr of the optimizer param group of this table
     lazy: LazyTable | None
     timer: PhaseTimer
     step: int = 0
@@ -185,17 +186,17 @@ class ShardedEmbeddingBag(nn.Module):
         noise: GaussianNoise,
         noise_std: float,
         expected_batch_size: float,
-        group: dict[str, Any],
+        lr: Callable[[], float],
         lazy: bool,
         timer: PhaseTimer,
     ) -> None:
-        """Set up private training (the engine calls this): own noise stream, lr group, mode."""
+        """Set up private training (the engine calls this): own noise stream, lr lookup, mode."""
         table = (
             LazyTable(self.weight, LrPrefix(), noise, noise_std / expected_batch_size)
             if lazy
             else None
         )
-        self._training = _ShardTraining(noise, noise_std, expected_batch_size, group, table, timer)
+        self._training = _ShardTraining(noise, noise_std, expected_batch_size, lr, table, timer)
 
     @torch.no_grad()
     def apply_clipped_sum(self, clipped: SparseRows | None) -> None:
@@ -223,7 +224,7 @@ class ShardedEmbeddingBag(nn.Module):
             values.to(self.weight.device),
             self.weight.shape[0],
         )
-        lr = float(t.group["lr"])
+        lr = t.lr()
         if t.lazy is None:
             eager_table_sgd(
                 self.weight,

@@ -1,0 +1,117 @@
+"""Two gloo ranks: ranks that disagree are refused alike on every rank (settings at make_private,
+checkpoint steps at resume), and a sharded table follows its LR schedule after a resume."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from lazydp import ConfigError, PrivacyError
+from lazydp.distributed import DistributedPrivacyEngine
+from lazydp.testing import constant_noise
+from tests.test_distributed import (
+    CLIP,
+    SIGMA,
+    _dataset_loader,
+    _ShardModel,
+    finish_rank,
+    loss_fn,
+    spawn_two_ranks,
+)
+
+STEPS = 6
+
+
+def _build(rank: int, sigma: float = SIGMA, ledger: Path | None = None):
+    model = _ShardModel(sharded=True)
+    tables = torch.optim.SGD([model.bag.weight], lr=0.3)
+    dense = torch.optim.SGD(
+        [p for n, p in model.named_parameters() if not n.startswith("bag.")], lr=0.3
+    )
+    sched = torch.optim.lr_scheduler.LambdaLR(tables, lambda s: 1.0 / (1 + s))
+    engine = DistributedPrivacyEngine(ledger_path=ledger)
+    model, opt, _ = engine.make_private(
+        module=model,
+        optimizer=[dense, tables],
+        data_loader=_dataset_loader(),
+        noise_multiplier=sigma,
+        max_grad_norm=CLIP,
+        mode="lazydp",
+    )
+    return model, opt, sched, engine
+
+
+def _steps(model, opt, sched, rank: int, start: int, stop: int) -> None:
+    for step in range(start, stop):
+        g = torch.Generator().manual_seed(100 * step + rank)
+        x, ids = torch.randn(4, 3, generator=g), torch.randint(0, 20, (4, 2), generator=g)
+        y = (torch.rand(4, generator=g) < 0.5).float()
+        opt.zero_grad()
+        loss_fn(model(x, ids), y).backward()
+        opt.step()
+        sched.step()
+
+
+def _error(fn) -> str | None:
+    try:
+        fn()
+    except (ConfigError, PrivacyError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def _worker(rank: int, world: int, store_path: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", store=dist.FileStore(store_path, world), rank=rank, world_size=world
+    )
+    out = Path(out_dir)
+    results: dict[str, Any] = {}
+    results["mismatch"] = _error(lambda: _build(rank, sigma=SIGMA if rank == 0 else SIGMA / 2))
+    with constant_noise(0.5):
+        model, opt, sched, engine = _build(rank)
+        _steps(model, opt, sched, rank, 0, STEPS)
+        engine.flush()
+        results["full"] = model.bag.gather_weight()
+
+        ledger = out / f"ledger.rank{rank}.jsonl"  # the interrupted run's, kept across resume
+        model, opt, sched, engine = _build(rank, ledger=ledger)
+        _steps(model, opt, sched, rank, 0, 2)
+        engine.save_checkpoint(out / f"early.rank{rank}.pt", sched=sched.state_dict())
+        _steps(model, opt, sched, rank, 2, 3)
+        engine.save_checkpoint(out / f"mid.rank{rank}.pt", sched=sched.state_dict())
+
+        engine.ledger.close()
+        model, opt, sched, engine = _build(rank, ledger=ledger)
+        mixed = out / (f"mid.rank{rank}.pt" if rank == 0 else f"early.rank{rank}.pt")
+        results["mixed"] = _error(lambda: engine.load_checkpoint(mixed))
+        extra = engine.load_checkpoint(out / f"mid.rank{rank}.pt")
+        sched.load_state_dict(extra["sched"])
+        _steps(model, opt, sched, rank, 3, STEPS)
+        engine.flush()
+        results["resumed"] = model.bag.gather_weight()
+    finish_rank(results, rank, out)
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    return spawn_two_ranks(_worker, tmp_path_factory.mktemp("dist-consistency"))
+
+
+def test_ranks_with_different_settings_are_refused_on_every_rank(ranks: list) -> None:
+    for r in ranks:
+        assert r["mismatch"] is not None and "noise_multiplier [1.3, 0.65]" in r["mismatch"]
+
+
+def test_checkpoints_of_different_steps_are_refused_on_every_rank(ranks: list) -> None:
+    for r in ranks:
+        assert r["mixed"] is not None and "different steps" in r["mixed"]
+
+
+def test_a_resumed_sharded_table_follows_the_lr_schedule(ranks: list) -> None:
+    for r in ranks:
+        torch.testing.assert_close(r["resumed"], r["full"], atol=1e-6, rtol=1e-5)
