@@ -294,3 +294,16 @@ def test_resume_on_other_preprocessed_data_is_refused_and_seeded_vocabularies_ar
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["privacy"]
     assert report["private"] is False
     assert any("--vocab-seed" in c for c in report["caveats"])
+
+
+def test_resuming_with_more_processes_than_the_run_started_with_says_so(tmp_path, capsys):
+    from lazydp.training import TrainConfig, run
+
+    out = tmp_path / "r"
+    args = ["train", "--dataset", "acs", "--max-steps", "2", "--noise-multiplier", "1"]
+    assert main([*args, "--out", str(out), "--checkpoint-every", "1", "--no-progress"]) == 0
+    cfg = TrainConfig(
+        dataset="acs", max_steps=3, noise_multiplier=1.0, out=str(out), resume=True, progress=False
+    )
+    with pytest.raises(ConfigError, match="another number of processes"):
+        run(cfg, rank=1, world_size=2)  # refused before any process-group call

@@ -428,6 +428,12 @@ def run(
             f"{ledger_file} exists from an earlier run; pass --resume to continue it or choose "
             "another --out (a ledger is never reset)."
         )
+    if cfg.resume and (out / "checkpoint.pt").exists() and not ledger_file.exists():
+        raise ConfigError(
+            f"--resume: {out} holds a checkpoint but no ledger for rank {rank} "
+            f"({ledger_file.name}): the run started with another number of processes. Resume "
+            "with the --nproc-per-node it started with."
+        )
     engine = engine_cls(seed=cfg.seed, ledger_path=ledger_file)
     digest = hashlib.sha256((root / "metadata.json").read_bytes()).hexdigest()[:16]
     _charge_preprocessing(engine.ledger, privacy_cost, digest)
