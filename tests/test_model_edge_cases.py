@@ -192,3 +192,12 @@ def test_zero_dim_ids_are_refused_in_training_only():
         model(torch.tensor(3))
     with torch.no_grad():
         assert model(torch.tensor(3)).shape == (3,)
+
+
+def test_a_refused_model_is_left_untouched_and_can_be_fixed_and_retried():
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 1))
+    with pytest.raises(UnsupportedLayerError):
+        _private(model, "dpsgd_f")
+    assert all("forward" not in m.__dict__ for m in model.modules())  # nothing captured
+    model[1] = nn.LayerNorm(4)
+    _private(model, "dpsgd_f")  # not mistaken for a model another engine holds

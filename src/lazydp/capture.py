@@ -103,7 +103,10 @@ class CaptureSet:
         self.root_args: tuple[Any, ...] = ()
         self.root_kwargs: dict[str, Any] = {}
         self.root_record: _Record | None = None
-        for name, module in parameterised_leaves(model):
+        leaves = parameterised_leaves(model)
+        # Every refusal before any layer is touched: a model refused half-way would keep some
+        # captured forwards (and then look captured by another engine).
+        for name, module in leaves:
             if isinstance(module.__dict__.get("forward"), _CapturedForward):
                 raise ConfigError(
                     f"layer {name or type(module).__name__!r} is already captured by another "
@@ -112,8 +115,8 @@ class CaptureSet:
                     "model back -- before making it private again; two engines on one model "
                     "would each miss the other's noise."
                 )
-        for name, module in parameterised_leaves(model):
-            clipper = clipper_for(module)  # raises for layers with no exact norm
+        clippers = [clipper_for(module) for _, module in leaves]  # raises: no exact norm
+        for (name, module), clipper in zip(leaves, clippers):
             layer = LayerCapture(
                 name=name or type(module).__name__,
                 module=module,

@@ -158,7 +158,7 @@ class PrivacyEngine:
         n_global = n  # each rank passes the full dataset; the sampler picks its shard
         q = min(1.0, batch_size / n_global)
         v.check_sample_rate(q)
-        steps = steps_per_epoch or max(1, round(1 / q))
+        steps = _epoch_steps(sampler, n, batch_size, q, steps_per_epoch)
         batch_sampler = self._make_sampler(sampler, n, q, batch_size, steps, rank, world_size)
         loader = DPDataLoader(
             dataset,
@@ -242,13 +242,9 @@ class PrivacyEngine:
         v.check_sample_rate(q)
         sampler = kwargs.get("sampler", "poisson")
         v.check_choice("sampler", sampler, SAMPLERS)
-        # Calibrate for the steps the loader will run in ``epochs``: make_private's epoch is
-        # steps_per_epoch (default round(1/q)), a shuffled one floor(N/B); ceil(epochs/q) was
-        # fewer in both cases, and training for ``epochs`` then overshot the target.
-        if sampler == "shuffle":
-            per_epoch = max(1, n // max(batch_size, 1))
-        else:
-            per_epoch = kwargs.get("steps_per_epoch") or max(1, round(1 / q))
+        # Calibrate for the steps the loader will run in ``epochs`` (ceil(epochs/q) was fewer
+        # than both kinds of epoch, and training for ``epochs`` then overshot the target).
+        per_epoch = _epoch_steps(sampler, n, batch_size, q, kwargs.get("steps_per_epoch"))
         steps = max(1, math.ceil(round(epochs * per_epoch, 9)))
         sigma = calibrate_noise_multiplier(
             target_epsilon, target_delta, q, steps, accountant=self.accountant, sampler=sampler
@@ -383,11 +379,13 @@ class PrivacyEngine:
                 f"checkpoint {path} was written in mode {mode!r}, this engine runs "
                 f"{self.privacy.mode!r}; resume in the mode that wrote it. Nothing was loaded."
             )
-        if mode == "lazydp" and not _same_lazy_noise(saved, self.privacy):
+        owed = _lazy_noise(saved)
+        mine_std = self.privacy.noise_std / self.privacy.expected_batch_size
+        if mode == "lazydp" and (owed is None or not math.isclose(owed, mine_std, rel_tol=1e-12)):
             raise PrivacyError(
                 f"checkpoint {path}'s pending LazyDP noise was owed at sigma*C/B = "
-                f"{_lazy_noise(saved):.6g} per unit lr, this engine draws it at "
-                f"{_lazy_noise(asdict(self.privacy)):.6g}; resume with the noise multiplier, "
+                f"{'(damaged)' if owed is None else f'{owed:.6g}'} per unit lr, this engine "
+                f"draws it at {mine_std:.6g}; resume with the noise multiplier, "
                 "max_grad_norm and batch size that wrote it (or resume in that setting and "
                 "export the flushed model to start a new run). Nothing was loaded."
             )
@@ -422,17 +420,24 @@ class PrivacyEngine:
         return self.module
 
 
-def _lazy_noise(privacy: dict[str, Any]) -> float:
-    """sigma * C / B_expected: the std per unit lr of one step's pending noise on a row."""
-    sigma, c = float(privacy["noise_multiplier"]), float(privacy["max_grad_norm"])
-    return 0.0 if sigma == 0 else sigma * c / float(privacy["expected_batch_size"])
+def _epoch_steps(
+    sampler: str, n: int, batch_size: int, q: float, steps_per_epoch: int | None
+) -> int:
+    """Steps the private loader runs per epoch: floor(N/B) for shuffled fixed-size batches (the
+    partial batch is dropped), else ``steps_per_epoch``, by default round(1/q)."""
+    if sampler == "shuffle":
+        return max(1, n // max(batch_size, 1))
+    return steps_per_epoch or max(1, round(1 / q))
 
 
-def _same_lazy_noise(saved: dict[str, Any], privacy: PrivacyParams) -> bool:
+def _lazy_noise(privacy: dict[str, Any]) -> float | None:
+    """sigma * C / B_expected of saved privacy settings: the std per unit lr of one step's
+    pending noise on a row (None when the settings are damaged)."""
     try:
-        return math.isclose(_lazy_noise(saved), _lazy_noise(asdict(privacy)), rel_tol=1e-12)
-    except (KeyError, TypeError, ValueError):
-        return False
+        params = PrivacyParams(**privacy)
+        return params.noise_std / float(params.expected_batch_size)
+    except (TypeError, ValueError, ZeroDivisionError):
+        return None
 
 
 def _atomic_save(obj: Any, path: str | os.PathLike[str]) -> Path:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import numbers
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -144,8 +146,6 @@ def _check_lr(name: str, value: Any, what: str, example: str) -> float:
 
 
 def _check_int(name: str, value: Any, low: int, expected: str, advice: str = "") -> int:
-    import numbers
-
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
         raise ConfigError(
             f"{name} ({_flag(name)}) must be {expected}; got {value!r}"
@@ -165,8 +165,6 @@ def _check_hidden(hidden: Any) -> list[int]:
 
 
 def _check_path(name: str, value: Any) -> None:
-    import os
-
     if not isinstance(value, str | os.PathLike) or not str(value):
         raise ConfigError(
             f"{name} ({_flag(name)}) must be a non-empty path; got {value!r} of type "
@@ -184,8 +182,6 @@ def check_output_dir(path: Any, flag: str = "--out") -> Path:
     >>> check_output_dir(Path(tempfile.gettempdir()) / "lazydp-example").name
     'lazydp-example'
     """
-    import os
-
     out = Path(path)
     existing = out
     while not os.path.lexists(existing) and existing != existing.parent:
@@ -244,8 +240,7 @@ def _open_data(cfg: TrainConfig) -> tuple[Path, Any, Any, dict[str, Any]]:
         root = Path(load_builtin(cfg.dataset))
     train = ParquetDataset(root, split="train")
     test = ParquetDataset(root, split="test")
-    meta = json.loads((root / "metadata.json").read_text())
-    return root, train, test, meta
+    return root, train, test, train.metadata
 
 
 class _Tabular(nn.Module):

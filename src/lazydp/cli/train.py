@@ -69,15 +69,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def load_config_file(path_text: str) -> dict[str, Any]:
-    """The options in a ``--config`` YAML file (keys normalised to underscores); ConfigError if
-    the file cannot be read, is not YAML, or is not a mapping of option names."""
-    return load_yaml_mapping(path_text, "--config")
-
-
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """Defaults <- the dataset's defaults <- YAML file <- flags; validated (ConfigError)."""
-    file_values = load_config_file(args.config) if args.config else {}
+    file_values = load_yaml_mapping(args.config, "--config") if args.config else {}
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = set(file_values) - names
     if unknown:
