@@ -48,6 +48,8 @@ def refused(argv: list[str], capsys) -> str:
         (["--seed", "-1"], "seed (--seed) must be an integer >= 0"),
         (["--model-seed", "-1"], "model_seed (--model-seed) must be an integer >= 0"),
         (["--noise-multiplier", "1", "--target-epsilon", "2"], "give one"),
+        (["--mode", "sgd", "--target-epsilon", "2"], "target_epsilon would be ignored"),
+        (["--mode", "sgd", "--noise-multiplier", "1"], "noise_multiplier would be ignored"),
         (["--nproc-per-node", "0"], "--nproc-per-node=0 must be >= 1"),
         (["--nproc-per-node", "-2"], "--nproc-per-node=-2 must be >= 1"),
         (["--max-restarts", "2"], "only apply to a distributed run"),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -159,6 +161,11 @@ def test_sgd_mode_report_says_not_private():
     _, _, _, engine = private("sgd")
     report = engine.privacy_report(1e-5)
     assert not report.private and "NOT PRIVATE" in str(report)
+    # Nothing bounds a non-private release: infinite, not the 0 of an empty ledger (and JSON
+    # gets null, since it has no infinity).
+    assert report.epsilon == math.inf == engine.get_epsilon(1e-5)
+    assert "epsilon = inf" in str(report)
+    assert report.to_dict()["epsilon"] is None and report.to_dict()["private"] is False
 
 
 def test_noise_override_is_named_in_the_report():

@@ -52,3 +52,20 @@ def test_parse_buckets():
     assert parse_buckets(None) == (None, {})
     with pytest.raises(ConfigError, match="not N or name=N"):
         parse_buckets("C3=lots")
+
+
+def test_cli_refuses_an_empty_test_split_up_front(tmp_path, capsys):
+    out = tmp_path / "ml"
+    rc = main(["preprocess", "--format", "movielens", "--input", str(FIX / "movielens_small.csv"),
+               "--output", str(out), "--test-fraction", "0", "--no-progress"])  # fmt: skip
+    assert rc == 1 and not out.exists()
+    assert "--test-fraction 0.1" in capsys.readouterr().err
+
+
+def test_cli_warns_when_no_row_fell_into_the_test_split(tmp_path, capsys):
+    rc = main(["preprocess", "--format", "movielens", "--input", str(FIX / "movielens_small.csv"),
+               "--output", str(tmp_path / "ml"), "--test-fraction", "0.000001",
+               "--no-progress"])  # fmt: skip
+    captured = capsys.readouterr()
+    assert rc == 0 and "test 0 rows" in captured.out
+    assert "warning: no row" in captured.err

@@ -261,8 +261,11 @@ class PrivacyEngine:
 
     # ------------------------------------------------------------------ privacy
     def get_epsilon(self, delta: float, accountant: str | None = None) -> float:
-        """Epsilon spent so far at ``delta``, recomputed from the ledger."""
+        """Epsilon spent so far at ``delta``, recomputed from the ledger; infinite in mode
+        ``sgd`` (nothing is clipped or noised, so nothing bounds it)."""
         v.check_delta(delta)
+        if self.privacy is not None and self.privacy.mode == "sgd":
+            return math.inf
         return self.ledger.epsilon(delta, accountant=accountant or self.accountant)
 
     def privacy_report(self, delta: float) -> PrivacyReport:

@@ -7,6 +7,7 @@ Poisson figure only as what it would have been. Seeded runs and test noise overr
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -40,7 +41,13 @@ class PrivacyReport:
         return self.mode != "sgd" and not any(c.startswith("NOT PRIVATE") for c in self.caveats)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self) | {"private": self.private}
+        # JSON has no infinity: a non-private run's unbounded epsilon is written as null
+        # (next to "private": false), not as the non-standard ``Infinity``.
+        out = asdict(self) | {"private": self.private}
+        for key in ("epsilon", "epsilon_rdp"):
+            if not math.isfinite(out[key]):
+                out[key] = None
+        return out
 
     def __str__(self) -> str:
         lines = [
@@ -105,7 +112,12 @@ def build_report(
                 "mechanism that publishes a random example in full meets it. Use delta well "
                 f"below 1/N, e.g. lazydp.accounting.default_delta({round(n)})."
             )
-    if counts:
+    if mode == "sgd":
+        # Nothing was clipped or noised, so no epsilon bounds the release: infinite, not the
+        # 0 an empty ledger would give.
+        eps = eps_rdp = math.inf
+        eps_poisson = None
+    elif counts:
         # Training is accounted at ``delta``; one-off external charges (e.g. a DP vocabulary)
         # add by basic composition, so the stated guarantee is at ledger.total_delta(delta).
         rep = epsilon_report(counts, delta)

@@ -451,7 +451,7 @@ def run(
     bar = _progress(cfg.progress and rank == 0, total_steps, step)
     # PLD accounting costs ~0.3 s per call: refresh the shown epsilon a few times per run only.
     eps_every = max(10, total_steps // 8)
-    eps = engine.get_epsilon(delta) if cfg.mode != "sgd" and engine.ledger.steps else 0.0
+    eps = engine.get_epsilon(delta) if cfg.mode == "sgd" or engine.ledger.steps else 0.0
     started, examples, losses = time.perf_counter(), 0, []
     # A calibrated run may charge total_steps, no more: steps redone after a resume (the
     # checkpoint was behind the ledger) were paid for twice, so the run ends that much earlier

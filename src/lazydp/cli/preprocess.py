@@ -7,9 +7,11 @@ Example:
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 from lazydp.cli import add_json_flag
+from lazydp.errors import ConfigError
 
 EPILOG = """\
 example:
@@ -66,6 +68,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from lazydp.preprocess import parse_buckets, preprocess
 
+    if args.test_fraction == 0:
+        # Allowed in the library (a train-only directory), but `lazydp train` evaluates on the
+        # test split and refuses a directory without one: say so now, not after the work.
+        raise ConfigError(
+            "--test-fraction 0 leaves no test split, and `lazydp train` evaluates on it (it "
+            "refuses such a directory); give e.g. --test-fraction 0.1"
+        )
     default, per = parse_buckets(args.buckets)
     buckets: int | dict[str, int] | None = default
     if per:
@@ -92,6 +101,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         progress=not args.no_progress,
     )
     rows = meta["rows"]
+    if rows["test"] == 0:
+        print(
+            f"warning: no row of {args.input} fell into the test split; `lazydp train` "
+            "needs one: give more rows or a larger --test-fraction",
+            file=sys.stderr,
+        )
     print(
         f"wrote {args.output}: train {rows['train']:,} rows, test {rows['test']:,} rows, "
         f"{meta['bad_rows']} bad rows (engine {meta['engine']})"

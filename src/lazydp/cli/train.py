@@ -95,6 +95,14 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         if flag_values.get(mine) is not None:
             file_values.pop(other, None)
     values = {**file_values, **flag_values}
+    noise_given = sorted(k for k in noise_keys if values.get(k) is not None)
+    if values.get("mode") == "sgd" and noise_given:
+        # sgd neither clips nor noises: the setting would be silently ignored.
+        raise ConfigError(
+            f"mode sgd is the non-private reference (no clipping, no noise), so "
+            f"{' and '.join(noise_given)} would be ignored; drop it, or pick a private mode "
+            "(e.g. --mode lazydp)."
+        )
     dataset = values.get("dataset", "movielens")
     if not values.get("data") and isinstance(dataset, str):
         values = {**DATASET_DEFAULTS.get(dataset, {}), **values}
