@@ -94,3 +94,14 @@ def test_register_clipper_for_a_custom_layer() -> None:
 
     assert DoublerClipper.layer_types == (Doubler,)
     assert isinstance(clipper_for(Doubler()), DoublerClipper)
+
+
+@pytest.mark.parametrize(
+    "bn", [nn.BatchNorm1d(3, affine=False), nn.BatchNorm1d(3).requires_grad_(False)]
+)
+def test_batchnorm_without_trainable_parameters_is_refused_too(bn) -> None:
+    # In train mode it still normalises each example by the others: removing one example
+    # would move the others' gradients, past the clip bound (an audit measured 3.4x C).
+    model = nn.Sequential(nn.Linear(3, 3), bn, nn.Linear(3, 1))
+    with pytest.raises(UnsupportedLayerError, match=r"BatchNorm1d '1' is not supported"):
+        parameterised_leaves(model)

@@ -103,6 +103,7 @@ class CaptureSet:
         self.root_args: tuple[Any, ...] = ()
         self.root_kwargs: dict[str, Any] = {}
         self.root_record: _Record | None = None
+        self.outside_uses: set[str] = set()  # parameters autograd reached outside their layer
         leaves = parameterised_leaves(model)
         # Every refusal before any layer is touched: a model refused half-way would keep some
         # captured forwards (and then look captured by another engine).
@@ -125,6 +126,8 @@ class CaptureSet:
             )
             self.layers.append(layer)
             module.forward = _CapturedForward(self._make_forward(layer))  # type: ignore[method-assign]
+            for pname, p in layer.params().items():
+                self._handles.append(p.register_hook(self._outside_use(f"{layer.name}.{pname}")))
         self._handles.append(model.register_forward_pre_hook(self._on_root_pre, with_kwargs=True))
         if capture_root:
             self._handles.append(model.register_forward_hook(self._on_root_post))
@@ -136,6 +139,18 @@ class CaptureSet:
         raise copy_refused()
 
     # ------------------------------------------------------------------ forward
+    def _outside_use(self, name: str) -> Callable[[Tensor], None]:
+        """A hook on a captured parameter. Its layer runs with the parameter detached, so a
+        gradient reaching the parameter itself comes from a use outside the layer (a tied output
+        projection ``h @ emb.weight.T``, a penalty on the weights in the loss): a part of the
+        gradient the clipper never sees. Recorded here, refused by ``check_no_outside_use``."""
+
+        def hook(grad: Tensor) -> None:
+            if not self._passthrough:  # dpsgd_r's second pass runs through the parameters
+                self.outside_uses.add(name)
+
+        return hook
+
     def _make_forward(self, layer: LayerCapture) -> Callable[..., Tensor]:
         module = layer.module
         cls_forward = type(module).forward
@@ -229,10 +244,24 @@ class CaptureSet:
                         "changed and nothing was charged to the privacy ledger."
                     )
 
+    def check_no_outside_use(self) -> None:
+        """ConfigError if the last backward reached a captured parameter outside its layer."""
+        if self.outside_uses:
+            names = sorted(self.outside_uses)
+            raise ConfigError(
+                f"parameter(s) {names} got a gradient from outside their own layer's forward "
+                "(e.g. a tied output projection h @ emb.weight.T, or a penalty on the weights "
+                "added to the loss). Per-example clipping sees each layer's own calls only, so "
+                "that part of the gradient would escape clipping. Call the layer instead (an "
+                "nn.Linear for the projection), use the optimizer's weight_decay for an L2 "
+                "penalty, or freeze the parameter. Nothing was changed or charged."
+            )
+
     def clear(self) -> None:
         for layer in self.layers:
             layer.records.clear()
         self.root_record = None
+        self.outside_uses.clear()
 
     @contextmanager
     def passthrough(self) -> Iterator[None]:

@@ -76,7 +76,8 @@ refuse_layers(
     nn.SyncBatchNorm,
     reason=(
         "batch normalisation mixes examples across the batch (each example's output depends on "
-        "the others), so no per-example gradient exists; use GroupNorm or LayerNorm instead"
+        "the others), so no per-example gradient exists, with or without trainable parameters; "
+        "use GroupNorm or LayerNorm instead"
     ),
 )
 
@@ -95,12 +96,17 @@ def clipper_for(module: nn.Module) -> LayerClipper:
     return clipper
 
 
-def _lookup(layer_type: type[nn.Module]) -> LayerClipper:
+def _refusal(layer_type: type[nn.Module], name: str = "") -> None:
+    """UnsupportedLayerError if ``layer_type`` (or a base class) is refused."""
     for base in layer_type.__mro__:
         if base in _REFUSALS:
-            raise UnsupportedLayerError(
-                f"{layer_type.__name__} is not supported: {_REFUSALS[base]}"
-            )
+            label = f"{layer_type.__name__} {name!r}" if name else layer_type.__name__
+            raise UnsupportedLayerError(f"{label} is not supported: {_REFUSALS[base]}")
+
+
+def _lookup(layer_type: type[nn.Module]) -> LayerClipper:
+    _refusal(layer_type)
+    for base in layer_type.__mro__:
         # Only inherit a clipper when the forward is the registered one: the clipper's formulas
         # are derivatives of that exact forward.
         if base in _CLIPPERS and (base is layer_type or layer_type.forward is base.forward):
@@ -146,6 +152,11 @@ def parameterised_leaves(model: nn.Module) -> list[tuple[str, nn.Module]]:
     owner: dict[int, str] = {}  # id(parameter) -> the layer that owns it
     for name, module in model.named_modules():
         params = trainable_direct_params(module)
+        if not params:
+            # A refused layer mixes examples whether or not it trains: BatchNorm1d(affine=False)
+            # or a frozen BatchNorm still normalises each example by the others in train mode,
+            # so one example would move every other example's gradient (past the clip bound).
+            _refusal(type(module), name)
         if params:
             check_leaf(module, name)
             leaves.append((name, module))

@@ -220,6 +220,7 @@ class DPOptimizer(OptimizerGroup):
         cap = self.capture
         for q in self.lazy:  # refused here, before any change, not when the prefix appends it
             check_table_lr(float(self._group_of(q)[1]["lr"]))
+        cap.check_no_outside_use()
         batch = cap.batch_size()
         self.steps_with_data += batch > 0
         # A mean-reduced loss scales every output gradient by 1/B. Rather than rescaling them all,
