@@ -18,14 +18,14 @@ from tests.test_lazy import build, snapshot, step
 from tests.toy import Toy, loader, loss_fn, make_batches
 
 
-def _private(model, mode="lazydp"):
+def _private(model, mode="lazydp", max_grad_norm=1.0):
     engine = PrivacyEngine(seed=0)
     model, opt, _ = engine.make_private(
         module=model,
         optimizer=torch.optim.SGD(model.parameters(), lr=0.5),
         data_loader=loader(),
         noise_multiplier=1.0,
-        max_grad_norm=1.0,
+        max_grad_norm=max_grad_norm,
         mode=mode,
     )
     return model, opt, engine

@@ -66,6 +66,7 @@ class _Record:
     batch_size: int
     grad_output: Tensor | None = None
     memo: dict[str, Any] = field(default_factory=dict)
+    out: Tensor | None = None  # the root's output (dpsgd_r compares its second pass with it)
 
 
 @dataclass
@@ -103,6 +104,10 @@ class CaptureSet:
         self.root_args: tuple[Any, ...] = ()
         self.root_kwargs: dict[str, Any] = {}
         self.root_record: _Record | None = None
+        self.root_rng: RngState | None = (
+            None  # the RNG before the root forward (dpsgd_r replays it)
+        )
+        self.replayed: list[tuple[LayerCapture, _Record]] | None = None  # dpsgd_r's second pass
         self.outside_uses: set[str] = set()  # parameters autograd reached outside their layer
         leaves = parameterised_leaves(model)
         # Every refusal before any layer is touched: a model refused half-way would keep some
@@ -128,6 +133,7 @@ class CaptureSet:
             module.forward = _CapturedForward(self._make_forward(layer))  # type: ignore[method-assign]
             for pname, p in layer.params().items():
                 self._handles.append(p.register_hook(self._outside_use(f"{layer.name}.{pname}")))
+        self.capture_root = capture_root
         self._handles.append(model.register_forward_pre_hook(self._on_root_pre, with_kwargs=True))
         if capture_root:
             self._handles.append(model.register_forward_hook(self._on_root_post))
@@ -157,7 +163,14 @@ class CaptureSet:
 
         def forward(*args: Any, **kwargs: Any) -> Tensor:
             if self._passthrough:  # dpsgd_r's second pass: plain autograd through the parameters
-                return cls_forward(module, *args, **kwargs)
+                out = cls_forward(module, *args, **kwargs)
+                if self.replayed is not None and isinstance(out, Tensor) and out.requires_grad:
+                    # A tensor hook (not retain_grad) sees the gradient before any in-place op
+                    # that follows the layer, as the first pass's tap did.
+                    rec = _Record((), {}, 0)
+                    out.register_hook(_sink(rec))
+                    self.replayed.append((layer, rec))
+                return out
             memo: dict[str, Any] = {}
             read = None
             if layer.is_table:
@@ -210,11 +223,22 @@ class CaptureSet:
         # A new training forward is a new batch: forget what a forward without a backward recorded.
         self.clear()
         self.root_args, self.root_kwargs = args, kwargs
+        if self.capture_root:
+            self.root_rng = rng_state()
 
     def _on_root_post(self, module: nn.Module, args: tuple, out: Any) -> Any:
-        if not torch.is_grad_enabled() or self._passthrough or not isinstance(out, Tensor):
+        if not torch.is_grad_enabled() or self._passthrough:
             return None
-        record = _Record(args, {}, out.shape[0] if out.dim() else 1)
+        if not isinstance(out, Tensor):
+            # dpsgd_r backpropagates the reweighted gradient of this one output; without it the
+            # step would train nothing (and still be charged).
+            raise UnsupportedLayerError(
+                f"mode='dpsgd_r' re-runs the model and backpropagates a reweighted gradient of "
+                f"its output, so the model must return one Tensor; it returned "
+                f"{type(out).__name__}. Return the tensor the loss is computed from, or use "
+                "mode='dpsgd_b' or 'dpsgd_f' (they clip whatever the model returns)."
+            )
+        record = _Record(args, {}, out.shape[0] if out.dim() else 1, out=out.detach())
         self.root_record = record
         return _Tap.apply(out, self._anchor, record)
 
@@ -261,6 +285,7 @@ class CaptureSet:
         for layer in self.layers:
             layer.records.clear()
         self.root_record = None
+        self.root_rng = None
         self.outside_uses.clear()
 
     @contextmanager
@@ -270,6 +295,7 @@ class CaptureSet:
             yield
         finally:
             self._passthrough = False
+            self.replayed = None
 
     def remove(self) -> None:
         """Give the model back exactly as it was (class forwards, no hooks)."""
@@ -278,6 +304,34 @@ class CaptureSet:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+
+
+def _sink(rec: _Record) -> Callable[[Tensor], None]:
+    def hook(grad: Tensor) -> None:
+        rec.grad_output = grad if rec.grad_output is None else rec.grad_output + grad
+
+    return hook
+
+
+RngState = tuple[Tensor, list[Tensor]]
+
+
+def rng_state() -> RngState:
+    """torch's CPU generator state and, once CUDA is in use, every device's."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []
+    return torch.get_rng_state(), cuda
+
+
+@contextmanager
+def replayed_rng(state: RngState) -> Iterator[None]:
+    """Run a block with the RNG as it was at ``state`` (dropout masks, random augmentations draw
+    again what they drew then), and give the caller's RNG back untouched afterwards."""
+    cpu, cuda = state
+    with torch.random.fork_rng(devices=range(len(cuda))):
+        torch.set_rng_state(cpu)
+        if cuda:
+            torch.cuda.set_rng_state_all(cuda)
+        yield
 
 
 class _CapturedForward:

@@ -6,14 +6,14 @@ wrapped optimizers' ``param_groups`` (LR schedulers keep working) and adds, in `
 1. per-example squared norms from the captured calls (ghost norms in ``dpsgd_f``/``lazydp``,
    materialised per-example gradients in ``dpsgd_b``/``dpsgd_r``);
 2. clip factors c_i = min(1, C / ||g_i||);
-3. a charge to the privacy ledger -- before any noise is drawn;
-4. clipped sums sum_i c_i g_i (book-keeping from the captured tensors; ``dpsgd_r`` re-runs the
-   forward and a reweighted backward, as that method is defined);
+3. clipped sums sum_i c_i g_i (book-keeping from the captured tensors; ``dpsgd_r`` re-runs the
+   forward and a reweighted backward, as that method is defined: optim/reweighted.py);
+4. a charge to the privacy ledger -- before any noise is drawn;
 5. noise N(0, (sigma*C)^2) on the sum, divided by the *expected* batch size; tables get it eagerly
    (``dpsgd_*``) or lazily (``lazydp``), every other parameter eagerly;
 6. the parameter update.
 
-Validation happens before step 3, so a bad batch changes nothing and charges nothing.
+Validation happens before step 4, so a bad batch changes nothing and charges nothing.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from lazydp.optim.eager import eager_table_sgd, noisy_dense_grads
 from lazydp.optim.group import OptimizerGroup
 from lazydp.optim.lazy import LazyTable, LrPrefix, check_table_lr
 from lazydp.optim.resume import check_lazy_state, check_optimizer_state
+from lazydp.optim.reweighted import reweighted_clipped_sums
 
 # Dividing by norm + tiny keeps c_i finite for an all-zero gradient (then c_i = 1, as clipping a
 # zero vector leaves it zero); it shrinks a norm exactly at C by a relative 1e-12 only.
@@ -262,6 +263,11 @@ class DPOptimizer(OptimizerGroup):
             c = clip_factors(norms2, p.max_grad_norm).float()
             c_raw = c * scale  # applies to the unscaled captured gradients
 
+        # The clipped sums release nothing yet; computing them before the charge lets their
+        # checks (dpsgd_r's second pass) refuse a step that would not be clipped, uncharged.
+        with self.timer.phase("clipped_sum"):
+            sums = self._clipped_sums(calls, per_sample, c_raw)
+
         # Charged before any noise is drawn (DP invariant 6).
         self.ledger.charge(
             StepEvent(
@@ -274,9 +280,6 @@ class DPOptimizer(OptimizerGroup):
                 rank=self.rank,
             )
         )
-
-        with self.timer.phase("clipped_sum"):
-            sums = self._clipped_sums(calls, per_sample, c_raw)
         if self.reduce_hook is not None:
             with self.timer.phase("all_reduce"):
                 self.reduce_hook(sums)
@@ -292,7 +295,7 @@ class DPOptimizer(OptimizerGroup):
     ) -> dict[nn.Parameter, ClippedSum]:
         sums: dict[nn.Parameter, ClippedSum] = {}
         if self.privacy.mode == "dpsgd_r":
-            return self._reweighted_backward(c) if c.numel() else {}
+            return reweighted_clipped_sums(self.capture, c) if c.numel() else {}
         for layer in self.capture.layers:
             if not calls[layer.name]:
                 continue
@@ -304,33 +307,6 @@ class DPOptimizer(OptimizerGroup):
                 by_name = layer.clipper.clipped_sum(layer.module, calls[layer.name], cl)
             for name, s in by_name.items():
                 sums[params[name]] = s
-        return sums
-
-    def _reweighted_backward(self, c: Tensor) -> dict[nn.Parameter, ClippedSum]:
-        """dpsgd_r: a second forward and a backward of sum_i c_i * l_i (the paper's method)."""
-        cap = self.capture
-        root = cap.root_record
-        if root is None or root.grad_output is None:
-            return {}
-        g = root.grad_output
-        g = g * c.to(g.device).view(-1, *([1] * (g.dim() - 1)))
-        params = [q for layer in cap.layers for q in layer.params().values()]
-        saved = [q.grad for q in params]
-        for q in params:
-            q.grad = None
-        with torch.enable_grad(), cap.passthrough():
-            out = cap.model(*cap.root_args, **cap.root_kwargs)
-            torch.autograd.backward(out, g)
-        sums: dict[nn.Parameter, ClippedSum] = {}
-        for q, old in zip(params, saved):
-            if q.grad is not None:
-                grad = q.grad
-                if grad.is_sparse:
-                    grad = grad.coalesce()
-                    sums[q] = SparseRows(grad.indices()[0], grad.values(), q.shape[0], True)
-                else:
-                    sums[q] = grad
-            q.grad = old
         return sums
 
     @torch.no_grad()

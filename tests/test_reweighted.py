@@ -1,0 +1,99 @@
+"""dpsgd_r's second pass must compute the clipped sum of the first: random forwards are replayed,
+and models whose second pass would differ are refused before anything is charged."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from lazydp import ConfigError, UnsupportedLayerError
+from lazydp.testing import zero_noise
+from tests.test_model_edge_cases import _private as edge_private
+
+
+class Dropped(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(6, 16)
+        self.drop = nn.Dropout(0.5)
+        self.b = nn.Linear(16, 1)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.drop(self.a(x)))).squeeze(1)
+
+
+class TwoHeads(Dropped):
+    def forward(self, x):
+        h = self.a(x)
+        return self.b(h).squeeze(1), h
+
+
+class AuxLoss(Dropped):
+    """Keeps an intermediate activation the loss also uses (a common auxiliary-loss pattern)."""
+
+    def forward(self, x):
+        self.hidden = self.a(x)
+        return self.b(self.hidden).squeeze(1)
+
+
+class Drifting(Dropped):
+    """Its forward depends on how often it ran: a second run is a different function."""
+
+    calls = 0
+
+    def forward(self, x):
+        Drifting.calls += 1
+        return self.b(self.a(x) * Drifting.calls).squeeze(1)
+
+
+def _private(model, mode):
+    return edge_private(model, mode, max_grad_norm=0.05)  # small: every example is clipped
+
+
+@zero_noise()
+def test_dropout_masks_are_replayed_so_dpsgd_r_equals_dpsgd_b():
+    x = torch.randn(8, 6)
+    after, rng_after = {}, {}
+    for mode in ("dpsgd_b", "dpsgd_r"):
+        torch.manual_seed(1)
+        model, opt, _ = _private(Dropped(), mode)
+        torch.manual_seed(2)
+        opt.zero_grad()
+        model(x).pow(2).mean().backward()
+        opt.step()
+        after[mode] = [p.detach().clone() for p in model.parameters()]
+        rng_after[mode] = torch.rand(3)  # the replay leaves the user's RNG stream as it was
+    for b, r in zip(after["dpsgd_b"], after["dpsgd_r"]):
+        torch.testing.assert_close(r, b, rtol=1e-5, atol=1e-6)
+    assert torch.equal(rng_after["dpsgd_b"], rng_after["dpsgd_r"])
+
+
+def test_a_model_returning_a_tuple_is_refused_under_dpsgd_r():
+    model, _, _ = _private(TwoHeads(), "dpsgd_r")
+    with pytest.raises(UnsupportedLayerError, match="must return one Tensor.*tuple"):
+        model(torch.randn(4, 6))
+
+
+@pytest.mark.parametrize(
+    ("model", "loss", "match"),
+    [
+        (AuxLoss, lambda m, out: out.pow(2).mean() + m.hidden.pow(2).mean(), "another way"),
+        (Drifting, lambda m, out: out.pow(2).mean(), "different output"),
+    ],
+)
+def test_a_second_pass_that_differs_is_refused_before_the_charge(model, loss, match):
+    module, opt, engine = _private(model(), "dpsgd_r")
+    before = [p.detach().clone() for p in module.parameters()]
+    out = module(torch.randn(8, 6))
+    loss(module, out).backward()
+    with pytest.raises(ConfigError, match=match):
+        opt.step()
+    assert engine.ledger.steps == 0
+    assert all(torch.equal(p.detach(), b) for p, b in zip(module.parameters(), before))
+    # dpsgd_b clips the same loss, whatever path its gradient takes
+    module, opt, engine = _private(model(), "dpsgd_b")
+    out = module(torch.randn(8, 6))
+    loss(module, out).backward()
+    opt.step()
+    assert engine.ledger.steps == 1
