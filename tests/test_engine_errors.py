@@ -23,13 +23,10 @@ from tests.toy import Toy, loader, loss_fn, make_batches
 def private(mode="lazydp", model=None, **kw):
     model = model or Toy()
     engine = PrivacyEngine(seed=0, ledger_path=kw.pop("ledger_path", None))
-    args = dict(noise_multiplier=1.0, max_grad_norm=1.0, mode=mode)
+    args = dict(noise_multiplier=1.0, max_grad_norm=1.0, mode=mode, data_loader=loader())
     args.update(kw)
     m, opt, dl = engine.make_private(
-        module=model,
-        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-        data_loader=loader(),
-        **args,
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), **args
     )
     return m, opt, dl, engine
 

@@ -7,26 +7,48 @@ keeps shapes and dtypes right and lets an empty step run (and be charged) like a
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+import dataclasses
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 from torch.utils.data._utils.collate import default_collate
 
 from lazydp.errors import ConfigError
 
+_SCALARS = (str, bytes, int, float, bool, type(None))
+
 
 def _empty_like(x: Any) -> Any:
-    if isinstance(x, torch.Tensor):
+    """``x`` (a collated batch of one example) cut to zero examples, or ConfigError.
+
+    An object of a type not known here is refused: returned as it is, it would still hold the
+    example and an "empty" Poisson step would train on it.
+    """
+    if isinstance(x, (torch.Tensor, np.ndarray)):
         return x[:0]
     if isinstance(x, tuple) and hasattr(x, "_fields"):  # namedtuple
         return type(x)(*(_empty_like(v) for v in x))
     if isinstance(x, (list, tuple)):
+        if x and all(isinstance(v, _SCALARS) for v in x):
+            return type(x)()  # a per-example list (default_collate keeps strings as lists)
         return type(x)(_empty_like(v) for v in x)
-    if isinstance(x, dict):
-        return {k: _empty_like(v) for k, v in x.items()}
-    return x
+    if isinstance(x, Mapping):
+        return type(x)({k: _empty_like(v) for k, v in x.items()})  # type: ignore[call-arg]
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        fields = {f.name: _empty_like(getattr(x, f.name)) for f in dataclasses.fields(x) if f.init}
+        return dataclasses.replace(x, **fields)
+    if isinstance(x, _SCALARS):
+        return x  # not per-example data: default_collate turns per-example numbers to tensors
+    raise ConfigError(
+        f"Poisson sampling drew an empty batch, and lazydp cannot cut the collated batch's "
+        f"{type(x).__name__} to zero examples (it knows tensors, numpy arrays, lists, tuples, "
+        "mappings and dataclasses of them). Have collate_fn return those, or give the dataset "
+        "a __getitems__(indices) that builds a batch for any list of indices, empty included."
+    )
 
 
 class EmptySafeCollate:
@@ -40,6 +62,22 @@ class EmptySafeCollate:
         if isinstance(batch, Sequence) and len(batch) == 0:
             return _empty_like(self.collate_fn([self.dataset[0]]))
         return self.collate_fn(list(batch) if isinstance(batch, tuple) else batch)  # type: ignore[arg-type]
+
+
+class _Counted(Sampler[list[int]]):
+    """The DP batch sampler, noting how many examples each batch it hands out holds."""
+
+    def __init__(self, inner: Sampler[list[int]], sizes: deque[int]) -> None:
+        self.inner = inner
+        self.sizes = sizes
+
+    def __len__(self) -> int:
+        return len(self.inner)  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for batch in self.inner:
+            self.sizes.append(len(batch))
+            yield batch
 
 
 class DPDataLoader(DataLoader):
@@ -61,19 +99,32 @@ class DPDataLoader(DataLoader):
                 "data_loader wraps an IterableDataset; DP sampling needs random access to pick "
                 "each example independently. Use a map-style Dataset (__getitem__/__len__)."
             )
+        sizes: deque[int] = deque()
         super().__init__(
             dataset,
-            batch_sampler=batch_sampler,
+            batch_sampler=_Counted(batch_sampler, sizes),
             collate_fn=EmptySafeCollate(collate_fn or default_collate, dataset),
             num_workers=num_workers,
             pin_memory=pin_memory,
         )
         self.on_epoch_end: Callable[[], None] | None = None
         self.batches_drawn = 0  # by this process: the report compares it with the steps taken
+        # The examples in each batch the sampler handed out, in order (workers may draw a few
+        # ahead), and in the batch last yielded until a step takes it (see take_batch_size).
+        self._sizes = sizes
+        self.dp_sampler = batch_sampler  # its state_dict goes into checkpoints
+        self._yielded: int | None = None
+
+    def take_batch_size(self) -> int | None:
+        """The number of examples in the batch last yielded, once; None if none is waiting."""
+        size, self._yielded = self._yielded, None
+        return size
 
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
+        self._sizes.clear()
         for batch in super().__iter__():
             self.batches_drawn += 1
+            self._yielded = self._sizes.popleft() if self._sizes else None
             yield batch
         if self.on_epoch_end is not None:
             self.on_epoch_end()

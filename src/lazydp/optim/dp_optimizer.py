@@ -138,6 +138,9 @@ class DPOptimizer(OptimizerGroup):
             self._make_lazy()
         # Hooks the engine sets: after each step (distributed reduction, checkpoints).
         self.reduce_hook: Callable[[dict[nn.Parameter, ClippedSum]], None] | None = None
+        # The private loader's DPDataLoader.take_batch_size: how many examples the batch it
+        # last yielded holds (None when no batch is waiting, or no private loader is in use).
+        self.loaded_batch_size: Callable[[], int | None] | None = None
 
     def _group_of(self, p: nn.Parameter) -> tuple[Optimizer | None, dict[str, Any]]:
         if p not in self._group_index:
@@ -223,6 +226,7 @@ class DPOptimizer(OptimizerGroup):
             check_table_lr(float(self._group_of(q)[1]["lr"]))
         cap.check_no_outside_use()
         batch = cap.batch_size()
+        self._check_batch(batch)
         self.steps_with_data += batch > 0
         # A mean-reduced loss scales every output gradient by 1/B. Rather than rescaling them all,
         # fold B into the norms (x B^2) and into the clip factors (x B) -- the same numbers.
@@ -286,6 +290,28 @@ class DPOptimizer(OptimizerGroup):
         self._update(sums)
         cap.clear()
         return loss
+
+    def _check_batch(self, batch: int) -> None:
+        """InputError unless the recorded forward/backward is one row per loaded example."""
+        loaded = self.loaded_batch_size() if self.loaded_batch_size is not None else None
+        layers = self.capture.layers
+        if batch and not any(r.grad_output is not None for layer in layers for r in layer.records):
+            raise InputError(
+                "optimizer.step() after a forward without loss.backward(): there is no gradient "
+                "to clip, and the step would still be charged and add noise. Call "
+                "loss.backward() before step(), or optimizer.zero_grad() to drop the forward. "
+                "Nothing was changed or charged."
+            )
+        if loaded is not None and batch and batch != loaded:
+            raise InputError(
+                f"the model's layers saw {batch} rows in dimension 0, but the batch the private "
+                f"data loader yielded holds {loaded} examples. lazydp clips each row of "
+                "dimension 0 as one example, so an example spread over several rows (a shared "
+                "tower run on torch.cat([queries, items]), a reshape to (B*T, d)) would be "
+                "clipped once per row and its influence could exceed the bound. Call the shared "
+                "layer once per input (a layer may run several times in one forward) and keep "
+                "dimension 0 the batch. Nothing was changed or charged."
+            )
 
     def _clipped_sums(
         self,

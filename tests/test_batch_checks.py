@@ -1,0 +1,94 @@
+"""One row of dimension 0 per sampled example, and a real gradient behind every charged step:
+checked against the batch the private loader yielded, before anything is charged."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lazydp import ConfigError, InputError
+from lazydp.loader import _empty_like
+from tests.test_engine_errors import private, snapshot
+
+
+class SharedTower(nn.Module):
+    def __init__(self, joined: bool) -> None:
+        super().__init__()
+        self.tower = nn.Linear(3, 4)
+        self.joined = joined
+
+    def forward(self, q, i):
+        if self.joined:  # one call on 2B rows: two rows per example, each clipped alone
+            a, b = self.tower(torch.cat([q, i])).chunk(2)
+        else:
+            a, b = self.tower(q), self.tower(i)
+        return (a * b).sum(1)
+
+
+def _two_tower(joined: bool):
+    ds = TensorDataset(torch.randn(64, 3), torch.randn(64, 3), torch.randn(64))
+    loader = DataLoader(ds, batch_size=16)
+    return private("dpsgd_f", SharedTower(joined), data_loader=loader)
+
+
+@pytest.mark.parametrize("joined", [True, False])
+def test_an_example_spread_over_two_rows_is_refused_before_the_charge(joined):
+    model, opt, dl, engine = _two_tower(joined)
+    before = snapshot(model)
+    q, i, y = next(b for b in dl if len(b[0]))
+    opt.zero_grad()
+    nn.functional.mse_loss(model(q, i), y).backward()
+    if not joined:  # the same tower called once per input: one row per example, trains
+        opt.step()
+        assert engine.ledger.steps == 1
+        return
+    with pytest.raises(InputError, match=rf"saw {2 * len(y)} rows.*holds {len(y)} examples"):
+        opt.step()
+    assert engine.ledger.steps == 0
+    assert all(torch.equal(t, before[k]) for k, t in snapshot(model).items())
+
+
+def test_step_after_a_forward_without_backward_is_refused():
+    model, opt, _, engine = private("dpsgd_f")
+    before = snapshot(model)
+    x = torch.randn(4, 3)
+    model(x, torch.randint(0, 40, (4, 3)), torch.randint(0, 40, (4, 2)))
+    with pytest.raises(InputError, match="without loss.backward"):
+        opt.step()
+    assert engine.ledger.steps == 0
+    assert all(torch.equal(t, before[k]) for k, t in snapshot(model).items())
+
+
+@dataclasses.dataclass
+class Batch:
+    x: torch.Tensor
+    names: list[str]
+    tag: str = "train"
+
+
+class Opaque:
+    def __init__(self, x):
+        self.x = x
+
+
+def test_an_empty_batch_is_cut_from_every_known_container_and_refused_otherwise():
+    one = Batch(torch.ones(1, 3), ["alice"])
+    empty = _empty_like(one)
+    assert empty.x.shape == (0, 3) and empty.names == [] and empty.tag == "train"
+    assert _empty_like({"a": np.ones((1, 2))})["a"].shape == (0, 2)
+    with pytest.raises(ConfigError, match="cannot cut the collated batch's Opaque"):
+        _empty_like([Opaque(torch.ones(1))])
+
+
+def test_an_empty_poisson_batch_of_an_unknown_type_stops_the_loader():
+    ds = TensorDataset(torch.randn(300, 3))
+    loader = DataLoader(ds, batch_size=1, collate_fn=lambda b: Opaque(b))
+    _, _, dl, _ = private("dpsgd_f", nn.Linear(3, 1), data_loader=loader)
+    with pytest.raises(ConfigError, match="empty batch"):  # q = 1/300: an empty batch comes soon
+        for _ in dl:
+            pass
