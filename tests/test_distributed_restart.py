@@ -39,19 +39,13 @@ def test_killed_worker_restarts_from_checkpoint_and_ledger_counts_rerun_steps(
     resumed_from = KILL_AT // EVERY * EVERY
     for ledger in (out / "ledger.jsonl", out / "ledger.rank1.jsonl"):
         assert _steps(ledger) >= STEPS + (KILL_AT - resumed_from), ledger
-    # The exported model is finite and flushed: every row pending in the last (private)
-    # checkpoint got its noise before export.
+    # The last checkpoint was written again after the final flush: nothing is pending in it
+    # and it holds the exported weights, so a resume of the finished run releases this model.
     model = torch.load(out / "model.pt", weights_only=True)
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     assert all(bool(torch.isfinite(t).all()) for t in model.values() if t.is_floating_point())
-    tables = [k for k, t in model.items() if k.endswith("weight") and k in ckpt["model"]]
     lazy = ckpt["lazy"]
-    checked = 0
-    for state in lazy["tables"]:
-        pending = state["applied"] < lazy["steps_done"]
-        shape = pending.shape[0]
-        for name in tables:
-            if model[name].shape[0] == shape and pending.any():
-                diff = (model[name] != ckpt["model"][name]).any(1)
-                checked += int(bool(diff[pending].all()))
-    assert checked >= 1
+    assert lazy["steps_done"] == STEPS and lazy["tables"]
+    assert all(not bool((s["applied"] < lazy["steps_done"]).any()) for s in lazy["tables"])
+    shared = [k for k in model if k in ckpt["model"]]
+    assert shared and all(torch.equal(model[k], ckpt["model"][k]) for k in shared)

@@ -7,11 +7,15 @@ noise scale) or loading the weights and then failing half-way would release rows
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
+from torch.utils.data import DataLoader, TensorDataset
 
 from lazydp import PrivacyEngine, PrivacyError
 from lazydp.testing import constant_noise
+from tests.test_engine_errors import private
 from tests.test_lazy import build, step
 from tests.toy import Toy, dense_params, loader, make_batches, table_params
 
@@ -116,3 +120,47 @@ def test_a_bad_part_late_in_the_checkpoint_leaves_the_model_as_it_was(tmp_path):
     # The refusals are not spurious: the undamaged checkpoint loads.
     engine.load_checkpoint(path)
     assert opt.steps_done == state["lazy"]["steps_done"] == 3
+
+
+def _shuffled(tmp_path):
+    ds = TensorDataset(torch.arange(40.0)[:, None])  # the feature is the example's index
+    loader = DataLoader(ds, batch_size=5)
+    return private(
+        "dpsgd_f",
+        torch.nn.Linear(1, 1),
+        data_loader=loader,
+        sampler="shuffle",
+        ledger_path=tmp_path / "run.jsonl",
+    )
+
+
+def _train_on(model, opt, batches, seen):
+    for (x,) in batches:
+        seen += x[:, 0].long().tolist()
+        opt.zero_grad()
+        model(x).pow(2).mean().backward()
+        opt.step()
+
+
+def test_a_resumed_shuffled_epoch_goes_on_where_it_stopped(tmp_path):
+    # 8 batches per epoch; 3 before the checkpoint, the other 5 after it: no example twice.
+    model, opt, dl, engine = _shuffled(tmp_path)
+    seen: list[int] = []
+    _train_on(model, opt, itertools.islice(dl, 3), seen)
+    engine.save_checkpoint(tmp_path / "ck.pt")
+    model, opt, dl, engine = _shuffled(tmp_path)
+    engine.load_checkpoint(tmp_path / "ck.pt")
+    _train_on(model, opt, dl, seen)
+    assert sorted(seen) == list(range(40))
+    assert engine.ledger.steps == 8
+
+
+def test_a_checkpoint_without_the_shuffle_position_is_refused(tmp_path):
+    _, _, _, engine = _shuffled(tmp_path)
+    engine.save_checkpoint(tmp_path / "ck.pt")
+    state = torch.load(tmp_path / "ck.pt", weights_only=True)
+    del state["sampler"]
+    torch.save(state, tmp_path / "old.pt")
+    _, _, _, engine = _shuffled(tmp_path)
+    with pytest.raises(PrivacyError, match="no sampler position"):
+        engine.load_checkpoint(tmp_path / "old.pt")

@@ -21,6 +21,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 from collections.abc import Sequence
@@ -79,6 +80,8 @@ class PrivacyEngine:
         self.loader: DataLoader | None = None
         self.privacy: PrivacyParams | None = None
         self.noise: GaussianNoise | None = None
+        # The (epsilon, delta, steps) the noise was calibrated for: the report flags overruns.
+        self.target: dict[str, Any] | None = None
         self._suppress_flush = False
         self._hooks: list[Any] = []
 
@@ -278,11 +281,12 @@ class PrivacyEngine:
             self.ledger,
             delta,
             self.privacy,
-            seeded=self.seed is not None,
+            # A resumed run adopts its checkpoint's noise seed: still a reproducible run.
+            seeded=self.seed is not None or (self.noise is not None and self.noise.seeded),
             override=active_override(),
             unsampled_steps=unsampled,
         )
-        target = getattr(self, "target", None)  # set by make_private_with_epsilon
+        target = self.target
         if target is not None and delta == target["delta"] and report.epsilon > target["epsilon"]:
             report.caveats.append(
                 f"OVER TARGET: epsilon {report.epsilon:.4g} exceeds the target "
@@ -343,7 +347,15 @@ class PrivacyEngine:
             state["lazy"] = self.optimizer.lazy_state_dict()
         if self.noise is not None:
             state["noise"] = self.noise.state_dict()
+        sampler = self._dp_sampler()
+        if sampler is not None:
+            state["sampler"] = sampler.state_dict()
         return _atomic_save(state, path)
+
+    def _dp_sampler(self) -> Any:
+        """The private loader's batch sampler, when it keeps a position (ours all do)."""
+        sampler = getattr(self.loader, "dp_sampler", None)
+        return sampler if hasattr(sampler, "state_dict") else None
 
     def load_checkpoint(self, path: str | os.PathLike[str]) -> dict[str, Any]:
         """Restore a checkpoint into the private model; the ledger is never lowered."""
@@ -358,6 +370,9 @@ class PrivacyEngine:
             self.optimizer.load_lazy_state_dict(state["lazy"])
         if self.noise is not None and "noise" in state:
             self.noise.load_state_dict(state["noise"])
+        sampler = self._dp_sampler()
+        if sampler is not None and "sampler" in state:
+            sampler.load_state_dict(state["sampler"])
         return dict(state.get("extra", {}))
 
     def _check_checkpoint(self, state: dict[str, Any], path: str | os.PathLike[str]) -> None:
@@ -412,6 +427,31 @@ class PrivacyEngine:
             self.optimizer.check_state_dicts(state.get("optimizer"), state.get("lazy"))
         if self.noise is not None and "noise" in state:
             GaussianNoise._from_state(state["noise"], self.noise.threads)  # validates only
+        self._check_sampler_state(state.get("sampler"), path)
+
+    def _check_sampler_state(self, saved: Any, path: str | os.PathLike[str]) -> None:
+        """The loader's epoch position must resume too: a shuffled epoch restarted from its
+        first batch would use some examples twice in one epoch, which its accounting (each
+        example once per epoch) does not charge for."""
+        sampler = self._dp_sampler()
+        if sampler is None:
+            return
+        if saved is None:
+            if sampler.name == "shuffle":
+                raise PrivacyError(
+                    f"checkpoint {path} has no sampler position (an older lazydp wrote it); a "
+                    "shuffled epoch would restart and reuse examples its accounting counts "
+                    "once. Finish that run with the lazydp version that started it, or start a "
+                    "new run. Nothing was loaded."
+                )
+            return  # Poisson steps are independent: only the step counter is lost
+        try:
+            copy.deepcopy(sampler).load_state_dict(saved)
+        except (ConfigError, KeyError, TypeError, ValueError) as exc:
+            raise PrivacyError(
+                f"checkpoint {path}'s sampler position does not fit this loader ({exc}); resume "
+                "with the data, batch size and sampler that wrote it. Nothing was loaded."
+            ) from None
 
     def detach(self) -> nn.Module:
         """Flush and hand back the plain model (captures and hooks removed)."""

@@ -38,7 +38,11 @@ class PrivacyReport:
 
     @property
     def private(self) -> bool:
-        return self.mode != "sgd" and not any(c.startswith("NOT PRIVATE") for c in self.caveats)
+        return (
+            self.mode != "sgd"
+            and math.isfinite(self.epsilon)
+            and not any(c.startswith("NOT PRIVATE") for c in self.caveats)
+        )
 
     def to_dict(self) -> dict[str, Any]:
         # JSON has no infinity: a non-private run's unbounded epsilon is written as null
@@ -125,6 +129,20 @@ def build_report(
     else:
         eps = eps_rdp = 0.0
         eps_poisson = None
+    if mode != "sgd" and not math.isfinite(eps):
+        caveats.append(
+            "NOT PRIVATE: epsilon is unbounded (a step ran with noise multiplier 0, so its "
+            "gradient was released without noise)"
+        )
+    sigmas = sorted({c.noise_multiplier for c in counts})
+    rates = sorted({c.sample_rate for c in counts})
+    if len(sigmas) > 1 or len(rates) > 1:
+        # A resumed run with other settings: the accountant composes every group of steps,
+        # while the noise multiplier and sample rate below are the last run's.
+        caveats.append(
+            f"MIXED SETTINGS: the ledger's steps ran at noise multipliers {sigmas} and sample "
+            f"rates {rates}; epsilon composes them all, the settings shown are the last run's"
+        )
     return PrivacyReport(
         delta=ledger.total_delta(delta),
         epsilon=eps + ext_eps,

@@ -430,6 +430,14 @@ def run(
             "with the --nproc-per-node it started with."
         )
     engine = engine_cls(seed=cfg.seed, ledger_path=ledger_file)
+    if cfg.resume and not (out / "checkpoint.pt").exists() and engine.ledger.steps:
+        raise ConfigError(
+            f"--resume: {out} holds a ledger with {engine.ledger.steps} charged steps but no "
+            "checkpoint.pt to continue from (--checkpoint-every 0, or the run stopped before "
+            "its first checkpoint). Training from step 0 would spend more budget on a model "
+            "that starts over, and replace model.pt. Start a new run with another --out; this "
+            "ledger keeps what was spent."
+        )
     digest = hashlib.sha256((root / "metadata.json").read_bytes()).hexdigest()[:16]
     _charge_preprocessing(engine.ledger, privacy_cost, digest)
     loader = DataLoader(_Rows(train), batch_size=cfg.batch_size, collate_fn=_identity)
@@ -444,6 +452,8 @@ def run(
         rank=rank,
         world_size=world_size,
     )
+    if calibrated:  # the report flags a run that spent more than the target (OVER TARGET)
+        engine.target = {"epsilon": cfg.target_epsilon, "delta": delta, "steps": total_steps}
     step = 0
     ckpt = out / "checkpoint.pt"
     if cfg.resume and ckpt.exists():
@@ -490,6 +500,11 @@ def run(
         bar.close()
     train_seconds = time.perf_counter() - started
     engine.flush()  # end of training: every row gets all its pending noise
+    if rank == 0 and (cfg.checkpoint_every or ckpt.exists()):
+        # The checkpoint now holds the flushed model: a resume of this finished run must not
+        # draw the noise that was pending at its last checkpoint a second time (two releases
+        # of one step's noise, each with fresh draws, would average it away).
+        engine.save_checkpoint(ckpt, step=step)
     if rank == 0:  # saved before anything else can fail: the budget for it is already spent
         engine.export(out / "model.pt")
     metrics = evaluate(model, test, cfg.eval_batch_size)
