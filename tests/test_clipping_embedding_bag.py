@@ -184,6 +184,9 @@ def test_rows_read_validates_ids_and_offsets() -> None:
         clipper.rows_read(table, (torch.tensor([1, 2, 3]), torch.tensor([0, 2, 1])), {})
     with pytest.raises(InputError, match="offsets=None"):
         clipper.rows_read(table, (torch.tensor([[1, 2]]), torch.tensor([0])), {})
+    last = nn.EmbeddingBag(10, 4, mode="sum", include_last_offset=True)
+    with pytest.raises(InputError, match="last offset must equal the number of ids"):
+        clipper.rows_read(last, (torch.tensor([1, 2, 3]), torch.tensor([0, 1, 2])), {})
 
 
 @pytest.mark.parametrize(

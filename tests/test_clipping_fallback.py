@@ -105,3 +105,41 @@ def test_unvmappable_layer_raises_with_name_and_cause() -> None:
         clipper_for(layer).norms2(layer, calls)
     with pytest.raises(UnsupportedLayerError, match="DataDependent"):
         clipper_for(layer).clipped_sum(layer, calls, torch.ones(3))
+
+
+class WithMemory(nn.Module):
+    """Adds the mean of a memory shared by the whole batch (it happens to have B rows)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(2))
+
+    def forward(self, x: Tensor, memory: Tensor) -> Tensor:
+        return x * self.w + memory.mean(0)
+
+
+class Centred(nn.Module):
+    """Subtracts the batch mean: every output row depends on every example."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(2))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (x - x.mean(0)) * self.w
+
+
+@pytest.mark.parametrize(
+    ("layer", "args"),
+    [
+        (WithMemory(), (torch.randn(3, 2), torch.randn(3, 2))),
+        (Centred(), (torch.randn(3, 2),)),
+    ],
+)
+def test_a_layer_whose_rows_depend_on_other_examples_is_refused(layer, args) -> None:
+    calls = [Call(args, {}, torch.ones(3, 2))]
+    clipper = clipper_for(layer)
+    with pytest.raises(UnsupportedLayerError, match="depends on the other examples"):
+        clipper.norms2(layer, calls)
+    with pytest.raises(UnsupportedLayerError, match="depends on the other examples"):
+        clipper.clipped_sum(layer, calls, torch.ones(3))

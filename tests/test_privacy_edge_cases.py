@@ -110,6 +110,9 @@ def test_refused_set_ups():
         )
     with pytest.raises(UnsupportedOptimizerError, match="LBFGS"):
         _make_private(model, torch.optim.LBFGS(model.parameters()))
+    table = torch.nn.Embedding(10, 2, sparse=True)
+    with pytest.raises(UnsupportedOptimizerError, match="SparseAdam takes sparse gradients"):
+        _make_private(table, torch.optim.SparseAdam(table.parameters()))
     frozen = torch.nn.Linear(3, 1).requires_grad_(False)
     with pytest.raises(ConfigError, match="no trainable parameters"):
         _make_private(frozen, torch.optim.SGD(frozen.parameters(), lr=0.1))

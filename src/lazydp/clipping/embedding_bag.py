@@ -96,6 +96,12 @@ def _bag_lengths(module: nn.EmbeddingBag, ids: Tensor, offsets: Tensor) -> tuple
             f"EmbeddingBag offsets must start at 0 and end within the {n} ids; got offsets[0]={first}, "
             f"last bag end {last}"
         )
+    if module.include_last_offset and offsets.numel() and last != n:
+        # torch would silently drop the ids past the last offset from every bag.
+        raise InputError(
+            f"EmbeddingBag(include_last_offset=True): the last offset must equal the number of "
+            f"ids ({n}); got {last}, which leaves {n - last} ids outside every bag"
+        )
     shortest, longest = (int(x) for x in torch.aminmax(lengths)) if lengths.numel() else (0, 0)
     if shortest < 0:
         raise InputError(

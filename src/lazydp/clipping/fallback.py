@@ -8,7 +8,9 @@ it holds no per-example tensor and still treats every example in isolation (a la
 mixes examples cannot leak through the sum more than its per-example norm says).
 
 Tensor arguments whose dimension 0 equals B are treated as per-example; every other argument is
-shared. The forward is called through the class (``type(module).forward``) so hooks or a forward
+shared. That guess is checked: the examples run one by one must give the layer's batched output,
+or the layer is refused (a shared tensor that happens to have B rows, or a layer that mixes
+examples, would otherwise be trained on a function it does not compute). The forward is called through the class (``type(module).forward``) so hooks or a forward
 the engine installed on the instance are not re-entered; the layer's buffers are cloned so a
 forward that updates them cannot change the real ones. A layer that fails under vmap (data-dependent
 control flow, in-place buffer updates, randomness) raises UnsupportedLayerError naming the layer and
@@ -20,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
@@ -40,13 +43,18 @@ class _ClassForward(nn.Module):
         return type(self.inner).forward(self.inner, *args, **kwargs)
 
 
+def _state(module: nn.Module, params: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The wrapper's parameters and buffers; buffers cloned so a forward cannot change them."""
+    buffers = {f"inner.{n}": b.detach().clone() for n, b in module.named_buffers(recurse=False)}
+    return {f"inner.{n}": p for n, p in params.items()} | buffers
+
+
 def _single_example_fn(
     module: nn.Module, call: Call, batch: int
 ) -> tuple[Callable[..., Tensor], list[Tensor]]:
     """f(params, *per_example_args) -> output of one example (leading batch dim of 1 kept), and
     the batched tensors to vmap over."""
     wrapper = _ClassForward(module)
-    buffers = {f"inner.{n}": b.detach().clone() for n, b in module.named_buffers(recurse=False)}
     items = [("arg", i, v) for i, v in enumerate(call.args)] + [
         ("kw", k, v) for k, v in call.kwargs.items()
     ]
@@ -63,10 +71,30 @@ def _single_example_fn(
                 args.append(value)
             else:
                 kwargs[str(key)] = value
-        full = {f"inner.{n}": p for n, p in params.items()} | buffers
-        return functional_call(wrapper, full, tuple(args), kwargs)
+        return functional_call(wrapper, _state(module, params), tuple(args), kwargs)
 
     return f, batched_values
+
+
+def _check_isolated(module: nn.Module, call: Call, params: dict[str, Tensor], batch: int) -> None:
+    """UnsupportedLayerError unless the examples run alone reproduce the batched forward."""
+    f, batched = _single_example_fn(module, call, batch)
+    alone = vmap(lambda *x_i: f(params, *x_i).squeeze(0), randomness="error")(*batched)
+    together = functional_call(
+        _ClassForward(module), _state(module, params), tuple(call.args), dict(call.kwargs)
+    )
+    scale = float(together.abs().max()) if together.numel() else 0.0
+    if alone.shape != together.shape or not torch.allclose(
+        alone, together, rtol=1e-4, atol=1e-5 * scale + 1e-12
+    ):
+        raise UnsupportedLayerError(
+            f"{type(module).__name__}'s output for one example depends on the other examples' "
+            "inputs (it mixes examples), or an argument whose dimension 0 happens to equal the "
+            f"batch size ({batch}) is shared by all examples, not one row per example. Per-"
+            "example clipping needs each output row to depend on its own example only: pass "
+            "shared tensors as buffers or attributes of the layer, or register a clipper for it "
+            "with lazydp.clipping.register_clipper."
+        )
 
 
 def _unsupported(module: nn.Module, err: Exception) -> UnsupportedLayerError:
@@ -117,6 +145,7 @@ def _summed_over_calls(
     total: dict[str, Tensor] = {}
     for call in calls:
         try:
+            _check_isolated(module, call, params, batch)
             grads = per_call(call, params, batch)
         except UnsupportedLayerError:
             raise

@@ -163,6 +163,13 @@ class DPOptimizer(OptimizerGroup):
                     "torch.optim.LBFGS re-evaluates the loss several times per step; DP-SGD "
                     "clips, noises and charges exactly one gradient per step. Use SGD or Adam."
                 )
+            if isinstance(o, torch.optim.SparseAdam):
+                raise UnsupportedOptimizerError(
+                    "torch.optim.SparseAdam takes sparse gradients only, and a DP-SGD gradient is "
+                    "dense: every row of a table gets noise each step. Use torch.optim.SGD for "
+                    "the tables (mode='lazydp' keeps their update sparse by deferring that noise) "
+                    "and Adam for the dense layers."
+                )
         for p in self._group_index:
             if p.requires_grad and p not in model_params:
                 raise UnsupportedOptimizerError(
