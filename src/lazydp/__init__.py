@@ -12,6 +12,7 @@ from lazydp.errors import (
     InputError,
     LazyDPError,
     PrivacyError,
+    StorageError,
     UnsupportedLayerError,
     UnsupportedOptimizerError,
 )
@@ -28,6 +29,7 @@ __all__ = [
     "LazyDPError",
     "PrivacyEngine",
     "PrivacyError",
+    "StorageError",
     "PrivacyReport",
     "UnsupportedLayerError",
     "UnsupportedOptimizerError",

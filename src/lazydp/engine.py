@@ -25,7 +25,7 @@ import copy
 import math
 import os
 from collections.abc import Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -39,7 +39,7 @@ from lazydp import _validate as v
 from lazydp._timing import PhaseTimer
 from lazydp.accounting import SAMPLERS, calibrate_noise_multiplier
 from lazydp.capture import CaptureSet, copy_refused
-from lazydp.errors import ConfigError, PrivacyError
+from lazydp.errors import ConfigError, PrivacyError, StorageError
 from lazydp.ledger import PrivacyLedger
 from lazydp.loader import DPDataLoader
 from lazydp.noise import GaussianNoise, active_override
@@ -485,11 +485,26 @@ def _lazy_noise(privacy: dict[str, Any]) -> float | None:
 
 
 def _atomic_save(obj: Any, path: str | os.PathLike[str]) -> Path:
+    """Write ``obj`` to a temporary file, fsync it and rename it over ``path``: ``path`` is
+    either the earlier file or the complete new one, and no partial temporary is left behind."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        with suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        if isinstance(exc, (OSError, RuntimeError)):  # torch reports a full disk as RuntimeError
+            raise StorageError(
+                f"could not write {path} ({type(exc).__name__}: {exc}); the earlier file there, "
+                "if any, is intact. Free disk space or choose another location, then retry."
+            ) from None
+        raise
     return path
 
 

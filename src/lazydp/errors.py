@@ -33,3 +33,7 @@ class PrivacyError(LazyDPError, RuntimeError):
 
 class DataError(LazyDPError, ValueError):
     """A data file is malformed (names the file and line) or a data directory is incomplete."""
+
+
+class StorageError(LazyDPError, OSError):
+    """A file could not be written (disk full, no permission, a directory in the way)."""

@@ -187,14 +187,21 @@ class PrivacyLedger:
             return
         data = (json.dumps(record, separators=(",", ":")) + "\n").encode("utf-8")
         # One write call per line: O_APPEND makes it land whole at the end of the file.
-        written = os.write(self._fd, data)
+        try:
+            written = os.write(self._fd, data)
+            if self.fsync and written == len(data):
+                os.fsync(self._fd)
+        except OSError as exc:
+            # Raised before the charge is recorded: the step is not taken (no noise drawn).
+            raise PrivacyError(
+                f"privacy ledger {self.path}: could not write ({exc.strerror or exc}); the step "
+                "was not taken. Free space or fix the file's permissions, then resume."
+            ) from None
         if written != len(data):
             raise PrivacyError(
                 f"privacy ledger {self.path}: short write ({written} of {len(data)} bytes); "
                 "the disk may be full. Free space and repair the last line before resuming."
             )
-        if self.fsync:
-            os.fsync(self._fd)
 
     def _record(self, event: StepEvent) -> None:
         self._events.append(event)

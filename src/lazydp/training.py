@@ -346,6 +346,24 @@ def _training_target(target: float, privacy_cost: dict[str, Any]) -> float:
     return target - spent
 
 
+def _check_out(out: Path) -> None:
+    """Found now, not after the budget is spent: an output the run could not write."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; give a directory (created if missing).")
+    for name in ("model.pt", "report.json", "checkpoint.pt"):
+        if (out / name).is_dir():
+            raise ConfigError(
+                f"{out / name} is a directory, so the run could not write its {name} after "
+                "training. Move it away or choose another --out."
+            )
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create --out {out}: {exc.strerror or exc}") from None
+    if not os.access(out, os.W_OK):
+        raise ConfigError(f"--out {out} is not writable; choose another directory.")
+
+
 def run(
     cfg: TrainConfig,
     *,
@@ -367,7 +385,7 @@ def run(
             engine_cls = PrivacyEngine
     cfg.validate()
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    _check_out(out)
     root, train, test, meta = _open_data(cfg)
     kind = (
         "acs" if (cfg.dataset == "acs" and not cfg.data) or meta.get("format") == "acs" else "dlrm"

@@ -94,6 +94,14 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "json", False):
             print(json.dumps({"error": str(exc), "type": type(exc).__name__}))
         return 1
+    except KeyboardInterrupt:
+        # Every charged step is already in the ledger (written before its noise was drawn).
+        print(
+            f"lazydp {args.command}: interrupted. The privacy ledger holds every step charged so "
+            "far; a training run continues from its last checkpoint with --resume.",
+            file=sys.stderr,
+        )
+        return 130
     if getattr(args, "json", False):
         print(json.dumps(result, default=str))
     return 0

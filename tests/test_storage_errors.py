@@ -1,0 +1,65 @@
+"""A full disk, a directory in the way, Ctrl-C: a clear message, and nothing lost (the earlier
+checkpoint intact, no temporary files left, no step taken without its ledger line)."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import pytest
+
+import lazydp.engine
+import lazydp.ledger
+import lazydp.training
+from lazydp import PrivacyError, StorageError
+from lazydp.engine import _atomic_save
+from lazydp.ledger import PrivacyLedger, StepEvent
+from tests.test_cli_train import run_cli
+
+EVENT = StepEvent(0, 0.1, 1.0, 1.0, "dpsgd_f", "poisson", 0)
+
+
+def _no_space(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_failed_save_keeps_the_earlier_file_and_leaves_no_temporary(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pt"
+    _atomic_save({"step": 1}, path)
+    before = path.read_bytes()
+    monkeypatch.setattr(lazydp.engine.os, "fsync", _no_space)
+    with pytest.raises(StorageError, match="No space left.*earlier file there, if any, is intact"):
+        _atomic_save({"step": 2}, path)
+    monkeypatch.undo()
+    with pytest.raises(Exception, match="pickle|lambda"):  # not a disk error: passed on as is
+        _atomic_save({"f": lambda: 0}, path)
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == ["checkpoint.pt"]
+    with pytest.raises(StorageError, match="could not write"):
+        _atomic_save({}, path / "inside-a-file.pt")  # the parent is a file
+
+
+def test_a_ledger_that_cannot_be_written_refuses_the_charge(tmp_path, monkeypatch):
+    ledger = PrivacyLedger(tmp_path / "ledger.jsonl")
+    ledger.charge(EVENT)
+    monkeypatch.setattr(lazydp.ledger.os, "write", _no_space)
+    with pytest.raises(PrivacyError, match="could not write.*step was not taken"):
+        ledger.charge(EVENT)
+    assert ledger.steps == 1
+
+
+def test_train_refuses_an_output_it_could_not_write_before_spending(tmp_path, capsys):
+    out = tmp_path / "run"
+    (out / "model.pt").mkdir(parents=True)
+    code, res = run_cli(["train", "--dataset", "acs", "--out", str(out)], capsys)
+    assert code == 1 and "model.pt is a directory" in res.err
+    assert not (out / "ledger.jsonl").exists()
+
+
+def test_ctrl_c_gives_one_line_not_a_traceback(tmp_path, capsys, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(lazydp.training, "run", interrupted)
+    code, res = run_cli(["train", "--dataset", "acs", "--out", str(tmp_path / "r")], capsys)
+    assert code == 130 and "interrupted" in res.err and "Traceback" not in res.err
