@@ -312,3 +312,22 @@ def test_output_path_problems_are_config_errors(tmp_path):
             pass
     assert (tmp_path / "afile").read_text() == "x"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+def test_overwrite_replaces_only_an_earlier_output_never_an_input(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "raw.csv").write_text("x")
+    with pytest.raises(ConfigError, match="holds the input .*raw.csv"):
+        with atomic_directory(data, overwrite=True, inputs=[data / "raw.csv"]):
+            pass
+    (data / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="not an earlier lazydp output"):
+        with atomic_directory(data, overwrite=True):
+            pass
+    assert sorted(p.name for p in data.iterdir()) == ["notes.txt", "raw.csv"]
+    with atomic_directory(tmp_path / "out") as tmp:  # lazydp's own output: replaced
+        (tmp / "metadata.json").write_text("{}")
+    with atomic_directory(tmp_path / "out", overwrite=True) as tmp:
+        (tmp / "metadata.json").write_text('{"v": 2}')
+    assert (tmp_path / "out" / "metadata.json").read_text() == '{"v": 2}'

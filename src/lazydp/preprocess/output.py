@@ -9,7 +9,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -20,8 +20,13 @@ METADATA = "metadata.json"
 
 
 @contextmanager
-def atomic_directory(final: str | Path, overwrite: bool = False) -> Iterator[Path]:
+def atomic_directory(
+    final: str | Path, overwrite: bool = False, inputs: Sequence[str | Path] = ()
+) -> Iterator[Path]:
     """Yield a temporary directory that becomes ``final`` when the block ends without error.
+
+    ``overwrite`` replaces only an empty directory or an earlier lazydp output, and never one
+    holding any of ``inputs``: it deletes the old directory.
 
     Example::
 
@@ -32,13 +37,10 @@ def atomic_directory(final: str | Path, overwrite: bool = False) -> Iterator[Pat
     if final.exists() and not overwrite:
         raise ConfigError(
             f"output={str(final)!r} already exists; remove it, choose another --output, "
-            "or pass overwrite=True"
+            "or pass --overwrite (overwrite=True) to replace an earlier lazydp output"
         )
-    if final.exists() and not final.is_dir():
-        raise ConfigError(
-            f"output={str(final)!r} is a file, not a directory; overwrite only replaces an "
-            "output directory: choose another --output"
-        )
+    if final.exists():
+        _check_replaceable(final, inputs)
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f"{final.name}.tmp-", dir=final.parent))
@@ -56,6 +58,31 @@ def atomic_directory(final: str | Path, overwrite: bool = False) -> Iterator[Pat
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _check_replaceable(final: Path, inputs: Sequence[str | Path]) -> None:
+    """ConfigError unless ``final`` is a directory that overwrite may delete."""
+    if not final.is_dir():
+        raise ConfigError(
+            f"output={str(final)!r} is a file, not a directory; overwrite only replaces an "
+            "output directory: choose another --output"
+        )
+    inside = [
+        str(p)
+        for p in inputs
+        if "://" not in str(p) and Path(p).resolve().is_relative_to(final.resolve())
+    ]
+    if inside:
+        raise ConfigError(
+            f"output={str(final)!r} holds the input {inside[0]!r}; overwrite would delete it. "
+            "Choose an --output outside the inputs' directories."
+        )
+    if any(final.iterdir()) and not (final / METADATA).is_file():
+        raise ConfigError(
+            f"output={str(final)!r} is not an earlier lazydp output (no {METADATA}) and not "
+            "empty; overwrite deletes the directory, so it only replaces lazydp's own output. "
+            "Choose another --output."
+        )
 
 
 def write_metadata(directory: Path, metadata: dict[str, Any]) -> None:

@@ -325,7 +325,7 @@ def preprocess(
             raise ConfigError(f"input {p!r} is not a file; check the path")
     if "://" not in str(output):
         paths = [p if "://" in p else str(Path(p).resolve()) for p in paths]
-    with atomic_directory(output, overwrite=overwrite) as tmp:
+    with atomic_directory(output, overwrite=overwrite, inputs=paths) as tmp:
         eng = _make_engine(engine, tmp, spark_master, spark, progress)
         try:
             meta = _run(eng, cfg, paths, tmp, vocab_seed)
