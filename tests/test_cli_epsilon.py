@@ -48,13 +48,6 @@ def test_calibration_with_epochs(capsys):
     assert f"noise_multiplier {sigma:.4g} reaches epsilon" in out
 
 
-def test_epochs_round_up_to_whole_steps(capsys):
-    argv = ["epsilon", "--sample-rate", "0.03", "--noise-multiplier", "1", "--epochs", "1",
-            "--delta", "1e-5", "--json"]  # fmt: skip
-    _, out, _ = run(capsys, argv)
-    assert json.loads(out.strip().splitlines()[-1])["steps"] == 34
-
-
 def test_shuffle_shows_both_figures(capsys):
     code, out, _ = run(capsys, GOLDEN + ["--sampler", "shuffle", "--json"])
     result = json.loads(out.strip().splitlines()[-1])
@@ -98,3 +91,12 @@ def test_help_shows_an_example_and_its_output(capsys):
     out = capsys.readouterr().out
     assert "$ lazydp epsilon --sample-rate 0.04 --noise-multiplier 1.5" in out
     assert "epsilon 6.769 (PLD), 7.329 (RDP)" in out
+
+
+def test_epochs_are_counted_as_the_loaders_run_them(capsys):
+    # q = 0.03: an epoch is round(1/q) = 33 Poisson steps (ceil(10 / q) = 334 was one more
+    # step per epoch than lazydp train runs) and floor(1/q) = 33 shuffled batches.
+    for sampler in ("poisson", "shuffle"):
+        args = ["epsilon", "--sample-rate", "0.03", "--noise-multiplier", "1", "--epochs", "10"]
+        assert main([*args, "--delta", "1e-5", "--sampler", sampler, "--json"]) == 0
+        assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["steps"] == 330

@@ -276,6 +276,25 @@ def calibrate_noise_multiplier(
     return hi
 
 
+def epoch_steps(sampler: str, q: float, n: int | None = None, batch_size: int | None = None) -> int:
+    """Steps in one epoch as lazydp's loaders run it: round(1/q) Poisson steps, or floor(N/B)
+    shuffled fixed-size batches (the partial batch is dropped; floor(1/q) without N and B).
+
+    >>> epoch_steps("poisson", 0.03), epoch_steps("shuffle", 0.3, n=10, batch_size=3)
+    (33, 3)
+    """
+    if sampler == "shuffle":
+        if n is not None and batch_size:
+            return max(1, n // batch_size)
+        return max(1, math.floor(round(1 / q, 9)))
+    return max(1, round(1 / q))
+
+
+def steps_for_epochs(epochs: float, per_epoch: int) -> int:
+    """ceil(epochs x steps per epoch), rounded first so that 90 x 25 is 2250, not 2251."""
+    return max(1, math.ceil(round(epochs * per_epoch, 9)))
+
+
 def default_delta(n: int) -> float:
     """1/N rounded down to a power of ten: the customary delta for N examples.
 

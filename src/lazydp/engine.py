@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader
 
 from lazydp import _validate as v
 from lazydp._timing import PhaseTimer
-from lazydp.accounting import SAMPLERS, calibrate_noise_multiplier
+from lazydp.accounting import SAMPLERS, calibrate_noise_multiplier, epoch_steps, steps_for_epochs
 from lazydp.capture import CaptureSet, copy_refused
 from lazydp.errors import ConfigError, PrivacyError, StorageError
 from lazydp.ledger import PrivacyLedger
@@ -249,7 +249,7 @@ class PrivacyEngine:
         # Calibrate for the steps the loader will run in ``epochs`` (ceil(epochs/q) was fewer
         # than both kinds of epoch, and training for ``epochs`` then overshot the target).
         per_epoch = _epoch_steps(sampler, n, batch_size, q, kwargs.get("steps_per_epoch"))
-        steps = max(1, math.ceil(round(epochs * per_epoch, 9)))
+        steps = steps_for_epochs(epochs, per_epoch)
         sigma = calibrate_noise_multiplier(
             target_epsilon, target_delta, q, steps, accountant=self.accountant, sampler=sampler
         )
@@ -469,9 +469,9 @@ def _epoch_steps(
 ) -> int:
     """Steps the private loader runs per epoch: floor(N/B) for shuffled fixed-size batches (the
     partial batch is dropped), else ``steps_per_epoch``, by default round(1/q)."""
-    if sampler == "shuffle":
-        return max(1, n // max(batch_size, 1))
-    return steps_per_epoch or max(1, round(1 / q))
+    if sampler == "shuffle" or not steps_per_epoch:
+        return epoch_steps(sampler, q, n, batch_size)
+    return steps_per_epoch
 
 
 def _lazy_noise(privacy: dict[str, Any]) -> float | None:

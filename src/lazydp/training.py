@@ -23,7 +23,12 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from lazydp import _validate as v
-from lazydp.accounting import calibrate_noise_multiplier, default_delta
+from lazydp.accounting import (
+    calibrate_noise_multiplier,
+    default_delta,
+    epoch_steps,
+    steps_for_epochs,
+)
 from lazydp.engine import PrivacyEngine
 from lazydp.errors import ConfigError, DataError
 from lazydp.ledger import PrivacyLedger, ledger_path
@@ -393,8 +398,8 @@ def run(
     n = int(train.num_rows)
     delta = cfg.delta if cfg.delta is not None else default_delta(n)
     q = min(1.0, cfg.batch_size / n)
-    steps_per_epoch = max(1, round(1 / q))
-    total_steps = max(1, int(round(cfg.epochs * steps_per_epoch)))
+    # An epoch as the private loader runs it, the same rule as `lazydp epsilon --epochs`.
+    total_steps = steps_for_epochs(cfg.epochs, epoch_steps(cfg.sampler, q, n, cfg.batch_size))
     if cfg.max_steps:
         total_steps = min(total_steps, cfg.max_steps)
     if int(test.num_rows) == 0:  # found now, not after the privacy budget is spent

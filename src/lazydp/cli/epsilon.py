@@ -3,7 +3,8 @@
 Contract: a pure calculator on :mod:`lazydp.accounting` (no training, no files). Exactly one of
 ``--noise-multiplier`` (report epsilon, PLD and RDP) and ``--target-epsilon`` (report the
 calibrated noise multiplier and the epsilon it achieves) is given; the length of training is
-``--steps`` or ``--epochs`` (steps = ceil(epochs / sample_rate)).
+``--steps`` or ``--epochs``, counted as the loaders run an epoch: round(1/Q) Poisson steps, or
+floor(1/Q) shuffled batches (``lazydp.accounting.epoch_steps``).
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ from lazydp.accounting import (
     SAMPLERS,
     MechanismCount,
     calibrate_noise_multiplier,
+    epoch_steps,
     epsilon_report,
+    steps_for_epochs,
 )
 from lazydp.cli import add_json_flag
 from lazydp.errors import ConfigError
@@ -74,7 +77,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     length = p.add_mutually_exclusive_group(required=True)
     length.add_argument("--steps", type=int, metavar="T", help="number of training steps")
     length.add_argument(
-        "--epochs", type=float, metavar="E", help="passes over the data; steps = ceil(E / Q)"
+        "--epochs",
+        type=float,
+        metavar="E",
+        help="passes over the data; steps = ceil(E x round(1/Q)), as lazydp train counts them",
     )
     p.add_argument(
         "--delta",
@@ -105,8 +111,7 @@ def _steps(args: argparse.Namespace, q: float) -> int:
     epochs = args.epochs
     if not (math.isfinite(epochs) and epochs > 0):
         raise ConfigError(f"--epochs must be a finite number > 0; got {epochs}. E.g. --epochs 10.")
-    # round() first so that 90 epochs at q=0.04 are 2250 steps, not 2251 (floating point).
-    return max(1, math.ceil(round(epochs / q, 9)))
+    return steps_for_epochs(epochs, epoch_steps(args.sampler, q))
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
