@@ -148,6 +148,15 @@ def test_csv_header_must_name_the_columns(tmp_path):
         preprocess("movielens", [bad], tmp_path / "o", progress=False)
 
 
+def test_a_csv_saved_with_a_byte_order_mark_is_read(tmp_path):
+    text = (FIX / "movielens_small.csv").read_text(encoding="utf-8")
+    bom = tmp_path / "bom.csv"
+    bom.write_text("\ufeff" + text, encoding="utf-8")  # Excel's "CSV UTF-8"
+    plain = preprocess("movielens", [FIX / "movielens_small.csv"], tmp_path / "a", progress=False)
+    meta = preprocess("movielens", [bom], tmp_path / "b", progress=False)
+    assert meta["rows"] == plain["rows"]
+
+
 def test_dp_vocabulary_ids_and_privacy_cost(tmp_path):
     meta = preprocess(
         "movielens", [FIX / "movielens_small.csv"], tmp_path / "o", vocabulary="dp",

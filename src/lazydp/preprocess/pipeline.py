@@ -125,7 +125,8 @@ def _positions(spec: FormatSpec, path: str, header: str | None) -> tuple[dict[st
         return {c: i + 1 for i, c in enumerate(spec.columns)}, len(spec.columns)
     if header is None:
         raise DataError(f"{path}: empty file; a {spec.name} file starts with a header line")
-    names = next(csv.reader([header]))
+    # A byte-order mark (Excel's "CSV UTF-8") would glue itself to the first column's name.
+    names = next(csv.reader([header.removeprefix("\ufeff")]))
     missing = [c for c in spec.columns if c not in names]
     if missing:
         raise DataError(
