@@ -193,3 +193,28 @@ def test_tensor_dataset_empty_batches_flow_through_loader():
         opt.step()
     assert 0 in sizes  # q = 1/200: many steps are empty, and each is charged
     assert engine.ledger.steps == len(sizes)
+
+
+def test_a_batch_larger_than_the_data_set_warns_that_q_is_capped():
+    ds = TensorDataset(torch.randn(10, 3), torch.randn(10))
+    with pytest.warns(UserWarning, match="capped at 1"):
+        private("dpsgd_f", nn.Linear(3, 1), data_loader=DataLoader(ds, batch_size=32))
+
+
+def test_make_private_with_epsilon_reads_the_batch_size_of_a_batch_sampler():
+    from torch.utils.data import BatchSampler, SequentialSampler
+
+    ds = TensorDataset(torch.randn(64, 3), torch.randn(64))
+    dl = DataLoader(ds, batch_sampler=BatchSampler(SequentialSampler(ds), 8, drop_last=False))
+    model = nn.Linear(3, 1)
+    engine = PrivacyEngine()
+    _, _, loader_ = engine.make_private_with_epsilon(
+        module=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        data_loader=dl,
+        target_epsilon=3.0,
+        target_delta=1e-3,
+        epochs=1,
+        max_grad_norm=1.0,
+    )
+    assert engine.privacy.sample_rate == 8 / 64

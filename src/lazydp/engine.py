@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import warnings
 from collections.abc import Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import asdict
@@ -150,16 +151,16 @@ class PrivacyEngine:
             )
         dataset = data_loader.dataset
         n = len(dataset)  # type: ignore[arg-type]
-        batch_size = data_loader.batch_size or getattr(
-            data_loader.batch_sampler, "batch_size", None
-        )
-        if not batch_size or n == 0:
-            raise ConfigError(
-                f"data_loader needs a batch_size and a non-empty dataset (got batch_size="
-                f"{batch_size}, {n} examples); the expected batch size sets the sample rate."
-            )
+        batch_size = _batch_size_of(data_loader, n)
         n_global = n  # each rank passes the full dataset; the sampler picks its shard
         q = min(1.0, batch_size / n_global)
+        if batch_size > n_global:
+            warnings.warn(
+                f"batch_size={batch_size} exceeds the {n_global} examples: the sample rate is "
+                f"capped at 1, so every step uses every example (expected batch {n_global}) and "
+                "subsampling amplifies nothing. Use a batch size well below the data set size.",
+                stacklevel=2,
+            )
         v.check_sample_rate(q)
         steps = _epoch_steps(sampler, n, batch_size, q, steps_per_epoch)
         batch_sampler = self._make_sampler(sampler, n, q, batch_size, steps, rank, world_size)
@@ -241,8 +242,8 @@ class PrivacyEngine:
         v.check_delta(target_delta)
         v.check_epochs(epochs)
         n = len(data_loader.dataset)  # type: ignore[arg-type]
-        batch_size = data_loader.batch_size or 0
-        q = min(1.0, batch_size / max(n, 1))
+        batch_size = _batch_size_of(data_loader, n)
+        q = min(1.0, batch_size / n)
         v.check_sample_rate(q)
         sampler = kwargs.get("sampler", "poisson")
         v.check_choice("sampler", sampler, SAMPLERS)
@@ -462,6 +463,17 @@ class PrivacyEngine:
             self.capture.remove()
         assert self.module is not None
         return self.module
+
+
+def _batch_size_of(data_loader: DataLoader, n: int) -> int:
+    """The expected batch size the user's loader asks for (it sets the sample rate B/N)."""
+    batch_size = data_loader.batch_size or getattr(data_loader.batch_sampler, "batch_size", None)
+    if not batch_size or n == 0:
+        raise ConfigError(
+            f"data_loader needs a batch_size and a non-empty dataset (got batch_size="
+            f"{batch_size}, {n} examples); the expected batch size sets the sample rate."
+        )
+    return int(batch_size)
 
 
 def _epoch_steps(

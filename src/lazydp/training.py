@@ -449,8 +449,9 @@ def run(
     if cfg.resume and (out / "checkpoint.pt").exists() and not ledger_file.exists():
         raise ConfigError(
             f"--resume: {out} holds a checkpoint but no ledger for rank {rank} "
-            f"({ledger_file.name}): the run started with another number of processes. Resume "
-            "with the --nproc-per-node it started with."
+            f"({ledger_file.name}): it was deleted or moved, or the run started with another "
+            "number of processes. A checkpoint is never resumed without the ledger of what it "
+            "spent: restore that file, or resume with the --nproc-per-node the run started with."
         )
     engine = engine_cls(seed=cfg.seed, ledger_path=ledger_file)
     if cfg.resume and not (out / "checkpoint.pt").exists() and engine.ledger.steps:
