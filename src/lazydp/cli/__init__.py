@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lazydp",
         description="Differentially private training (DP-SGD, LazyDP) for PyTorch models.",
-        epilog="Example: lazydp train   (private DLRM on MovieLens, about a minute on 2 cores)",
+        epilog="Example: lazydp train   (private DLRM on MovieLens, about 10 seconds on 2 cores)",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in SUBCOMMANDS:
