@@ -19,8 +19,9 @@ import json
 import sys
 from pathlib import Path
 
+from lazydp import cli
 from lazydp.bench.report import markdown_summary
-from lazydp.cli import main
+from lazydp.errors import ConfigError
 
 TARGETS: dict[str, list[str]] = {
     "pooling1": ["--sweep", "configs/bench_pooling1.yaml"],
@@ -67,17 +68,41 @@ TARGETS: dict[str, list[str]] = {
 }
 
 
+def target_names(names: list[str]) -> list[str]:
+    """The targets to run, ``all`` expanded; ConfigError listing the known names for any other
+    (checked before anything runs: a typo after a target of minutes should not cost them)."""
+    unknown = [n for n in names if n not in TARGETS and n != "all"]
+    if unknown:
+        raise _unknown(unknown)
+    return list(TARGETS) if "all" in names else names
+
+
+def _unknown(names: list[str]) -> ConfigError:
+    return ConfigError(
+        f"unknown target {names}; known targets: {', '.join(TARGETS)} (or all, for every one)"
+    )
+
+
 def run(name: str) -> str:
+    if name not in TARGETS:
+        raise _unknown([name])
     out = Path("runs") / f"targets-{name}"
     argv = ["bench", *TARGETS[name], "--out", str(out), "--no-progress"]
-    code = main(argv)
+    code = cli.main(argv)
     if code != 0:
         return f"### {name}\n`lazydp {' '.join(argv)}` failed (exit {code})\n"
     summary = json.loads((out / "bench.json").read_text())["summary"]
     return f"### {name}\n\n`lazydp {' '.join(argv)}`\n\n{markdown_summary(summary)}\n"
 
 
-if __name__ == "__main__":
-    names = sys.argv[1:] or ["all"]
-    for name in list(TARGETS) if names == ["all"] else names:
+def main(argv: list[str]) -> None:
+    try:
+        names = target_names(argv or ["all"])
+    except ConfigError as exc:
+        raise SystemExit(f"targets.py: error: {exc}") from None
+    for name in names:
         print(run(name), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -96,6 +96,8 @@ def test_bench_refuses_a_config_that_does_not_fit(tmp_path, capsys):
     assert code == 1
     captured = capsys.readouterr()
     assert "needs" in captured.err and "lower --scale" in captured.err
+    # Every default mode's own advice (sgd, dpsgd_f, lazydp fit different scales), not the first.
+    assert captured.err.count("lower --scale") == 3 and "for mode lazydp" in captured.err
     assert json.loads(captured.out.strip().splitlines()[-1])["type"] == "ConfigError"
     assert not any(tmp_path.iterdir())  # refused before anything was written
 
@@ -146,3 +148,65 @@ def test_shipped_sweep_files_are_valid(path):
     groups = _round_robins(specs, modes, interleave, scales)
     if scales:  # each mode across the scales of its workload, one process each
         assert groups and all(len({m for _, m in g}) == 1 and len(g) > 1 for g in groups)
+
+
+# --- audit fixes: distinct columns, scaling lines, refusals and exit codes, targets.py ---
+
+
+def test_sweep_over_a_field_outside_the_label_reports_each_point(tmp_path, capsys):
+    sweep = _tiny_sweep(tmp_path / "seeds.yaml", "scale: 1.0e-5\nseed: [0, 1]\nmodes: [sgd]\n")
+    out = tmp_path / "seeds"
+    assert main(["bench", "--sweep", str(sweep), "--out", str(out), "--no-isolate",
+                 "--no-progress"]) == 0  # fmt: skip
+    header = next(csv.reader(open(out / "breakdown.csv")))
+    assert header[1:] == ["rmc1 s=1e-05 B=16 L=2 seed=0 sgd", "rmc1 s=1e-05 B=16 L=2 seed=1 sgd"]
+
+
+def test_scaling_lines_follow_the_scale_groups():
+    """Points that differ in locality or dim (not only scale) are separate lines."""
+    from lazydp.bench.harness import ModeResult
+    from lazydp.bench.report import scaling_lines
+    from lazydp.bench.suite import SuiteResult
+    from lazydp.bench.workload import BenchSpec
+
+    specs, results = [], []
+    for extra in ({}, {"locality": "zipf:1.2"}, {"embedding_dim": 8}, {"lr": 0.5}):
+        for scale, ms in ((1e-5, 1.0), (2e-5, 2.0)):
+            spec = BenchSpec("rmc1", scale, 16, pooling=2, **extra)
+            specs.append(spec)
+            results.append(ModeResult(spec.label, "sgd", breakdown_ms={"total": ms},
+                                      table_bytes=spec.table_bytes(), spec=spec.to_dict()))  # fmt: skip
+    lines = scaling_lines(SuiteResult(specs, ["sgd"], results))
+    assert sorted(lines) == [
+        "rmc1 B=16 L=2 d=8 sgd",
+        "rmc1 B=16 L=2 sgd lr=0.01",
+        "rmc1 B=16 L=2 sgd lr=0.5",
+        "rmc1 B=16 L=2 zipf:1.2 sgd",
+    ]
+    assert all(len(points) == 2 for points in lines.values())
+
+
+def test_a_sweep_where_nothing_ran_exits_non_zero(tmp_path, capsys):
+    sweep = tmp_path / "huge.yaml"
+    sweep.write_text("config: mlperf\nscale: [50, 60]\nmodes: [sgd, lazydp]\n")
+    out = tmp_path / "huge"
+    assert main(["bench", "--sweep", str(sweep), "--out", str(out), "--no-progress"]) == 1
+    assert "no measurement succeeded" in capsys.readouterr().err
+    assert (out / "bench.json").exists()  # the reasons are written all the same
+
+
+def test_targets_script_names_the_known_targets(monkeypatch):
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "targets.py"
+    spec = importlib.util.spec_from_file_location("bench_targets", path)
+    assert spec is not None and spec.loader is not None
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    with pytest.raises(ConfigError, match="known targets: pooling1, rmc"):
+        script.run("bogus")
+    ran: list[str] = []
+    monkeypatch.setattr(script, "run", ran.append)
+    with pytest.raises(SystemExit, match="unknown target \\['bogus'\\]"):
+        script.main(["rmc", "bogus"])
+    assert ran == []  # refused before the first target's minutes

@@ -254,3 +254,103 @@ def test_scale_groups_put_together_only_specs_that_differ_in_scale():
     other = replace(TINY, pooling=5)
     groups = scale_groups([a, other, b])
     assert groups == [[b, a], [other]]
+
+
+# --- audit fixes: sweeps keyed by spec, interleaving with a point too large, floor, validation ---
+
+
+@pytest.mark.parametrize("interleave", [False, True])
+def test_suite_keeps_points_that_share_a_label_apart(interleave):
+    """iterations is not in the label: the second point must be timed, not the first reused."""
+    from lazydp.bench import suite as suite_module
+
+    longer = replace(TINY, iterations=4)
+    assert longer.label == TINY.label
+    suite = suite_module.run_suite(
+        [TINY, longer], ["sgd", "lazydp"], isolate=False, interleave=interleave, progress=False
+    )
+    assert [len(r.steps_ms) for r in suite.results] == [3, 3, 4, 4]
+    assert [r.label for r in suite.results[::2]] == [
+        f"{TINY.label} iterations=3",
+        f"{TINY.label} iterations=4",
+    ]
+    if interleave:  # partners named by their own (distinct) columns
+        assert suite.results[3].timed_with == [suite.results[2].column]
+    summary = suite_module.summarise(suite)
+    assert len({w["label"] for w in summary["workloads"]}) == 2
+    assert [f.label for f in suite.floors] == [r.label for r in suite.results[::2]]
+
+
+def test_labels_are_distinct_and_the_same_point_twice_is_refused():
+    from lazydp.bench.labels import labels_of
+
+    labels = labels_of([TINY, replace(TINY, lr=0.1), replace(TINY, scale=2e-5)])
+    assert list(labels.values()) == [
+        f"{TINY.label} lr=0.01",
+        f"{TINY.label} lr=0.1",
+        replace(TINY, scale=2e-5).label,  # its label is its own: nothing to tell apart
+    ]
+    with pytest.raises(ConfigError, match="same point more than once"):
+        labels_of([TINY, replace(TINY)])
+
+
+@pytest.mark.parametrize("how", [{"interleave": True}, {"interleave_scales": True}])
+def test_interleaved_sweep_refuses_a_point_too_large_and_times_the_rest(how):
+    from lazydp.bench import suite as suite_module
+
+    small = replace(TINY, config="mlperf", pooling=None, batch_size=8, scale=1e-6)
+    huge = replace(small, scale=50.0)
+    suite = suite_module.run_suite(
+        [small, huge], ["sgd", "lazydp"], isolate=False, progress=False, **how
+    )
+    by = {r.column: r for r in suite.results}
+    assert by[f"{huge.label} lazydp"].status == "refused"
+    assert "lower --scale" in by[f"{huge.label} lazydp"].message
+    ok = [r for r in suite.results if r.label == small.label]
+    assert [r.status for r in ok] == ["ok", "ok"]
+    if "interleave" in how:  # the two modes of the point that fits still ran together
+        assert ok[1].timed_with == [ok[0].column]
+    assert [f.label for f in suite.floors] == [small.label]  # no floor beside a refused lazydp
+
+
+def test_noise_floor_warms_its_whole_buffer(monkeypatch):
+    from lazydp.bench import floor
+
+    sizes: list[int] = []
+
+    class Recording:
+        def __init__(self, **kwargs):
+            pass
+
+        def normal_(self, t):
+            sizes.append(t.numel())
+
+    monkeypatch.setattr(floor, "GaussianNoise", Recording)
+    measure_noise_floor(TINY)
+    # The warm-up covers every element any measured step draws into: no first touch is timed.
+    assert sizes[0] == max(sizes[1:]) > 0
+
+
+@pytest.mark.parametrize(("statistic", "ms"), [("mean", 4.0), ("median", 2.0), ("min", 1.0)])
+def test_noise_floor_uses_the_specs_statistic(monkeypatch, statistic, ms):
+    from types import SimpleNamespace
+
+    from lazydp.bench import floor
+
+    ticks = iter([0.0, 0.001, 1.0, 1.009, 2.0, 2.002])  # three draws: 1, 9 and 2 ms
+    monkeypatch.setattr(floor, "time", SimpleNamespace(perf_counter=lambda: next(ticks)))
+    spec = replace(TINY, measure_last=3, statistic=statistic)
+    result = measure_noise_floor(spec)
+    assert result.floor_ms == pytest.approx(ms)
+    assert result.samples_per_s > 0
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("lr", 0.0), ("lr", -1.0), ("lr", float("nan")), ("lr", float("inf")), ("lr", "0.1"),
+     ("lr", True), ("dense_only", "false"), ("dense_only", 1), ("seed", -1), ("seed", 1.5),
+     ("seed", True), ("locality", "zipf:"), ("locality", 2)],
+)  # fmt: skip
+def test_spec_refuses_bad_values_naming_the_field(field, value):
+    with pytest.raises(ConfigError, match=field):
+        replace(TINY, **{field: value})

@@ -12,18 +12,21 @@ what exact noise costs.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass
 
 import torch
 
+from lazydp.bench.harness import aggregate
 from lazydp.bench.workload import BenchSpec, make_batches
 from lazydp.noise import GaussianNoise
 
 
 @dataclass(frozen=True)
 class NoiseFloor:
-    """Mean over the measured steps: distinct rows read, Gaussians drawn, and the draw's time."""
+    """Over the measured steps: mean distinct rows read and Gaussians drawn; the draw's time
+    (and its rate) by the spec's ``statistic``, as the modes' step times."""
 
     label: str
     unique_rows: float
@@ -44,7 +47,8 @@ def unique_rows(batch_sparse: list[tuple[torch.Tensor, torch.Tensor]]) -> int:
 
 
 def measure_noise_floor(spec: BenchSpec) -> NoiseFloor:
-    """Time one Gaussian per element of every distinct row read, per step (last measure_last).
+    """Time one Gaussian per element of every distinct row read, per step (last measure_last),
+    summarised by ``spec.statistic``.
 
     Example: ``measure_noise_floor(BenchSpec("rmc1", 1e-5, 16, pooling=2, iterations=2,
     measure_last=1)).elements > 0``.
@@ -55,19 +59,21 @@ def measure_noise_floor(spec: BenchSpec) -> NoiseFloor:
         counts = [0] * len(counts)
     buffer = torch.empty(max(counts) * dim if counts else 0)
     noise = GaussianNoise(seed=0, stream=99)  # a benchmark: seeded, never used for a model
-    noise.normal_(buffer[: max(1, buffer.numel() // 4)])  # warm the thread pool and the pages
-    times = []
+    # Warm the thread pool and EVERY page: a step must not pay first-touch faults the timed
+    # steps of the modes (warmed by their own earlier steps) do not pay.
+    noise.normal_(buffer)
+    steps = []
     for rows in counts:
         t0 = time.perf_counter()
         if rows:
             noise.normal_(buffer[: rows * dim])
-        times.append(time.perf_counter() - t0)
-    mean_s = sum(times) / len(times)
-    elements = sum(counts) * dim / len(counts)
+        steps.append({"total": 1e3 * (time.perf_counter() - t0), "elements": float(rows * dim)})
+    # The spec's statistic, as for the modes' steps (median/min: one whole step, its own size).
+    step = aggregate(steps, spec.statistic)
     return NoiseFloor(
         label=spec.label,
         unique_rows=sum(counts) / len(counts),
-        elements=elements,
-        floor_ms=1e3 * mean_s,
-        samples_per_s=elements / mean_s if mean_s > 0 else float("nan"),
+        elements=sum(counts) * dim / len(counts),
+        floor_ms=step["total"],
+        samples_per_s=1e3 * step["elements"] / step["total"] if step["total"] > 0 else math.nan,
     )

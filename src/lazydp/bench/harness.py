@@ -305,9 +305,19 @@ def _pairs_label(pairs: Pairs) -> str:
     return ", ".join(f"{spec.label} {mode}" for spec, mode in pairs)
 
 
+def fits_alone(spec: BenchSpec, mode: str) -> bool:
+    """Whether ``mode`` on ``spec`` fits in memory by itself (``check_fits`` without raising)."""
+    try:
+        check_fits(spec, mode)
+    except ConfigError:
+        return False
+    return True
+
+
 def memory_together(pairs: Pairs) -> str | None:
-    """None if the models of all ``pairs`` fit in memory at once; else why not."""
-    need = sum(check_fits(spec, mode)["total"] for spec, mode in pairs)
+    """None if the models of all ``pairs`` fit in memory at once; else why not. Never raises:
+    a sweep asks this of every round robin, and one point too large must not abort the sweep."""
+    need = sum(estimate_for(spec, mode)["total"] for spec, mode in pairs)
     available = memory.available_memory_bytes()
     if need <= 0.85 * available:
         return None

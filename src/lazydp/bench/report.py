@@ -9,8 +9,9 @@ Contract:
   and memory estimate, the noise floors, the summary ratios, and the machine
   (``lazydp.cli.env.collect()``).
 * ``breakdown.png``: stacked bars per column (the paper's figure style), absolute milliseconds
-  above, share of the step below. ``scaling.png`` (only when a config ran at two or more
-  scales): step time against table bytes per (config, mode), log-log.
+  above, share of the step below. ``scaling.png`` (only when a workload ran at two or more
+  scales): step time against table bytes, one line per mode and scale group (specs equal but for
+  scale, as ``suite.scale_groups``), log-log.
 Figures use matplotlib's Agg backend (no display needed).
 """
 
@@ -23,8 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from lazydp.bench.harness import BREAKDOWN_ROWS, CATCH_UP_NOISE_ROW, CATCH_UP_ROW
+from lazydp.bench.labels import distinct_names, scale_key
 from lazydp.bench.opacus_compare import OPACUS_BACKWARD_ROW
 from lazydp.bench.suite import SuiteResult
+from lazydp.bench.workload import BenchSpec
 
 # Rows stacked in the bar chart: they partition the step (catch-up is inside lazy bookkeeping).
 STACKED = tuple(
@@ -107,20 +110,38 @@ def plot_breakdown(suite: SuiteResult, path: Path) -> Path:
     return path
 
 
-def plot_scaling(suite: SuiteResult, path: Path) -> Path | None:
-    """Step time vs table bytes per (config, mode); None unless some config ran at >= 2 scales."""
-    lines: dict[str, list[tuple[float, float]]] = {}
+def scaling_lines(suite: SuiteResult) -> dict[str, list[tuple[float, float]]]:
+    """Legend -> (table bytes, step ms) sorted, per (scale group, mode) timed at >= 2 sizes.
+
+    Points join a line only if their specs differ in scale alone (``labels.scale_key``): a line
+    through two localities, dims or poolings would zigzag between workloads.
+    """
+    points: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    specs: dict[tuple[str, str], dict[str, Any]] = {}
     for r in suite.results:
         if r.status != "ok" or not r.table_bytes:
             continue
-        # One line per (config, batch, pooling, mode): mixing poolings would zigzag.
-        pooling = r.spec.get("pooling")
-        key = (
-            f"{r.spec.get('config')} B={r.spec.get('batch_size')} "
-            f"L={'default' if pooling is None else pooling} {r.mode}"
-        )
-        lines.setdefault(key, []).append((r.table_bytes, r.step_ms))
-    lines = {k: sorted(v) for k, v in lines.items() if len({x for x, _ in v}) >= 2}
+        key = (scale_key(r.spec), r.mode)
+        points.setdefault(key, []).append((r.table_bytes, r.step_ms))
+        specs.setdefault(key, {**r.spec, "scale": None, "mode": r.mode})
+    keys = [k for k, v in points.items() if len({x for x, _ in v}) >= 2]
+    # Legend: the workload's label without its scale; lines it would not tell apart get the
+    # fields that differ between them.
+    names = [f"{_unscaled_label(specs[k])} {k[1]}" for k in keys]
+    legends = distinct_names(names, [specs[k] for k in keys])
+    return {name: sorted(points[k]) for name, k in zip(legends, keys, strict=True)}
+
+
+def _unscaled_label(spec: dict[str, Any]) -> str:
+    fields = {k: v for k, v in spec.items() if k not in ("scale", "mode")}
+    label = BenchSpec(**fields).label
+    return " ".join(word for word in label.split(" ") if not word.startswith("s="))
+
+
+def plot_scaling(suite: SuiteResult, path: Path) -> Path | None:
+    """Step time vs table bytes per (scale group, mode); None unless some workload ran at >= 2
+    scales."""
+    lines = scaling_lines(suite)
     if not lines:
         return None
     plt = _pyplot()
@@ -159,11 +180,12 @@ def format_table(suite: SuiteResult) -> str:
     blocks = []
     width = max(len(r) for r in BREAKDOWN_ROWS)
     for spec in suite.specs:
-        results = [r for r in suite.results if r.label == spec.label and r.status == "ok"]
+        label = suite.label(spec)
+        results = [r for r in suite.results if r.label == label and r.status == "ok"]
         if not results:
             continue
         head = "".join(f"{r.mode:>14}" for r in results)
-        lines = [f"{spec.label} (ms)".ljust(width) + head]
+        lines = [f"{label} (ms)".ljust(width) + head]
         for row in BREAKDOWN_ROWS:
             vals = "".join(f"{_fmt(r.breakdown_ms.get(row)) or '-':>14}" for r in results)
             lines.append(f"{row:<{width}}{vals}")

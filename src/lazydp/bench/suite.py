@@ -5,6 +5,9 @@ Contract:
   default), the noise floor of each workload when ``lazydp`` is among the modes, and Opacus in its
   hooks and ghost modes when ``compare`` names ``opacus``. It never stops for a mode that does not
   fit or fails: that result carries ``status`` and the reason.
+* Results are keyed by the whole spec, never by its label alone: specs of one sweep that share a
+  label (it omits e.g. ``iterations``, ``lr``, ``seed``) are reported under the label plus the
+  fields that tell them apart (``labels_of``); the same point twice is refused.
 * ``summarise`` turns the results into the ratios the targets are stated in (step time ratios per
   workload, and peak memory over the model's own bytes per mode). A ratio whose inputs are missing
   is absent, never guessed.
@@ -12,7 +15,6 @@ Contract:
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -24,11 +26,13 @@ from lazydp.bench.floor import NoiseFloor, measure_noise_floor
 from lazydp.bench.harness import (
     ModeResult,
     Pairs,
+    fits_alone,
     memory_together,
     run_interleaved_isolated,
     run_mode,
     time_interleaved,
 )
+from lazydp.bench.labels import labels_of, scale_key
 from lazydp.bench.opacus_compare import OPACUS_MODES, opacus_version, run_opacus, speedups
 from lazydp.bench.workload import BenchSpec
 from lazydp.errors import ConfigError, LazyDPError
@@ -48,6 +52,14 @@ class SuiteResult:
 
     def by_label(self, label: str) -> dict[str, ModeResult]:
         return {r.mode: r for r in self.results if r.label == label and r.status == "ok"}
+
+    def label(self, spec: BenchSpec) -> str:
+        """The (sweep-unique) label ``spec``'s results and floor are reported under."""
+        return labels_of(self.specs)[spec]
+
+    def ok(self, spec: BenchSpec) -> dict[str, ModeResult]:
+        """Mode -> result of every mode that ran on ``spec``."""
+        return self.by_label(self.label(spec))
 
 
 def run_suite(
@@ -75,6 +87,7 @@ def run_suite(
     ["sgd", "lazydp"], isolate=False).results[1].mode == "lazydp"``.
     """
     suite = SuiteResult(list(specs), list(modes))
+    labels = labels_of(specs)  # before anything runs: refuses the same point twice
     use_opacus = "opacus" in compare
     if use_opacus and opacus_version() is None:
         suite.notes.append(
@@ -83,36 +96,49 @@ def run_suite(
         use_opacus = False
     units = len(specs) * (len(modes) + ("lazydp" in modes) + use_opacus * len(OPACUS_MODES))
     bar = tqdm(total=units, file=sys.stderr, disable=not progress, desc="bench", unit="run")
-    timed: dict[tuple[str, str], ModeResult] = {}
-    for pairs in _round_robins(specs, modes, interleave, interleave_scales):
-        reason = memory_together(pairs)
+    timed: dict[tuple[BenchSpec, str], ModeResult] = {}  # by the whole spec, not its label
+    for group in _round_robins(specs, modes, interleave, interleave_scales):
+        # A point too large on its own is left to run_mode below, which refuses it and says why.
+        pairs = [(spec, mode) for spec, mode in group if fits_alone(spec, mode)]
+        reason = memory_together(pairs) if len(pairs) > 1 else None
         if reason is not None:
             suite.notes.append(f"{reason}, so each was timed in its own process")
+        if reason is not None or len(pairs) < 2:
             continue
         bar.set_postfix_str(f"{len(pairs)} interleaved")
-        for result in _interleaved(pairs, isolate):
+        results = _relabel(_interleaved(pairs, isolate), pairs, labels)
+        for pair, result in zip(pairs, results, strict=True):
             _say(bar, result)
-            timed[(result.label, result.mode)] = result
+            timed[pair] = result
             bar.update()
     for spec in specs:
+        label = labels[spec]
         for mode in modes:
-            if (spec.label, mode) not in timed:
-                bar.set_postfix_str(f"{spec.label} {mode}")
-                timed[(spec.label, mode)] = result = run_mode(spec, mode, isolate=isolate)
+            if (spec, mode) not in timed:
+                bar.set_postfix_str(f"{label} {mode}")
+                (result,) = _relabel(
+                    [run_mode(spec, mode, isolate=isolate)], [(spec, mode)], labels
+                )
+                timed[(spec, mode)] = result
                 _say(bar, result)
                 bar.update()
-        suite.results += [timed[(spec.label, m)] for m in modes]
+        suite.results += [timed[(spec, m)] for m in modes]
+        # The floor is read against lazydp's step: none where lazydp did not run (and a spec
+        # too large for memory is not even sampled).
         if "lazydp" in modes:
-            bar.set_postfix_str(f"{spec.label} noise floor")
-            suite.floors.append(measure_noise_floor(spec))
+            if timed[(spec, "lazydp")].status == "ok":
+                bar.set_postfix_str(f"{label} noise floor")
+                suite.floors.append(replace(measure_noise_floor(spec), label=label))
             bar.update()
         if use_opacus:
             short = replace(
                 spec, iterations=opacus_iterations[0], measure_last=opacus_iterations[1]
             )
             for gsm in OPACUS_MODES:
-                bar.set_postfix_str(f"{spec.label} opacus {gsm}")
-                result = run_opacus(short, gsm, isolate=isolate)
+                bar.set_postfix_str(f"{label} opacus {gsm}")
+                (result,) = _relabel(
+                    [run_opacus(short, gsm, isolate=isolate)], [(spec, gsm)], labels
+                )
                 _say(bar, result)
                 suite.results.append(result)
                 bar.update()
@@ -148,8 +174,7 @@ def scale_groups(specs: Sequence[BenchSpec]) -> list[list[BenchSpec]]:
     """
     groups: dict[str, list[BenchSpec]] = {}
     for spec in specs:
-        key = json.dumps({k: v for k, v in spec.to_dict().items() if k != "scale"}, sort_keys=True)
-        groups.setdefault(key, []).append(spec)
+        groups.setdefault(scale_key(spec.to_dict()), []).append(spec)
     return [sorted(g, key=lambda s: s.scale) for g in groups.values()]
 
 
@@ -180,6 +205,19 @@ def _interleaved(pairs: Pairs, isolate: bool) -> list[ModeResult]:
         ]
 
 
+def _relabel(
+    results: list[ModeResult], pairs: Sequence[tuple[BenchSpec, str]], labels: dict[BenchSpec, str]
+) -> list[ModeResult]:
+    """Give each result (made under its spec's bare label) its sweep-unique label, and name its
+    round-robin partners by theirs: two specs sharing a label must not share a column."""
+    for result, (spec, _) in zip(results, pairs, strict=True):
+        result.label = labels[spec]
+    for result in results:
+        if result.timed_with:
+            result.timed_with = [o.column for o in results if o is not result]
+    return results
+
+
 def _say(bar: tqdm, result: ModeResult) -> None:
     if result.status == "ok":
         bar.write(f"{result.column}: {result.step_ms:.1f} ms/step", file=sys.stderr)
@@ -199,13 +237,12 @@ def summarise(suite: SuiteResult) -> dict[str, Any]:
     floors = {f.label: f for f in suite.floors}
     workloads = []
     for spec in suite.specs:
-        ok = suite.by_label(spec.label)
-        ms = {m: r.step_ms for m, r in ok.items()}
-        floor = floors.get(spec.label)
+        ms = {m: r.step_ms for m, r in suite.ok(spec).items()}
+        floor = floors.get(suite.label(spec))
         floor_ms = floor.floor_ms if floor else None
         sgd_floor = ms["sgd"] + floor_ms if "sgd" in ms and floor_ms is not None else None
         row: dict[str, Any] = {
-            "label": spec.label,
+            "label": suite.label(spec),
             "config": spec.config,
             "scale": spec.scale,
             "table_bytes": spec.table_bytes(),
@@ -234,7 +271,7 @@ def _growth(suite: SuiteResult) -> list[dict[str, Any]]:
     for group in scale_groups(suite.specs):
         if len(group) < 2:
             continue
-        small, large = suite.by_label(group[0].label), suite.by_label(group[-1].label)
+        small, large = suite.ok(group[0]), suite.ok(group[-1])
         for mode in suite.modes:
             if mode in small and mode in large:
                 a, b = small[mode], large[mode]

@@ -18,6 +18,7 @@ Contract:
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from typing import Any
@@ -90,7 +91,7 @@ class BenchSpec:
             v.check_positive_int("pooling", self.pooling)
         if self.embedding_dim is not None:
             v.check_positive_int("embedding_dim", self.embedding_dim)
-        parse_locality(self.locality)
+        _check_locality(self.locality)
         v.check_positive_int("iterations", self.iterations)
         v.check_positive_int("measure_last", self.measure_last)
         if self.measure_last > self.iterations:
@@ -101,6 +102,13 @@ class BenchSpec:
         v.check_choice("statistic", self.statistic, STATISTICS)
         v.check_noise_multiplier(self.noise_multiplier)
         v.check_max_grad_norm(self.max_grad_norm)
+        # lr=0 or NaN would time steps that update nothing (or poison the weights) unnoticed.
+        v.check_positive_real("lr", self.lr, "It is the SGD step size, e.g. lr: 0.01.")
+        if not isinstance(self.dense_only, bool):  # "false" from a YAML string is truthy
+            raise ConfigError(f"dense_only must be true or false; got {self.dense_only!r}.")
+        seed = self.seed
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+            raise ConfigError(f"seed must be an integer >= 0; got {seed!r}.")
 
     @property
     def model_config(self) -> DLRMConfig:
@@ -137,6 +145,20 @@ class BenchSpec:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _check_locality(locality: Any) -> None:
+    """parse_locality's check, plus: text only, and no ``zipf:`` without its exponent (parse_locality
+    would read the missing exponent as 1.0 and time a workload the user did not name)."""
+    if not isinstance(locality, str):
+        raise ConfigError(
+            f"locality must be text (uniform, zipf:<a> or movielens); got {locality!r}"
+        )
+    if locality.strip() == "zipf:":
+        raise ConfigError(
+            f"locality={locality!r} has no exponent; write zipf:<a> with a number a > 0, e.g. zipf:1.2"
+        )
+    parse_locality(locality)
 
 
 class DenseOnly(nn.Module):

@@ -20,10 +20,10 @@ from dataclasses import fields
 from typing import Any
 
 from lazydp import _validate as v
-from lazydp.bench.harness import BENCH_MODES
+from lazydp.bench.harness import BENCH_MODES, ModeResult
 from lazydp.bench.workload import BENCH_CONFIGS, STATISTICS, BenchSpec
 from lazydp.cli import add_json_flag, load_yaml_mapping
-from lazydp.errors import ConfigError
+from lazydp.errors import ConfigError, LazyDPError
 
 EPILOG = """example (2 shared cores, no GPU; numbers from benchmarks/RESULTS.md):
   $ lazydp bench --config mlperf --scale 0.001 --batch-size 2048 --iterations 20 \\
@@ -181,10 +181,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # Refuse an unusable output directory now, not after the whole benchmark has run.
     out = check_output_dir(args.out or f"runs/bench-{time.strftime('%Y%m%d-%H%M%S')}")
     if not args.sweep:  # a single configuration that cannot fit is refused outright
-        from lazydp.bench.harness import check_fits
-
-        for mode in modes:
-            check_fits(specs[0], mode)
+        _refuse_what_does_not_fit(specs[0], modes)
     suite = run_suite(
         specs,
         modes,
@@ -214,7 +211,36 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     ]:
         print(note)
     print(f"wrote {', '.join(paths.values())}")
+    _fail_if_nothing_ran(suite.results, paths["json"])
     return {"out": str(out), "files": paths, "summary": summary}
+
+
+def _refuse_what_does_not_fit(spec: BenchSpec, modes: list[str]) -> None:
+    """ConfigError naming EVERY mode that would not fit, each with its own scale advice (the
+    largest scale that fits differs per mode: lazydp's history table, dpsgd's noise buffer)."""
+    from lazydp.bench.harness import check_fits
+
+    problems = []
+    for mode in modes:
+        try:
+            check_fits(spec, mode)
+        except ConfigError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise ConfigError("\n".join(problems))
+
+
+def _fail_if_nothing_ran(results: list[ModeResult], json_path: str) -> None:
+    """A run in which no measurement succeeded exits non-zero (scripts and CI must notice);
+    the files, with every reason, are written first. ConfigError if all were refused."""
+    if not results or any(r.status == "ok" for r in results):
+        return
+    refused = all(r.status == "refused" for r in results)
+    error = ConfigError if refused else LazyDPError
+    raise error(
+        f"no measurement succeeded: all {len(results)} were refused or failed (reasons above "
+        f"and in {json_path})"
+    )
 
 
 def _ratios_line(w: dict[str, Any]) -> str:
