@@ -91,7 +91,7 @@ class BenchSpec:
             v.check_positive_int("pooling", self.pooling)
         if self.embedding_dim is not None:
             v.check_positive_int("embedding_dim", self.embedding_dim)
-        _check_locality(self.locality)
+        parse_locality(self.locality)
         v.check_positive_int("iterations", self.iterations)
         v.check_positive_int("measure_last", self.measure_last)
         if self.measure_last > self.iterations:
@@ -145,20 +145,6 @@ class BenchSpec:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def _check_locality(locality: Any) -> None:
-    """parse_locality's check, plus: text only, and no ``zipf:`` without its exponent (parse_locality
-    would read the missing exponent as 1.0 and time a workload the user did not name)."""
-    if not isinstance(locality, str):
-        raise ConfigError(
-            f"locality must be text (uniform, zipf:<a> or movielens); got {locality!r}"
-        )
-    if locality.strip() == "zipf:":
-        raise ConfigError(
-            f"locality={locality!r} has no exponent; write zipf:<a> with a number a > 0, e.g. zipf:1.2"
-        )
-    parse_locality(locality)
 
 
 class DenseOnly(nn.Module):

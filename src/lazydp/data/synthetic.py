@@ -54,10 +54,16 @@ def parse_locality(locality: str) -> tuple[str, float]:
 
     Example: ``parse_locality("zipf:1.2") == ("zipf", 1.2)``.
     """
-    kind, _, arg = locality.partition(":")
+    if not isinstance(locality, str):
+        raise ConfigError(
+            f"locality must be text (uniform, zipf:<a> or movielens); got {locality!r}"
+        )
+    kind, sep, arg = locality.partition(":")
     if kind == "zipf":
         try:
-            exponent = float(arg) if arg else 1.0
+            # Bare "zipf" is exponent 1; "zipf:" names none (read as 1, it would time a
+            # workload the user did not name).
+            exponent = float(arg) if arg else (float("nan") if sep else 1.0)
         except ValueError:
             exponent = float("nan")
         if not (math.isfinite(exponent) and exponent > 0):
