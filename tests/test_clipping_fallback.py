@@ -129,11 +129,28 @@ class Centred(nn.Module):
         return (x - x.mean(0)) * self.w
 
 
+class MaskedCentred(Centred):
+    """Mixes examples, and masks one logit to -inf (an infinite scale used to disable the check)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = super().forward(x)
+        return out.masked_fill(torch.arange(2) == 1, float("-inf"))
+
+
+class BigRow(Centred):
+    """Mixes examples a little, next to one huge row (a batch-wide tolerance hid the mixing)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.w + 1e-6 * x.mean(0)
+
+
 @pytest.mark.parametrize(
     ("layer", "args"),
     [
         (WithMemory(), (torch.randn(3, 2), torch.randn(3, 2))),
         (Centred(), (torch.randn(3, 2),)),
+        (MaskedCentred(), (torch.randn(3, 2),)),
+        (BigRow(), (torch.tensor([[1.0, 1.0], [1e6, 1e6], [1.0, -1.0]]),)),
     ],
 )
 def test_a_layer_whose_rows_depend_on_other_examples_is_refused(layer, args) -> None:

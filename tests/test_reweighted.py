@@ -9,6 +9,7 @@ from torch import nn
 
 from lazydp import ConfigError, UnsupportedLayerError
 from lazydp.testing import zero_noise
+from tests.test_engine_errors import private
 from tests.test_model_edge_cases import _private as edge_private
 
 
@@ -78,7 +79,7 @@ def test_a_model_returning_a_tuple_is_refused_under_dpsgd_r():
 @pytest.mark.parametrize(
     ("model", "loss", "match"),
     [
-        (AuxLoss, lambda m, out: out.pow(2).mean() + m.hidden.pow(2).mean(), "another way"),
+        (AuxLoss, lambda m, out: out.pow(2).mean() + m.hidden.pow(2).mean(), "did not reproduce"),
         (Drifting, lambda m, out: out.pow(2).mean(), "different output"),
     ],
 )
@@ -97,3 +98,61 @@ def test_a_second_pass_that_differs_is_refused_before_the_charge(model, loss, ma
     loss(module, out).backward()
     opt.step()
     assert engine.ledger.steps == 1
+
+
+class Cancelling(nn.Module):
+    """An activation penalty whose gradient cancels example i's main gradient at ``a``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(1, 1, bias=False)
+        self.b = nn.Linear(1, 1, bias=False)
+        with torch.no_grad():
+            self.a.weight.fill_(0.1)
+            self.b.weight.fill_(1.0)
+
+    def forward(self, x):
+        self.hidden = self.a(x)
+        return self.b(self.hidden).squeeze(1)
+
+
+def test_one_large_example_cannot_loosen_the_check_for_another():
+    # Example i's first-pass gradient is <= C (the penalty cancels it), its second-pass one ~10 C;
+    # example j has a huge output gradient but a tiny input. A batch-wide tolerance let i pass
+    # next to j (an audit measured 9.85 C); the released sum is now the per-example one anyway.
+    x = torch.tensor([[9.9], [1e-8]])
+    y = torch.tensor([0.99 + 0.5 * 0.99, 1e4])
+    model, opt, _, engine = private("dpsgd_r", Cancelling(), loss_reduction="sum")
+    ((model(x) - y).pow(2).sum() + 0.5 * model.hidden.pow(2).sum()).backward()
+    with pytest.raises(ConfigError, match="did not reproduce"):
+        opt.step()
+    assert engine.ledger.steps == 0
+
+
+class Counting(Dropped):
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("seen", torch.zeros(()))
+
+    def forward(self, x):
+        self.seen += len(x)
+        return super().forward(x)
+
+
+def test_the_second_pass_leaves_buffers_and_an_edited_output_alone():
+    model, opt, _ = _private(Counting(), "dpsgd_r")
+    out = model(torch.randn(8, 6))
+    out.sigmoid_()  # the caller edits the returned tensor in place
+    out.sum().backward()
+    opt.step()
+    assert float(model.seen) == 8
+
+
+def test_a_scalar_output_is_refused_under_dpsgd_r():
+    class Summed(Dropped):
+        def forward(self, x):
+            return super().forward(x).sum()
+
+    model, _, _ = _private(Summed(), "dpsgd_r")
+    with pytest.raises(UnsupportedLayerError, match="batch in dimension 0"):
+        model(torch.randn(4, 6))

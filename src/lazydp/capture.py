@@ -107,7 +107,6 @@ class CaptureSet:
         self.root_rng: RngState | None = (
             None  # the RNG before the root forward (dpsgd_r replays it)
         )
-        self.replayed: list[tuple[LayerCapture, _Record]] | None = None  # dpsgd_r's second pass
         self.outside_uses: set[str] = set()  # parameters autograd reached outside their layer
         leaves = parameterised_leaves(model)
         # Every refusal before any layer is touched: a model refused half-way would keep some
@@ -163,14 +162,7 @@ class CaptureSet:
 
         def forward(*args: Any, **kwargs: Any) -> Tensor:
             if self._passthrough:  # dpsgd_r's second pass: plain autograd through the parameters
-                out = cls_forward(module, *args, **kwargs)
-                if self.replayed is not None and isinstance(out, Tensor) and out.requires_grad:
-                    # A tensor hook (not retain_grad) sees the gradient before any in-place op
-                    # that follows the layer, as the first pass's tap did.
-                    rec = _Record((), {}, 0)
-                    out.register_hook(_sink(rec))
-                    self.replayed.append((layer, rec))
-                return out
+                return cls_forward(module, *args, **kwargs)
             memo: dict[str, Any] = {}
             read = None
             if layer.is_table:
@@ -238,7 +230,14 @@ class CaptureSet:
                 f"{type(out).__name__}. Return the tensor the loss is computed from, or use "
                 "mode='dpsgd_b' or 'dpsgd_f' (they clip whatever the model returns)."
             )
-        record = _Record(args, {}, out.shape[0] if out.dim() else 1, out=out.detach())
+        if out.dim() == 0:
+            raise UnsupportedLayerError(
+                "mode='dpsgd_r' reweights each example's output, so the model must return the "
+                "batch in dimension 0; it returned a scalar. Return per-example outputs and "
+                "reduce them in the loss, or use mode='dpsgd_b' or 'dpsgd_f'."
+            )
+        # A copy: the caller may change the returned tensor in place (out.sigmoid_()).
+        record = _Record(args, {}, out.shape[0], out=out.detach().clone())
         self.root_record = record
         return _Tap.apply(out, self._anchor, record)
 
@@ -295,7 +294,6 @@ class CaptureSet:
             yield
         finally:
             self._passthrough = False
-            self.replayed = None
 
     def remove(self) -> None:
         """Give the model back exactly as it was (class forwards, no hooks)."""
@@ -304,13 +302,6 @@ class CaptureSet:
         for h in self._handles:
             h.remove()
         self._handles.clear()
-
-
-def _sink(rec: _Record) -> Callable[[Tensor], None]:
-    def hook(grad: Tensor) -> None:
-        rec.grad_output = grad if rec.grad_output is None else rec.grad_output + grad
-
-    return hook
 
 
 RngState = tuple[Tensor, list[Tensor]]

@@ -6,8 +6,9 @@ wrapped optimizers' ``param_groups`` (LR schedulers keep working) and adds, in `
 1. per-example squared norms from the captured calls (ghost norms in ``dpsgd_f``/``lazydp``,
    materialised per-example gradients in ``dpsgd_b``/``dpsgd_r``);
 2. clip factors c_i = min(1, C / ||g_i||);
-3. clipped sums sum_i c_i g_i (book-keeping from the captured tensors; ``dpsgd_r`` re-runs the
-   forward and a reweighted backward, as that method is defined: optim/reweighted.py);
+3. clipped sums sum_i c_i g_i (book-keeping from the captured tensors; ``dpsgd_r`` also re-runs
+   the forward and a reweighted backward, as that method is defined, and checks that it gives
+   the per-example sum it releases: optim/reweighted.py);
 4. a charge to the privacy ledger -- before any noise is drawn;
 5. noise N(0, (sigma*C)^2) on the sum, divided by the *expected* batch size; tables get it eagerly
    (``dpsgd_*``) or lazily (``lazydp``), every other parameter eagerly;
@@ -39,7 +40,7 @@ from lazydp.optim.eager import eager_table_sgd, noisy_dense_grads
 from lazydp.optim.group import OptimizerGroup
 from lazydp.optim.lazy import LazyTable, LrPrefix, check_table_lr
 from lazydp.optim.resume import check_lazy_state, check_optimizer_state
-from lazydp.optim.reweighted import reweighted_clipped_sums
+from lazydp.optim.reweighted import check_reweighted
 
 # Dividing by norm + tiny keeps c_i finite for an all-zero gradient (then c_i = 1, as clipping a
 # zero vector leaves it zero); it shrinks a norm exactly at C by a relative 1e-12 only.
@@ -327,19 +328,19 @@ class DPOptimizer(OptimizerGroup):
         c: Tensor,
     ) -> dict[nn.Parameter, ClippedSum]:
         sums: dict[nn.Parameter, ClippedSum] = {}
-        if self.privacy.mode == "dpsgd_r":
-            return reweighted_clipped_sums(self.capture, c) if c.numel() else {}
         for layer in self.capture.layers:
             if not calls[layer.name]:
                 continue
             params = layer.params()
             cl = c.to(_device_of(params))
-            if self.privacy.mode == "dpsgd_b":
+            if self.privacy.mode in ("dpsgd_b", "dpsgd_r"):
                 by_name = per_sample_clipped_sum(per_sample[layer.name], cl)
             else:
                 by_name = layer.clipper.clipped_sum(layer.module, calls[layer.name], cl)
             for name, s in by_name.items():
                 sums[params[name]] = s
+        if self.privacy.mode == "dpsgd_r" and c.numel():
+            check_reweighted(self.capture, c, sums, self.privacy.max_grad_norm)
         return sums
 
     @torch.no_grad()
