@@ -35,6 +35,8 @@ def test_killed_worker_restarts_from_checkpoint_and_ledger_counts_rerun_steps(
     assert marker.exists()  # the crash happened
     report = json.loads((out / "report.json").read_text())
     assert report["steps"] == STEPS
+    # Unseeded: the ranks' shared noise stream is seeded from a broadcast secret, not by the user.
+    assert not any("reproducible" in c for c in report["privacy"]["caveats"])
     # Steps after the last checkpoint before the crash ran twice and were charged twice.
     resumed_from = KILL_AT // EVERY * EVERY
     for ledger in (out / "ledger.jsonl", out / "ledger.rank1.jsonl"):

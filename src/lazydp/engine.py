@@ -85,6 +85,7 @@ class PrivacyEngine:
         self.target: dict[str, Any] | None = None
         self._suppress_flush = False
         self._hooks: list[Any] = []
+        self._resumed_seeded = False  # a checkpoint of a run the user seeded was loaded
 
     def __deepcopy__(self, memo: dict[int, Any]) -> Any:  # reached through a table's hook
         raise copy_refused()
@@ -282,17 +283,22 @@ class PrivacyEngine:
             self.ledger,
             delta,
             self.privacy,
-            # A resumed run adopts its checkpoint's noise seed: still a reproducible run.
-            seeded=self.seed is not None or (self.noise is not None and self.noise.seeded),
+            seeded=self._seeded(),
             override=active_override(),
             unsampled_steps=unsampled,
         )
         target = self.target
         if target is not None and delta == target["delta"] and report.epsilon > target["epsilon"]:
+            why = (
+                "training ran past its epochs"
+                if self.ledger.steps > target["steps"]
+                else "some steps ran at other settings (a resumed run calibrated for its own "
+                "steps, not counting those an earlier run had spent)"
+            )
             report.caveats.append(
                 f"OVER TARGET: epsilon {report.epsilon:.4g} exceeds the target "
                 f"{target['epsilon']:g} the noise was calibrated for ({self.ledger.steps} steps "
-                f"charged, {target['steps']} planned): training ran past its epochs."
+                f"charged, {target['steps']} planned): {why}."
             )
         return report
 
@@ -341,6 +347,7 @@ class PrivacyEngine:
                 "model": self.module.state_dict(),
                 "privacy": asdict(self.privacy),
                 "ledger_steps": self.ledger.steps,
+                "seeded": self._seeded(),
                 "extra": extra,
             }
         if self.optimizer is not None:
@@ -374,7 +381,14 @@ class PrivacyEngine:
         sampler = self._dp_sampler()
         if sampler is not None and "sampler" in state:
             sampler.load_state_dict(state["sampler"])
+        # The resumed run draws from the checkpoint's noise streams: still a reproducible run.
+        self._resumed_seeded = self._resumed_seeded or bool(state.get("seeded", False))
         return dict(state.get("extra", {}))
+
+    def _seeded(self) -> bool:
+        """Whether the user gave a seed, to this run or to the one it resumes (the distributed
+        engine's noise is seeded from a broadcast secret: that is not a user seed)."""
+        return self.seed is not None or self._resumed_seeded
 
     def _check_checkpoint(self, state: dict[str, Any], path: str | os.PathLike[str]) -> None:
         """PrivacyError unless every part of ``state`` fits this engine (changes nothing)."""
