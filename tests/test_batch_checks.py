@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, TensorDataset, default_collate
 
 from lazydp import ConfigError, InputError
 from lazydp.loader import _empty_like
@@ -47,10 +47,26 @@ def test_an_example_spread_over_two_rows_is_refused_before_the_charge(joined):
         opt.step()
         assert engine.ledger.steps == 1
         return
-    with pytest.raises(InputError, match=rf"saw {2 * len(y)} rows.*holds {len(y)} examples"):
+    with pytest.raises(InputError, match=rf"saw {2 * len(y)} rows.*hold at most {len(y)} examples"):
         opt.step()
     assert engine.ledger.steps == 0
     assert all(torch.equal(t, before[k]) for k, t in snapshot(model).items())
+
+
+def test_a_loop_that_fetches_ahead_or_drops_examples_still_trains():
+    # A prefetcher holds the next batch before the step; a collate_fn may drop bad examples.
+    ds = TensorDataset(torch.randn(64, 3), torch.randn(64))
+    dl = DataLoader(ds, batch_size=16, collate_fn=lambda b: default_collate(b[1:] or b))
+    model, opt, dl, engine = private("dpsgd_f", nn.Linear(3, 1), data_loader=dl)
+    it = iter(dl)
+    ahead = next(it, None)
+    while ahead is not None:
+        (x, y), ahead = ahead, next(it, None)  # the next batch is drawn before this step
+        opt.zero_grad()
+        if len(x):
+            nn.functional.mse_loss(model(x).squeeze(1), y).backward()
+        opt.step()
+    assert engine.ledger.steps == len(dl)
 
 
 def test_step_after_a_forward_without_backward_is_refused():

@@ -191,7 +191,7 @@ class PrivacyEngine:
         self.optimizer = DPOptimizer(
             optimizers, self.capture, self.privacy, self.noise, self.ledger, self.timer, rank=rank
         )
-        self.optimizer.loaded_batch_size = loader.take_batch_size
+        self.optimizer.check_rows = loader.check_rows
         if mode == "lazydp":
             loader.on_epoch_end = self.flush
             for layer in self.capture.layers:

@@ -65,18 +65,23 @@ class EmptySafeCollate:
 
 
 class _Counted(Sampler[list[int]]):
-    """The DP batch sampler, noting how many examples each batch it hands out holds."""
+    """The DP batch sampler, noting how many examples each batch it hands out holds: one queue
+    per iteration (``latest``), so that two iterators of one loader keep their own."""
 
-    def __init__(self, inner: Sampler[list[int]], sizes: deque[int]) -> None:
+    def __init__(self, inner: Sampler[list[int]]) -> None:
         self.inner = inner
-        self.sizes = sizes
+        self.latest: deque[int] = deque()
 
     def __len__(self) -> int:
         return len(self.inner)  # type: ignore[arg-type]
 
     def __iter__(self) -> Iterator[list[int]]:
+        self.latest = deque()  # set when the DataLoader's iterator asks, before any batch
+        return self._batches(self.latest)
+
+    def _batches(self, sizes: deque[int]) -> Iterator[list[int]]:
         for batch in self.inner:
-            self.sizes.append(len(batch))
+            sizes.append(len(batch))
             yield batch
 
 
@@ -99,10 +104,10 @@ class DPDataLoader(DataLoader):
                 "data_loader wraps an IterableDataset; DP sampling needs random access to pick "
                 "each example independently. Use a map-style Dataset (__getitem__/__len__)."
             )
-        sizes: deque[int] = deque()
+        counted = _Counted(batch_sampler)
         super().__init__(
             dataset,
-            batch_sampler=_Counted(batch_sampler, sizes),
+            batch_sampler=counted,
             collate_fn=EmptySafeCollate(collate_fn or default_collate, dataset),
             num_workers=num_workers,
             pin_memory=pin_memory,
@@ -110,21 +115,38 @@ class DPDataLoader(DataLoader):
         self.on_epoch_end: Callable[[], None] | None = None
         self.batches_drawn = 0  # by this process: the report compares it with the steps taken
         # The examples in each batch the sampler handed out, in order (workers may draw a few
-        # ahead), and in the batch last yielded until a step takes it (see take_batch_size).
-        self._sizes = sizes
+        # ahead), and in each batch yielded that no step has taken yet (see check_rows).
+        self._counted = counted
+        self._yielded: deque[int] = deque(maxlen=64)
         self.dp_sampler = batch_sampler  # its state_dict goes into checkpoints
-        self._yielded: int | None = None
 
-    def take_batch_size(self) -> int | None:
-        """The number of examples in the batch last yielded, once; None if none is waiting."""
-        size, self._yielded = self._yielded, None
-        return size
+    def check_rows(self, rows: int) -> int | None:
+        """Match a step's ``rows`` (dimension 0 its layers saw) with a batch yielded and not yet
+        stepped on; None when they fit, else the most examples a waiting batch holds.
+
+        A step takes the oldest waiting batch when its rows fit in it (equal, or fewer: a
+        collate_fn that drops bad examples); else the first later one they fit in (the batches
+        before it were skipped). More rows than that means an example was spread over several
+        rows. A loop that fetches one batch ahead (a prefetcher) keeps matching; in a plain loop
+        the check is exact.
+        """
+        waiting = self._yielded
+        if not waiting:
+            return None  # no batch from this loader (a hand-built one: the report flags it)
+        fits = next((i for i, size in enumerate(waiting) if rows <= size), None)
+        if fits is None:
+            return max(waiting)
+        for _ in range(fits + 1):
+            waiting.popleft()
+        return None
 
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
-        self._sizes.clear()
-        for batch in super().__iter__():
+        batches = super().__iter__()  # asks the sampler for its iterator: a fresh size queue
+        sizes = self._counted.latest
+        for batch in batches:
             self.batches_drawn += 1
-            self._yielded = self._sizes.popleft() if self._sizes else None
+            if sizes:
+                self._yielded.append(sizes.popleft())
             yield batch
         if self.on_epoch_end is not None:
             self.on_epoch_end()

@@ -139,9 +139,9 @@ class DPOptimizer(OptimizerGroup):
             self._make_lazy()
         # Hooks the engine sets: after each step (distributed reduction, checkpoints).
         self.reduce_hook: Callable[[dict[nn.Parameter, ClippedSum]], None] | None = None
-        # The private loader's DPDataLoader.take_batch_size: how many examples the batch it
-        # last yielded holds (None when no batch is waiting, or no private loader is in use).
-        self.loaded_batch_size: Callable[[], int | None] | None = None
+        # The private loader's DPDataLoader.check_rows: None when a step's rows fit a batch it
+        # yielded, else the most examples a waiting batch holds.
+        self.check_rows: Callable[[int], int | None] | None = None
 
     def _group_of(self, p: nn.Parameter) -> tuple[Optimizer | None, dict[str, Any]]:
         if p not in self._group_index:
@@ -301,7 +301,6 @@ class DPOptimizer(OptimizerGroup):
 
     def _check_batch(self, batch: int) -> None:
         """InputError unless the recorded forward/backward is one row per loaded example."""
-        loaded = self.loaded_batch_size() if self.loaded_batch_size is not None else None
         layers = self.capture.layers
         if batch and not any(r.grad_output is not None for layer in layers for r in layer.records):
             raise InputError(
@@ -310,10 +309,11 @@ class DPOptimizer(OptimizerGroup):
                 "loss.backward() before step(), or optimizer.zero_grad() to drop the forward. "
                 "Nothing was changed or charged."
             )
-        if loaded is not None and batch and batch != loaded:
+        loaded = self.check_rows(batch) if self.check_rows is not None and batch else None
+        if loaded is not None:
             raise InputError(
-                f"the model's layers saw {batch} rows in dimension 0, but the batch the private "
-                f"data loader yielded holds {loaded} examples. lazydp clips each row of "
+                f"the model's layers saw {batch} rows in dimension 0, but the batches the "
+                f"private data loader yielded hold at most {loaded} examples. lazydp clips each row of "
                 "dimension 0 as one example, so an example spread over several rows (a shared "
                 "tower run on torch.cat([queries, items]), a reshape to (B*T, d)) would be "
                 "clipped once per row and its influence could exceed the bound. Call the shared "
