@@ -4,6 +4,7 @@ checked against the batch the private loader yielded, before anything is charged
 from __future__ import annotations
 
 import dataclasses
+from collections import defaultdict
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset, default_collate
 
 from lazydp import ConfigError, InputError
-from lazydp.loader import _empty_like
+from lazydp.empty_batch import empty_batch
 from tests.test_engine_errors import private, snapshot
 
 
@@ -92,13 +93,24 @@ class Opaque:
         self.x = x
 
 
-def test_an_empty_batch_is_cut_from_every_known_container_and_refused_otherwise():
-    one = Batch(torch.ones(1, 3), ["alice"])
-    empty = _empty_like(one)
-    assert empty.x.shape == (0, 3) and empty.names == [] and empty.tag == "train"
-    assert _empty_like({"a": np.ones((1, 2))})["a"].shape == (0, 2)
-    with pytest.raises(ConfigError, match="cannot cut the collated batch's Opaque"):
-        _empty_like([Opaque(torch.ones(1))])
+def _collated(example, collate=default_collate):
+    return empty_batch(collate([example]), collate([example, example]))
+
+
+def test_an_empty_batch_cuts_what_grows_with_the_examples_and_keeps_the_rest():
+    batch = Batch(torch.ones(3), ["alice"])
+    empty = empty_batch(batch, Batch(torch.ones(3), ["alice", "alice"]))
+    assert empty.x.shape == (3,) and empty.names == [] and empty.tag == "train"
+    assert _collated({"a": np.ones(2)})["a"].shape == (0, 2)
+    ragged = _collated([4, 8, 15], collate=list)  # a per-example list of ids
+    assert ragged == []
+    counts = defaultdict(int, x=torch.ones(2))
+    out = _collated(counts, collate=lambda b: defaultdict(int, x=torch.stack([e["x"] for e in b])))
+    assert isinstance(out, defaultdict) and out["x"].shape == (0, 2)
+    constant = empty_batch((torch.ones(1, 2), np.int64(7)), (torch.ones(2, 2), np.int64(7)))
+    assert constant[0].shape == (0, 2) and constant[1] == 7
+    with pytest.raises(ConfigError, match="cannot tell how to cut the collated batch's Opaque"):
+        empty_batch([Opaque(1)], [Opaque(2)])
 
 
 def test_an_empty_poisson_batch_of_an_unknown_type_stops_the_loader():

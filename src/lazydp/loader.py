@@ -1,54 +1,22 @@
 """The private data loader: the user's dataset and collate function behind a DP batch sampler.
 
 Poisson sampling produces batches of random size, including empty ones; the default collate
-function cannot build an empty batch, so we build one by slicing a real example to length 0. That
-keeps shapes and dtypes right and lets an empty step run (and be charged) like any other.
+function cannot build an empty batch, so we build one from a real example cut to length 0
+(empty_batch.py). That keeps shapes and dtypes right and lets an empty step run (and be charged)
+like any other.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-import numpy as np
-import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 from torch.utils.data._utils.collate import default_collate
 
+from lazydp.empty_batch import empty_batch
 from lazydp.errors import ConfigError
-
-_SCALARS = (str, bytes, int, float, bool, type(None))
-
-
-def _empty_like(x: Any) -> Any:
-    """``x`` (a collated batch of one example) cut to zero examples, or ConfigError.
-
-    An object of a type not known here is refused: returned as it is, it would still hold the
-    example and an "empty" Poisson step would train on it.
-    """
-    if isinstance(x, (torch.Tensor, np.ndarray)):
-        return x[:0]
-    if isinstance(x, tuple) and hasattr(x, "_fields"):  # namedtuple
-        return type(x)(*(_empty_like(v) for v in x))
-    if isinstance(x, (list, tuple)):
-        if x and all(isinstance(v, _SCALARS) for v in x):
-            return type(x)()  # a per-example list (default_collate keeps strings as lists)
-        return type(x)(_empty_like(v) for v in x)
-    if isinstance(x, Mapping):
-        return type(x)({k: _empty_like(v) for k, v in x.items()})  # type: ignore[call-arg]
-    if dataclasses.is_dataclass(x) and not isinstance(x, type):
-        fields = {f.name: _empty_like(getattr(x, f.name)) for f in dataclasses.fields(x) if f.init}
-        return dataclasses.replace(x, **fields)
-    if isinstance(x, _SCALARS):
-        return x  # not per-example data: default_collate turns per-example numbers to tensors
-    raise ConfigError(
-        f"Poisson sampling drew an empty batch, and lazydp cannot cut the collated batch's "
-        f"{type(x).__name__} to zero examples (it knows tensors, numpy arrays, lists, tuples, "
-        "mappings and dataclasses of them). Have collate_fn return those, or give the dataset "
-        "a __getitems__(indices) that builds a batch for any list of indices, empty included."
-    )
 
 
 class EmptySafeCollate:
@@ -60,7 +28,8 @@ class EmptySafeCollate:
 
     def __call__(self, batch: Sequence[Any]) -> Any:
         if isinstance(batch, Sequence) and len(batch) == 0:
-            return _empty_like(self.collate_fn([self.dataset[0]]))
+            example = self.dataset[0]
+            return empty_batch(self.collate_fn([example]), self.collate_fn([example, example]))
         return self.collate_fn(list(batch) if isinstance(batch, tuple) else batch)  # type: ignore[arg-type]
 
 
