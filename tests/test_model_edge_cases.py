@@ -247,3 +247,18 @@ def test_a_penalty_on_the_weights_is_refused_and_zero_grad_forgets_it():
     model(x).pow(2).mean().backward()
     opt.step()
     assert engine.ledger.steps == 1
+
+
+def test_two_forwards_before_one_backward_are_refused_not_half_dropped():
+    # Two views through the model, one loss: the second forward replaced the first's records,
+    # whose gradient was silently dropped.
+    model, opt, engine = _private(nn.Linear(3, 1), "dpsgd_f")
+    x1, x2 = torch.randn(4, 3), torch.randn(4, 3)
+    (model(x1).sum() + model(x2).sum()).backward()
+    with pytest.raises(ConfigError, match="replaced"):
+        opt.step()
+    assert engine.ledger.steps == 0
+    opt.zero_grad()  # dropped on purpose: training goes on
+    model(x1).sum().backward()
+    opt.step()
+    assert engine.ledger.steps == 1

@@ -54,6 +54,8 @@ class _Tap(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None]:  # type: ignore[override]
         rec: _Record = ctx.record
+        if rec.stale is not None:  # a later training forward replaced this one's records
+            rec.stale.append(rec.batch_size)
         # A layer whose output is used twice in the graph gets two backward calls: they add up.
         rec.grad_output = grad if rec.grad_output is None else rec.grad_output + grad
         return (grad if ctx.needs_input_grad[0] else None), None, None
@@ -67,6 +69,9 @@ class _Record:
     grad_output: Tensor | None = None
     memo: dict[str, Any] = field(default_factory=dict)
     out: Tensor | None = None  # the root's output (dpsgd_r compares its second pass with it)
+    # Set when the record is forgotten (CaptureSet.clear): a backward that still reaches it
+    # appends there, and the step refuses a gradient that would otherwise be dropped.
+    stale: list[int] | None = None
 
 
 @dataclass
@@ -108,6 +113,7 @@ class CaptureSet:
             None  # the RNG before the root forward (dpsgd_r replays it)
         )
         self.outside_uses: set[str] = set()  # parameters autograd reached outside their layer
+        self.lost: list[int] = []  # backward calls that reached forgotten records (see clear)
         leaves = parameterised_leaves(model)
         # Every refusal before any layer is touched: a model refused half-way would keep some
         # captured forwards (and then look captured by another engine).
@@ -280,9 +286,26 @@ class CaptureSet:
                 "penalty, or freeze the parameter. Nothing was changed or charged."
             )
 
+    def check_no_lost_gradient(self) -> None:
+        """ConfigError if the last backward reached a forward whose records a later training
+        forward replaced (two forwards of the model before one backward)."""
+        if self.lost:
+            raise ConfigError(
+                "the backward reached a forward of the model that a later training forward "
+                "replaced: lazydp records one forward of the model per step, so the gradient "
+                "of the first would be dropped. Run one forward per step (concatenate the views "
+                "along dimension 1, or call the shared submodules inside one forward), and "
+                "evaluation forwards under torch.no_grad(). Nothing was changed or charged."
+            )
+
     def clear(self) -> None:
+        self.lost = []
         for layer in self.layers:
+            for r in layer.records:
+                r.stale = self.lost
             layer.records.clear()
+        if self.root_record is not None:
+            self.root_record.stale = self.lost
         self.root_record = None
         self.root_rng = None
         self.outside_uses.clear()

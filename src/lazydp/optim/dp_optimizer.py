@@ -233,6 +233,7 @@ class DPOptimizer(OptimizerGroup):
         for q in self.lazy:  # refused here, before any change, not when the prefix appends it
             check_table_lr(float(self._group_of(q)[1]["lr"]))
         cap.check_no_outside_use()
+        cap.check_no_lost_gradient()
         batch = cap.batch_size()
         self._check_batch(batch)
         self.steps_with_data += batch > 0
