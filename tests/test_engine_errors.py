@@ -218,3 +218,16 @@ def test_make_private_with_epsilon_reads_the_batch_size_of_a_batch_sampler():
         max_grad_norm=1.0,
     )
     assert engine.privacy.sample_rate == 8 / 64
+
+
+def _mark_worker(worker_id):
+    torch.utils.data.get_worker_info().dataset.marked = True
+
+
+def test_the_private_loader_keeps_the_users_worker_settings():
+    ds = TensorDataset(torch.randn(64, 3), torch.randn(64))
+    user = DataLoader(
+        ds, batch_size=8, num_workers=1, persistent_workers=True, worker_init_fn=_mark_worker
+    )
+    _, _, dl, _ = private("dpsgd_f", nn.Linear(3, 1), data_loader=user)
+    assert dl.persistent_workers and dl.worker_init_fn is _mark_worker and dl.num_workers == 1

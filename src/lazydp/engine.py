@@ -42,7 +42,7 @@ from lazydp.accounting import SAMPLERS, calibrate_noise_multiplier, epoch_steps,
 from lazydp.capture import CaptureSet, copy_refused
 from lazydp.errors import ConfigError, PrivacyError, StorageError
 from lazydp.ledger import PrivacyLedger
-from lazydp.loader import DPDataLoader
+from lazydp.loader import DPDataLoader, worker_options
 from lazydp.noise import GaussianNoise, active_override
 from lazydp.optim.dp_optimizer import DPOptimizer, PrivacyParams
 from lazydp.optim.group import OptimizerGroup
@@ -171,6 +171,7 @@ class PrivacyEngine:
             collate_fn=data_loader.collate_fn,
             num_workers=data_loader.num_workers,
             pin_memory=data_loader.pin_memory,
+            **worker_options(data_loader),
         )
         self.loader = loader
         self.module = module

@@ -54,10 +54,32 @@ class _Counted(Sampler[list[int]]):
             yield batch
 
 
+# The user's DataLoader settings a private loader keeps (sampling and batching are its own).
+WORKER_OPTIONS = (
+    "worker_init_fn",
+    "multiprocessing_context",
+    "timeout",
+    "persistent_workers",
+    "prefetch_factor",
+    "pin_memory_device",
+)  # not in_order: batches must come back in the sampler's order (check_rows matches sizes)
+
+
+def worker_options(loader: DataLoader) -> dict[str, Any]:
+    """The user's loader's WORKER_OPTIONS that this torch's DataLoader knows."""
+    out = {k: getattr(loader, k) for k in WORKER_OPTIONS if hasattr(loader, k)}
+    if not loader.num_workers:  # DataLoader refuses prefetch_factor without workers
+        out.pop("prefetch_factor", None)
+        out.pop("persistent_workers", None)
+    return out
+
+
 class DPDataLoader(DataLoader):
     """A DataLoader whose batches come from a DP batch sampler (Poisson by default).
 
     ``on_epoch_end`` runs when an epoch has been fully iterated (LazyDP flushes pending noise there).
+    ``worker_options`` (worker_init_fn, persistent_workers, prefetch_factor, ...) pass to
+    DataLoader as the user's loader set them.
     """
 
     def __init__(
@@ -67,6 +89,7 @@ class DPDataLoader(DataLoader):
         collate_fn: Callable[[list[Any]], Any] | None = None,
         num_workers: int = 0,
         pin_memory: bool = False,
+        **worker_options: Any,
     ) -> None:
         if isinstance(dataset, IterableDataset):
             raise ConfigError(
@@ -80,6 +103,7 @@ class DPDataLoader(DataLoader):
             collate_fn=EmptySafeCollate(collate_fn or default_collate, dataset),
             num_workers=num_workers,
             pin_memory=pin_memory,
+            **worker_options,
         )
         self.on_epoch_end: Callable[[], None] | None = None
         self.batches_drawn = 0  # by this process: the report compares it with the steps taken
