@@ -122,9 +122,9 @@ def test_a_bad_part_late_in_the_checkpoint_leaves_the_model_as_it_was(tmp_path):
     assert opt.steps_done == state["lazy"]["steps_done"] == 3
 
 
-def _shuffled(tmp_path):
+def _shuffled(tmp_path, **loader_options):
     ds = TensorDataset(torch.arange(40.0)[:, None])  # the feature is the example's index
-    loader = DataLoader(ds, batch_size=5)
+    loader = DataLoader(ds, batch_size=5, **loader_options)
     return private(
         "dpsgd_f",
         torch.nn.Linear(1, 1),
@@ -142,12 +142,17 @@ def _train_on(model, opt, batches, seen):
         opt.step()
 
 
-def test_a_resumed_shuffled_epoch_goes_on_where_it_stopped(tmp_path):
-    # 8 batches per epoch; 3 before the checkpoint, the other 5 after it: no example twice.
-    model, opt, dl, engine = _shuffled(tmp_path)
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_resumed_shuffled_epoch_goes_on_where_it_stopped(tmp_path, workers):
+    # 8 batches per epoch; 3 before the checkpoint, the other 5 after it: no example twice, and
+    # none skipped though a worker had drawn batches ahead of the loop.
+    options = {"num_workers": workers, "prefetch_factor": 2} if workers else {}
+    model, opt, dl, engine = _shuffled(tmp_path, **options)
     seen: list[int] = []
-    _train_on(model, opt, itertools.islice(dl, 3), seen)
+    batches = iter(dl)
+    _train_on(model, opt, itertools.islice(batches, 3), seen)
     engine.save_checkpoint(tmp_path / "ck.pt")
+    del batches
     model, opt, dl, engine = _shuffled(tmp_path)
     engine.load_checkpoint(tmp_path / "ck.pt")
     _train_on(model, opt, dl, seen)

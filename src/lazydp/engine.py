@@ -356,9 +356,9 @@ class PrivacyEngine:
             state["lazy"] = self.optimizer.lazy_state_dict()
         if self.noise is not None:
             state["noise"] = self.noise.state_dict()
-        sampler = self._dp_sampler()
-        if sampler is not None:
-            state["sampler"] = sampler.state_dict()
+        if self._dp_sampler() is not None:
+            assert isinstance(self.loader, DPDataLoader)
+            state["sampler"] = self.loader.sampler_state()
         return _atomic_save(state, path)
 
     def _dp_sampler(self) -> Any:

@@ -133,6 +133,17 @@ class DPDataLoader(DataLoader):
             waiting.popleft()
         return None
 
+    def sampler_state(self) -> dict[str, Any]:
+        """The DP sampler's state_dict, moved back over the batches workers drew but the loop
+        has not received yet: a resume draws those again instead of skipping them. (Across an
+        epoch boundary it is left ahead: skipped batches cost nothing, repeated ones would.)"""
+        state = dict(self.dp_sampler.state_dict())  # type: ignore[attr-defined]
+        ahead = len(self._counted.latest)
+        if 0 < ahead <= int(state.get("position", 0)):
+            state["position"] -= ahead
+            state["step"] -= ahead
+        return state
+
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
         batches = super().__iter__()  # asks the sampler for its iterator: a fresh size queue
         sizes = self._counted.latest
