@@ -106,7 +106,9 @@ def _as_tensor(s: Tensor | ClippedSum | None, q: nn.Parameter) -> Tensor | None:
     if s is None:
         return None
     if isinstance(s, SparseRows):
-        return torch.sparse_coo_tensor(s.indices.unsqueeze(0), s.values, tuple(q.shape))
+        return torch.sparse_coo_tensor(
+            s.indices.unsqueeze(0), s.values, tuple(q.shape), check_invariants=False
+        )
     return s
 
 
