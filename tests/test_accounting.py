@@ -9,6 +9,7 @@ from scipy.optimize import brentq
 from scipy.stats import norm
 
 from lazydp import accounting as acc
+from lazydp._validate import check_noise_multiplier
 from lazydp.accounting import (
     MechanismCount,
     calibrate_noise_multiplier,
@@ -160,15 +161,25 @@ def test_calibration_rejects_impossible_targets(kwargs, names):
 
 
 @pytest.mark.parametrize(
-    "n,expected", [(100_000, 1e-5), (80_000, 1e-5), (100_001, 1e-6), (60_000, 1e-5), (10, 0.1)]
+    "n,expected", [(100_000, 1e-6), (80_000, 1e-5), (100_001, 1e-6), (60_000, 1e-5), (10, 0.01)]
 )
 def test_default_delta(n, expected):
     assert default_delta(n) == expected
 
 
 def test_default_delta_is_the_largest_power_of_ten_below_one_over_n():
-    for n in [2, 9, 11, 99, 101, 999_999, 1_000_000, 1_000_001, 45_840_617]:
+    # Strictly below: delta = 1/N exactly is what the report flags as WEAK DELTA.
+    for n in [2, 9, 10, 11, 99, 101, 1000, 999_999, 1_000_000, 1_000_001, 45_840_617]:
         d = default_delta(n)
-        assert d <= 1 / n < 10 * d
+        assert d < 1 / n <= 10 * d
+        assert d * n < 1
     with pytest.raises(ConfigError, match="n must be"):
         default_delta(0)
+
+
+def test_a_tiny_delta_falls_back_to_rdp_and_a_huge_sigma_is_refused():
+    group = [MechanismCount(0.01, 1.0, 1000)]
+    tiny = compute_epsilon(group, 1e-16)  # PLD's truncated tails said inf
+    assert math.isfinite(tiny) and tiny == compute_epsilon(group, 1e-16, "rdp")
+    with pytest.raises(ConfigError, match=r"\[0, 1e6\]"):
+        check_noise_multiplier(1e200)  # the accountants overflowed with a traceback

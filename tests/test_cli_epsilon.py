@@ -100,3 +100,10 @@ def test_epochs_are_counted_as_the_loaders_run_them(capsys):
         args = ["epsilon", "--sample-rate", "0.03", "--noise-multiplier", "1", "--epochs", "10"]
         assert main([*args, "--delta", "1e-5", "--sampler", sampler, "--json"]) == 0
         assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["steps"] == 330
+
+
+def test_shuffled_epochs_are_shown_as_the_passes_the_accounting_counts(capsys):
+    args = ["epsilon", "--sample-rate", "0.3", "--noise-multiplier", "1", "--epochs", "10"]
+    assert main([*args, "--delta", "1e-5", "--sampler", "shuffle", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (result["steps"], result["epochs"]) == (30, 10)  # showed 9: steps x q

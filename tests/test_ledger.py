@@ -194,3 +194,23 @@ def test_require_existing(tmp_path):
     assert ledger.steps == 5
     ledger.charge(step(5))  # resumed ledgers keep charging
     assert require_existing(path, 5).steps == 6  # more than the checkpoint is fine
+
+
+def test_a_closed_ledger_refuses_an_external_charge_too(tmp_path):
+    ledger = PrivacyLedger(tmp_path / "l.jsonl")
+    ledger.close()
+    with pytest.raises(PrivacyError, match="closed"):
+        ledger.charge_external("vocabulary", epsilon=1.0, delta=1e-6)  # was kept in memory only
+    assert PrivacyLedger(tmp_path / "l.jsonl").external_cost() == (0, 0)
+
+
+def test_a_ledger_whose_last_newline_was_dropped_takes_the_next_line_on_its_own(tmp_path):
+    path = tmp_path / "l.jsonl"
+    ledger = PrivacyLedger(path)
+    ledger.charge(StepEvent(0, 0.01, 1.0, 1.0, "dpsgd_f", "poisson"))
+    ledger.close()
+    path.write_bytes(path.read_bytes().rstrip(b"\n"))  # a hand edit
+    again = PrivacyLedger(path)
+    again.charge(StepEvent(1, 0.01, 1.0, 1.0, "dpsgd_f", "poisson"))
+    again.close()
+    assert PrivacyLedger(path).steps == 2

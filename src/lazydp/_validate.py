@@ -48,11 +48,12 @@ def check_noise_multiplier(x: Any, name: str = "noise_multiplier") -> float:
     >>> check_noise_multiplier(1.1)
     1.1
     """
+    # Above 1e6 the accountants overflow, and no useful model trains under that much noise.
     return _number(
         name,
         x,
-        "a finite number >= 0 (noise std / max_grad_norm)",
-        lambda v: math.isfinite(v) and v >= 0,
+        "a number in [0, 1e6] (noise std / max_grad_norm)",
+        lambda v: math.isfinite(v) and 0 <= v <= 1e6,
         "Typical values are 0.5-2; use lazydp.accounting.calibrate_noise_multiplier to pick one.",
     )
 

@@ -161,7 +161,9 @@ def _epsilon(
     try:
         coarse = _pld_epsilon(event, delta, max(1e-2, span * 1e-4))
         if not math.isfinite(coarse):
-            return coarse
+            # PLD truncates its tails near 1e-15: at a delta that small it answers inf where
+            # RDP still gives a valid (finite) upper bound.
+            return _epsilon(groups, delta, "rdp", as_if_poisson)
         fine = max(1e-4, span * 1e-6, min(1e-2, 1e-4 * coarse))
         return _pld_epsilon(event, delta, fine)
     except (OverflowError, MemoryError, ValueError):
@@ -296,12 +298,13 @@ def steps_for_epochs(epochs: float, per_epoch: int) -> int:
 
 
 def default_delta(n: int) -> float:
-    """1/N rounded down to a power of ten: the customary delta for N examples.
+    """The largest power of ten strictly below 1/N: the customary delta for N examples (a delta
+    of exactly 1/N is the weak guarantee the report warns about).
 
     >>> default_delta(100_000), default_delta(80_000), default_delta(1_000_001)
-    (1e-05, 1e-05, 1e-07)
+    (1e-06, 1e-05, 1e-07)
     """
     n = check_positive_int("n", n)
-    # Exact integer arithmetic: 10**k >= n gives 10**-k <= 1/n (float log10 misrounds 10**k).
-    k = len(str(n - 1))
+    # Exact integer arithmetic: 10**k > n gives 10**-k < 1/n (float log10 misrounds 10**k).
+    k = len(str(n))
     return float(f"1e-{k}")

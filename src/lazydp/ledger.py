@@ -142,6 +142,10 @@ class PrivacyLedger:
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         if os.fstat(self._fd).st_size == 0:
             self._append({"kind": "header", "format": FORMAT, "version": VERSION})
+        elif not self.path.read_bytes().endswith(b"\n"):
+            # A hand edit dropped the last newline: the next line would be glued onto it and
+            # the ledger would no longer load. The loaded last line is complete (it parsed).
+            os.write(self._fd, b"\n")
 
     # -- persistence -------------------------------------------------------------------------
 
@@ -184,6 +188,10 @@ class PrivacyLedger:
 
     def _append(self, record: dict[str, Any]) -> None:
         if self._fd is None:
+            if self.path is not None:  # closed: a charge that is not written is not kept either
+                raise PrivacyError(
+                    f"privacy ledger {self.path} is closed; open it again to charge."
+                )
             return
         data = (json.dumps(record, separators=(",", ":")) + "\n").encode("utf-8")
         # One write call per line: O_APPEND makes it land whole at the end of the file.
@@ -230,8 +238,6 @@ class PrivacyLedger:
         >>> PrivacyLedger().charge(StepEvent(0, 0.01, 1.0, 1.0, "dpsgd_f", "poisson"))
         """
         _check(event)
-        if self.path is not None and self._fd is None:
-            raise PrivacyError(f"privacy ledger {self.path} is closed; open it again to charge.")
         self._append({"kind": "step", **asdict(event)})
         self._record(event)
 

@@ -122,7 +122,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {
         "sample_rate": q,
         "steps": steps,
-        "epochs": steps * q,
+        "epochs": steps / epoch_steps(args.sampler, q),
         "delta": delta,
         "sampler": args.sampler,
     }
