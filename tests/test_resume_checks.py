@@ -169,3 +169,21 @@ def test_a_checkpoint_without_the_shuffle_position_is_refused(tmp_path):
     _, _, _, engine = _shuffled(tmp_path)
     with pytest.raises(PrivacyError, match="no sampler position"):
         engine.load_checkpoint(tmp_path / "old.pt")
+
+
+def test_a_shuffled_epoch_cannot_change_its_noise_half_way(tmp_path):
+    model, opt, dl, engine = _shuffled(tmp_path)
+    _train_on(model, opt, itertools.islice(iter(dl), 3), [])
+    engine.save_checkpoint(tmp_path / "mid.pt")
+    ds = TensorDataset(torch.arange(40.0)[:, None])
+    again = private(
+        "dpsgd_f",
+        torch.nn.Linear(1, 1),
+        data_loader=DataLoader(ds, batch_size=5),
+        sampler="shuffle",
+        noise_multiplier=2.0,
+        ledger_path=tmp_path / "run.jsonl",
+    )[3]
+    with pytest.raises(PrivacyError, match="middle of a shuffled epoch"):
+        again.load_checkpoint(tmp_path / "mid.pt")
+    assert any("SHUFFLE NEIGHBOURS" in c for c in again.privacy_report(1e-5).caveats)

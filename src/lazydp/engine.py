@@ -444,6 +444,29 @@ class PrivacyEngine:
         if self.noise is not None and "noise" in state:
             GaussianNoise._from_state(state["noise"], self.noise.threads)  # validates only
         self._check_sampler_state(state.get("sampler"), path)
+        self._check_shuffle_settings(saved, state.get("sampler"), path)
+
+    def _check_shuffle_settings(
+        self, saved: dict[str, Any], sampler: Any, path: str | os.PathLike[str]
+    ) -> None:
+        """A shuffled epoch is charged as one Gaussian release per setting, which holds only if
+        each setting's steps start at an epoch boundary: refuse changing sigma or q mid-epoch
+        (an example in a batch of both halves would have been released twice)."""
+        assert self.privacy is not None
+        if self.privacy.sampler != "shuffle" or not isinstance(sampler, dict):
+            return
+        changed = any(
+            saved.get(k) != getattr(self.privacy, k) for k in ("noise_multiplier", "sample_rate")
+        )
+        if changed and int(sampler.get("position", 0)) > 0:
+            raise PrivacyError(
+                f"checkpoint {path} stopped in the middle of a shuffled epoch with noise "
+                f"multiplier {saved.get('noise_multiplier')} and sample rate "
+                f"{saved.get('sample_rate')}; this run uses {self.privacy.noise_multiplier} and "
+                f"{self.privacy.sample_rate}. Shuffled epochs are accounted per setting from an "
+                "epoch boundary, so finish the epoch with the settings that started it, then "
+                "change them. Nothing was loaded."
+            )
 
     def _check_sampler_state(self, saved: Any, path: str | os.PathLike[str]) -> None:
         """The loader's epoch position must resume too: a shuffled epoch restarted from its

@@ -98,6 +98,13 @@ def build_report(
         caveats.append(f"NOT PRIVATE: test noise override {override} was active")
     if seeded:
         caveats.append("reproducible run (explicit seed): for research, not for production")
+    if sampler == "shuffle" and mode != "sgd":
+        caveats.append(
+            "SHUFFLE NEIGHBOURS: with fixed-size shuffled batches the figure holds for data sets "
+            "that differ in one example's contribution being zeroed; for neighbours that "
+            "replace one example the sensitivity doubles (lazydp epsilon with half the noise "
+            "multiplier gives that figure)"
+        )
     if unsampled_steps > 0:
         # The accountant assumes each batch was drawn by the engine's sampler; a batch from
         # elsewhere (the original DataLoader, a hand-built tensor) gets no amplification.
