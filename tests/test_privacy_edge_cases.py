@@ -319,3 +319,28 @@ def test_resuming_with_more_processes_than_the_run_started_with_says_so(tmp_path
     )
     with pytest.raises(ConfigError, match="another number of processes"):
         run(cfg, rank=1, world_size=2)  # refused before any process-group call
+
+
+@pytest.mark.parametrize(
+    ("edit", "outcome"),
+    [
+        ({"epsilon": 0.0}, 1.0),  # edited down: the recorded parameters still say 1.0
+        ({"epsilon": "1.0"}, "is not a finite number"),
+        (None, 1.0),  # deleted
+    ],
+)
+def test_an_edited_vocabulary_cost_is_never_charged_low(tmp_path, capsys, edit, outcome):
+    data = _dp_data(tmp_path, "a", 1.0)
+    meta_path = data / "metadata.json"
+    meta = json.loads(meta_path.read_text())
+    meta["privacy_cost"] = None if edit is None else {**meta["privacy_cost"], **edit}
+    meta_path.write_text(json.dumps(meta))
+    run = ["train", "--data", str(data), "--max-steps", "1", "--noise-multiplier", "1"]
+    run += ["--out", str(tmp_path / "r"), "--delta", "1e-4", "--no-progress"]
+    code = main(run)
+    if isinstance(outcome, str):
+        assert code == 1 and outcome in capsys.readouterr().err
+        return
+    assert code == 0
+    ledger = PrivacyLedger(tmp_path / "r" / "ledger.jsonl")
+    assert [c.epsilon for c in ledger.external] == [outcome]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import numbers
 import os
 import time
@@ -316,6 +317,41 @@ def evaluate(model: nn.Module, test: Any, batch_size: int) -> dict[str, float]:
     }
 
 
+def _privacy_cost(meta: dict[str, Any], root: Path) -> dict[str, Any]:
+    """What preprocessing spent, from metadata.json: checked, and never less than its recorded
+    parameters say (a cost edited down would be charged low and handed to training)."""
+    where = root / "metadata.json"
+
+    def amount(x: Any, name: str) -> float:
+        if x is None:
+            return 0.0
+        if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or x < 0:
+            raise DataError(
+                f"{where}: {name} = {x!r} is not a finite number >= 0; the file is damaged. "
+                "Preprocess the data again."
+            )
+        return float(x)
+
+    cost = meta.get("privacy_cost") or {}
+    params: dict[str, Any] = meta.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise DataError(f"{where}: parameters is not an object; the file is damaged.")
+    if not isinstance(cost, dict):
+        raise DataError(f"{where}: privacy_cost is not an object; the file is damaged.")
+    epsilon = amount(cost.get("epsilon"), "privacy_cost.epsilon")
+    delta = amount(cost.get("delta"), "privacy_cost.delta")
+    if params.get("vocabulary") == "dp":
+        spent = amount(params.get("vocab_epsilon"), "parameters.vocab_epsilon")
+        if spent <= 0:
+            raise DataError(
+                f"{where}: a DP vocabulary (parameters.vocabulary = 'dp') with no epsilon "
+                "recorded; its cost cannot be charged. Preprocess the data again."
+            )
+        epsilon = max(epsilon, spent)
+        delta = max(delta, amount(params.get("vocab_delta"), "parameters.vocab_delta"))
+    return {**cost, "epsilon": epsilon, "delta": delta}
+
+
 def _charge_preprocessing(ledger: PrivacyLedger, cost: dict[str, Any], digest: str) -> None:
     """Charge the data's DP vocabulary once per run, named after its metadata.json; refuse a
     resume on other preprocessed data (its vocabulary would never be charged)."""
@@ -407,7 +443,7 @@ def run(
             f"{root}: the test split has 0 rows, so the trained model cannot be evaluated; "
             "preprocess with a test fraction > 0 (e.g. --test-fraction 0.1) or more input rows."
         )
-    privacy_cost = meta.get("privacy_cost") or {}
+    privacy_cost = _privacy_cost(meta, root)
     sigma = cfg.noise_multiplier
     calibrated = sigma is None and cfg.mode != "sgd"
     if sigma is None:
