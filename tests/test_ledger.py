@@ -214,3 +214,23 @@ def test_a_ledger_whose_last_newline_was_dropped_takes_the_next_line_on_its_own(
     again.charge(StepEvent(1, 0.01, 1.0, 1.0, "dpsgd_f", "poisson"))
     again.close()
     assert PrivacyLedger(path).steps == 2
+
+
+@pytest.mark.parametrize(
+    ("line", "match"),
+    [
+        ('{"kind":"external","name":7,"epsilon":1.0,"delta":1e-6}', "name=7"),
+        (None, "ledger version 99"),
+    ],
+)
+def test_lines_lazydp_would_not_write_are_refused_on_load(tmp_path, line, match):
+    path = tmp_path / "l.jsonl"
+    PrivacyLedger(path).close()
+    text = path.read_text()
+    if line is None:
+        text = text.replace('"version":1', '"version":99')
+    else:
+        text += line + "\n"
+    path.write_text(text)
+    with pytest.raises(PrivacyError, match=match):
+        PrivacyLedger(path)

@@ -97,6 +97,8 @@ def _from_record(record: dict[str, Any], where: str) -> StepEvent | ExternalChar
 def _check(item: StepEvent | ExternalCharge) -> None:
     """ConfigError unless ``item`` is a charge lazydp itself would write."""
     if isinstance(item, ExternalCharge):
+        if not isinstance(item.name, str) or not item.name:
+            raise ConfigError(f"name={item.name!r} must be a non-empty string")
         check_epsilon(item.epsilon)
         check_delta(item.delta)
         return
@@ -175,6 +177,11 @@ class PrivacyLedger:
                     raise PrivacyError(
                         f"{where}: not a lazydp privacy ledger (no header). Pass the ledger "
                         "file the run wrote, or a new path to start a new run."
+                    )
+                if record.get("version") != VERSION:
+                    raise PrivacyError(
+                        f"{where}: ledger version {record.get('version')!r}; this lazydp reads "
+                        f"version {VERSION}. Use the lazydp version that wrote it."
                     )
                 continue
             try:
