@@ -336,7 +336,7 @@ def test_an_edited_vocabulary_cost_is_never_charged_low(tmp_path, capsys, edit, 
     meta["privacy_cost"] = None if edit is None else {**meta["privacy_cost"], **edit}
     meta_path.write_text(json.dumps(meta))
     run = ["train", "--data", str(data), "--max-steps", "1", "--noise-multiplier", "1"]
-    run += ["--out", str(tmp_path / "r"), "--delta", "1e-4", "--no-progress"]
+    run += ["--out", str(tmp_path / "r"), "--delta", "1e-4", "--batch-size", "64", "--no-progress"]
     code = main(run)
     if isinstance(outcome, str):
         assert code == 1 and outcome in capsys.readouterr().err
