@@ -109,9 +109,8 @@ class CaptureSet:
         self.root_args: tuple[Any, ...] = ()
         self.root_kwargs: dict[str, Any] = {}
         self.root_record: _Record | None = None
-        self.root_rng: RngState | None = (
-            None  # the RNG before the root forward (dpsgd_r replays it)
-        )
+        # The RNG state before the root forward (dpsgd_r's second pass replays it).
+        self.root_rng: RngState | None = None
         self.outside_uses: set[str] = set()  # parameters autograd reached outside their layer
         self.lost: list[int] = []  # backward calls that reached forgotten records (see clear)
         leaves = parameterised_leaves(model)

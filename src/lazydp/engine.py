@@ -356,15 +356,13 @@ class PrivacyEngine:
             state["lazy"] = self.optimizer.lazy_state_dict()
         if self.noise is not None:
             state["noise"] = self.noise.state_dict()
-        if self._dp_sampler() is not None:
-            assert isinstance(self.loader, DPDataLoader)
+        if isinstance(self.loader, DPDataLoader):
             state["sampler"] = self.loader.sampler_state()
         return _atomic_save(state, path)
 
     def _dp_sampler(self) -> Any:
-        """The private loader's batch sampler, when it keeps a position (ours all do)."""
-        sampler = getattr(self.loader, "dp_sampler", None)
-        return sampler if hasattr(sampler, "state_dict") else None
+        """The private loader's batch sampler (it keeps a position), or None before one."""
+        return self.loader.dp_sampler if isinstance(self.loader, DPDataLoader) else None
 
     def load_checkpoint(self, path: str | os.PathLike[str]) -> dict[str, Any]:
         """Restore a checkpoint into the private model; the ledger is never lowered."""

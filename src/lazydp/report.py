@@ -38,11 +38,8 @@ class PrivacyReport:
 
     @property
     def private(self) -> bool:
-        return (
-            self.mode != "sgd"
-            and math.isfinite(self.epsilon)
-            and not any(c.startswith("NOT PRIVATE") for c in self.caveats)
-        )
+        # An unbounded epsilon comes with its own NOT PRIVATE caveat (build_report).
+        return self.mode != "sgd" and not any(c.startswith("NOT PRIVATE") for c in self.caveats)
 
     def to_dict(self) -> dict[str, Any]:
         # JSON has no infinity: a non-private run's unbounded epsilon is written as null

@@ -49,7 +49,7 @@ def labels_of(specs: Sequence[BenchSpec]) -> dict[BenchSpec, str]:
     if twice:
         raise ConfigError(f"the sweep lists the same point more than once: {twice}; list it once")
     names = distinct_names([s.label for s in specs], [s.to_dict() for s in specs])
-    if len(set(names)) < len(names):  # unreachable by construction; never merge two specs
+    if len(set(names)) < len(names):  # values that print alike (1 and "1"): never merge them
         raise ConfigError(f"two different points would be reported as one: {names}")
     return dict(zip(specs, names))
 

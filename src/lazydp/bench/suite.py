@@ -18,6 +18,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import Any
 
 from tqdm import tqdm
@@ -53,9 +54,14 @@ class SuiteResult:
     def by_label(self, label: str) -> dict[str, ModeResult]:
         return {r.mode: r for r in self.results if r.label == label and r.status == "ok"}
 
+    @cached_property
+    def labels(self) -> dict[BenchSpec, str]:
+        """Spec -> the (sweep-unique) label its results and floor are reported under; refuses
+        the same point twice."""
+        return labels_of(self.specs)
+
     def label(self, spec: BenchSpec) -> str:
-        """The (sweep-unique) label ``spec``'s results and floor are reported under."""
-        return labels_of(self.specs)[spec]
+        return self.labels[spec]
 
     def ok(self, spec: BenchSpec) -> dict[str, ModeResult]:
         """Mode -> result of every mode that ran on ``spec``."""
@@ -87,7 +93,7 @@ def run_suite(
     ["sgd", "lazydp"], isolate=False).results[1].mode == "lazydp"``.
     """
     suite = SuiteResult(list(specs), list(modes))
-    labels = labels_of(specs)  # before anything runs: refuses the same point twice
+    labels = suite.labels  # before anything runs: refuses the same point twice
     use_opacus = "opacus" in compare
     if use_opacus and opacus_version() is None:
         suite.notes.append(

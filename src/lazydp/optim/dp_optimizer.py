@@ -235,13 +235,13 @@ class DPOptimizer(OptimizerGroup):
         cap.check_no_outside_use()
         cap.check_no_lost_gradient()
         batch = cap.batch_size()
-        self._check_batch(batch)
+        # An empty Poisson batch has no per-example work; it still gets noise and is charged.
+        calls = {layer.name: layer.calls() if batch else [] for layer in cap.layers}
+        self._check_batch(batch, calls)
         self.steps_with_data += batch > 0
         # A mean-reduced loss scales every output gradient by 1/B. Rather than rescaling them all,
         # fold B into the norms (x B^2) and into the clip factors (x B) -- the same numbers.
         scale = float(batch) if p.loss_reduction == "mean" else 1.0
-        # An empty Poisson batch has no per-example work; it still gets noise and is charged.
-        calls = {layer.name: layer.calls() if batch else [] for layer in cap.layers}
 
         with self.timer.phase("norms"):
             parts: list[Tensor] = []
@@ -300,10 +300,9 @@ class DPOptimizer(OptimizerGroup):
         cap.clear()
         return loss
 
-    def _check_batch(self, batch: int) -> None:
+    def _check_batch(self, batch: int, calls: dict[str, list[Any]]) -> None:
         """InputError unless the recorded forward/backward is one row per loaded example."""
-        layers = self.capture.layers
-        if batch and not any(r.grad_output is not None for layer in layers for r in layer.records):
+        if batch and not any(calls.values()):  # calls are the records a backward reached
             raise InputError(
                 "optimizer.step() after a forward without loss.backward(): there is no gradient "
                 "to clip, and the step would still be charged and add noise. Call "

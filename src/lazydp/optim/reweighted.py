@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from lazydp.capture import CaptureSet, replayed_rng
 from lazydp.clipping._base import ClippedSum, SparseRows
+from lazydp.clipping.registry import clip_factors
 from lazydp.errors import ConfigError
 
 _NOTHING_CHARGED = "Nothing was changed or charged."
@@ -69,7 +70,7 @@ def check_reweighted(
 
 def _rows(c: Tensor, like: Tensor) -> Tensor:
     """c shaped to scale dimension 0 (the examples) of ``like``."""
-    return c.to(like.device, like.dtype).view(-1, *([1] * (like.dim() - 1)))
+    return clip_factors(c, like.shape[0], like).view(-1, *([1] * (like.dim() - 1)))
 
 
 def _check_same_output(first: Tensor | None, second: object) -> None:
@@ -95,8 +96,10 @@ def _agree(grad: Tensor | None, clipped: ClippedSum | None, q: nn.Parameter, c_m
     has to pass every model the method is meant for, in float32 and in bfloat16.
     """
     a, b = _as_tensor(grad, q), _as_tensor(clipped, q)
-    diff = _norm(a, b, subtract=True)
-    size = _norm(a, None) + _norm(b, None)
+    if a is not None and b is not None and a.is_sparse != b.is_sparse:
+        a, b = a.to_dense(), b.to_dense()  # one side is dense already: that memory is there
+    diff = _norm(a - b if a is not None and b is not None else a if a is not None else b)
+    size = _norm(a) + _norm(b)
     rtol = max(1e-2, 20 * torch.finfo(q.dtype).eps) if q.is_floating_point() else 1e-2
     return math.isfinite(diff) and diff <= rtol * size + 1e-3 * c_max
 
@@ -112,12 +115,7 @@ def _as_tensor(s: Tensor | ClippedSum | None, q: nn.Parameter) -> Tensor | None:
     return s
 
 
-def _norm(a: Tensor | None, b: Tensor | None, subtract: bool = False) -> float:
-    x: Tensor | None = a if a is not None else b
-    if subtract and a is not None and b is not None:
-        if a.is_sparse != b.is_sparse:  # one side dense already: that memory is there
-            a, b = a.to_dense(), b.to_dense()
-        x = a - b
+def _norm(x: Tensor | None) -> float:
     if x is None:
         return 0.0
     if x.is_sparse:
