@@ -234,3 +234,78 @@ def test_lines_lazydp_would_not_write_are_refused_on_load(tmp_path, line, match)
     path.write_text(text)
     with pytest.raises(PrivacyError, match=match):
         PrivacyLedger(path)
+
+
+def test_a_second_writer_is_refused_not_under_reported(tmp_path):
+    # Two runs (or two engines) charging one file: each in-memory view misses the other's
+    # charges, so the one that wrote last-but-not-seen must stop before its step is taken.
+    path = tmp_path / "ledger.jsonl"
+    first = PrivacyLedger(path)
+    first.charge(step(0))
+    second = PrivacyLedger(path)  # loads the first's step
+    second.charge(step(1))
+    with pytest.raises(PrivacyError, match="written by someone else"):
+        first.charge(step(2))
+    assert first.steps == 1  # the refused step is not counted
+    second.charge(step(3))  # the up-to-date view goes on
+    assert [x.get("step") for x in lines(path)[1:]] == [0, 1, 3]
+    with pytest.raises(PrivacyError, match="written by someone else"):
+        first.charge_external("vocabulary", 0.1, 1e-9)
+    assert PrivacyLedger(path).steps == 3
+
+
+def test_a_reader_does_not_disturb_the_writer(tmp_path):
+    path = tmp_path / "ledger.jsonl"
+    writer = PrivacyLedger(path)
+    writer.charge(step(0))
+    assert PrivacyLedger(path).steps == 1  # a report reads the ledger mid-run
+    writer.charge(step(1))
+    assert PrivacyLedger(path).steps == 2
+
+
+@pytest.mark.parametrize("how", ["deleted", "replaced"])
+def test_a_deleted_or_replaced_ledger_is_refused(tmp_path, how):
+    # The open descriptor would keep appending to a file nobody can read any more.
+    path = tmp_path / "ledger.jsonl"
+    ledger = PrivacyLedger(path)
+    ledger.charge(step(0))
+    saved = path.read_bytes()
+    path.unlink()
+    if how == "replaced":
+        (tmp_path / "copy").write_bytes(saved)
+        (tmp_path / "copy").rename(path)
+    with pytest.raises(PrivacyError, match="deleted or replaced"):
+        ledger.charge(step(1))
+    assert ledger.steps == 1
+    assert not path.exists() or path.read_bytes() == saved
+
+
+def test_a_charge_waits_for_the_file_lock(tmp_path):
+    fcntl = pytest.importorskip("fcntl")
+    import os
+    import threading
+
+    path = tmp_path / "ledger.jsonl"
+    ledger = PrivacyLedger(path)
+    other = os.open(path, os.O_RDONLY)
+    fcntl.flock(other, fcntl.LOCK_EX)  # another writer mid-charge
+    done = threading.Event()
+    worker = threading.Thread(target=lambda: (ledger.charge(step(0)), done.set()))
+    worker.start()
+    try:
+        assert not done.wait(0.3)  # blocked on the lock, nothing appended
+        assert len(lines(path)) == 1
+    finally:
+        fcntl.flock(other, fcntl.LOCK_UN)
+        os.close(other)
+    worker.join(5)
+    assert done.is_set() and len(lines(path)) == 2
+
+
+def test_external_deltas_may_not_add_up_to_one(tmp_path):
+    ledger = PrivacyLedger(tmp_path / "ledger.jsonl")
+    ledger.charge_external("a", 0.1, 0.6)
+    with pytest.raises(ConfigError, match="guarantees nothing"):
+        ledger.charge_external("b", 0.1, 0.5)
+    assert ledger.external_cost() == (0.1, 0.6)
+    assert len(PrivacyLedger(tmp_path / "ledger.jsonl").external) == 1  # not written either

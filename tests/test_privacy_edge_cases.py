@@ -344,3 +344,18 @@ def test_an_edited_vocabulary_cost_is_never_charged_low(tmp_path, capsys, edit, 
     assert code == 0
     ledger = PrivacyLedger(tmp_path / "r" / "ledger.jsonl")
     assert [c.epsilon for c in ledger.external] == [outcome]
+
+
+def test_the_vocabulary_delta_comes_out_of_the_runs_delta(tmp_path, capsys):
+    # Deltas add (basic composition): training gets --delta minus the vocabulary's, so the
+    # run's whole guarantee is stated at the delta asked for, not above it.
+    data = _dp_data(tmp_path, "a", 1.0)  # vocabulary delta 1e-6
+    run = ["train", "--data", str(data), "--max-steps", "2", "--batch-size", "64"]
+    run += ["--target-epsilon", "8", "--epochs", "1", "--no-progress", "--json"]
+    assert main([*run, "--delta", "1e-4", "--out", str(tmp_path / "r")]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["privacy"]
+    assert report["delta"] <= 1e-4 and report["delta"] == pytest.approx(1e-4)
+    assert report["epsilon"] <= 8.0
+    assert main([*run, "--delta", "1e-6", "--out", str(tmp_path / "s")]) == 1
+    assert "already spent by preprocessing" in capsys.readouterr().err
+    assert not (tmp_path / "s" / "ledger.jsonl").exists()  # refused before any charge

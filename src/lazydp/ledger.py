@@ -14,6 +14,10 @@ Contract (DESIGN.md invariant 6: charged before noise, never lowered by a restar
   ``delta + sum(external deltas)``.
 * One process charges a ledger (rank 0 in a distributed run: a step is one global step, and
   ``rank`` records who charged it); every rank charging one file would count each step W times.
+  A charge holds an exclusive ``flock`` while it checks that the file is still the one this
+  object loaded and last wrote (same inode, same size) and appends; a second writer (two runs
+  with one output directory) or a deleted or replaced file makes the charge fail, before any
+  noise, instead of leaving a ledger that under-reports.
 * The format is JSON only (never pickle): a header line ``{"kind": "header", ...}``, then one
   ``{"kind": "step", ...}`` or ``{"kind": "external", ...}`` object per line.
 
@@ -26,6 +30,8 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -41,6 +47,11 @@ from lazydp._validate import (
 )
 from lazydp.accounting import SAMPLERS, MechanismCount, compute_epsilon, epsilon_report
 from lazydp.errors import ConfigError, PrivacyError
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: the unchanged-file check still runs, without the lock
+    fcntl = None  # type: ignore[assignment]
 
 FORMAT = "lazydp-privacy-ledger"
 VERSION = 1
@@ -113,6 +124,35 @@ def _check(item: StepEvent | ExternalCharge) -> None:
     check_choice("sampler", item.sampler, SAMPLERS)
 
 
+@contextmanager
+def _locked(fd: int) -> Iterator[None]:
+    """An exclusive advisory lock on the ledger file while a charge checks and appends (so two
+    writers cannot both pass the check and append); a no-op where ``fcntl`` is missing."""
+    if fcntl is None:
+        yield
+        return
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+
+
+def _identity(fd: int) -> tuple[int, int]:
+    """(inode, size) of the open file."""
+    st = os.fstat(fd)
+    return st.st_ino, st.st_size
+
+
+def _read_all(fd: int) -> bytes:
+    """The whole file, read through ``fd`` (the file the lock is on, not a path lookup)."""
+    chunks, offset = [], 0
+    while chunk := os.pread(fd, 1 << 20, offset):
+        chunks.append(chunk)
+        offset += len(chunk)
+    return b"".join(chunks)
+
+
 class PrivacyLedger:
     """Append-only record of the privacy spent by one run; in memory when ``path`` is None.
 
@@ -131,6 +171,9 @@ class PrivacyLedger:
         self._counts: Counter[tuple[float, float, str]] = Counter()
         self._external: list[ExternalCharge] = []
         self._fd: int | None = None
+        # The file as this object last saw it (inode, size): a charge checks it is unchanged,
+        # so a second writer or a replaced file is refused instead of under-reported.
+        self._seen: tuple[int, int] | None = None
         if self.path is None:
             return
         if self.path.is_dir():
@@ -138,26 +181,35 @@ class PrivacyLedger:
                 f"privacy ledger path {self.path} is a directory; pass a file path, e.g. "
                 f"{self.path / 'ledger.jsonl'}"
             )
-        if self.path.exists():
-            self._load(self.path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        if os.fstat(self._fd).st_size == 0:
-            self._append({"kind": "header", "format": FORMAT, "version": VERSION})
-        elif not self.path.read_bytes().endswith(b"\n"):
-            # A hand edit dropped the last newline: the next line would be glued onto it and
-            # the ledger would no longer load. The loaded last line is complete (it parsed).
-            os.write(self._fd, b"\n")
+        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            with _locked(fd):
+                data = _read_all(fd)
+                if data:
+                    self._load(self.path, data)
+                self._fd = fd
+                if not data:
+                    self._write({"kind": "header", "format": FORMAT, "version": VERSION})
+                elif not data.endswith(b"\n"):
+                    # A hand edit dropped the last newline: the next line would be glued onto
+                    # it and the ledger would no longer load. The loaded last line parsed.
+                    os.write(fd, b"\n")
+                self._seen = _identity(fd)
+        except BaseException:
+            self._fd = None
+            os.close(fd)
+            raise
 
     # -- persistence -------------------------------------------------------------------------
 
-    def _load(self, path: Path) -> None:
+    def _load(self, path: Path, data: bytes) -> None:
         fix = (
             f"Restore {path} from a backup, or repair that line by hand; deleting a step line "
             "under-reports the privacy spent."
         )
         try:
-            lines = path.read_bytes().decode("utf-8").split("\n")
+            lines = data.decode("utf-8").split("\n")
         except UnicodeDecodeError as exc:
             raise PrivacyError(
                 f"privacy ledger {path} is not UTF-8 text (byte {exc.start}); it is damaged. {fix}"
@@ -200,6 +252,34 @@ class PrivacyLedger:
                     f"privacy ledger {self.path} is closed; open it again to charge."
                 )
             return
+        with _locked(self._fd):
+            self._check_unchanged()
+            self._write(record)
+            self._seen = _identity(self._fd)
+
+    def _check_unchanged(self) -> None:
+        """PrivacyError if the file is not the one this object loaded and last wrote."""
+        assert self._fd is not None and self.path is not None
+        try:
+            replaced = os.stat(self.path).st_ino != os.fstat(self._fd).st_ino
+        except FileNotFoundError:
+            replaced = True
+        if replaced:
+            raise PrivacyError(
+                f"privacy ledger {self.path} was deleted or replaced while this run was charging "
+                "it; the step was not taken. Put the run's ledger back (a backup of the run "
+                "directory) and resume: a new ledger would restart the spent budget at 0."
+            )
+        if _identity(self._fd) != self._seen:
+            raise PrivacyError(
+                f"privacy ledger {self.path} was written by someone else since this run last "
+                "charged it (two runs or engines sharing one ledger?); the step was not taken. "
+                "Give each run its own output directory, or resume the run so that it loads "
+                "every charge on record."
+            )
+
+    def _write(self, record: dict[str, Any]) -> None:
+        assert self._fd is not None
         data = (json.dumps(record, separators=(",", ":")) + "\n").encode("utf-8")
         # One write call per line: O_APPEND makes it land whole at the end of the file.
         try:
@@ -257,6 +337,12 @@ class PrivacyLedger:
         0.5
         """
         charge = ExternalCharge(str(name), check_epsilon(epsilon), check_delta(delta))
+        if self.external_cost()[1] + charge.delta >= 1:
+            raise ConfigError(
+                f"external charge {name!r}: its delta {charge.delta:g} would bring the one-off "
+                f"deltas to {self.external_cost()[1] + charge.delta:g} >= 1, which guarantees "
+                "nothing. Each release's delta should be well below 1/N."
+            )
         self._append({"kind": "external", **asdict(charge)})
         self._external.append(charge)
 

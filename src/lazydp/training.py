@@ -376,6 +376,22 @@ def _charge_preprocessing(ledger: PrivacyLedger, cost: dict[str, Any], digest: s
         )
 
 
+def _training_delta(delta: float, privacy_cost: dict[str, Any]) -> float:
+    """The delta left for training once preprocessing's is paid: deltas add (basic
+    composition), so the run's whole guarantee holds at the delta the user asked for."""
+    spent = float(privacy_cost.get("delta") or 0.0)
+    if spent and delta - spent <= 0:
+        raise ConfigError(
+            f"delta {delta:g} is already spent by preprocessing (delta {spent:g}); the run's "
+            "guarantee would hold only at a larger delta. Raise --delta or preprocess with a "
+            "smaller --vocab-delta."
+        )
+    left = delta - spent
+    while left + spent > delta:  # rounding must not push the sum past what was asked for
+        left = math.nextafter(left, 0.0)
+    return left
+
+
 def _training_target(target: float, privacy_cost: dict[str, Any]) -> float:
     """The epsilon left for training once preprocessing's (basic composition) is paid."""
     spent = float(privacy_cost.get("epsilon") or 0.0)
@@ -444,6 +460,7 @@ def run(
             "preprocess with a test fraction > 0 (e.g. --test-fraction 0.1) or more input rows."
         )
     privacy_cost = _privacy_cost(meta, root)
+    delta = _training_delta(delta, privacy_cost)
     sigma = cfg.noise_multiplier
     calibrated = sigma is None and cfg.mode != "sgd"
     if sigma is None:

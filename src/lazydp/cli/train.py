@@ -46,7 +46,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dense-optimizer", choices=["adam", "sgd"], help="optimizer of the MLPs")
     p.add_argument("--noise-multiplier", type=float)
     p.add_argument("--target-epsilon", type=float, help="calibrate the noise to this epsilon")
-    p.add_argument("--delta", type=float, help="default: 1/N rounded down to a power of ten")
+    p.add_argument(
+        "--delta",
+        type=float,
+        help="the run's whole delta, a DP vocabulary's included (default: 1/N rounded down to "
+        "a power of ten)",
+    )
     p.add_argument(
         "--max-grad-norm",
         type=float,
