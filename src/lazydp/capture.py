@@ -15,7 +15,7 @@ unchanged in type, state_dict keys and parameters; ``CaptureSet.remove()`` resto
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -326,24 +326,33 @@ class CaptureSet:
         self._handles.clear()
 
 
-RngState = tuple[Tensor, list[Tensor]]
+# torch's generator states and the autocast settings of each device type (see rng_state).
+RngState = tuple[Tensor, list[Tensor], tuple[tuple[str, bool, torch.dtype], ...]]
+_AUTOCAST_DEVICES = ("cpu", "cuda")
 
 
 def rng_state() -> RngState:
-    """torch's CPU generator state and, once CUDA is in use, every device's."""
+    """torch's CPU generator state, once CUDA is in use every device's, and the autocast
+    settings (mixed precision) the forward ran under."""
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []
-    return torch.get_rng_state(), cuda
+    autocast = tuple(
+        (d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in _AUTOCAST_DEVICES
+    )
+    return torch.get_rng_state(), cuda, autocast
 
 
 @contextmanager
 def replayed_rng(state: RngState) -> Iterator[None]:
     """Run a block with the RNG as it was at ``state`` (dropout masks, random augmentations draw
-    again what they drew then), and give the caller's RNG back untouched afterwards."""
-    cpu, cuda = state
-    with torch.random.fork_rng(devices=range(len(cuda))):
+    again what they drew then) and under the same autocast settings (a forward replayed in full
+    precision would give another output), and give the caller's RNG back untouched afterwards."""
+    cpu, cuda, autocast = state
+    with torch.random.fork_rng(devices=range(len(cuda))), ExitStack() as stack:
         torch.set_rng_state(cpu)
         if cuda:
             torch.cuda.set_rng_state_all(cuda)
+        for device, enabled, dtype in autocast:
+            stack.enter_context(torch.autocast(device, dtype=dtype, enabled=enabled))
         yield
 
 

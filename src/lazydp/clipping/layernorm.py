@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lazydp.clipping._base import Call, PerSample
+from lazydp.clipping._base import Call, PerSample, widened
 from lazydp.clipping.materialised import MaterialisedClipper
 from lazydp.clipping.registry import batch_size, call_arg, register_clipper
 from lazydp.errors import InputError
@@ -38,7 +38,8 @@ class LayerNormClipper(MaterialisedClipper):
                     f"LayerNorm input has shape {tuple(x.shape)}; per-example clipping needs a batch "
                     f"dimension in front of normalized_shape {shape}"
                 )
-            g = call.grad_output.detach().reshape(batch, -1, *shape)
+            param = module.weight if module.weight is not None else module.bias
+            g = widened(call.grad_output.detach().reshape(batch, -1, *shape), param)
             if want_weight:
                 x_hat = F.layer_norm(x.detach().to(g.dtype), shape, None, None, module.eps)
                 part = (g * x_hat.reshape(batch, -1, *shape)).sum(1)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from lazydp.clipping._base import Call, ClippedSum, LayerClipper, PerSample, sq_norms
+from lazydp.clipping._base import Call, ClippedSum, LayerClipper, PerSample, sq_norms, widened
 from lazydp.clipping.registry import batch_size, call_arg, clip_factors, register_clipper
 from lazydp.errors import InputError
 
@@ -38,8 +38,9 @@ def _sequences(module: nn.Linear, calls: list[Call]) -> tuple[Tensor, Tensor]:
                 f"Linear input has shape {shape}; per-example clipping needs a batch dimension: "
                 "(B, in_features) or (B, ..., in_features)"
             )
-        acts.append(a.detach().reshape(batch, -1, module.in_features))
-        grads.append(call.grad_output.detach().reshape(batch, -1, module.out_features))
+        acts.append(widened(a.detach().reshape(batch, -1, module.in_features), module.weight))
+        grad = call.grad_output.detach().reshape(batch, -1, module.out_features)
+        grads.append(widened(grad, module.weight))  # autocast: see widened()
     if len(calls) == 1:
         return acts[0], grads[0]
     return torch.cat(acts, 1), torch.cat(grads, 1)

@@ -50,8 +50,10 @@ def check_reweighted(
             out = cap.model(*cap.root_args, **cap.root_kwargs)
             _check_same_output(root.out, out)
             torch.autograd.backward(out, g)
+        # Under autocast the second pass computes in bfloat16/float16: compare to its rounding.
+        low = [dtype for _, enabled, dtype in cap.root_rng[2] if enabled]
         for q in params:
-            if not _agree(q.grad, sums.get(q), q, max_grad_norm):
+            if not _agree(q.grad, sums.get(q), q, max_grad_norm, low):
                 raise ConfigError(
                     "mode='dpsgd_r': the reweighted second pass did not reproduce the clipped "
                     "per-example sum. The loss must depend on the parameters only through the "
@@ -89,8 +91,15 @@ def _check_same_output(first: Tensor | None, second: object) -> None:
         )
 
 
-def _agree(grad: Tensor | None, clipped: ClippedSum | None, q: nn.Parameter, c_max: float) -> bool:
-    """Whether the second pass's gradient equals the per-example sum up to rounding.
+def _agree(
+    grad: Tensor | None,
+    clipped: ClippedSum | None,
+    q: nn.Parameter,
+    c_max: float,
+    compute_dtypes: list[torch.dtype] = [],  # noqa: B006 (read only)
+) -> bool:
+    """Whether the second pass's gradient equals the per-example sum up to rounding (of q's
+    dtype, or of the autocast ``compute_dtypes`` the forward ran in).
 
     Privacy does not rest on this tolerance (the per-example sum is what is released); it only
     has to pass every model the method is meant for, in float32 and in bfloat16.
@@ -100,7 +109,8 @@ def _agree(grad: Tensor | None, clipped: ClippedSum | None, q: nn.Parameter, c_m
         a, b = a.to_dense(), b.to_dense()  # one side is dense already: that memory is there
     diff = _norm(a - b if a is not None and b is not None else a if a is not None else b)
     size = _norm(a) + _norm(b)
-    rtol = max(1e-2, 20 * torch.finfo(q.dtype).eps) if q.is_floating_point() else 1e-2
+    dtypes = [q.dtype, *compute_dtypes] if q.is_floating_point() else compute_dtypes
+    rtol = max([1e-2] + [20 * torch.finfo(d).eps for d in dtypes])
     return math.isfinite(diff) and diff <= rtol * size + 1e-3 * c_max
 
 
