@@ -309,3 +309,21 @@ def test_external_deltas_may_not_add_up_to_one(tmp_path):
         ledger.charge_external("b", 0.1, 0.5)
     assert ledger.external_cost() == (0.1, 0.6)
     assert len(PrivacyLedger(tmp_path / "ledger.jsonl").external) == 1  # not written either
+
+
+def test_a_file_system_without_locks_still_charges(tmp_path, monkeypatch):
+    fcntl = pytest.importorskip("fcntl")
+    import errno
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    path = tmp_path / "ledger.jsonl"
+    ledger = PrivacyLedger(path)
+    ledger.charge(step(0))
+    other = PrivacyLedger(path)
+    other.charge(step(1))
+    with pytest.raises(PrivacyError, match="written by someone else"):
+        ledger.charge(step(2))  # the unchanged-file check runs without the lock
+    assert PrivacyLedger(path).steps == 2

@@ -27,6 +27,7 @@ also waits for the disk (typically 0.1-10 ms), which survives power loss, not ju
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from collections import Counter
@@ -127,11 +128,18 @@ def _check(item: StepEvent | ExternalCharge) -> None:
 @contextmanager
 def _locked(fd: int) -> Iterator[None]:
     """An exclusive advisory lock on the ledger file while a charge checks and appends (so two
-    writers cannot both pass the check and append); a no-op where ``fcntl`` is missing."""
+    writers cannot both pass the check and append); a no-op where ``fcntl`` is missing or the
+    file system has no locks (some network mounts: ENOLCK), where the check runs unlocked."""
     if fcntl is None:
         yield
         return
-    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+        yield
+        return
     try:
         yield
     finally:
