@@ -130,20 +130,19 @@ def _locked(fd: int) -> Iterator[None]:
     """An exclusive advisory lock on the ledger file while a charge checks and appends (so two
     writers cannot both pass the check and append); a no-op where ``fcntl`` is missing or the
     file system has no locks (some network mounts: ENOLCK), where the check runs unlocked."""
-    if fcntl is None:
-        yield
-        return
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-    except OSError as exc:
-        if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
-            raise
-        yield
-        return
+    locked = fcntl is not None
+    if fcntl is not None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            locked = False
     try:
         yield
     finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
+        if locked:
+            fcntl.flock(fd, fcntl.LOCK_UN)
 
 
 def _identity(fd: int) -> tuple[int, int]:
@@ -267,9 +266,9 @@ class PrivacyLedger:
 
     def _check_unchanged(self) -> None:
         """PrivacyError if the file is not the one this object loaded and last wrote."""
-        assert self._fd is not None and self.path is not None
-        try:
-            replaced = os.stat(self.path).st_ino != os.fstat(self._fd).st_ino
+        assert self._fd is not None and self.path is not None and self._seen is not None
+        try:  # the descriptor keeps the inode it was opened on: compare the path's with it
+            replaced = os.stat(self.path).st_ino != self._seen[0]
         except FileNotFoundError:
             replaced = True
         if replaced:
@@ -345,11 +344,12 @@ class PrivacyLedger:
         0.5
         """
         charge = ExternalCharge(str(name), check_epsilon(epsilon), check_delta(delta))
-        if self.external_cost()[1] + charge.delta >= 1:
+        deltas = self.external_cost()[1] + charge.delta
+        if deltas >= 1:
             raise ConfigError(
                 f"external charge {name!r}: its delta {charge.delta:g} would bring the one-off "
-                f"deltas to {self.external_cost()[1] + charge.delta:g} >= 1, which guarantees "
-                "nothing. Each release's delta should be well below 1/N."
+                f"deltas to {deltas:g} >= 1, which guarantees nothing. Each release's delta "
+                "should be well below 1/N."
             )
         self._append({"kind": "external", **asdict(charge)})
         self._external.append(charge)

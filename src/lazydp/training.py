@@ -376,31 +376,21 @@ def _charge_preprocessing(ledger: PrivacyLedger, cost: dict[str, Any], digest: s
         )
 
 
-def _training_delta(delta: float, privacy_cost: dict[str, Any]) -> float:
-    """The delta left for training once preprocessing's is paid: deltas add (basic
-    composition), so the run's whole guarantee holds at the delta the user asked for."""
-    spent = float(privacy_cost.get("delta") or 0.0)
-    if spent and delta - spent <= 0:
+def _left_for_training(asked: float, privacy_cost: dict[str, Any], kind: str, flag: str) -> float:
+    """The ``kind`` ("epsilon" or "delta") left for training once preprocessing's is paid. Both
+    add up under basic composition, so the run's whole guarantee holds at what was asked for
+    (rounded down where float subtraction would let the sum exceed it)."""
+    spent = float(privacy_cost.get(kind) or 0.0)
+    if spent and asked - spent <= 0:
         raise ConfigError(
-            f"delta {delta:g} is already spent by preprocessing (delta {spent:g}); the run's "
-            "guarantee would hold only at a larger delta. Raise --delta or preprocess with a "
-            "smaller --vocab-delta."
+            f"{kind} {asked:g} is already spent by preprocessing ({kind} {spent:g}); the run's "
+            f"guarantee would not fit in it. Raise {flag} or preprocess with a smaller "
+            f"--vocab-{kind}."
         )
-    left = delta - spent
-    while left + spent > delta:  # rounding must not push the sum past what was asked for
+    left = asked - spent
+    while left + spent > asked:
         left = math.nextafter(left, 0.0)
     return left
-
-
-def _training_target(target: float, privacy_cost: dict[str, Any]) -> float:
-    """The epsilon left for training once preprocessing's (basic composition) is paid."""
-    spent = float(privacy_cost.get("epsilon") or 0.0)
-    if spent and target - spent <= 0:
-        raise ConfigError(
-            f"target epsilon {target} is already spent by preprocessing (epsilon {spent}); "
-            "raise --target-epsilon or preprocess with a smaller budget."
-        )
-    return target - spent
 
 
 def _check_out(out: Path) -> None:
@@ -460,7 +450,7 @@ def run(
             "preprocess with a test fraction > 0 (e.g. --test-fraction 0.1) or more input rows."
         )
     privacy_cost = _privacy_cost(meta, root)
-    delta = _training_delta(delta, privacy_cost)
+    delta = _left_for_training(delta, privacy_cost, "delta", "--delta")
     sigma = cfg.noise_multiplier
     calibrated = sigma is None and cfg.mode != "sgd"
     if sigma is None:
@@ -468,7 +458,9 @@ def run(
             0.0
             if cfg.mode == "sgd"
             else calibrate_noise_multiplier(
-                _training_target(float(cfg.target_epsilon or 0), privacy_cost),
+                _left_for_training(
+                    float(cfg.target_epsilon or 0), privacy_cost, "epsilon", "--target-epsilon"
+                ),
                 delta,
                 q,
                 total_steps,

@@ -20,6 +20,7 @@ first forward left them. Python attributes a forward changes cannot be: it runs 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -96,7 +97,7 @@ def _agree(
     clipped: ClippedSum | None,
     q: nn.Parameter,
     c_max: float,
-    compute_dtypes: list[torch.dtype] = [],  # noqa: B006 (read only)
+    compute_dtypes: Sequence[torch.dtype] = (),
 ) -> bool:
     """Whether the second pass's gradient equals the per-example sum up to rounding (of q's
     dtype, or of the autocast ``compute_dtypes`` the forward ran in).
@@ -109,7 +110,7 @@ def _agree(
         a, b = a.to_dense(), b.to_dense()  # one side is dense already: that memory is there
     diff = _norm(a - b if a is not None and b is not None else a if a is not None else b)
     size = _norm(a) + _norm(b)
-    dtypes = [q.dtype, *compute_dtypes] if q.is_floating_point() else compute_dtypes
+    dtypes = [q.dtype, *compute_dtypes] if q.is_floating_point() else list(compute_dtypes)
     rtol = max([1e-2] + [20 * torch.finfo(d).eps for d in dtypes])
     return math.isfinite(diff) and diff <= rtol * size + 1e-3 * c_max
 
