@@ -63,8 +63,6 @@ if TYPE_CHECKING:
 
 __all__ = ["CHUNK_NUMEL", "GaussianNoise", "active_override"]
 
-#: add_normal_each_ packs float32 tensors below this size into shared chunks (_add_packed).
-_PACK_NUMEL = 1 << 16
 _CUDA_CHUNK_NUMEL = 1 << 24  # GPU: one generator per call; chunks only bound add_'s scratch
 _STATE_FORMAT = "lazydp.noise/1"
 _DOMAIN = b"lazydp.noise/1\x00"
@@ -298,48 +296,6 @@ class GaussianNoise:
                 self._next_call()
                 return out.add_(_override_value * std)
             return self._draw(out, std, add=True)
-
-    def add_normal_each_(self, tensors: list[Tensor], std: float) -> None:
-        """``add_normal_(t, std)`` for every tensor in one call: their chunks share the thread
-        pool. DP-SGD's dense layers are each below one chunk; drawn one by one, each would run
-        on one thread only. CUDA or non-contiguous tensors are drawn one call each.
-
-        >>> a, b = torch.zeros(3), torch.zeros(2, 2)
-        >>> GaussianNoise(seed=1).add_normal_each_([a, b], std=0.5)
-        >>> bool((a != 0).all() and (b != 0).all())
-        True
-        """
-        tensors, std = [_check_out(t) for t in tensors], _check_std(std)
-        flat = [t for t in tensors if t.device.type == "cpu" and t.is_contiguous()]
-        others = [t for t in tensors if not (t.device.type == "cpu" and t.is_contiguous())]
-        if flat:
-            call = self._next_call()
-            with torch.no_grad():
-                if _override_value is not None:
-                    for t in flat:
-                        t.add_(_override_value * std)
-                else:
-                    self._add_packed(flat, std, call)
-        for t in others:
-            self.add_normal_(t, std)
-
-    def _add_packed(self, flat: list[Tensor], std: float, call: int) -> None:
-        """Noise for CPU contiguous tensors in one call. Small float32 tensors (biases, small
-        layers) share chunks through one packed buffer: each chunk pays its own seeding and
-        set-up (~0.1 ms), so 12 tensors of an 80k-parameter MLP took 1.4 ms as 12 chunks and
-        0.3 ms packed. Large tensors get noise added in place, chunk by chunk, as before."""
-        small: list[Tensor] = []
-        large: list[Tensor] = []
-        for t in flat:
-            (small if t.dtype == torch.float32 and t.numel() < _PACK_NUMEL else large).append(t)
-        if len(small) < 2:
-            small, large = [], flat
-        views = [t.view(-1) for t in large]
-        packed = torch.zeros(sum(t.numel() for t in small)) if small else None
-        self._fill_cpu(views if packed is None else [*views, packed], std, add=True, call=call)
-        if packed is not None:
-            for t, part in zip(small, packed.split([t.numel() for t in small])):
-                t.add_(part.view_as(t))
 
     def aggregated(
         self,

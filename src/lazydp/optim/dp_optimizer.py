@@ -357,12 +357,13 @@ class DPOptimizer(OptimizerGroup):
                     continue
                 if q in self.lazy:
                     q.grad = None
-                    with self.timer.phase("param_update"):
-                        s = sums.get(q)
-                        if isinstance(s, SparseRows):
-                            # Reuses the catch-up's sort and written rows where it can.
-                            self.lazy[q].update(s, -lr / p.expected_batch_size)
-                        elif s is not None:
+                    s = sums.get(q)
+                    if isinstance(s, SparseRows):
+                        # Reuses the catch-up's sort and written rows where it can (it times
+                        # its coalesce and its row update apart).
+                        self.lazy[q].update(s, -lr / p.expected_batch_size)
+                    elif s is not None:
+                        with self.timer.phase("param_update"):
                             self.lazy[q].settle()  # a deferred block first, or it overwrites s
                             q.add_(s, alpha=-lr / p.expected_batch_size)
                 elif q in self.tables and is_plain_sgd(opt, group):

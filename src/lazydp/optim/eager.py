@@ -14,7 +14,7 @@ from torch import Tensor
 from lazydp._timing import PhaseTimer
 from lazydp.clipping._base import ClippedSum, SparseRows
 from lazydp.noise import GaussianNoise
-from lazydp.optim.rows import add_rows_
+from lazydp.optim.rows import add_rows_, sorts_rows
 
 
 @torch.no_grad()
@@ -26,20 +26,44 @@ def noisy_dense_grads(
     timer: PhaseTimer,
 ) -> list[Tensor]:
     """(sum_i c_i g_i + N(0, noise_std^2)) / B_expected as a dense gradient for each
-    (clipped sum, parameter) pair; all the noise in one generator call (all threads)."""
-    grads = []
-    with timer.phase("coalesce"):
-        for s, like in clipped:
-            if s is None:
-                grads.append(torch.zeros_like(like))
-            elif isinstance(s, SparseRows):
-                grads.append(s.to_dense())
+    (clipped sum, parameter) pair.
+
+    The gradients are views into one flat buffer per (dtype, device): the buffer's noise is one
+    generator call (its chunks spread over all threads) and the sums are merged with two
+    multi-tensor ops. Cloning each sum, adding noise through a packed buffer and dividing tensor by
+    tensor took 3x as long for the 12 tensors of rmc1's 80k-parameter MLPs (1.2-1.7 against
+    0.4-0.5 ms here). A row-sparse sum is added into its view by row: no second table-sized
+    tensor.
+    """
+    grads: list[Tensor | None] = [None] * len(clipped)
+    kinds: dict[tuple[torch.dtype, torch.device], list[int]] = {}
+    for i, (_, like) in enumerate(clipped):
+        kinds.setdefault((like.dtype, like.device), []).append(i)
+    for (dtype, device), index in kinds.items():
+        likes = [clipped[i][1] for i in index]
+        flat = torch.empty(sum(q.numel() for q in likes), dtype=dtype, device=device)
+        with timer.phase("noise"):
+            if noise_std > 0:
+                noise.normal_(flat, noise_std)
             else:
-                grads.append(s.detach().clone())
-    with timer.phase("noise"):
-        if noise_std > 0:
-            noise.add_normal_each_(grads, noise_std)
-    return [g.div_(expected_batch_size) for g in grads]
+                flat.zero_()
+        views = [v.view_as(q) for v, q in zip(flat.split([q.numel() for q in likes]), likes)]
+        with timer.phase("merge"):
+            dense: list[tuple[Tensor, Tensor]] = []
+            for view, i in zip(views, index):
+                s = clipped[i][0]
+                if isinstance(s, SparseRows):
+                    view.index_add_(0, s.indices, s.values.to(dtype))
+                elif s is not None:
+                    dense.append((view, s.detach().to(dtype)))
+            if dense:
+                torch._foreach_add_([v for v, _ in dense], [s for _, s in dense])
+            torch._foreach_div_(views, expected_batch_size)
+        for i, view in zip(index, views):
+            grads[i] = view
+    out = [g for g in grads if g is not None]
+    assert len(out) == len(clipped)  # every pair got its view
+    return out
 
 
 @torch.no_grad()
@@ -66,8 +90,17 @@ def eager_table_sgd(
                 weight[padding_idx] = saved
     if clipped is None:
         return
+    if isinstance(clipped, SparseRows) and sorts_rows(weight):
+        with timer.phase("coalesce"):  # duplicated rows summed (the paper's own row)
+            clipped = clipped.coalesce()
     with timer.phase("param_update"):
         if isinstance(clipped, SparseRows):
-            add_rows_(weight, clipped.indices, clipped.values, -lr / expected_batch_size)
+            add_rows_(
+                weight,
+                clipped.indices,
+                clipped.values,
+                -lr / expected_batch_size,
+                clipped.coalesced,
+            )
         else:
             weight.add_(clipped, alpha=-lr / expected_batch_size)

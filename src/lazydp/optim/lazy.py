@@ -217,14 +217,20 @@ class LazyTable:
             and written[2] == self.weight._version
         ):
             rows, block = groups.rows, written[1]
-            block.add_(grad.summed_by(groups).to(self.weight.dtype), alpha=alpha)
-            self.weight.index_copy_(0, rows, block)  # a deferred block lands here, with the sum
+            with self.timer.phase("coalesce"):
+                summed = grad.summed_by(groups).to(self.weight.dtype)
+            with self.timer.phase("param_update"):
+                block.add_(summed, alpha=alpha)
+                self.weight.index_copy_(0, rows, block)  # a deferred block lands here too
             self._written, self._deferred = None, False
             return
-        self.settle()  # a deferred block goes into the table before anything else is added
+        with self.timer.phase("param_update"):
+            self.settle()  # a deferred block goes into the table before anything else is added
         self._written = None
-        grad = self.coalesce(grad)
-        add_rows_(self.weight, grad.indices, grad.values, alpha, grad.coalesced)
+        with self.timer.phase("coalesce"):
+            grad = self.coalesce(grad)
+        with self.timer.phase("param_update"):
+            add_rows_(self.weight, grad.indices, grad.values, alpha, grad.coalesced)
 
     def coalesce(self, grad: SparseRows) -> SparseRows:
         """``grad`` with duplicated rows summed; free of a sort when its ids are the tensor the

@@ -1,0 +1,68 @@
+"""optim.eager.noisy_dense_grads: the noisy gradient of every densely noised parameter.
+
+(sum + N(0, std^2)) / B for each parameter, drawn into one flat buffer per dtype and device.
+The statistical checks use fixed seeds and also reject a wrong sigma (0.8x, 1.25x).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lazydp._timing import PhaseTimer
+from lazydp.clipping._base import SparseRows
+from lazydp.noise import CHUNK_NUMEL, GaussianNoise
+from lazydp.optim.eager import noisy_dense_grads
+from lazydp.testing import constant_noise
+from tests.test_noise import assert_gaussian
+
+B = 64.0
+
+
+def _grads(pairs, std, noise=None, timer=None):  # type: ignore[no-untyped-def]
+    noise = noise or GaussianNoise(seed=3)
+    return noisy_dense_grads(pairs, noise, std, B, timer or PhaseTimer())
+
+
+def test_every_gradient_is_sum_plus_gaussian_over_b() -> None:
+    # Many small tensors (an MLP's biases and weights) and one spanning several chunks.
+    shapes = [(7,), (33, 5), (1,), (256,), (64, 100)] * 20 + [(2 * CHUNK_NUMEL + 3,)]
+    params = [torch.zeros(s) for s in shapes]
+    sums = [torch.full(s, 5.0) for s in shapes]
+    noise = GaussianNoise(seed=21)
+    grads = _grads(list(zip(sums, params)), 1.7, noise)
+    assert noise.calls == 1  # one generator call for all of them
+    assert [g.shape for g in grads] == [p.shape for p in params]
+    flat = torch.cat([(g * B - 5.0).flatten() for g in grads])
+    assert_gaussian(flat, 1.7)
+    heads = [g.flatten()[:5].numpy().tobytes() for g in grads if g.numel() >= 5]
+    assert len(set(heads)) == len(heads)  # no stretch of the draw handed to two parameters
+    for s in sums:  # the clipped sums themselves are left as they were
+        assert bool((s == 5.0).all())
+
+
+def test_missing_sparse_and_zero_noise_sums() -> None:
+    table, bias = torch.zeros(10, 3), torch.zeros(3)
+    rows = SparseRows(torch.tensor([4, 1, 4]), torch.ones(3, 3), num_rows=10)
+    grads = _grads([(rows, table), (None, bias)], 0.0)
+    expected = torch.zeros(10, 3)
+    expected[4], expected[1] = 2.0 / B, 1.0 / B  # duplicated rows add up
+    torch.testing.assert_close(grads[0], expected, rtol=0, atol=0)
+    assert bool((grads[1] == 0).all())  # no clipped sum and no noise: a zero gradient
+
+
+def test_each_gradient_keeps_its_parameters_dtype() -> None:
+    a, b, c = torch.zeros(4, dtype=torch.float64), torch.zeros(3), torch.zeros(2)
+    noise = GaussianNoise(seed=5)
+    grads = _grads([(torch.ones(4), a), (torch.ones(3), b), (None, c)], 1.0, noise)
+    assert [g.dtype for g in grads] == [torch.float64, torch.float32, torch.float32]
+    assert noise.calls == 2  # one buffer (one call) per dtype
+    with constant_noise(2.0):
+        grads = _grads([(torch.ones(4), a), (torch.ones(3), b), (None, c)], 0.5)
+    assert [g.tolist() for g in grads] == [[2.0 / B] * 4, [2.0 / B] * 3, [1.0 / B] * 2]
+
+
+def test_phases_are_timed_as_noise_and_merge() -> None:
+    timer = PhaseTimer()
+    timer.enabled = True
+    _grads([(torch.ones(5), torch.zeros(5))], 1.0, timer=timer)
+    assert set(timer.reset()) == {"noise", "merge"}
