@@ -262,3 +262,60 @@ def test_two_forwards_before_one_backward_are_refused_not_half_dropped():
     model(x1).sum().backward()
     opt.step()
     assert engine.ledger.steps == 1
+
+
+class PaddedModel(nn.Module):
+    def __init__(self, table: nn.Module) -> None:
+        super().__init__()
+        self.table, self.out = table, nn.Linear(3, 1)
+
+    def forward(self, ids):
+        h = self.table(ids)
+        return self.out(h if h.dim() == 2 else h.sum(1)).squeeze(1)
+
+
+@pytest.mark.parametrize("mode", ["dpsgd_b", "dpsgd_f", "dpsgd_r", "lazydp"])
+@pytest.mark.parametrize(
+    "table", ["embedding", "bag", "subclass"], ids=["embedding", "bag", "subclass"]
+)
+def test_the_padding_row_stays_fixed_on_every_noise_path(mode, table):
+    """torch never updates a padding_idx row (its gradient is zero in every example), so its
+    sensitivity is 0 and DP-SGD owes it no noise. Tables on plain SGD kept it fixed; a table on
+    another optimizer (or one the fallback clipper handles) got dense noise there too, and the
+    pad drifted (0.25 in one Adam step here)."""
+    torch.manual_seed(0)
+    make = {
+        "embedding": lambda: nn.Embedding(10, 3, padding_idx=2),
+        "bag": lambda: nn.EmbeddingBag(10, 3, mode="sum", padding_idx=2),
+        "subclass": lambda: ScaledEmbedding(10, 3, padding_idx=2),
+    }[table]
+    model = PaddedModel(make())
+    pad = model.table.weight[2].detach().clone()
+    if mode == "lazydp":  # Adam on the dense layer; the table gets plain SGD (lazy or eager)
+        opt = [
+            torch.optim.Adam(model.out.parameters(), 0.1),
+            torch.optim.SGD(model.table.parameters(), 0.1),
+        ]
+    else:
+        opt = [torch.optim.Adam(model.parameters(), lr=0.1)]
+    ids = torch.randint(0, 10, (64, 4))
+    ids[:, 0] = 2  # every example reads the pad too
+    data = torch.utils.data.TensorDataset(ids, torch.randn(64))
+    engine = PrivacyEngine(seed=0)
+    model, opt, dl = engine.make_private(
+        module=model,
+        optimizer=opt,
+        data_loader=torch.utils.data.DataLoader(data, batch_size=16),
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        mode=mode,
+    )
+    for x, y in dl:
+        opt.zero_grad()
+        ((model(x) - y) ** 2).mean().backward()
+        opt.step()
+    state = model.state_dict()  # flushed: a lazy table's pending noise is applied
+    # A subclass with its own forward goes to the fallback clipper, which cannot rule out a
+    # gradient on the padding row: it keeps its noise (safe), so its pad moves.
+    assert bool((state["table.weight"][2] == pad).all()) == (table != "subclass")
+    assert not bool((state["table.weight"][3] == 0).all())  # the other rows did train

@@ -128,6 +128,16 @@ class DPOptimizer(OptimizerGroup):
             for layer in capture.layers
             if layer.is_table and layer.module.weight.requires_grad
         }
+        # torch never updates a table's padding row: no example's gradient reaches it (the
+        # row-sparse clippers leave it out), so its sensitivity is 0 and no noise is owed there.
+        # Tables on plain SGD skip it in their own pass; a table on another optimizer takes the
+        # dense path, whose gradient row is zeroed below. (A subclass with its own forward is
+        # clipped by the fallback, which cannot rule a gradient there out: it stays noised.)
+        self._padding_row: dict[nn.Parameter, int] = {}
+        for p, layer in self.tables.items():
+            pad = getattr(layer.module, "padding_idx", None)
+            if pad is not None:
+                self._padding_row[p] = int(pad)
         # A fixed stream per table (fork(k) returns the same child for the same k): the same
         # index in the eager and the lazy path, never shared between tables or with dense params.
         self._table_stream = {p: 1 + k for k, p in enumerate(self.tables)}
@@ -379,6 +389,8 @@ class DPOptimizer(OptimizerGroup):
             self.timer,
         )
         for q, grad in zip(dense, grads):
+            if q in self._padding_row:
+                grad[self._padding_row[q]] = 0
             q.grad = grad
         with self.timer.phase("param_update"):
             for o in self.originals:
