@@ -110,7 +110,8 @@ class Lookahead:
         block.index_add_(0, where[: rows.numel()], summed, alpha=-LR)
         # Batch t+1's rows: all noise pending before step t+1 (step t's included).
         at = where[rows.numel() :]
-        s1, s2 = tab.prefix.pending(tab.history.applied.index_select(0, nxt.rows), self.t + 1)
+        # plain SGD: no decay factor
+        s1, s2, _ = tab.prefix.pending(tab.history.applied.index_select(0, nxt.rows), self.t + 1)
         caught = block.index_select(0, at)
         tab.noise.add_aggregated_(caught, s1, s2, tab.noise_std, pool=tab.pool, checked=True)
         block.index_copy_(0, at, caught)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import pytest
 import torch
@@ -25,9 +26,11 @@ def build(
     ledger_path=None,
     padding: str = "emb",
     model: Toy | None = None,
+    weight_decay: float = 0.0,
 ):
     """``padding``: which tables have a padding_idx (row 0): "emb" (Toy's), "none" or "both".
-    ``model``: a Toy to use instead of a fresh one (e.g. with a layer swapped)."""
+    ``model``: a Toy to use instead of a fresh one (e.g. with a layer swapped).
+    ``weight_decay``: the tables' SGD weight decay."""
     torch.manual_seed(0)
     model = model or Toy()
     if padding == "none":
@@ -35,7 +38,7 @@ def build(
     if padding == "both":
         model.bag.padding_idx = 0
     dense = torch.optim.Adam(dense_params(model), lr=0.01)
-    tables = torch.optim.SGD(table_params(model), lr=0.5)
+    tables = torch.optim.SGD(table_params(model), lr=0.5, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(tables, lr_fn)
     engine = PrivacyEngine(seed=seed, ledger_path=ledger_path)
     model, opt, _ = engine.make_private(
@@ -148,11 +151,12 @@ def test_export_without_explicit_flush_is_flushed(tmp_path):
         torch.testing.assert_close(outs["lazydp"][k], outs["dpsgd_f"][k], atol=2e-5, rtol=1e-5)
 
 
-def _untouched_noise(lr_fn, steps: int, seed: int):
-    """Train a 5000-row table whose rows >= 12 are never read; return their total noise."""
+def untouched_rows(lr_fn, steps: int, seed: int, weight_decay: float = 0.0):
+    """Train a 5000-row table whose rows >= 12 are never read (SGD with ``weight_decay``);
+    return those rows at the start and at the end (flushed), in float64."""
     torch.manual_seed(0)
     model = nn.EmbeddingBag(5000, 8, mode="sum")
-    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_fn)
     engine = PrivacyEngine(seed=seed)
     ds = torch.utils.data.TensorDataset(torch.zeros(64, 2, dtype=torch.long))
@@ -172,7 +176,13 @@ def _untouched_noise(lr_fn, steps: int, seed: int):
         opt.step()
         sched.step()
     engine.flush()
-    return (model.weight.detach() - init)[12:].flatten().double()
+    return init[12:].double(), model.weight.detach()[12:].double()
+
+
+def _untouched_noise(lr_fn, steps: int, seed: int):
+    """The total noise on never-read rows (plain SGD)."""
+    init, final = untouched_rows(lr_fn, steps, seed)
+    return (final - init).flatten()
 
 
 @pytest.mark.parametrize("schedule", ["constant", "decaying"])
@@ -197,24 +207,27 @@ def test_training_step_touches_only_read_rows():
     assert table.history.applied.dtype == torch.int32  # compact: 4 bytes per row
 
 
+@pytest.mark.parametrize("weight_decay", [0.0, 0.05])
 @pytest.mark.parametrize("noise", ["constant", "seeded"])
-def test_resume_equals_uninterrupted_run(tmp_path, noise):
+def test_resume_equals_uninterrupted_run(tmp_path, noise, weight_decay):
     # "seeded": real Gaussian noise; equality needs every stream and the catch-up noise pool's
-    # read position restored (noise_pool.py), not just the history table.
+    # read position restored (noise_pool.py), not just the history table. With weight decay the
+    # decay products restore with the sums.
     batches = make_batches(12, seed=4)
+    make = functools.partial(build, weight_decay=weight_decay)
     with constant_noise(0.5) if noise == "constant" else contextlib.nullcontext():
-        model, opt, sched, engine = build("lazydp", ledger_path=tmp_path / "a.jsonl")
+        model, opt, sched, engine = make("lazydp", ledger_path=tmp_path / "a.jsonl")
         for b in batches:
             step(model, opt, sched, b)
         full = snapshot(model)
 
-        model, opt, sched, engine = build("lazydp", ledger_path=tmp_path / "b.jsonl")
+        model, opt, sched, engine = make("lazydp", ledger_path=tmp_path / "b.jsonl")
         for b in batches[:6]:
             step(model, opt, sched, b)
         engine.save_checkpoint(tmp_path / "ck.pt", sched=sched.state_dict()["last_epoch"])
         assert opt.pending_rows() > 0  # the checkpoint holds the un-flushed private state
 
-        model, opt, sched, engine = build("lazydp", ledger_path=tmp_path / "b.jsonl")
+        model, opt, sched, engine = make("lazydp", ledger_path=tmp_path / "b.jsonl")
         extra = engine.load_checkpoint(tmp_path / "ck.pt")
         for _ in range(extra["sched"]):
             sched.step()
@@ -230,7 +243,8 @@ def test_resume_equals_uninterrupted_run(tmp_path, noise):
     "make_opt",
     [
         lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9),
-        lambda ps: torch.optim.SGD(ps, lr=0.1, weight_decay=1e-4),
+        lambda ps: torch.optim.SGD(ps, lr=0.1, weight_decay=1e-4, momentum=0.5),
+        lambda ps: torch.optim.SGD(ps, lr=0.1, maximize=True),
         lambda ps: torch.optim.Adam(ps, lr=0.1),
         lambda ps: torch.optim.Adagrad(ps, lr=0.1),
     ],
@@ -396,16 +410,27 @@ def test_deferred_block_is_settled_before_every_other_read(padding, tmp_path, mo
             torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
 
 
-@pytest.mark.parametrize("bad_lr", [float("nan"), float("inf"), -0.1])
-def test_a_bad_table_learning_rate_is_refused_before_anything_changes(bad_lr):
-    model, opt, sched, engine = build("lazydp")
+@pytest.mark.parametrize(
+    ("key", "bad", "match"),
+    [
+        ("lr", float("nan"), "learning rate"),
+        ("lr", float("inf"), "learning rate"),
+        ("lr", -0.1, "learning rate"),
+        ("weight_decay", float("nan"), "weight_decay"),
+        ("weight_decay", -0.1, "weight_decay"),
+        # lr * wd >= 1 would zero or flip every row each step (lr is ~0.5 here)
+        ("weight_decay", 2.5, "weight_decay"),
+    ],
+)
+def test_a_bad_table_lr_or_decay_is_refused_before_anything_changes(key, bad, match):
+    model, opt, sched, engine = build("lazydp", weight_decay=0.01)
     step(model, opt, sched, make_batches(1)[0])
-    opt.param_groups[-1]["lr"] = bad_lr  # the tables' SGD group
+    opt.param_groups[-1][key] = bad  # the tables' SGD group
     x, bag, emb, y = make_batches(1, seed=3)[0]
     loss_fn(model(x, bag, emb), y).backward()  # (its reads caught rows up: that is not a step)
     before = {k: t.detach().clone() for k, t in model.named_parameters()}
     charged = engine.ledger.steps
-    with pytest.raises(ConfigError, match="learning rate"):
+    with pytest.raises(ConfigError, match=match):
         opt.step()
     assert engine.ledger.steps == charged
     for k, t in model.named_parameters():

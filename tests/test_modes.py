@@ -14,10 +14,12 @@ from tests.toy import Toy, loader, loss_fn, make_batches
 DP_MODES = ["dpsgd_b", "dpsgd_r", "dpsgd_f", "lazydp"]
 
 
-def train(mode: str, batches, *, sigma: float = 1.0, clip: float = 1.0, lr: float = 0.3):
+def train(
+    mode: str, batches, *, sigma: float = 1.0, clip: float = 1.0, lr: float = 0.3, wd: float = 0.0
+):
     torch.manual_seed(0)
     model = Toy()
-    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, weight_decay=wd)
     engine = PrivacyEngine(seed=1)
     model, opt, _ = engine.make_private(
         module=model,
@@ -49,20 +51,21 @@ def test_dp_modes_agree_with_noise_off():
             assert_same(ref, got)
 
 
-def test_dp_modes_agree_with_constant_noise():
+@pytest.mark.parametrize("wd", [0.0, 0.1])
+def test_dp_modes_agree_with_constant_noise(wd):
     batches = make_batches(6)
     with constant_noise(0.7):
-        ref, _ = train("dpsgd_f", batches, clip=0.5)
+        ref, _ = train("dpsgd_f", batches, clip=0.5, wd=wd)
         for mode in ["dpsgd_b", "dpsgd_r", "lazydp"]:
-            got, _ = train(mode, batches, clip=0.5)
+            got, _ = train(mode, batches, clip=0.5, wd=wd)
             assert_same(ref, got)
 
 
-def _sgd_full_batch(batch, steps=3):
+def _sgd_full_batch(batch, steps=3, wd=0.0):
     """Plain SGD on one fixed full batch (B_real == B_expected)."""
     torch.manual_seed(0)
     model = Toy()
-    opt = torch.optim.SGD(model.parameters(), lr=0.3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.3, weight_decay=wd)
     for _ in range(steps):
         opt.zero_grad()
         loss_fn(model(*batch[:3]), batch[3]).backward()
@@ -70,7 +73,9 @@ def _sgd_full_batch(batch, steps=3):
     return {k: t.detach().clone() for k, t in model.state_dict().items()}
 
 
-def test_noise_zero_and_clip_inf_equals_sgd_and_each_knob_differs():
+@pytest.mark.parametrize("wd", [0.0, 0.1])
+def test_noise_zero_and_clip_inf_equals_sgd_and_each_knob_differs(wd):
+    # wd: SGD's weight decay on every parameter (tables: streamed eagerly, or deferred by lazydp).
     # Batch size 8 == expected batch size (loader batch_size), so mean loss matches sum / B_exp.
     g = torch.Generator().manual_seed(3)
     batch = (
@@ -79,12 +84,12 @@ def test_noise_zero_and_clip_inf_equals_sgd_and_each_knob_differs():
         torch.randint(0, 40, (8, 2), generator=g),
         (torch.rand(8, generator=g) < 0.5).float(),
     )
-    ref = _sgd_full_batch(batch)
+    ref = _sgd_full_batch(batch, wd=wd)
     for mode in DP_MODES:
-        got, _ = train(mode, [batch] * 3, sigma=0.0, clip=math.inf)
+        got, _ = train(mode, [batch] * 3, sigma=0.0, clip=math.inf, wd=wd)
         assert_same(ref, got)
-        clipped, _ = train(mode, [batch] * 3, sigma=0.0, clip=0.01)
-        noisy, _ = train(mode, [batch] * 3, sigma=1e-3, clip=1e3)
+        clipped, _ = train(mode, [batch] * 3, sigma=0.0, clip=0.01, wd=wd)
+        noisy, _ = train(mode, [batch] * 3, sigma=1e-3, clip=1e3, wd=wd)
         assert any(not torch.allclose(ref[k], clipped[k]) for k in ref), mode
         assert any(not torch.allclose(ref[k], noisy[k]) for k in ref), mode
 

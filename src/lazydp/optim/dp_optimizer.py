@@ -38,7 +38,7 @@ from lazydp.noise import GaussianNoise
 from lazydp.noise_pool import NoisePool
 from lazydp.optim.eager import eager_table_sgd, noisy_dense_grads
 from lazydp.optim.group import OptimizerGroup
-from lazydp.optim.lazy import LazyTable, LrPrefix, check_table_lr
+from lazydp.optim.lazy import LazyTable, LrPrefix, check_table_lr, update_alpha
 from lazydp.optim.resume import check_lazy_state, check_optimizer_state
 from lazydp.optim.reweighted import check_reweighted
 
@@ -83,14 +83,25 @@ def clip_factors(norms2: Tensor, max_grad_norm: float) -> Tensor:
     return (max_grad_norm / (norms + _NORM_EPS)).clamp(max=1.0)
 
 
+def sgd_weight_decay(optimizer: Optimizer | None, group: dict[str, Any]) -> float | None:
+    """The weight decay of an SGD group without momentum or maximize, else None.
+
+    Such an update is a per-step factor and a sum (``W <- (1 - lr wd) W - lr g``), which
+    LazyDP defers exactly and the eager table pass streams; momentum makes a row's pending
+    update depend on its own history (a velocity per row), adaptive optimizers on the noise.
+    """
+    if (
+        not isinstance(optimizer, torch.optim.SGD)
+        or group.get("momentum", 0)
+        or group.get("maximize", False)
+    ):
+        return None
+    return float(group.get("weight_decay", 0.0))
+
+
 def is_plain_sgd(optimizer: Optimizer, group: dict[str, Any]) -> bool:
-    """SGD without momentum, weight decay or maximize: the update LazyDP can defer exactly."""
-    return (
-        isinstance(optimizer, torch.optim.SGD)
-        and not group.get("momentum", 0)
-        and not group.get("weight_decay", 0)
-        and not group.get("maximize", False)
-    )
+    """SGD without momentum, weight decay or maximize (sharded tables support only this)."""
+    return sgd_weight_decay(optimizer, group) == 0.0
 
 
 class DPOptimizer(OptimizerGroup):
@@ -159,6 +170,11 @@ class DPOptimizer(OptimizerGroup):
         i, j = self._group_index[p]
         return self.originals[i], self.originals[i].param_groups[j]
 
+    def _lr_and_decay(self, p: nn.Parameter) -> tuple[float, float]:
+        """A lazy table's current (lr, weight decay), read from its live group."""
+        opt, group = self._group_of(p)
+        return float(group["lr"]), sgd_weight_decay(opt, group) or 0.0
+
     # ------------------------------------------------------------------ set-up checks
     def _check_optimizers(self) -> None:
         model_params = {p for layer in self.capture.layers for p in layer.params().values()}
@@ -191,15 +207,16 @@ class DPOptimizer(OptimizerGroup):
             return
         for p, layer in self.tables.items():
             opt, group = self._group_of(p)
-            if opt is None or not is_plain_sgd(opt, group):
+            if sgd_weight_decay(opt, group) is None:
                 raise UnsupportedOptimizerError(
                     f"mode='lazydp' defers the noise of table {layer.name!r}, which is exact only "
-                    f"for plain SGD; its optimizer is {type(opt).__name__} with "
-                    f"{ {k: group.get(k) for k in ('momentum', 'weight_decay', 'maximize')} }. "
-                    "Momentum, weight decay and adaptive optimizers make pending noise depend on "
-                    "the path. Put the embedding tables in their own torch.optim.SGD (momentum=0, "
-                    "weight_decay=0) and pass optimizer=[dense_optimizer, table_sgd]; dense "
-                    "layers may keep Adam/Adagrad/momentum."
+                    f"for plain SGD (weight decay allowed); its optimizer is "
+                    f"{type(opt).__name__} with "
+                    f"{ {k: group.get(k) for k in ('momentum', 'maximize')} }. Momentum and "
+                    "adaptive optimizers make pending noise depend on the path. Put the embedding "
+                    "tables in their own torch.optim.SGD (momentum=0; weight_decay may stay) and "
+                    "pass optimizer=[dense_optimizer, table_sgd]; dense layers may keep "
+                    "Adam/Adagrad/momentum."
                 )
 
     def _make_lazy(self) -> None:
@@ -241,7 +258,7 @@ class DPOptimizer(OptimizerGroup):
         p = self.privacy
         cap = self.capture
         for q in self.lazy:  # refused here, before any change, not when the prefix appends it
-            check_table_lr(float(self._group_of(q)[1]["lr"]))
+            check_table_lr(*self._lr_and_decay(q))
         cap.check_no_outside_use()
         cap.check_no_lost_gradient()
         batch = cap.batch_size()
@@ -356,10 +373,11 @@ class DPOptimizer(OptimizerGroup):
     @torch.no_grad()
     def _update(self, sums: dict[nn.Parameter, ClippedSum]) -> None:
         p = self.privacy
-        eager_tables: list[tuple[nn.Parameter, float]] = []
+        eager_tables: list[tuple[nn.Parameter, float, float]] = []
         dense: list[nn.Parameter] = []  # noised together below: one generator call, all threads
         for opt, group in ((o, g) for o in self.originals for g in o.param_groups):
             lr = float(group["lr"])
+            wd = sgd_weight_decay(opt, group)
             for q in group["params"]:
                 if q in self.lazy and self.lazy[q].sync_frozen(self.steps_done):
                     continue  # frozen: no update, and (flushed once) no noise while it sits out
@@ -368,17 +386,21 @@ class DPOptimizer(OptimizerGroup):
                 if q in self.lazy:
                     q.grad = None
                     s = sums.get(q)
+                    alpha = update_alpha(lr, wd or 0.0, p.expected_batch_size)
                     if isinstance(s, SparseRows):
                         # Reuses the catch-up's sort and written rows where it can (it times
                         # its coalesce and its row update apart).
-                        self.lazy[q].update(s, -lr / p.expected_batch_size)
+                        self.lazy[q].update(s, alpha)
                     elif s is not None:
                         with self.timer.phase("param_update"):
-                            self.lazy[q].settle()  # a deferred block first, or it overwrites s
-                            q.add_(s, alpha=-lr / p.expected_batch_size)
-                elif q in self.tables and is_plain_sgd(opt, group):
+                            table = self.lazy[q]
+                            # A deferred block first, or it overwrites s; with decay, every row
+                            # must be at this step for the decay to apply to s from here on.
+                            table.flush(self.steps_done) if wd else table.settle()
+                            q.add_(s, alpha=alpha)
+                elif q in self.tables and wd is not None:
                     q.grad = None  # updated below in one streaming pass, never a dense gradient
-                    eager_tables.append((q, lr))
+                    eager_tables.append((q, lr, wd))
                 else:
                     dense.append(q)
         grads = noisy_dense_grads(
@@ -395,7 +417,7 @@ class DPOptimizer(OptimizerGroup):
         with self.timer.phase("param_update"):
             for o in self.originals:
                 o.step()
-        for q, lr in eager_tables:
+        for q, lr, wd in eager_tables:
             module = self.tables[q].module
             eager_table_sgd(
                 q,
@@ -406,14 +428,27 @@ class DPOptimizer(OptimizerGroup):
                 p.expected_batch_size,
                 getattr(module, "padding_idx", None),
                 self.timer,
+                weight_decay=wd,
             )
         with self.timer.phase("lazy_bookkeeping"):
             seen: set[int] = set()
             for q, table in self.lazy.items():
                 if id(table.prefix) not in seen:
                     seen.add(id(table.prefix))
-                    table.prefix.append(float(self._group_of(q)[1]["lr"]))
+                    table.prefix.append(*self._lr_and_decay(q))
         self.steps_done += 1
+        self._rebase_decayed()
+
+    def _rebase_decayed(self) -> None:
+        """Flush the tables of any prefix whose decay product got tiny, then restart its sums
+        (after ~230 / (lr * wd) steps; LrPrefix): rare, and O(table) when it happens."""
+        for prefix in {id(t.prefix): t.prefix for t in self.lazy.values()}.values():
+            if prefix.needs_rebase():
+                with self.timer.phase("lazy_flush"):
+                    for table in self.lazy.values():
+                        if table.prefix is prefix:
+                            table.flush(self.steps_done)
+                prefix.rebase()
 
     # ------------------------------------------------------------------ lazy
     def flush(self) -> None:

@@ -76,18 +76,27 @@ def eager_table_sgd(
     expected_batch_size: float,
     padding_idx: int | None,
     timer: PhaseTimer,
+    weight_decay: float = 0.0,
 ) -> None:
-    """W <- W - lr/B * sum_i c_i g_i + lr*noise_std/B * z, streamed over the table once.
+    """W <- (1 - lr*wd) W - lr/B * sum_i c_i g_i + lr*noise_std/B * z, streamed over the table.
 
-    z is symmetric, so adding it equals subtracting it in distribution; LazyDP's catch-up adds with
-    the same sign, which keeps the constant-noise equivalence test exact.
+    That is torch's SGD step ``W - lr (g + wd W)`` on the noisy gradient g. z is symmetric, so
+    adding it equals subtracting it in distribution; LazyDP's catch-up adds with the same sign,
+    which keeps the constant-noise equivalence test exact. The padding row keeps its value: its
+    gradient is identically zero, so it owes no noise, and LazyDP never catches it up (so it
+    does not decay there either; nn.Embedding's pad is zero, which decay leaves as it is).
     """
+    saved = None
+    if padding_idx is not None and (noise_std > 0 or weight_decay):
+        saved = weight[padding_idx].clone()
+    if weight_decay:
+        with timer.phase("param_update"):
+            weight.mul_(1.0 - lr * weight_decay)
     if noise_std > 0:
         with timer.phase("noise"):
-            saved = weight[padding_idx].clone() if padding_idx is not None else None
             noise.add_normal_(weight, lr * noise_std / expected_batch_size)
-            if saved is not None:  # the padding row's gradient is identically zero: no noise
-                weight[padding_idx] = saved
+    if saved is not None:
+        weight[padding_idx] = saved
     if clipped is None:
         return
     if isinstance(clipped, SparseRows) and sorts_rows(weight):

@@ -44,63 +44,143 @@ from lazydp.row_groups import RowGroups
 _FLUSH_ROWS = 1 << 16  # rows per chunk in a full flush: bounds the temporary noise buffer
 
 
-def check_table_lr(lr: float) -> None:
-    """ConfigError unless ``lr`` is finite and >= 0: the lr^2 prefix sums must stay exact."""
+def check_table_lr(lr: float, weight_decay: float = 0.0) -> None:
+    """ConfigError unless ``lr`` and ``weight_decay`` are finite and >= 0 with lr * weight_decay
+    < 1: the prefix sums must stay exact, and a decay factor 1 - lr * wd <= 0 would zero or
+    flip every row."""
     if not math.isfinite(lr) or lr < 0:
         raise ConfigError(
             f"learning rate {lr!r} of a LazyDP table's parameter group: it must be finite "
             "and >= 0 (check the LR schedule). No parameter was changed and nothing was charged."
         )
+    if not math.isfinite(weight_decay) or weight_decay < 0 or lr * weight_decay >= 1:
+        raise ConfigError(
+            f"weight_decay {weight_decay!r} with learning rate {lr!r} on a LazyDP table: SGD "
+            "multiplies every row by 1 - lr * weight_decay each step, which must stay in (0, 1] "
+            "(weight_decay finite, >= 0 and below 1 / lr). No parameter was changed and nothing "
+            "was charged."
+        )
+
+
+#: A decay prefix product below this is rebased (after a full flush of its tables) long
+#: before 1 / P^2 in the sums of lr^2 could overflow float64 (~1e308).
+REBASE_BELOW = 1e-100
 
 
 class LrPrefix:
-    """Prefix sums S1[t] = sum_{s<t} lr_s and S2[t] = sum_{s<t} lr_s^2, in float64."""
+    """Prefix sums over steps, in float64, of SGD with weight decay wd_s (0: plain SGD).
+
+    With f_s = 1 - lr_s * wd_s, one step of eager DP-SGD on a row is
+    ``W_{s+1} = f_s W_s + lr_s n_s - lr_s G_s / B`` (n_s the step's noise on the row, G_s its
+    clipped sum, zero when the batch does not read it). With P[t] = prod_{s<t} f_s, a row whose
+    noise and decay are applied up to step a equals, at step t > a and without reads,
+    ``(P[t] / P[a]) W_a + sum_{s=a}^{t-1} lr_s (P[t] / P[s+1]) n_s``: a decay and ONE Gaussian
+    of variance std^2 P[t]^2 (S2[t] - S2[a]) per element, with
+    S2[t] = sum_{s<t} (lr_s / P[s+1])^2. S1[t] = sum_{s<t} lr_s / P[s+1] gives the same sum for
+    a constant per-step noise (the test override). Without decay P is exactly 1, and S1, S2 are
+    the plain sums of lr and lr^2: any LR (and decay) schedule is exact.
+
+    A step's clipped sum enters before that step's decay is applied (the row's history stays at
+    the step), so the update adds ``-lr G / (B f)``: the next catch-up's decay turns it into
+    ``-lr G / B`` (see :func:`update_alpha`).
+    """
 
     def __init__(self) -> None:
         self._s1 = torch.zeros(1024, dtype=torch.float64)
         self._s2 = torch.zeros(1024, dtype=torch.float64)
+        self._p = torch.ones(1024, dtype=torch.float64)
         self.steps = 0
-        self._last_s2 = 0.0  # S2[steps], as a Python float
+        self.base = 0  # the last rebase: no row's history may lie before it
+        self.decays = False  # whether any step had a decay factor below 1
+        self._last = (1.0, 0.0, 0.0)  # (P, S1, S2)[steps], as Python floats
 
-    def append(self, lr: float) -> None:
-        check_table_lr(lr)
+    def append(self, lr: float, weight_decay: float = 0.0) -> None:
+        check_table_lr(lr, weight_decay)
         t = self.steps
         if t + 1 >= self._s1.numel():  # amortised O(1) growth
             self._s1 = torch.cat([self._s1, torch.zeros_like(self._s1)])
             self._s2 = torch.cat([self._s2, torch.zeros_like(self._s2)])
-        self._s1[t + 1] = self._s1[t] + lr
-        self._s2[t + 1] = self._s2[t] + lr * lr
+            self._p = torch.cat([self._p, torch.ones_like(self._p)])
+        p, s1, s2 = self._last
+        f = 1.0 - lr * weight_decay
+        self.decays = self.decays or f != 1.0
+        p *= f
+        r = lr / p  # lr exactly when nothing decays (p == 1.0)
+        self._last = (p, s1 + r, s2 + r * r)
+        self._p[t + 1], self._s1[t + 1], self._s2[t + 1] = self._last
         self.steps = t + 1
-        self._last_s2 = float(self._s2[t + 1])
 
-    def pending(self, applied: Tensor, t: int, sum_lr: bool = True) -> tuple[Tensor | None, Tensor]:
-        """(sum lr, sum lr^2) over the steps [applied, t) for each row; sum lr is None unless
-        asked for (only the constant-noise test override reads it)."""
-        # S2[t] - S2[applied]: rsub is one op (neg_ + add_ was two), and the total is kept as
-        # a Python float for the current step (reading it from the tensor costs a sync).
-        s2 = torch.rsub(self._s2.index_select(0, applied), self._total(self._s2, t))
+    def pending(
+        self, applied: Tensor, t: int, sum_lr: bool = True
+    ) -> tuple[Tensor | None, Tensor, Tensor | None]:
+        """(s1, s2, decay) for each row over the steps [applied, t): the constant-noise sum
+        (None unless asked for: only the test override reads it), the variance factor, and the
+        factor P[t] / P[applied] for the row's value (None when no step ever decayed)."""
+        p_t, s1_t, s2_t = self._at(t)
+        # S2[t] - S2[applied]: rsub is one op (neg_ + add_ was two).
+        s2 = torch.rsub(self._s2.index_select(0, applied), s2_t)
+        decay = None
+        if self.decays:
+            # A true division: a row already at t gets exactly 1.
+            decay = torch.full_like(s2, p_t).div_(self._p.index_select(0, applied))
+            s2.mul_(p_t * p_t)
         if not sum_lr:
-            return None, s2
-        return torch.rsub(self._s1.index_select(0, applied), self._total(self._s1, t)), s2
+            return None, s2, decay
+        s1 = torch.rsub(self._s1.index_select(0, applied), s1_t)
+        return (s1.mul_(p_t) if self.decays else s1), s2, decay
 
-    def _total(self, sums: Tensor, t: int) -> float:
-        if t == self.steps and sums is self._s2:
-            return self._last_s2
-        return float(sums[t])
+    def _at(self, t: int) -> tuple[float, float, float]:
+        if t == self.steps:  # the current step: no tensor read (a read costs a sync)
+            return self._last
+        return float(self._p[t]), float(self._s1[t]), float(self._s2[t])
+
+    def needs_rebase(self) -> bool:
+        return self._last[0] < REBASE_BELOW
+
+    def rebase(self) -> None:
+        """Restart the sums at the current step. Only after every table on this prefix was
+        flushed to it: no row may be behind ``steps`` (their old sums are gone)."""
+        t = self.steps
+        self._last = (1.0, 0.0, 0.0)
+        self._p[t], self._s1[t], self._s2[t] = self._last
+        self.base = t
 
     def state_dict(self) -> dict[str, object]:
-        return {"s1": self._s1[: self.steps + 1].clone(), "s2": self._s2[: self.steps + 1].clone()}
+        n = self.steps + 1
+        return {
+            "s1": self._s1[:n].clone(),
+            "s2": self._s2[:n].clone(),
+            "p": self._p[:n].clone(),
+            "base": self.base,
+        }
 
     def load_state_dict(self, state: dict[str, object]) -> None:
         s1, s2 = state["s1"], state["s2"]
         assert isinstance(s1, Tensor) and isinstance(s2, Tensor)
+        p = state.get("p")  # absent in checkpoints from before weight decay: P was 1
         self.steps = s1.numel() - 1
         cap = max(1024, 2 * (self.steps + 1))
         self._s1 = torch.zeros(cap, dtype=torch.float64)
         self._s2 = torch.zeros(cap, dtype=torch.float64)
-        self._s1[: self.steps + 1] = s1
-        self._s2[: self.steps + 1] = s2
-        self._last_s2 = float(self._s2[self.steps])
+        self._p = torch.ones(cap, dtype=torch.float64)
+        n = self.steps + 1
+        self._s1[:n], self._s2[:n] = s1, s2
+        if isinstance(p, Tensor):
+            self._p[:n] = p
+        base = state.get("base", 0)
+        self.base = base if isinstance(base, int) else 0
+        self.decays = bool((self._p[self.base : n] != 1.0).any())
+        self._last = (
+            float(self._p[self.steps]),
+            float(self._s1[self.steps]),
+            float(self._s2[self.steps]),
+        )
+
+
+def update_alpha(lr: float, weight_decay: float, expected_batch_size: float) -> float:
+    """The factor a lazy table's clipped sum is added with: -lr / (B * f), f = 1 - lr * wd
+    (the row's decay for this step comes at its next catch-up; see :class:`LrPrefix`)."""
+    return -lr / (expected_batch_size * (1.0 - lr * weight_decay))
 
 
 class HistoryTable:
@@ -248,11 +328,13 @@ class LazyTable:
         the caller owns getting them there)."""
         if rows.numel() == 0:
             return None
-        s1, s2 = self.prefix.pending(applied, t, sum_lr=active_override() is not None)
+        s1, s2, decay = self.prefix.pending(applied, t, sum_lr=active_override() is not None)
         # Noise enters as W += lr*sigma*C/B*z, the same sign the eager table path uses. The rows
         # are unique, so gathering them, adding the noise in one pass and writing them back is
         # the fast path on every table size (optim/rows.py has the measurements).
         block = self.weight.index_select(0, rows)
+        if decay is not None:  # SGD's weight decay over the pending steps (see LrPrefix)
+            block.mul_(decay.to(block.dtype).unsqueeze(1))
         # Timed apart from the bookkeeping: the draw (and its add) is the floor every lazy
         # scheme pays; the rest (unique, history, row gather/write) is bookkeeping.
         with self.timer.phase("lazy_catch_up_noise"):

@@ -68,6 +68,28 @@ def check_lazy_state(tables: Sequence[LazyTable], prefixes: Sequence[LrPrefix], 
     if not isinstance(saved_prefixes, list) or len(saved_prefixes) != len(prefixes):
         n = len(saved_prefixes) if isinstance(saved_prefixes, list) else None
         raise _refuse(f"it holds {n} lr prefix sums, this engine has {len(prefixes)}")
+    bases: list[int] = []
+    for k, s in enumerate(saved_prefixes):
+        parts = [s.get(key) if isinstance(s, dict) else None for key in ("s1", "s2")]
+        sums = [t for t in parts if isinstance(t, Tensor) and t.dtype == torch.float64]
+        if len(sums) != 2 or any(t.shape != (steps + 1,) for t in sums):
+            raise _refuse(f"lr prefix {k} does not cover the {steps} steps it claims")
+        base = s.get("base", 0)  # absent before weight decay: never rebased
+        if isinstance(base, bool) or not isinstance(base, int) or not 0 <= base <= steps:
+            raise _refuse(f"lr prefix {k}'s rebase step {base!r} is not in [0, {steps}]")
+        # A rebase restarts the sums at its step: they grow from there on.
+        if not bool(torch.isfinite(sums[1]).all()) or bool((sums[1][base:].diff() < 0).any()):
+            raise _refuse(f"lr prefix {k}'s sums of lr^2 are not finite and non-decreasing")
+        p = s.get("p")  # absent before weight decay: 1 at every step
+        if p is not None and (
+            not isinstance(p, Tensor)
+            or p.dtype != torch.float64
+            or p.shape != (steps + 1,)
+            or not bool((torch.isfinite(p) & (p > 0)).all())
+            or bool((p[base:].diff() > 0).any())
+        ):
+            raise _refuse(f"lr prefix {k}'s decay products are not positive and non-increasing")
+        bases.append(base)
     for k, (table, s) in enumerate(zip(tables, saved_tables)):
         applied = s.get("applied") if isinstance(s, dict) else None
         rows = len(table.history)
@@ -82,12 +104,13 @@ def check_lazy_state(tables: Sequence[LazyTable], prefixes: Sequence[LrPrefix], 
         frozen = s.get("frozen_at", -1)
         if isinstance(frozen, bool) or not isinstance(frozen, int) or not -1 <= frozen <= steps:
             raise _refuse(f"history table {k}'s frozen step {frozen!r} is not in [-1, {steps}]")
-    for k, s in enumerate(saved_prefixes):
-        parts = [s.get(key) if isinstance(s, dict) else None for key in ("s1", "s2")]
-        sums = [t for t in parts if isinstance(t, Tensor) and t.dtype == torch.float64]
-        if len(sums) != 2 or any(t.shape != (steps + 1,) for t in sums):
-            raise _refuse(f"lr prefix {k} does not cover the {steps} steps it claims")
-        if not bool(torch.isfinite(sums[1]).all()) or bool((sums[1].diff() < 0).any()):
-            raise _refuse(f"lr prefix {k}'s sums of lr^2 are not finite and non-decreasing")
+        # A row behind its prefix's last rebase would read sums that are gone (a frozen table
+        # was flushed when it froze and restarts at the step it thaws).
+        base = next((bases[i] for i, pr in enumerate(prefixes) if pr is table.prefix), 0)
+        behind = applied < base
+        if table.padding_idx is not None and rows:
+            behind[table.padding_idx] = False  # never caught up: it owes nothing
+        if frozen < 0 and rows and bool(behind.any()):
+            raise _refuse(f"history table {k} holds steps before its prefix's rebase at {base}")
     if state.get("pool") is not None:
         NoisePool.check_state(state["pool"])
