@@ -108,9 +108,9 @@ class _ShardModel(nn.Module):
         return self.top(torch.cat([torch.relu(self.fc(x)), self.bag(ids)], 1)).squeeze(1)
 
 
-def _shard_run(sharded: bool, mode: str, rank: int) -> dict[str, torch.Tensor]:
+def _shard_run(sharded: bool, mode: str, rank: int, wd: float = 0.0) -> dict[str, torch.Tensor]:
     model = _ShardModel(sharded)
-    opt = torch.optim.SGD(model.parameters(), lr=0.3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.3, weight_decay=wd)
     engine = DistributedPrivacyEngine()
     model, opt, _ = engine.make_private(
         module=model,
@@ -180,10 +180,16 @@ def _worker(rank: int, world: int, store_path: str, out_dir: str) -> None:
         model = _toy_run(DistributedPrivacyEngine(), mode, rank, world, sigma=SIGMA)
         results[f"digest/{mode}"] = _digest(model)
         results[f"noisy/{mode}"] = _params(model)
-    for mode in ("dpsgd_f", "dpsgd_b", "lazydp"):
-        with constant_noise(0.5):
-            results[f"shard/{mode}/replicated"] = _shard_run(False, mode, rank)
-            results[f"shard/{mode}/sharded"] = _shard_run(True, mode, rank)
+    for mode, wd in (
+        ("dpsgd_f", 0),
+        ("dpsgd_b", 0),
+        ("lazydp", 0),
+        ("dpsgd_f", 0.2),
+        ("lazydp", 0.2),
+    ):
+        with constant_noise(0.5):  # wd: SGD's weight decay on every parameter
+            results[f"shard/{mode}/{wd}/replicated"] = _shard_run(False, mode, rank, wd)
+            results[f"shard/{mode}/{wd}/sharded"] = _shard_run(True, mode, rank, wd)
     results["noise/before"], results["noise/after"] = _noise_run("dpsgd_f")
     results["noise_lazy/before"], results["noise_lazy/after"] = _noise_run("lazydp")
     finish_rank(results, rank, out_dir)
@@ -246,11 +252,15 @@ def test_combined_noise_has_std_sigma_c_not_sqrt_w_times(ranks: list, key: str) 
         assert stats.kstest(noise, "norm", args=(0, wrong * std)).pvalue < 1e-6, wrong
 
 
-@pytest.mark.parametrize("mode", ("dpsgd_f", "dpsgd_b", "lazydp"))
-def test_sharded_table_trains_like_the_replicated_one(ranks: list, mode: str) -> None:
-    rep, sh = ranks[0][f"shard/{mode}/replicated"], ranks[0][f"shard/{mode}/sharded"]
+@pytest.mark.parametrize(
+    ("mode", "wd"),
+    [("dpsgd_f", 0), ("dpsgd_b", 0), ("lazydp", 0), ("dpsgd_f", 0.2), ("lazydp", 0.2)],
+)
+def test_sharded_table_trains_like_the_replicated_one(ranks: list, mode: str, wd: float) -> None:
+    key = f"shard/{mode}/{wd}"
+    rep, sh = ranks[0][f"{key}/replicated"], ranks[0][f"{key}/sharded"]
     init = _ShardModel(False).state_dict()
     assert (rep["bag.weight"] - init["bag.weight"]).abs().max() > 1e-3
     for name in rep:
         torch.testing.assert_close(sh[name], rep[name], rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(ranks[1][f"shard/{mode}/sharded"][name], rep[name])
+        torch.testing.assert_close(ranks[1][f"{key}/sharded"][name], rep[name])

@@ -47,7 +47,7 @@ from lazydp.distributed.sharded import ShardedEmbeddingBag
 from lazydp.engine import MODES, PrivacyEngine, _atomic_save
 from lazydp.errors import ConfigError, PrivacyError, UnsupportedOptimizerError
 from lazydp.noise import GaussianNoise
-from lazydp.optim.dp_optimizer import is_plain_sgd
+from lazydp.optim.dp_optimizer import sgd_weight_decay
 
 _SHARD_STREAM = 1 << 32  # seeded runs: shard streams live under (root, 2**32 + rank, table)
 
@@ -195,9 +195,9 @@ class DistributedPrivacyEngine(PrivacyEngine):
 
     def _take_sharded_params(
         self, optimizers: list[Optimizer], mode: str
-    ) -> dict[str, Callable[[], float]]:
+    ) -> dict[str, Callable[[], tuple[float, float]]]:
         """Remove sharded weights from the optimizers (their owners update them); return, per
-        table, how to read its group's current lr. A lookup by position, not the group dict:
+        table, how to read its group's current lr and weight decay. A lookup by position, not the group dict:
         ``Optimizer.load_state_dict`` replaces the dicts, and a resumed run's scheduler then
         drives the new ones (a kept dict froze the shard at its lr of make_private)."""
         if mode in ("sgd", "dpsgd_r"):
@@ -206,16 +206,17 @@ class DistributedPrivacyEngine(PrivacyEngine):
                 "all-to-all of a ShardedEmbeddingBag; use mode='dpsgd_f' (same update, ghost "
                 "norms), 'dpsgd_b' or 'lazydp'."
             )
-        found: dict[str, Callable[[], float]] = {}
+        found: dict[str, Callable[[], tuple[float, float]]] = {}
         for opt in optimizers:
             for j, group in enumerate(opt.param_groups):
                 for name, m in self.sharded.items():
                     if any(p is m.weight for p in group["params"]):
-                        if not is_plain_sgd(opt, group):
+                        if sgd_weight_decay(opt, group) is None:
                             raise UnsupportedOptimizerError(
-                                f"sharded table {name!r} is in a {type(opt).__name__} group; "
-                                "sharded tables are updated by their owners with plain SGD. Put "
-                                "them in their own torch.optim.SGD (momentum=0, weight_decay=0)."
+                                f"sharded table {name!r} is in a {type(opt).__name__} group "
+                                "with momentum or maximize; sharded tables are updated by their "
+                                "owners with SGD. Put them in their own torch.optim.SGD "
+                                "(momentum=0; weight_decay may stay)."
                             )
                         group["params"] = [p for p in group["params"] if p is not m.weight]
                         found[name] = functools.partial(_group_lr, opt, j)
@@ -340,8 +341,10 @@ class DistributedPrivacyEngine(PrivacyEngine):
         return extra
 
 
-def _group_lr(opt: Optimizer, index: int) -> float:
-    return float(opt.param_groups[index]["lr"])
+def _group_lr(opt: Optimizer, index: int) -> tuple[float, float]:
+    """(lr, weight decay) of an SGD group, read live (schedulers change them)."""
+    group = opt.param_groups[index]
+    return float(group["lr"]), sgd_weight_decay(opt, group) or 0.0
 
 
 class _Redacted:

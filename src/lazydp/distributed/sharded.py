@@ -46,7 +46,7 @@ from lazydp.distributed._comm import (
 from lazydp.errors import ConfigError, InputError, UnsupportedLayerError
 from lazydp.noise import GaussianNoise
 from lazydp.optim.eager import eager_table_sgd
-from lazydp.optim.lazy import LazyTable, LrPrefix
+from lazydp.optim.lazy import LazyTable, LrPrefix, check_table_lr, update_alpha
 from lazydp.optim.resume import check_lazy_state
 
 
@@ -57,7 +57,8 @@ class _ShardTraining:
     noise: GaussianNoise
     noise_std: float  # sigma * C on the global sum
     expected_batch_size: float
-    lr: Callable[[], float]  # the current lr of the optimizer param group of this table
+    # The current (lr, weight decay) of the optimizer param group of this table (SGD).
+    lr: Callable[[], tuple[float, float]]
     lazy: LazyTable | None
     timer: PhaseTimer
     step: int = 0
@@ -186,7 +187,7 @@ class ShardedEmbeddingBag(nn.Module):
         noise: GaussianNoise,
         noise_std: float,
         expected_batch_size: float,
-        lr: Callable[[], float],
+        lr: Callable[[], tuple[float, float]],
         lazy: bool,
         timer: PhaseTimer,
     ) -> None:
@@ -208,6 +209,8 @@ class ShardedEmbeddingBag(nn.Module):
         t = self._training
         if t is None:
             raise ConfigError("apply_clipped_sum before attach: use DistributedPrivacyEngine")
+        lr, wd = t.lr()
+        check_table_lr(lr, wd)  # every rank alike, before the all-to-all and any change
         group, dev = self.process_group, comm_device(self.process_group)
         if clipped is None:
             clipped = SparseRows(
@@ -224,7 +227,6 @@ class ShardedEmbeddingBag(nn.Module):
             values.to(self.weight.device),
             self.weight.shape[0],
         )
-        lr = t.lr()
         if t.lazy is None:
             eager_table_sgd(
                 self.weight,
@@ -235,14 +237,17 @@ class ShardedEmbeddingBag(nn.Module):
                 t.expected_batch_size,
                 None,
                 t.timer,
+                weight_decay=wd,
             )
         else:
+            alpha = update_alpha(lr, wd, t.expected_batch_size)  # optim/lazy.py: LrPrefix
             with t.timer.phase("param_update"):
-                self.weight.index_add_(
-                    0, local.indices, local.values, alpha=-lr / t.expected_batch_size
-                )
-            t.lazy.prefix.append(lr)
+                self.weight.index_add_(0, local.indices, local.values, alpha=alpha)
+            t.lazy.prefix.append(lr, wd)
         t.step += 1
+        if t.lazy is not None and t.lazy.prefix.needs_rebase():
+            t.lazy.flush(t.step)  # this rank's rows only: no collective
+            t.lazy.prefix.rebase()
 
     def flush(self) -> None:
         """Apply all pending lazy noise to this rank's rows (local; no communication)."""

@@ -99,11 +99,6 @@ def sgd_weight_decay(optimizer: Optimizer | None, group: dict[str, Any]) -> floa
     return float(group.get("weight_decay", 0.0))
 
 
-def is_plain_sgd(optimizer: Optimizer, group: dict[str, Any]) -> bool:
-    """SGD without momentum, weight decay or maximize (sharded tables support only this)."""
-    return sgd_weight_decay(optimizer, group) == 0.0
-
-
 class DPOptimizer(OptimizerGroup):
     """A differentially private view of one or more optimizers over the same model."""
 
