@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from lazydp.cli import main
 
@@ -112,6 +113,8 @@ def test_ledger_is_never_reset_and_resume_continues(tmp_path, capsys):
         (["--noise-multiplier", "-1"], "noise_multiplier"),
         (["--target-epsilon", "0"], "epsilon"),
         (["--batch-size", "0"], "batch_size"),
+        (["--weight-decay", "-1"], "weight_decay"),
+        (["--weight-decay", "1"], "below 1 / lr = 0.5"),  # acs: lr 2, so 1 flips every row
     ],
 )
 def test_bad_flags_give_clean_errors(tmp_path, capsys, flags, match):
@@ -143,3 +146,16 @@ def test_default_movielens_model_is_calibrated_and_clipping_norm_one_is_not(tmp_
         results[norm] = last_json(out.out)["test"]
     assert results["4"]["logloss"] < 0.66 and results["4"]["auc"] > 0.72
     assert results["1"]["logloss"] > 0.8
+
+
+def test_table_weight_decay_trains_lazily(tmp_path, capsys):
+    out = {}
+    for wd in ("0", "0.05"):
+        args = ["train", "--dataset", "acs", "--max-steps", "4", "--noise-multiplier", "1.0"]
+        args += ["--weight-decay", wd, "--seed", "3", "--out", str(tmp_path / wd), "--json"]
+        code, res = run_cli(args, capsys)
+        assert code == 0, res.err
+        assert last_json(res.out)["mode"] == "lazydp"
+        out[wd] = torch.load(tmp_path / wd / "model.pt", weights_only=True)
+    tables = [k for k in out["0"] if "emb" in k or "bag" in k]
+    assert tables and any(not torch.equal(out["0"][k], out["0.05"][k]) for k in tables)

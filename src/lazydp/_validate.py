@@ -34,7 +34,7 @@ def _real(name: str, value: Any, expected: str) -> float:
     return result
 
 
-def _number(name: str, x: Any, expected: str, ok: Callable[[float], bool], advice: str) -> float:
+def check_real(name: str, x: Any, expected: str, ok: Callable[[float], bool], advice: str) -> float:
     """``x`` as a float if it is a real number satisfying ``ok``, else ConfigError."""
     value = _real(name, x, expected)
     if not ok(value):
@@ -49,7 +49,7 @@ def check_noise_multiplier(x: Any, name: str = "noise_multiplier") -> float:
     1.1
     """
     # Above 1e6 the accountants overflow, and no useful model trains under that much noise.
-    return _number(
+    return check_real(
         name,
         x,
         "a number in [0, 1e6] (noise std / max_grad_norm)",
@@ -69,7 +69,7 @@ def check_max_grad_norm(x: Any, name: str = "max_grad_norm", allow_inf: bool = F
     >>> check_max_grad_norm(float("inf"), allow_inf=True)
     inf
     """
-    return _number(
+    return check_real(
         name,
         x,
         "a finite number > 0 (the per-example clipping bound)",
@@ -84,7 +84,7 @@ def check_sample_rate(q: Any, name: str = "sample_rate") -> float:
     >>> check_sample_rate(0.01)
     0.01
     """
-    return _number(
+    return check_real(
         name,
         q,
         "in (0, 1] (expected batch size / number of examples)",
@@ -99,7 +99,7 @@ def check_delta(d: Any, name: str = "delta") -> float:
     >>> check_delta(1e-5)
     1e-05
     """
-    return _number(
+    return check_real(
         name,
         d,
         "in (0, 1)",
@@ -133,7 +133,7 @@ def check_positive_real(name: str, x: Any, advice: str, what: str = "") -> float
     0.5
     """
     expected = f"a finite number > 0{f' ({what})' if what else ''}"
-    return _number(name, x, expected, lambda v: math.isfinite(v) and v > 0, advice)
+    return check_real(name, x, expected, lambda v: math.isfinite(v) and v > 0, advice)
 
 
 def check_positive_int(name: str, v: Any) -> int:

@@ -46,6 +46,7 @@ class TrainConfig:
     epochs: float = 20.0
     batch_size: int = 4096
     lr: float = 8.0  # embedding tables (SGD)
+    weight_decay: float = 0.0  # embedding tables (SGD's; LazyDP defers it exactly)
     dense_lr: float = 0.003  # MLPs
     dense_optimizer: str = "adam"
     noise_multiplier: float | None = None
@@ -100,6 +101,15 @@ class TrainConfig:
         # ledger (the noise is drawn and accounted) but the parameters never move.
         _check_lr("lr", self.lr, "of the embedding tables", "8")
         _check_lr("dense_lr", self.dense_lr, "of the MLPs", "0.003")
+        v.check_real(
+            "weight_decay",
+            self.weight_decay,
+            f"a finite number >= 0 below 1 / lr = {1 / self.lr:g} (SGD's weight decay of the "
+            "embedding tables)",
+            lambda wd: math.isfinite(wd) and 0 <= wd and wd * self.lr < 1,
+            "Each step multiplies every row by 1 - lr * weight_decay; pass e.g. "
+            "--weight-decay 1e-5, or 0 for none.",
+        )
         v.check_max_grad_norm(self.max_grad_norm)
         if self.noise_multiplier is not None:
             v.check_noise_multiplier(self.noise_multiplier)
@@ -483,7 +493,7 @@ def run(
         if cfg.dense_optimizer == "adam"
         else torch.optim.SGD(dense, lr=cfg.dense_lr)
     )
-    optimizers = [dense_opt, torch.optim.SGD(tables, lr=cfg.lr)]
+    optimizers = [dense_opt, torch.optim.SGD(tables, lr=cfg.lr, weight_decay=cfg.weight_decay)]
 
     ledger_file = ledger_path(out, rank)
     if not cfg.resume and ledger_file.exists():
