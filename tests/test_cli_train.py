@@ -115,6 +115,7 @@ def test_ledger_is_never_reset_and_resume_continues(tmp_path, capsys):
         (["--batch-size", "0"], "batch_size"),
         (["--weight-decay", "-1"], "weight_decay"),
         (["--weight-decay", "1"], "below 1 / lr = 0.5"),  # acs: lr 2, so 1 flips every row
+        (["--momentum", "1"], "momentum"),
     ],
 )
 def test_bad_flags_give_clean_errors(tmp_path, capsys, flags, match):
@@ -148,14 +149,19 @@ def test_default_movielens_model_is_calibrated_and_clipping_norm_one_is_not(tmp_
     assert results["1"]["logloss"] > 0.8
 
 
-def test_table_weight_decay_trains_lazily(tmp_path, capsys):
+def test_table_weight_decay_and_momentum_train_lazily(tmp_path, capsys):
     out = {}
-    for wd in ("0", "0.05"):
+    for name, flags in (
+        ("plain", []),
+        ("wd", ["--weight-decay", "0.05"]),
+        ("mu", ["--momentum", "0.9"]),
+    ):
         args = ["train", "--dataset", "acs", "--max-steps", "4", "--noise-multiplier", "1.0"]
-        args += ["--weight-decay", wd, "--seed", "3", "--out", str(tmp_path / wd), "--json"]
+        args += [*flags, "--seed", "3", "--out", str(tmp_path / name), "--json"]
         code, res = run_cli(args, capsys)
         assert code == 0, res.err
         assert last_json(res.out)["mode"] == "lazydp"
-        out[wd] = torch.load(tmp_path / wd / "model.pt", weights_only=True)
-    tables = [k for k in out["0"] if "emb" in k or "bag" in k]
-    assert tables and any(not torch.equal(out["0"][k], out["0.05"][k]) for k in tables)
+        out[name] = torch.load(tmp_path / name / "model.pt", weights_only=True)
+    tables = [k for k in out["plain"] if "emb" in k or "bag" in k]
+    for name in ("wd", "mu"):
+        assert tables and any(not torch.equal(out["plain"][k], out[name][k]) for k in tables)

@@ -14,12 +14,27 @@ from tests.toy import Toy, loader, loss_fn, make_batches
 DP_MODES = ["dpsgd_b", "dpsgd_r", "dpsgd_f", "lazydp"]
 
 
+# SGD settings of every parameter: (weight decay, momentum, Nesterov).
+SGD_SETTINGS = [(0.0, 0.0, False), (0.1, 0.0, False), (0.1, 0.9, False), (0.05, 0.8, True)]
+
+
+def _sgd(params, lr: float, sgd: tuple[float, float, bool]) -> torch.optim.SGD:
+    wd, momentum, nesterov = sgd
+    return torch.optim.SGD(params, lr=lr, weight_decay=wd, momentum=momentum, nesterov=nesterov)
+
+
 def train(
-    mode: str, batches, *, sigma: float = 1.0, clip: float = 1.0, lr: float = 0.3, wd: float = 0.0
+    mode: str,
+    batches,
+    *,
+    sigma: float = 1.0,
+    clip: float = 1.0,
+    lr: float = 0.3,
+    sgd: tuple[float, float, bool] = SGD_SETTINGS[0],
 ):
     torch.manual_seed(0)
     model = Toy()
-    opt = torch.optim.SGD(model.parameters(), lr=lr, weight_decay=wd)
+    opt = _sgd(model.parameters(), lr, sgd)
     engine = PrivacyEngine(seed=1)
     model, opt, _ = engine.make_private(
         module=model,
@@ -51,21 +66,21 @@ def test_dp_modes_agree_with_noise_off():
             assert_same(ref, got)
 
 
-@pytest.mark.parametrize("wd", [0.0, 0.1])
-def test_dp_modes_agree_with_constant_noise(wd):
+@pytest.mark.parametrize("sgd", SGD_SETTINGS)
+def test_dp_modes_agree_with_constant_noise(sgd):
     batches = make_batches(6)
     with constant_noise(0.7):
-        ref, _ = train("dpsgd_f", batches, clip=0.5, wd=wd)
+        ref, _ = train("dpsgd_f", batches, clip=0.5, sgd=sgd)
         for mode in ["dpsgd_b", "dpsgd_r", "lazydp"]:
-            got, _ = train(mode, batches, clip=0.5, wd=wd)
+            got, _ = train(mode, batches, clip=0.5, sgd=sgd)
             assert_same(ref, got)
 
 
-def _sgd_full_batch(batch, steps=3, wd=0.0):
+def _sgd_full_batch(batch, steps=3, sgd=SGD_SETTINGS[0]):
     """Plain SGD on one fixed full batch (B_real == B_expected)."""
     torch.manual_seed(0)
     model = Toy()
-    opt = torch.optim.SGD(model.parameters(), lr=0.3, weight_decay=wd)
+    opt = _sgd(model.parameters(), 0.3, sgd)
     for _ in range(steps):
         opt.zero_grad()
         loss_fn(model(*batch[:3]), batch[3]).backward()
@@ -73,9 +88,10 @@ def _sgd_full_batch(batch, steps=3, wd=0.0):
     return {k: t.detach().clone() for k, t in model.state_dict().items()}
 
 
-@pytest.mark.parametrize("wd", [0.0, 0.1])
-def test_noise_zero_and_clip_inf_equals_sgd_and_each_knob_differs(wd):
-    # wd: SGD's weight decay on every parameter (tables: streamed eagerly, or deferred by lazydp).
+@pytest.mark.parametrize("sgd", SGD_SETTINGS)
+def test_noise_zero_and_clip_inf_equals_sgd_and_each_knob_differs(sgd):
+    # sgd: weight decay, momentum, Nesterov on every parameter (tables: streamed eagerly or
+    # through the dense path, or deferred by lazydp).
     # Batch size 8 == expected batch size (loader batch_size), so mean loss matches sum / B_exp.
     g = torch.Generator().manual_seed(3)
     batch = (
@@ -84,12 +100,12 @@ def test_noise_zero_and_clip_inf_equals_sgd_and_each_knob_differs(wd):
         torch.randint(0, 40, (8, 2), generator=g),
         (torch.rand(8, generator=g) < 0.5).float(),
     )
-    ref = _sgd_full_batch(batch, wd=wd)
+    ref = _sgd_full_batch(batch, sgd=sgd)
     for mode in DP_MODES:
-        got, _ = train(mode, [batch] * 3, sigma=0.0, clip=math.inf, wd=wd)
+        got, _ = train(mode, [batch] * 3, sigma=0.0, clip=math.inf, sgd=sgd)
         assert_same(ref, got)
-        clipped, _ = train(mode, [batch] * 3, sigma=0.0, clip=0.01, wd=wd)
-        noisy, _ = train(mode, [batch] * 3, sigma=1e-3, clip=1e3, wd=wd)
+        clipped, _ = train(mode, [batch] * 3, sigma=0.0, clip=0.01, sgd=sgd)
+        noisy, _ = train(mode, [batch] * 3, sigma=1e-3, clip=1e3, sgd=sgd)
         assert any(not torch.allclose(ref[k], clipped[k]) for k in ref), mode
         assert any(not torch.allclose(ref[k], noisy[k]) for k in ref), mode
 

@@ -47,6 +47,7 @@ class TrainConfig:
     batch_size: int = 4096
     lr: float = 8.0  # embedding tables (SGD)
     weight_decay: float = 0.0  # embedding tables (SGD's; LazyDP defers it exactly)
+    momentum: float = 0.0  # embedding tables (SGD's; LazyDP keeps a velocity per row)
     dense_lr: float = 0.003  # MLPs
     dense_optimizer: str = "adam"
     noise_multiplier: float | None = None
@@ -109,6 +110,13 @@ class TrainConfig:
             lambda wd: math.isfinite(wd) and 0 <= wd and wd * self.lr < 1,
             "Each step multiplies every row by 1 - lr * weight_decay; pass e.g. "
             "--weight-decay 1e-5, or 0 for none.",
+        )
+        v.check_real(
+            "momentum",
+            self.momentum,
+            "a number in [0, 1) (SGD's momentum of the embedding tables)",
+            lambda mu: 0 <= mu < 1,
+            "Pass e.g. --momentum 0.9, or 0 for none.",
         )
         v.check_max_grad_norm(self.max_grad_norm)
         if self.noise_multiplier is not None:
@@ -493,7 +501,10 @@ def run(
         if cfg.dense_optimizer == "adam"
         else torch.optim.SGD(dense, lr=cfg.dense_lr)
     )
-    optimizers = [dense_opt, torch.optim.SGD(tables, lr=cfg.lr, weight_decay=cfg.weight_decay)]
+    table_opt = torch.optim.SGD(
+        tables, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum
+    )
+    optimizers = [dense_opt, table_opt]
 
     ledger_file = ledger_path(out, rank)
     if not cfg.resume and ledger_file.exists():

@@ -43,6 +43,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, help="expected batch size (sets q = B / N)")
     p.add_argument("--lr", type=float, help="learning rate of the embedding tables (SGD)")
     p.add_argument("--weight-decay", type=float, help="SGD weight decay of the embedding tables")
+    p.add_argument("--momentum", type=float, help="SGD momentum of the embedding tables")
     p.add_argument("--dense-lr", type=float, help="learning rate of the MLPs")
     p.add_argument("--dense-optimizer", choices=["adam", "sgd"], help="optimizer of the MLPs")
     p.add_argument("--noise-multiplier", type=float)

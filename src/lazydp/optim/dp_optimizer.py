@@ -38,7 +38,8 @@ from lazydp.noise import GaussianNoise
 from lazydp.noise_pool import NoisePool
 from lazydp.optim.eager import eager_table_sgd, noisy_dense_grads
 from lazydp.optim.group import OptimizerGroup
-from lazydp.optim.lazy import LazyTable, LrPrefix, check_table_lr, update_alpha
+from lazydp.optim.lazy import LazyTable, LrPrefix, SgdStep, check_table_lr
+from lazydp.optim.lazy_momentum import MomentumPrefix, MomentumTable, check_momentum
 from lazydp.optim.resume import check_lazy_state, check_optimizer_state
 from lazydp.optim.reweighted import check_reweighted
 
@@ -99,6 +100,23 @@ def sgd_weight_decay(optimizer: Optimizer | None, group: dict[str, Any]) -> floa
     return float(group.get("weight_decay", 0.0))
 
 
+def sgd_step(optimizer: Optimizer | None, group: dict[str, Any]) -> SgdStep | None:
+    """This step's hyper-parameters of an SGD group whose update LazyDP defers exactly (plain,
+    weight decay, momentum, Nesterov), else None: not SGD, ``maximize``, or dampening with
+    momentum (torch's first momentum step skips the dampening: a row's history would matter)."""
+    if not isinstance(optimizer, torch.optim.SGD) or group.get("maximize", False):
+        return None
+    momentum = float(group.get("momentum", 0) or 0)
+    if momentum and group.get("dampening", 0):
+        return None
+    return SgdStep(
+        float(group["lr"]),
+        float(group.get("weight_decay", 0) or 0),
+        momentum,
+        bool(group.get("nesterov", False)),
+    )
+
+
 class DPOptimizer(OptimizerGroup):
     """A differentially private view of one or more optimizers over the same model."""
 
@@ -148,7 +166,7 @@ class DPOptimizer(OptimizerGroup):
         # index in the eager and the lazy path, never shared between tables or with dense params.
         self._table_stream = {p: 1 + k for k, p in enumerate(self.tables)}
         self.lazy: dict[nn.Parameter, LazyTable] = {}
-        self._prefixes: dict[tuple[int, int], LrPrefix] = {}
+        self._prefixes: dict[tuple[int, int], LrPrefix | MomentumPrefix] = {}
         self._pool: NoisePool | None = None
         self._check_optimizers()
         if privacy.mode == "lazydp":
@@ -165,10 +183,28 @@ class DPOptimizer(OptimizerGroup):
         i, j = self._group_index[p]
         return self.originals[i], self.originals[i].param_groups[j]
 
-    def _lr_and_decay(self, p: nn.Parameter) -> tuple[float, float]:
-        """A lazy table's current (lr, weight decay), read from its live group."""
+    def _sgd_step(self, p: nn.Parameter) -> SgdStep:
+        """A lazy table's SGD hyper-parameters of this step, read from its live group; checked
+        against its prefix's kind (ConfigError before anything changes)."""
         opt, group = self._group_of(p)
-        return float(group["lr"]), sgd_weight_decay(opt, group) or 0.0
+        step = sgd_step(opt, group)
+        if step is None:
+            raise ConfigError(
+                f"the optimizer group of LazyDP table {self.tables[p].name!r} is no longer SGD "
+                "without maximize or dampening; its deferred noise assumes that update. No "
+                "parameter was changed and nothing was charged."
+            )
+        if isinstance(self.lazy[p].prefix, MomentumPrefix):
+            check_momentum(step)
+        elif step.momentum:
+            raise ConfigError(
+                f"momentum was switched on for LazyDP table {self.tables[p].name!r} after "
+                "make_private; set it before (its rows' velocity is then kept from the first "
+                "step). No parameter was changed and nothing was charged."
+            )
+        else:
+            check_table_lr(step.lr, step.weight_decay)
+        return step
 
     # ------------------------------------------------------------------ set-up checks
     def _check_optimizers(self) -> None:
@@ -202,16 +238,16 @@ class DPOptimizer(OptimizerGroup):
             return
         for p, layer in self.tables.items():
             opt, group = self._group_of(p)
-            if sgd_weight_decay(opt, group) is None:
+            if sgd_step(opt, group) is None:
                 raise UnsupportedOptimizerError(
-                    f"mode='lazydp' defers the noise of table {layer.name!r}, which is exact only "
-                    f"for plain SGD (weight decay allowed); its optimizer is "
+                    f"mode='lazydp' defers the noise of table {layer.name!r}, which is exact "
+                    f"for SGD (weight decay, momentum and Nesterov included); its optimizer is "
                     f"{type(opt).__name__} with "
-                    f"{ {k: group.get(k) for k in ('momentum', 'maximize')} }. Momentum and "
-                    "adaptive optimizers make pending noise depend on the path. Put the embedding "
-                    "tables in their own torch.optim.SGD (momentum=0; weight_decay may stay) and "
-                    "pass optimizer=[dense_optimizer, table_sgd]; dense layers may keep "
-                    "Adam/Adagrad/momentum."
+                    f"{ {k: group.get(k) for k in ('dampening', 'maximize')} }. Adaptive "
+                    "optimizers scale each row's noise by its own history, and dampening or "
+                    "maximize are not deferred. Put the embedding tables in their own "
+                    "torch.optim.SGD and pass optimizer=[dense_optimizer, table_sgd]; dense "
+                    "layers may keep Adam/Adagrad."
                 )
 
     def _make_lazy(self) -> None:
@@ -219,15 +255,23 @@ class DPOptimizer(OptimizerGroup):
         # stream index is past every table's, so it never shares a stream with the eager path.
         pool = self._pool = NoisePool(self.noise.fork(1 + len(self.tables)))
         for p, layer in self.tables.items():
-            prefix = self._prefixes.setdefault(self._group_index[p], LrPrefix())
-            table = LazyTable(
-                p,
-                prefix,
+            step = sgd_step(*self._group_of(p))
+            key = self._group_index[p]
+            rest = (
                 pool,
                 self.privacy.noise_std / self.privacy.expected_batch_size,
                 getattr(layer.module, "padding_idx", None),
                 self.timer,
             )
+            table: LazyTable
+            if step is not None and step.momentum > 0:  # a velocity per row (lazy_momentum.py)
+                momentum = self._prefixes.setdefault(key, MomentumPrefix())
+                assert isinstance(momentum, MomentumPrefix)
+                table = MomentumTable(p, momentum, *rest)
+            else:
+                plain = self._prefixes.setdefault(key, LrPrefix())
+                assert isinstance(plain, LrPrefix)
+                table = LazyTable(p, plain, *rest)
             self.lazy[p] = table
             layer.read_hook = self._read_hook(table)
 
@@ -253,7 +297,7 @@ class DPOptimizer(OptimizerGroup):
         p = self.privacy
         cap = self.capture
         for q in self.lazy:  # refused here, before any change, not when the prefix appends it
-            check_table_lr(*self._lr_and_decay(q))
+            self._sgd_step(q)
         cap.check_no_outside_use()
         cap.check_no_lost_gradient()
         batch = cap.batch_size()
@@ -380,19 +424,17 @@ class DPOptimizer(OptimizerGroup):
                     continue
                 if q in self.lazy:
                     q.grad = None
-                    s = sums.get(q)
-                    alpha = update_alpha(lr, wd or 0.0, p.expected_batch_size)
-                    if isinstance(s, SparseRows):
+                    s, table = sums.get(q), self.lazy[q]
+                    if s is not None and not isinstance(s, SparseRows):
+                        # A dense sum reaches every row: all must be at this step first (the
+                        # row-sparse clippers of lazy tables do not produce one).
+                        table.flush(self.steps_done)
+                        s = SparseRows(torch.arange(q.shape[0]), s, q.shape[0], coalesced=True)
+                    if s is not None:
                         # Reuses the catch-up's sort and written rows where it can (it times
                         # its coalesce and its row update apart).
-                        self.lazy[q].update(s, alpha)
-                    elif s is not None:
-                        with self.timer.phase("param_update"):
-                            table = self.lazy[q]
-                            # A deferred block first, or it overwrites s; with decay, every row
-                            # must be at this step for the decay to apply to s from here on.
-                            table.flush(self.steps_done) if wd else table.settle()
-                            q.add_(s, alpha=alpha)
+                        alpha = table.prefix.update_alpha(self._sgd_step(q), p.expected_batch_size)
+                        table.update(s, alpha)
                 elif q in self.tables and wd is not None:
                     q.grad = None  # updated below in one streaming pass, never a dense gradient
                     eager_tables.append((q, lr, wd))
@@ -430,15 +472,19 @@ class DPOptimizer(OptimizerGroup):
             for q, table in self.lazy.items():
                 if id(table.prefix) not in seen:
                     seen.add(id(table.prefix))
-                    table.prefix.append(*self._lr_and_decay(q))
+                    table.prefix.append_step(self._sgd_step(q))
         self.steps_done += 1
-        self._rebase_decayed()
+        self._rebase_prefixes()
 
-    def _rebase_decayed(self) -> None:
-        """Flush the tables of any prefix whose decay product got tiny, then restart its sums
-        (after ~230 / (lr * wd) steps; LrPrefix): rare, and O(table) when it happens."""
+    def _rebase_prefixes(self, every_momentum: bool = False) -> None:
+        """Flush the tables of any prefix whose decay product got tiny (after ~230 / (lr * wd)
+        steps; LrPrefix) or whose momentum window got long (MAX_WINDOW steps), then restart it:
+        rare, and O(table) when it happens. ``every_momentum``: the tables were all just
+        flushed, so every momentum window restarts (free)."""
         for prefix in {id(t.prefix): t.prefix for t in self.lazy.values()}.values():
-            if prefix.needs_rebase():
+            if every_momentum and isinstance(prefix, MomentumPrefix):
+                prefix.rebase()
+            elif prefix.needs_rebase():
                 with self.timer.phase("lazy_flush"):
                     for table in self.lazy.values():
                         if table.prefix is prefix:
@@ -458,6 +504,7 @@ class DPOptimizer(OptimizerGroup):
         with self.timer.phase("lazy_flush"):
             for table in self.lazy.values():
                 table.flush(self.steps_done)
+        self._rebase_prefixes(every_momentum=True)
         self._flushed_at = self.steps_done
 
     def settle(self) -> None:

@@ -27,6 +27,7 @@ forward and the step is overwritten, as it was before by the update's row write.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -62,6 +63,16 @@ def check_table_lr(lr: float, weight_decay: float = 0.0) -> None:
         )
 
 
+@dataclass(frozen=True)
+class SgdStep:
+    """One step's hyper-parameters of a table's torch.optim.SGD group (read live each step)."""
+
+    lr: float
+    weight_decay: float = 0.0
+    momentum: float = 0.0
+    nesterov: bool = False
+
+
 #: A decay prefix product below this is rebased (after a full flush of its tables) long
 #: before 1 / P^2 in the sums of lr^2 could overflow float64 (~1e308).
 REBASE_BELOW = 1e-100
@@ -93,6 +104,12 @@ class LrPrefix:
         self.base = 0  # the last rebase: no row's history may lie before it
         self.decays = False  # whether any step had a decay factor below 1
         self._last = (1.0, 0.0, 0.0)  # (P, S1, S2)[steps], as Python floats
+
+    def append_step(self, step: SgdStep) -> None:
+        self.append(step.lr, step.weight_decay)
+
+    def update_alpha(self, step: SgdStep, expected_batch_size: float) -> float:
+        return update_alpha(step.lr, step.weight_decay, expected_batch_size)
 
     def append(self, lr: float, weight_decay: float = 0.0) -> None:
         check_table_lr(lr, weight_decay)

@@ -19,6 +19,7 @@ from torch.optim import Optimizer
 from lazydp.errors import PrivacyError
 from lazydp.noise_pool import NoisePool
 from lazydp.optim.lazy import LazyTable, LrPrefix
+from lazydp.optim.lazy_momentum import MomentumPrefix, MomentumTable
 
 
 def _refuse(what: str) -> PrivacyError:
@@ -53,7 +54,9 @@ def check_optimizer_state(originals: Sequence[Optimizer], state: Any) -> None:
             )
 
 
-def check_lazy_state(tables: Sequence[LazyTable], prefixes: Sequence[LrPrefix], state: Any) -> None:
+def check_lazy_state(
+    tables: Sequence[LazyTable], prefixes: Sequence[LrPrefix | MomentumPrefix], state: Any
+) -> None:
     """``state`` (DPOptimizer.lazy_state_dict) has one history per table of the same length, one
     lr prefix per group, a step count they agree on, and a valid noise-pool position."""
     if not isinstance(state, dict):
@@ -69,7 +72,18 @@ def check_lazy_state(tables: Sequence[LazyTable], prefixes: Sequence[LrPrefix], 
         n = len(saved_prefixes) if isinstance(saved_prefixes, list) else None
         raise _refuse(f"it holds {n} lr prefix sums, this engine has {len(prefixes)}")
     bases: list[int] = []
-    for k, s in enumerate(saved_prefixes):
+    for k, (prefix, s) in enumerate(zip(prefixes, saved_prefixes)):
+        if isinstance(prefix, MomentumPrefix):
+            try:
+                if not isinstance(s, dict) or s.get("kind") != "momentum":
+                    raise ValueError("it is not a momentum prefix")
+                saved_steps, base = MomentumPrefix.check_state(s)
+            except ValueError as e:
+                raise _refuse(f"momentum prefix {k}: {e}") from None
+            if saved_steps != steps:
+                raise _refuse(f"momentum prefix {k} is at step {saved_steps}, not {steps}")
+            bases.append(base)
+            continue
         parts = [s.get(key) if isinstance(s, dict) else None for key in ("s1", "s2")]
         sums = [t for t in parts if isinstance(t, Tensor) and t.dtype == torch.float64]
         if len(sums) != 2 or any(t.shape != (steps + 1,) for t in sums):
@@ -101,6 +115,12 @@ def check_lazy_state(tables: Sequence[LazyTable], prefixes: Sequence[LrPrefix], 
             raise _refuse(f"history table {k} is not {rows} integer steps")
         if rows and not bool(((applied >= 0) & (applied <= steps)).all()):
             raise _refuse(f"history table {k} holds steps outside [0, {steps}]")
+        if isinstance(table, MomentumTable):
+            velocity = s.get("velocity")
+            if not isinstance(velocity, Tensor) or velocity.shape != table.velocity.shape:
+                raise _refuse(f"history table {k} has no velocity of its table's shape")
+            if not bool(torch.isfinite(velocity).all()):
+                raise _refuse(f"history table {k}'s velocity is not finite")
         frozen = s.get("frozen_at", -1)
         if isinstance(frozen, bool) or not isinstance(frozen, int) or not -1 <= frozen <= steps:
             raise _refuse(f"history table {k}'s frozen step {frozen!r} is not in [-1, {steps}]")
