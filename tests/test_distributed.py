@@ -62,11 +62,17 @@ def _local(batch: tuple[torch.Tensor, ...], step: int, rank: int, world: int) ->
 
 
 def _toy_run(
-    engine: PrivacyEngine, mode: str, rank: int, world: int, sigma: float, clip: float = CLIP
+    engine: PrivacyEngine,
+    mode: str,
+    rank: int,
+    world: int,
+    sigma: float,
+    clip: float = CLIP,
+    momentum: float = 0.0,
 ) -> Toy:
     torch.manual_seed(0)
     model = Toy()
-    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=momentum)
     model, opt, _ = engine.make_private(
         module=model,
         optimizer=opt,
@@ -180,6 +186,13 @@ def _worker(rank: int, world: int, store_path: str, out_dir: str) -> None:
         model = _toy_run(DistributedPrivacyEngine(), mode, rank, world, sigma=SIGMA)
         results[f"digest/{mode}"] = _digest(model)
         results[f"noisy/{mode}"] = _params(model)
+    # LazyDP with momentum: each row's velocity is caught up (and noised) alike on every rank.
+    engine = DistributedPrivacyEngine()
+    results["equiv/lazydp-momentum"] = _params(
+        _toy_run(engine, "lazydp", rank, world, sigma=0.0, momentum=0.9)
+    )
+    model = _toy_run(DistributedPrivacyEngine(), "lazydp", rank, world, SIGMA, momentum=0.9)
+    results["digest/lazydp-momentum"] = _digest(model)
     for mode, wd in (
         ("dpsgd_f", 0),
         ("dpsgd_b", 0),
@@ -264,3 +277,12 @@ def test_sharded_table_trains_like_the_replicated_one(ranks: list, mode: str, wd
     for name in rep:
         torch.testing.assert_close(sh[name], rep[name], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(ranks[1][f"{key}/sharded"][name], rep[name])
+
+
+def test_lazy_momentum_replicas_agree_and_equal_one_process(ranks: list) -> None:
+    assert ranks[0]["digest/lazydp-momentum"] == ranks[1]["digest/lazydp-momentum"]
+    one = _params(_toy_run(PrivacyEngine(), "lazydp", 0, 1, sigma=0.0, momentum=0.9))
+    for name, want in one.items():
+        for r in range(2):
+            got = ranks[r]["equiv/lazydp-momentum"][name]
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
