@@ -79,6 +79,7 @@ class MomentumPrefix:
         self._phi = torch.tensor([[1.0, 0.0, 0.0, 1.0]], dtype=torch.float64)  # a11 a12 a21 a22
         self._sigma = torch.zeros(1, 3, dtype=torch.float64)  # s11 s12 s22
         self._mean = torch.zeros(1, 2, dtype=torch.float64)
+        self._coef: Tensor | None = None  # pending()'s table for the current step
 
     def append_step(self, step: SgdStep) -> None:
         check_momentum(step)
@@ -101,6 +102,7 @@ class MomentumPrefix:
         self._phi = torch.cat([phi, self._phi.new_tensor([[1.0, 0.0, 0.0, 1.0]])])
         self._sigma = torch.cat([sigma, sigma.new_zeros(1, 3)])
         self._mean = torch.cat([mean, mean.new_zeros(1, 2)])
+        self._coef = None
         self.steps += 1
 
     def update_alpha(self, step: SgdStep, expected_batch_size: float) -> tuple[float, float]:
@@ -112,17 +114,20 @@ class MomentumPrefix:
             (a11 * b2 - a21 * b1) / (det * expected_batch_size),
         )
 
-    def pending(self, applied: Tensor, t: int) -> tuple[Tensor, Tensor, Tensor]:
-        """Per row: Phi (n, 4), the Cholesky factor of Sigma (n, 3: l11, l21, l22), m (n, 2)."""
+    def pending(self, applied: Tensor, t: int, dtype: torch.dtype) -> Tensor:
+        """Per row, in ``dtype``: (n, 9) columns Phi (a11 a12 a21 a22), Sigma's Cholesky factor
+        (l11 l21 l22) and m (m1 m2) -- one gather from a table computed once per step for the
+        whole window (shared by every table on this prefix), not per row."""
         if t != self.steps:
             raise PrivacyError(f"momentum catch-up to step {t}, but the prefix is at {self.steps}")
-        index = (applied - self.base).long()
-        phi = self._phi.index_select(0, index)
-        s11, s12, s22 = self._sigma.index_select(0, index).unbind(1)
-        l11 = s11.clamp_min(0).sqrt()
-        l21 = torch.where(l11 > 0, s12 / l11.clamp_min(1e-300), torch.zeros_like(s12))
-        l22 = (s22 - l21 * l21).clamp_min(0).sqrt()  # rounding may leave -1e-17 for rank 1
-        return phi, torch.stack([l11, l21, l22], 1), self._mean.index_select(0, index)
+        if self._coef is None or self._coef.dtype != dtype:
+            s11, s12, s22 = self._sigma.unbind(1)
+            l11 = s11.clamp_min(0).sqrt()
+            l21 = torch.where(l11 > 0, s12 / l11.clamp_min(1e-300), torch.zeros_like(s12))
+            l22 = (s22 - l21 * l21).clamp_min(0).sqrt()  # rounding may leave -1e-17 for rank 1
+            chol = torch.stack([l11, l21, l22], 1)
+            self._coef = torch.cat([self._phi, chol, self._mean], 1).to(dtype)
+        return self._coef.index_select(0, (applied - self.base).long())
 
     def needs_rebase(self) -> bool:
         return self._phi.shape[0] > MAX_WINDOW
@@ -130,6 +135,7 @@ class MomentumPrefix:
     def rebase(self) -> None:
         """Drop every start before the current step (only after all its tables were flushed)."""
         self._phi, self._sigma, self._mean = self._phi[-1:], self._sigma[-1:], self._mean[-1:]
+        self._coef = None
         self.base = self.steps
 
     def state_dict(self) -> dict[str, object]:
@@ -146,6 +152,7 @@ class MomentumPrefix:
         self.steps, self.base = int(state["steps"]), int(state["base"])
         self._phi, self._sigma = state["phi"].clone(), state["sigma"].clone()
         self._mean = state["mean"].clone()
+        self._coef = None
 
     @staticmethod
     def check_state(state: Any) -> tuple[int, int]:
@@ -190,20 +197,17 @@ class MomentumTable(LazyTable):
     def _apply(self, rows: Tensor, applied: Tensor, t: int, write: bool = True) -> Tensor | None:
         if rows.numel() == 0:
             return None
-        phi, chol, mean = self.prefix.pending(applied, t)
         w, v = self.weight.index_select(0, rows), self.velocity.index_select(0, rows)
-
-        def col(x: Tensor) -> Tensor:
-            return x.to(w.dtype).unsqueeze(1)
-
-        new_w = w * col(phi[:, 0]) + v * col(phi[:, 1])
-        new_v = w * col(phi[:, 2]) + v * col(phi[:, 3])
+        c = self.prefix.pending(applied, t, w.dtype)  # columns: Phi, Cholesky factor, mean
+        new_w = torch.addcmul(w * c[:, 0:1], v, c[:, 1:2])
+        new_v = torch.addcmul(w * c[:, 2:3], v, c[:, 3:4])
         s = self.noise_std
         with self.timer.phase("lazy_catch_up_noise"):
             if active_override() is not None:  # constants through the same code as draws
-                zeros = torch.zeros_like(mean[:, 0])
-                new_w.add_(self.noise.aggregated(mean[:, 0], zeros, w.shape[1], w.dtype), alpha=s)
-                new_v.add_(self.noise.aggregated(mean[:, 1], zeros, w.shape[1], w.dtype), alpha=s)
+                m = c[:, 7:9].double()
+                zeros = torch.zeros_like(m[:, 0])
+                new_w.add_(self.noise.aggregated(m[:, 0], zeros, w.shape[1], w.dtype), alpha=s)
+                new_v.add_(self.noise.aggregated(m[:, 1], zeros, w.shape[1], w.dtype), alpha=s)
             else:
                 n, d = w.shape
                 z = (
@@ -211,10 +215,8 @@ class MomentumTable(LazyTable):
                     if self.pool.serves(2 * n * d) and w.dtype == torch.float32
                     else self.noise.normal_(torch.empty(2 * n * d, dtype=w.dtype))
                 ).view(2, n, d)
-                new_w.addcmul_(z[0], col(chol[:, 0]), value=s)
-                new_v.addcmul_(z[0], col(chol[:, 1]), value=s).addcmul_(
-                    z[1], col(chol[:, 2]), value=s
-                )
+                new_w.addcmul_(z[0], c[:, 4:5], value=s)
+                new_v.addcmul_(z[0], c[:, 5:6], value=s).addcmul_(z[1], c[:, 6:7], value=s)
         if write:
             self.weight.index_copy_(0, rows, new_w)
         self.velocity.index_copy_(0, rows, new_v)
