@@ -7,7 +7,9 @@ final model has exactly the DP-SGD distribution.
 
 State per table (the *history table*): for each row, the step up to which its noise has been applied
 (int32: 4 bytes per row). Per parameter group: prefix sums of lr and lr^2 over steps (so any LR
-schedule is exact; the sum of lr is only used by the constant-noise test override).
+schedule is exact; the sum of lr is only used by the constant-noise test override). SGD's weight
+decay is deferred with the noise through a prefix product (:class:`LrPrefix`); SGD with momentum
+keeps a velocity per row and is in ``lazy_momentum.py``.
 
 Invariant: no row is observed with pending noise. ``catch_up(rows, t)`` runs before every forward
 lookup (training or evaluation), ``flush(t)`` before state_dict / export / end of an epoch.
