@@ -84,12 +84,17 @@ def test_a_second_engine_on_a_captured_model_is_refused_until_the_first_detaches
     _private(model)
 
 
-def test_freezing_and_unfreezing_a_table_matches_eager_dp_sgd():
+@pytest.mark.parametrize(
+    "sgd", [{}, {"weight_decay": 0.05}, {"momentum": 0.9}, {"momentum": 0.8, "nesterov": True}]
+)
+def test_freezing_and_unfreezing_a_table_matches_eager_dp_sgd(sgd):
+    """A frozen table neither moves nor decays, and its velocity waits (torch skips a parameter
+    without a gradient); the lazy path owes it nothing while frozen."""
     batches = make_batches(9, seed=5)
     out = {}
     with constant_noise(0.9):
         for mode in ("dpsgd_f", "lazydp"):
-            model, opt, sched, engine = build(mode)
+            model, opt, sched, engine = build(mode, **sgd)
             evals = []
             for i, b in enumerate(batches):
                 if i == 3:
