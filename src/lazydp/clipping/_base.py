@@ -48,6 +48,21 @@ class BagFactors:
     per_bag: Tensor  # (bags, dim)
     w: Tensor | None = None  # (n,)
     length: int = 1  # entries per bag when ``bag`` is None (1: pooling 1)
+    # (bags,): a factor per bag (the clip factors), applied with w as the per-row sums' weights
+    # instead of scaling per_bag (one (bags, dim) multiply and temporary less per table).
+    bag_scale: Tensor | None = None
+
+    def entry_weights(self) -> Tensor | None:
+        """(n,) weight of each entry: w times its bag's scale (None: all 1)."""
+        if self.bag_scale is None:
+            return self.w
+        if self.bag is not None:
+            scale = self.bag_scale.index_select(0, self.bag)
+        elif self.length > 1:
+            scale = self.bag_scale.repeat_interleave(self.length)
+        else:
+            scale = self.bag_scale
+        return scale if self.w is None else scale * self.w.to(scale.dtype)
 
     def values(self) -> Tensor:
         if self.bag is not None:
@@ -56,7 +71,8 @@ class BagFactors:
             rows = self.per_bag.repeat_interleave(self.length, 0)
         else:
             rows = self.per_bag
-        return rows if self.w is None else rows * self.w.to(rows.dtype)[:, None]
+        w = self.entry_weights()
+        return rows if w is None else rows * w.to(rows.dtype)[:, None]
 
 
 class SparseRows:
@@ -90,7 +106,7 @@ class SparseRows:
         """Values summed per distinct row of ``groups`` (built from these ``indices``)."""
         if self.factors is not None:  # cheaper than the values even once they are built
             f = self.factors
-            return groups.sum_gathered(f.per_bag, f.bag, f.w, f.length)
+            return groups.sum_gathered(f.per_bag, f.bag, f.entry_weights(), f.length)
         return groups.sum_per_row(self.values)
 
     def coalesce(self) -> SparseRows:

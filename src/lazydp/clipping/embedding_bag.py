@@ -279,8 +279,9 @@ class EmbeddingBagClipper(LayerClipper):
         bags, batch = _all_bags(module, calls)
         cw = clip_factors(c, batch, calls[0].grad_output)
         ids = _cat([b.ids for b in bags])
-        # Entry j of call k carries w_j * cw[b] * g^k[b] for its bag b: kept per bag (factors).
-        per_bag = _cat([call.grad_output.detach() * cw[:, None] for call in calls])
+        # Entry j of call k carries w_j * cw[b] * g^k[b] for its bag b: kept per bag (factors),
+        # cw as a per-bag weight of the sums rather than multiplied into g.
+        per_bag = _cat([call.grad_output.detach() for call in calls])
         bag: Tensor | None = None  # one call, one lookup per bag: entry j is bag j
         length = 1
         if len(bags) == 1 and bags[0].bag_index is None and bags[0].length > 1:
@@ -289,7 +290,8 @@ class EmbeddingBagClipper(LayerClipper):
             bag = _cat([b.bag if k == 0 else b.bag + k * batch for k, b in enumerate(bags)])
         dtype = per_bag.dtype
         w = None if all(b.w is None for b in bags) else _cat([b.weights(dtype) for b in bags])
-        factors = BagFactors(bag, per_bag, w, length)
+        scale = cw if len(calls) == 1 else cw.repeat(len(calls))
+        factors = BagFactors(bag, per_bag, w, length, scale)
         return {"weight": SparseRows(ids, factors, module.num_embeddings)}
 
     def per_sample(self, module: nn.Module, calls: list[Call]) -> dict[str, PerSample]:
