@@ -246,3 +246,18 @@ def test_a_damaged_momentum_state_is_refused_before_anything_loads(tmp_path, dam
         engine.load_checkpoint(tmp_path / "bad.pt")
     after = snapshot(model)
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("mode", ["dpsgd_b", "dpsgd_f"])
+def test_eager_modes_stream_momentum_tables_in_torchs_own_buffer(mode):
+    """No table-sized gradient: the tables' velocity is torch's momentum buffer, updated in
+    place by the streaming pass (so optimizer.state_dict() carries it)."""
+    model, opt, sched, engine = build(mode, momentum=0.9)
+    for b in make_batches(3):
+        step(model, opt, sched, b)
+    tables = opt.originals[-1]
+    for weight in (model.bag.weight, model.emb.weight):
+        assert weight.grad is None
+        buffer = tables.state[weight]["momentum_buffer"]
+        assert buffer.shape == weight.shape and bool(buffer.abs().sum() > 0)
+    assert "momentum_buffer" in str(tables.state_dict()["state"][0].keys())

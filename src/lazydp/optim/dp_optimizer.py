@@ -85,12 +85,8 @@ def clip_factors(norms2: Tensor, max_grad_norm: float) -> Tensor:
 
 
 def sgd_weight_decay(optimizer: Optimizer | None, group: dict[str, Any]) -> float | None:
-    """The weight decay of an SGD group without momentum or maximize, else None.
-
-    Such an update is a per-step factor and a sum (``W <- (1 - lr wd) W - lr g``), which
-    LazyDP defers exactly and the eager table pass streams; momentum makes a row's pending
-    update depend on its own history (a velocity per row), adaptive optimizers on the noise.
-    """
+    """The weight decay of an SGD group without momentum or maximize, else None: the update
+    sharded tables apply (``W <- (1 - lr wd) W - lr g``, no velocity to shard)."""
     if (
         not isinstance(optimizer, torch.optim.SGD)
         or group.get("momentum", 0)
@@ -412,11 +408,10 @@ class DPOptimizer(OptimizerGroup):
     @torch.no_grad()
     def _update(self, sums: dict[nn.Parameter, ClippedSum]) -> None:
         p = self.privacy
-        eager_tables: list[tuple[nn.Parameter, float, float]] = []
+        eager_tables: list[tuple[nn.Parameter, Optimizer, SgdStep]] = []
         dense: list[nn.Parameter] = []  # noised together below: one generator call, all threads
         for opt, group in ((o, g) for o in self.originals for g in o.param_groups):
-            lr = float(group["lr"])
-            wd = sgd_weight_decay(opt, group)
+            sgd = sgd_step(opt, group)
             for q in group["params"]:
                 if q in self.lazy and self.lazy[q].sync_frozen(self.steps_done):
                     continue  # frozen: no update, and (flushed once) no noise while it sits out
@@ -435,9 +430,9 @@ class DPOptimizer(OptimizerGroup):
                         # its coalesce and its row update apart).
                         alpha = table.prefix.update_alpha(self._sgd_step(q), p.expected_batch_size)
                         table.update(s, alpha)
-                elif q in self.tables and wd is not None:
+                elif q in self.tables and sgd is not None:
                     q.grad = None  # updated below in one streaming pass, never a dense gradient
-                    eager_tables.append((q, lr, wd))
+                    eager_tables.append((q, opt, sgd))
                 else:
                     dense.append(q)
         grads = noisy_dense_grads(
@@ -454,18 +449,27 @@ class DPOptimizer(OptimizerGroup):
         with self.timer.phase("param_update"):
             for o in self.originals:
                 o.step()
-        for q, lr, wd in eager_tables:
+        for q, opt, sgd in eager_tables:
             module = self.tables[q].module
+            velocity = None
+            if sgd.momentum:  # torch's own buffer: checkpoints and state_dict() keep it
+                state = opt.state[q]
+                if state.get("momentum_buffer") is None:
+                    state["momentum_buffer"] = torch.zeros_like(q)
+                velocity = state["momentum_buffer"]
             eager_table_sgd(
                 q,
                 sums.get(q),
-                lr,
+                sgd.lr,
                 self.noise.fork(self._table_stream[q]),
                 p.noise_std,
                 p.expected_batch_size,
                 getattr(module, "padding_idx", None),
                 self.timer,
-                weight_decay=wd,
+                weight_decay=sgd.weight_decay,
+                momentum=sgd.momentum,
+                nesterov=sgd.nesterov,
+                velocity=velocity,
             )
         with self.timer.phase("lazy_bookkeeping"):
             seen: set[int] = set()

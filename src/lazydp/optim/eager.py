@@ -77,39 +77,70 @@ def eager_table_sgd(
     padding_idx: int | None,
     timer: PhaseTimer,
     weight_decay: float = 0.0,
+    momentum: float = 0.0,
+    nesterov: bool = False,
+    velocity: Tensor | None = None,
 ) -> None:
-    """W <- (1 - lr*wd) W - lr/B * sum_i c_i g_i + lr*noise_std/B * z, streamed over the table.
+    """torch's SGD step on the noisy gradient g = (sum_i c_i g_i + noise_std z) / B, streamed
+    over the table in place: no table-sized gradient is ever allocated.
 
-    That is torch's SGD step ``W - lr (g + wd W)`` on the noisy gradient g. z is symmetric, so
-    adding it equals subtracting it in distribution; LazyDP's catch-up adds with the same sign,
-    which keeps the constant-noise equivalence test exact. The padding row keeps its value: its
-    gradient is identically zero, so it owes no noise, and LazyDP never catches it up (so it
-    does not decay there either; nn.Embedding's pad is zero, which decay leaves as it is).
+    Without momentum: ``W <- (1 - lr wd) W - lr g``. With momentum mu (``velocity``: torch's
+    momentum buffer of this table, updated in place; dampening 0): ``v <- mu v + wd W + g``,
+    then ``W <- W - lr v``, or with Nesterov ``W <- W - lr (wd W + g + mu v)``, streamed as
+    ``W' = W + lr mu v_old``, ``v <- mu (1 - lr wd) v_old + wd W' + g``, ``W <- W' - lr (1+mu) v``
+    (the same numbers, without a second table-sized buffer).
+
+    z is symmetric, so adding it equals subtracting it in distribution; LazyDP's catch-up adds
+    with the same sign, which keeps the constant-noise equivalence test exact. The padding row
+    keeps its value: its gradient is identically zero, so it owes no noise, and LazyDP never
+    catches it up (so it does not decay there either; nn.Embedding's pad is zero, which decay
+    leaves as it is).
     """
     saved = None
-    if padding_idx is not None and (noise_std > 0 or weight_decay):
+    if padding_idx is not None and (noise_std > 0 or weight_decay or momentum):
         saved = weight[padding_idx].clone()
-    if weight_decay:
+    b = expected_batch_size
+    if momentum:
+        assert velocity is not None
         with timer.phase("param_update"):
-            weight.mul_(1.0 - lr * weight_decay)
-    if noise_std > 0:
-        with timer.phase("noise"):
-            noise.add_normal_(weight, lr * noise_std / expected_batch_size)
+            if nesterov:
+                weight.add_(velocity, alpha=lr * momentum)
+                velocity.mul_(momentum * (1.0 - lr * weight_decay))
+            else:
+                velocity.mul_(momentum)
+            if weight_decay:
+                velocity.add_(weight, alpha=weight_decay)
+        _noise_and_rows(velocity, clipped, noise, noise_std / b, 1.0 / b, timer)
+        with timer.phase("param_update"):
+            weight.add_(velocity, alpha=-lr * (1.0 + momentum) if nesterov else -lr)
+    else:
+        if weight_decay:
+            with timer.phase("param_update"):
+                weight.mul_(1.0 - lr * weight_decay)
+        _noise_and_rows(weight, clipped, noise, lr * noise_std / b, -lr / b, timer)
     if saved is not None:
         weight[padding_idx] = saved
+
+
+def _noise_and_rows(
+    target: Tensor,
+    clipped: ClippedSum | None,
+    noise: GaussianNoise,
+    std: float,
+    alpha: float,
+    timer: PhaseTimer,
+) -> None:
+    """``target += std * z + alpha * clipped`` (z ~ N(0, I)), the clipped rows coalesced first."""
+    if std > 0:
+        with timer.phase("noise"):
+            noise.add_normal_(target, std)
     if clipped is None:
         return
-    if isinstance(clipped, SparseRows) and sorts_rows(weight):
+    if isinstance(clipped, SparseRows) and sorts_rows(target):
         with timer.phase("coalesce"):  # duplicated rows summed (the paper's own row)
             clipped = clipped.coalesce()
     with timer.phase("param_update"):
         if isinstance(clipped, SparseRows):
-            add_rows_(
-                weight,
-                clipped.indices,
-                clipped.values,
-                -lr / expected_batch_size,
-                clipped.coalesced,
-            )
+            add_rows_(target, clipped.indices, clipped.values, alpha, clipped.coalesced)
         else:
-            weight.add_(clipped, alpha=-lr / expected_batch_size)
+            target.add_(clipped, alpha=alpha)
