@@ -17,6 +17,7 @@ from lazydp.bench.harness import (
     CATCH_UP_ROW,
     TOP_ROWS,
     UPDATE_PARTS,
+    _ModeRunner,
     aggregate,
     breakdown,
     run_mode,
@@ -349,8 +350,21 @@ def test_noise_floor_uses_the_specs_statistic(monkeypatch, statistic, ms):
     ("field", "value"),
     [("lr", 0.0), ("lr", -1.0), ("lr", float("nan")), ("lr", float("inf")), ("lr", "0.1"),
      ("lr", True), ("dense_only", "false"), ("dense_only", 1), ("seed", -1), ("seed", 1.5),
-     ("seed", True), ("locality", "zipf:"), ("locality", 2)],
+     ("seed", True), ("locality", "zipf:"), ("locality", 2), ("table_momentum", 1.0),
+     ("table_momentum", -0.1)],
 )  # fmt: skip
 def test_spec_refuses_bad_values_naming_the_field(field, value):
     with pytest.raises(ConfigError, match=field):
         replace(TINY, **{field: value})
+
+
+@pytest.mark.parametrize("mode", ["sgd", "dpsgd_f", "lazydp"])
+def test_table_momentum_reaches_every_mode_and_its_label(mode):
+    spec = replace(TINY, table_momentum=0.9)
+    assert spec.label.endswith(" mu=0.9") and TINY.label != spec.label
+    r = time_mode(spec, mode)
+    assert r.status == "ok" and r.breakdown_ms["total"] > 0
+    assert r.estimate["velocity"] == r.table_bytes
+    opt = _ModeRunner(spec, mode).opt
+    groups = [g for o in (opt.opts if mode == "sgd" else opt.originals) for g in o.param_groups]
+    assert [g["momentum"] for g in groups] == [0, 0.9]  # MLPs plain, tables with momentum

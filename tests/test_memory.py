@@ -24,6 +24,7 @@ PARTS = (
     "gradients",
     "per_example_grads",
     "activations",
+    "velocity",
 )
 
 
@@ -129,3 +130,18 @@ def test_available_memory_is_plausible():
         assert 0 < available <= total_kb * 1024
     else:
         assert available > 0
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_table_momentum_adds_a_velocity_the_size_of_the_tables(mode):
+    cfg = paper_config("rmc1", scale=0.01)
+    plain = estimate_training_bytes(cfg, mode, 2048)
+    est = estimate_training_bytes(cfg, mode, 2048, momentum=True)
+    assert plain["velocity"] == 0 and est["velocity"] == table_bytes(cfg)
+    assert est["total"] == plain["total"] + table_bytes(cfg)
+    assert est["row_bytes"] == plain["row_bytes"] + table_bytes(cfg)
+    small = largest_scale_that_fits("rmc1", mode, 2048, available_bytes=20 * 10**9)
+    with_velocity = largest_scale_that_fits(
+        "rmc1", mode, 2048, available_bytes=20 * 10**9, momentum=True
+    )
+    assert 0 < with_velocity < small

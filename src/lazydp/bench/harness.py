@@ -170,7 +170,9 @@ def aggregate(steps: list[dict[str, float]], statistic: str = "mean") -> dict[st
 def estimate_for(spec: BenchSpec, mode: str) -> dict[str, Any]:
     """bench.memory's estimate of the peak bytes of ``mode`` on ``spec`` (tables dropped if
     ``dense_only``)."""
-    est = memory.estimate_training_bytes(spec.model_config, mode, spec.batch_size)
+    est = memory.estimate_training_bytes(
+        spec.model_config, mode, spec.batch_size, momentum=spec.table_momentum > 0
+    )
     if spec.dense_only:
         est = {**est, "total": est["total"] - est["row_bytes"], "row_bytes": 0}
     return est
@@ -200,7 +202,7 @@ def peak_rss_bytes() -> int:
 
 def _private(model: torch.nn.Module, spec: BenchSpec, mode: str) -> tuple[Any, Any]:
     """(optimizer, engine) for ``mode``: plain SGD for ``sgd``, a PrivacyEngine otherwise."""
-    opts = build_optimizers(model, spec.lr)
+    opts = build_optimizers(model, spec.lr, spec.table_momentum)
     if mode == "sgd":
         return _Both(opts), None
     from lazydp.engine import PrivacyEngine

@@ -36,11 +36,14 @@ def _layers(cfg: DLRMConfig) -> list[tuple[int, int]]:
 
 
 def estimate_training_bytes(
-    cfg: DLRMConfig, mode: str, batch_size: int, dtype_bytes: int = 4
+    cfg: DLRMConfig, mode: str, batch_size: int, dtype_bytes: int = 4, momentum: bool = False
 ) -> dict[str, Any]:
     """Estimated peak host bytes of one training step, by component, plus ``total``.
 
-    Keys: ``parameters``, ``history_table``, ``noise_buffer``, ``gradients``,
+    ``momentum``: the tables' SGD keeps a velocity as large as the tables (LazyDP's per-row
+    velocity, or torch's momentum buffer; sgd's sparse buffer grows towards that size).
+
+    Keys: ``parameters``, ``history_table``, ``velocity``, ``noise_buffer``, ``gradients``,
     ``per_example_grads``, ``activations``, ``total`` (bytes, int); ``row_bytes`` (the part that
     grows with table rows); and the inputs ``config``, ``scale``, ``mode``, ``batch_size``,
     ``pooling``, ``embedding_dim``, ``dtype_bytes``.
@@ -59,6 +62,7 @@ def estimate_training_bytes(
     sparse_grad = looked_up * (d * dtype_bytes + ID_BYTES)
     history = cfg.total_rows * HISTORY_BYTES_PER_ROW if mode == "lazydp" else 0
     noise = max(cfg.table_rows) * d * dtype_bytes if mode.startswith("dpsgd") else 0
+    velocity = table_bytes(cfg, dtype_bytes) if momentum else 0
     per_example = {
         "dpsgd_b": b * (mlp_params * dtype_bytes) + sparse_grad,
         "dpsgd_r": b * max(i * o + o for i, o in layers) * dtype_bytes,  # one layer at a time
@@ -70,6 +74,7 @@ def estimate_training_bytes(
     parts = {
         "parameters": table_bytes(cfg, dtype_bytes) + mlp_params * dtype_bytes,
         "history_table": history,
+        "velocity": velocity,
         "noise_buffer": noise,
         "gradients": mlp_params * dtype_bytes + sparse_grad,
         "per_example_grads": per_example,
@@ -78,7 +83,7 @@ def estimate_training_bytes(
     return {
         **parts,
         "total": sum(parts.values()),
-        "row_bytes": table_bytes(cfg, dtype_bytes) + history + noise,
+        "row_bytes": table_bytes(cfg, dtype_bytes) + history + noise + velocity,
         "config": cfg.name,
         "scale": cfg.scale,
         "mode": mode,
@@ -86,6 +91,7 @@ def estimate_training_bytes(
         "pooling": cfg.pooling,
         "embedding_dim": d,
         "dtype_bytes": dtype_bytes,
+        "momentum": momentum,
     }
 
 
@@ -149,6 +155,7 @@ def largest_scale_that_fits(
     dtype_bytes: int = 4,
     available_bytes: int | None = None,
     headroom: float = 0.85,
+    momentum: bool = False,
 ) -> float:
     """Largest ``scale`` of a paper config whose estimate fits in ``headroom`` x available memory
     (0.0 when even the MLPs and activations alone do not fit).
@@ -160,7 +167,7 @@ def largest_scale_that_fits(
 
     def total(scale: float) -> dict[str, Any]:
         cfg = paper_config(config_name, scale, pooling=pooling, embedding_dim=embedding_dim)
-        return estimate_training_bytes(cfg, mode, batch_size, dtype_bytes)
+        return estimate_training_bytes(cfg, mode, batch_size, dtype_bytes, momentum)
 
     scale = _linear_scale(total(1.0), budget)
     # Rounding rows (and tables that stay at one row) can overshoot the linear answer slightly.
@@ -199,6 +206,7 @@ def check_fits(
             dtype_bytes=estimate["dtype_bytes"],
             available_bytes=available,
             headroom=headroom,
+            momentum=bool(estimate.get("momentum", False)),
         )
     else:
         largest = _linear_scale(estimate, budget)

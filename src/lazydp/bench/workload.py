@@ -69,6 +69,7 @@ class BenchSpec:
     statistic: str = "mean"
     dense_only: bool = False
     lr: float = 0.01
+    table_momentum: float = 0.0  # SGD momentum of the tables' optimizer (every mode)
     noise_multiplier: float = 1.0
     max_grad_norm: float = 1.0
     seed: int = 0
@@ -104,6 +105,13 @@ class BenchSpec:
         v.check_max_grad_norm(self.max_grad_norm)
         # lr=0 or NaN would time steps that update nothing (or poison the weights) unnoticed.
         v.check_positive_real("lr", self.lr, "It is the SGD step size, e.g. lr: 0.01.")
+        v.check_real(
+            "table_momentum",
+            self.table_momentum,
+            "a number in [0, 1) (SGD momentum of the tables)",
+            lambda mu: 0 <= mu < 1,
+            "Pass e.g. --table-momentum 0.9, or 0 for plain SGD.",
+        )
         if not isinstance(self.dense_only, bool):  # "false" from a YAML string is truthy
             raise ConfigError(f"dense_only must be true or false; got {self.dense_only!r}.")
         seed = self.seed
@@ -136,6 +144,8 @@ class BenchSpec:
             text += f" d={cfg.embedding_dim}"
         if self.locality != "uniform":
             text += f" {self.locality}"
+        if self.table_momentum:
+            text += f" mu={self.table_momentum:g}"
         return text
 
     def table_bytes(self) -> int:
@@ -179,12 +189,15 @@ def split_params(model: nn.Module) -> tuple[list[Tensor], list[Tensor]]:
     return tables, [p for p in model.parameters() if id(p) not in ids]
 
 
-def build_optimizers(model: nn.Module, lr: float) -> list[torch.optim.Optimizer]:
-    """torch.optim.SGD for the MLPs, and another for the tables (plain SGD: LazyDP-exact)."""
+def build_optimizers(
+    model: nn.Module, lr: float, table_momentum: float = 0.0
+) -> list[torch.optim.Optimizer]:
+    """torch.optim.SGD for the MLPs, and another for the tables (plain, or with
+    ``table_momentum``: both LazyDP-exact)."""
     tables, dense = split_params(model)
     opts: list[torch.optim.Optimizer] = [torch.optim.SGD(dense, lr=lr)]
     if tables:
-        opts.append(torch.optim.SGD(tables, lr=lr))
+        opts.append(torch.optim.SGD(tables, lr=lr, momentum=table_momentum))
     return opts
 
 

@@ -67,6 +67,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, help="fixed batch size (default 2048)")
     p.add_argument("--pooling", type=int, help="ids per bag (default: the config's)")
     p.add_argument("--embedding-dim", type=int, help="override d (default: the config's)")
+    p.add_argument("--table-momentum", type=float, help="SGD momentum of the tables (default 0)")
     p.add_argument("--locality", help="uniform (default), zipf:<a> or movielens")
     p.add_argument("--modes", help=f"comma-separated, from {','.join(BENCH_MODES)}")
     p.add_argument("--iterations", type=int, help="steps per mode (default 30)")
