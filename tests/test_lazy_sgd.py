@@ -261,3 +261,24 @@ def test_eager_modes_stream_momentum_tables_in_torchs_own_buffer(mode):
         buffer = tables.state[weight]["momentum_buffer"]
         assert buffer.shape == weight.shape and bool(buffer.abs().sum() > 0)
     assert "momentum_buffer" in str(tables.state_dict()["state"][0].keys())
+
+
+@pytest.mark.parametrize("damage", ["shape", "nan"])
+def test_a_damaged_momentum_buffer_in_a_checkpoint_is_refused(tmp_path, damage):
+    """dpsgd_f keeps the tables' velocity in torch's momentum buffer: a wrong one would fail
+    inside the next step, after the charge, so loading refuses it."""
+    model, opt, sched, engine = build("dpsgd_f", momentum=0.9, ledger_path=tmp_path / "l")
+    for b in make_batches(2):
+        step(model, opt, sched, b)
+    path = engine.save_checkpoint(tmp_path / "ck.pt")
+    state = torch.load(path, weights_only=True)
+    buffers = state["optimizer"]["optimizers"][-1]["state"][0]
+    buffers["momentum_buffer"] = (
+        buffers["momentum_buffer"][:-1]
+        if damage == "shape"
+        else buffers["momentum_buffer"] * float("nan")
+    )
+    torch.save(state, tmp_path / "bad.pt")
+    model, opt, sched, engine = build("dpsgd_f", momentum=0.9, ledger_path=tmp_path / "l")
+    with pytest.raises(PrivacyError, match="momentum_buffer"):
+        engine.load_checkpoint(tmp_path / "bad.pt")

@@ -52,6 +52,26 @@ def check_optimizer_state(originals: Sequence[Optimizer], state: Any) -> None:
                 f"optimizer {k} ({type(o).__name__}) has parameter groups of sizes {mine}, the "
                 f"checkpoint's has {sizes}"
             )
+        _check_param_states(k, o, groups, s["state"])
+
+
+def _check_param_states(k: int, o: Optimizer, groups: list[Any], states: dict[Any, Any]) -> None:
+    """Every per-parameter buffer (momentum, Adam's moments) has its parameter's shape and is
+    finite: a wrong one would otherwise fail inside the next step, after its charge."""
+    params = [p for g in o.param_groups for p in g["params"]]
+    ids = [i for g in groups for i in g.get("params", ())]
+    for index, param in zip(ids, params):
+        entry = states.get(index, {})
+        for name, value in entry.items() if isinstance(entry, dict) else ():
+            if not isinstance(value, Tensor) or value.dim() == 0:
+                continue  # step counters and other scalars
+            if value.shape != param.shape:
+                raise _refuse(
+                    f"optimizer {k}'s {name!r} has shape {tuple(value.shape)} for a parameter "
+                    f"of shape {tuple(param.shape)}"
+                )
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                raise _refuse(f"optimizer {k}'s {name!r} is not finite")
 
 
 def check_lazy_state(
