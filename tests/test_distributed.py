@@ -101,6 +101,18 @@ def _digest(model: nn.Module) -> str:
     return h.hexdigest()
 
 
+# (mode, SGD weight decay, SGD momentum) of the sharded-against-replicated comparisons.
+SHARD_RUNS = [
+    ("dpsgd_f", 0, 0),
+    ("dpsgd_b", 0, 0),
+    ("lazydp", 0, 0),
+    ("dpsgd_f", 0.2, 0),
+    ("lazydp", 0.2, 0),
+    ("dpsgd_f", 0.1, 0.9),
+    ("lazydp", 0.1, 0.9),
+]
+
+
 class _ShardModel(nn.Module):
     def __init__(self, sharded: bool) -> None:
         super().__init__()
@@ -114,9 +126,11 @@ class _ShardModel(nn.Module):
         return self.top(torch.cat([torch.relu(self.fc(x)), self.bag(ids)], 1)).squeeze(1)
 
 
-def _shard_run(sharded: bool, mode: str, rank: int, wd: float = 0.0) -> dict[str, torch.Tensor]:
+def _shard_run(
+    sharded: bool, mode: str, rank: int, wd: float = 0.0, mu: float = 0.0
+) -> dict[str, torch.Tensor]:
     model = _ShardModel(sharded)
-    opt = torch.optim.SGD(model.parameters(), lr=0.3, weight_decay=wd)
+    opt = torch.optim.SGD(model.parameters(), lr=0.3, weight_decay=wd, momentum=mu)
     engine = DistributedPrivacyEngine()
     model, opt, _ = engine.make_private(
         module=model,
@@ -193,16 +207,11 @@ def _worker(rank: int, world: int, store_path: str, out_dir: str) -> None:
     )
     model = _toy_run(DistributedPrivacyEngine(), "lazydp", rank, world, SIGMA, momentum=0.9)
     results["digest/lazydp-momentum"] = _digest(model)
-    for mode, wd in (
-        ("dpsgd_f", 0),
-        ("dpsgd_b", 0),
-        ("lazydp", 0),
-        ("dpsgd_f", 0.2),
-        ("lazydp", 0.2),
-    ):
-        with constant_noise(0.5):  # wd: SGD's weight decay on every parameter
-            results[f"shard/{mode}/{wd}/replicated"] = _shard_run(False, mode, rank, wd)
-            results[f"shard/{mode}/{wd}/sharded"] = _shard_run(True, mode, rank, wd)
+    for mode, wd, mu in SHARD_RUNS:
+        with constant_noise(0.5):  # SGD's weight decay and momentum on every parameter
+            key = f"shard/{mode}/{wd}/{mu}"
+            results[f"{key}/replicated"] = _shard_run(False, mode, rank, wd, mu)
+            results[f"{key}/sharded"] = _shard_run(True, mode, rank, wd, mu)
     results["noise/before"], results["noise/after"] = _noise_run("dpsgd_f")
     results["noise_lazy/before"], results["noise_lazy/after"] = _noise_run("lazydp")
     finish_rank(results, rank, out_dir)
@@ -265,12 +274,11 @@ def test_combined_noise_has_std_sigma_c_not_sqrt_w_times(ranks: list, key: str) 
         assert stats.kstest(noise, "norm", args=(0, wrong * std)).pvalue < 1e-6, wrong
 
 
-@pytest.mark.parametrize(
-    ("mode", "wd"),
-    [("dpsgd_f", 0), ("dpsgd_b", 0), ("lazydp", 0), ("dpsgd_f", 0.2), ("lazydp", 0.2)],
-)
-def test_sharded_table_trains_like_the_replicated_one(ranks: list, mode: str, wd: float) -> None:
-    key = f"shard/{mode}/{wd}"
+@pytest.mark.parametrize(("mode", "wd", "mu"), SHARD_RUNS)
+def test_sharded_table_trains_like_the_replicated_one(
+    ranks: list, mode: str, wd: float, mu: float
+) -> None:
+    key = f"shard/{mode}/{wd}/{mu}"
     rep, sh = ranks[0][f"{key}/replicated"], ranks[0][f"{key}/sharded"]
     init = _ShardModel(False).state_dict()
     assert (rep["bag.weight"] - init["bag.weight"]).abs().max() > 1e-3

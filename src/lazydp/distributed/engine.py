@@ -47,7 +47,8 @@ from lazydp.distributed.sharded import ShardedEmbeddingBag
 from lazydp.engine import MODES, PrivacyEngine, _atomic_save
 from lazydp.errors import ConfigError, PrivacyError, UnsupportedOptimizerError
 from lazydp.noise import GaussianNoise
-from lazydp.optim.dp_optimizer import sgd_weight_decay
+from lazydp.optim.dp_optimizer import sgd_step
+from lazydp.optim.lazy import SgdStep
 
 _SHARD_STREAM = 1 << 32  # seeded runs: shard streams live under (root, 2**32 + rank, table)
 
@@ -195,7 +196,7 @@ class DistributedPrivacyEngine(PrivacyEngine):
 
     def _take_sharded_params(
         self, optimizers: list[Optimizer], mode: str
-    ) -> dict[str, Callable[[], tuple[float, float]]]:
+    ) -> dict[str, Callable[[], SgdStep]]:
         """Remove sharded weights from the optimizers (their owners update them); return, per
         table, how to read its group's current lr and weight decay. A lookup by position, not the group dict:
         ``Optimizer.load_state_dict`` replaces the dicts, and a resumed run's scheduler then
@@ -206,17 +207,17 @@ class DistributedPrivacyEngine(PrivacyEngine):
                 "all-to-all of a ShardedEmbeddingBag; use mode='dpsgd_f' (same update, ghost "
                 "norms), 'dpsgd_b' or 'lazydp'."
             )
-        found: dict[str, Callable[[], tuple[float, float]]] = {}
+        found: dict[str, Callable[[], SgdStep]] = {}
         for opt in optimizers:
             for j, group in enumerate(opt.param_groups):
                 for name, m in self.sharded.items():
                     if any(p is m.weight for p in group["params"]):
-                        if sgd_weight_decay(opt, group) is None:
+                        if sgd_step(opt, group) is None:
                             raise UnsupportedOptimizerError(
                                 f"sharded table {name!r} is in a {type(opt).__name__} group "
-                                "with momentum or maximize; sharded tables are updated by their "
-                                "owners with SGD. Put them in their own torch.optim.SGD "
-                                "(momentum=0; weight_decay may stay)."
+                                "(or SGD with dampening or maximize); sharded tables are "
+                                "updated by their owners with SGD. Put them in their own "
+                                "torch.optim.SGD (weight decay, momentum and Nesterov may stay)."
                             )
                         group["params"] = [p for p in group["params"] if p is not m.weight]
                         found[name] = functools.partial(_group_lr, opt, j)
@@ -341,10 +342,15 @@ class DistributedPrivacyEngine(PrivacyEngine):
         return extra
 
 
-def _group_lr(opt: Optimizer, index: int) -> tuple[float, float]:
-    """(lr, weight decay) of an SGD group, read live (schedulers change them)."""
-    group = opt.param_groups[index]
-    return float(group["lr"]), sgd_weight_decay(opt, group) or 0.0
+def _group_lr(opt: Optimizer, index: int) -> SgdStep:
+    """The SGD hyper-parameters of a sharded table's group, read live (schedulers change them)."""
+    step = sgd_step(opt, opt.param_groups[index])
+    if step is None:
+        raise ConfigError(
+            "a sharded table's optimizer group is no longer SGD without dampening or maximize; "
+            "its owners' update assumes that. Nothing was changed."
+        )
+    return step
 
 
 class _Redacted:

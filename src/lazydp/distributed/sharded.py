@@ -43,10 +43,11 @@ from lazydp.distributed._comm import (
     exchange_counts,
     world,
 )
-from lazydp.errors import ConfigError, InputError, UnsupportedLayerError
+from lazydp.errors import ConfigError, InputError, PrivacyError, UnsupportedLayerError
 from lazydp.noise import GaussianNoise
 from lazydp.optim.eager import eager_table_sgd
-from lazydp.optim.lazy import LazyTable, LrPrefix, check_table_lr, update_alpha
+from lazydp.optim.lazy import LazyTable, LrPrefix, SgdStep, check_table_lr
+from lazydp.optim.lazy_momentum import MomentumPrefix, MomentumTable, check_momentum
 from lazydp.optim.resume import check_lazy_state
 
 
@@ -57,11 +58,12 @@ class _ShardTraining:
     noise: GaussianNoise
     noise_std: float  # sigma * C on the global sum
     expected_batch_size: float
-    # The current (lr, weight decay) of the optimizer param group of this table (SGD).
-    lr: Callable[[], tuple[float, float]]
+    # The current SGD hyper-parameters (lr, weight decay, momentum) of this table's group.
+    sgd: Callable[[], SgdStep]
     lazy: LazyTable | None
     timer: PhaseTimer
     step: int = 0
+    velocity: Tensor | None = None  # eager modes with momentum: this shard's momentum buffer
 
 
 class ShardedEmbeddingBag(nn.Module):
@@ -187,17 +189,19 @@ class ShardedEmbeddingBag(nn.Module):
         noise: GaussianNoise,
         noise_std: float,
         expected_batch_size: float,
-        lr: Callable[[], tuple[float, float]],
+        sgd: Callable[[], SgdStep],
         lazy: bool,
         timer: PhaseTimer,
     ) -> None:
-        """Set up private training (the engine calls this): own noise stream, lr lookup, mode."""
-        table = (
-            LazyTable(self.weight, LrPrefix(), noise, noise_std / expected_batch_size)
-            if lazy
-            else None
-        )
-        self._training = _ShardTraining(noise, noise_std, expected_batch_size, lr, table, timer)
+        """Set up private training (the engine calls this): own noise stream, SGD lookup, mode."""
+        table: LazyTable | None = None
+        if lazy and sgd().momentum > 0:  # a velocity per row, caught up with it
+            table = MomentumTable(
+                self.weight, MomentumPrefix(), noise, noise_std / expected_batch_size
+            )
+        elif lazy:
+            table = LazyTable(self.weight, LrPrefix(), noise, noise_std / expected_batch_size)
+        self._training = _ShardTraining(noise, noise_std, expected_batch_size, sgd, table, timer)
 
     @torch.no_grad()
     def apply_clipped_sum(self, clipped: SparseRows | None) -> None:
@@ -209,8 +213,17 @@ class ShardedEmbeddingBag(nn.Module):
         t = self._training
         if t is None:
             raise ConfigError("apply_clipped_sum before attach: use DistributedPrivacyEngine")
-        lr, wd = t.lr()
-        check_table_lr(lr, wd)  # every rank alike, before the all-to-all and any change
+        step = t.sgd()
+        # Every rank alike, before the all-to-all and any change.
+        if isinstance(t.lazy, MomentumTable):
+            check_momentum(step)
+        elif step.momentum and t.lazy is not None:
+            raise ConfigError(
+                "momentum was switched on for a lazily noised sharded table after make_private; "
+                "set it before. Nothing was changed."
+            )
+        else:
+            check_table_lr(step.lr, step.weight_decay)
         group, dev = self.process_group, comm_device(self.process_group)
         if clipped is None:
             clipped = SparseRows(
@@ -228,22 +241,26 @@ class ShardedEmbeddingBag(nn.Module):
             self.weight.shape[0],
         )
         if t.lazy is None:
+            if step.momentum and t.velocity is None:
+                t.velocity = torch.zeros_like(self.weight)  # torch's first step: from zero
             eager_table_sgd(
                 self.weight,
                 local,
-                lr,
+                step.lr,
                 t.noise,
                 t.noise_std,
                 t.expected_batch_size,
                 None,
                 t.timer,
-                weight_decay=wd,
+                weight_decay=step.weight_decay,
+                momentum=step.momentum,
+                nesterov=step.nesterov,
+                velocity=t.velocity,
             )
         else:
-            alpha = update_alpha(lr, wd, t.expected_batch_size)  # optim/lazy.py: LrPrefix
-            with t.timer.phase("param_update"):
-                self.weight.index_add_(0, local.indices, local.values, alpha=alpha)
-            t.lazy.prefix.append(lr, wd)
+            # The rows were caught up by the forward's union hook (optim/lazy*.py).
+            t.lazy.update(local, t.lazy.prefix.update_alpha(step, t.expected_batch_size))
+            t.lazy.prefix.append_step(step)
         t.step += 1
         if t.lazy is not None and t.lazy.prefix.needs_rebase():
             t.lazy.flush(t.step)  # this rank's rows only: no collective
@@ -254,6 +271,8 @@ class ShardedEmbeddingBag(nn.Module):
         t = self._training
         if t is not None and t.lazy is not None:
             t.lazy.flush(t.step)
+            if isinstance(t.lazy.prefix, MomentumPrefix):
+                t.lazy.prefix.rebase()  # every row is at the step: the window restarts
 
     def pending_rows(self) -> int:
         t = self._training
@@ -266,6 +285,8 @@ class ShardedEmbeddingBag(nn.Module):
         if t is None:
             return {}
         state: dict[str, Any] = {"step": t.step}
+        if t.velocity is not None:
+            state["velocity"] = t.velocity.clone()
         if t.lazy is not None:
             state["lazy"] = t.lazy.state_dict()
             state["prefix"] = t.lazy.prefix.state_dict()
@@ -276,6 +297,16 @@ class ShardedEmbeddingBag(nn.Module):
         t = self._training
         if t is None or not state:
             return
+        velocity = state.get("velocity") if isinstance(state, dict) else None
+        if velocity is not None and (
+            not isinstance(velocity, Tensor)
+            or velocity.shape != self.weight.shape
+            or not bool(torch.isfinite(velocity).all())
+        ):
+            raise PrivacyError(
+                "the checkpoint's momentum buffer of this shard is not a finite tensor of the "
+                "shard's shape; resume with the checkpoint of this run. Nothing was loaded."
+            )
         lazy = [t.lazy] if t.lazy is not None else []
         check_lazy_state(
             lazy,
@@ -292,6 +323,8 @@ class ShardedEmbeddingBag(nn.Module):
         if t is None or not state:
             return
         t.step = int(state["step"])
+        velocity = state.get("velocity")
+        t.velocity = velocity.clone() if isinstance(velocity, Tensor) else None
         if t.lazy is not None:
             t.lazy.load_state_dict(state["lazy"])
             t.lazy.prefix.load_state_dict(state["prefix"])
