@@ -66,3 +66,36 @@ def test_phases_are_timed_as_noise_and_merge() -> None:
     timer.enabled = True
     _grads([(torch.ones(5), torch.zeros(5))], 1.0, timer=timer)
     assert set(timer.reset()) == {"noise", "merge"}
+
+
+def test_a_large_buffer_is_drawn_in_equal_pieces_independent_of_threads():
+    """Above a quarter chunk the flat buffer is split in an even number of equal pieces (a fixed
+    rule): seeded gradients are the same with one thread or two."""
+    params = [torch.zeros(700, 1000), torch.zeros(62_177)]  # 762k, like basic's MLPs
+    out = []
+    for threads in (1, 2):
+        noise = GaussianNoise(seed=9, threads=threads)
+        out.append(_grads([(None, p) for p in params], 1.0, noise))
+        assert noise.calls == 1
+    for a, b in zip(*out):
+        assert torch.equal(a, b)
+    assert_gaussian(torch.cat([g.flatten() for g in out[0]]) * B, 1.0)
+
+
+def test_normal_each_draws_every_tensor_in_one_call():
+    tensors = [torch.zeros(300, 7), torch.zeros(CHUNK_NUMEL + 11), torch.zeros(5)]
+    noise = GaussianNoise(seed=12)
+    noise.normal_each_(tensors, std=0.4)
+    assert noise.calls == 1
+    assert_gaussian(torch.cat([t.flatten() for t in tensors]), 0.4)
+    # One tensor alone is chunked and keyed exactly as normal_.
+    one = torch.zeros(CHUNK_NUMEL + 11)
+    GaussianNoise(seed=12).normal_each_([one], std=0.4)
+    torch.testing.assert_close(one, GaussianNoise(seed=12).normal_(torch.zeros_like(one), 0.4))
+    strided = torch.zeros(4, 6).t()  # non-contiguous: a call of its own
+    noise.normal_each_([torch.zeros(3), strided], std=1.0)
+    assert noise.calls == 3 and bool((strided != 0).all())
+    with constant_noise(2.0):
+        out = [torch.zeros(2), torch.zeros(3)]
+        GaussianNoise(seed=1).normal_each_(out, std=0.5)
+        assert all(bool((t == 1.0).all()) for t in out)

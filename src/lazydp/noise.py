@@ -269,6 +269,31 @@ class GaussianNoise:
             self._fill(out.view(-1), 1.0, add=False, call=call)
         return out
 
+    def normal_each_(self, tensors: list[Tensor], std: float) -> None:
+        """``normal_(t, std)`` for every tensor in ONE call on the stream: their chunks (each
+        tensor chunked as ``normal_`` would chunk it alone) share the thread pool, so tensors
+        below one chunk still run in parallel. CUDA or non-contiguous tensors are drawn one call
+        each.
+
+        >>> a, b = torch.zeros(3), torch.zeros(2, 2)
+        >>> GaussianNoise(seed=1).normal_each_([a, b], std=0.5)
+        >>> bool((a != 0).all() and (b != 0).all())
+        True
+        """
+        tensors, std = [_check_out(t) for t in tensors], _check_std(std)
+        flat = [t.view(-1) for t in tensors if t.device.type == "cpu" and t.is_contiguous()]
+        others = [t for t in tensors if not (t.device.type == "cpu" and t.is_contiguous())]
+        if flat:
+            call = self._next_call()
+            with torch.no_grad():
+                if _override_value is not None:
+                    for t in flat:
+                        t.fill_(_override_value * std)
+                else:
+                    self._fill_cpu(flat, std, add=False, call=call)
+        for t in others:
+            self.normal_(t, std)
+
     def normal_(self, out: Tensor, std: float = 1.0) -> Tensor:
         """Fill ``out`` in place with i.i.d. N(0, std^2) samples and return it.
 
