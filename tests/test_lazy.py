@@ -73,11 +73,20 @@ def snapshot(model):
 
 
 @pytest.mark.parametrize(
-    ("large_tables", "padding"), [(False, "emb"), (True, "emb"), (True, "none"), (True, "both")]
+    ("large_tables", "padding", "momentum"),
+    [
+        (False, "emb", 0),
+        (True, "emb", 0),
+        (True, "none", 0),
+        (True, "both", 0),
+        (False, "emb", 0.9),
+    ],
 )
 def test_lazy_equals_eager_under_constant_noise_with_schedule_and_mid_eval(
-    large_tables, padding, monkeypatch
+    large_tables, padding, momentum, monkeypatch
 ):
+    """``momentum``: the tables' SGD momentum (a velocity per row, caught up with the row; the
+    steps where the table changed between forward and step take its update's slow path)."""
     reused, fresh = [], []
     if large_tables:  # the row-update path of big tables: sort-coalesce, reusing catch-up's sort
         monkeypatch.setattr(rows_module, "_LARGE_TABLE_ROWS", 1)
@@ -107,7 +116,7 @@ def test_lazy_equals_eager_under_constant_noise_with_schedule_and_mid_eval(
     results = {}
     with constant_noise(0.9):
         for mode in ["dpsgd_f", "lazydp"]:
-            model, opt, sched, engine = build(mode, padding=padding)
+            model, opt, sched, engine = build(mode, padding=padding, momentum=momentum)
             evals = []
             for i, b in enumerate(batches):
                 if i in (12, 22):  # the tables change (by x1) between the forward and the step

@@ -189,10 +189,17 @@ class MomentumTable(LazyTable):
     ) -> None:
         super().__init__(weight, prefix, noise, noise_std, padding_idx, timer)  # type: ignore[arg-type]
         self.velocity = huge_pages.empty(tuple(weight.shape), weight.dtype, weight.device).zero_()
+        # (rows, their caught-up velocity) not yet written: deferred with the rows' block (a
+        # training forward), written once by the update with the step's sum, or by settle().
+        self._v_block: tuple[Tensor, Tensor] | None = None
 
     @torch.no_grad()
-    def catch_up(self, rows: Tensor, t: int, defer: bool = False) -> None:
-        super().catch_up(rows, t, defer=False)  # the velocity rows are written at once anyway
+    def settle(self) -> None:
+        super().settle()
+        if self._v_block is not None:
+            rows, v = self._v_block
+            self.velocity.index_copy_(0, rows, v)
+            self._v_block = None
 
     def _apply(self, rows: Tensor, applied: Tensor, t: int, write: bool = True) -> Tensor | None:
         if rows.numel() == 0:
@@ -219,7 +226,9 @@ class MomentumTable(LazyTable):
                 new_v.addcmul_(z[0], c[:, 5:6], value=s).addcmul_(z[1], c[:, 6:7], value=s)
         if write:
             self.weight.index_copy_(0, rows, new_w)
-        self.velocity.index_copy_(0, rows, new_v)
+            self.velocity.index_copy_(0, rows, new_v)
+        else:  # deferred with the block (see settle)
+            self._v_block = (rows, new_v)
         self.history.applied.index_fill_(0, rows, t)
         return new_w
 
@@ -227,6 +236,29 @@ class MomentumTable(LazyTable):
     def update(self, grad: SparseRows, alpha: Any) -> None:
         """``(W, v) += (alpha_w, alpha_v) * grad`` for the step's clipped sum (rows caught up)."""
         to_w, to_v = alpha
+        written, groups, v_block = self._written, self.last_read, self._v_block
+        if (
+            written is not None
+            and v_block is not None
+            and not grad.coalesced
+            and grad.indices is groups.ids
+            and written[0] is groups.rows
+            and v_block[0] is groups.rows
+            and written[2] == self.weight._version
+        ):
+            # The common case, as in LazyTable.update: the sum goes into the caught-up blocks
+            # (duplicates summed through the catch-up's grouping), each written once.
+            rows, w_block = groups.rows, written[1]
+            with self.timer.phase("coalesce"):
+                summed = grad.summed_by(groups).to(self.weight.dtype)
+            with self.timer.phase("param_update"):
+                if to_w:
+                    w_block.add_(summed, alpha=to_w)
+                if to_w or self._deferred:
+                    self.weight.index_copy_(0, rows, w_block)
+                self.velocity.index_copy_(0, rows, v_block[1].add_(summed, alpha=to_v))
+            self._written, self._deferred, self._v_block = None, False, None
+            return
         self.settle()
         self._written = None
         with self.timer.phase("coalesce"):
@@ -239,6 +271,7 @@ class MomentumTable(LazyTable):
             add_rows_(self.velocity, grad.indices, grad.values, to_v, True)
 
     def state_dict(self) -> dict[str, Any]:
+        self.settle()
         return {**super().state_dict(), "velocity": self.velocity.clone()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -250,3 +283,4 @@ class MomentumTable(LazyTable):
             )
         super().load_state_dict(state)
         self.velocity.copy_(velocity)
+        self._v_block = None  # caught up from the old values
