@@ -307,17 +307,9 @@ class LazyTable:
         Then the sum is added straight into the rows as the catch-up wrote them (duplicate ids
         summed through the catch-up's grouping) and written once: no second sort, no gather.
         """
-        written, groups = self._written, self.last_read
-        if (
-            written is not None
-            and not grad.coalesced
-            and grad.indices is groups.ids
-            and written[0] is groups.rows
-            and written[2] == self.weight._version
-        ):
-            rows, block = groups.rows, written[1]
-            with self.timer.phase("coalesce"):
-                summed = grad.summed_by(groups).to(self.weight.dtype)
+        block, summed = self._caught_up_sum(grad)
+        if block is not None and summed is not None:
+            rows = self.last_read.rows
             with self.timer.phase("param_update"):
                 block.add_(summed, alpha=alpha)
                 self.weight.index_copy_(0, rows, block)  # a deferred block lands here too
@@ -330,6 +322,22 @@ class LazyTable:
             grad = self.coalesce(grad)
         with self.timer.phase("param_update"):
             add_rows_(self.weight, grad.indices, grad.values, alpha, grad.coalesced)
+
+    def _caught_up_sum(self, grad: SparseRows) -> tuple[Tensor | None, Tensor | None]:
+        """(the rows as the catch-up left them, ``grad`` summed per row) when ``grad`` is the
+        step's sum of exactly the rows the last catch-up read and nothing wrote the table since;
+        (None, None) otherwise (see :meth:`update`)."""
+        written, groups = self._written, self.last_read
+        if (
+            written is None
+            or grad.coalesced
+            or grad.indices is not groups.ids
+            or written[0] is not groups.rows
+            or written[2] != self.weight._version
+        ):
+            return None, None
+        with self.timer.phase("coalesce"):
+            return written[1], grad.summed_by(groups).to(self.weight.dtype)
 
     def coalesce(self, grad: SparseRows) -> SparseRows:
         """``grad`` with duplicated rows summed; free of a sort when its ids are the tensor the

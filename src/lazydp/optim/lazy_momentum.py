@@ -236,21 +236,13 @@ class MomentumTable(LazyTable):
     def update(self, grad: SparseRows, alpha: Any) -> None:
         """``(W, v) += (alpha_w, alpha_v) * grad`` for the step's clipped sum (rows caught up)."""
         to_w, to_v = alpha
-        written, groups, v_block = self._written, self.last_read, self._v_block
-        if (
-            written is not None
-            and v_block is not None
-            and not grad.coalesced
-            and grad.indices is groups.ids
-            and written[0] is groups.rows
-            and v_block[0] is groups.rows
-            and written[2] == self.weight._version
-        ):
+        v_block = self._v_block
+        fresh = v_block is not None and v_block[0] is self.last_read.rows
+        w_block, summed = self._caught_up_sum(grad) if fresh else (None, None)
+        if v_block is not None and w_block is not None and summed is not None:
             # The common case, as in LazyTable.update: the sum goes into the caught-up blocks
             # (duplicates summed through the catch-up's grouping), each written once.
-            rows, w_block = groups.rows, written[1]
-            with self.timer.phase("coalesce"):
-                summed = grad.summed_by(groups).to(self.weight.dtype)
+            rows = self.last_read.rows
             with self.timer.phase("param_update"):
                 if to_w:
                     w_block.add_(summed, alpha=to_w)
