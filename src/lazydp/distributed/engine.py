@@ -198,9 +198,10 @@ class DistributedPrivacyEngine(PrivacyEngine):
         self, optimizers: list[Optimizer], mode: str
     ) -> dict[str, Callable[[], SgdStep]]:
         """Remove sharded weights from the optimizers (their owners update them); return, per
-        table, how to read its group's current lr and weight decay. A lookup by position, not the group dict:
-        ``Optimizer.load_state_dict`` replaces the dicts, and a resumed run's scheduler then
-        drives the new ones (a kept dict froze the shard at its lr of make_private)."""
+        table, how to read its group's current SGD settings. A lookup by position, not the
+        group dict: ``Optimizer.load_state_dict`` replaces the dicts, and a resumed run's
+        scheduler then drives the new ones (a kept dict froze the shard at its lr of
+        make_private)."""
         if mode in ("sgd", "dpsgd_r"):
             raise ConfigError(
                 f"mode={mode!r} runs autograd through the table, which cannot cross the "

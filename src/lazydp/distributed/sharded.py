@@ -46,9 +46,9 @@ from lazydp.distributed._comm import (
 from lazydp.errors import ConfigError, InputError, PrivacyError, UnsupportedLayerError
 from lazydp.noise import GaussianNoise
 from lazydp.optim.eager import eager_table_sgd
-from lazydp.optim.lazy import LazyTable, LrPrefix, SgdStep, check_table_lr
-from lazydp.optim.lazy_momentum import MomentumPrefix, MomentumTable, check_momentum
-from lazydp.optim.resume import check_lazy_state
+from lazydp.optim.lazy import LazyTable, LrPrefix, SgdStep
+from lazydp.optim.lazy_momentum import MomentumPrefix, MomentumTable, check_step
+from lazydp.optim.resume import buffer_problem, check_lazy_state
 
 
 @dataclass
@@ -215,15 +215,7 @@ class ShardedEmbeddingBag(nn.Module):
             raise ConfigError("apply_clipped_sum before attach: use DistributedPrivacyEngine")
         step = t.sgd()
         # Every rank alike, before the all-to-all and any change.
-        if isinstance(t.lazy, MomentumTable):
-            check_momentum(step)
-        elif step.momentum and t.lazy is not None:
-            raise ConfigError(
-                "momentum was switched on for a lazily noised sharded table after make_private; "
-                "set it before. Nothing was changed."
-            )
-        else:
-            check_table_lr(step.lr, step.weight_decay)
+        check_step(step, None if t.lazy is None else t.lazy.prefix, "(a sharded one)")
         group, dev = self.process_group, comm_device(self.process_group)
         if clipped is None:
             clipped = SparseRows(
@@ -298,14 +290,11 @@ class ShardedEmbeddingBag(nn.Module):
         if t is None or not state:
             return
         velocity = state.get("velocity") if isinstance(state, dict) else None
-        if velocity is not None and (
-            not isinstance(velocity, Tensor)
-            or velocity.shape != self.weight.shape
-            or not bool(torch.isfinite(velocity).all())
-        ):
+        problem = None if velocity is None else buffer_problem(velocity, self.weight.shape)
+        if problem is not None:
             raise PrivacyError(
-                "the checkpoint's momentum buffer of this shard is not a finite tensor of the "
-                "shard's shape; resume with the checkpoint of this run. Nothing was loaded."
+                f"the checkpoint's momentum buffer of this shard {problem}; resume with the "
+                "checkpoint of this run. Nothing was loaded."
             )
         lazy = [t.lazy] if t.lazy is not None else []
         check_lazy_state(

@@ -38,8 +38,8 @@ from lazydp.noise import GaussianNoise
 from lazydp.noise_pool import NoisePool
 from lazydp.optim.eager import eager_table_sgd, noisy_dense_grads
 from lazydp.optim.group import OptimizerGroup
-from lazydp.optim.lazy import LazyTable, LrPrefix, SgdStep, check_table_lr
-from lazydp.optim.lazy_momentum import MomentumPrefix, MomentumTable, check_momentum
+from lazydp.optim.lazy import LazyTable, LrPrefix, SgdStep
+from lazydp.optim.lazy_momentum import MomentumPrefix, MomentumTable, check_step
 from lazydp.optim.resume import check_lazy_state, check_optimizer_state
 from lazydp.optim.reweighted import check_reweighted
 
@@ -82,18 +82,6 @@ def clip_factors(norms2: Tensor, max_grad_norm: float) -> Tensor:
     """c_i = min(1, C / ||g_i||): scales every example's gradient to norm <= C."""
     norms = norms2.clamp_min(0).sqrt()
     return (max_grad_norm / (norms + _NORM_EPS)).clamp(max=1.0)
-
-
-def sgd_weight_decay(optimizer: Optimizer | None, group: dict[str, Any]) -> float | None:
-    """The weight decay of an SGD group without momentum or maximize, else None: the update
-    sharded tables apply (``W <- (1 - lr wd) W - lr g``, no velocity to shard)."""
-    if (
-        not isinstance(optimizer, torch.optim.SGD)
-        or group.get("momentum", 0)
-        or group.get("maximize", False)
-    ):
-        return None
-    return float(group.get("weight_decay", 0.0))
 
 
 def sgd_step(optimizer: Optimizer | None, group: dict[str, Any]) -> SgdStep | None:
@@ -190,16 +178,7 @@ class DPOptimizer(OptimizerGroup):
                 "without maximize or dampening; its deferred noise assumes that update. No "
                 "parameter was changed and nothing was charged."
             )
-        if isinstance(self.lazy[p].prefix, MomentumPrefix):
-            check_momentum(step)
-        elif step.momentum:
-            raise ConfigError(
-                f"momentum was switched on for LazyDP table {self.tables[p].name!r} after "
-                "make_private; set it before (its rows' velocity is then kept from the first "
-                "step). No parameter was changed and nothing was charged."
-            )
-        else:
-            check_table_lr(step.lr, step.weight_decay)
+        check_step(step, self.lazy[p].prefix, repr(self.tables[p].name))
         return step
 
     # ------------------------------------------------------------------ set-up checks
@@ -256,7 +235,7 @@ class DPOptimizer(OptimizerGroup):
             rest = (
                 pool,
                 self.privacy.noise_std / self.privacy.expected_batch_size,
-                getattr(layer.module, "padding_idx", None),
+                self._padding_row.get(p),
                 self.timer,
             )
             table: LazyTable
@@ -292,8 +271,8 @@ class DPOptimizer(OptimizerGroup):
                 loss = closure()
         p = self.privacy
         cap = self.capture
-        for q in self.lazy:  # refused here, before any change, not when the prefix appends it
-            self._sgd_step(q)
+        # Read and checked once, before any change (not when the prefix appends it).
+        lazy_steps = {q: self._sgd_step(q) for q in self.lazy}
         cap.check_no_outside_use()
         cap.check_no_lost_gradient()
         batch = cap.batch_size()
@@ -358,7 +337,7 @@ class DPOptimizer(OptimizerGroup):
         if self.reduce_hook is not None:
             with self.timer.phase("all_reduce"):
                 self.reduce_hook(sums)
-        self._update(sums)
+        self._update(sums, lazy_steps)
         cap.clear()
         return loss
 
@@ -406,7 +385,9 @@ class DPOptimizer(OptimizerGroup):
         return sums
 
     @torch.no_grad()
-    def _update(self, sums: dict[nn.Parameter, ClippedSum]) -> None:
+    def _update(
+        self, sums: dict[nn.Parameter, ClippedSum], lazy_steps: dict[nn.Parameter, SgdStep]
+    ) -> None:
         p = self.privacy
         eager_tables: list[tuple[nn.Parameter, Optimizer, SgdStep]] = []
         dense: list[nn.Parameter] = []  # noised together below: one generator call, all threads
@@ -428,7 +409,7 @@ class DPOptimizer(OptimizerGroup):
                     if s is not None:
                         # Reuses the catch-up's sort and written rows where it can (it times
                         # its coalesce and its row update apart).
-                        alpha = table.prefix.update_alpha(self._sgd_step(q), p.expected_batch_size)
+                        alpha = table.prefix.update_alpha(lazy_steps[q], p.expected_batch_size)
                         table.update(s, alpha)
                 elif q in self.tables and sgd is not None:
                     q.grad = None  # updated below in one streaming pass, never a dense gradient
@@ -450,7 +431,6 @@ class DPOptimizer(OptimizerGroup):
             for o in self.originals:
                 o.step()
         for q, opt, sgd in eager_tables:
-            module = self.tables[q].module
             velocity = None
             if sgd.momentum:  # torch's own buffer: checkpoints and state_dict() keep it
                 state = opt.state[q]
@@ -464,7 +444,7 @@ class DPOptimizer(OptimizerGroup):
                 self.noise.fork(self._table_stream[q]),
                 p.noise_std,
                 p.expected_batch_size,
-                getattr(module, "padding_idx", None),
+                self._padding_row.get(q),
                 self.timer,
                 weight_decay=sgd.weight_decay,
                 momentum=sgd.momentum,
@@ -476,7 +456,7 @@ class DPOptimizer(OptimizerGroup):
             for q, table in self.lazy.items():
                 if id(table.prefix) not in seen:
                     seen.add(id(table.prefix))
-                    table.prefix.append_step(self._sgd_step(q))
+                    table.prefix.append_step(lazy_steps[q])
         self.steps_done += 1
         self._rebase_prefixes()
 

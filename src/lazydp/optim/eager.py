@@ -34,7 +34,7 @@ def noisy_dense_grads(
     multi-tensor ops instead of a clone, an add and a divide per tensor. A row-sparse sum is
     added into its view by row: no second table-sized tensor.
     """
-    grads: list[Tensor | None] = [None] * len(clipped)
+    grads: dict[int, Tensor] = {}
     kinds: dict[tuple[torch.dtype, torch.device], list[int]] = {}
     for i, (_, like) in enumerate(clipped):
         kinds.setdefault((like.dtype, like.device), []).append(i)
@@ -60,9 +60,7 @@ def noisy_dense_grads(
             torch._foreach_div_(views, expected_batch_size)
         for i, view in zip(index, views):
             grads[i] = view
-    out = [g for g in grads if g is not None]
-    assert len(out) == len(clipped)  # every pair got its view
-    return out
+    return [grads[i] for i in range(len(clipped))]
 
 
 def _balanced_pieces(flat: Tensor) -> list[Tensor]:

@@ -95,7 +95,7 @@ class LrPrefix:
 
     A step's clipped sum enters before that step's decay is applied (the row's history stays at
     the step), so the update adds ``-lr G / (B f)``: the next catch-up's decay turns it into
-    ``-lr G / B`` (see :func:`update_alpha`).
+    ``-lr G / B`` (see :meth:`update_alpha`).
     """
 
     def __init__(self) -> None:
@@ -111,7 +111,9 @@ class LrPrefix:
         self.append(step.lr, step.weight_decay)
 
     def update_alpha(self, step: SgdStep, expected_batch_size: float) -> float:
-        return update_alpha(step.lr, step.weight_decay, expected_batch_size)
+        """The factor the step's clipped sum is added with: -lr / (B * f), f = 1 - lr * wd
+        (the row's decay for this step comes at its next catch-up)."""
+        return -step.lr / (expected_batch_size * (1.0 - step.lr * step.weight_decay))
 
     def append(self, lr: float, weight_decay: float = 0.0) -> None:
         check_table_lr(lr, weight_decay)
@@ -194,12 +196,6 @@ class LrPrefix:
             float(self._s1[self.steps]),
             float(self._s2[self.steps]),
         )
-
-
-def update_alpha(lr: float, weight_decay: float, expected_batch_size: float) -> float:
-    """The factor a lazy table's clipped sum is added with: -lr / (B * f), f = 1 - lr * wd
-    (the row's decay for this step comes at its next catch-up; see :class:`LrPrefix`)."""
-    return -lr / (expected_batch_size * (1.0 - lr * weight_decay))
 
 
 class HistoryTable:

@@ -70,6 +70,21 @@ def check_momentum(step: SgdStep) -> None:
         )
 
 
+def check_step(step: SgdStep, prefix: object, table: str) -> None:
+    """ConfigError (before anything changes) unless ``step`` is an update ``prefix`` defers
+    exactly: its kind (with or without a velocity) is fixed when training starts."""
+    if isinstance(prefix, MomentumPrefix):
+        check_momentum(step)
+    elif step.momentum and prefix is not None:
+        raise ConfigError(
+            f"momentum was switched on for LazyDP table {table} after make_private; set it "
+            "before (its rows' velocity is then kept from the first step). No parameter was "
+            "changed and nothing was charged."
+        )
+    else:
+        check_table_lr(step.lr, step.weight_decay)
+
+
 class MomentumPrefix:
     """Phi(a, t), Sigma(a, t) and m(a, t) of every start a in [base, steps] (t = steps)."""
 

@@ -55,9 +55,20 @@ def check_optimizer_state(originals: Sequence[Optimizer], state: Any) -> None:
         _check_param_states(k, o, groups, s["state"])
 
 
+def buffer_problem(value: Any, shape: torch.Size) -> str | None:
+    """Why ``value`` is not a finite tensor of ``shape`` (None when it is one): a buffer that
+    would otherwise fail inside the next step, after its charge."""
+    if not isinstance(value, Tensor) or value.shape != shape:
+        got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+        return f"is {got}, not a tensor of shape {tuple(shape)}"
+    if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+        return "is not finite"
+    return None
+
+
 def _check_param_states(k: int, o: Optimizer, groups: list[Any], states: dict[Any, Any]) -> None:
     """Every per-parameter buffer (momentum, Adam's moments) has its parameter's shape and is
-    finite: a wrong one would otherwise fail inside the next step, after its charge."""
+    finite."""
     params = [p for g in o.param_groups for p in g["params"]]
     ids = [i for g in groups for i in g.get("params", ())]
     for index, param in zip(ids, params):
@@ -65,13 +76,9 @@ def _check_param_states(k: int, o: Optimizer, groups: list[Any], states: dict[An
         for name, value in entry.items() if isinstance(entry, dict) else ():
             if not isinstance(value, Tensor) or value.dim() == 0:
                 continue  # step counters and other scalars
-            if value.shape != param.shape:
-                raise _refuse(
-                    f"optimizer {k}'s {name!r} has shape {tuple(value.shape)} for a parameter "
-                    f"of shape {tuple(param.shape)}"
-                )
-            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-                raise _refuse(f"optimizer {k}'s {name!r} is not finite")
+            problem = buffer_problem(value, param.shape)
+            if problem is not None:
+                raise _refuse(f"optimizer {k}'s {name!r} {problem}")
 
 
 def check_lazy_state(
@@ -136,11 +143,9 @@ def check_lazy_state(
         if rows and not bool(((applied >= 0) & (applied <= steps)).all()):
             raise _refuse(f"history table {k} holds steps outside [0, {steps}]")
         if isinstance(table, MomentumTable):
-            velocity = s.get("velocity")
-            if not isinstance(velocity, Tensor) or velocity.shape != table.velocity.shape:
-                raise _refuse(f"history table {k} has no velocity of its table's shape")
-            if not bool(torch.isfinite(velocity).all()):
-                raise _refuse(f"history table {k}'s velocity is not finite")
+            problem = buffer_problem(s.get("velocity"), table.velocity.shape)
+            if problem is not None:
+                raise _refuse(f"history table {k}'s velocity {problem}")
         frozen = s.get("frozen_at", -1)
         if isinstance(frozen, bool) or not isinstance(frozen, int) or not -1 <= frozen <= steps:
             raise _refuse(f"history table {k}'s frozen step {frozen!r} is not in [-1, {steps}]")
