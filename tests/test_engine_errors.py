@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -104,6 +105,42 @@ def test_optimizer_with_foreign_parameters_is_refused():
             noise_multiplier=1.0,
             max_grad_norm=1.0,
         )
+
+
+@pytest.mark.parametrize("mode", ["dpsgd_b", "dpsgd_r", "dpsgd_f", "lazydp"])
+@pytest.mark.parametrize("layout", ["two optimizers", "one group twice"])
+def test_a_parameter_listed_twice_is_refused(mode, layout):
+    # Each listing would add the clipped sum once more, with noise for one update: the table of
+    # a lazydp model got 2G and one draw (sigma/2 in effect), dpsgd_f 2G and two (sigma/sqrt 2).
+    model = Toy()
+    with warnings.catch_warnings():  # torch warns (only) about a duplicate inside one group
+        warnings.simplefilter("ignore")
+        if layout == "two optimizers":
+            opts = [
+                torch.optim.SGD(model.parameters(), lr=0.1),
+                torch.optim.SGD(model.emb.parameters(), lr=0.1),
+            ]
+        else:
+            opts = [torch.optim.SGD([*model.parameters(), model.emb.weight], lr=0.1)]
+    engine = PrivacyEngine(seed=0)
+    args = dict(data_loader=loader(), noise_multiplier=1.0, max_grad_norm=1.0, mode=mode)
+    with pytest.raises(ConfigError, match="listed twice"):
+        engine.make_private(module=model, optimizer=opts, **args)
+    # The refused call gave the model back: the corrected one is not told it is captured.
+    engine.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), **args)
+
+
+def test_a_refused_optimizer_leaves_the_model_free_for_the_corrected_call():
+    model = Toy()
+    args = dict(data_loader=loader(), noise_multiplier=1.0, max_grad_norm=1.0, mode="lazydp")
+    with pytest.raises(UnsupportedOptimizerError, match="exact"):
+        PrivacyEngine(seed=0).make_private(
+            module=model, optimizer=torch.optim.Adam(model.parameters()), **args
+        )
+    _, opt, _ = PrivacyEngine(seed=0).make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), **args
+    )
+    assert opt.lazy  # the tables are lazily noised in the second engine
 
 
 def test_iterable_dataset_is_refused():

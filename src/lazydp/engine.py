@@ -189,9 +189,22 @@ class PrivacyEngine:
             return module, plain, loader
         self.noise = self._make_noise(rank, world_size)
         self.capture = CaptureSet(module, capture_root=(mode == "dpsgd_r"))
-        self.optimizer = DPOptimizer(
-            optimizers, self.capture, self.privacy, self.noise, self.ledger, self.timer, rank=rank
-        )
+        try:
+            self.optimizer = DPOptimizer(
+                optimizers,
+                self.capture,
+                self.privacy,
+                self.noise,
+                self.ledger,
+                self.timer,
+                rank=rank,
+            )
+        except BaseException:
+            # A refused set-up gives the model back and leaves this engine unused: the corrected
+            # call must not be told that an engine already holds the model.
+            self.capture.remove()
+            self.capture = self.module = self.loader = None
+            raise
         self.optimizer.check_rows = loader.check_rows
         if mode == "lazydp":
             loader.on_epoch_end = self.flush

@@ -101,6 +101,18 @@ def sgd_step(optimizer: Optimizer | None, group: dict[str, Any]) -> SgdStep | No
     )
 
 
+def _listed_twice(p: nn.Parameter, first: tuple[int, int], second: tuple[int, int]) -> str:
+    """Why a parameter held twice by the optimizers is refused."""
+    where = " and ".join(f"optimizer {i}, param group {j}" for i, j in (first, second))
+    return (
+        f"a parameter of shape {tuple(p.shape)} is listed twice ({where}). Each step would "
+        "add its clipped gradient twice but only the noise of one DP-SGD step calibrated for "
+        "a single update, so it would get less noise than the privacy guarantee assumes. "
+        "List every parameter once: e.g. optimizer=[Adam(dense_params), SGD(table_params)] "
+        "with the tables left out of the first."
+    )
+
+
 class DPOptimizer(OptimizerGroup):
     """A differentially private view of one or more optimizers over the same model."""
 
@@ -130,6 +142,8 @@ class DPOptimizer(OptimizerGroup):
         for i, o in enumerate(optimizers):
             for j, g in enumerate(o.param_groups):
                 for p in g["params"]:
+                    if p in self._group_index:
+                        raise ConfigError(_listed_twice(p, self._group_index[p], (i, j)))
                     self._group_index[p] = (i, j)
         self.tables: dict[nn.Parameter, LayerCapture] = {
             cast(nn.Parameter, layer.module.weight): layer
