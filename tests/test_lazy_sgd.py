@@ -123,6 +123,45 @@ def test_prefix_without_decay_keeps_the_plain_sums_and_old_states_load():
     assert s2.tolist() == pytest.approx([0.25, 0.0], rel=1e-15)
 
 
+@pytest.mark.parametrize("weight_decay", [0.0, 1e-4])
+def test_small_late_steps_keep_their_noise_after_a_long_run(weight_decay):
+    # In one float64, S2[t] - S2[a] dropped every step with lr^2 below ~1e-16 * S2[t]: after
+    # 10k steps at lr 1, five steps at lr 1e-7 got exactly 0 variance (gradient applied in full).
+    prefix = LrPrefix()
+    for _ in range(10_000):
+        prefix.append(1.0, weight_decay)
+    late = [1e-7, 3e-8, 1e-6, 2e-9, 5e-8]
+    for lr in late:
+        prefix.append(lr, weight_decay)
+    t = prefix.steps
+    applied = torch.tensor([t - 5, t - 3, t - 1, t])
+    _, s2, _ = prefix.pending(applied, t, sum_lr=False)
+    # P changes by < 1e-12 over these steps at lr * wd <= 1e-10: the plain sums are exact here.
+    want = [math.fsum(lr * lr for lr in late[k:]) for k in (0, 2, 4)] + [0.0]
+    assert s2.tolist() == pytest.approx(want, rel=1e-9, abs=0.0)
+    # A resume keeps the low-order parts: the same windows after a round trip.
+    loaded = LrPrefix()
+    loaded.load_state_dict(prefix.state_dict())
+    assert loaded.pending(applied, t, sum_lr=False)[1].tolist() == s2.tolist()
+
+
+def test_compensated_sums_match_exact_window_sums_on_random_schedules():
+    rng = np.random.default_rng(3)
+    # Large steps first, then lr from 1e-11 to 7e-3: late windows are tiny against S2[t].
+    lrs = np.concatenate([rng.uniform(0.5, 2, 2000), np.exp(rng.uniform(-25, -5, 1000))])
+    prefix = LrPrefix()
+    for lr in lrs:
+        prefix.append(float(lr))
+    starts = torch.from_numpy(rng.integers(1500, len(lrs), size=200))
+    for t in (len(lrs), len(lrs) - 7):
+        a = starts.clamp(max=t)
+        s1, s2, _ = prefix.pending(a, t)
+        want2 = [math.fsum(float(x) ** 2 for x in lrs[k:t]) for k in a.tolist()]
+        want1 = [math.fsum(float(x) for x in lrs[k:t]) for k in a.tolist()]
+        assert s2.tolist() == pytest.approx(want2, rel=1e-13, abs=0.0)
+        assert s1.tolist() == pytest.approx(want1, rel=1e-13, abs=0.0)
+
+
 def test_a_rebased_run_resumes_and_a_corrupt_decay_state_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(lazy_module, "REBASE_BELOW", 0.95)  # rebases every few steps
     batches = make_batches(16, seed=6)
@@ -152,6 +191,12 @@ def test_a_rebased_run_resumes_and_a_corrupt_decay_state_is_refused(tmp_path, mo
     torch.save(state, tmp_path / "bad.pt")
     model, opt, sched, engine = build("lazydp", weight_decay=0.05, ledger_path=tmp_path / "b")
     with pytest.raises(PrivacyError, match="decay products"):
+        engine.load_checkpoint(tmp_path / "bad.pt")
+    prefix = dict(state["lazy"]["prefixes"][0])  # a low-order part that is no rounding error
+    prefix["p"], prefix["s2_lo"] = -prefix["p"], prefix["s2_lo"] - 1e-3
+    state["lazy"]["prefixes"][0] = prefix
+    torch.save(state, tmp_path / "bad.pt")
+    with pytest.raises(PrivacyError, match="s2_lo"):
         engine.load_checkpoint(tmp_path / "bad.pt")
 
 

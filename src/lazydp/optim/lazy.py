@@ -41,6 +41,7 @@ from lazydp.clipping._base import SparseRows
 from lazydp.errors import ConfigError, PrivacyError
 from lazydp.noise import GaussianNoise, active_override
 from lazydp.noise_pool import NoisePool
+from lazydp.optim.prefix_sum import PrefixSum
 from lazydp.optim.rows import add_rows_, sorts_rows
 from lazydp.row_groups import RowGroups
 
@@ -93,19 +94,21 @@ class LrPrefix:
     a constant per-step noise (the test override). Without decay P is exactly 1, and S1, S2 are
     the plain sums of lr and lr^2: any LR (and decay) schedule is exact.
 
+    S1 and S2 are compensated sums (optim/prefix_sum.py): a window keeps steps whose lr^2 is
+    far below the sum of all steps before them.
+
     A step's clipped sum enters before that step's decay is applied (the row's history stays at
     the step), so the update adds ``-lr G / (B f)``: the next catch-up's decay turns it into
     ``-lr G / B`` (see :meth:`update_alpha`).
     """
 
     def __init__(self) -> None:
-        self._s1 = torch.zeros(1024, dtype=torch.float64)
-        self._s2 = torch.zeros(1024, dtype=torch.float64)
+        self._s1, self._s2 = PrefixSum(), PrefixSum()
         self._p = torch.ones(1024, dtype=torch.float64)
+        self._p_last = 1.0  # P[steps], as a Python float
         self.steps = 0
         self.base = 0  # the last rebase: no row's history may lie before it
         self.decays = False  # whether any step had a decay factor below 1
-        self._last = (1.0, 0.0, 0.0)  # (P, S1, S2)[steps], as Python floats
 
     def append_step(self, step: SgdStep) -> None:
         self.append(step.lr, step.weight_decay)
@@ -118,17 +121,15 @@ class LrPrefix:
     def append(self, lr: float, weight_decay: float = 0.0) -> None:
         check_table_lr(lr, weight_decay)
         t = self.steps
-        if t + 1 >= self._s1.numel():  # amortised O(1) growth
-            self._s1 = torch.cat([self._s1, torch.zeros_like(self._s1)])
-            self._s2 = torch.cat([self._s2, torch.zeros_like(self._s2)])
+        if t + 1 >= self._p.numel():  # amortised O(1) growth
             self._p = torch.cat([self._p, torch.ones_like(self._p)])
-        p, s1, s2 = self._last
         f = 1.0 - lr * weight_decay
         self.decays = self.decays or f != 1.0
-        p *= f
-        r = lr / p  # lr exactly when nothing decays (p == 1.0)
-        self._last = (p, s1 + r, s2 + r * r)
-        self._p[t + 1], self._s1[t + 1], self._s2[t + 1] = self._last
+        self._p_last *= f
+        self._p[t + 1] = self._p_last
+        r = lr / self._p_last  # lr exactly when nothing decays (P == 1.0)
+        self._s1.append(t, r)
+        self._s2.append(t, r * r)
         self.steps = t + 1
 
     def pending(
@@ -137,9 +138,9 @@ class LrPrefix:
         """(s1, s2, decay) for each row over the steps [applied, t): the constant-noise sum
         (None unless asked for: only the test override reads it), the variance factor, and the
         factor P[t] / P[applied] for the row's value (None when no step ever decayed)."""
-        p_t, s1_t, s2_t = self._at(t)
-        # S2[t] - S2[applied]: rsub is one op (neg_ + add_ was two).
-        s2 = torch.rsub(self._s2.index_select(0, applied), s2_t)
+        live = t == self.steps  # the current step: no tensor read (a read costs a sync)
+        p_t = self._p_last if live else float(self._p[t])
+        s2 = self._s2.window(applied, self._s2.last if live else self._s2.at(t))
         decay = None
         if self.decays:
             # A true division: a row already at t gets exactly 1.
@@ -147,30 +148,30 @@ class LrPrefix:
             s2.mul_(p_t * p_t)
         if not sum_lr:
             return None, s2, decay
-        s1 = torch.rsub(self._s1.index_select(0, applied), s1_t)
+        s1 = self._s1.window(applied, self._s1.last if live else self._s1.at(t))
         return (s1.mul_(p_t) if self.decays else s1), s2, decay
 
-    def _at(self, t: int) -> tuple[float, float, float]:
-        if t == self.steps:  # the current step: no tensor read (a read costs a sync)
-            return self._last
-        return float(self._p[t]), float(self._s1[t]), float(self._s2[t])
-
     def needs_rebase(self) -> bool:
-        return self._last[0] < REBASE_BELOW
+        return self._p_last < REBASE_BELOW
 
     def rebase(self) -> None:
         """Restart the sums at the current step. Only after every table on this prefix was
         flushed to it: no row may be behind ``steps`` (their old sums are gone)."""
         t = self.steps
-        self._last = (1.0, 0.0, 0.0)
-        self._p[t], self._s1[t], self._s2[t] = self._last
+        self._p_last = 1.0
+        self._p[t] = 1.0
+        self._s1.restart(t)
+        self._s2.restart(t)
         self.base = t
 
     def state_dict(self) -> dict[str, object]:
         n = self.steps + 1
+        (s1, s1_lo), (s2, s2_lo) = self._s1.state(n), self._s2.state(n)
         return {
-            "s1": self._s1[:n].clone(),
-            "s2": self._s2[:n].clone(),
+            "s1": s1,
+            "s2": s2,
+            "s1_lo": s1_lo,
+            "s2_lo": s2_lo,
             "p": self._p[:n].clone(),
             "base": self.base,
         }
@@ -179,23 +180,18 @@ class LrPrefix:
         s1, s2 = state["s1"], state["s2"]
         assert isinstance(s1, Tensor) and isinstance(s2, Tensor)
         p = state.get("p")  # absent in checkpoints from before weight decay: P was 1
-        self.steps = s1.numel() - 1
-        cap = max(1024, 2 * (self.steps + 1))
-        self._s1 = torch.zeros(cap, dtype=torch.float64)
-        self._s2 = torch.zeros(cap, dtype=torch.float64)
-        self._p = torch.ones(cap, dtype=torch.float64)
-        n = self.steps + 1
-        self._s1[:n], self._s2[:n] = s1, s2
-        if isinstance(p, Tensor):
-            self._p[:n] = p
         base = state.get("base", 0)
         self.base = base if isinstance(base, int) else 0
+        self.steps = s1.numel() - 1
+        n = self.steps + 1
+        for sums, hi, key in ((self._s1, s1, "s1_lo"), (self._s2, s2, "s2_lo")):
+            lo = state.get(key)  # absent in checkpoints from before the compensated sums: 0
+            sums.load(hi, lo if isinstance(lo, Tensor) else None, self.base)
+        self._p = torch.ones(max(1024, 2 * n), dtype=torch.float64)
+        if isinstance(p, Tensor):
+            self._p[:n] = p
         self.decays = bool((self._p[self.base : n] != 1.0).any())
-        self._last = (
-            float(self._p[self.steps]),
-            float(self._s1[self.steps]),
-            float(self._s2[self.steps]),
-        )
+        self._p_last = float(self._p[self.steps])
 
 
 class HistoryTable:

@@ -121,6 +121,15 @@ def check_lazy_state(
         # A rebase restarts the sums at its step: they grow from there on.
         if not bool(torch.isfinite(sums[1]).all()) or bool((sums[1][base:].diff() < 0).any()):
             raise _refuse(f"lr prefix {k}'s sums of lr^2 are not finite and non-decreasing")
+        for key, hi in (("s1_lo", sums[0]), ("s2_lo", sums[1])):
+            lo = s.get(key)  # absent before the compensated sums: 0
+            if lo is not None and (
+                not isinstance(lo, Tensor)
+                or lo.dtype != torch.float64
+                or lo.shape != (steps + 1,)
+                or not bool((lo.abs() <= hi.abs() * 2.0**-52).all())
+            ):
+                raise _refuse(f"lr prefix {k}'s {key} is not the rounding error of its sums")
         p = s.get("p")  # absent before weight decay: 1 at every step
         if p is not None and (
             not isinstance(p, Tensor)
