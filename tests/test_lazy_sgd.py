@@ -327,3 +327,17 @@ def test_a_damaged_momentum_buffer_in_a_checkpoint_is_refused(tmp_path, damage):
     model, opt, sched, engine = build("dpsgd_f", momentum=0.9, ledger_path=tmp_path / "l")
     with pytest.raises(PrivacyError, match="momentum_buffer"):
         engine.load_checkpoint(tmp_path / "bad.pt")
+
+
+def test_a_momentum_too_small_for_the_rows_dtype_is_refused_before_the_charge(tmp_path):
+    # The velocity holds each step's gradient scaled by 1 / momentum: at 1e-40 that overflowed
+    # float32 inside the update, after the step was charged (and every retry charged again).
+    model, opt, sched, engine = build("lazydp", momentum=1e-40, ledger_path=tmp_path / "l")
+    before = snapshot(model)
+    for _ in range(2):
+        with pytest.raises(ConfigError, match="too small"):
+            step(model, opt, sched, make_batches(1, seed=2)[0])
+    assert engine.ledger.steps == 0
+    after = snapshot(model)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    build("lazydp", momentum=1e-3)  # an ordinary small momentum is accepted

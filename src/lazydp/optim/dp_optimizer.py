@@ -192,7 +192,9 @@ class DPOptimizer(OptimizerGroup):
                 "without maximize or dampening; its deferred noise assumes that update. No "
                 "parameter was changed and nothing was charged."
             )
-        check_step(step, self.lazy[p].prefix, repr(self.tables[p].name))
+        check_step(
+            step, self.lazy[p].prefix, repr(self.tables[p].name), p, self.privacy.max_grad_norm
+        )
         return step
 
     # ------------------------------------------------------------------ set-up checks

@@ -70,11 +70,16 @@ def check_momentum(step: SgdStep) -> None:
         )
 
 
-def check_step(step: SgdStep, prefix: object, table: str) -> None:
+def check_step(
+    step: SgdStep, prefix: object, table: str, weight: Tensor | None = None, clip: float = 0.0
+) -> None:
     """ConfigError (before anything changes) unless ``step`` is an update ``prefix`` defers
-    exactly: its kind (with or without a velocity) is fixed when training starts."""
+    exactly: its kind (with or without a velocity) is fixed when training starts. With the
+    table's ``weight`` and the clip norm, also unless its deferred velocity fits the dtype."""
     if isinstance(prefix, MomentumPrefix):
         check_momentum(step)
+        if weight is not None and weight.is_floating_point():
+            _check_velocity_range(step, weight.dtype, clip, table)
     elif step.momentum and prefix is not None:
         raise ConfigError(
             f"momentum was switched on for LazyDP table {table} after make_private; set it "
@@ -83,6 +88,21 @@ def check_step(step: SgdStep, prefix: object, table: str) -> None:
         )
     else:
         check_table_lr(step.lr, step.weight_decay)
+
+
+def _check_velocity_range(step: SgdStep, dtype: torch.dtype, clip: float, table: str) -> None:
+    """A step's clipped sum G enters the row's velocity as ``A^-1 b G / B`` (the update_alpha
+    of MomentumPrefix): |G| / B <= clip, times 1 / (momentum (1 - lr wd)) from A^-1. Checked
+    before the charge, so that a tiny momentum never overflows the table's dtype mid-update."""
+    scale = clip / (step.momentum * (1.0 - step.lr * step.weight_decay))
+    if not scale < torch.finfo(dtype).max / 16:
+        raise ConfigError(
+            f"momentum {step.momentum!r} of LazyDP table {table} is too small for its "
+            f"{dtype} rows: the deferred velocity holds each step's gradient scaled by "
+            f"1 / momentum, up to {scale:.3g}, past what {dtype} can hold. Use momentum=0 "
+            "(plain SGD) for the tables, or a momentum of at least 1e-3. No parameter was "
+            "changed and nothing was charged."
+        )
 
 
 class MomentumPrefix:
