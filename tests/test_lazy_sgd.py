@@ -47,9 +47,13 @@ def _lazy_equals_eager(batches, weight_decay, wd_change_at=None, atol=2e-5, **sg
             if mode == "lazydp":
                 before = (opt.pending_rows(), next(iter(opt.lazy.values())).prefix.base)
             out[mode] = (snapshot(model), evals, opt)  # state_dict flushes
-    (eager, eager_evals, _), (lazy, lazy_evals, lazy_opt) = out["dpsgd_f"], out["lazydp"]
+    (eager, eager_evals, eager_opt), (lazy, lazy_evals, lazy_opt) = out["dpsgd_f"], out["lazydp"]
     for k in eager:
         torch.testing.assert_close(lazy[k], eager[k], atol=atol, rtol=1e-5, msg=k)
+    if sgd.get("momentum"):  # the velocities too, padding rows included (0 in both)
+        for table, q in zip(lazy_opt.lazy.values(), eager_opt.tables, strict=True):
+            buffer = eager_opt.originals[-1].state[q]["momentum_buffer"]
+            torch.testing.assert_close(table.velocity, buffer, atol=atol, rtol=1e-5)
     for a, b in zip(eager_evals, lazy_evals):
         torch.testing.assert_close(a, b, atol=atol, rtol=1e-5)
     return lazy, lazy_opt, before

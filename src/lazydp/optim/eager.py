@@ -104,9 +104,12 @@ def eager_table_sgd(
     catches it up (so it does not decay there either; nn.Embedding's pad is zero, which decay
     leaves as it is).
     """
-    saved = None
+    saved = saved_v = None
     if padding_idx is not None and (noise_std > 0 or weight_decay or momentum):
         saved = weight[padding_idx].clone()
+        if momentum:  # its velocity too: noise there would be a state LazyDP never has
+            assert velocity is not None
+            saved_v = velocity[padding_idx].clone()
     b = expected_batch_size
     if momentum:
         assert velocity is not None
@@ -128,6 +131,9 @@ def eager_table_sgd(
         _noise_and_rows(weight, clipped, noise, lr * noise_std / b, -lr / b, timer)
     if saved is not None:
         weight[padding_idx] = saved
+    if saved_v is not None:
+        assert velocity is not None
+        velocity[padding_idx] = saved_v
 
 
 def _noise_and_rows(
