@@ -78,7 +78,8 @@ def check_step(
     table's ``weight`` and the clip norm, also unless its deferred velocity fits the dtype."""
     if isinstance(prefix, MomentumPrefix):
         check_momentum(step)
-        if weight is not None and weight.is_floating_point():
+        # (No clipping -- the noise-free "equals SGD" check -- leaves nothing to bound.)
+        if weight is not None and weight.is_floating_point() and clip < float("inf"):
             _check_velocity_range(step, weight.dtype, clip, table)
     elif step.momentum and prefix is not None:
         raise ConfigError(
