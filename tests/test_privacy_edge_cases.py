@@ -188,7 +188,9 @@ def test_a_resumed_calibrated_run_stops_at_the_steps_it_was_calibrated_for(
         m.setattr(
             PrivacyEngine,
             "save_checkpoint",
-            lambda self, path, step: None if step == 10 else save(self, path, step=step),
+            lambda self, path, step, **kw: (
+                None if step == 10 else save(self, path, step=step, **kw)
+            ),
         )
         assert main(args) == 0  # 10 steps, checkpoints at steps 4 and 8
     capsys.readouterr()

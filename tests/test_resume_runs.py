@@ -4,12 +4,14 @@ caveat the run's history calls for."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from tests.test_cli_train import last_json, run_cli
+from lazydp import PrivacyEngine, PrivacyError
+from tests.test_cli_train import run_cli
 from tests.test_engine_errors import private
-from tests.test_lazy import build, step
-from tests.toy import loss_fn, make_batches
+from tests.test_lazy import build, dense_params, step, table_params
+from tests.toy import Toy, loader, loss_fn, make_batches
 
 ACS = ["train", "--dataset", "acs", "--epochs", "1", "--json", "--no-progress"]
 
@@ -43,17 +45,65 @@ def test_resume_without_a_checkpoint_is_refused_and_keeps_the_model(tmp_path, ca
     assert (out / "model.pt").read_bytes() == model
 
 
-def test_a_calibrated_run_resumed_for_more_steps_is_flagged_over_target(tmp_path, capsys):
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        (["--max-steps", "8"], "calibrated"),  # it set the noise: resumed, it overspent
+        (["--lr", "1"], "--lr 1.0 (the run used"),  # torch restored the old lr, silently
+        (["--dense-optimizer", "sgd"], "--dense-optimizer"),  # charged, then KeyError in torch
+        (["--momentum", "0.9"], "--momentum"),  # "it is not a momentum prefix"
+    ],
+)
+def test_a_resume_with_other_settings_is_refused_before_anything_is_charged(
+    tmp_path, capsys, change, named
+):
     out = tmp_path / "r"
     args = [*ACS, "--mode", "dpsgd_f", "--target-epsilon", "2", "--checkpoint-every", "2"]
-    args += ["--out", str(out)]
-    assert run_cli([*args, "--max-steps", "4"], capsys)[0] == 0
-    code, res = run_cli([*args, "--max-steps", "8", "--resume"], capsys)
-    assert code == 0, res.err
-    privacy = last_json(res.out)["privacy"]
-    assert privacy["epsilon"] > 2
-    assert any(c.startswith("OVER TARGET") and "other settings" in c for c in privacy["caveats"])
-    assert any(c.startswith("MIXED SETTINGS") for c in privacy["caveats"])
+    args += ["--out", str(out), "--max-steps", "4"]
+    assert run_cli(args, capsys)[0] == 0
+    ledger = (out / "ledger.jsonl").read_text()
+    model = (out / "model.pt").read_bytes()
+    code, res = run_cli([*args, *change, "--resume"], capsys)
+    assert code == 1 and named in res.err and "Traceback" not in res.err, res.err
+    assert (out / "ledger.jsonl").read_text() == ledger
+    assert (out / "model.pt").read_bytes() == model
+
+
+def test_a_checkpoint_of_another_optimizer_kind_is_refused_before_loading(tmp_path):
+    model, opt, sched, engine = build("lazydp", ledger_path=tmp_path / "l.jsonl")
+    step(model, opt, sched, make_batches(1)[0])
+    engine.save_checkpoint(tmp_path / "ck.pt")
+    model = Toy()
+    dense = torch.optim.SGD(dense_params(model), lr=0.1)  # the run had Adam there
+    tables = torch.optim.SGD(table_params(model), lr=0.5)
+    engine = PrivacyEngine(seed=1, ledger_path=tmp_path / "l.jsonl")
+    engine.make_private(
+        module=model,
+        optimizer=[dense, tables],
+        data_loader=loader(),
+        noise_multiplier=1.3,  # build()'s
+        max_grad_norm=0.7,
+        mode="lazydp",
+    )
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(PrivacyError, match=r"\['Adam', 'SGD'\]"):
+        engine.load_checkpoint(tmp_path / "ck.pt")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_run_resumed_with_other_privacy_settings_says_so(tmp_path):
+    # The API still lets an eager run continue at another noise multiplier: the report says so.
+    ledger = tmp_path / "l.jsonl"
+    for k, sigma in enumerate((1.0, 2.0)):
+        model, opt, _, engine = private("dpsgd_f", noise_multiplier=sigma, ledger_path=ledger)
+        if k:
+            engine.load_checkpoint(tmp_path / "ck.pt")
+        x, bag, emb, y = make_batches(1)[0]
+        opt.zero_grad()
+        loss_fn(model(x, bag, emb), y).backward()
+        opt.step()
+        engine.save_checkpoint(tmp_path / "ck.pt")
+    assert any(c.startswith("MIXED SETTINGS") for c in engine.privacy_report(1e-5).caveats)
 
 
 def test_a_seeded_run_resumed_without_a_seed_is_still_called_reproducible(tmp_path):
@@ -72,3 +122,18 @@ def test_noise_multiplier_zero_is_not_private():
     opt.step()
     report = engine.privacy_report(1e-5)
     assert not report.private and "noise multiplier 0" in str(report)
+
+
+@pytest.mark.parametrize("bad_step", ["x", 10**9, -1])
+def test_a_checkpoint_with_a_damaged_step_is_refused(tmp_path, capsys, bad_step):
+    out = tmp_path / "r"
+    args = [*ACS, "--mode", "lazydp", "--noise-multiplier", "1", "--checkpoint-every", "1"]
+    args += ["--out", str(out), "--max-steps", "3"]
+    assert run_cli(args, capsys)[0] == 0
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    state["extra"]["step"] = bad_step
+    torch.save(state, out / "checkpoint.pt")
+    ledger = (out / "ledger.jsonl").read_text()
+    code, res = run_cli([*args, "--resume"], capsys)
+    assert code == 1 and "damaged" in res.err and "Traceback" not in res.err, res.err
+    assert (out / "ledger.jsonl").read_text() == ledger

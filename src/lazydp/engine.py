@@ -25,7 +25,7 @@ import copy
 import math
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import asdict
 from pathlib import Path
@@ -366,6 +366,7 @@ class PrivacyEngine:
             }
         if self.optimizer is not None:
             state["optimizer"] = self.optimizer.state_dict()
+            state["optimizer_kinds"] = [type(o).__name__ for o in self.optimizer.originals]
             state["lazy"] = self.optimizer.lazy_state_dict()
         if self.noise is not None:
             state["noise"] = self.noise.state_dict()
@@ -377,11 +378,21 @@ class PrivacyEngine:
         """The private loader's batch sampler (it keeps a position), or None before one."""
         return self.loader.dp_sampler if isinstance(self.loader, DPDataLoader) else None
 
-    def load_checkpoint(self, path: str | os.PathLike[str]) -> dict[str, Any]:
-        """Restore a checkpoint into the private model; the ledger is never lowered."""
+    def load_checkpoint(
+        self,
+        path: str | os.PathLike[str],
+        check_extra: Callable[[dict[str, Any]], None] | None = None,
+    ) -> dict[str, Any]:
+        """Restore a checkpoint into the private model; the ledger is never lowered.
+
+        ``check_extra`` sees the ``extra`` that save_checkpoint stored before anything else is
+        checked or loaded (a caller's own refusal then comes first and changes nothing)."""
         if self.module is None:
             raise ConfigError("load_checkpoint needs make_private first (same model and mode)")
         state = load_checkpoint_file(path)
+        if check_extra is not None:
+            extra = state.get("extra")
+            check_extra(extra if isinstance(extra, dict) else {})
         self._check_checkpoint(state, path)  # all of it first: a resume loads all or nothing
         with self._no_flush():
             self.module.load_state_dict(state["model"])
@@ -451,6 +462,15 @@ class PrivacyEngine:
                     "Nothing was loaded."
                 )
         if self.optimizer is not None:
+            kinds = [type(o).__name__ for o in self.optimizer.originals]
+            saved_kinds = state.get("optimizer_kinds", kinds)  # absent in older checkpoints
+            if saved_kinds != kinds:
+                # torch would load one kind's groups into another and fail in the next step,
+                # after its charge (SGD reading Adam's groups: KeyError 'momentum').
+                raise PrivacyError(
+                    f"checkpoint {path} was written by optimizers {saved_kinds}, this engine "
+                    f"wraps {kinds}; resume with the optimizers that wrote it. Nothing was loaded."
+                )
             self.optimizer.check_state_dicts(state.get("optimizer"), state.get("lazy"))
         if self.noise is not None and "noise" in state:
             GaussianNoise._from_state(state["noise"], self.noise.threads)  # validates only

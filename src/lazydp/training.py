@@ -31,7 +31,7 @@ from lazydp.accounting import (
     steps_for_epochs,
 )
 from lazydp.engine import PrivacyEngine
-from lazydp.errors import ConfigError, DataError
+from lazydp.errors import ConfigError, DataError, PrivacyError
 from lazydp.ledger import PrivacyLedger, ledger_path
 from lazydp.metrics import accuracy, roc_auc
 
@@ -546,8 +546,10 @@ def run(
         engine.target = {"epsilon": cfg.target_epsilon, "delta": delta, "steps": total_steps}
     step = 0
     ckpt = out / "checkpoint.pt"
+    settings = _run_settings(cfg, calibrated)
     if cfg.resume and ckpt.exists():
-        step = int(engine.load_checkpoint(ckpt).get("step", 0))
+        extra = engine.load_checkpoint(ckpt, lambda e: _check_resume(e, settings, engine.ledger))
+        step = extra["step"]
     bar = _progress(cfg.progress and rank == 0, total_steps, step)
     # PLD accounting costs ~0.3 s per call: refresh the shown epsilon a few times per run only.
     eps_every = max(10, total_steps // 8)
@@ -576,7 +578,7 @@ def run(
             if batch.label.shape[0]:
                 losses.append(loss.item())
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and rank == 0:
-                engine.save_checkpoint(ckpt, step=step)
+                engine.save_checkpoint(ckpt, step=step, settings=settings)
             if bar is not None:
                 bar.update(1)
                 if step % eps_every == 0 and cfg.mode != "sgd":
@@ -594,7 +596,7 @@ def run(
         # The checkpoint now holds the flushed model: a resume of this finished run must not
         # draw the noise that was pending at its last checkpoint a second time (two releases
         # of one step's noise, each with fresh draws, would average it away).
-        engine.save_checkpoint(ckpt, step=step)
+        engine.save_checkpoint(ckpt, step=step, settings=settings)
     if rank == 0:  # saved before anything else can fail: the budget for it is already spent
         engine.export(out / "model.pt")
     metrics = evaluate(model, test, cfg.eval_batch_size)
@@ -633,6 +635,56 @@ def run(
             f"({step} steps, {train_seconds:.1f} s, {summary['examples_per_second']:,.0f} examples/s)"
         )
     return summary
+
+
+#: What a resumed run must share with the run it continues: the data, the model, the privacy
+#: settings, and the optimizers' settings (torch restores those from the checkpoint, so a new
+#: value would be silently ignored). A calibrated run's length too: it set the noise.
+_RESUME_KEYS = (
+    "dataset", "data", "mode", "batch_size", "lr", "weight_decay", "momentum", "dense_lr",
+    "dense_optimizer", "noise_multiplier", "target_epsilon", "delta", "max_grad_norm", "sampler",
+    "embedding_dim", "hidden", "model_seed",
+)  # fmt: skip
+_CALIBRATION_KEYS = ("epochs", "max_steps")
+
+
+def _run_settings(cfg: TrainConfig, calibrated: bool) -> dict[str, Any]:
+    keys = _RESUME_KEYS + (_CALIBRATION_KEYS if calibrated else ())
+    return {k: getattr(cfg, k) for k in keys}
+
+
+def _check_resume(extra: dict[str, Any], settings: dict[str, Any], ledger: PrivacyLedger) -> None:
+    """ConfigError (before anything loads) when --resume asks for other settings than the
+    checkpoint's run, or the checkpoint's step is not a step that run can have reached."""
+    step = extra.get("step", 0)
+    if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= ledger.steps:
+        raise PrivacyError(
+            f"the checkpoint's step {step!r} is not a step between 0 and the {ledger.steps} "
+            "steps its ledger charged: the file is damaged. Nothing was loaded."
+        )
+    saved = extra.get("settings")
+    if not isinstance(saved, dict):  # a checkpoint from before the settings were stored
+        return
+    changed = [
+        f"{_flag(k)} {settings.get(k)!r} (the run used {saved.get(k)!r})"
+        for k in sorted(set(saved) | set(settings))
+        if saved.get(k) != settings.get(k)
+    ]
+    if changed:
+        calibration = set(_CALIBRATION_KEYS) & set(saved)
+        raise ConfigError(
+            "--resume continues a run with its own settings, and these differ: "
+            + "; ".join(changed)
+            + ". The optimizers' settings come back from the checkpoint (a new value would be "
+            "silently ignored) and the privacy settings fix its noise"
+            + (
+                ", which was calibrated for the run's --epochs and --max-steps"
+                if calibration
+                else ""
+            )
+            + ". Resume with the settings that started the run, or start a new run with another "
+            "--out. Nothing was loaded or charged."
+        )
 
 
 def _progress(enabled: bool, total: int, initial: int) -> Any:

@@ -332,9 +332,13 @@ class DistributedPrivacyEngine(PrivacyEngine):
             if name in self.sharded:
                 self.sharded[name].check_training_state_dict(shard)
 
-    def load_checkpoint(self, path: str | os.PathLike[str]) -> dict[str, Any]:
+    def load_checkpoint(
+        self,
+        path: str | os.PathLike[str],
+        check_extra: Callable[[dict[str, Any]], None] | None = None,
+    ) -> dict[str, Any]:
         """Restore (a collective): the ledger is never lowered and every noise stream is re-keyed."""
-        extra = super().load_checkpoint(path)
+        extra = super().load_checkpoint(path, check_extra)
         for name, state in dict(extra.pop("_sharded", {})).items():
             if name in self.sharded:
                 self.sharded[name].load_training_state_dict(state)
