@@ -4,10 +4,13 @@ caveat the run's history calls for."""
 
 from __future__ import annotations
 
+import os
+import signal
+
 import pytest
 import torch
 
-from lazydp import PrivacyEngine, PrivacyError
+from lazydp import PrivacyEngine, PrivacyError, training
 from tests.test_cli_train import run_cli
 from tests.test_engine_errors import private
 from tests.test_lazy import build, dense_params, step, table_params
@@ -137,3 +140,37 @@ def test_a_checkpoint_with_a_damaged_step_is_refused(tmp_path, capsys, bad_step)
     code, res = run_cli([*args, "--resume"], capsys)
     assert code == 1 and "damaged" in res.err and "Traceback" not in res.err, res.err
     assert (out / "ledger.jsonl").read_text() == ledger
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_stops_at_a_step_boundary_with_a_checkpoint_and_the_run_resumes(
+    tmp_path, capsys, monkeypatch, signum
+):
+    # With --checkpoint-every 0 a killed run used to leave only its ledger: spent budget and
+    # nothing to resume from.
+    out = tmp_path / "r"
+    args = [*ACS, "--mode", "lazydp", "--noise-multiplier", "1", "--out", str(out)]
+    full = tmp_path / "full"
+    assert run_cli([*args[:-1], str(full)], capsys)[0] == 0
+    full_steps = (full / "ledger.jsonl").read_text().count('"kind":"step"')
+    calls = {"n": 0}
+    forward = training._forward
+
+    def forward_then_signal(model, batch):
+        calls["n"] += 1
+        if calls["n"] == 3:  # mid-step: the step still completes
+            os.kill(os.getpid(), signum)
+        return forward(model, batch)
+
+    before = signal.getsignal(signum)
+    with monkeypatch.context() as m:
+        m.setattr(training, "_forward", forward_then_signal)
+        code, res = run_cli(args, capsys)
+    assert code == 128 + signum and "--resume" in res.err and "Traceback" not in res.err
+    assert signal.getsignal(signum) == before  # handlers restored
+    assert (out / "ledger.jsonl").read_text().count('"kind":"step"') == 3
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["extra"]["step"] == 3
+    assert not (out / "model.pt").exists()
+    code, res = run_cli([*args, "--resume"], capsys)
+    assert code == 0, res.err
+    assert (out / "ledger.jsonl").read_text().count('"kind":"step"') == full_steps

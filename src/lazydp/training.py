@@ -13,6 +13,7 @@ import json
 import math
 import numbers
 import os
+import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,6 +35,7 @@ from lazydp.engine import PrivacyEngine
 from lazydp.errors import ConfigError, DataError, PrivacyError
 from lazydp.ledger import PrivacyLedger, ledger_path
 from lazydp.metrics import accuracy, roc_auc
+from lazydp.stop_signals import StoppedBySignal, stop_on_signals
 
 
 @dataclass
@@ -560,34 +562,52 @@ def run(
     # instead of passing the target epsilon.
     budget_steps = total_steps if calibrated else None
     stopped_for_budget = False
-    while step < total_steps and not stopped_for_budget:
-        for batch in dp_loader:
-            if budget_steps is not None and engine.ledger.steps >= budget_steps:
-                stopped_for_budget = step < total_steps
-                break
-            if step >= total_steps:
-                break
-            opt.zero_grad()
-            loss = nn.functional.binary_cross_entropy_with_logits(
-                _forward(model, batch), batch.label
-            )
-            loss.backward()
-            opt.step()
-            step += 1
-            examples += int(batch.label.shape[0])
-            if batch.label.shape[0]:
-                losses.append(loss.item())
-            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and rank == 0:
-                engine.save_checkpoint(ckpt, step=step, settings=settings)
-            if bar is not None:
-                bar.update(1)
-                if step % eps_every == 0 and cfg.mode != "sgd":
-                    eps = engine.get_epsilon(delta)
-                if step % 5 == 0 or step == total_steps:
-                    rate = examples / max(time.perf_counter() - started, 1e-9)
-                    bar.set_postfix(
-                        loss=f"{np.mean(losses[-20:]):.4f}", eps=f"{eps:.3f}", ex_s=f"{rate:,.0f}"
-                    )
+    # Ctrl-C / SIGTERM stop at the next step boundary with a checkpoint (stop_signals.py).
+    with stop_on_signals(enabled=world_size == 1) as stop:
+        while step < total_steps and not stopped_for_budget and not stop.requested:
+            for batch in dp_loader:
+                if budget_steps is not None and engine.ledger.steps >= budget_steps:
+                    stopped_for_budget = step < total_steps
+                    break
+                if step >= total_steps:
+                    break
+                opt.zero_grad()
+                loss = nn.functional.binary_cross_entropy_with_logits(
+                    _forward(model, batch), batch.label
+                )
+                loss.backward()
+                opt.step()
+                step += 1
+                examples += int(batch.label.shape[0])
+                if batch.label.shape[0]:
+                    losses.append(loss.item())
+                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and rank == 0:
+                    engine.save_checkpoint(ckpt, step=step, settings=settings)
+                if bar is not None:
+                    bar.update(1)
+                    if step % eps_every == 0 and cfg.mode != "sgd":
+                        eps = engine.get_epsilon(delta)
+                    if step % 5 == 0 or step == total_steps:
+                        rate = examples / max(time.perf_counter() - started, 1e-9)
+                        bar.set_postfix(
+                            loss=f"{np.mean(losses[-20:]):.4f}",
+                            eps=f"{eps:.3f}",
+                            ex_s=f"{rate:,.0f}",
+                        )
+                if stop.requested:  # a signal came during this step: it is complete, stop here
+                    break
+    if stop.signum is not None:
+        if bar is not None:
+            bar.close()
+        if rank == 0:
+            engine.save_checkpoint(ckpt, step=step, settings=settings)
+        raise StoppedBySignal(
+            f"stopped by {signal.Signals(stop.signum).name} after step {step} of {total_steps}; "
+            f"{ckpt} holds that step (a private training state, never to be released) and the "
+            f"ledger every step charged ({engine.ledger.steps}). Continue with the same command "
+            "and --resume.",
+            stop.signum,
+        )
     if bar is not None:
         bar.close()
     train_seconds = time.perf_counter() - started

@@ -18,6 +18,7 @@ import yaml
 
 from lazydp.errors import ConfigError, LazyDPError
 from lazydp.malloc import tune_malloc
+from lazydp.stop_signals import StoppedBySignal
 
 # Order here is the order in `lazydp --help`.
 SUBCOMMANDS = ["train", "epsilon", "preprocess", "bench", "env"]
@@ -94,6 +95,9 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "json", False):
             print(json.dumps({"error": str(exc), "type": type(exc).__name__}))
         return 1
+    except StoppedBySignal as exc:  # stopped at a step boundary, with a checkpoint
+        print(f"lazydp {args.command}: {exc}", file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt:
         # Every charged step is already in the ledger (written before its noise was drawn).
         print(

@@ -1,0 +1,74 @@
+"""Stop a training run at a step boundary on Ctrl-C or SIGTERM, with a checkpoint.
+
+Why: every step a run takes is charged to its privacy ledger before its noise is drawn. A run
+killed mid-way (a scheduler's SIGTERM, Ctrl-C) with ``--checkpoint-every 0`` used to leave a
+ledger of spent budget and nothing to resume from. Stopping in the middle of a step is not
+safe either (a charged step half applied). So the first signal only asks: the loop finishes the
+step it is in, writes a checkpoint and raises :class:`StoppedBySignal`, and ``--resume``
+continues from there. A second signal interrupts at once (KeyboardInterrupt), as before.
+
+Only in the main thread of a single-process run: under torchrun each rank would stop at its own
+step and the others would wait in a collective for ever; there the launcher's own handling and
+``--checkpoint-every`` apply.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import FrameType
+
+__all__ = ["StopRequest", "StoppedBySignal", "stop_on_signals"]
+
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class StoppedBySignal(KeyboardInterrupt):
+    """The run stopped at a step boundary after a signal; ``str()`` says where it left things."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum  # what a shell reports for a process ended by that signal
+
+
+class StopRequest:
+    """Set by the first SIGINT/SIGTERM while installed; polled between steps."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt  # the second signal: stop now
+        self.signum = signum
+        print(
+            f"\nlazydp: {signal.Signals(signum).name} received: stopping after this step and "
+            "writing a checkpoint (send it again to stop at once).",
+            file=sys.stderr,
+        )
+
+
+@contextmanager
+def stop_on_signals(enabled: bool = True) -> Iterator[StopRequest]:
+    """Install the handlers for the block (main thread only; elsewhere a no-op request)."""
+    request = StopRequest()
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield request
+        return
+    previous = {s: signal.signal(s, request._handle) for s in _SIGNALS}
+    try:
+        yield request
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
