@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 
 import pytest
 import torch
@@ -217,6 +218,58 @@ def test_steps_on_batches_the_private_loader_did_not_draw_are_flagged():
     assert not any("UNVERIFIED" in c for c in engine.privacy_report(1e-3).caveats)
     _train(engine, model, opt, original, 1)  # the user's own loader: no Poisson sampling
     assert any("UNVERIFIED SAMPLING" in c for c in engine.privacy_report(1e-3).caveats)
+
+
+def test_get_epsilon_warns_when_batches_did_not_come_from_the_private_loader():
+    model = torch.nn.Linear(3, 1)
+    original = DataLoader(_data(64), batch_size=8)
+    engine = PrivacyEngine()
+    model, opt, loader = engine.make_private(
+        module=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        data_loader=original,
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+    )
+    _train(engine, model, opt, loader, 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        engine.get_epsilon(1e-3)  # every batch from the private loader: no warning
+    _train(engine, model, opt, original, 1)
+    with pytest.warns(UserWarning, match="did not draw"):
+        engine.get_epsilon(1e-3)
+
+
+class _TimeMajor(torch.nn.Module):
+    """A layer run on (T, B, d): dimension 0 is time, not the batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x.transpose(0, 1)).mean(0)
+
+
+def test_layers_that_see_fewer_rows_than_the_batch_get_a_warning_and_a_caveat():
+    # T = 4 time steps, batches of ~16: each time step was clipped as an example, 4.6x the
+    # bound in an audit, with nothing said.
+    data = TensorDataset(torch.randn(64, 4, 3), torch.randn(64, 1))
+    model = _TimeMajor()
+    engine = PrivacyEngine(seed=0)
+    model, opt, loader = engine.make_private(
+        module=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        data_loader=DataLoader(data, batch_size=16),
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        mode="dpsgd_f",
+    )
+    with pytest.warns(UserWarning, match="time-major"):
+        _train(engine, model, opt, loader, 1)
+    assert any(
+        c.startswith("FEWER ROWS THAN EXAMPLES") for c in engine.privacy_report(1e-3).caveats
+    )
 
 
 def test_training_past_the_calibrated_epochs_is_flagged():

@@ -286,20 +286,32 @@ class PrivacyEngine:
         v.check_delta(delta)
         if self.privacy is not None and self.privacy.mode == "sgd":
             return math.inf
+        unsampled = self._unsampled_steps()
+        if unsampled:
+            warnings.warn(
+                f"{unsampled} step(s) trained on batches the private data loader did not draw: "
+                "this epsilon assumes Poisson sampling of every batch and does not hold for "
+                "them (privacy_report() lists it as UNVERIFIED SAMPLING). Iterate the loader "
+                "make_private returned.",
+                stacklevel=2,
+            )
         return self.ledger.epsilon(delta, accountant=accountant or self.accountant)
+
+    def _unsampled_steps(self) -> int:
+        if self.optimizer is not None and isinstance(self.loader, DPDataLoader):
+            return max(0, self.optimizer.steps_with_data - self.loader.batches_drawn)
+        return 0
 
     def privacy_report(self, delta: float) -> PrivacyReport:
         """Epsilon (PLD and RDP), mode, sampler, steps, and every caveat that applies."""
-        unsampled = 0
-        if self.optimizer is not None and isinstance(self.loader, DPDataLoader):
-            unsampled = max(0, self.optimizer.steps_with_data - self.loader.batches_drawn)
         report = build_report(
             self.ledger,
             delta,
             self.privacy,
             seeded=self._seeded(),
             override=active_override(),
-            unsampled_steps=unsampled,
+            unsampled_steps=self._unsampled_steps(),
+            short_steps=self.loader.short_steps if isinstance(self.loader, DPDataLoader) else 0,
         )
         target = self.target
         if target is not None and delta == target["delta"] and report.epsilon > target["epsilon"]:

@@ -8,6 +8,7 @@ like any other.
 
 from __future__ import annotations
 
+import warnings
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -74,6 +75,16 @@ def worker_options(loader: DataLoader) -> dict[str, Any]:
     return out
 
 
+#: Why fewer rows than examples is worth a word (a warning, then a report caveat).
+SHORT_ROWS = (
+    "a step's layers saw fewer rows in dimension 0 than its batch held examples. That is fine "
+    "when collate_fn drops examples; but if dimension 0 is not the batch (a time-major layer, "
+    "batch_first=False, an input transposed to (T, B, ...)), every time step is clipped as an "
+    "example and one example's influence can exceed max_grad_norm many times over. Keep "
+    "dimension 0 the batch in every layer."
+)
+
+
 class DPDataLoader(DataLoader):
     """A DataLoader whose batches come from a DP batch sampler (Poisson by default).
 
@@ -112,6 +123,7 @@ class DPDataLoader(DataLoader):
         self._counted = counted
         self._yielded: deque[int] = deque(maxlen=64)
         self.dp_sampler = batch_sampler  # its state_dict goes into checkpoints
+        self.short_steps = 0  # steps whose layers saw fewer rows than their batch held
 
     def check_rows(self, rows: int) -> int | None:
         """Match a step's ``rows`` (dimension 0 its layers saw) with a batch yielded and not yet
@@ -129,6 +141,10 @@ class DPDataLoader(DataLoader):
         fits = next((i for i, size in enumerate(waiting) if rows <= size), None)
         if fits is None:
             return max(waiting)
+        if rows < waiting[fits]:
+            self.short_steps += 1
+            if self.short_steps == 1:
+                warnings.warn(SHORT_ROWS, stacklevel=4)
         for _ in range(fits + 1):
             waiting.popleft()
         return None

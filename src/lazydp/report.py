@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from lazydp.accounting import epsilon_report
+from lazydp.loader import SHORT_ROWS
 
 if TYPE_CHECKING:
     from lazydp.ledger import PrivacyLedger
@@ -80,6 +81,7 @@ def build_report(
     seeded: bool,
     override: str | None,
     unsampled_steps: int = 0,
+    short_steps: int = 0,
 ) -> PrivacyReport:
     """Assemble the report from the ledger (the only source of truth for what was spent)."""
     caveats: list[str] = []
@@ -110,6 +112,8 @@ def build_report(
             "private data loader drew; epsilon assumes every batch came from it. Iterate the "
             "loader make_private returned."
         )
+    if short_steps > 0:
+        caveats.append(f"FEWER ROWS THAN EXAMPLES in {short_steps} step(s): {SHORT_ROWS}")
     if privacy is not None and privacy.sample_rate > 0:
         n = privacy.expected_batch_size / privacy.sample_rate  # the dataset size N
         if ledger.total_delta(delta) * n >= 1:
