@@ -199,6 +199,11 @@ def test_missing_column_or_wrong_type(tmp_path, train, fragment):
             r"row 1 \(0-based\): column 'd1' \(a dense feature\) is inf; dense features must be",
             "column 'd1' holds an infinite value",
         ),
+        (  # finite in float64, but the reader's float32 would make it inf (AUC nan, silently)
+            {"d1": pa.array([0.0, 1e300] + [0.0] * 6, pa.float64())},
+            r"row 1 \(0-based\): column 'd1' .* within float32's range",
+            "column 'd1' holds values from 0.0 to 1e.300, past float32's range",
+        ),
     ],
 )
 def test_bad_values_caught_at_open(tmp_path, in_memory, train, memory_fragment, lazy_fragment):

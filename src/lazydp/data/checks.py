@@ -179,6 +179,11 @@ def _range_problem(c: Column, lo: Any, hi: Any) -> str | None:
     if c.role == "dense":
         if math.isinf(lo) or math.isinf(hi):
             return f"holds an infinite value (range {lo} to {hi}); dense features must be finite"
+        if max(abs(lo), abs(hi)) > _FLOAT32_MAX:
+            return (
+                f"holds values from {lo} to {hi}, past float32's range (|x| <= 3.4e38: the "
+                "model reads dense features as float32, where they would become infinite)"
+            )
         return None
     if lo < 0 or hi >= c.table_size:
         return (
@@ -217,11 +222,19 @@ def check_table(path: Path, table: pa.Table, columns: list[Column], first_row: i
         elif c.role == "dense":
             if pa.types.is_floating(col.type):
                 bad = pc.invert(pc.is_finite(col))
+                if col.type.bit_width > 32:  # read as float32: larger values would become inf
+                    bad = pc.or_(bad, pc.greater(pc.abs(col), _FLOAT32_MAX))
                 if pc.any(bad).as_py():
-                    msg = f"dense features must be finite (no NaN or infinity); {_fix(c)}"
+                    msg = (
+                        "dense features must be finite (no NaN or infinity) and within float32's "
+                        f"range (|x| <= 3.4e38: the model reads them as float32); {_fix(c)}"
+                    )
                     _bad_row(path, c, col, bad, first_row, msg)
         else:
             _check_ids(path, c, col, col, None, first_row)
+
+
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def _check_list(path: Path, c: Column, col: pa.ChunkedArray, first_row: int) -> None:
