@@ -64,6 +64,16 @@ def test_bad_train_flags_are_refused_before_training(tmp_path, capsys, flags, fr
     assert not out.exists()  # nothing written, no ledger: no privacy spent
 
 
+def test_tables_that_would_not_fit_in_memory_are_refused_before_allocating(tmp_path, capsys):
+    # It used to end in torch's "can't allocate memory" traceback from inside the model.
+    out = tmp_path / "run"
+    line = refused(
+        ["train", "--dataset", "acs", "--embedding-dim", "100000000", "--out", str(out)], capsys
+    )
+    assert "the embedding tables need" in line and "--embedding-dim" in line
+    assert not (out / "ledger.jsonl").exists()
+
+
 # --- lazydp train: --config files ---------------------------------------------------------------
 
 

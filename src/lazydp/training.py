@@ -288,6 +288,27 @@ class _Tabular(nn.Module):
         return self.mlp(torch.cat([dense, *pooled], dim=1)).squeeze(1)
 
 
+def check_model_fits(train: Any, cfg: TrainConfig) -> None:
+    """ConfigError before any allocation when the tables (and what the mode keeps per row)
+    would not fit in memory: never let the allocator fail deep in torch or the OS kill the run."""
+    from lazydp.bench.memory import available_memory_bytes
+
+    rows = sum(int(train.table_sizes[name]) for name in train.sparse_names)
+    per_row = cfg.embedding_dim * 4 * (2 if cfg.momentum else 1)  # float32 row (+ velocity)
+    per_row += 4 if cfg.mode == "lazydp" else 0  # its history table
+    need, available = rows * per_row, available_memory_bytes()
+    if available > 0 and need > 0.85 * available:
+        raise ConfigError(
+            f"the embedding tables need ~{need / 1e9:.3g} GB ({rows:,} rows x "
+            f"--embedding-dim {cfg.embedding_dim}, float32"
+            f"{', with a velocity per row (--momentum)' if cfg.momentum else ''}"
+            f"{', plus the LazyDP history' if cfg.mode == 'lazydp' else ''}), and "
+            f"{available / 1e9:.3g} GB is available (85% usable). Lower --embedding-dim, or "
+            "preprocess with smaller vocabularies (they set each table's rows). Nothing was "
+            "charged."
+        )
+
+
 def build_model(train: Any, cfg: TrainConfig, kind: str) -> nn.Module:
     sizes = [int(train.table_sizes[name]) for name in train.sparse_names]
     num_dense = len(train.dense_names)
@@ -489,6 +510,7 @@ def run(
         )
 
     torch.manual_seed(cfg.model_seed)  # model init only; DP noise is drawn in lazydp.noise
+    check_model_fits(train, cfg)
     model = build_model(train, cfg, kind)
     tables = [
         p
