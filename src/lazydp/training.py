@@ -676,6 +676,8 @@ def run(
             f"log-loss {metrics['logloss']:.4f}  "
             f"({step} steps, {train_seconds:.1f} s, {summary['examples_per_second']:,.0f} examples/s)"
         )
+        if math.isnan(metrics["auc"]):
+            print("(AUC is undefined: every label of the test split is the same class)")
     return summary
 
 
