@@ -72,6 +72,20 @@ def test_nan_features_are_refused_at_step_and_nothing_is_charged(mode):
         assert torch.equal(t, before[k]), k
 
 
+@pytest.mark.parametrize("mode", ["dpsgd_f", "lazydp"])
+def test_diverged_parameters_are_named_instead_of_the_batch(mode):
+    # A huge max_grad_norm (or lr) blew the weights up in one step; the next step's NaN was
+    # blamed on "the batch's features".
+    model, opt, _, engine = private(mode)
+    x, bag, emb, y = make_batches(1)[0]
+    with torch.no_grad():
+        model.fc1.weight[0, 0] = float("inf")
+    loss_fn(model(x, bag, emb), y).backward()
+    with pytest.raises(InputError, match=r"'fc1.weight'\] already hold NaN or Inf.*diverged"):
+        opt.step()
+    assert engine.ledger.steps == 0
+
+
 def test_batchnorm_and_max_bag_are_refused_with_alternatives():
     with pytest.raises(UnsupportedLayerError, match="GroupNorm|LayerNorm"):
         private(model=nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)))

@@ -266,11 +266,31 @@ class CaptureSet:
                     if isinstance(a, Tensor) and a.is_floating_point():
                         bad = bad or not bool(torch.isfinite(a).all())
                 if bad:
-                    raise InputError(
-                        f"NaN or Inf reached layer {layer.name!r} (its input or its output "
-                        "gradient): check the batch's features and the loss. No parameter was "
-                        "changed and nothing was charged to the privacy ledger."
-                    )
+                    raise InputError(self._non_finite_cause(layer.name))
+
+    def _non_finite_cause(self, name: str) -> str:
+        """Why NaN/Inf reached layer ``name``: the model's own parameters (an earlier update
+        diverged) or, if they are all finite, the batch or the loss (only on this error path:
+        it reads every parameter)."""
+        broken = [
+            f"{layer.name}.{pname}"
+            for layer in self.layers
+            for pname, p in layer.params().items()
+            if p.is_floating_point() and not bool(torch.isfinite(p).all())
+        ]
+        if broken:
+            return (
+                f"NaN or Inf reached layer {name!r}, and the model's parameters {broken[:3]} "
+                "already hold NaN or Inf: an earlier update diverged. Lower the learning rate "
+                "or max_grad_norm (the noise grows with it), and resume from a checkpoint taken "
+                "before the divergence. No parameter was changed and nothing was charged to the "
+                "privacy ledger."
+            )
+        return (
+            f"NaN or Inf reached layer {name!r} (its input or its output gradient): check the "
+            "batch's features and the loss. No parameter was changed and nothing was charged "
+            "to the privacy ledger."
+        )
 
     def check_no_outside_use(self) -> None:
         """ConfigError if the last backward reached a captured parameter outside its layer."""
