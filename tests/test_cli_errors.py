@@ -40,6 +40,7 @@ def refused(argv: list[str], capsys) -> str:
         (["--dense-lr", "-1"], "dense_lr must be a finite number > 0"),
         (["--dense-lr", "0"], "--dense-lr 0.003"),
         (["--max-steps", "0"], "max_steps (--max-steps) must be an integer >= 1"),
+        (["--data", "somewhere"], "give one"),  # beside --dataset acs: one would be ignored
         (["--max-steps", "-3"], "max_steps (--max-steps) must be an integer >= 1"),
         (["--checkpoint-every", "-1"], "checkpoint_every (--checkpoint-every) must be an integer"),
         (["--epochs", "0"], "epochs must be a finite number > 0"),
@@ -82,6 +83,8 @@ def test_tables_that_would_not_fit_in_memory_are_refused_before_allocating(tmp_p
     [
         ("epochs: [1\nlr: 2\n", "is not valid YAML: expected ',' or ']'"),
         ("epochs: abc\n", "epochs must be a finite number > 0"),
+        ("epochs: 5\nlr: 2\nepochs: 6\n", "key 'epochs' is given twice"),
+        ("max-steps: 3\nmax_steps: 4\n", "key 'max_steps' is given twice"),
         ("epochs: .inf\n", "epochs must be a finite number > 0"),
         ("lr: abc\n", "lr must be a finite number > 0"),
         ("dense_lr: 0\n", "dense_lr must be a finite number > 0"),

@@ -55,6 +55,28 @@ def yaml_problem(exc: Exception) -> str:
     return " ".join(str(exc).split())
 
 
+class _UniqueKeys(yaml.SafeLoader):
+    """safe_load that refuses a key given twice in one mapping (YAML keeps the last silently,
+    so `epochs: 5` further down would quietly override the first)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)  # type: ignore[no-untyped-call]
+            norm = key.replace("-", "_") if isinstance(key, str) else key
+            try:
+                hash(norm)
+            except TypeError:  # an unhashable key: safe_load's own error says so below
+                continue
+            if norm in seen:
+                raise yaml.constructor.ConstructorError(
+                    problem=f"key {key!r} is given twice (the first would be silently ignored)",
+                    problem_mark=key_node.start_mark,
+                )
+            seen.add(norm)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_yaml_mapping(path_text: str, flag: str) -> dict[str, Any]:
     """The option: value mapping in the YAML file a ``flag`` names (keys normalised to
     underscores); ConfigError if it is missing, a directory, unreadable, not YAML, or not a
@@ -65,7 +87,7 @@ def load_yaml_mapping(path_text: str, flag: str) -> dict[str, Any]:
     if path.is_dir():
         raise ConfigError(f"{flag} {path} is a directory; pass a YAML file of options")
     try:
-        loaded = yaml.safe_load(path.read_text()) or {}
+        loaded = yaml.load(path.read_text(), Loader=_UniqueKeys) or {}  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{flag} {path} is not valid YAML: {yaml_problem(exc)}") from None
     except (OSError, UnicodeDecodeError) as exc:

@@ -110,6 +110,12 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             f"{' and '.join(noise_given)} would be ignored; drop it, or pick a private mode "
             "(e.g. --mode lazydp)."
         )
+    if values.get("data") and values.get("dataset") is not None:
+        # --data wins; the built-in dataset named beside it would be silently ignored.
+        raise ConfigError(
+            f"both dataset ({values['dataset']!r}, a built-in dataset) and data "
+            f"({values['data']!r}, a preprocessed directory) are given; give one."
+        )
     dataset = values.get("dataset", "movielens")
     if not values.get("data") and isinstance(dataset, str):
         values = {**DATASET_DEFAULTS.get(dataset, {}), **values}
