@@ -146,6 +146,10 @@ def test_csv_header_must_name_the_columns(tmp_path):
     bad.write_text("user,movie,rating,timestamp,genres\n1,2,3,4,Drama\n")
     with pytest.raises(DataError, match=r"r\.csv, line 1: header lacks column\(s\) \['userId'"):
         preprocess("movielens", [bad], tmp_path / "o", progress=False)
+    # A column named twice: the last one silently won (which one holds the data?).
+    bad.write_text("userId,userId,movieId,rating,timestamp,genres\n1,5,2,3,4,Drama\n")
+    with pytest.raises(DataError, match=r"names column\(s\) \['userId'\] more than once"):
+        preprocess("movielens", [bad], tmp_path / "o", progress=False)
 
 
 def test_a_csv_saved_with_a_byte_order_mark_is_read(tmp_path):

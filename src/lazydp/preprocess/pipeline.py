@@ -133,6 +133,12 @@ def _positions(spec: FormatSpec, path: str, header: str | None) -> tuple[dict[st
             f"{path}, line 1: header lacks column(s) {missing}; a {spec.name} header needs "
             f"{spec.columns}"
         )
+    twice = sorted({c for c in spec.columns if names.count(c) > 1})
+    if twice:  # which of the two holds the data? The last one would win, silently.
+        raise DataError(
+            f"{path}, line 1: header names column(s) {twice} more than once; a {spec.name} "
+            "header names each of its columns once (rename or drop the extra one)"
+        )
     return {n: i + 1 for i, n in enumerate(names)}, len(names)
 
 
