@@ -573,7 +573,7 @@ def run(
     settings = _run_settings(cfg, calibrated)
     if cfg.resume and ckpt.exists():
         extra = engine.load_checkpoint(ckpt, lambda e: _check_resume(e, settings, engine.ledger))
-        step = extra["step"]
+        step = int(extra.get("step", 0))  # checked by _check_resume
     bar = _progress(cfg.progress and rank == 0, total_steps, step)
     # PLD accounting costs ~0.3 s per call: refresh the shown epsilon a few times per run only.
     eps_every = max(10, total_steps // 8)
