@@ -55,6 +55,20 @@ def test_sharded_bag_refuses_max_mode_and_bad_ids() -> None:
         ShardedEmbeddingBag(10, 2, _weight=torch.zeros(9, 2))
 
 
+def test_a_sharded_table_refuses_a_momentum_too_small_for_its_rows_before_any_collective():
+    from lazydp._timing import PhaseTimer
+    from lazydp.noise import GaussianNoise
+    from lazydp.optim.lazy import SgdStep
+
+    sharded = ShardedEmbeddingBag(10, 2)
+    before = sharded.weight.detach().clone()
+    sgd = lambda: SgdStep(lr=0.1, momentum=1e-40)  # noqa: E731
+    sharded.attach(GaussianNoise(seed=0), 1.0, 8.0, sgd, lazy=True, timer=PhaseTimer(), clip=1.0)
+    with pytest.raises(ConfigError, match="too small"):
+        sharded.apply_clipped_sum(None)  # no process group: a collective would fail instead
+    assert torch.equal(sharded.weight.detach(), before)
+
+
 def test_reducer_in_one_process_fills_missing_sums_and_keeps_rows() -> None:
     lin, bag = nn.Linear(2, 3), nn.EmbeddingBag(6, 2)
     reducer = ClippedSumReducer([lin.weight, lin.bias], [bag.weight])

@@ -173,6 +173,7 @@ class DistributedPrivacyEngine(PrivacyEngine):
                 shard_groups[name],
                 lazy=mode == "lazydp",
                 timer=self.timer,
+                clip=self.privacy.max_grad_norm,
             )
             self._hooks.append(m.register_state_dict_pre_hook(self._on_export))
         return out

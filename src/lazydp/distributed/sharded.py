@@ -64,6 +64,7 @@ class _ShardTraining:
     timer: PhaseTimer
     step: int = 0
     velocity: Tensor | None = None  # eager modes with momentum: this shard's momentum buffer
+    clip: float = float("inf")  # C: bounds |global clipped sum| / B (the velocity range check)
 
 
 class ShardedEmbeddingBag(nn.Module):
@@ -192,8 +193,10 @@ class ShardedEmbeddingBag(nn.Module):
         sgd: Callable[[], SgdStep],
         lazy: bool,
         timer: PhaseTimer,
+        clip: float = float("inf"),
     ) -> None:
-        """Set up private training (the engine calls this): own noise stream, SGD lookup, mode."""
+        """Set up private training (the engine calls this): own noise stream, SGD lookup, mode,
+        and the clip norm C."""
         table: LazyTable | None = None
         if lazy and sgd().momentum > 0:  # a velocity per row, caught up with it
             table = MomentumTable(
@@ -201,7 +204,9 @@ class ShardedEmbeddingBag(nn.Module):
             )
         elif lazy:
             table = LazyTable(self.weight, LrPrefix(), noise, noise_std / expected_batch_size)
-        self._training = _ShardTraining(noise, noise_std, expected_batch_size, sgd, table, timer)
+        self._training = _ShardTraining(
+            noise, noise_std, expected_batch_size, sgd, table, timer, clip=clip
+        )
 
     @torch.no_grad()
     def apply_clipped_sum(self, clipped: SparseRows | None) -> None:
@@ -215,7 +220,9 @@ class ShardedEmbeddingBag(nn.Module):
             raise ConfigError("apply_clipped_sum before attach: use DistributedPrivacyEngine")
         step = t.sgd()
         # Every rank alike, before the all-to-all and any change.
-        check_step(step, None if t.lazy is None else t.lazy.prefix, "(a sharded one)")
+        check_step(
+            step, None if t.lazy is None else t.lazy.prefix, "(a sharded one)", self.weight, t.clip
+        )
         group, dev = self.process_group, comm_device(self.process_group)
         if clipped is None:
             clipped = SparseRows(
