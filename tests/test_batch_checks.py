@@ -123,3 +123,24 @@ def test_an_empty_poisson_batch_of_an_unknown_type_stops_the_loader():
     with pytest.raises(ConfigError, match="empty batch"):  # q = 1/300: an empty batch comes soon
         for _ in dl:
             pass
+
+
+def test_a_step_without_a_forward_on_a_loaded_batch_is_refused_but_an_empty_one_is_charged():
+    # Two bare step() calls used to be charged (and noised) as empty batches, whatever the
+    # loader had yielded.
+    ds = TensorDataset(torch.randn(64, 3), torch.randn(64))
+    model, opt, dl, engine = private("dpsgd_f", nn.Linear(3, 1), data_loader=DataLoader(ds, 16))
+    before = snapshot(model)
+    it = iter(dl)
+    x, y = next(it)
+    assert len(x) > 0
+    with pytest.raises(InputError, match=rf"without a forward.*holds {len(x)} examples"):
+        opt.step()
+    assert engine.ledger.steps == 0
+    assert all(torch.equal(t, before[k]) for k, t in snapshot(model).items())
+    nn.functional.mse_loss(model(x).squeeze(1), y).backward()  # the forgotten forward: fine
+    opt.step()
+    assert engine.ledger.steps == 1
+    dl._yielded.append(0)  # as if the loader yielded an empty Poisson batch: no forward needed
+    opt.step()
+    assert engine.ledger.steps == 2

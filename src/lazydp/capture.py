@@ -257,6 +257,10 @@ class CaptureSet:
             )
         return sizes.pop() if sizes else 0
 
+    def has_records(self) -> bool:
+        """Whether a training forward ran since the last step (or clear)."""
+        return any(layer.records for layer in self.layers)
+
     def check_finite(self) -> None:
         """Refuse NaN/Inf before any parameter changes (clipping a NaN gives a NaN update)."""
         for layer in self.layers:

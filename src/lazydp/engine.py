@@ -206,6 +206,7 @@ class PrivacyEngine:
             self.capture = self.module = self.loader = None
             raise
         self.optimizer.check_rows = loader.check_rows
+        self.optimizer.check_skipped = loader.check_skipped
         if mode == "lazydp":
             loader.on_epoch_end = self.flush
             for layer in self.capture.layers:

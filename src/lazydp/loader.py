@@ -149,6 +149,18 @@ class DPDataLoader(DataLoader):
             waiting.popleft()
         return None
 
+    def check_skipped(self) -> int | None:
+        """A step with no forward at all: None when the oldest waiting batch is empty (taken:
+        an empty Poisson batch is a step that is charged) or none is waiting (a hand-built
+        loop); else how many examples that batch holds (the forward was forgotten)."""
+        waiting = self._yielded
+        if not waiting:
+            return None
+        if waiting[0] == 0:
+            waiting.popleft()
+            return None
+        return waiting[0]
+
     def sampler_state(self) -> dict[str, Any]:
         """The DP sampler's state_dict, moved back over the batches workers drew but the loop
         has not received yet: a resume draws those again instead of skipping them. (Across an

@@ -174,6 +174,8 @@ class DPOptimizer(OptimizerGroup):
         # The private loader's DPDataLoader.check_rows: None when a step's rows fit a batch it
         # yielded, else the most examples a waiting batch holds.
         self.check_rows: Callable[[int], int | None] | None = None
+        # Its check_skipped: for a step with no forward, the examples of the batch it skipped.
+        self.check_skipped: Callable[[], int | None] | None = None
 
     def _group_of(self, p: nn.Parameter) -> tuple[Optimizer | None, dict[str, Any]]:
         if p not in self._group_index:
@@ -366,6 +368,15 @@ class DPOptimizer(OptimizerGroup):
                 "loss.backward() before step(), or optimizer.zero_grad() to drop the forward. "
                 "Nothing was changed or charged."
             )
+        if not batch and self.check_skipped is not None and not self.capture.has_records():
+            held = self.check_skipped()
+            if held:
+                raise InputError(
+                    f"optimizer.step() without a forward, but the batch the private data loader "
+                    f"yielded holds {held} examples: the step would be charged and noised with "
+                    "nothing learned from them. Run the model and loss.backward() on the batch "
+                    "before step() (an empty batch may skip them). Nothing was changed or charged."
+                )
         loaded = self.check_rows(batch) if self.check_rows is not None and batch else None
         if loaded is not None:
             raise InputError(
