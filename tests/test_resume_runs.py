@@ -174,3 +174,26 @@ def test_a_signal_stops_at_a_step_boundary_with_a_checkpoint_and_the_run_resumes
     code, res = run_cli([*args, "--resume"], capsys)
     assert code == 0, res.err
     assert (out / "ledger.jsonl").read_text().count('"kind":"step"') == full_steps
+
+
+def test_without_checkpoint_every_a_long_run_still_writes_safety_checkpoints(
+    tmp_path, capsys, monkeypatch
+):
+    # A run killed hard (SIGKILL, out of memory) with --checkpoint-every 0 used to leave only
+    # its ledger. Here every step is "10 minutes" after the last save.
+    monkeypatch.setattr(training, "CHECKPOINT_SECONDS", 0.0)
+    saved = []
+    save = PrivacyEngine.save_checkpoint
+    monkeypatch.setattr(
+        PrivacyEngine,
+        "save_checkpoint",
+        lambda self, path, **kw: saved.append(kw["step"]) or save(self, path, **kw),
+    )
+    out = tmp_path / "r"
+    args = [*ACS, "--noise-multiplier", "1", "--max-steps", "4", "--out", str(out)]
+    assert run_cli(args, capsys)[0] == 0
+    assert saved == [1, 2, 3, 4, 4]  # each step, then the flushed final state
+    monkeypatch.setattr(training, "CHECKPOINT_SECONDS", 1e9)  # a short run: none until the end
+    saved.clear()
+    assert run_cli([*args[:-1], str(tmp_path / "short")], capsys)[0] == 0
+    assert saved == [] and not (tmp_path / "short" / "checkpoint.pt").exists()

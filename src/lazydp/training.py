@@ -67,7 +67,7 @@ class TrainConfig:
     seed: int | None = None  # sampling and noise (None: OS entropy)
     model_seed: int = 0  # model initialisation only; no privacy randomness
     out: str = "runs/latest"
-    checkpoint_every: int = 0
+    checkpoint_every: int = 0  # 0: a safety checkpoint every CHECKPOINT_SECONDS, and at the end
     resume: bool = False
     max_steps: int | None = None
     eval_batch_size: int = 8192
@@ -137,7 +137,7 @@ class TrainConfig:
             "checkpoint_every",
             self.checkpoint_every,
             0,
-            "an integer >= 0 (steps between checkpoints; 0 = only the final model)",
+            "an integer >= 0 (steps between checkpoints; 0 = one every 10 minutes of training)",
         )
         if self.max_steps is not None:
             _check_int(
@@ -547,8 +547,9 @@ def run(
     if cfg.resume and not (out / "checkpoint.pt").exists() and engine.ledger.steps:
         raise ConfigError(
             f"--resume: {out} holds a ledger with {engine.ledger.steps} charged steps but no "
-            "checkpoint.pt to continue from (--checkpoint-every 0, or the run stopped before "
-            "its first checkpoint). Training from step 0 would spend more budget on a model "
+            "checkpoint.pt to continue from (it was killed before its first checkpoint, "
+            "which comes after --checkpoint-every steps or 10 minutes of training). Training "
+            "from step 0 would spend more budget on a model "
             "that starts over, and replace model.pt. Start a new run with another --out; this "
             "ledger keeps what was spent."
         )
@@ -584,6 +585,7 @@ def run(
     # instead of passing the target epsilon.
     budget_steps = total_steps if calibrated else None
     stopped_for_budget = False
+    last_saved = time.monotonic()
     # Ctrl-C / SIGTERM stop at the next step boundary with a checkpoint (stop_signals.py).
     with stop_on_signals(enabled=world_size == 1) as stop:
         while step < total_steps and not stopped_for_budget and not stop.requested:
@@ -603,8 +605,9 @@ def run(
                 examples += int(batch.label.shape[0])
                 if batch.label.shape[0]:
                     losses.append(loss.item())
-                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and rank == 0:
+                if rank == 0 and _checkpoint_due(cfg.checkpoint_every, step, last_saved):
                     engine.save_checkpoint(ckpt, step=step, settings=settings)
+                    last_saved = time.monotonic()
                 if bar is not None:
                     bar.update(1)
                     if step % eps_every == 0 and cfg.mode != "sgd":
@@ -679,6 +682,18 @@ def run(
         if math.isnan(metrics["auc"]):
             print("(AUC is undefined: every label of the test split is the same class)")
     return summary
+
+
+#: Without --checkpoint-every, a checkpoint after the first step past this many seconds of
+#: training since the last: a run killed hard (SIGKILL, out of memory, power) then loses at most
+#: that much work, not every step its ledger already charged. Short runs never write one.
+CHECKPOINT_SECONDS = 600.0
+
+
+def _checkpoint_due(every: int, step: int, last_saved: float) -> bool:
+    if every:
+        return step % every == 0
+    return time.monotonic() - last_saved >= CHECKPOINT_SECONDS
 
 
 #: What a resumed run must share with the run it continues: the data, the model, the privacy

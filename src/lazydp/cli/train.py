@@ -64,7 +64,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, help="reproducible research run (not for production)")
     p.add_argument("--model-seed", type=int, help="model initialisation seed (default 0)")
     p.add_argument("--out", help="output directory (ledger, checkpoints, model, report)")
-    p.add_argument("--checkpoint-every", type=int, help="steps between atomic checkpoints")
+    p.add_argument(
+        "--checkpoint-every",
+        type=int,
+        help="steps between atomic checkpoints (default 0: one every 10 minutes of training)",
+    )
     p.add_argument("--resume", action="store_true", default=None, help="continue OUT's run")
     p.add_argument("--max-steps", type=int)
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
