@@ -16,6 +16,7 @@ from lazydp import ConfigError, PrivacyEngine, PrivacyError, UnsupportedOptimize
 from lazydp.accounting import PLD_MAX_STEPS, MechanismCount, compute_epsilon
 from lazydp.cli import main
 from lazydp.ledger import PrivacyLedger, StepEvent
+from tests.test_engine_errors import private
 
 
 def test_shuffled_epochs_count_the_steps_a_shuffled_epoch_really_has():
@@ -240,15 +241,8 @@ def test_layers_that_see_fewer_rows_than_the_batch_get_a_warning_and_a_caveat():
     # T = 4 time steps, batches of ~16: each time step was clipped as an example, 4.6x the
     # bound in an audit, with nothing said.
     data = TensorDataset(torch.randn(64, 4, 3), torch.randn(64, 1))
-    model = _TimeMajor()
-    engine = PrivacyEngine(seed=0)
-    model, opt, loader = engine.make_private(
-        module=model,
-        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-        data_loader=DataLoader(data, batch_size=16),
-        noise_multiplier=1.0,
-        max_grad_norm=1.0,
-        mode="dpsgd_f",
+    model, opt, loader, engine = private(
+        "dpsgd_f", _TimeMajor(), data_loader=DataLoader(data, batch_size=16)
     )
     with pytest.warns(UserWarning, match="time-major"):
         _train(engine, model, opt, loader, 1)
