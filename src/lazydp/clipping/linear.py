@@ -96,6 +96,7 @@ class LinearClipper(LayerClipper):
         c = clip_factors(c, g.shape[0], g)
         a2d, g2d = a.reshape(-1, module.in_features).to(g.dtype), g.reshape(-1, module.out_features)
         out: dict[str, ClippedSum] = {}
+        scaled_g = None  # diag(c) G, when the weight's sum formed it (the bias reuses it)
         if module.weight.requires_grad:
             # sum_i c_i G_i^T A_i as one matmul, the clip factors scaling the narrower side
             # (the temporary is B*T x min(d_in, d_out)). With d_in < d_out the product is
@@ -106,9 +107,15 @@ class LinearClipper(LayerClipper):
             if scale_a:
                 out["weight"] = ((a2d * per_row).T @ g2d).T.contiguous()
             else:
-                out["weight"] = (g2d * per_row).T @ a2d
+                scaled_g = g2d * per_row
+                out["weight"] = scaled_g.T @ a2d
         if module.bias is not None and module.bias.requires_grad:
-            out["bias"] = c @ g.sum(1) if a.shape[1] > 1 else c @ g2d
+            if scaled_g is not None:
+                # A column sum of the scaled rows: 3-7x cheaper than the (1 x B) matmul c @ G
+                # (BLAS runs a 1-row product poorly; 2048 x 256: 25-30 against 65-220 us).
+                out["bias"] = scaled_g.sum(0)
+            else:
+                out["bias"] = c @ g.sum(1) if a.shape[1] > 1 else c @ g2d
         return out
 
     def per_sample(self, module: nn.Module, calls: list[Call]) -> dict[str, PerSample]:
