@@ -165,3 +165,40 @@ def test_table_weight_decay_and_momentum_train_lazily(tmp_path, capsys):
     tables = [k for k in out["plain"] if "emb" in k or "bag" in k]
     for name in ("wd", "mu"):
         assert tables and any(not torch.equal(out["plain"][k], out[name][k]) for k in tables)
+
+
+def test_a_ledger_left_by_a_refused_start_does_not_block_the_corrected_run(tmp_path, capsys):
+    """A run refused before its first step leaves a ledger with no charged step (and no
+    checkpoint): the corrected command starts without --resume and continues that file."""
+    from lazydp.ledger import PrivacyLedger
+
+    out_dir = tmp_path / "r"
+    PrivacyLedger(out_dir / "ledger.jsonl").close()  # what the refused start left: a header
+    args = ["train", "--dataset", "acs", "--max-steps", "2", "--noise-multiplier", "2.0"]
+    code, out = run_cli([*args, "--out", str(out_dir), "--json"], capsys)
+    assert code == 0, out.err
+    ledger = PrivacyLedger(out_dir / "ledger.jsonl")
+    assert ledger.steps == 2
+    ledger.close()
+    code, out = run_cli([*args, "--out", str(out_dir), "--json"], capsys)
+    assert code == 1 and "--resume" in out.err  # now it holds charged steps: never reset
+
+
+def test_distributed_shuffle_is_refused_before_any_worker_starts(tmp_path, capsys):
+    out_dir = tmp_path / "r"
+    code, out = run_cli(
+        [
+            "train",
+            "--dataset",
+            "acs",
+            "--nproc-per-node",
+            "2",
+            "--sampler",
+            "shuffle",
+            "--out",
+            str(out_dir),
+        ],
+        capsys,
+    )
+    assert code != 0 and "single-process only" in out.err
+    assert not out_dir.exists() or not list(out_dir.glob("ledger*"))

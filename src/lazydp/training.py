@@ -531,7 +531,7 @@ def run(
     optimizers = [dense_opt, table_opt]
 
     ledger_file = ledger_path(out, rank)
-    if not cfg.resume and ledger_file.exists():
+    if not cfg.resume and ledger_file.exists() and not _nothing_trained(out, ledger_file):
         raise ConfigError(
             f"{ledger_file} exists from an earlier run; pass --resume to continue it or choose "
             "another --out (a ledger is never reset)."
@@ -682,6 +682,22 @@ def run(
         if math.isnan(metrics["auc"]):
             print("(AUC is undefined: every label of the test split is the same class)")
     return summary
+
+
+def _nothing_trained(out: Path, ledger_file: Path) -> bool:
+    """Whether ``ledger_file`` is only what a run refused before its first step left behind
+    (no charged step, no checkpoint): a new run may then continue that ledger without
+    --resume. It keeps every line (a vocabulary charge there is matched, not charged again)."""
+    if (out / "checkpoint.pt").exists():
+        return False
+    try:
+        ledger = PrivacyLedger(ledger_file)
+    except (PrivacyError, OSError, ValueError):
+        return False  # a damaged ledger: the usual refusal names the file
+    try:
+        return ledger.steps == 0
+    finally:
+        ledger.close()
 
 
 #: Without --checkpoint-every, a checkpoint after the first step past this many seconds of

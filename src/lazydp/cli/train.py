@@ -153,6 +153,13 @@ def _check_launch_flags(args: argparse.Namespace) -> bool:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     cfg = config_from_args(args)
     if _check_launch_flags(args):
+        if cfg.sampler == "shuffle":
+            # Refused here, before torchrun starts workers that would each open a ledger.
+            raise ConfigError(
+                "--sampler shuffle is single-process only (each rank would shuffle the whole "
+                "data set, so one example could be in two ranks' batches of a step); a "
+                "distributed run samples with --sampler poisson (the default)."
+            )
         from lazydp.distributed.launch import launch
 
         return launch(args, cfg)
