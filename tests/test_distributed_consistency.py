@@ -11,8 +11,9 @@ import torch
 import torch.distributed as dist
 
 from lazydp import ConfigError, PrivacyError
-from lazydp.distributed import DistributedPrivacyEngine
+from lazydp.distributed import DistributedPrivacyEngine, ShardedEmbeddingBag
 from lazydp.testing import constant_noise
+from lazydp.training import _over_ranks
 from tests.test_distributed import (
     CLIP,
     SIGMA,
@@ -26,14 +27,22 @@ from tests.test_distributed import (
 STEPS = 6
 
 
-def _build(rank: int, sigma: float = SIGMA, ledger: Path | None = None):
+def _build(
+    rank: int,
+    sigma: float = SIGMA,
+    ledger: Path | None = None,
+    seed: int | None = None,
+    nudge: float = 0.0,
+):
     model = _ShardModel(sharded=True)
+    with torch.no_grad():
+        model.fc.bias[0] += nudge  # a replica built from other weights
     tables = torch.optim.SGD([model.bag.weight], lr=0.3)
     dense = torch.optim.SGD(
         [p for n, p in model.named_parameters() if not n.startswith("bag.")], lr=0.3
     )
     sched = torch.optim.lr_scheduler.LambdaLR(tables, lambda s: 1.0 / (1 + s))
-    engine = DistributedPrivacyEngine(ledger_path=ledger)
+    engine = DistributedPrivacyEngine(ledger_path=ledger, seed=seed)
     model, opt, _ = engine.make_private(
         module=model,
         optimizer=[dense, tables],
@@ -72,6 +81,14 @@ def _worker(rank: int, world: int, store_path: str, out_dir: str) -> None:
     out = Path(out_dir)
     results: dict[str, Any] = {}
     results["mismatch"] = _error(lambda: _build(rank, sigma=SIGMA if rank == 0 else SIGMA / 2))
+    results["seeds"] = _error(lambda: _build(rank, seed=1 + rank))  # seed = base + rank
+    results["seeded_and_not"] = _error(lambda: _build(rank, seed=5 if rank else None))
+    results["weights"] = _error(lambda: _build(rank, nudge=1e-6 * rank))
+    results["same_start"] = _error(lambda: _build(rank, seed=7))
+    # The report's examples (summed) and the budget's charged steps (the largest ledger).
+    results["over_ranks"] = (_over_ranks(rank + 1, world), _over_ranks(rank + 1, world, True))
+    torch.manual_seed(0)  # every rank alike: each must still initialise rows of its own
+    results["fresh_shards"] = ShardedEmbeddingBag(8, 2).gather_weight()
     with constant_noise(0.5):
         model, opt, sched, engine = _build(rank)
         _steps(model, opt, sched, rank, 0, STEPS)
@@ -105,6 +122,28 @@ def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
 def test_ranks_with_different_settings_are_refused_on_every_rank(ranks: list) -> None:
     for r in ranks:
         assert r["mismatch"] is not None and "noise_multiplier [1.3, 0.65]" in r["mismatch"]
+
+
+def test_ranks_with_other_seeds_or_weights_are_refused_on_every_rank(ranks: list) -> None:
+    for r in ranks:
+        assert r["seeds"] is not None and "noise seed [1.0, 2.0]" in r["seeds"]
+        # One rank seeded, one not: refused, not a wait in the seed broadcast.
+        assert (
+            r["seeded_and_not"] is not None and "noise seed given [0.0, 1.0]" in r["seeded_and_not"]
+        )
+        assert r["weights"] is not None and "initial weights" in r["weights"]
+        assert r["same_start"] is None
+
+
+def test_counts_over_ranks_are_the_same_on_every_rank(ranks: list) -> None:
+    assert [r["over_ranks"] for r in ranks] == [(3, 2), (3, 2)]
+
+
+def test_fresh_shards_hold_rows_of_their_own_on_each_rank(ranks: list) -> None:
+    for r in ranks:
+        full = r["fresh_shards"]  # rows r % 2 live on rank r
+        assert not torch.equal(full[0::2], full[1::2])
+        assert torch.equal(full, ranks[0]["fresh_shards"])
 
 
 def test_checkpoints_of_different_steps_are_refused_on_every_rank(ranks: list) -> None:

@@ -51,3 +51,26 @@ def test_killed_worker_restarts_from_checkpoint_and_ledger_counts_rerun_steps(
     assert all(not bool((s["applied"] < lazy["steps_done"]).any()) for s in lazy["tables"])
     shared = [k for k in model if k in ckpt["model"]]
     assert shared and all(torch.equal(model[k], ckpt["model"][k]) for k in shared)
+
+
+@pytest.mark.slow
+def test_a_calibrated_run_resumed_after_a_crash_stops_every_rank_at_the_same_step(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rank 0 dies before its 6th step; rank 1 charges that step and then fails in the
+    all-reduce (dpsgd_f: no collective before the charge), so the ledgers hold 5 and 6 steps.
+    The budget is counted from the larger on both ranks: they stop together, without another
+    crash, 8 - 6 steps after the step-3 checkpoint."""
+    data, out, marker = tmp_path / "data", tmp_path / "out", tmp_path / "killed"
+    preprocess("criteo", [FIXTURE], data, buckets=64, progress=False)
+    monkeypatch.setenv(KILL_ENV, f"0:5:{marker}")
+    argv = ["train", "--data", str(data), "--out", str(out), "--mode", "dpsgd_f"]
+    argv += ["--batch-size", "4", "--target-epsilon", "2", "--max-steps", "8"]
+    argv += ["--checkpoint-every", "3", "--nproc-per-node", "2", "--max-restarts", "1"]
+    argv += ["--no-progress", "--json"]
+    assert main(argv) == 0
+    assert marker.exists()
+    report = json.loads((out / "report.json").read_text())
+    assert report["stopped_for_budget"] and report["steps"] == 3 + (8 - 6)
+    assert report["privacy"]["epsilon"] <= 2 + 1e-9
+    assert [_steps(out / name) for name in ("ledger.jsonl", "ledger.rank1.jsonl")] == [7, 8]

@@ -584,13 +584,18 @@ def run(
     # checkpoint was behind the ledger) were paid for twice, so the run ends that much earlier
     # instead of passing the target epsilon.
     budget_steps = total_steps if calibrated else None
+    # Counted from the largest ledger of any rank, the same on every rank: after a crash the
+    # ranks' ledgers can differ by a step (one charged a step its all-reduce never finished),
+    # and ranks stopping at different steps would leave one waiting in a collective.
+    charged_at_start, step_at_start = _over_ranks(engine.ledger.steps, world_size, True), step
     stopped_for_budget = False
     last_saved = time.monotonic()
     # Ctrl-C / SIGTERM stop at the next step boundary with a checkpoint (stop_signals.py).
     with stop_on_signals(enabled=world_size == 1) as stop:
         while step < total_steps and not stopped_for_budget and not stop.requested:
             for batch in dp_loader:
-                if budget_steps is not None and engine.ledger.steps >= budget_steps:
+                charged = charged_at_start + step - step_at_start
+                if budget_steps is not None and charged >= budget_steps:
                     stopped_for_budget = step < total_steps
                     break
                 if step >= total_steps:
@@ -636,6 +641,8 @@ def run(
     if bar is not None:
         bar.close()
     train_seconds = time.perf_counter() - started
+    # Each rank counted its own shard of the batches: the report's rate is the job's.
+    examples = _over_ranks(examples, world_size)
     engine.flush()  # end of training: every row gets all its pending noise
     if rank == 0 and (cfg.checkpoint_every or ckpt.exists()):
         # The checkpoint now holds the flushed model: a resume of this finished run must not
@@ -682,6 +689,19 @@ def run(
         if math.isnan(metrics["auc"]):
             print("(AUC is undefined: every label of the test split is the same class)")
     return summary
+
+
+def _over_ranks(value: int, world_size: int, largest: bool = False) -> int:
+    """``value`` summed (or its largest) over the ranks of the job: a collective, every rank
+    gets the same answer (``value`` itself in a single-process run)."""
+    if world_size <= 1 or not torch.distributed.is_initialized():
+        return value
+    from lazydp.distributed._comm import comm_device
+
+    total = torch.tensor([value], dtype=torch.float64, device=comm_device(None))
+    op = torch.distributed.ReduceOp.MAX if largest else torch.distributed.ReduceOp.SUM
+    torch.distributed.all_reduce(total, op=op)  # NCCL needs it on the GPU: comm_device
+    return int(total.item())
 
 
 def _nothing_trained(out: Path, ledger_file: Path) -> bool:

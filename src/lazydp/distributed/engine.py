@@ -1,6 +1,9 @@
 """DistributedPrivacyEngine: the PrivacyEngine API, unchanged, inside a torch.distributed group.
 
 Contract (DESIGN.md invariant 7; every rank builds the same model and calls the same methods):
+* Same start: ``make_private`` refuses, on every rank alike, ranks whose engine seeds differ
+  (or are given on some ranks only) or whose replicated weights and buffers differ (compared by
+  digest; unlike DDP nothing is broadcast). Sharded tables initialise rows of their own per rank.
 * Sampling: rank r Poisson-samples its shard (r, r+W, ...) at the GLOBAL rate q; the expected
   batch size used for normalisation is q * N (N = the whole data set, which every rank passes).
 * The step: each rank clips its own examples and sums; :class:`ClippedSumReducer` sums over
@@ -23,6 +26,7 @@ Contract (DESIGN.md invariant 7; every rank builds the same model and calls the 
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -107,6 +111,7 @@ class DistributedPrivacyEngine(PrivacyEngine):
         self.sharded = {
             n: m for n, m in module.named_modules() if isinstance(m, ShardedEmbeddingBag)
         }
+        self._check_same_start(module)
         optimizers = [optimizer] if isinstance(optimizer, Optimizer) else list(optimizer)
         shard_groups = self._take_sharded_params(optimizers, mode) if self.sharded else {}
         out = super().make_private(
@@ -177,6 +182,31 @@ class DistributedPrivacyEngine(PrivacyEngine):
             )
             self._hooks.append(m.register_state_dict_pre_hook(self._on_export))
         return out
+
+    def _check_same_start(self, module: nn.Module) -> None:
+        """ConfigError on every rank alike unless all ranks use the same engine seed (or all
+        none) and start from the same replicated weights (a collective, before any other).
+
+        Why: each rank applies the one all-reduced, once-noised update to its own replica. A
+        rank whose noise stream is keyed by another seed adds other noise (the model's copies
+        drift, and what a rank computes its gradients at is noise never released); a rank
+        whose initial weights differ (the model built after ``torch.manual_seed(rank)``)
+        trains another model on the shared updates. Unlike DDP nothing is broadcast: a
+        silent copy would hide a set-up that also differs elsewhere. A rank with a seed and
+        one without would otherwise wait forever in the seed broadcast."""
+        seeded = self.seed is not None
+        self._check_ranks_agree(
+            {
+                "noise seed given": int(seeded),
+                "noise seed": (self.seed % (1 << 52)) if self.seed is not None else 0,
+                "initial weights (digest)": _replicated_digest(module, self.sharded),
+            },
+            "every rank must pass the same PrivacyEngine seed (or none on every rank) and build "
+            "the model from the same weights: seed its initialisation identically on every "
+            "rank (torch.manual_seed(same) before building it, not a per-rank seed), or load "
+            "rank 0's weights everywhere. Nothing was changed or charged.",
+            ConfigError,
+        )
 
     def _check_ranks_agree(
         self, values: dict[str, Any], advice: str, error: type[Exception]
@@ -346,6 +376,23 @@ class DistributedPrivacyEngine(PrivacyEngine):
         if self.optimizer is not None:
             self._rekey_noise()
         return extra
+
+
+def _replicated_digest(module: nn.Module, sharded: dict[str, ShardedEmbeddingBag]) -> int:
+    """48 bits of a BLAKE2 digest of every replicated parameter's and buffer's bytes, in
+    registration order (sharded weights differ by design and are left out): exact, so
+    replicas equal to the last bit agree whatever their thread counts."""
+    own = {id(m.weight) for m in sharded.values()}
+    h = hashlib.blake2b(digest_size=6)
+    for name, t in [*module.named_parameters(), *module.named_buffers()]:
+        if id(t) in own:
+            continue
+        data = t.detach().cpu().contiguous()
+        h.update(name.encode())
+        h.update(str((tuple(data.shape), data.dtype)).encode())
+        if data.numel():
+            h.update(data.view(-1).view(torch.uint8).numpy().data)
+    return int.from_bytes(h.digest(), "little")
 
 
 def _group_lr(opt: Optimizer, index: int) -> SgdStep:

@@ -50,6 +50,10 @@ from lazydp.optim.lazy import LazyTable, LrPrefix, SgdStep
 from lazydp.optim.lazy_momentum import MomentumPrefix, MomentumTable, check_step
 from lazydp.optim.resume import buffer_problem, check_lazy_state
 
+#: Rank r's initialisation stream is keyed by base + r * this (odd: the golden-ratio constant),
+#: so neighbouring ranks' keys are far apart.
+_RANK_STRIDE = 0x9E3779B97F4A7C15
+
 
 @dataclass
 class _ShardTraining:
@@ -104,8 +108,13 @@ class ShardedEmbeddingBag(nn.Module):
         self.scale_grad_by_freq = False
         local_rows = len(range(self.rank, num_embeddings, self.world_size))
         if _weight is None:
-            weight = torch.empty(local_rows, embedding_dim)
-            nn.init.normal_(weight)  # nn.EmbeddingBag's initialisation (not privacy noise)
+            # nn.EmbeddingBag's N(0, 1) initialisation (not privacy noise), from a stream per
+            # rank: drawn from the global generator alone, ranks seeded alike (as the engine
+            # requires) would all hold copies of one shard. One value of the global generator
+            # keys it, so torch.manual_seed still makes the table reproducible.
+            base = int(torch.randint(0, 2**62, (1,)))
+            stream = torch.Generator().manual_seed((base + self.rank * _RANK_STRIDE) % 2**63)
+            weight = torch.empty(local_rows, embedding_dim).normal_(generator=stream)
         else:
             if tuple(_weight.shape) != (num_embeddings, embedding_dim):
                 raise ConfigError(
