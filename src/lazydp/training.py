@@ -677,9 +677,10 @@ def run(
         print(report)
         if stopped_for_budget:
             print(
-                f"stopped after {step} of {total_steps} steps: the ledger holds "
-                f"{engine.ledger.steps} charged steps (steps redone after the resume were paid "
-                "twice), all the target epsilon was calibrated for."
+                f"stopped after {step} of {total_steps} steps: the ledgers hold up to "
+                f"{charged_at_start + step - step_at_start} charged steps (steps redone after "
+                "a resume were paid twice, and under torchrun a step one rank charged before "
+                "another crashed counts too), all the target epsilon was calibrated for."
             )
         print(
             f"test AUC {metrics['auc']:.4f}  accuracy {metrics['accuracy']:.4f}  "
