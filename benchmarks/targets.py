@@ -7,6 +7,7 @@
     python benchmarks/targets.py growth        # target 2: each mode at s=0.001 and 0.15 in one process
     python benchmarks/targets.py opacus        # target 4: 8 x 100k model against Opacus
     python benchmarks/targets.py mlp_only      # target 5: dpsgd_f on the mlperf MLPs alone
+    python benchmarks/targets.py overhead      # lazydp's per-step overhead: batch 4 vs 2048
     python benchmarks/targets.py all
 
 Each writes its CSV/JSON/PNGs to runs/targets-<name>/ and prints the command it ran and the
@@ -29,6 +30,7 @@ TARGETS: dict[str, list[str]] = {
     "scaling": ["--sweep", "configs/bench_sweep.yaml"],
     "scaling_basic": ["--sweep", "configs/bench_sweep_basic.yaml"],
     "growth": ["--sweep", "configs/bench_growth.yaml"],
+    "overhead": ["--sweep", "configs/bench_overhead.yaml"],
     "opacus": [
         "--config",
         "small8",
