@@ -147,6 +147,122 @@ def test_empty_batch_is_charged_and_changes_only_by_noise(mode):
     assert_same(before, after)
 
 
+@pytest.mark.parametrize("mode", DP_MODES)
+def test_an_empty_batch_noises_every_row_by_one_step(mode):
+    """An empty Poisson batch still gets the step's noise on every parameter and table row
+    (padding row excepted): with the draws replaced by 1, each value moves by exactly
+    lr * sigma * C / B_expected. (Under zero noise, above, a skipped draw went unseen.)"""
+    empty = (
+        torch.zeros(0, 3),
+        torch.zeros(0, 3, dtype=torch.long),
+        torch.zeros(0, 2, dtype=torch.long),
+        torch.zeros(0),
+    )
+    with zero_noise():
+        before, _ = train(mode, [])
+    with constant_noise(1.0):
+        after, _ = train(mode, [empty])
+    one_step = 0.3 * 1.0 * 1.0 / 8  # lr * sigma * C / B_expected
+    for k in before:
+        moved = (after[k] - before[k]).abs()
+        if k == "emb.weight":
+            assert bool((moved[0] == 0).all())  # the padding row owes no noise
+            moved = moved[1:]
+        torch.testing.assert_close(moved, torch.full_like(moved, one_step), rtol=1e-4, atol=1e-6)
+
+
+def test_a_small_batch_is_divided_by_the_expected_batch_size():
+    """DP invariant 2: the clipped sum is divided by B_expected (8), not by the batch's 4
+    examples. With clip inf and no noise, one step is plain SGD on the 4 examples' mean loss
+    at lr * 4 / 8."""
+    g = torch.Generator().manual_seed(3)
+    batch = (
+        torch.randn(4, 3, generator=g),
+        torch.randint(0, 40, (4, 3), generator=g),
+        torch.randint(0, 40, (4, 2), generator=g),
+        (torch.rand(4, generator=g) < 0.5).float(),
+    )
+    torch.manual_seed(0)
+    model = Toy()
+    opt = torch.optim.SGD(model.parameters(), lr=0.3 * 4 / 8)
+    loss_fn(model(*batch[:3]), batch[3]).backward()
+    opt.step()
+    ref = {k: t.detach().clone() for k, t in model.state_dict().items()}
+    for mode in DP_MODES:
+        got, _ = train(mode, [batch], sigma=0.0, clip=math.inf)
+        assert_same(ref, got)
+
+
+def _per_example_grads(batch) -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]:
+    """The Toy's initial state and each example's gradient from a batch of one (plain autograd)."""
+    torch.manual_seed(0)
+    model = Toy()
+    start = {k: t.detach().clone() for k, t in model.state_dict().items()}
+    grads = []
+    for i in range(batch[0].shape[0]):
+        model.zero_grad()
+        one = [t[i : i + 1] for t in batch]
+        loss_fn(model(*one[:3]), one[3]).backward()
+        grads.append({k: p.grad.detach().clone() for k, p in model.named_parameters()})
+    return start, grads
+
+
+@pytest.mark.parametrize("clip", [0.5, 1.5, 10.0])
+def test_each_example_is_clipped_to_exactly_min_1_c_over_its_norm(clip):
+    """One noiseless step on a mean-reduced loss equals sum_i min(1, C / ||g_i||) g_i / B,
+    g_i from a batch of one. Exact, so a clip factor of C / ||g||^2 or a mean-loss rescale by
+    B instead of B^2 shows (the triangle bound above is too loose for either)."""
+    g = torch.Generator().manual_seed(5)
+    batch = (
+        torch.randn(8, 3, generator=g) * torch.linspace(0.2, 4.0, 8)[:, None],  # norms spread
+        torch.randint(0, 40, (8, 3), generator=g),
+        torch.randint(0, 40, (8, 2), generator=g),
+        (torch.rand(8, generator=g) < 0.5).float(),
+    )
+    start, grads = _per_example_grads(batch)
+    norms = [math.sqrt(sum(float(t.square().sum()) for t in gi.values())) for gi in grads]
+    factors = [min(1.0, clip / n) for n in norms]
+    if clip == 1.5:  # norms 0.7-3.5: clipped and unclipped examples in one batch
+        assert min(norms) < clip < max(norms)
+    want = {
+        k: start[k] - 0.3 * sum(c * gi[k] for c, gi in zip(factors, grads)) / 8 for k in grads[0]
+    }
+    for mode in DP_MODES:
+        got, _ = train(mode, [batch], sigma=0.0, clip=clip)
+        assert_same(want, got)
+
+
+def test_each_step_is_charged_before_its_noise_is_drawn(monkeypatch):
+    """DP invariant 6: inside step() the ledger is charged before the first draw. (A lazydp
+    forward may draw earlier: that catch-up is the noise of steps already charged.)"""
+    from lazydp.ledger import PrivacyLedger
+    from lazydp.noise import GaussianNoise
+    from lazydp.optim.dp_optimizer import DPOptimizer
+
+    events: list[str] = []
+
+    def spy(cls, name: str, label: str) -> None:
+        inner = getattr(cls, name)
+
+        def wrapped(self, *args, **kwargs):
+            events.append(label)
+            return inner(self, *args, **kwargs)
+
+        monkeypatch.setattr(cls, name, wrapped)
+
+    spy(PrivacyLedger, "charge", "charge")
+    spy(GaussianNoise, "_next_call", "draw")
+    spy(DPOptimizer, "step", "step")
+    for mode in DP_MODES:
+        events.clear()
+        train(mode, make_batches(3))
+        starts = [i for i, e in enumerate(events) if e == "step"]
+        assert len(starts) == 3
+        for i in starts:
+            inside = [e for e in events[i + 1 :] if e in ("charge", "draw")]
+            assert inside[0] == "charge", (mode, events)
+
+
 def test_infinite_clip_with_noise_is_refused():
     from lazydp import ConfigError
 
