@@ -18,6 +18,15 @@ DP_MODES = ["dpsgd_b", "dpsgd_r", "dpsgd_f", "lazydp"]
 SGD_SETTINGS = [(0.0, 0.0, False), (0.1, 0.0, False), (0.1, 0.9, False), (0.05, 0.8, True)]
 
 
+# A Poisson batch that drew no example (Toy's inputs with 0 rows).
+EMPTY_BATCH = (
+    torch.zeros(0, 3),
+    torch.zeros(0, 3, dtype=torch.long),
+    torch.zeros(0, 2, dtype=torch.long),
+    torch.zeros(0),
+)
+
+
 def _sgd(params, lr: float, sgd: tuple[float, float, bool]) -> torch.optim.SGD:
     wd, momentum, nesterov = sgd
     return torch.optim.SGD(params, lr=lr, weight_decay=wd, momentum=momentum, nesterov=nesterov)
@@ -134,15 +143,9 @@ def test_ledger_counts_steps_and_epsilon_grows():
 
 @pytest.mark.parametrize("mode", DP_MODES)
 def test_empty_batch_is_charged_and_changes_only_by_noise(mode):
-    empty = (
-        torch.zeros(0, 3),
-        torch.zeros(0, 3, dtype=torch.long),
-        torch.zeros(0, 2, dtype=torch.long),
-        torch.zeros(0),
-    )
     with zero_noise():
         before, _ = train(mode, [])
-        after, engine = train(mode, [empty])
+        after, engine = train(mode, [EMPTY_BATCH])
     assert engine.ledger.steps == 1
     assert_same(before, after)
 
@@ -152,16 +155,10 @@ def test_an_empty_batch_noises_every_row_by_one_step(mode):
     """An empty Poisson batch still gets the step's noise on every parameter and table row
     (padding row excepted): with the draws replaced by 1, each value moves by exactly
     lr * sigma * C / B_expected. (Under zero noise, above, a skipped draw went unseen.)"""
-    empty = (
-        torch.zeros(0, 3),
-        torch.zeros(0, 3, dtype=torch.long),
-        torch.zeros(0, 2, dtype=torch.long),
-        torch.zeros(0),
-    )
     with zero_noise():
         before, _ = train(mode, [])
     with constant_noise(1.0):
-        after, _ = train(mode, [empty])
+        after, _ = train(mode, [EMPTY_BATCH])
     one_step = 0.3 * 1.0 * 1.0 / 8  # lr * sigma * C / B_expected
     for k in before:
         moved = (after[k] - before[k]).abs()
