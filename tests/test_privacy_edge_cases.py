@@ -133,6 +133,10 @@ def test_a_delta_of_one_over_n_or_more_is_flagged():
     _train(engine, model, opt, loader, 1)
     assert any("WEAK DELTA" in c for c in engine.privacy_report(0.05).caveats)  # 1/64 = 0.016
     assert not any("WEAK DELTA" in c for c in engine.privacy_report(1e-3).caveats)
+    # Below 1/N but large in itself (N = 64 is tiny): flagged apart; 1e-3 is not.
+    caveats = engine.privacy_report(0.01).caveats
+    assert any("LARGE DELTA" in c for c in caveats) and not any("WEAK" in c for c in caveats)
+    assert not any("DELTA" in c for c in engine.privacy_report(1e-3).caveats)
 
 
 @pytest.mark.parametrize(

@@ -14,6 +14,9 @@ from typing import TYPE_CHECKING, Any
 from lazydp.accounting import epsilon_report
 from lazydp.loader import SHORT_ROWS
 
+#: Deltas above this (yet below 1/N) get a LARGE DELTA caveat: only tiny data sets need them.
+LARGE_DELTA = 1e-3
+
 if TYPE_CHECKING:
     from lazydp.ledger import PrivacyLedger
     from lazydp.optim.dp_optimizer import PrivacyParams
@@ -123,6 +126,15 @@ def build_report(
                 f"WEAK DELTA: delta {ledger.total_delta(delta):.3g} >= 1/N = {1 / n:.3g}; a "
                 "mechanism that publishes a random example in full meets it. Use delta well "
                 f"below 1/N, e.g. lazydp.accounting.default_delta({round(n)})."
+            )
+        elif ledger.total_delta(delta) > LARGE_DELTA:
+            # Below 1/N, yet large in itself: the data set is tiny (default_delta(N) > 1e-3 for
+            # N < 100), and with probability delta the guarantee may fail outright.
+            caveats.append(
+                f"LARGE DELTA: delta {ledger.total_delta(delta):.3g} > {LARGE_DELTA:g} (N = "
+                f"{round(n)}); with that probability the guarantee may not hold at all. A data "
+                "set this small cannot have a delta both well below 1/N and small: report the "
+                "figure with that in mind, or train on more data."
             )
     if mode == "sgd":
         # Nothing was clipped or noised, so no epsilon bounds the release: infinite, not the
