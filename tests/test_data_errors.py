@@ -336,3 +336,38 @@ def test_overwrite_replaces_only_an_earlier_output_never_an_input(tmp_path):
     with atomic_directory(tmp_path / "out", overwrite=True) as tmp:
         (tmp / "metadata.json").write_text('{"v": 2}')
     assert (tmp_path / "out" / "metadata.json").read_text() == '{"v": 2}'
+
+
+def test_a_killed_run_s_temporary_output_is_removed_by_the_next_run(tmp_path):
+    """A preprocess killed hard leaves DIR.tmp-*; the next run for DIR removes it when its
+    writer process is gone, and leaves a live writer's and an unrecorded one alone."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from lazydp.preprocess.output import WRITER
+
+    done = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    dead_pid = int(done.stdout)  # a process that has exited
+    host = socket.gethostname()
+    abandoned, live, unknown = (tmp_path / f"out.tmp-{k}" for k in ("a", "b", "c"))
+    for d, writer in (
+        (abandoned, f"{host} {dead_pid}"),
+        (live, f"{host} {os.getpid()}"),
+        (unknown, None),
+    ):
+        d.mkdir()
+        (d / "part-0.parquet").write_bytes(b"x" * 100)
+        if writer:
+            (d / WRITER).write_text(writer)
+    with pytest.warns(UserWarning, match="no longer exists"):
+        with atomic_directory(tmp_path / "out") as tmp:
+            (tmp / "metadata.json").write_text("{}")
+    assert not abandoned.exists() and live.exists() and unknown.exists()
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["metadata.json"]

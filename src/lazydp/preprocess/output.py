@@ -1,6 +1,11 @@
 """Atomic output directories: everything is written into ``DIR.tmp-XXXX`` next to ``DIR`` and
 renamed to ``DIR`` as the very last step, so a crash never leaves a directory that looks complete
 (a complete one always has ``metadata.json``, written last inside the temporary directory).
+
+A run killed hard (SIGKILL, out of memory) cannot remove its temporary directory, which may
+hold most of a large data set. Each one therefore names its writer (host and process id, in
+``.lazydp-writer``, removed before the rename); the next run for the same ``DIR`` removes those
+whose writer is a process on this host that no longer exists, and leaves every other one.
 """
 
 from __future__ import annotations
@@ -8,7 +13,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import tempfile
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,6 +24,7 @@ from typing import Any
 from lazydp.errors import ConfigError, DataError
 
 METADATA = "metadata.json"
+WRITER = ".lazydp-writer"  # "host pid" of the process writing a temporary directory
 
 
 @contextmanager
@@ -43,11 +51,14 @@ def atomic_directory(
         _check_replaceable(final, inputs)
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
+        _remove_abandoned(final)
         tmp = Path(tempfile.mkdtemp(prefix=f"{final.name}.tmp-", dir=final.parent))
+        (tmp / WRITER).write_text(f"{socket.gethostname()} {os.getpid()}\n", encoding="utf-8")
     except OSError as exc:
         raise ConfigError(_unwritable(final, exc)) from None
     try:
         yield tmp
+        (tmp / WRITER).unlink(missing_ok=True)
         if final.exists():
             old = Path(tempfile.mkdtemp(prefix=f"{final.name}.old-", dir=final.parent))
             os.replace(final, old / final.name)
@@ -58,6 +69,37 @@ def atomic_directory(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _remove_abandoned(final: Path) -> None:
+    """Remove ``final``'s temporary directories whose writer process (on this host) is gone."""
+    host = socket.gethostname()
+    for d in final.parent.iterdir():
+        if not d.name.startswith(f"{final.name}.tmp-") or not d.is_dir():
+            continue
+        try:
+            writer_host, pid = (d / WRITER).read_text(encoding="utf-8").split()
+            gone = writer_host == host and not _running(int(pid))
+        except (OSError, ValueError):
+            continue  # no writer recorded (older lazydp, or not ours): leave it
+        if gone:
+            shutil.rmtree(d, ignore_errors=True)
+            warnings.warn(
+                f"removed {d}: the temporary output of an earlier run for {final} whose "
+                f"process ({pid}) no longer exists (killed before it could clean up)",
+                stacklevel=3,
+            )
+
+
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host (signal 0 probes without signalling)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
 
 
 def _check_replaceable(final: Path, inputs: Sequence[str | Path]) -> None:
