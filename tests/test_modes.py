@@ -85,11 +85,22 @@ def test_dp_modes_agree_with_constant_noise(sgd):
             assert_same(ref, got)
 
 
-def _sgd_full_batch(batch, steps=3, sgd=SGD_SETTINGS[0]):
-    """Plain SGD on one fixed full batch (B_real == B_expected)."""
+def _fixed_batch(size: int, seed: int) -> tuple[torch.Tensor, ...]:
+    """``size`` Toy examples (features, bag ids, embedding ids, labels) from a seeded generator."""
+    g = torch.Generator().manual_seed(seed)
+    return (
+        torch.randn(size, 3, generator=g),
+        torch.randint(0, 40, (size, 3), generator=g),
+        torch.randint(0, 40, (size, 2), generator=g),
+        (torch.rand(size, generator=g) < 0.5).float(),
+    )
+
+
+def _sgd_full_batch(batch, steps=3, sgd=SGD_SETTINGS[0], lr=0.3):
+    """Plain SGD on one fixed batch (the mean loss over its examples)."""
     torch.manual_seed(0)
     model = Toy()
-    opt = _sgd(model.parameters(), 0.3, sgd)
+    opt = _sgd(model.parameters(), lr, sgd)
     for _ in range(steps):
         opt.zero_grad()
         loss_fn(model(*batch[:3]), batch[3]).backward()
@@ -102,13 +113,7 @@ def test_noise_zero_and_clip_inf_equals_sgd_and_each_knob_differs(sgd):
     # sgd: weight decay, momentum, Nesterov on every parameter (tables: streamed eagerly or
     # through the dense path, or deferred by lazydp).
     # Batch size 8 == expected batch size (loader batch_size), so mean loss matches sum / B_exp.
-    g = torch.Generator().manual_seed(3)
-    batch = (
-        torch.randn(8, 3, generator=g),
-        torch.randint(0, 40, (8, 3), generator=g),
-        torch.randint(0, 40, (8, 2), generator=g),
-        (torch.rand(8, generator=g) < 0.5).float(),
-    )
+    batch = _fixed_batch(8, seed=3)
     ref = _sgd_full_batch(batch, sgd=sgd)
     for mode in DP_MODES:
         got, _ = train(mode, [batch] * 3, sigma=0.0, clip=math.inf, sgd=sgd)
@@ -172,19 +177,8 @@ def test_a_small_batch_is_divided_by_the_expected_batch_size():
     """DP invariant 2: the clipped sum is divided by B_expected (8), not by the batch's 4
     examples. With clip inf and no noise, one step is plain SGD on the 4 examples' mean loss
     at lr * 4 / 8."""
-    g = torch.Generator().manual_seed(3)
-    batch = (
-        torch.randn(4, 3, generator=g),
-        torch.randint(0, 40, (4, 3), generator=g),
-        torch.randint(0, 40, (4, 2), generator=g),
-        (torch.rand(4, generator=g) < 0.5).float(),
-    )
-    torch.manual_seed(0)
-    model = Toy()
-    opt = torch.optim.SGD(model.parameters(), lr=0.3 * 4 / 8)
-    loss_fn(model(*batch[:3]), batch[3]).backward()
-    opt.step()
-    ref = {k: t.detach().clone() for k, t in model.state_dict().items()}
+    batch = _fixed_batch(4, seed=3)
+    ref = _sgd_full_batch(batch, steps=1, lr=0.3 * 4 / 8)
     for mode in DP_MODES:
         got, _ = train(mode, [batch], sigma=0.0, clip=math.inf)
         assert_same(ref, got)
@@ -209,13 +203,8 @@ def test_each_example_is_clipped_to_exactly_min_1_c_over_its_norm(clip):
     """One noiseless step on a mean-reduced loss equals sum_i min(1, C / ||g_i||) g_i / B,
     g_i from a batch of one. Exact, so a clip factor of C / ||g||^2 or a mean-loss rescale by
     B instead of B^2 shows (the triangle bound above is too loose for either)."""
-    g = torch.Generator().manual_seed(5)
-    batch = (
-        torch.randn(8, 3, generator=g) * torch.linspace(0.2, 4.0, 8)[:, None],  # norms spread
-        torch.randint(0, 40, (8, 3), generator=g),
-        torch.randint(0, 40, (8, 2), generator=g),
-        (torch.rand(8, generator=g) < 0.5).float(),
-    )
+    x, *rest = _fixed_batch(8, seed=5)
+    batch = (x * torch.linspace(0.2, 4.0, 8)[:, None], *rest)  # per-example norms spread out
     start, grads = _per_example_grads(batch)
     norms = [math.sqrt(sum(float(t.square().sum()) for t in gi.values())) for gi in grads]
     factors = [min(1.0, clip / n) for n in norms]

@@ -588,14 +588,17 @@ def run(
     # ranks' ledgers can differ by a step (one charged a step its all-reduce never finished),
     # and ranks stopping at different steps would leave one waiting in a collective.
     charged_at_start, step_at_start = _over_ranks(engine.ledger.steps, world_size, True), step
+
+    def _charged() -> int:  # steps charged by the rank that charged most, each step one more
+        return charged_at_start + step - step_at_start
+
     stopped_for_budget = False
     last_saved = time.monotonic()
     # Ctrl-C / SIGTERM stop at the next step boundary with a checkpoint (stop_signals.py).
     with stop_on_signals(enabled=world_size == 1) as stop:
         while step < total_steps and not stopped_for_budget and not stop.requested:
             for batch in dp_loader:
-                charged = charged_at_start + step - step_at_start
-                if budget_steps is not None and charged >= budget_steps:
+                if budget_steps is not None and _charged() >= budget_steps:
                     stopped_for_budget = step < total_steps
                     break
                 if step >= total_steps:
@@ -678,7 +681,7 @@ def run(
         if stopped_for_budget:
             print(
                 f"stopped after {step} of {total_steps} steps: the ledgers hold up to "
-                f"{charged_at_start + step - step_at_start} charged steps (steps redone after "
+                f"{_charged()} charged steps (steps redone after "
                 "a resume were paid twice, and under torchrun a step one rank charged before "
                 "another crashed counts too), all the target epsilon was calibrated for."
             )

@@ -194,11 +194,10 @@ class DistributedPrivacyEngine(PrivacyEngine):
         trains another model on the shared updates. Unlike DDP nothing is broadcast: a
         silent copy would hide a set-up that also differs elsewhere. A rank with a seed and
         one without would otherwise wait forever in the seed broadcast."""
-        seeded = self.seed is not None
         self._check_ranks_agree(
             {
-                "noise seed given": int(seeded),
-                "noise seed": (self.seed % (1 << 52)) if self.seed is not None else 0,
+                "noise seed given": int(self.seed is not None),
+                "noise seed": 0 if self.seed is None else self.seed % (1 << 52),
                 "initial weights (digest)": _replicated_digest(module, self.sharded),
             },
             "every rank must pass the same PrivacyEngine seed (or none on every rank) and build "
