@@ -254,3 +254,49 @@ def test_infinite_clip_with_noise_is_refused():
 
     with pytest.raises(ConfigError, match="max_grad_norm"):
         train("dpsgd_f", [], sigma=1.0, clip=math.inf)
+
+
+def _one_step(mode: str, model: torch.nn.Module, inputs, loss_of, *, clip: float, batch: int):
+    """One noiseless step at lr 1 with ``batch`` as the expected batch size; flushed."""
+    engine = PrivacyEngine(seed=0)
+    data = torch.utils.data.TensorDataset(torch.zeros(100_000))
+    with zero_noise():
+        model, opt, _ = engine.make_private(
+            module=model,
+            optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
+            data_loader=torch.utils.data.DataLoader(data, batch_size=batch),
+            noise_multiplier=1.0,
+            max_grad_norm=clip,
+            mode=mode,
+            loss_reduction="sum",
+        )
+        loss_of(model(*inputs)).backward()
+        opt.step()
+        engine.flush()
+
+
+@pytest.mark.parametrize("mode", DP_MODES)
+def test_a_float64_model_is_clipped_to_c_in_float64(mode):
+    """Clip factors rounded to float32 left a clipped float64 example at C (1 +- 4e-8)."""
+    for seed in range(5):
+        torch.manual_seed(seed)
+        model = torch.nn.Linear(3, 2).double()
+        before = [p.detach().clone() for p in model.parameters()]
+        x = 5 * torch.randn(1, 3, dtype=torch.float64)  # one example, far above C
+        _one_step(mode, model, (x,), lambda out: out.pow(2).sum(), clip=1.0, batch=1)
+        moved = torch.cat([(p.detach() - b).view(-1) for p, b in zip(model.parameters(), before)])
+        assert abs(float(moved.norm()) - 1.0) < 1e-12  # the step IS the clipped gradient
+
+
+@pytest.mark.parametrize("mode", DP_MODES)
+def test_many_small_contributions_to_one_row_of_a_small_table_add_up(mode):
+    """4096 examples each move row 0 of a 10-row table by 2.4e-8 (below half an ulp of 1.0 in
+    float32): summed first, as torch's sparse SGD does, the row moves by 1e-4; added one by
+    one into the weight, each vanished and the row did not move."""
+    emb = torch.nn.Embedding(10, 1)
+    with torch.no_grad():
+        emb.weight.fill_(1.0)
+    ids = torch.zeros(4096, 1, dtype=torch.long)
+    loss_of = lambda out: out.sum() * 1e-4  # noqa: E731
+    _one_step(mode, torch.nn.Sequential(emb), (ids,), loss_of, clip=1e6, batch=4096)
+    assert abs(float(emb.weight[0, 0]) - (1.0 - 1e-4)) < 1e-7

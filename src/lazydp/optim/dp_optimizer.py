@@ -322,6 +322,9 @@ class DPOptimizer(OptimizerGroup):
                     n2 = per_sample_norms2(per_sample[layer.name], batch)
                 parts.append(n2.detach())
             parts += [n2.detach() for n2 in sum_sq_norms(shared)]
+            # A float64 model keeps float64 clip factors: rounded to float32, a clipped
+            # example's norm would be C (1 + ~4e-8), not C to float64 precision.
+            wide = any(n2.dtype == torch.float64 for n2 in parts)
             norms2 = _sum_in_float64(parts, batch)
             norms2 *= scale * scale
             # NaN/Inf anywhere in a layer's input or output gradient reaches that example's
@@ -332,7 +335,8 @@ class DPOptimizer(OptimizerGroup):
                     "a per-example gradient norm is NaN or Inf: check the batch's features and "
                     "the loss. No parameter was changed and nothing was charged."
                 )
-            c = clip_factors(norms2, p.max_grad_norm).float()
+            c = clip_factors(norms2, p.max_grad_norm)
+            c = c if wide else c.float()
             c_raw = c * scale  # applies to the unscaled captured gradients
 
         # The clipped sums release nothing yet; computing them before the charge lets their
