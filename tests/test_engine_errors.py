@@ -282,3 +282,67 @@ def test_the_private_loader_keeps_the_users_worker_settings():
     )
     _, _, dl, _ = private("dpsgd_f", nn.Linear(3, 1), data_loader=user)
     assert dl.persistent_workers and dl.worker_init_fn is _mark_worker and dl.num_workers == 1
+
+
+class _ScaledAfterUse(nn.Module):
+    """``fc2`` reads ``h``; then ``h`` is scaled in place for another branch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(3, 4), nn.Linear(4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc1(x)
+        out = self.fc2(h)
+        h.mul_(10.0)
+        return out + h.sum(1, keepdim=True)
+
+
+@pytest.mark.parametrize("mode", ["dpsgd_b", "dpsgd_r", "dpsgd_f", "lazydp"])
+def test_a_layer_input_modified_in_place_after_the_layer_is_refused(mode):
+    # The layers run with detached parameters, so autograd does not notice (plain torch
+    # refuses this backward); the clipper would read the modified input at the step.
+    torch.manual_seed(0)
+    model, opt, _, engine = private(mode, model=_ScaledAfterUse())
+    before = snapshot(model)
+    model(torch.randn(4, 3)).pow(2).sum(1).mean().backward()
+    with pytest.raises(InputError, match="'fc2' was modified in place after the layer read it"):
+        opt.step()
+    assert engine.ledger.steps == 0
+    for k, t in snapshot(model).items():
+        assert torch.equal(t, before[k]), k
+    # The same model written out of place trains.
+    opt.zero_grad()
+    h = model.fc1(torch.randn(4, 3))
+    (model.fc2(h) + (h * 10).sum(1, keepdim=True)).pow(2).mean().backward()
+    opt.step()
+    assert engine.ledger.steps == 1
+
+
+class _Recurrent(nn.Module):
+    def __init__(self, cell: bool) -> None:
+        super().__init__()
+        self.rnn = nn.GRUCell(3, 4) if cell else nn.GRU(3, 4, batch_first=True)
+        self.head = nn.Linear(4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.rnn, nn.GRU):
+            return self.head(self.rnn(x)[0][:, -1])
+        h = x.new_zeros(x.shape[0], 4)
+        for t in range(x.shape[1]):
+            h = self.rnn(x[:, t], h)
+        return self.head(h)
+
+
+def test_a_layer_returning_a_tuple_is_refused_with_advice_that_works():
+    torch.manual_seed(0)
+    model, opt, _, engine = private("dpsgd_f", model=_Recurrent(cell=False))
+    with pytest.raises(UnsupportedLayerError, match="nn.GRUCell"):
+        model(torch.randn(4, 5, 3))
+    # The advice: a GRUCell stepped over the sequence trains.
+    model, opt, _, engine = private("dpsgd_f", model=_Recurrent(cell=True))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # functorch: no batching rule for gru_cell (slow path)
+        model(torch.randn(4, 5, 3)).pow(2).mean().backward()
+        opt.step()
+    assert engine.ledger.steps == 1

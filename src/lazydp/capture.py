@@ -72,6 +72,20 @@ class _Record:
     # Set when the record is forgotten (CaptureSet.clear): a backward that still reaches it
     # appends there, and the step refuses a gradient that would otherwise be dropped.
     stale: list[int] | None = None
+    # The version counter of each tensor argument right after the layer ran (see
+    # CaptureSet.check_inputs_unchanged); -1: an inference tensor, which has none.
+    versions: tuple[int, ...] = ()
+
+    def tensor_args(self) -> list[Tensor]:
+        return [a for a in (*self.args, *self.kwargs.values()) if isinstance(a, Tensor)]
+
+    def seal(self) -> None:
+        """Remember the arguments' versions: the clipper reads them at the step, not now."""
+        self.versions = tuple(_version(a) for a in self.tensor_args())
+
+
+def _version(t: Tensor) -> int:
+    return -1 if t.is_inference() else t._version
 
 
 @dataclass
@@ -194,11 +208,15 @@ class CaptureSet:
             if not isinstance(out, Tensor):
                 raise UnsupportedLayerError(
                     f"layer {layer.name!r} ({type(module).__name__}) returns "
-                    f"{type(out).__name__}, not a Tensor; lazydp captures single-tensor outputs. "
-                    "Wrap the layer so that its parameters live in a leaf returning one tensor."
+                    f"{type(out).__name__}, not a Tensor; lazydp clips per example through "
+                    "layers that return one tensor, and a wrapper does not help (the layer "
+                    "owning the parameters is what is captured). Use a layer that returns one "
+                    "tensor: for a recurrent layer, step nn.GRUCell or nn.RNNCell over the "
+                    "sequence in your forward."
                 )
             batch = out.shape[0] if out.dim() > 0 else 1
             record = _Record(args, kwargs, batch, memo=memo)
+            record.seal()
             layer.records.append(record)
             return _Tap.apply(out, self._anchor, record)
 
@@ -308,6 +326,26 @@ class CaptureSet:
                 "nn.Linear for the projection), use the optimizer's weight_decay for an L2 "
                 "penalty, or freeze the parameter. Nothing was changed or charged."
             )
+
+    def check_inputs_unchanged(self) -> None:
+        """InputError if a tensor a layer read was modified in place after the layer ran.
+
+        The layers run with detached parameters, so autograd saves none of their inputs and
+        cannot notice (plain PyTorch refuses such a backward); the clipper would compute the
+        per-example gradients from the modified values."""
+        for layer in self.layers:
+            for r in layer.records:
+                now = tuple(_version(a) for a in r.tensor_args())
+                if now != r.versions:
+                    raise InputError(
+                        f"an input of layer {layer.name!r} was modified in place after the layer "
+                        "read it (e.g. h.mul_(...) or an in-place activation on a tensor a layer "
+                        "had already consumed). lazydp computes each example's gradient at "
+                        "optimizer.step() from the inputs the layers saw, so it would use the "
+                        "modified values; plain PyTorch refuses this backward too. Make that "
+                        "operation out of place (h = h * 10, ReLU(inplace=False)). Nothing was "
+                        "changed or charged."
+                    )
 
     def check_no_lost_gradient(self) -> None:
         """ConfigError if the last backward reached a forward whose records a later training

@@ -312,14 +312,14 @@ class EmbeddingBagClipper(LayerClipper):
     def reads_block(
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], memo: dict[str, Any]
     ) -> bool:
-        # Only torch's own forward, only when every input id lies in a bag (none past the last
-        # offset), and only when nothing needs the table for autograd.
+        # Only torch's own forward, and only when every input id lies in a bag (none past the
+        # last offset). per_sample_weights that require grad read the block too: autograd then
+        # saves the block (untouched until the step), not the table, which a later catch-up of
+        # the same table in this forward writes (torch would refuse that backward).
         assert isinstance(module, nn.EmbeddingBag)
-        weights = call_arg(args, kwargs, 2, "per_sample_weights")
         return (
             type(module).forward is nn.EmbeddingBag.forward
             and module.max_norm is None
-            and not (isinstance(weights, Tensor) and weights.requires_grad)
             and _memo_bags(module, args, kwargs, memo).entries
             == call_arg(args, kwargs, 0, "input").numel()
         )

@@ -293,6 +293,7 @@ class DPOptimizer(OptimizerGroup):
         lazy_steps = {q: self._sgd_step(q) for q in self.lazy}
         cap.check_no_outside_use()
         cap.check_no_lost_gradient()
+        cap.check_inputs_unchanged()
         batch = cap.batch_size()
         # An empty Poisson batch has no per-example work; it still gets noise and is charged.
         calls = {layer.name: layer.calls() if batch else [] for layer in cap.layers}
