@@ -545,3 +545,27 @@ def test_an_embedding_read_from_the_block_equals_the_layer(padding_idx):
         emb.weight.normal_(generator=gen)
     ids = torch.randint(0, 6, (5, 4), generator=gen)
     torch.testing.assert_close(_read_from_block(emb, (ids,), {}), emb(ids), atol=0, rtol=0)
+
+
+def test_a_model_state_loaded_mid_run_is_what_the_model_holds_then(tmp_path):
+    """model.load_state_dict(snapshot) mid-run (a roll-back to the best model so far): under
+    eager DP-SGD the model then holds the snapshot; LazyDP used to add the replaced rows'
+    deferred noise on top of the loaded values at the next read."""
+    batches = make_batches(6)
+    with constant_noise(0.37):
+        finals = {}
+        for mode in ("dpsgd_f", "lazydp"):
+            model, opt, sched, _ = build(mode)
+            for batch in batches[:2]:
+                step(model, opt, sched, batch)
+            saved = snapshot(model)
+            for batch in batches[2:4]:
+                step(model, opt, sched, batch)
+            model.load_state_dict(saved)
+            for k, t in snapshot(model).items():
+                assert torch.equal(t, saved[k]), (mode, k)
+            for batch in batches[4:]:
+                step(model, opt, sched, batch)
+            finals[mode] = snapshot(model)
+    for k, t in finals["dpsgd_f"].items():
+        torch.testing.assert_close(finals["lazydp"][k], t, rtol=1e-5, atol=1e-6)

@@ -211,8 +211,19 @@ class PrivacyEngine:
             loader.on_epoch_end = self.flush
             for layer in self.capture.layers:
                 if layer.is_table:
-                    self._hooks.append(layer.module.register_state_dict_pre_hook(self._on_export))
+                    self._hooks += self._table_hooks(layer.module)
         return module, self.optimizer, loader
+
+    def _table_hooks(self, module: nn.Module) -> list[Any]:
+        """A LazyDP table is flushed before its state is read (``state_dict``: no stale value
+        leaves) and before one is loaded into it: the pending noise belongs to the values
+        being replaced, so after ``model.load_state_dict(...)`` mid-run the table holds exactly
+        what was loaded, as under eager DP-SGD, instead of the loaded values plus the old
+        rows' deferred noise. A load that fails leaves a flushed, correct table."""
+        return [
+            module.register_state_dict_pre_hook(self._on_export),
+            module._register_load_state_dict_pre_hook(self._on_export),
+        ]
 
     # Extension points (lazydp.distributed overrides them; nothing else should need to).
     def _make_sampler(

@@ -180,7 +180,7 @@ class DistributedPrivacyEngine(PrivacyEngine):
                 timer=self.timer,
                 clip=self.privacy.max_grad_norm,
             )
-            self._hooks.append(m.register_state_dict_pre_hook(self._on_export))
+            self._hooks += self._table_hooks(m)
         return out
 
     def _check_same_start(self, module: nn.Module) -> None:
