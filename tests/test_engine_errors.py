@@ -346,3 +346,49 @@ def test_a_layer_returning_a_tuple_is_refused_with_advice_that_works():
         model(torch.randn(4, 5, 3)).pow(2).mean().backward()
         opt.step()
     assert engine.ledger.steps == 1
+
+
+class _EmbTop(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(5, 3)
+        self.top = nn.Linear(3, 1)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.top(self.emb(ids)).squeeze(1)
+
+
+def _frozen_at_make_private(mode: str):
+    torch.manual_seed(0)
+    model = _EmbTop()
+    model.emb.weight.requires_grad_(False)  # frozen when make_private runs ...
+    model, opt, _, engine = private(mode, model=model)
+    model.emb.weight.requires_grad_(True)  # ... and trained later (after a warm-up, say)
+    return model, opt, engine
+
+
+@pytest.mark.parametrize("mode", ["dpsgd_f", "lazydp"])
+def test_a_parameter_frozen_at_make_private_and_trained_later_is_refused(mode):
+    # Its layer is not captured: its gradient was replaced by noise alone (dropped).
+    model, opt, engine = _frozen_at_make_private(mode)
+    before = snapshot(model)
+    (100 * model(torch.tensor([0, 1, 1]))).sum().backward()
+    with pytest.raises(ConfigError, match=r"\['emb.weight'\] were frozen"):
+        opt.step()
+    assert engine.ledger.steps == 0
+    for k, t in snapshot(model).items():
+        assert torch.equal(t, before[k]), k
+
+
+@pytest.mark.parametrize("mode", ["dpsgd_f", "lazydp"])
+def test_a_gradient_left_on_a_frozen_parameter_is_never_applied(mode):
+    # Frozen again between backward and step: torch's SGD applied autograd's raw gradient
+    # (lr * 75 per element against a clip bound of lr * 3 / 8 on the whole step).
+    model, opt, engine = _frozen_at_make_private(mode)
+    before = model.emb.weight.detach().clone()
+    (100 * model(torch.tensor([0, 1, 1]))).sum().backward()
+    assert model.emb.weight.grad is not None
+    model.emb.weight.requires_grad_(False)
+    opt.step()
+    assert engine.ledger.steps == 1
+    assert torch.equal(model.emb.weight.detach(), before)

@@ -145,6 +145,10 @@ class DPOptimizer(OptimizerGroup):
                     if p in self._group_index:
                         raise ConfigError(_listed_twice(p, self._group_index[p], (i, j)))
                     self._group_index[p] = (i, j)
+        # Parameters of the optimizer whose layer is not captured (frozen when make_private
+        # ran): training one later would leave its gradient unclipped (_check_uncaptured).
+        captured = {id(q) for layer in capture.layers for q in layer.module.parameters(False)}
+        self._uncaptured = [q for q in self._group_index if id(q) not in captured]
         self.tables: dict[nn.Parameter, LayerCapture] = {
             cast(nn.Parameter, layer.module.weight): layer
             for layer in capture.layers
@@ -294,6 +298,7 @@ class DPOptimizer(OptimizerGroup):
         cap.check_no_outside_use()
         cap.check_no_lost_gradient()
         cap.check_inputs_unchanged()
+        self._check_uncaptured()
         batch = cap.batch_size()
         # An empty Poisson batch has no per-example work; it still gets noise and is charged.
         calls = {layer.name: layer.calls() if batch else [] for layer in cap.layers}
@@ -364,6 +369,24 @@ class DPOptimizer(OptimizerGroup):
         cap.clear()
         return loss
 
+    def _check_uncaptured(self) -> None:
+        """ConfigError if a parameter frozen when make_private ran is trainable now: its layer
+        runs with plain autograd, so its gradient would be neither clipped nor (replaced by
+        noise alone) used."""
+        thawed = [self._name_of(q) for q in self._uncaptured if q.requires_grad]
+        if thawed:
+            raise ConfigError(
+                f"parameter(s) {thawed[:3]} were frozen (requires_grad=False) when make_private "
+                "ran, so their layers are not clipped per example, and they require grad now. "
+                "Call make_private with every parameter you will train trainable, and freeze "
+                "it after make_private instead: a frozen captured layer gets no update and no "
+                "noise until it is unfrozen. Nothing was changed or charged."
+            )
+
+    def _name_of(self, q: Tensor) -> str:
+        names = {id(t): n for n, t in self.capture.model.named_parameters()}
+        return names.get(id(q), f"a parameter of shape {tuple(q.shape)}")
+
     def _check_batch(self, batch: int, calls: dict[str, list[Any]]) -> None:
         """InputError unless the recorded forward/backward is one row per loaded example."""
         if batch and not any(calls.values()):  # calls are the records a backward reached
@@ -429,6 +452,9 @@ class DPOptimizer(OptimizerGroup):
                 if q in self.lazy and self.lazy[q].sync_frozen(self.steps_done):
                     continue  # frozen: no update, and (flushed once) no noise while it sits out
                 if not q.requires_grad:
+                    # torch's step would apply a gradient autograd left on it (one frozen
+                    # between backward and step): raw, neither clipped nor noised.
+                    q.grad = None
                     continue
                 if q in self.lazy:
                     q.grad = None

@@ -94,7 +94,11 @@ def check_lazy_state(
     saved_tables, saved_prefixes = state.get("tables"), state.get("prefixes")
     if not isinstance(saved_tables, list) or len(saved_tables) != len(tables):
         n = len(saved_tables) if isinstance(saved_tables, list) else None
-        raise _refuse(f"it holds {n} LazyDP history tables, this engine has {len(tables)}")
+        raise _refuse(
+            f"it holds {n} LazyDP history tables, this engine has {len(tables)} (a table frozen "
+            "when make_private runs gets none: make the same tables trainable for make_private "
+            "as the run that wrote it did, and freeze them after)"
+        )
     if not isinstance(saved_prefixes, list) or len(saved_prefixes) != len(prefixes):
         n = len(saved_prefixes) if isinstance(saved_prefixes, list) else None
         raise _refuse(f"it holds {n} lr prefix sums, this engine has {len(prefixes)}")
