@@ -75,13 +75,17 @@ class _Record:
     # The version counter of each tensor argument right after the layer ran (see
     # CaptureSet.check_inputs_unchanged); -1: an inference tensor, which has none.
     versions: tuple[int, ...] = ()
-
-    def tensor_args(self) -> list[Tensor]:
-        return [a for a in (*self.args, *self.kwargs.values()) if isinstance(a, Tensor)]
+    tensors: tuple[Tensor, ...] = ()  # the tensor arguments, in the order of ``versions``
 
     def seal(self) -> None:
         """Remember the arguments' versions: the clipper reads them at the step, not now."""
-        self.versions = tuple(_version(a) for a in self.tensor_args())
+        self.tensors = tuple(
+            a for a in (*self.args, *self.kwargs.values()) if isinstance(a, Tensor)
+        )
+        self.versions = tuple(_version(a) for a in self.tensors)
+
+    def unchanged(self) -> bool:
+        return tuple(_version(a) for a in self.tensors) == self.versions
 
 
 def _version(t: Tensor) -> int:
@@ -335,8 +339,7 @@ class CaptureSet:
         per-example gradients from the modified values."""
         for layer in self.layers:
             for r in layer.records:
-                now = tuple(_version(a) for a in r.tensor_args())
-                if now != r.versions:
+                if not r.unchanged():
                     raise InputError(
                         f"an input of layer {layer.name!r} was modified in place after the layer "
                         "read it (e.g. h.mul_(...) or an in-place activation on a tensor a layer "
