@@ -92,3 +92,15 @@ def test_replay_is_for_seeded_past_calls_only():
     torch.testing.assert_close(noise.replay_(torch.empty(4), 0), first, rtol=0, atol=0)
     with pytest.raises(PrivacyError, match="never drawn"):
         noise.replay_(torch.empty(4), 1)
+
+
+def test_a_pool_saved_before_its_first_refill_resumes():
+    # A checkpoint taken before the first catch-up holds {"call": -1}; restored onto a stream
+    # at call 0 (a resumed engine re-keys its streams to call 0), the pool tried to replay
+    # call -1 and the first step failed.
+    pool = NoisePool(GaussianNoise(seed=3))
+    state = pool.state_dict()
+    assert state["call"] == -1
+    resumed = NoisePool(GaussianNoise(seed=3))
+    resumed.load_state_dict(state)
+    assert resumed.standard(8).shape == (8,)

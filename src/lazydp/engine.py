@@ -372,12 +372,18 @@ class PrivacyEngine:
             self._suppress_flush = False
 
     def save_checkpoint(self, path: str | os.PathLike[str], **extra: Any) -> Path:
-        """A private training state: weights may carry pending lazy noise -- never release it.
+        """A private training state (optimizer, history, ledger position): never release it.
+
+        Under lazydp the tables are flushed first (O(table), like an epoch end), so the
+        checkpoint owes no noise. One that did would draw the noise of steps already charged
+        afresh at every load: K loads and exports of one checkpoint average that noise down
+        by sqrt(K), and a roll-back to it would release the same steps' noise twice, uncharged.
 
         Atomic: written to a temporary file and renamed, so a checkpoint exists only complete.
         """
         if self.module is None or self.privacy is None:
             raise ConfigError("save_checkpoint before make_private: nothing to save")
+        self.flush()
         with self._no_flush():
             state: dict[str, Any] = {
                 "format": CHECKPOINT_FORMAT,
@@ -425,12 +431,25 @@ class PrivacyEngine:
             self.optimizer.load_lazy_state_dict(state["lazy"])
         if self.noise is not None and "noise" in state:
             self.noise.load_state_dict(state["noise"])
+            self._rekey_noise()
         sampler = self._dp_sampler()
         if sampler is not None and "sampler" in state:
             sampler.load_state_dict(state["sampler"])
         # The resumed run draws from the checkpoint's noise streams: still a reproducible run.
         self._resumed_seeded = self._resumed_seeded or bool(state.get("seeded", False))
         return dict(state.get("extra", {}))
+
+    def _rekey_noise(self) -> None:
+        """Fresh streams for a resumed run (DP invariant 5: no stream reused across restarts).
+
+        Restored as saved, a seeded run would redraw, for the steps it redoes, exactly the
+        noise the run that went past this checkpoint drew for them -- on other gradients
+        when its batches differ (another sampler seed, or a roll-back to an older
+        checkpoint). Two released models would then differ by noiseless gradients. Seeded
+        streams move to one derived from the charged step count (a resumed seeded run is
+        still reproducible, but not a replay); unseeded ones draw OS entropy anyway."""
+        assert self.noise is not None
+        self.noise.rekey_(self.noise.seed, [1 + self.ledger.steps])
 
     def _seeded(self) -> bool:
         """Whether the user gave a seed, to this run or to the one it resumes (the distributed

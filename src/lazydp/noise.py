@@ -462,6 +462,17 @@ class GaussianNoise:
         return out, scale
 
     # -- streams and checkpoints ---------------------------------------------------------
+    def rekey_(self, seed: int | None, path: list[int]) -> None:
+        """Move this stream tree to ``seed`` and ``path`` with every counter at 0 (forks callers
+        hold follow in place): a resumed run's streams, which never replay the noise the steps
+        after its checkpoint drew (DP invariant 5).
+
+        >>> a = GaussianNoise(seed=1); b = GaussianNoise(seed=1); b.rekey_(1, [2])
+        >>> bool((a.normal_(torch.empty(4)) != b.normal_(torch.empty(4))).all())
+        True
+        """
+        self.load_state_dict(_rekeyed(self.state_dict(), seed, path))
+
     def fork(self, stream: int) -> GaussianNoise:
         """The independent child stream ``stream`` (one per table, per rank), same seed.
 
@@ -549,3 +560,11 @@ class GaussianNoise:
             if stream in live:
                 live[stream]._adopt(saved)
             self._forks[stream] = live.get(stream, saved)
+
+
+def _rekeyed(state: dict[str, Any], seed: int | None, path: list[int]) -> dict[str, Any]:
+    """``state`` (a noise tree) moved to ``seed`` and ``path`` with every counter at 0."""
+    forks = {
+        k: _rekeyed(sub, seed, [*path, int(k)]) for k, sub in dict(state.get("forks", {})).items()
+    }
+    return {**state, "seed": seed, "stream_path": path, "counter": 0, "forks": forks}

@@ -78,8 +78,10 @@ class NoisePool:
         """Rebuild a checkpointed refill (seeded streams whose counter is right after it)."""
         self._restore = None
         call, pos = state["call"], state["pos"]
-        if not self.noise.seeded or self.noise.calls != call + 1:
-            return  # unseeded, or the stream moved on: the next standard() refills afresh
+        if call < 0 or not self.noise.seeded or self.noise.calls != call + 1:
+            # saved before its first refill, unseeded, or the stream moved on (a resumed
+            # engine re-keys its streams): the next standard() refills afresh
+            return
         self._buffer = torch.empty(POOL_NUMEL)
         self.noise.replay_(self._buffer, call)
         self._refill_call, self._pos = call, pos

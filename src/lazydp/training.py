@@ -613,8 +613,10 @@ def run(
                 examples += int(batch.label.shape[0])
                 if batch.label.shape[0]:
                     losses.append(loss.item())
-                if rank == 0 and _checkpoint_due(cfg.checkpoint_every, step, last_saved):
-                    engine.save_checkpoint(ckpt, step=step, settings=settings)
+                if _checkpoint_now(cfg, step, last_saved, world_size):
+                    engine.flush()  # on every rank: the replicated LazyDP tables stay identical
+                    if rank == 0:
+                        engine.save_checkpoint(ckpt, step=step, settings=settings)
                     last_saved = time.monotonic()
                 if bar is not None:
                     bar.update(1)
@@ -734,6 +736,17 @@ def _checkpoint_due(every: int, step: int, last_saved: float) -> bool:
     if every:
         return step % every == 0
     return time.monotonic() - last_saved >= CHECKPOINT_SECONDS
+
+
+def _checkpoint_now(cfg: TrainConfig, step: int, last_saved: float, world_size: int) -> bool:
+    """Whether to checkpoint after ``step``, the same answer on every rank: a LazyDP checkpoint
+    flushes the tables (engine.save_checkpoint), which the replicated tables must do on all
+    ranks at one step, and each rank's clock says something else (one collective a step,
+    only for time-based checkpoints of distributed LazyDP runs)."""
+    due = _checkpoint_due(cfg.checkpoint_every, step, last_saved)
+    if world_size > 1 and cfg.mode == "lazydp" and not cfg.checkpoint_every:
+        due = bool(_over_ranks(int(due), world_size, largest=True))
+    return due
 
 
 #: What a resumed run must share with the run it continues: the data, the model, the privacy

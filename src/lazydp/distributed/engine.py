@@ -19,8 +19,11 @@ Contract (DESIGN.md invariant 7; every rank builds the same model and calls the 
 * Restart: ``load_checkpoint`` re-keys every noise stream (fresh broadcast entropy; with a user
   seed, a stream derived from the charged step count), so re-run steps never replay noise; the
   ledger is never lowered (the base engine refuses a ledger behind the checkpoint).
-* Checkpoints: without sharded tables rank 0's checkpoint serves every rank. With sharded tables
-  every rank saves and loads its own file (e.g. ``checkpoint.rank{r}.pt``).
+* Checkpoints: under lazydp ``save_checkpoint`` flushes the tables first, which the replicated
+  ones must do on every rank at the same step (call ``engine.flush()`` on every rank, or
+  ``save_checkpoint`` on every rank; a flush on one rank alone makes the replicas drift apart).
+  Without sharded tables rank 0's checkpoint serves every rank. With sharded tables every rank
+  saves and loads its own file (e.g. ``checkpoint.rank{r}.pt``).
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ from lazydp.distributed.data_parallel import ClippedSumReducer, union_catch_up_h
 from lazydp.distributed.sharded import ShardedEmbeddingBag
 from lazydp.engine import MODES, PrivacyEngine, _atomic_save
 from lazydp.errors import ConfigError, PrivacyError, UnsupportedOptimizerError
-from lazydp.noise import GaussianNoise
+from lazydp.noise import GaussianNoise, _rekeyed
 from lazydp.optim.dp_optimizer import sgd_step
 from lazydp.optim.lazy import SgdStep
 
@@ -303,7 +306,7 @@ class DistributedPrivacyEngine(PrivacyEngine):
                 dist.all_reduce(steps, op=dist.ReduceOp.MAX, group=self.process_group)
             seed, root = self.seed, 1 + int(steps)
         # Forks (tables, and shards in a seeded run) hang off the root and follow it in place.
-        self.noise.load_state_dict(_rekeyed(self.noise.state_dict(), seed, [root]))
+        self.noise.rekey_(seed, [root])
 
     # ------------------------------------------------------------------ flush, export, checkpoints
     def flush(self) -> None:
@@ -327,7 +330,10 @@ class DistributedPrivacyEngine(PrivacyEngine):
         return Path(path)
 
     def save_checkpoint(self, path: str | os.PathLike[str], **extra: Any) -> Path:
-        """Atomic private training state; with sharded tables, call it on every rank (own path)."""
+        """Atomic private training state; with sharded tables, call it on every rank (own path).
+        Under lazydp it flushes the tables: flush on every rank at this step (see the module
+        doc)."""
+        self.flush()  # before the shards' history is read: it must match the saved weights
         if self.sharded:
             extra["_sharded"] = {n: m.training_state_dict() for n, m in self.sharded.items()}
         real = self.noise
@@ -372,8 +378,6 @@ class DistributedPrivacyEngine(PrivacyEngine):
         for name, state in dict(extra.pop("_sharded", {})).items():
             if name in self.sharded:
                 self.sharded[name].load_training_state_dict(state)
-        if self.optimizer is not None:
-            self._rekey_noise()
         return extra
 
 
@@ -413,11 +417,3 @@ class _Redacted:
 
     def state_dict(self) -> dict[str, Any]:
         return self._state
-
-
-def _rekeyed(state: dict[str, Any], seed: int | None, path: list[int]) -> dict[str, Any]:
-    """``state`` (a noise tree) moved to ``seed`` and ``path`` with every counter at 0."""
-    forks = {
-        k: _rekeyed(sub, seed, [*path, int(k)]) for k, sub in dict(state.get("forks", {})).items()
-    }
-    return {**state, "seed": seed, "stream_path": path, "counter": 0, "forks": forks}
