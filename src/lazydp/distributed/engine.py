@@ -200,7 +200,7 @@ class DistributedPrivacyEngine(PrivacyEngine):
         self._check_ranks_agree(
             {
                 "noise seed given": int(self.seed is not None),
-                "noise seed": 0 if self.seed is None else self.seed % (1 << 52),
+                "noise seed (digest)": 0 if self.seed is None else _seed_digest(self.seed),
                 "initial weights (digest)": _replicated_digest(module, self.sharded),
             },
             "every rank must pass the same PrivacyEngine seed (or none on every rank) and build "
@@ -379,6 +379,13 @@ class DistributedPrivacyEngine(PrivacyEngine):
             if name in self.sharded:
                 self.sharded[name].load_training_state_dict(state)
         return extra
+
+
+def _seed_digest(seed: int) -> int:
+    """48 bits of a BLAKE2 digest of all 128 bits of ``seed`` (exact in a float64 collective;
+    ``seed % 2**52`` let seeds 1 and 1 + 2**52 pass as equal)."""
+    data = seed.to_bytes(16, "little", signed=True)
+    return int.from_bytes(hashlib.blake2b(data, digest_size=6).digest(), "little")
 
 
 def _replicated_digest(module: nn.Module, sharded: dict[str, ShardedEmbeddingBag]) -> int:
