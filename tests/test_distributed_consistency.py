@@ -33,6 +33,7 @@ def _build(
     ledger: Path | None = None,
     seed: int | None = None,
     nudge: float = 0.0,
+    mode: str = "lazydp",
 ):
     model = _ShardModel(sharded=True)
     with torch.no_grad():
@@ -49,7 +50,7 @@ def _build(
         data_loader=_dataset_loader(),
         noise_multiplier=sigma,
         max_grad_norm=CLIP,
-        mode="lazydp",
+        mode=mode,
     )
     return model, opt, sched, engine
 
@@ -112,6 +113,13 @@ def _worker(rank: int, world: int, store_path: str, out_dir: str) -> None:
         _steps(model, opt, sched, rank, 3, STEPS)
         engine.flush()
         results["resumed"] = model.bag.gather_weight()
+
+        model, opt, sched, engine = _build(rank, mode="dpsgd_f")
+        _steps(model, opt, sched, rank, 0, 1)
+        model.bag.weight.requires_grad_(False)  # frozen on every rank
+        before = model.bag.gather_weight()
+        _steps(model, opt, sched, rank, 1, 3)
+        results["frozen_moved"] = float((model.bag.gather_weight() - before).abs().max())
     finish_rank(results, rank, out)
 
 
@@ -155,3 +163,10 @@ def test_checkpoints_of_different_steps_are_refused_on_every_rank(ranks: list) -
 def test_a_resumed_sharded_table_follows_the_lr_schedule(ranks: list) -> None:
     for r in ranks:
         torch.testing.assert_close(r["resumed"], r["full"], atol=1e-6, rtol=1e-5)
+
+
+def test_a_frozen_sharded_table_is_left_alone_in_the_eager_modes(ranks: list) -> None:
+    # Its owners kept adding noise (and decay, momentum) every step; a frozen replicated
+    # table, and lazydp's sharded one, were left alone.
+    for r in ranks:
+        assert r["frozen_moved"] == 0.0

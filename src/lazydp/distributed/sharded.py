@@ -248,7 +248,9 @@ class ShardedEmbeddingBag(nn.Module):
             values.to(self.weight.device),
             self.weight.shape[0],
         )
-        if t.lazy is None:
+        if t.lazy is None and not self.weight.requires_grad:
+            pass  # frozen: no update, no noise, no decay -- as a frozen replicated table
+        elif t.lazy is None:
             if step.momentum and t.velocity is None:
                 t.velocity = torch.zeros_like(self.weight)  # torch's first step: from zero
             eager_table_sgd(
