@@ -34,8 +34,9 @@ def _build(
     seed: int | None = None,
     nudge: float = 0.0,
     mode: str = "lazydp",
+    sharded: bool = True,
 ):
-    model = _ShardModel(sharded=True)
+    model = _ShardModel(sharded=sharded)
     with torch.no_grad():
         model.fc.bias[0] += nudge  # a replica built from other weights
     tables = torch.optim.SGD([model.bag.weight], lr=0.3)
@@ -120,6 +121,14 @@ def _worker(rank: int, world: int, store_path: str, out_dir: str) -> None:
         before = model.bag.gather_weight()
         _steps(model, opt, sched, rank, 1, 3)
         results["frozen_moved"] = float((model.bag.gather_weight() - before).abs().max())
+
+    # A replicated LazyDP table flushed by rank 0 alone (the DDP snapshot idiom).
+    model, opt, sched, engine = _build(rank, seed=3, sharded=False)
+    _steps(model, opt, sched, rank, 0, 1)
+    if rank == 0:
+        model.state_dict()
+    results["flushed_alone"] = _error(lambda: _steps(model, opt, sched, rank, 1, 2))
+    results["flushed_alone_charged"] = engine.ledger.steps
     finish_rank(results, rank, out)
 
 
@@ -170,3 +179,13 @@ def test_a_frozen_sharded_table_is_left_alone_in_the_eager_modes(ranks: list) ->
     # table, and lazydp's sharded one, were left alone.
     for r in ranks:
         assert r["frozen_moved"] == 0.0
+
+
+def test_replicated_lazy_tables_flushed_by_one_rank_alone_are_refused_before_the_charge(
+    ranks: list,
+) -> None:
+    # The flush drew from the stream every rank shares on rank 0 only: the replicas then drew
+    # other catch-up noise and drifted apart silently.
+    for r in ranks:
+        assert r["flushed_alone"] is not None and "flushed the replicated" in r["flushed_alone"]
+        assert r["flushed_alone_charged"] == 1  # the refused step was not charged

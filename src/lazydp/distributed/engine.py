@@ -168,6 +168,8 @@ class DistributedPrivacyEngine(PrivacyEngine):
             self.bucket_cap_mb,
         )
         opt.reduce_hook = self._reduce
+        if opt.lazy and world(self.process_group)[1] > 1:
+            opt.before_charge = self._check_replicas_flushed_alike
         for p, table in opt.lazy.items():
             opt.tables[p].read_hook = self._timed(
                 union_catch_up_hook(table, lambda: opt.steps_done, self.process_group)
@@ -185,6 +187,25 @@ class DistributedPrivacyEngine(PrivacyEngine):
             )
             self._hooks += self._table_hooks(m)
         return out
+
+    def _check_replicas_flushed_alike(self) -> None:
+        """ConfigError on every rank alike, before the charge, if a rank flushed the replicated
+        LazyDP tables alone (a collective each step; one float per rank).
+
+        A full flush draws from the noise stream every rank shares: done by one rank only
+        (``if rank == 0: model.state_dict()``, the DDP idiom for a snapshot), that rank's
+        stream runs ahead, and from then on its replica draws other catch-up noise than the
+        others -- the replicas drift apart silently."""
+        assert self.optimizer is not None
+        self._check_ranks_agree(
+            {"step of the last full LazyDP flush": self.optimizer._flushed_at},
+            "a rank flushed the replicated LazyDP tables alone (model.state_dict(), "
+            "engine.flush(), export() or save_checkpoint() on one rank only). A flush draws "
+            "from the noise stream every rank shares, so the replicas now differ. Do these "
+            "on every rank at the same step (rank 0 may then write the file alone), and resume "
+            "every rank from the last checkpoint. Nothing was charged.",
+            ConfigError,
+        )
 
     def _check_same_start(self, module: nn.Module) -> None:
         """ConfigError on every rank alike unless all ranks use the same engine seed (or all

@@ -175,6 +175,8 @@ class DPOptimizer(OptimizerGroup):
             self._make_lazy()
         # Hooks the engine sets: after each step (distributed reduction, checkpoints).
         self.reduce_hook: Callable[[dict[nn.Parameter, ClippedSum]], None] | None = None
+        # Called right before the charge (the distributed engine checks its replicas there).
+        self.before_charge: Callable[[], None] | None = None
         # The private loader's DPDataLoader.check_rows: None when a step's rows fit a batch it
         # yielded, else the most examples a waiting batch holds.
         self.check_rows: Callable[[int], int | None] | None = None
@@ -350,6 +352,8 @@ class DPOptimizer(OptimizerGroup):
         with self.timer.phase("clipped_sum"):
             sums = self._clipped_sums(calls, per_sample, c_raw)
 
+        if self.before_charge is not None:
+            self.before_charge()
         # Charged before any noise is drawn (DP invariant 6).
         self.ledger.charge(
             StepEvent(
