@@ -177,6 +177,18 @@ class GaussianNoise:
         """Draw calls made on this stream so far (restored by ``load_state_dict``)."""
         return self._counter
 
+    def calls_below(self, limit: int) -> int:
+        """Draw calls on this stream and on every fork whose stream number is below ``limit``
+        (and their forks): how far a tree of streams has run.
+
+        >>> n = GaussianNoise(seed=0); _ = n.fork(1).normal_(torch.empty(2)); _ = n.fork(9)
+        >>> n.calls_below(5)
+        1
+        """
+        return self._counter + sum(
+            child.calls_below(limit) for k, child in self._forks.items() if k < limit
+        )
+
     # -- seeding -------------------------------------------------------------------------
     def _next_call(self) -> int:
         with self._lock:

@@ -190,15 +190,20 @@ class DistributedPrivacyEngine(PrivacyEngine):
 
     def _check_replicas_flushed_alike(self) -> None:
         """ConfigError on every rank alike, before the charge, if a rank flushed the replicated
-        LazyDP tables alone (a collective each step; one float per rank).
+        LazyDP tables alone, or drew from the shared streams in any other way the others did
+        not (a collective each step; two floats per rank).
 
         A full flush draws from the noise stream every rank shares: done by one rank only
         (``if rank == 0: model.state_dict()``, the DDP idiom for a snapshot), that rank's
         stream runs ahead, and from then on its replica draws other catch-up noise than the
         others -- the replicas drift apart silently."""
-        assert self.optimizer is not None
+        assert self.optimizer is not None and self.noise is not None
         self._check_ranks_agree(
-            {"step of the last full LazyDP flush": self.optimizer._flushed_at},
+            {
+                "step of the last full LazyDP flush": self.optimizer._flushed_at,
+                # shard streams (and theirs below) are each rank's own: left out
+                "draws on the shared noise streams": self.noise.calls_below(_SHARD_STREAM),
+            },
             "a rank flushed the replicated LazyDP tables alone (model.state_dict(), "
             "engine.flush(), export() or save_checkpoint() on one rank only). A flush draws "
             "from the noise stream every rank shares, so the replicas now differ. Do these "
