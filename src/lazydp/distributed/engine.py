@@ -169,7 +169,7 @@ class DistributedPrivacyEngine(PrivacyEngine):
         )
         opt.reduce_hook = self._reduce
         if opt.lazy and world(self.process_group)[1] > 1:
-            opt.before_charge = self._check_replicas_flushed_alike
+            opt.before_charge = self._check_replicas_alike
         for p, table in opt.lazy.items():
             opt.tables[p].read_hook = self._timed(
                 union_catch_up_hook(table, lambda: opt.steps_done, self.process_group)
@@ -188,7 +188,7 @@ class DistributedPrivacyEngine(PrivacyEngine):
             self._hooks += self._table_hooks(m)
         return out
 
-    def _check_replicas_flushed_alike(self) -> None:
+    def _check_replicas_alike(self) -> None:
         """ConfigError on every rank alike, before the charge, if a rank flushed the replicated
         LazyDP tables alone, or drew from the shared streams in any other way the others did
         not (a collective each step; two floats per rank).
