@@ -204,11 +204,12 @@ class DistributedPrivacyEngine(PrivacyEngine):
                 # shard streams (and theirs below) are each rank's own: left out
                 "draws on the shared noise streams": self.noise.calls_below(_SHARD_STREAM),
             },
-            "a rank flushed the replicated LazyDP tables alone (model.state_dict(), "
-            "engine.flush(), export() or save_checkpoint() on one rank only). A flush draws "
-            "from the noise stream every rank shares, so the replicas now differ. Do these "
-            "on every rank at the same step (rank 0 may then write the file alone), and resume "
-            "every rank from the last checkpoint. Nothing was charged.",
+            "a rank drew from the noise streams the ranks share alone -- a full flush of the "
+            "replicated LazyDP tables (model.state_dict(), engine.flush(), export() or "
+            "save_checkpoint() on one rank only) or a forward of a rank not in step -- so the "
+            "replicas now differ. Do these on every rank at the same step (rank 0 may then "
+            "write the file alone), and resume every rank from the last checkpoint. Nothing "
+            "was charged.",
             ConfigError,
         )
 
