@@ -384,6 +384,7 @@ class PrivacyEngine:
         if self.module is None or self.privacy is None:
             raise ConfigError("save_checkpoint before make_private: nothing to save")
         self.flush()
+        extra = self._checkpoint_extra(extra)
         with self._no_flush():
             state: dict[str, Any] = {
                 "format": CHECKPOINT_FORMAT,
@@ -407,6 +408,10 @@ class PrivacyEngine:
     def _dp_sampler(self) -> Any:
         """The private loader's batch sampler (it keeps a position), or None before one."""
         return self.loader.dp_sampler if isinstance(self.loader, DPDataLoader) else None
+
+    def _checkpoint_extra(self, extra: dict[str, Any]) -> dict[str, Any]:
+        """``extra`` plus the state a subclass keeps outside the model (read after the flush)."""
+        return extra
 
     def load_checkpoint(
         self,

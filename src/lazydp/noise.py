@@ -483,7 +483,7 @@ class GaussianNoise:
         >>> bool((a.normal_(torch.empty(4)) != b.normal_(torch.empty(4))).all())
         True
         """
-        self.load_state_dict(_rekeyed(self.state_dict(), seed, path))
+        self.load_state_dict(rekeyed_state(self.state_dict(), seed, path))
 
     def fork(self, stream: int) -> GaussianNoise:
         """The independent child stream ``stream`` (one per table, per rank), same seed.
@@ -574,9 +574,10 @@ class GaussianNoise:
             self._forks[stream] = live.get(stream, saved)
 
 
-def _rekeyed(state: dict[str, Any], seed: int | None, path: list[int]) -> dict[str, Any]:
+def rekeyed_state(state: dict[str, Any], seed: int | None, path: list[int]) -> dict[str, Any]:
     """``state`` (a noise tree) moved to ``seed`` and ``path`` with every counter at 0."""
     forks = {
-        k: _rekeyed(sub, seed, [*path, int(k)]) for k, sub in dict(state.get("forks", {})).items()
+        k: rekeyed_state(sub, seed, [*path, int(k)])
+        for k, sub in dict(state.get("forks", {})).items()
     }
     return {**state, "seed": seed, "stream_path": path, "counter": 0, "forks": forks}

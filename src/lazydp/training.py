@@ -732,19 +732,16 @@ def _nothing_trained(out: Path, ledger_file: Path) -> bool:
 CHECKPOINT_SECONDS = 600.0
 
 
-def _checkpoint_due(every: int, step: int, last_saved: float) -> bool:
-    if every:
-        return step % every == 0
-    return time.monotonic() - last_saved >= CHECKPOINT_SECONDS
-
-
 def _checkpoint_now(cfg: TrainConfig, step: int, last_saved: float, world_size: int) -> bool:
-    """Whether to checkpoint after ``step``, the same answer on every rank: a LazyDP checkpoint
-    flushes the tables (engine.save_checkpoint), which the replicated tables must do on all
-    ranks at one step, and each rank's clock says something else (one collective a step,
-    only for time-based checkpoints of distributed LazyDP runs)."""
-    due = _checkpoint_due(cfg.checkpoint_every, step, last_saved)
-    if world_size > 1 and cfg.mode == "lazydp" and not cfg.checkpoint_every:
+    """Whether to checkpoint after ``step`` (every ``checkpoint_every`` steps, else every
+    CHECKPOINT_SECONDS), the same answer on every rank: a LazyDP checkpoint flushes the tables,
+    which the replicated ones must do on all ranks at one step, and each rank's clock says
+    something else (one collective a step, only for time-based checkpoints of distributed
+    LazyDP runs)."""
+    if cfg.checkpoint_every:
+        return step % cfg.checkpoint_every == 0
+    due = time.monotonic() - last_saved >= CHECKPOINT_SECONDS
+    if world_size > 1 and cfg.mode == "lazydp":
         due = bool(_over_ranks(int(due), world_size, largest=True))
     return due
 

@@ -53,7 +53,7 @@ from lazydp.distributed.data_parallel import ClippedSumReducer, union_catch_up_h
 from lazydp.distributed.sharded import ShardedEmbeddingBag
 from lazydp.engine import MODES, PrivacyEngine, _atomic_save
 from lazydp.errors import ConfigError, PrivacyError, UnsupportedOptimizerError
-from lazydp.noise import GaussianNoise, _rekeyed
+from lazydp.noise import GaussianNoise, rekeyed_state
 from lazydp.optim.dp_optimizer import sgd_step
 from lazydp.optim.lazy import SgdStep
 
@@ -360,18 +360,21 @@ class DistributedPrivacyEngine(PrivacyEngine):
         """Atomic private training state; with sharded tables, call it on every rank (own path).
         Under lazydp it flushes the tables: flush on every rank at this step (see the module
         doc)."""
-        self.flush()  # before the shards' history is read: it must match the saved weights
-        if self.sharded:
-            extra["_sharded"] = {n: m.training_state_dict() for n, m in self.sharded.items()}
         real = self.noise
         if self.seed is None and real is not None:
             # The shared stream's secret seed would let a checkpoint's reader regenerate (and
             # subtract) every noise draw; a resumed run re-keys anyway, so never write it.
-            self.noise = _Redacted(_rekeyed(real.state_dict(), None, list(real.stream_path)))  # type: ignore[assignment]
+            self.noise = _Redacted(rekeyed_state(real.state_dict(), None, list(real.stream_path)))  # type: ignore[assignment]
         try:
             return super().save_checkpoint(path, **extra)
         finally:
             self.noise = real
+
+    def _checkpoint_extra(self, extra: dict[str, Any]) -> dict[str, Any]:
+        # Read after save_checkpoint's flush: the shards' history must match the saved weights.
+        if self.sharded:
+            extra["_sharded"] = {n: m.training_state_dict() for n, m in self.sharded.items()}
+        return extra
 
     def _check_checkpoint(self, state: dict[str, Any], path: str | os.PathLike[str]) -> None:
         # First, and on every rank (a collective): checkpoints of different steps would each

@@ -248,9 +248,11 @@ class ShardedEmbeddingBag(nn.Module):
             values.to(self.weight.device),
             self.weight.shape[0],
         )
-        if t.lazy is None and not self.weight.requires_grad:
-            pass  # frozen: no update, no noise, no decay -- as a frozen replicated table
-        elif t.lazy is None:
+        if t.lazy is not None:
+            # The rows were caught up by the forward's union hook (optim/lazy*.py).
+            t.lazy.update(local, t.lazy.prefix.update_alpha(step, t.expected_batch_size))
+            t.lazy.prefix.append_step(step)
+        elif self.weight.requires_grad:  # frozen: no update, noise or decay, as a replicated one
             if step.momentum and t.velocity is None:
                 t.velocity = torch.zeros_like(self.weight)  # torch's first step: from zero
             eager_table_sgd(
@@ -267,10 +269,6 @@ class ShardedEmbeddingBag(nn.Module):
                 nesterov=step.nesterov,
                 velocity=t.velocity,
             )
-        else:
-            # The rows were caught up by the forward's union hook (optim/lazy*.py).
-            t.lazy.update(local, t.lazy.prefix.update_alpha(step, t.expected_batch_size))
-            t.lazy.prefix.append_step(step)
         t.step += 1
         if t.lazy is not None and t.lazy.prefix.needs_rebase():
             t.lazy.flush(t.step)  # this rank's rows only: no collective

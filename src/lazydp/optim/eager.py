@@ -14,7 +14,7 @@ from torch import Tensor
 from lazydp._timing import PhaseTimer
 from lazydp.clipping._base import ClippedSum, SparseRows
 from lazydp.noise import CHUNK_NUMEL, GaussianNoise
-from lazydp.optim.rows import add_rows_, sorts_rows
+from lazydp.optim.rows import add_rows_
 
 
 @torch.no_grad()
@@ -150,7 +150,7 @@ def _noise_and_rows(
             noise.add_normal_(target, std)
     if clipped is None:
         return
-    if isinstance(clipped, SparseRows) and sorts_rows(target):
+    if isinstance(clipped, SparseRows):
         with timer.phase("coalesce"):  # duplicated rows summed (the paper's own row)
             clipped = clipped.coalesce()
     with timer.phase("param_update"):

@@ -42,7 +42,7 @@ from lazydp.errors import ConfigError, PrivacyError
 from lazydp.noise import GaussianNoise, active_override
 from lazydp.noise_pool import NoisePool
 from lazydp.optim.prefix_sum import PrefixSum
-from lazydp.optim.rows import add_rows_, sorts_rows
+from lazydp.optim.rows import add_rows_
 from lazydp.row_groups import RowGroups
 
 _FLUSH_ROWS = 1 << 16  # rows per chunk in a full flush: bounds the temporary noise buffer
@@ -334,7 +334,7 @@ class LazyTable:
     def coalesce(self, grad: SparseRows) -> SparseRows:
         """``grad`` with duplicated rows summed; free of a sort when its ids are the tensor the
         last catch-up read (one call of this table per step, the common case)."""
-        if grad.coalesced or not sorts_rows(self.weight):
+        if grad.coalesced:
             return grad
         groups = self.last_read
         if grad.indices is not groups.ids:

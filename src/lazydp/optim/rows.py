@@ -26,9 +26,9 @@ from lazydp.row_groups import RowGroups
 _LARGE_TABLE_ROWS = 1 << 12
 
 
-def sorts_rows(weight: Tensor) -> bool:
-    """Whether add_rows_ writes this table through a gathered block (large CPU tables; a
-    caller that already sorted the rows coalesces them first), or index_add_s the summed rows."""
+def _gathers(weight: Tensor) -> bool:
+    """Whether add_rows_ writes this table through a gathered block (large CPU tables), or
+    index_add_s the summed rows."""
     return weight.shape[0] >= _LARGE_TABLE_ROWS and weight.device.type == "cpu"
 
 
@@ -48,7 +48,7 @@ def add_rows_(
     if not unique:
         groups = RowGroups(rows)
         rows, values = groups.rows, groups.sum_per_row(values)
-    if not sorts_rows(weight):
+    if not _gathers(weight):
         # alpha= sends index_add_ down a slow path (3x on 2048 x 64): scale the values first.
         weight.index_add_(0, rows, values.to(weight.dtype) * alpha)
         return
