@@ -21,7 +21,7 @@ from lazydp.malloc import tune_malloc
 from lazydp.stop_signals import StoppedBySignal
 
 # Order here is the order in `lazydp --help`.
-SUBCOMMANDS = ["train", "epsilon", "preprocess", "bench", "env"]
+SUBCOMMANDS = ["train", "epsilon", "preprocess", "bench", "audit", "env"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,214 @@
+"""The canary audit (lazydp/audit.py): every DP mode passes it, and planted bugs fail it.
+
+The audit is a statistical test of the whole training path against the run's own claim, so a
+pass alone would prove little; each planted bug below (noise too small, clipping too loose,
+LazyDP's flush without noise, a sampler that takes more than q, an accountant that claims too
+little epsilon) makes it fail. Seeds are fixed (auditor and noise), so these are deterministic;
+the margins they pass and fail by are recorded in benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from unittest import mock
+
+import numpy as np
+import pytest
+from scipy import optimize, stats
+
+import lazydp.noise as noise_module
+import lazydp.optim.dp_optimizer as dp_optimizer
+import lazydp.sampling as sampling
+from lazydp.audit import audit_points, canary_audit, claimed_tradeoff
+from lazydp.engine import PrivacyEngine
+from lazydp.errors import ConfigError
+from lazydp.optim.lazy import LazyTable
+
+POISSON = dict(sample_rate=0.25, steps=16, noise_multiplier=1.0)
+
+
+def _audit(mode: str, **kw):
+    return canary_audit(mode, seed=1, noise_seed=2, **kw)
+
+
+def _gdp_claim(mu: float) -> list[tuple[float, float]]:
+    """(delta, epsilon) pairs of the mu-GDP Gaussian mechanism (Dong, Roth, Su), closed form."""
+
+    def delta_of(eps: float) -> float:
+        return stats.norm.cdf(-eps / mu + mu / 2) - math.exp(eps) * stats.norm.cdf(
+            -eps / mu - mu / 2
+        )
+
+    return [
+        (d, optimize.brentq(lambda e, d=d: delta_of(e) - d, 0.0, 50.0))
+        for d in np.logspace(-9, math.log10(0.3), 28)
+    ]
+
+
+# -- the statistics alone, on scores drawn from a Gaussian mechanism --------------------------
+def test_the_tradeoff_curve_is_the_tightest_of_the_claimed_pairs():
+    f = claimed_tradeoff([(1e-5, 1.0), (0.1, 0.2)])
+    assert f(0.0) == pytest.approx(1 - 1e-5)
+    # at alpha = 0.3 the (0.1, 0.2) pair binds: max(1 - 0.1 - e^0.2 * 0.3, e^-0.2 * 0.6)
+    assert f(0.3) == pytest.approx(max(0.9 - math.exp(0.2) * 0.3, math.exp(-0.2) * 0.6))
+    assert f(1.0) == 0.0
+    assert claimed_tradeoff([(1e-5, math.inf)])(0.01) == 0.0  # an infinite epsilon claims nothing
+
+
+def test_the_statistics_accept_a_true_claim_and_refute_a_false_one():
+    rng = np.random.default_rng(0)
+    absent, present = rng.standard_normal(10_000), 1.0 + rng.standard_normal(10_000)
+    honest = audit_points(absent, present, _gdp_claim(1.0), confidence=0.999)
+    assert not any(p.violates for p in honest)
+    # The same scores against the claim of a mechanism with 25% more noise (mu 0.8): refuted.
+    optimistic = audit_points(absent, present, _gdp_claim(0.8), confidence=0.999)
+    assert any(p.violates for p in optimistic)
+
+
+def test_the_bounds_hold_together_at_the_stated_confidence():
+    # 200 honest audits of a mu=1 Gaussian mechanism at confidence 0.9: at most 10% may
+    # (falsely) fail; with the Bonferroni split the true rate is far lower.
+    rng = np.random.default_rng(1)
+    claim = _gdp_claim(1.0)
+    failures = sum(
+        any(
+            p.violates
+            for p in audit_points(
+                rng.standard_normal(2000), 1 + rng.standard_normal(2000), claim, 0.9
+            )
+        )
+        for _ in range(200)
+    )
+    assert failures <= 20
+
+
+# -- the real training path -----------------------------------------------------------------
+@pytest.mark.parametrize(
+    "mode, layer",
+    [
+        ("dpsgd_b", "embedding"),
+        ("dpsgd_r", "embedding"),
+        ("dpsgd_f", "embedding"),
+        ("lazydp", "embedding"),
+        ("lazydp", "embedding_bag"),
+        ("dpsgd_f", "linear"),
+        ("lazydp", "linear"),
+    ],
+)
+def test_every_dp_mode_passes_the_canary_audit(mode, layer):
+    r = _audit(mode, layer=layer, canaries=4000 if layer == "linear" else 20_000)
+    assert r.passed, r.to_dict()["points"]
+    assert 0 < r.epsilon_lower < r.epsilon
+    # The scores are what the claim assumes: an absent canary's is N(0, 1) (the noise is the
+    # stated size, not more), a present one's is shifted by q sqrt(T) / sigma.
+    n_absent = r.canaries - r.present
+    assert abs(r.score_mean_absent) < 4 / math.sqrt(n_absent)
+    assert abs(r.score_std_absent - 1) < 4 / math.sqrt(2 * n_absent)
+    assert abs(r.score_mean_present - r.expected_shift) < 4 / math.sqrt(r.present)
+
+
+def test_lazydp_with_poisson_batches_passes_the_canary_audit():
+    # q < 1: present canaries' rows are read at random steps, so they are caught up over
+    # pending runs of every length, and absent ones get all T steps at the final flush.
+    r = _audit("lazydp", **POISSON)
+    assert r.passed and r.steps == 16 and r.sample_rate == pytest.approx(0.25, rel=1e-3)
+    assert abs(r.score_std_absent - 1) < 0.05
+
+
+def _scaled_noise(k: float):
+    add, fill = noise_module.add_standard_chunk, noise_module.fill_standard_chunk
+    return mock.patch.multiple(
+        noise_module,
+        add_standard_chunk=lambda a, std, m, *x: add(a, std * k, m, *x),
+        fill_standard_chunk=lambda a, std, m, *x: fill(a, std * k, m, *x),
+    )
+
+
+def _loose_clipping(k: float):
+    clip = dp_optimizer.clip_factors
+    return mock.patch.object(dp_optimizer, "clip_factors", lambda n2, c: clip(n2, c * k))
+
+
+def _flush_without_noise():
+    def flush_rows(self, t):
+        self.history.applied.fill_(t)  # marks every row caught up, adds nothing
+
+    return mock.patch.object(LazyTable, "_flush_rows", flush_rows)
+
+
+def _oversampling(k: float):
+    draw = sampling.PoissonSampling._draw
+
+    def bigger(self, step, position):
+        q, self.sample_rate = self.sample_rate, min(1.0, self.sample_rate * k)
+        try:
+            return draw(self, step, position)
+        finally:
+            self.sample_rate = q
+
+    return mock.patch.object(sampling.PoissonSampling, "_draw", bigger)
+
+
+def _optimistic_accountant(k: float):
+    epsilon = PrivacyEngine.get_epsilon
+    return mock.patch.object(
+        PrivacyEngine, "get_epsilon", lambda self, d, *a: k * epsilon(self, d, *a)
+    )
+
+
+@pytest.mark.parametrize(
+    "mode, bug, planted, kw",
+    [
+        ("dpsgd_f", "noise 0.7x the stated std", lambda: _scaled_noise(0.7), {}),
+        ("lazydp", "noise 0.7x the stated std", lambda: _scaled_noise(0.7), {}),
+        ("lazydp", "noise 0.7x, Poisson batches", lambda: _scaled_noise(0.7), POISSON),
+        ("dpsgd_f", "clipping at 1.4 C", lambda: _loose_clipping(1.4), {}),
+        ("lazydp", "clipping at 1.4 C", lambda: _loose_clipping(1.4), {}),
+        ("lazydp", "a flush that adds no noise", _flush_without_noise, {}),
+        ("dpsgd_f", "sampling at 2q", lambda: _oversampling(2.0), POISSON),
+        ("lazydp", "sampling at 2q", lambda: _oversampling(2.0), POISSON),
+        ("lazydp", "epsilon claimed 0.5x", lambda: _optimistic_accountant(0.5), {}),
+        ("lazydp", "epsilon claimed 0.5x, Poisson", lambda: _optimistic_accountant(0.5), POISSON),
+    ],
+)
+def test_the_audit_fails_a_planted_bug(mode, bug, planted, kw):
+    with planted():
+        r = _audit(mode, **kw)
+    assert not r.passed, f"the audit missed: {bug} (margin {r.margin:+.4f})"
+    assert r.margin < 0
+
+
+def test_the_audit_refuses_what_it_cannot_audit():
+    with pytest.raises(ConfigError, match="no privacy claim"):
+        canary_audit("sgd")
+    with pytest.raises(ConfigError, match="too few"):
+        canary_audit("lazydp", canaries=10)
+    with pytest.raises(ConfigError, match="infinite"):
+        canary_audit("lazydp", noise_multiplier=0.0)
+    with pytest.raises(ConfigError, match="confidence"):
+        canary_audit("lazydp", confidence=1.0)
+    with pytest.raises(ConfigError, match="one-hot"):
+        canary_audit("lazydp", layer="linear", canaries=50_000)
+    with pytest.raises(ConfigError, match="layer"):
+        canary_audit("lazydp", layer="conv")
+
+
+# -- the command ----------------------------------------------------------------------------
+def test_lazydp_audit_writes_its_report_and_fails_loudly_on_a_refuted_claim(tmp_path, capsys):
+    from lazydp.cli import main
+
+    args = ["audit", "--canaries", "4000", "--seed", "3", "--json"]
+    assert main([*args, "--out", str(tmp_path / "ok")]) == 0
+    out = capsys.readouterr().out
+    assert "audit PASSED" in out
+    assert json.loads(out.strip().splitlines()[-1])["passed"] is True
+    for name in ("audit.json", "audit.csv", "audit.png"):
+        assert (tmp_path / "ok" / name).stat().st_size > 0
+    with _scaled_noise(0.3):
+        assert main([*args, "--out", str(tmp_path / "bad")]) == 1
+    captured = capsys.readouterr()
+    assert "audit FAILED" in captured.out and "refuted the run's privacy claim" in captured.err
+    assert json.loads((tmp_path / "bad" / "audit.json").read_text())["passed"] is False
+    assert main(["audit", "--mode", "sgd", "--out", str(tmp_path / "sgd")]) == 1
+    assert "no privacy claim" in capsys.readouterr().err
