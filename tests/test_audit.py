@@ -15,15 +15,17 @@ from unittest import mock
 
 import numpy as np
 import pytest
+import torch
 from scipy import optimize, stats
 
 import lazydp.noise as noise_module
 import lazydp.optim.dp_optimizer as dp_optimizer
 import lazydp.sampling as sampling
-from lazydp.audit import audit_points, canary_audit, claimed_tradeoff
+from lazydp.audit import audit_points, canary_audit, claimed_tradeoff, response
 from lazydp.engine import PrivacyEngine
 from lazydp.errors import ConfigError
 from lazydp.optim.lazy import LazyTable
+from lazydp.optim.lazy_momentum import MomentumPrefix
 
 POISSON = dict(sample_rate=0.25, steps=16, noise_multiplier=1.0)
 
@@ -84,28 +86,36 @@ def test_the_bounds_hold_together_at_the_stated_confidence():
 
 
 # -- the real training path -----------------------------------------------------------------
+MOMENTUM = dict(lr=0.5, momentum=0.9)
+NESTEROV_DECAY = dict(lr=0.5, momentum=0.5, weight_decay=0.05, nesterov=True)
+
+
 @pytest.mark.parametrize(
-    "mode, layer",
+    "mode, layer, kw",
     [
-        ("dpsgd_b", "embedding"),
-        ("dpsgd_r", "embedding"),
-        ("dpsgd_f", "embedding"),
-        ("lazydp", "embedding"),
-        ("lazydp", "embedding_bag"),
-        ("dpsgd_f", "linear"),
-        ("lazydp", "linear"),
+        ("dpsgd_b", "embedding", {}),
+        ("dpsgd_r", "embedding", {}),
+        ("dpsgd_f", "embedding", {}),
+        ("lazydp", "embedding", {}),
+        ("lazydp", "embedding_bag", {}),
+        ("dpsgd_f", "linear", {}),
+        ("lazydp", "linear", {}),
+        ("dpsgd_f", "embedding", MOMENTUM),
+        ("lazydp", "embedding", MOMENTUM),
+        ("lazydp", "embedding", dict(NESTEROV_DECAY, **POISSON)),
     ],
 )
-def test_every_dp_mode_passes_the_canary_audit(mode, layer):
-    r = _audit(mode, layer=layer, canaries=4000 if layer == "linear" else 20_000)
+def test_every_dp_mode_passes_the_canary_audit(mode, layer, kw):
+    r = _audit(mode, layer=layer, canaries=4000 if layer == "linear" else 20_000, **kw)
     assert r.passed, r.to_dict()["points"]
     assert 0 < r.epsilon_lower < r.epsilon
     # The scores are what the claim assumes: an absent canary's is N(0, 1) (the noise is the
-    # stated size, not more), a present one's is shifted by q sqrt(T) / sigma.
+    # stated size, not more), a present one's is shifted by q sum(a) / (sigma |a|).
     n_absent = r.canaries - r.present
     assert abs(r.score_mean_absent) < 4 / math.sqrt(n_absent)
     assert abs(r.score_std_absent - 1) < 4 / math.sqrt(2 * n_absent)
-    assert abs(r.score_mean_present - r.expected_shift) < 4 / math.sqrt(r.present)
+    spread = 1 + (r.sample_rate < 1)  # the number of times sampled adds to the spread
+    assert abs(r.score_mean_present - r.expected_shift) < 4 * spread / math.sqrt(r.present)
 
 
 def test_lazydp_with_poisson_batches_passes_the_canary_audit():
@@ -150,6 +160,20 @@ def _oversampling(k: float):
     return mock.patch.object(sampling.PoissonSampling, "_draw", bigger)
 
 
+def _momentum_catch_up(scale_row_noise: float, velocity_noise: bool):
+    """LazyDP's momentum catch-up with its row noise scaled, or without the velocity's noise."""
+    pending = MomentumPrefix.pending
+
+    def bad(self, applied, t, dtype):
+        c = pending(self, applied, t, dtype).clone()  # columns 4-6: Sigma's Cholesky factor
+        c[:, 4] *= scale_row_noise
+        if not velocity_noise:
+            c[:, 5:7] = 0
+        return c
+
+    return mock.patch.object(MomentumPrefix, "pending", bad)
+
+
 def _optimistic_accountant(k: float):
     epsilon = PrivacyEngine.get_epsilon
     return mock.patch.object(
@@ -168,6 +192,8 @@ def _optimistic_accountant(k: float):
         ("lazydp", "a flush that adds no noise", _flush_without_noise, {}),
         ("dpsgd_f", "sampling at 2q", lambda: _oversampling(2.0), POISSON),
         ("lazydp", "sampling at 2q", lambda: _oversampling(2.0), POISSON),
+        ("lazydp", "momentum: no velocity noise", lambda: _momentum_catch_up(1, False), MOMENTUM),
+        ("lazydp", "momentum: row noise 0.7x", lambda: _momentum_catch_up(0.7, True), MOMENTUM),
         ("lazydp", "epsilon claimed 0.5x", lambda: _optimistic_accountant(0.5), {}),
         ("lazydp", "epsilon claimed 0.5x, Poisson", lambda: _optimistic_accountant(0.5), POISSON),
     ],
@@ -190,6 +216,12 @@ def test_the_audit_refuses_what_it_cannot_audit():
         canary_audit("lazydp", confidence=1.0)
     with pytest.raises(ConfigError, match="one-hot"):
         canary_audit("lazydp", layer="linear", canaries=50_000)
+    with pytest.raises(ConfigError, match="lr must be"):
+        canary_audit("lazydp", lr=-1.0)
+    with pytest.raises(ConfigError, match="momentum must be"):
+        canary_audit("lazydp", momentum=1.5)
+    with pytest.raises(ConfigError, match="weight_decay must be"):
+        canary_audit("lazydp", lr=2.0, weight_decay=0.5)
     with pytest.raises(ConfigError, match="layer"):
         canary_audit("lazydp", layer="conv")
 
@@ -212,3 +244,22 @@ def test_lazydp_audit_writes_its_report_and_fails_loudly_on_a_refuted_claim(tmp_
     assert json.loads((tmp_path / "bad" / "audit.json").read_text())["passed"] is False
     assert main(["audit", "--mode", "sgd", "--out", str(tmp_path / "sgd")]) == 1
     assert "no privacy claim" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "momentum, weight_decay, nesterov",
+    [(0, 0, False), (0.9, 0, False), (0, 0.3, False), (0.5, 0.2, True)],
+)
+def test_the_response_coefficients_are_torch_sgds(momentum, weight_decay, nesterov):
+    # a_s against torch.optim.SGD itself: one scalar parameter, a unit gradient at step s only.
+    lr, steps = 0.7, 5
+    a = response(steps, lr, momentum, weight_decay, nesterov)
+    for s in range(steps):
+        w = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+        opt = torch.optim.SGD(
+            [w], lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov
+        )
+        for t in range(steps):
+            w.grad = torch.full_like(w, 1.0 if t == s else 0.0)
+            opt.step()
+        assert -float(w.detach()) / lr == pytest.approx(a[s], rel=1e-12, abs=1e-12)

@@ -20,7 +20,10 @@ audits of Steinke, Nasr and Jagielski 2023):
   holds for each trial, and the trials' error rates have exact binomial confidence bounds.
 * The attacker's score for canary i is the released row's movement along v_i, in units of the
   noise it should carry: s_i = <w_i - w_i(0), v_i> / (lr sigma C / B sqrt(T)) -- N(0, 1) for an
-  absent canary, shifted by (times sampled) / (sigma sqrt(T)) for a present one.
+  absent canary, shifted by (times sampled) / (sigma sqrt(T)) for a present one. With weight
+  decay or momentum the release is still linear in each step's gradient: a unit gradient at
+  step s moves the released row by lr a_s (a_s = 1 for plain SGD; ``response``), so the unit
+  is lr sigma C / B sqrt(sum a_s^2) and a present canary shifts by sum_s [sampled] a_s.
 * For each of a few thresholds fixed in advance, "in if s > tau" has a false-positive rate
   (absent canaries above tau) and a false-negative rate (present ones at or below it). An
   (epsilon, delta)-DP mechanism forces FNR >= f(FPR) for the trade-off curve
@@ -188,6 +191,9 @@ def canary_audit(
     sample_rate: float = 1.0,
     max_grad_norm: float = 1.0,
     lr: float = 1.0,
+    momentum: float = 0.0,
+    weight_decay: float = 0.0,
+    nesterov: bool = False,
     layer: str = "embedding",
     dim: int = 4,
     delta: float = 1e-5,
@@ -220,6 +226,17 @@ def canary_audit(
     sample_rate = v.check_sample_rate(sample_rate)
     max_grad_norm = v.check_max_grad_norm(max_grad_norm)
     delta = v.check_delta(delta)
+    lr = v.check_real("lr", lr, "a finite number > 0", lambda x: 0 < x < math.inf, "e.g. lr=1.0.")
+    momentum = v.check_real(
+        "momentum", momentum, "a number in [0, 1)", lambda x: 0 <= x < 1, "e.g. momentum=0.9."
+    )
+    weight_decay = v.check_real(
+        "weight_decay",
+        weight_decay,
+        "a number in [0, 1/lr)",
+        lambda x: 0 <= x * lr < 1,
+        "Decay of lr * weight_decay >= 1 flips or zeroes the rows every step.",
+    )
     if not 0.5 <= confidence < 1:
         raise ConfigError(f"confidence must be in [0.5, 1); got {confidence!r}.")
     if layer == "linear" and canaries > 20_000:
@@ -250,7 +267,13 @@ def canary_audit(
     engine = PrivacyEngine(seed=noise_seed)
     model, opt, loader = engine.make_private(
         module=module,
-        optimizer=torch.optim.SGD(module.parameters(), lr=lr),
+        optimizer=torch.optim.SGD(
+            module.parameters(),
+            lr=lr,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            nesterov=nesterov,
+        ),
         data_loader=loader,
         noise_multiplier=noise_multiplier,
         max_grad_norm=max_grad_norm,
@@ -273,7 +296,8 @@ def canary_audit(
     privacy = engine.privacy
     assert privacy is not None  # set by make_private
     expected_batch = privacy.expected_batch_size
-    unit = lr * noise_multiplier * max_grad_norm / expected_batch * math.sqrt(done)
+    a = response(done, lr, momentum, weight_decay, nesterov)
+    unit = lr * noise_multiplier * max_grad_norm / expected_batch * math.sqrt(float((a * a).sum()))
     scores = ((_rows(model, layer) - start) * directions).sum(1) / unit
     absent, here = scores[~present].numpy(), scores[present].numpy()
 
@@ -297,9 +321,33 @@ def canary_audit(
         score_mean_absent=float(absent.mean()) if len(absent) else math.nan,
         score_std_absent=float(absent.std()) if len(absent) else math.nan,
         score_mean_present=float(here.mean()),
-        expected_shift=privacy.sample_rate * math.sqrt(done) / noise_multiplier,
+        expected_shift=float(privacy.sample_rate * a.sum() / math.sqrt((a * a).sum()))
+        / noise_multiplier,
         scores=(absent, here),
     )
+
+
+def response(
+    steps: int, lr: float, momentum: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False
+) -> np.ndarray:
+    """a_s: how far a unit gradient at step s (of ``steps``) moves a row by the end, over lr,
+    under torch's SGD (decay added to the gradient, then momentum, then Nesterov) from a zero
+    row -- the released row is sum_s -lr a_s g_s, noise included, because the update is linear.
+
+    >>> response(3, 0.1).tolist()  # plain SGD: every step's gradient counts once
+    [1.0, 1.0, 1.0]
+    >>> response(3, 0.1, momentum=0.5).round(6).tolist()  # later steps have less time
+    [1.75, 1.5, 1.0]
+    """
+    out = np.empty(steps)
+    for s in range(steps):
+        w = buf = 0.0
+        for t in range(steps):
+            g = (1.0 if t == s else 0.0) + weight_decay * w
+            buf = momentum * buf + g
+            w -= lr * ((g + momentum * buf) if nesterov else buf) if momentum else lr * g
+        out[s] = -w / lr
+    return out
 
 
 def audit_points(

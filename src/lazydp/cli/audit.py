@@ -26,6 +26,7 @@ examples:
   $ lazydp audit                       # lazydp, 20000 canaries, 4 full-batch steps, sigma 2
   $ lazydp audit --mode dpsgd_f --layer linear --canaries 4000
   $ lazydp audit --sample-rate 0.25 --steps 16 --noise-multiplier 1   # Poisson batches
+  $ lazydp audit --lr 0.5 --momentum 0.9 --weight-decay 0.01           # LazyDP's momentum
 """
 
 
@@ -54,6 +55,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--sample-rate", type=float, default=1.0, help="Poisson rate q (1: full batches)"
     )
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="clip bound C")
+    p.add_argument("--lr", type=float, default=1.0, help="SGD learning rate")
+    p.add_argument("--momentum", type=float, default=0.0, help="SGD momentum")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="SGD weight decay")
+    p.add_argument("--nesterov", action="store_true", help="Nesterov momentum")
     p.add_argument("--delta", type=float, default=1e-5, help="delta of the reported epsilons")
     p.add_argument(
         "--confidence", type=float, default=0.999, help="confidence of all bounds together"
@@ -81,6 +86,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         noise_multiplier=args.noise_multiplier,
         sample_rate=args.sample_rate,
         max_grad_norm=args.max_grad_norm,
+        lr=args.lr,
+        momentum=args.momentum,
+        weight_decay=args.weight_decay,
+        nesterov=args.nesterov,
         layer=args.layer,
         delta=args.delta,
         confidence=args.confidence,
