@@ -65,7 +65,7 @@ __all__ = [
     "claimed_tradeoff",
 ]
 
-LAYERS = ("embedding", "embedding_bag", "linear")
+LAYERS = ("embedding", "embedding_bag", "linear", "sharded_bag")
 #: Thresholds on the score, fixed before any data is seen (a threshold picked after looking
 #: would need its own correction). An absent canary's score is N(0, 1): FPR 0.5 ... 0.0013.
 THRESHOLDS = (0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0)
@@ -173,12 +173,21 @@ def _canary_layer(
         return nn.Embedding(m, dim), lambda mod, ids: mod(ids)
     if layer == "embedding_bag":
         return nn.EmbeddingBag(m, dim, mode="sum"), lambda mod, ids: mod(ids.view(-1, 1))
+    if layer == "sharded_bag":  # rows split over the ranks (r % W), one of lazydp.distributed
+        from lazydp.distributed import ShardedEmbeddingBag
+
+        return ShardedEmbeddingBag(m, dim, mode="sum"), lambda mod, ids: mod(ids.view(-1, 1))
     lin = nn.Linear(m, dim, bias=False)  # canary i is the one-hot input e_i: column i is its row
     return lin, lambda mod, ids: mod(nn.functional.one_hot(ids, m).to(torch.float32))
 
 
-def _rows(module: nn.Module, layer: str) -> Tensor:
-    weight = module.state_dict()["weight"]  # state_dict: LazyDP flushes every pending row
+def _rows(module: nn.Module, layer: str, engine: Any) -> Tensor:
+    """The released rows (every rank: flushing and gathering are collectives)."""
+    if layer == "sharded_bag":
+        engine.flush()
+        weight = module.gather_weight()  # type: ignore[operator]
+    else:
+        weight = module.state_dict()["weight"]  # state_dict: LazyDP flushes every pending row
     return (weight.t() if layer == "linear" else weight).detach().to(torch.float64)
 
 
@@ -200,13 +209,18 @@ def canary_audit(
     confidence: float = 0.999,
     seed: int | None = None,
     noise_seed: int | None = None,
+    engine: Any = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> AuditResult:
     """Train ``canaries`` canaries for ``steps`` DP steps in ``mode`` and audit the release.
 
     ``seed`` fixes the auditor's choices (which canaries are in, their directions); the
     training's own noise comes from OS entropy unless ``noise_seed`` is given (tests).
-    ``confidence`` is the family-wise confidence of every bound together.
+    ``confidence`` is the family-wise confidence of every bound together. ``engine``: an
+    unused engine to train with (default ``PrivacyEngine(seed=noise_seed)``); pass a
+    :class:`~lazydp.distributed.DistributedPrivacyEngine` on every rank of a torchrun job (the
+    same ``seed`` everywhere) to audit distributed training -- then every rank returns the
+    same result.
     """
     from lazydp.engine import PrivacyEngine  # the engine imports much; the CLI's --help need not
 
@@ -262,9 +276,16 @@ def canary_audit(
     with torch.no_grad():
         for p in module.parameters():
             p.zero_()
-    start = _rows(module, layer)
     loader = DataLoader(TensorDataset(ids), batch_size=max(1, round(sample_rate * len(ids))))
-    engine = PrivacyEngine(seed=noise_seed)
+    if engine is None:
+        if layer == "sharded_bag":
+            raise ConfigError(
+                "layer='sharded_bag' audits distributed training: pass engine=a "
+                "DistributedPrivacyEngine on every rank (or use layer='embedding_bag')."
+            )
+        engine = PrivacyEngine(seed=noise_seed)
+    elif not isinstance(engine, PrivacyEngine) or engine.module is not None:
+        raise ConfigError(f"engine must be an unused PrivacyEngine; got {engine!r}.")
     model, opt, loader = engine.make_private(
         module=module,
         optimizer=torch.optim.SGD(
@@ -298,7 +319,7 @@ def canary_audit(
     expected_batch = privacy.expected_batch_size
     a = response(done, lr, momentum, weight_decay, nesterov)
     unit = lr * noise_multiplier * max_grad_norm / expected_batch * math.sqrt(float((a * a).sum()))
-    scores = ((_rows(model, layer) - start) * directions).sum(1) / unit
+    scores = (_rows(model, layer, engine) * directions).sum(1) / unit  # every row started at 0
     absent, here = scores[~present].numpy(), scores[present].numpy()
 
     claim = [(d, engine.get_epsilon(d)) for d in _DELTAS]
