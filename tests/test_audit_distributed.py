@@ -8,14 +8,13 @@ clipped-sum all-reduce, the shard owners' noise, LazyDP's flush and the gather).
 
 from __future__ import annotations
 
-import datetime
 import json
 import tempfile
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from tests.gloo import join, run_ranks
 
 CASES = [
     ("dpsgd_f", "embedding", {}, False),
@@ -30,14 +29,7 @@ CASES = [
 
 
 def _worker(rank: int, world: int, store: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        store=dist.FileStore(store, world),
-        rank=rank,
-        world_size=world,
-        timeout=datetime.timedelta(seconds=120),
-    )
+    join(rank, world, store, timeout_s=120)
     from contextlib import nullcontext
 
     from lazydp.audit import canary_audit
@@ -58,9 +50,7 @@ def _worker(rank: int, world: int, store: str, out_dir: str) -> None:
 
 def test_distributed_training_passes_the_canary_audit_and_a_planted_bug_fails_it():
     with tempfile.TemporaryDirectory(prefix="audit-dist-") as d:
-        mp.start_processes(
-            _worker, args=(2, str(Path(d) / "store"), d), nprocs=2, join=True, start_method="spawn"
-        )
+        run_ranks(_worker, 2, Path(d))
         ranks = [json.loads((Path(d) / f"rank{r}.json").read_text()) for r in range(2)]
     assert ranks[0] == ranks[1]  # every rank released the same rows and so audits alike
     for (mode, layer, kw, planted), r in zip(CASES, ranks[0]):

@@ -14,7 +14,6 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from scipy import stats
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -22,6 +21,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lazydp import PrivacyEngine
 from lazydp.distributed import DistributedPrivacyEngine, ShardedEmbeddingBag
 from lazydp.testing import constant_noise
+from tests.gloo import join, run_ranks
 from tests.toy import Toy, loss_fn
 
 MODES = ("dpsgd_b", "dpsgd_r", "dpsgd_f", "lazydp")
@@ -189,9 +189,7 @@ def _noise_run(mode: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _worker(rank: int, world: int, store_path: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    store = dist.FileStore(store_path, world)
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
+    join(rank, world, store_path)
     results: dict[str, Any] = {}
     for mode in MODES:  # noise off: compare with the single-process step
         model = _toy_run(DistributedPrivacyEngine(), mode, rank, world, sigma=0.0)
@@ -226,7 +224,7 @@ def finish_rank(results: dict[str, Any], rank: int, out_dir: str | Path) -> None
 
 def spawn_two_ranks(worker: Any, tmp: Path) -> list[dict[str, Any]]:
     """Run ``worker(rank, 2, store, tmp)`` on two gloo ranks; return each rank's results."""
-    mp.spawn(worker, args=(2, str(tmp / "store"), str(tmp)), nprocs=2, join=True)
+    run_ranks(worker, 2, tmp)
     return [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
 

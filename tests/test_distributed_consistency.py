@@ -8,12 +8,12 @@ from typing import Any
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from lazydp import ConfigError, PrivacyError
 from lazydp.distributed import DistributedPrivacyEngine, ShardedEmbeddingBag
 from lazydp.testing import constant_noise
 from lazydp.training import _over_ranks
+from tests.gloo import join
 from tests.test_distributed import (
     CLIP,
     SIGMA,
@@ -76,10 +76,7 @@ def _error(fn) -> str | None:
 
 
 def _worker(rank: int, world: int, store_path: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", store=dist.FileStore(store_path, world), rank=rank, world_size=world
-    )
+    join(rank, world, store_path)
     out = Path(out_dir)
     results: dict[str, Any] = {}
     results["mismatch"] = _error(lambda: _build(rank, sigma=SIGMA if rank == 0 else SIGMA / 2))

@@ -40,7 +40,6 @@ Usage:
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import math
 import os
 import random
@@ -57,6 +56,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
+
+from tests.gloo import join, run_ranks
 
 ATOL, RTOL = 1e-5, 2e-6
 CASE_TIMEOUT_S = 60.0
@@ -609,15 +610,8 @@ def run(c: Case, rank: int, world: int, workdir: Path, batches: list[list[list[i
 
 # ----------------------------------------------------------------------------- workers
 def _worker(rank: int, world: int, store_path: str, out_dir: str, cases: list[dict]) -> None:
-    torch.set_num_threads(1)
     warnings.simplefilter("ignore")
-    dist.init_process_group(
-        "gloo",
-        store=dist.FileStore(store_path, world),
-        rank=rank,
-        world_size=world,
-        timeout=datetime.timedelta(seconds=40),
-    )
+    join(rank, world, store_path, timeout_s=40)
     out = Path(out_dir)
     for cd in cases:
         c = case_from_dict(cd)
@@ -973,14 +967,7 @@ def features(c: Case) -> set[str]:
 
 # ----------------------------------------------------------------------------- noise check
 def _noise_worker(rank: int, world: int, store_path: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        store=dist.FileStore(store_path, world),
-        rank=rank,
-        world_size=world,
-        timeout=datetime.timedelta(seconds=60),
-    )
+    join(rank, world, store_path, timeout_s=60)
     from lazydp.distributed import DistributedPrivacyEngine, ShardedEmbeddingBag
 
     out: dict[str, Any] = {}
@@ -1037,13 +1024,7 @@ def noise_check() -> list[str]:
     bad = []
     with tempfile.TemporaryDirectory(prefix="fuzzdist-noise-") as d:
         tmp = Path(d)
-        mp.start_processes(
-            _noise_worker,
-            args=(2, str(tmp / "store"), str(tmp)),
-            nprocs=2,
-            join=True,
-            start_method="spawn",
-        )
+        run_ranks(_noise_worker, 2, tmp)
         ranks = [torch.load(tmp / f"noise{r}.pt", weights_only=False) for r in range(2)]
     want = 0.5 * 1.3 * 0.7 / 8 * math.sqrt(2)
     for key in ranks[0]:
