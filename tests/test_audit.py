@@ -24,7 +24,7 @@ import lazydp.sampling as sampling
 from lazydp.audit import audit_points, canary_audit, claimed_tradeoff, response
 from lazydp.engine import PrivacyEngine
 from lazydp.errors import ConfigError
-from lazydp.optim.lazy import LazyTable
+from lazydp.optim.lazy import LazyTable, LrPrefix
 from lazydp.optim.lazy_momentum import MomentumPrefix
 
 POISSON = dict(sample_rate=0.25, steps=16, noise_multiplier=1.0)
@@ -103,6 +103,10 @@ NESTEROV_DECAY = dict(lr=0.5, momentum=0.5, weight_decay=0.05, nesterov=True)
         ("dpsgd_f", "embedding", MOMENTUM),
         ("lazydp", "embedding", MOMENTUM),
         ("lazydp", "embedding", dict(NESTEROV_DECAY, **POISSON)),
+        ("lazydp", "embedding", dict(lr_gamma=0.7)),
+        ("dpsgd_f", "embedding", dict(resume_at=2)),
+        ("lazydp", "embedding", dict(resume_at=2)),
+        ("lazydp", "embedding", dict(NESTEROV_DECAY, lr_gamma=0.9, resume_at=5, **POISSON)),
     ],
 )
 def test_every_dp_mode_passes_the_canary_audit(mode, layer, kw):
@@ -174,6 +178,17 @@ def _momentum_catch_up(scale_row_noise: float, velocity_noise: bool):
     return mock.patch.object(MomentumPrefix, "pending", bad)
 
 
+def _catch_up_window_off_by_one():
+    """LazyDP's catch-up sums the lr^2 of the pending steps after the first: one step's noise
+    short for every row caught up (all of it, for a row read at every step)."""
+    pending = LrPrefix.pending
+
+    def bad(self, applied, t, sum_lr=True):
+        return pending(self, applied + 1, t, sum_lr)
+
+    return mock.patch.object(LrPrefix, "pending", bad)
+
+
 def _optimistic_accountant(k: float):
     epsilon = PrivacyEngine.get_epsilon
     return mock.patch.object(
@@ -192,6 +207,7 @@ def _optimistic_accountant(k: float):
         ("lazydp", "a flush that adds no noise", _flush_without_noise, {}),
         ("dpsgd_f", "sampling at 2q", lambda: _oversampling(2.0), POISSON),
         ("lazydp", "sampling at 2q", lambda: _oversampling(2.0), POISSON),
+        ("lazydp", "catch-up window off by one", _catch_up_window_off_by_one, dict(lr_gamma=0.7)),
         ("lazydp", "momentum: no velocity noise", lambda: _momentum_catch_up(1, False), MOMENTUM),
         ("lazydp", "momentum: row noise 0.7x", lambda: _momentum_catch_up(0.7, True), MOMENTUM),
         ("lazydp", "epsilon claimed 0.5x", lambda: _optimistic_accountant(0.5), {}),
@@ -222,6 +238,14 @@ def test_the_audit_refuses_what_it_cannot_audit():
         canary_audit("lazydp", momentum=1.5)
     with pytest.raises(ConfigError, match="weight_decay must be"):
         canary_audit("lazydp", lr=2.0, weight_decay=0.5)
+    with pytest.raises(ConfigError, match="resume_at must be"):
+        canary_audit("lazydp", steps=4, resume_at=4)
+    with pytest.raises(ConfigError, match="lr_gamma must be"):
+        canary_audit("lazydp", lr_gamma=1.5)
+    with pytest.raises(ConfigError, match="DistributedPrivacyEngine"):
+        canary_audit("lazydp", layer="sharded_bag")
+    with pytest.raises(ConfigError, match="unused PrivacyEngine"):
+        canary_audit("lazydp", engine=object())
     with pytest.raises(ConfigError, match="layer"):
         canary_audit("lazydp", layer="conv")
 
@@ -251,15 +275,17 @@ def test_lazydp_audit_writes_its_report_and_fails_loudly_on_a_refuted_claim(tmp_
     [(0, 0, False), (0.9, 0, False), (0, 0.3, False), (0.5, 0.2, True)],
 )
 def test_the_response_coefficients_are_torch_sgds(momentum, weight_decay, nesterov):
-    # a_s against torch.optim.SGD itself: one scalar parameter, a unit gradient at step s only.
-    lr, steps = 0.7, 5
-    a = response(steps, lr, momentum, weight_decay, nesterov)
-    for s in range(steps):
+    # b_s against torch.optim.SGD itself (with a decaying lr): one scalar parameter, a unit
+    # gradient at step s only.
+    lrs = [0.7 * 0.8**t for t in range(5)]
+    b = response(lrs, momentum, weight_decay, nesterov)
+    for s in range(len(lrs)):
         w = torch.zeros(1, dtype=torch.float64, requires_grad=True)
         opt = torch.optim.SGD(
-            [w], lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov
+            [w], lr=lrs[0], momentum=momentum, weight_decay=weight_decay, nesterov=nesterov
         )
-        for t in range(steps):
+        for t, lr in enumerate(lrs):
+            opt.param_groups[0]["lr"] = lr
             w.grad = torch.full_like(w, 1.0 if t == s else 0.0)
             opt.step()
-        assert -float(w.detach()) / lr == pytest.approx(a[s], rel=1e-12, abs=1e-12)
+        assert -float(w.detach()) == pytest.approx(b[s], rel=1e-12, abs=1e-12)

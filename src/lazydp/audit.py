@@ -45,6 +45,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -60,6 +61,7 @@ __all__ = [
     "LAYERS",
     "AuditPoint",
     "AuditResult",
+    "AuditSpec",
     "audit_points",
     "canary_audit",
     "claimed_tradeoff",
@@ -191,6 +193,95 @@ def _rows(module: nn.Module, layer: str, engine: Any) -> Tensor:
     return (weight.t() if layer == "linear" else weight).detach().to(torch.float64)
 
 
+@dataclass(frozen=True)
+class AuditSpec:
+    """One audit's settings, checked (see :func:`canary_audit` for their meaning)."""
+
+    mode: str
+    canaries: int
+    steps: int
+    noise_multiplier: float
+    sample_rate: float
+    max_grad_norm: float
+    lr: float
+    lr_gamma: float
+    momentum: float
+    weight_decay: float
+    nesterov: bool
+    layer: str
+    dim: int
+    resume_at: int | None
+
+    @property
+    def lrs(self) -> list[float]:
+        """Each step's learning rate (ExponentialLR with ``lr_gamma``, stepped after each)."""
+        return [self.lr * self.lr_gamma**t for t in range(self.steps)]
+
+    def optimizer(self, module: nn.Module) -> torch.optim.SGD:
+        return torch.optim.SGD(
+            module.parameters(),
+            lr=self.lr,
+            momentum=self.momentum,
+            weight_decay=self.weight_decay,
+            nesterov=self.nesterov,
+        )
+
+
+def _check_spec(mode: str, **kw: Any) -> AuditSpec:
+    mode = v.check_mode(mode)
+    if mode == "sgd":
+        raise ConfigError("mode 'sgd' makes no privacy claim to audit; pick a DP mode.")
+    v.check_choice("layer", kw["layer"], LAYERS)
+    canaries = v.check_positive_int("canaries", kw["canaries"])
+    if canaries < 100:
+        raise ConfigError(f"canaries={canaries} is too few to bound any error rate; use >= 100.")
+    if kw["layer"] == "linear" and canaries > 20_000:
+        raise ConfigError(
+            f"layer='linear' feeds one-hot inputs of width {canaries} (a batch of B x "
+            f"{canaries} floats); use <= 20000 canaries with it."
+        )
+    steps = v.check_positive_int("steps", kw["steps"])
+    sigma = v.check_noise_multiplier(kw["noise_multiplier"])
+    if sigma == 0:
+        raise ConfigError(
+            "noise_multiplier=0 claims no privacy (epsilon is infinite); nothing to audit."
+        )
+    lr = v.check_real(
+        "lr", kw["lr"], "a finite number > 0", lambda x: 0 < x < math.inf, "e.g. lr=1.0."
+    )
+    resume_at = kw["resume_at"]
+    if resume_at is not None and (
+        isinstance(resume_at, bool) or not isinstance(resume_at, int) or not 0 < resume_at < steps
+    ):
+        raise ConfigError(f"resume_at must be an int in [1, steps={steps}); got {resume_at!r}.")
+    return AuditSpec(
+        mode=mode,
+        canaries=canaries,
+        steps=steps,
+        noise_multiplier=sigma,
+        sample_rate=v.check_sample_rate(kw["sample_rate"]),
+        max_grad_norm=v.check_max_grad_norm(kw["max_grad_norm"]),
+        lr=lr,
+        lr_gamma=v.check_real(
+            "lr_gamma", kw["lr_gamma"], "a number in (0, 1]", lambda x: 0 < x <= 1, "e.g. 0.9."
+        ),
+        momentum=v.check_real(
+            "momentum", kw["momentum"], "a number in [0, 1)", lambda x: 0 <= x < 1, "e.g. 0.9."
+        ),
+        weight_decay=v.check_real(
+            "weight_decay",
+            kw["weight_decay"],
+            "a number in [0, 1/lr)",
+            lambda x: 0 <= x * lr < 1,
+            "Decay of lr * weight_decay >= 1 flips or zeroes the rows every step.",
+        ),
+        nesterov=bool(kw["nesterov"]),
+        layer=kw["layer"],
+        dim=v.check_positive_int("dim", kw["dim"]),
+        resume_at=resume_at,
+    )
+
+
 def canary_audit(
     mode: str = "lazydp",
     *,
@@ -200,11 +291,13 @@ def canary_audit(
     sample_rate: float = 1.0,
     max_grad_norm: float = 1.0,
     lr: float = 1.0,
+    lr_gamma: float = 1.0,
     momentum: float = 0.0,
     weight_decay: float = 0.0,
     nesterov: bool = False,
     layer: str = "embedding",
     dim: int = 4,
+    resume_at: int | None = None,
     delta: float = 1e-5,
     confidence: float = 0.999,
     seed: int | None = None,
@@ -214,6 +307,9 @@ def canary_audit(
 ) -> AuditResult:
     """Train ``canaries`` canaries for ``steps`` DP steps in ``mode`` and audit the release.
 
+    SGD with ``lr`` (times ``lr_gamma`` after every step), ``momentum``, ``weight_decay`` and
+    ``nesterov``; ``resume_at=k`` checkpoints after step k and finishes in a fresh model,
+    optimizer and engine loaded from it (the ledger file carried over), as a restarted job.
     ``seed`` fixes the auditor's choices (which canaries are in, their directions); the
     training's own noise comes from OS entropy unless ``noise_seed`` is given (tests).
     ``confidence`` is the family-wise confidence of every bound together. ``engine``: an
@@ -222,117 +318,66 @@ def canary_audit(
     same ``seed`` everywhere) to audit distributed training -- then every rank returns the
     same result.
     """
-    from lazydp.engine import PrivacyEngine  # the engine imports much; the CLI's --help need not
-
-    mode = v.check_mode(mode)
-    if mode == "sgd":
-        raise ConfigError("mode 'sgd' makes no privacy claim to audit; pick a DP mode.")
-    v.check_choice("layer", layer, LAYERS)
-    canaries = v.check_positive_int("canaries", canaries)
-    if canaries < 100:
-        raise ConfigError(f"canaries={canaries} is too few to bound any error rate; use >= 100.")
-    steps, dim = v.check_positive_int("steps", steps), v.check_positive_int("dim", dim)
-    noise_multiplier = v.check_noise_multiplier(noise_multiplier)
-    if noise_multiplier == 0:
-        raise ConfigError(
-            "noise_multiplier=0 claims no privacy (epsilon is infinite); nothing to audit."
-        )
-    sample_rate = v.check_sample_rate(sample_rate)
-    max_grad_norm = v.check_max_grad_norm(max_grad_norm)
+    spec = _check_spec(
+        mode,
+        canaries=canaries,
+        steps=steps,
+        noise_multiplier=noise_multiplier,
+        sample_rate=sample_rate,
+        max_grad_norm=max_grad_norm,
+        lr=lr,
+        lr_gamma=lr_gamma,
+        momentum=momentum,
+        weight_decay=weight_decay,
+        nesterov=nesterov,
+        layer=layer,
+        dim=dim,
+        resume_at=resume_at,
+    )
     delta = v.check_delta(delta)
-    lr = v.check_real("lr", lr, "a finite number > 0", lambda x: 0 < x < math.inf, "e.g. lr=1.0.")
-    momentum = v.check_real(
-        "momentum", momentum, "a number in [0, 1)", lambda x: 0 <= x < 1, "e.g. momentum=0.9."
-    )
-    weight_decay = v.check_real(
-        "weight_decay",
-        weight_decay,
-        "a number in [0, 1/lr)",
-        lambda x: 0 <= x * lr < 1,
-        "Decay of lr * weight_decay >= 1 flips or zeroes the rows every step.",
-    )
     if not 0.5 <= confidence < 1:
         raise ConfigError(f"confidence must be in [0.5, 1); got {confidence!r}.")
-    if layer == "linear" and canaries > 20_000:
-        raise ConfigError(
-            f"layer='linear' feeds one-hot inputs of width {canaries} (a batch of B x "
-            f"{canaries} floats); use <= 20000 canaries with it."
-        )
-
     for name, value in (("seed", seed), ("noise_seed", noise_seed)):
         if value is not None and (
             isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63
         ):
             raise ConfigError(f"{name} must be an int in [0, 2**63) or None; got {value!r}.")
+    if engine is not None and resume_at is not None:
+        raise ConfigError("resume_at builds its own engines; leave engine out.")
+    if engine is None and layer == "sharded_bag":
+        raise ConfigError(
+            "layer='sharded_bag' audits distributed training: pass engine=a "
+            "DistributedPrivacyEngine on every rank (or use layer='embedding_bag')."
+        )
+
     gen = torch.Generator().manual_seed(seed if seed is not None else torch.seed())
-    present = torch.rand(canaries, generator=gen) < 0.5
-    signs = torch.randint(0, 2, (canaries, dim), generator=gen, dtype=torch.float64) * 2 - 1
-    directions = signs / math.sqrt(dim)  # unit vectors with weight on every coordinate
-    ids = torch.nonzero(present).view(-1)
-    if len(ids) == 0:
+    present = torch.rand(spec.canaries, generator=gen) < 0.5
+    signs = torch.randint(0, 2, (spec.canaries, spec.dim), generator=gen, dtype=torch.float64)
+    directions = (signs * 2 - 1) / math.sqrt(spec.dim)  # unit vectors, weight on every coordinate
+    if not bool(present.any()):
         raise ConfigError("no canary was drawn in; use more canaries.")
 
-    module, read = _canary_layer(layer, canaries, dim)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.zero_()
-    loader = DataLoader(TensorDataset(ids), batch_size=max(1, round(sample_rate * len(ids))))
-    if engine is None:
-        if layer == "sharded_bag":
-            raise ConfigError(
-                "layer='sharded_bag' audits distributed training: pass engine=a "
-                "DistributedPrivacyEngine on every rank (or use layer='embedding_bag')."
-            )
-        engine = PrivacyEngine(seed=noise_seed)
-    elif not isinstance(engine, PrivacyEngine) or engine.module is not None:
-        raise ConfigError(f"engine must be an unused PrivacyEngine; got {engine!r}.")
-    model, opt, loader = engine.make_private(
-        module=module,
-        optimizer=torch.optim.SGD(
-            module.parameters(),
-            lr=lr,
-            momentum=momentum,
-            weight_decay=weight_decay,
-            nesterov=nesterov,
-        ),
-        data_loader=loader,
-        noise_multiplier=noise_multiplier,
-        max_grad_norm=max_grad_norm,
-        mode=mode,
-        loss_reduction="sum",
-        steps_per_epoch=steps,
-    )
-    push = directions.to(torch.float32) * (_PUSH * max_grad_norm)
-    done = 0
-    for (batch,) in loader:
-        opt.zero_grad()
-        out = read(model, batch)
-        # Gradient -push_i on canary i's row alone: SGD moves the row along +v_i (clipped to C).
-        (-(out * push[batch]).sum()).backward()
-        opt.step()
-        done += 1
-        if progress is not None:
-            progress(done, steps)
-
+    rows, engine = _train(spec, present, directions, engine, noise_seed, progress)
     privacy = engine.privacy
-    assert privacy is not None  # set by make_private
-    expected_batch = privacy.expected_batch_size
-    a = response(done, lr, momentum, weight_decay, nesterov)
-    unit = lr * noise_multiplier * max_grad_norm / expected_batch * math.sqrt(float((a * a).sum()))
-    scores = (_rows(model, layer, engine) * directions).sum(1) / unit  # every row started at 0
+    # A unit gradient at step s moves a row by b_s at the end; the noise of step s is
+    # sigma C / B times a unit Gaussian gradient, so the row's noise has std sigma C / B |b|.
+    b = response(spec.lrs, spec.momentum, spec.weight_decay, spec.nesterov)
+    norm_b = float(np.sqrt((b * b).sum()))
+    unit = spec.noise_multiplier * spec.max_grad_norm / privacy.expected_batch_size * norm_b
+    scores = (rows * directions).sum(1) / unit  # every row started at 0
     absent, here = scores[~present].numpy(), scores[present].numpy()
 
     claim = [(d, engine.get_epsilon(d)) for d in _DELTAS]
     points = audit_points(absent, here, claim, confidence)
     return AuditResult(
-        mode=mode,
-        layer=layer,
-        canaries=canaries,
+        mode=spec.mode,
+        layer=spec.layer,
+        canaries=spec.canaries,
         present=len(here),
-        steps=done,
-        noise_multiplier=float(noise_multiplier),
+        steps=spec.steps,
+        noise_multiplier=spec.noise_multiplier,
         sample_rate=privacy.sample_rate,
-        max_grad_norm=float(max_grad_norm),
+        max_grad_norm=spec.max_grad_norm,
         delta=delta,
         epsilon=engine.get_epsilon(delta),
         epsilon_lower=_epsilon_lower(points, delta),
@@ -342,32 +387,92 @@ def canary_audit(
         score_mean_absent=float(absent.mean()) if len(absent) else math.nan,
         score_std_absent=float(absent.std()) if len(absent) else math.nan,
         score_mean_present=float(here.mean()),
-        expected_shift=float(privacy.sample_rate * a.sum() / math.sqrt((a * a).sum()))
-        / noise_multiplier,
+        expected_shift=privacy.sample_rate * float(b.sum()) / (spec.noise_multiplier * norm_b),
         scores=(absent, here),
     )
 
 
-def response(
-    steps: int, lr: float, momentum: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False
-) -> np.ndarray:
-    """a_s: how far a unit gradient at step s (of ``steps``) moves a row by the end, over lr,
-    under torch's SGD (decay added to the gradient, then momentum, then Nesterov) from a zero
-    row -- the released row is sum_s -lr a_s g_s, noise included, because the update is linear.
+def _train(
+    spec: AuditSpec,
+    present: Tensor,
+    directions: Tensor,
+    engine: Any,
+    noise_seed: int | None,
+    progress: Callable[[int, int], None] | None,
+) -> tuple[Tensor, Any]:
+    """Train the present canaries; (released rows as float64, the engine that holds the claim)."""
+    import tempfile
 
-    >>> response(3, 0.1).tolist()  # plain SGD: every step's gradient counts once
-    [1.0, 1.0, 1.0]
-    >>> response(3, 0.1, momentum=0.5).round(6).tolist()  # later steps have less time
+    from lazydp.engine import PrivacyEngine  # the engine imports much; the CLI's --help need not
+
+    ids = torch.nonzero(present).view(-1)
+    batch_size = max(1, round(spec.sample_rate * len(ids)))
+    push = directions.to(torch.float32) * (_PUSH * spec.max_grad_norm)
+    with tempfile.TemporaryDirectory(prefix="lazydp-audit-") as tmp:
+        ledger = Path(tmp) / "ledger.jsonl" if spec.resume_at is not None else None
+
+        def start(fresh: Any) -> tuple[Any, nn.Module, Any, Any, Callable[..., Tensor]]:
+            if fresh is None:
+                fresh = PrivacyEngine(seed=noise_seed, ledger_path=ledger)
+            elif not isinstance(fresh, PrivacyEngine) or fresh.module is not None:
+                raise ConfigError(f"engine must be an unused PrivacyEngine; got {fresh!r}.")
+            module, read = _canary_layer(spec.layer, spec.canaries, spec.dim)
+            with torch.no_grad():
+                for p in module.parameters():
+                    p.zero_()
+            model, opt, loader = fresh.make_private(
+                module=module,
+                optimizer=spec.optimizer(module),
+                data_loader=DataLoader(TensorDataset(ids), batch_size=batch_size),
+                noise_multiplier=spec.noise_multiplier,
+                max_grad_norm=spec.max_grad_norm,
+                mode=spec.mode,
+                loss_reduction="sum",
+                steps_per_epoch=spec.steps,
+            )
+            return fresh, model, opt, loader, read
+
+        engine, model, opt, loader, read = start(engine)
+        done, batches = 0, iter(loader)
+        while done < spec.steps:
+            if done == spec.resume_at:  # a restarted job: everything rebuilt from the file
+                engine.save_checkpoint(Path(tmp) / "ckpt.pt")
+                engine, model, opt, loader, read = start(None)
+                engine.load_checkpoint(Path(tmp) / "ckpt.pt")
+                batches = iter(loader)
+            (batch,) = next(batches)
+            opt.zero_grad()
+            # Gradient -push_i on canary i's row alone: SGD moves it along +v_i (clipped to C).
+            (-(read(model, batch) * push[batch]).sum()).backward()
+            opt.step()
+            for group in opt.param_groups:
+                group["lr"] *= spec.lr_gamma
+            done += 1
+            if progress is not None:
+                progress(done, spec.steps)
+        return _rows(model, spec.layer, engine), engine
+
+
+def response(
+    lrs: Sequence[float], momentum: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False
+) -> np.ndarray:
+    """b_s: how far a unit gradient at step s moves a row (from 0) by the end of the steps with
+    learning rates ``lrs``, under torch's SGD (decay added to the gradient, then momentum, then
+    Nesterov). The update is linear, so the released row is sum_s -b_s g_s, noise included.
+
+    >>> response([0.1, 0.1, 0.1]).round(6).tolist()  # plain SGD: each gradient moves lr once
+    [0.1, 0.1, 0.1]
+    >>> response([1.0, 1.0, 1.0], momentum=0.5).round(6).tolist()  # early ones echo longer
     [1.75, 1.5, 1.0]
     """
-    out = np.empty(steps)
-    for s in range(steps):
+    out = np.empty(len(lrs))
+    for s in range(len(lrs)):
         w = buf = 0.0
-        for t in range(steps):
+        for t, lr in enumerate(lrs):
             g = (1.0 if t == s else 0.0) + weight_decay * w
             buf = momentum * buf + g
             w -= lr * ((g + momentum * buf) if nesterov else buf) if momentum else lr * g
-        out[s] = -w / lr
+        out[s] = -w
     return out
 
 
