@@ -144,3 +144,23 @@ def test_a_step_without_a_forward_on_a_loaded_batch_is_refused_but_an_empty_one_
     dl._yielded.append(0)  # as if the loader yielded an empty Poisson batch: no forward needed
     opt.step()
     assert engine.ledger.steps == 2
+
+
+def test_a_second_step_for_one_batch_is_refused_but_a_hand_built_loop_may_step_bare():
+    # backward(); step(); step() used to charge (and noise) the second step as an empty batch:
+    # budget spent on nothing. A loop that never draws from the private loader (hand-built
+    # batches, each step of which may be empty) still steps bare, conservatively charged.
+    ds = TensorDataset(torch.randn(64, 3), torch.randn(64))
+    model, opt, dl, engine = private("dpsgd_f", nn.Linear(3, 1), data_loader=DataLoader(ds, 16))
+    x, y = next(iter(dl))
+    nn.functional.mse_loss(model(x).squeeze(1), y).backward()
+    opt.step()
+    after_one = snapshot(model)
+    with pytest.raises(InputError, match="step\\(\\) again with no forward and no new batch"):
+        opt.step()
+    assert engine.ledger.steps == 1
+    assert all(torch.equal(t, after_one[k]) for k, t in snapshot(model).items())
+
+    model2, opt2, _, engine2 = private("dpsgd_f", nn.Linear(3, 1), data_loader=DataLoader(ds, 16))
+    opt2.step()  # never drew from the loader: an empty hand-built batch
+    assert engine2.ledger.steps == 1

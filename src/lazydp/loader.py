@@ -151,11 +151,13 @@ class DPDataLoader(DataLoader):
 
     def check_skipped(self) -> int | None:
         """A step with no forward at all: None when the oldest waiting batch is empty (taken:
-        an empty Poisson batch is a step that is charged) or none is waiting (a hand-built
-        loop); else how many examples that batch holds (the forward was forgotten)."""
+        an empty Poisson batch is a step that is charged) or this loader never yielded a batch
+        (a hand-built loop); 0 when it has yielded batches but none is waiting (a second step()
+        for a batch already stepped on); else how many examples that batch holds (the forward
+        was forgotten)."""
         waiting = self._yielded
         if not waiting:
-            return None
+            return 0 if self.batches_drawn else None
         if waiting[0] == 0:
             waiting.popleft()
             return None

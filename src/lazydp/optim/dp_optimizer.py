@@ -402,6 +402,13 @@ class DPOptimizer(OptimizerGroup):
             )
         if not batch and self.check_skipped is not None and not self.capture.has_records():
             held = self.check_skipped()
+            if held == 0:
+                raise InputError(
+                    "optimizer.step() again with no forward and no new batch from the private "
+                    "data loader: every batch it yielded was already stepped on, so this step "
+                    "would be charged as one more step and add noise with nothing learned. Call "
+                    "step() once per batch. Nothing was changed or charged."
+                )
             if held:
                 raise InputError(
                     f"optimizer.step() without a forward, but the batch the private data loader "
