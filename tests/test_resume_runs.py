@@ -27,7 +27,8 @@ def test_resuming_a_finished_lazydp_run_releases_the_same_model(tmp_path, capsys
     out = tmp_path / "r"
     args = [*ACS, "--mode", "lazydp", "--noise-multiplier", "1", "--checkpoint-every", "1"]
     args += ["--out", str(out)]
-    assert run_cli(args, capsys)[0] == 0
+    code, res = run_cli(args, capsys)
+    assert code == 0 and "private training state" in res.out  # the checkpoint left beside it
     first = _weights(out / "model.pt")
     steps = (out / "ledger.jsonl").read_text().count('"kind":"step"')
     code, res = run_cli([*args, "--resume"], capsys)
@@ -44,8 +45,13 @@ def test_resume_without_a_checkpoint_is_refused_and_keeps_the_model(tmp_path, ca
     assert run_cli(args, capsys)[0] == 0
     model = (out / "model.pt").read_bytes()
     code, res = run_cli([*args, "--resume"], capsys)
-    assert code == 1 and "no checkpoint.pt" in res.err and "Traceback" not in res.err
-    assert (out / "model.pt").read_bytes() == model
+    # A finished run is named as finished (it used to be called killed before a checkpoint).
+    assert code == 1 and "finished" in res.err and "nothing to continue" in res.err
+    assert "Traceback" not in res.err and (out / "model.pt").read_bytes() == model
+    (out / "model.pt").unlink()  # as if killed before the end and before any checkpoint
+    (out / "report.json").unlink()
+    code, res = run_cli([*args, "--resume"], capsys)
+    assert code == 1 and "no checkpoint.pt" in res.err and "killed before" in res.err
 
 
 @pytest.mark.parametrize(

@@ -544,6 +544,14 @@ def run(
             "spent: restore that file, or resume with the --nproc-per-node the run started with."
         )
     engine = engine_cls(seed=cfg.seed, ledger_path=ledger_file)
+    finished = (out / "model.pt").exists() and (out / "report.json").exists()
+    if cfg.resume and not (out / "checkpoint.pt").exists() and engine.ledger.steps and finished:
+        raise ConfigError(
+            f"--resume: the run in {out} finished ({engine.ledger.steps} charged steps, "
+            "model.pt and report.json written) and kept no checkpoint, so there is nothing "
+            "to continue. To train again start a new run with another --out (this ledger "
+            "keeps what was spent)."
+        )
     if cfg.resume and not (out / "checkpoint.pt").exists() and engine.ledger.steps:
         raise ConfigError(
             f"--resume: {out} holds a ledger with {engine.ledger.steps} charged steps but no "
@@ -694,6 +702,12 @@ def run(
         )
         if math.isnan(metrics["auc"]):
             print("(AUC is undefined: every label of the test split is the same class)")
+        if ckpt.exists():
+            print(
+                f"{ckpt} is a private training state (optimizer, sampler position): keep it "
+                "with the ledger to --resume, never release it, and delete it when done; "
+                "model.pt is the releasable model."
+            )
     return summary
 
 
