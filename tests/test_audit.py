@@ -11,21 +11,15 @@ from __future__ import annotations
 
 import json
 import math
-from unittest import mock
 
 import numpy as np
 import pytest
 import torch
 from scipy import optimize, stats
 
-import lazydp.noise as noise_module
-import lazydp.optim.dp_optimizer as dp_optimizer
-import lazydp.sampling as sampling
 from lazydp.audit import audit_points, canary_audit, claimed_tradeoff, response
-from lazydp.engine import PrivacyEngine
 from lazydp.errors import ConfigError
-from lazydp.optim.lazy import LazyTable, LrPrefix
-from lazydp.optim.lazy_momentum import MomentumPrefix
+from lazydp.planted import planted_bug
 
 POISSON = dict(sample_rate=0.25, steps=16, noise_multiplier=1.0)
 
@@ -130,94 +124,28 @@ def test_lazydp_with_poisson_batches_passes_the_canary_audit():
     assert abs(r.score_std_absent - 1) < 0.05
 
 
-def _scaled_noise(k: float):
-    add, fill = noise_module.add_standard_chunk, noise_module.fill_standard_chunk
-    return mock.patch.multiple(
-        noise_module,
-        add_standard_chunk=lambda a, std, m, *x: add(a, std * k, m, *x),
-        fill_standard_chunk=lambda a, std, m, *x: fill(a, std * k, m, *x),
-    )
-
-
-def _loose_clipping(k: float):
-    clip = dp_optimizer.clip_factors
-    return mock.patch.object(dp_optimizer, "clip_factors", lambda n2, c: clip(n2, c * k))
-
-
-def _flush_without_noise():
-    def flush_rows(self, t):
-        self.history.applied.fill_(t)  # marks every row caught up, adds nothing
-
-    return mock.patch.object(LazyTable, "_flush_rows", flush_rows)
-
-
-def _oversampling(k: float):
-    draw = sampling.PoissonSampling._draw
-
-    def bigger(self, step, position):
-        q, self.sample_rate = self.sample_rate, min(1.0, self.sample_rate * k)
-        try:
-            return draw(self, step, position)
-        finally:
-            self.sample_rate = q
-
-    return mock.patch.object(sampling.PoissonSampling, "_draw", bigger)
-
-
-def _momentum_catch_up(scale_row_noise: float, velocity_noise: bool):
-    """LazyDP's momentum catch-up with its row noise scaled, or without the velocity's noise."""
-    pending = MomentumPrefix.pending
-
-    def bad(self, applied, t, dtype):
-        c = pending(self, applied, t, dtype).clone()  # columns 4-6: Sigma's Cholesky factor
-        c[:, 4] *= scale_row_noise
-        if not velocity_noise:
-            c[:, 5:7] = 0
-        return c
-
-    return mock.patch.object(MomentumPrefix, "pending", bad)
-
-
-def _catch_up_window_off_by_one():
-    """LazyDP's catch-up sums the lr^2 of the pending steps after the first: one step's noise
-    short for every row caught up (all of it, for a row read at every step)."""
-    pending = LrPrefix.pending
-
-    def bad(self, applied, t, sum_lr=True):
-        return pending(self, applied + 1, t, sum_lr)
-
-    return mock.patch.object(LrPrefix, "pending", bad)
-
-
-def _optimistic_accountant(k: float):
-    epsilon = PrivacyEngine.get_epsilon
-    return mock.patch.object(
-        PrivacyEngine, "get_epsilon", lambda self, d, *a: k * epsilon(self, d, *a)
-    )
-
-
 @pytest.mark.parametrize(
-    "mode, bug, planted, kw",
+    "mode, kind, factor, kw",
     [
-        ("dpsgd_f", "noise 0.7x the stated std", lambda: _scaled_noise(0.7), {}),
-        ("lazydp", "noise 0.7x the stated std", lambda: _scaled_noise(0.7), {}),
-        ("lazydp", "noise 0.7x, Poisson batches", lambda: _scaled_noise(0.7), POISSON),
-        ("dpsgd_f", "clipping at 1.4 C", lambda: _loose_clipping(1.4), {}),
-        ("lazydp", "clipping at 1.4 C", lambda: _loose_clipping(1.4), {}),
-        ("lazydp", "a flush that adds no noise", _flush_without_noise, {}),
-        ("dpsgd_f", "sampling at 2q", lambda: _oversampling(2.0), POISSON),
-        ("lazydp", "sampling at 2q", lambda: _oversampling(2.0), POISSON),
-        ("lazydp", "catch-up window off by one", _catch_up_window_off_by_one, dict(lr_gamma=0.7)),
-        ("lazydp", "momentum: no velocity noise", lambda: _momentum_catch_up(1, False), MOMENTUM),
-        ("lazydp", "momentum: row noise 0.7x", lambda: _momentum_catch_up(0.7, True), MOMENTUM),
-        ("lazydp", "epsilon claimed 0.5x", lambda: _optimistic_accountant(0.5), {}),
-        ("lazydp", "epsilon claimed 0.5x, Poisson", lambda: _optimistic_accountant(0.5), POISSON),
+        ("dpsgd_f", "noise", 0.7, {}),
+        ("lazydp", "noise", 0.7, {}),
+        ("lazydp", "noise", 0.7, POISSON),
+        ("dpsgd_f", "clip", 1.4, {}),
+        ("lazydp", "clip", 1.4, {}),
+        ("lazydp", "flush", None, {}),
+        ("dpsgd_f", "sample", 2.0, POISSON),
+        ("lazydp", "sample", 2.0, POISSON),
+        ("lazydp", "catch_up", None, dict(lr_gamma=0.7)),
+        ("lazydp", "velocity", None, MOMENTUM),
+        ("lazydp", "momentum_noise", 0.7, MOMENTUM),
+        ("lazydp", "epsilon", 0.5, {}),
+        ("lazydp", "epsilon", 0.5, POISSON),
     ],
 )
-def test_the_audit_fails_a_planted_bug(mode, bug, planted, kw):
-    with planted():
+def test_the_audit_fails_a_planted_bug(mode, kind, factor, kw):
+    with planted_bug(kind, factor):
         r = _audit(mode, **kw)
-    assert not r.passed, f"the audit missed: {bug} (margin {r.margin:+.4f})"
+    assert not r.passed, f"the audit missed: {kind}={factor} {kw} (margin {r.margin:+.4f})"
     assert r.margin < 0
 
 
@@ -261,11 +189,19 @@ def test_lazydp_audit_writes_its_report_and_fails_loudly_on_a_refuted_claim(tmp_
     assert json.loads(out.strip().splitlines()[-1])["passed"] is True
     for name in ("audit.json", "audit.csv", "audit.png"):
         assert (tmp_path / "ok" / name).stat().st_size > 0
-    with _scaled_noise(0.3):
+    with planted_bug("noise", 0.3):  # a real bug: the audit exits 1 and says so
         assert main([*args, "--out", str(tmp_path / "bad")]) == 1
     captured = capsys.readouterr()
     assert "audit FAILED" in captured.out and "refuted the run's privacy claim" in captured.err
     assert json.loads((tmp_path / "bad" / "audit.json").read_text())["passed"] is False
+    # --plant: the user asks for the bug to see the audit catch it (exit 0, named as planted)
+    assert main([*args, "--plant", "flush", "--out", str(tmp_path / "plant")]) == 0
+    out = capsys.readouterr().out
+    assert "NOT private" in out and "the audit caught the planted bug flush" in out
+    saved = json.loads((tmp_path / "plant" / "audit.json").read_text())
+    assert saved["planted"] == "flush" and saved["passed"] is False
+    assert main([*args, "--plant", "noise", "--out", str(tmp_path / "p2")]) == 1
+    assert "needs a factor" in capsys.readouterr().err
     assert main(["audit", "--mode", "sgd", "--out", str(tmp_path / "sgd")]) == 1
     assert "no privacy claim" in capsys.readouterr().err
 

@@ -34,11 +34,11 @@ def _worker(rank: int, world: int, store: str, out_dir: str) -> None:
 
     from lazydp.audit import canary_audit
     from lazydp.distributed import DistributedPrivacyEngine
-    from tests.test_audit import _scaled_noise
+    from lazydp.planted import planted_bug
 
     results = []
     for mode, layer, kw, planted in CASES:
-        with _scaled_noise(0.7) if planted else nullcontext():
+        with planted_bug("noise", 0.7) if planted else nullcontext():
             r = canary_audit(
                 mode, layer=layer, seed=1, engine=DistributedPrivacyEngine(seed=2), **kw
             )

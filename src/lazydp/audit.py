@@ -120,6 +120,7 @@ class AuditResult:
     score_std_absent: float = 0.0
     score_mean_present: float = 0.0
     expected_shift: float = 0.0  # the present canaries' mean score if the run is right
+    planted: str | None = None  # a bug planted on purpose (lazydp/planted.py): NOT private
     # The scores themselves (absent, present), for plots; not in to_dict().
     scores: tuple[np.ndarray, np.ndarray] = field(default=(np.zeros(0), np.zeros(0)), repr=False)
 

@@ -57,49 +57,75 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="clip bound C")
     p.add_argument("--lr", type=float, default=1.0, help="SGD learning rate")
+    p.add_argument(
+        "--lr-gamma", type=float, default=1.0, help="lr times this after every step (decay)"
+    )
     p.add_argument("--momentum", type=float, default=0.0, help="SGD momentum")
     p.add_argument("--weight-decay", type=float, default=0.0, help="SGD weight decay")
     p.add_argument("--nesterov", action="store_true", help="Nesterov momentum")
+    p.add_argument(
+        "--resume-at", type=int, help="checkpoint after this step and finish in a fresh engine"
+    )
     p.add_argument("--delta", type=float, default=1e-5, help="delta of the reported epsilons")
     p.add_argument(
         "--confidence", type=float, default=0.999, help="confidence of all bounds together"
     )
     p.add_argument("--seed", type=int, help="the auditor's choices (not the training noise)")
+    p.add_argument(
+        "--plant",
+        metavar="BUG[=F]",
+        help="train with a known privacy bug (noise=F, clip=F, sample=F, epsilon=F, flush, "
+        "catch_up, velocity, momentum_noise=F; see lazydp/planted.py) to see the audit fail",
+    )
     p.add_argument("--out", help="output directory (default runs/audit-<timestamp>)")
     add_json_flag(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    from contextlib import nullcontext
+
     from lazydp.audit import canary_audit
+    from lazydp.planted import parse_plant, planted_bug
     from lazydp.training import check_output_dir
 
     out = check_output_dir(args.out or f"runs/audit-{time.strftime('%Y%m%d-%H%M%S')}")
+    plant = parse_plant(args.plant) if args.plant else None
+    if plant is not None:
+        print(f"PLANTED BUG {args.plant}: this run is deliberately NOT private", flush=True)
     print(
         f"auditing {args.mode} ({args.layer}): {args.canaries} canaries, {args.steps} steps, "
         f"sigma {args.noise_multiplier}, q {args.sample_rate}",
         flush=True,
     )
-    result = canary_audit(
-        args.mode,
-        canaries=args.canaries,
-        steps=args.steps,
-        noise_multiplier=args.noise_multiplier,
-        sample_rate=args.sample_rate,
-        max_grad_norm=args.max_grad_norm,
-        lr=args.lr,
-        momentum=args.momentum,
-        weight_decay=args.weight_decay,
-        nesterov=args.nesterov,
-        layer=args.layer,
-        delta=args.delta,
-        confidence=args.confidence,
-        seed=args.seed,
-        progress=lambda done, total: print(f"  step {done}/{total}", flush=True),
-    )
+    with planted_bug(*plant) if plant is not None else nullcontext():
+        result = canary_audit(
+            args.mode,
+            canaries=args.canaries,
+            steps=args.steps,
+            noise_multiplier=args.noise_multiplier,
+            sample_rate=args.sample_rate,
+            max_grad_norm=args.max_grad_norm,
+            lr=args.lr,
+            lr_gamma=args.lr_gamma,
+            resume_at=args.resume_at,
+            momentum=args.momentum,
+            weight_decay=args.weight_decay,
+            nesterov=args.nesterov,
+            layer=args.layer,
+            delta=args.delta,
+            confidence=args.confidence,
+            seed=args.seed,
+            progress=lambda done, total: print(f"  step {done}/{total}", flush=True),
+        )
+    result.planted = args.plant
     paths = write_report(result, out)
     print(summary_line(result))
     print(f"wrote {', '.join(str(p) for p in paths.values())}")
+    if plant is not None:
+        verdict = "caught" if not result.passed else "MISSED"
+        print(f"the audit {verdict} the planted bug {args.plant}")
+        return {"out": str(out), **result.to_dict()}
     if not result.passed:
         raise PrivacyError(
             f"the audit refuted the run's privacy claim (margin {result.margin:+.4f}): the "
@@ -171,7 +197,8 @@ def _plot(r: Any, path: Path) -> None:
     right.set_xlabel("score (movement along the canary, in noise std)")
     right.set_title(f"{r.mode}, {r.layer}: {r.canaries} canaries, {r.steps} steps")
     right.legend(fontsize=8)
-    fig.suptitle(f"lazydp audit {'passed' if r.passed else 'FAILED'}")
+    planted = f" (PLANTED BUG {r.planted})" if r.planted else ""
+    fig.suptitle(f"lazydp audit {'passed' if r.passed else 'FAILED'}{planted}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

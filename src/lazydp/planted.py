@@ -1,0 +1,169 @@
+"""Planted bugs: switch a known privacy bug on, to show that a check can catch it. NEVER private.
+
+An empirical audit (lazydp/audit.py) that passes proves little unless it can also fail; these
+context managers break one stage of the DP step in a known way so that the audit (and the
+tests) can show it does. ``lazydp audit --plant noise=0.8`` uses them; nothing else does.
+
+Each patch lasts for its ``with`` block only and is process-wide (single-threaded use):
+
+* ``noise=F``: every Gaussian draw's std times F (F < 1: less noise than the accountant assumes).
+* ``clip=F``: gradients clipped at F * C (the accountant and the noise still assume C).
+* ``sample=F``: Poisson sampling at F * q (the accountant still assumes q).
+* ``epsilon=F``: every epsilon the engine reports times F (an accountant that claims too much).
+* ``flush``: LazyDP's full flush marks every row caught up without adding its noise.
+* ``catch_up``: LazyDP's catch-up skips the first pending step's noise (an off-by-one window).
+* ``velocity``: LazyDP's momentum catch-up adds no noise to the velocity.
+* ``momentum_noise=F``: LazyDP's momentum catch-up scales the row's own noise by F.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from typing import Any
+from unittest import mock
+
+from lazydp.errors import ConfigError
+
+__all__ = ["PLANTS", "parse_plant", "planted_bug"]
+
+#: kind -> whether it takes a factor
+PLANTS = {
+    "noise": True,
+    "clip": True,
+    "sample": True,
+    "epsilon": True,
+    "flush": False,
+    "catch_up": False,
+    "velocity": False,
+    "momentum_noise": True,
+}
+
+
+def _noise(k: float) -> AbstractContextManager[Any]:
+    from lazydp import noise
+
+    add, fill = noise.add_standard_chunk, noise.fill_standard_chunk
+    return mock.patch.multiple(
+        noise,
+        add_standard_chunk=lambda a, std, m, *x: add(a, std * k, m, *x),
+        fill_standard_chunk=lambda a, std, m, *x: fill(a, std * k, m, *x),
+    )
+
+
+def _clip(k: float) -> AbstractContextManager[Any]:
+    from lazydp.optim import dp_optimizer
+
+    clip = dp_optimizer.clip_factors
+    return mock.patch.object(dp_optimizer, "clip_factors", lambda n2, c: clip(n2, c * k))
+
+
+def _sample(k: float) -> AbstractContextManager[Any]:
+    from lazydp.sampling import PoissonSampling
+
+    draw = PoissonSampling._draw
+
+    def bigger(self: Any, step: int, position: int) -> list[int]:
+        q, self.sample_rate = self.sample_rate, min(1.0, self.sample_rate * k)
+        try:
+            return draw(self, step, position)
+        finally:
+            self.sample_rate = q
+
+    return mock.patch.object(PoissonSampling, "_draw", bigger)
+
+
+def _epsilon(k: float) -> AbstractContextManager[Any]:
+    from lazydp.engine import PrivacyEngine
+
+    epsilon = PrivacyEngine.get_epsilon
+    return mock.patch.object(
+        PrivacyEngine, "get_epsilon", lambda self, d, *a: k * epsilon(self, d, *a)
+    )
+
+
+def _flush(_: float) -> AbstractContextManager[Any]:
+    from lazydp.optim.lazy import LazyTable
+
+    def flush_rows(self: Any, t: int) -> None:
+        self.history.applied.fill_(t)  # every row marked caught up, nothing added
+
+    return mock.patch.object(LazyTable, "_flush_rows", flush_rows)
+
+
+def _catch_up(_: float) -> AbstractContextManager[Any]:
+    from lazydp.optim.lazy import LrPrefix
+
+    pending = LrPrefix.pending
+    return mock.patch.object(
+        LrPrefix,
+        "pending",
+        lambda self, applied, t, sum_lr=True: pending(self, applied + 1, t, sum_lr),
+    )
+
+
+def _momentum(row: float, velocity: bool) -> AbstractContextManager[Any]:
+    from lazydp.optim.lazy_momentum import MomentumPrefix
+
+    pending = MomentumPrefix.pending
+
+    def bad(self: Any, applied: Any, t: int, dtype: Any) -> Any:
+        c = pending(self, applied, t, dtype).clone()  # columns 4-6: Sigma's Cholesky factor
+        c[:, 4] *= row
+        if not velocity:
+            c[:, 5:7] = 0
+        return c
+
+    return mock.patch.object(MomentumPrefix, "pending", bad)
+
+
+_PATCHES: dict[str, Callable[[float], AbstractContextManager[Any]]] = {
+    "noise": _noise,
+    "clip": _clip,
+    "sample": _sample,
+    "epsilon": _epsilon,
+    "flush": _flush,
+    "catch_up": _catch_up,
+    "velocity": lambda _: _momentum(1.0, False),
+    "momentum_noise": lambda k: _momentum(k, True),
+}
+
+
+@contextmanager
+def planted_bug(kind: str, factor: float | None = None) -> Iterator[None]:
+    """Break one DP stage (see the module docstring) for the duration of the block.
+
+    >>> from lazydp.noise import GaussianNoise
+    >>> import torch
+    >>> with planted_bug("noise", 0.0):
+    ...     GaussianNoise().normal_(torch.empty(3), std=1.0).tolist()
+    [0.0, 0.0, 0.0]
+    """
+    if kind not in PLANTS:
+        raise ConfigError(f"unknown planted bug {kind!r}; choose from {sorted(PLANTS)}.")
+    if PLANTS[kind] and (
+        factor is None or isinstance(factor, bool) or not isinstance(factor, (int, float))
+    ):
+        raise ConfigError(f"planted bug {kind!r} needs a factor, e.g. {kind}=0.8.")
+    if not PLANTS[kind] and factor is not None:
+        raise ConfigError(f"planted bug {kind!r} takes no factor.")
+    with _PATCHES[kind](float(factor or 0.0)):
+        yield
+
+
+def parse_plant(text: str) -> tuple[str, float | None]:
+    """'noise=0.8' -> ('noise', 0.8); 'flush' -> ('flush', None) (checked as planted_bug does).
+
+    >>> parse_plant("noise=0.8"), parse_plant("flush")
+    (('noise', 0.8), ('flush', None))
+    """
+    kind, _, value = text.partition("=")
+    try:
+        factor = float(value) if value else None
+    except ValueError:
+        raise ConfigError(
+            f"--plant {text!r}: the factor must be a number, e.g. noise=0.8."
+        ) from None
+    with planted_bug(kind, factor):  # validates kind and factor; patches nothing that lasts
+        pass
+    return kind, factor
