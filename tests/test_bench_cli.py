@@ -111,6 +111,17 @@ def test_bench_rejects_unknown_modes_and_sweep_keys(tmp_path, capsys):
         load_sweep(str(bad))
 
 
+def test_a_sweep_file_takes_the_flag_name_mlp_only(tmp_path):
+    sweep = tmp_path / "mlp.yaml"
+    sweep.write_text("config: mlperf\nmlp_only: [false, true]\nscale: 0.001\n")
+    options = load_sweep(str(sweep))
+    assert options == {"config": "mlperf", "dense_only": [False, True], "scale": 0.001}
+    assert [s.dense_only for s in build_specs(options)] == [False, True]
+    sweep.write_text("mlp_only: true\ndense_only: false\n")
+    with pytest.raises(ConfigError, match="mlp_only and dense_only are the same option"):
+        load_sweep(str(sweep))
+
+
 def test_build_specs_is_the_product_of_list_options():
     specs = build_specs({"config": "rmc1", "scale": [0.001, 0.01], "batch_size": [1024, 2048]})
     assert [(s.scale, s.batch_size) for s in specs] == [

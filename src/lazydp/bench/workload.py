@@ -113,7 +113,9 @@ class BenchSpec:
             "Pass e.g. --table-momentum 0.9, or 0 for plain SGD.",
         )
         if not isinstance(self.dense_only, bool):  # "false" from a YAML string is truthy
-            raise ConfigError(f"dense_only must be true or false; got {self.dense_only!r}.")
+            raise ConfigError(
+                f"dense_only (--mlp-only) must be true or false; got {self.dense_only!r}."
+            )
         seed = self.seed
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
             raise ConfigError(f"seed must be an integer >= 0; got {seed!r}.")

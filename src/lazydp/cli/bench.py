@@ -51,6 +51,9 @@ SPEC_KEYS = {f.name for f in fields(BenchSpec)}
 SWEEP_KEYS = SPEC_KEYS | {
     "modes", "compare", "opacus_iterations", "interleave", "interleave_scales",
 }  # fmt: skip
+# A sweep file's keys are the flags' names, and a flag whose dest differs from its name is
+# accepted under both (the file's key -> the option it sets).
+SWEEP_ALIASES = {"mlp_only": "dense_only"}
 DEFAULT_MODES = "sgd,dpsgd_f,lazydp"
 
 
@@ -132,12 +135,21 @@ def _flag(name: str, value: Any) -> bool:
 
 
 def load_sweep(path: str) -> dict[str, Any]:
-    """Read a sweep YAML; unknown keys are refused with the list of known ones."""
+    """Read a sweep YAML (a flag's name, e.g. ``mlp_only``, read as the option it sets); unknown
+    keys, and a flag's name given beside its option's, are refused."""
     doc = load_yaml_mapping(path, "--sweep")
-    unknown = sorted(set(doc) - SWEEP_KEYS)
+    known = SWEEP_KEYS | set(SWEEP_ALIASES)
+    unknown = sorted(set(doc) - known)
     if unknown:
-        raise ConfigError(f"--sweep {path}: unknown keys {unknown}; known: {sorted(SWEEP_KEYS)}")
-    return doc
+        raise ConfigError(f"--sweep {path}: unknown keys {unknown}; known: {sorted(known)}")
+    for alias, key in SWEEP_ALIASES.items():
+        if alias in doc and key in doc:
+            raise ConfigError(
+                f"--sweep {path}: {alias} and {key} are the same option (one would be silently "
+                "ignored); give one"
+            )
+    # Renamed in place: the swept keys' file order is the order of build_specs' product.
+    return {SWEEP_ALIASES.get(k, k): val for k, val in doc.items()}
 
 
 def build_specs(options: dict[str, Any]) -> list[BenchSpec]:
