@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 
 import pytest
 import torch
@@ -342,20 +343,29 @@ def test_a_resumed_seeded_run_never_replays_the_noise_of_the_steps_it_redoes(tmp
 
 
 @pytest.mark.parametrize(
-    "make_opt",
+    ("make_opt", "named"),
     [
-        lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, dampening=0.1),
-        lambda ps: torch.optim.SGD(ps, lr=0.1, maximize=True),
-        lambda ps: torch.optim.Adam(ps, lr=0.1),
-        lambda ps: torch.optim.Adagrad(ps, lr=0.1),
+        (
+            lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, dampening=0.1),
+            "SGD with dampening=0.1 (momentum=0.9).",
+        ),
+        (lambda ps: torch.optim.SGD(ps, lr=0.1, maximize=True), "SGD with maximize=True."),
+        (lambda ps: torch.optim.Adam(ps, lr=0.1), "Adam."),
+        (lambda ps: torch.optim.Adagrad(ps, lr=0.1), "Adagrad."),
+        (
+            lambda ps: torch.optim.SGD(ps[-1:], lr=0.1),  # the tables are in no optimizer
+            "none (the table is in none of the optimizers passed to make_private).",
+        ),
     ],
 )
-def test_inexact_optimizers_on_lazy_tables_are_refused(make_opt):
+def test_inexact_optimizers_on_lazy_tables_are_refused(make_opt, named):
     model = Toy()
-    with pytest.raises(UnsupportedOptimizerError, match="exact for SGD"):
+    # Named with the one setting that is not deferred, if any (not a dict of SGD's options).
+    match = f"exact for SGD .*; its optimizer is {re.escape(named)} Adaptive"
+    with pytest.raises(UnsupportedOptimizerError, match=match):
         PrivacyEngine().make_private(
             module=model,
-            optimizer=make_opt(model.parameters()),
+            optimizer=make_opt(list(model.parameters())),
             data_loader=loader(),
             noise_multiplier=1.0,
             max_grad_norm=1.0,

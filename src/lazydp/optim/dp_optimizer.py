@@ -101,6 +101,19 @@ def sgd_step(optimizer: Optimizer | None, group: dict[str, Any]) -> SgdStep | No
     )
 
 
+def _not_deferred(optimizer: Optimizer | None, group: dict[str, Any]) -> str:
+    """What keeps a group's update from being deferred (sgd_step gave None): the optimizer's
+    class, and for SGD the setting that is not deferred, e.g. ``SGD with maximize=True``."""
+    if optimizer is None:
+        return "none (the table is in none of the optimizers passed to make_private)"
+    name = type(optimizer).__name__
+    if not isinstance(optimizer, torch.optim.SGD):
+        return name
+    if group.get("maximize", False):
+        return f"{name} with maximize=True"
+    return f"{name} with dampening={group.get('dampening')} (momentum={group.get('momentum')})"
+
+
 def _listed_twice(p: nn.Parameter, first: tuple[int, int], second: tuple[int, int]) -> str:
     """Why a parameter held twice by the optimizers is refused."""
     where = " and ".join(f"optimizer {i}, param group {j}" for i, j in (first, second))
@@ -241,8 +254,7 @@ class DPOptimizer(OptimizerGroup):
                 raise UnsupportedOptimizerError(
                     f"mode='lazydp' defers the noise of table {layer.name!r}, which is exact "
                     f"for SGD (weight decay, momentum and Nesterov included); its optimizer is "
-                    f"{type(opt).__name__} with "
-                    f"{ {k: group.get(k) for k in ('dampening', 'maximize')} }. Adaptive "
+                    f"{_not_deferred(opt, group)}. Adaptive "
                     "optimizers scale each row's noise by its own history, and dampening or "
                     "maximize are not deferred. Put the embedding tables in their own "
                     "torch.optim.SGD and pass optimizer=[dense_optimizer, table_sgd]; dense "
