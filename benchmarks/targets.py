@@ -98,6 +98,9 @@ def run(name: str) -> str:
 
 
 def main(argv: list[str]) -> None:
+    if {"-h", "--help"} & set(argv):
+        print(__doc__.strip())  # the usage: each target and what it measures
+        return
     try:
         names = target_names(argv or ["all"])
     except ConfigError as exc:

@@ -206,7 +206,7 @@ def test_a_sweep_where_nothing_ran_exits_non_zero(tmp_path, capsys):
     assert (out / "bench.json").exists()  # the reasons are written all the same
 
 
-def test_targets_script_names_the_known_targets(monkeypatch):
+def _targets_script():
     import importlib.util
 
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "targets.py"
@@ -214,6 +214,11 @@ def test_targets_script_names_the_known_targets(monkeypatch):
     assert spec is not None and spec.loader is not None
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
+    return script
+
+
+def test_targets_script_names_the_known_targets(monkeypatch):
+    script = _targets_script()
     with pytest.raises(ConfigError, match="known targets: pooling1, rmc"):
         script.run("bogus")
     ran: list[str] = []
@@ -221,3 +226,16 @@ def test_targets_script_names_the_known_targets(monkeypatch):
     with pytest.raises(SystemExit, match="unknown target \\['bogus'\\]"):
         script.main(["rmc", "bogus"])
     assert ran == []  # refused before the first target's minutes
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_targets_script_help_prints_the_usage(monkeypatch, capsys, flag):
+    script = _targets_script()
+    ran: list[str] = []
+    monkeypatch.setattr(script, "run", ran.append)
+    script.main([flag])
+    out = capsys.readouterr().out
+    assert ran == []
+    for name in script.TARGETS:  # every target, with what it measures
+        assert f"python benchmarks/targets.py {name} " in out
+    assert "target 4: 8 x 100k model against Opacus" in out
