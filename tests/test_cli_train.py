@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import json
+import warnings
 
 import pytest
 import torch
 
-from lazydp.cli import main
+from lazydp.cli import _one_line_warnings, main
 
 
 def run_cli(args, capsys):
@@ -67,6 +69,21 @@ def test_train_movielens_dlrm_few_steps(tmp_path, capsys):
     result = last_json(out.out)
     assert result["steps"] == 3 and result["mode"] == "lazydp"
     assert result["test"]["rows"] > 9000
+
+
+def test_warnings_are_one_plain_line_and_only_inside_the_command(tmp_path, capsys):
+    shown_before = warnings.showwarning
+    args = ["train", "--dataset", "acs", "--batch-size", "200000", "--max-steps", "1"]
+    code, out = run_cli([*args, "--out", str(tmp_path / "r"), "--no-progress"], capsys)
+    assert code == 0, out.err
+    lines = [line for line in out.err.splitlines() if "warning" in line.lower()]
+    assert len(lines) == 1, out.err  # no file path, no source line, no UserWarning
+    assert lines[0].startswith("lazydp train: warning: batch_size=200000 exceeds the "), lines
+    assert lines[0].endswith("Use a batch size well below the data set size."), lines
+    assert warnings.showwarning is shown_before  # library users keep Python's warnings
+    buf = io.StringIO()  # another category is named; a wrapped message is joined into one line
+    _one_line_warnings("bench")("torch says\n  this", FutureWarning, "x.py", 3, file=buf)
+    assert buf.getvalue() == "lazydp bench: warning: FutureWarning: torch says this\n"
 
 
 def test_config_file_then_flags(tmp_path, capsys):

@@ -11,8 +11,10 @@ import argparse
 import importlib
 import json
 import sys
+import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import yaml
 
@@ -103,6 +105,26 @@ def load_yaml_mapping(path_text: str, flag: str) -> dict[str, Any]:
     return {k.replace("-", "_"): val for k, val in loaded.items()}
 
 
+def _one_line_warnings(command: str) -> Callable[..., None]:
+    """A ``warnings.showwarning`` for the command line: ``lazydp CMD: warning: ...``, one line
+    on stderr, like its errors. The Python form (file path and source line) points into lazydp,
+    which is no use to someone who ran a command; library users keep it."""
+
+    def show(
+        message: Warning | str,
+        category: type[Warning],
+        filename: str,
+        lineno: int,
+        file: TextIO | None = None,
+        line: str | None = None,
+    ) -> None:
+        kind = "" if issubclass(category, UserWarning) else f"{category.__name__}: "
+        text = " ".join(str(message).split())
+        print(f"lazydp {command}: warning: {kind}{text}", file=file or sys.stderr)
+
+    return show
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -111,7 +133,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        result: dict[str, Any] = args.func(args)
+        # Scoped to the command: the previous showwarning is back once it returns.
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_warnings(args.command)
+            result: dict[str, Any] = args.func(args)
     except LazyDPError as exc:
         print(f"lazydp {args.command}: error: {exc}", file=sys.stderr)
         if getattr(args, "json", False):
