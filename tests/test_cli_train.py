@@ -86,6 +86,14 @@ def test_warnings_are_one_plain_line_and_only_inside_the_command(tmp_path, capsy
     assert buf.getvalue() == "lazydp bench: warning: FutureWarning: torch says this\n"
 
 
+def test_one_sgd_step_is_one_step_and_sgd_names_its_empty_ledger(tmp_path, capsys):
+    args = ["train", "--dataset", "acs", "--mode", "sgd", "--max-steps", "1", "--no-progress"]
+    code, out = run_cli([*args, "--out", str(tmp_path / "r")], capsys)
+    assert code == 0, out.err
+    assert "no steps in the privacy ledger (sgd is not private)" in out.out
+    assert "(1 step, " in out.out and "1 steps" not in out.out and "0 steps" not in out.out
+
+
 def test_config_file_then_flags(tmp_path, capsys):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("dataset: acs\nepochs: 1\nmode: dpsgd_f\nnoise_multiplier: 2.0\n")

@@ -21,3 +21,15 @@ def test_external_cost_adds_to_epsilon_and_delta():
     assert report.epsilon == pytest.approx(training + 0.5)
     assert report.delta == pytest.approx(3e-5)  # never silently stated at the requested 1e-5
     assert report.epsilon == pytest.approx(ledger.epsilon(1e-5))
+
+
+def test_step_counts_read_as_sentences_and_sgd_says_its_ledger_is_empty():
+    ledger = PrivacyLedger()
+    ledger.charge(StepEvent(0, 0.01, 1.2, 1.0, "lazydp", "poisson"))
+    params = PrivacyParams(1.2, 1.0, 0.01, 100.0, "lazydp", "poisson")
+    text = str(build_report(ledger, 1e-5, params, seeded=False, override=None))
+    assert ", 1 step," in text and "1 steps" not in text
+    # sgd charges nothing: its "0 steps" read as if training had not run.
+    text = str(build_report(PrivacyLedger(), 1e-5, None, seeded=False, override=None))
+    assert "no steps in the privacy ledger (sgd is not private)" in text
+    assert "0 steps" not in text

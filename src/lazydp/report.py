@@ -22,6 +22,12 @@ if TYPE_CHECKING:
     from lazydp.optim.dp_optimizer import PrivacyParams
 
 
+def steps_text(n: int, adjective: str = "") -> str:
+    """A count of steps as a sentence says it: ``"1 step"``, ``"440 charged steps"``."""
+    noun = "step" if n == 1 else "steps"
+    return f"{n} {adjective} {noun}" if adjective else f"{n} {noun}"
+
+
 @dataclass
 class PrivacyReport:
     """Epsilon at delta by PLD (the guarantee) and RDP (for comparison), plus caveats."""
@@ -54,11 +60,17 @@ class PrivacyReport:
                 out[key] = None
         return out
 
+    def _steps_line(self) -> str:
+        if self.mode == "sgd" and self.steps == 0:
+            # sgd charges nothing: "0 steps" beside the trained steps would read as a bug.
+            return "no steps in the privacy ledger (sgd is not private)"
+        return steps_text(self.steps)
+
     def __str__(self) -> str:
         lines = [
             f"privacy: epsilon = {self.epsilon:.4g} at delta = {self.delta:.3g} "
             f"(PLD; RDP gives {self.epsilon_rdp:.4g})",
-            f"  mode {self.mode}, sampler {self.sampler}, {self.steps} steps, "
+            f"  mode {self.mode}, sampler {self.sampler}, {self._steps_line()}, "
             f"noise multiplier {self.noise_multiplier}, max grad norm {self.max_grad_norm}, "
             f"sample rate {self.sample_rate}",
         ]

@@ -35,6 +35,7 @@ from lazydp.engine import PrivacyEngine
 from lazydp.errors import ConfigError, DataError, PrivacyError
 from lazydp.ledger import PrivacyLedger, ledger_path
 from lazydp.metrics import accuracy, roc_auc
+from lazydp.report import steps_text
 from lazydp.stop_signals import StoppedBySignal, stop_on_signals
 
 
@@ -553,9 +554,10 @@ def run(
             "keeps what was spent)."
         )
     if cfg.resume and not (out / "checkpoint.pt").exists() and engine.ledger.steps:
+        charged = steps_text(engine.ledger.steps, "charged")
         raise ConfigError(
-            f"--resume: {out} holds a ledger with {engine.ledger.steps} charged steps but no "
-            "checkpoint.pt to continue from (it was killed before its first checkpoint, "
+            f"--resume: {out} holds a ledger with {charged} but no checkpoint.pt "
+            "to continue from (it was killed before its first checkpoint, "
             "which comes after --checkpoint-every steps or 10 minutes of training). Training "
             "from step 0 would spend more budget on a model "
             "that starts over, and replace model.pt. Start a new run with another --out; this "
@@ -690,15 +692,15 @@ def run(
         print(report)
         if stopped_for_budget:
             print(
-                f"stopped after {step} of {total_steps} steps: the ledgers hold up to "
-                f"{_charged()} charged steps (steps redone after "
+                f"stopped after {step} of {steps_text(total_steps)}: the ledgers hold up to "
+                f"{steps_text(_charged(), 'charged')} (steps redone after "
                 "a resume were paid twice, and under torchrun a step one rank charged before "
                 "another crashed counts too), all the target epsilon was calibrated for."
             )
         print(
             f"test AUC {metrics['auc']:.4f}  accuracy {metrics['accuracy']:.4f}  "
             f"log-loss {metrics['logloss']:.4f}  "
-            f"({step} steps, {train_seconds:.1f} s, {summary['examples_per_second']:,.0f} examples/s)"
+            f"({steps_text(step)}, {train_seconds:.1f} s, {summary['examples_per_second']:,.0f} examples/s)"
         )
         if math.isnan(metrics["auc"]):
             print("(AUC is undefined: every label of the test split is the same class)")
