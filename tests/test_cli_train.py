@@ -1,15 +1,19 @@
-"""`lazydp train` end to end through the CLI (small runs on the built-in real datasets)."""
+"""`lazydp train` end to end through the CLI (small runs on the built-in real datasets and a
+preprocessed fixture)."""
 
 from __future__ import annotations
 
 import io
 import json
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 
 from lazydp.cli import _one_line_warnings, main
+
+FIXTURES = Path(__file__).parent / "fixtures"
 
 
 def run_cli(args, capsys):
@@ -92,6 +96,19 @@ def test_one_sgd_step_is_one_step_and_sgd_names_its_empty_ledger(tmp_path, capsy
     assert code == 0, out.err
     assert "no steps in the privacy ledger (sgd is not private)" in out.out
     assert "(1 step, " in out.out and "1 steps" not in out.out and "0 steps" not in out.out
+
+
+def test_report_of_a_run_on_data_names_the_directory_not_a_builtin_dataset(tmp_path, capsys):
+    from lazydp.preprocess import preprocess
+
+    data = tmp_path / "data"
+    preprocess("criteo", [FIXTURES / "criteo_small.tsv"], data, buckets=64, progress=False)
+    args = ["train", "--data", str(data), "--max-steps", "1", "--batch-size", "4", "--no-progress"]
+    code, out = run_cli([*args, "--out", str(tmp_path / "r")], capsys)
+    assert code == 0, out.err
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert report["dataset"] == str(data)
+    assert report["config"]["data"] == str(data) and report["config"]["dataset"] is None
 
 
 def test_config_file_then_flags(tmp_path, capsys):

@@ -685,7 +685,9 @@ def run(
         "stopped_for_budget": stopped_for_budget,
         "test": metrics,
         "privacy": report.to_dict(),
-        "config": asdict(cfg),
+        # With --data the dataset field is only TrainConfig's default ("movielens"), which
+        # was not trained on: the report names the directory (config.data) alone.
+        "config": asdict(cfg) | ({"dataset": None} if cfg.data else {}),
     }
     if rank == 0:
         (out / "report.json").write_text(json.dumps(summary, indent=2, default=str))
