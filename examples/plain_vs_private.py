@@ -1,4 +1,5 @@
-"""A plain PyTorch loop and the same loop made private: the diff is four lines.
+"""A plain PyTorch loop and the same loop made private: the diff is five lines (README.md, "A
+plain loop and a private one"): a PrivacyEngine, make_private (three lines) and the epsilon.
 
 Run: python examples/plain_vs_private.py
 """
