@@ -17,7 +17,8 @@ import pytest
 import torch
 from scipy import optimize, stats
 
-from lazydp.audit import audit_points, canary_audit, claimed_tradeoff, response
+from lazydp.audit import canary_audit, response
+from lazydp.audit_stats import audit_points, claimed_tradeoff, spec_findings
 from lazydp.errors import ConfigError
 from lazydp.planted import planted_bug
 
@@ -101,11 +102,14 @@ NESTEROV_DECAY = dict(lr=0.5, momentum=0.5, weight_decay=0.05, nesterov=True)
         ("dpsgd_f", "embedding", dict(resume_at=2)),
         ("lazydp", "embedding", dict(resume_at=2)),
         ("lazydp", "embedding", dict(NESTEROV_DECAY, lr_gamma=0.9, resume_at=5, **POISSON)),
+        ("dpsgd_f", "embedding", dict(loss_reduction="mean")),
+        ("lazydp", "embedding_bag", dict(loss_reduction="mean", **POISSON)),
     ],
 )
 def test_every_dp_mode_passes_the_canary_audit(mode, layer, kw):
     r = _audit(mode, layer=layer, canaries=4000 if layer == "linear" else 20_000, **kw)
-    assert r.passed, r.to_dict()["points"]
+    assert not r.refuted, r.to_dict()["points"]
+    assert r.findings == [] and r.passed
     assert 0 < r.epsilon_lower < r.epsilon
     # The scores are what the claim assumes: an absent canary's is N(0, 1) (the noise is the
     # stated size, not more), a present one's is shifted by q sum(a) / (sigma |a|).
@@ -140,13 +144,53 @@ def test_lazydp_with_poisson_batches_passes_the_canary_audit():
         ("lazydp", "momentum_noise", 0.7, MOMENTUM),
         ("lazydp", "epsilon", 0.5, {}),
         ("lazydp", "epsilon", 0.5, POISSON),
+        ("dpsgd_f", "roll", None, {}),  # clip factors one example off: the sizes differ
+        ("lazydp", "roll", None, {}),
+        ("dpsgd_f", "clip", -2.0, {}),  # a sign flip: only the lower tail sees it
+        ("lazydp", "clip", -2.0, {}),
     ],
 )
-def test_the_audit_fails_a_planted_bug(mode, kind, factor, kw):
+def test_the_privacy_test_fails_a_planted_bug(mode, kind, factor, kw):
     with planted_bug(kind, factor):
         r = _audit(mode, **kw)
-    assert not r.passed, f"the audit missed: {kind}={factor} {kw} (margin {r.margin:+.4f})"
-    assert r.margin < 0
+    assert r.refuted, f"the audit missed: {kind}={factor} {kw} (margin {r.margin:+.4f})"
+    assert r.margin < 0 and not r.passed
+
+
+@pytest.mark.parametrize(
+    "mode, kind, factor, found",
+    [
+        ("dpsgd_f", "noise", 0.95, "noise is 0.9"),  # too small for the privacy test
+        ("lazydp", "noise", 0.95, "noise is 0.9"),
+        ("lazydp", "clip", -1.0, "present canaries moved -1.0"),  # as private, but wrong
+        ("dpsgd_f", "reuse", None, "correlated"),
+        ("lazydp", "reuse", None, "correlated"),
+    ],
+)
+def test_the_specification_test_fails_a_planted_bug(mode, kind, factor, found):
+    with planted_bug(kind, factor):
+        r = _audit(mode)
+    assert any(found in f for f in r.findings), r.findings
+    assert not r.passed
+
+
+def test_the_specification_test_on_synthetic_releases():
+    rng = np.random.default_rng(5)
+    rows = rng.standard_normal((10_000, 4))
+    absent = rows @ np.full(4, 0.5)
+    present = 1.0 + rng.standard_normal(10_000)
+    assert spec_findings(absent, present, 1.0, rows, 0.999) == []
+    assert "noise is 0.9" in spec_findings(0.95 * absent, present, 1.0, rows, 0.999)[0]
+    assert "moved" in spec_findings(absent, present + 0.1, 1.0, rows, 0.999)[0]
+    twins = rows.copy()
+    twins[1::2] = 3.0 * twins[0::2]  # each odd row a scaled copy of the row before
+    assert any(
+        "5000 absent rows are scaled copies" in f
+        for f in spec_findings(absent, present, 1.0, twins, 0.999)
+    )
+    mixed = rows.copy()
+    mixed[:, 3] = 0.1 * mixed[:, 0] + mixed[:, 3]  # coordinates 0 and 3 share a little noise
+    assert any("coordinates" in f for f in spec_findings(absent, present, 1.0, mixed, 0.999))
 
 
 def test_the_audit_refuses_what_it_cannot_audit():
@@ -192,12 +236,14 @@ def test_lazydp_audit_writes_its_report_and_fails_loudly_on_a_refuted_claim(tmp_
     with planted_bug("noise", 0.3):  # a real bug: the audit exits 1 and says so
         assert main([*args, "--out", str(tmp_path / "bad")]) == 1
     captured = capsys.readouterr()
-    assert "audit FAILED" in captured.out and "refuted the run's privacy claim" in captured.err
+    assert "audit FAILED" in captured.out and "better than the run's claim" in captured.err
+    assert "needs FNR >=" in captured.err and "does not match its specification" in captured.err
     assert json.loads((tmp_path / "bad" / "audit.json").read_text())["passed"] is False
     # --plant: the user asks for the bug to see the audit catch it (exit 0, named as planted)
     assert main([*args, "--plant", "flush", "--out", str(tmp_path / "plant")]) == 0
     out = capsys.readouterr().out
     assert "NOT private" in out and "the audit caught the planted bug flush" in out
+    assert (tmp_path / "plant" / "audit_scores.csv").read_text().count("\n") == 4001
     saved = json.loads((tmp_path / "plant" / "audit.json").read_text())
     assert saved["planted"] == "flush" and saved["passed"] is False
     assert main([*args, "--plant", "noise", "--out", str(tmp_path / "p2")]) == 1

@@ -64,6 +64,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--weight-decay", type=float, default=0.0, help="SGD weight decay")
     p.add_argument("--nesterov", action="store_true", help="Nesterov momentum")
     p.add_argument(
+        "--loss-reduction", default="sum", choices=("sum", "mean"), help="as in make_private"
+    )
+    p.add_argument(
         "--resume-at", type=int, help="checkpoint after this step and finish in a fresh engine"
     )
     p.add_argument("--delta", type=float, default=1e-5, help="delta of the reported epsilons")
@@ -112,6 +115,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             momentum=args.momentum,
             weight_decay=args.weight_decay,
             nesterov=args.nesterov,
+            loss_reduction=args.loss_reduction,
             layer=args.layer,
             delta=args.delta,
             confidence=args.confidence,
@@ -127,38 +131,59 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         print(f"the audit {verdict} the planted bug {args.plant}")
         return {"out": str(out), **result.to_dict()}
     if not result.passed:
+        odds = round(1 / (1 - result.confidence))
         raise PrivacyError(
-            f"the audit refuted the run's privacy claim (margin {result.margin:+.4f}): the "
-            "attacker told present canaries from absent ones better than epsilon "
-            f"{result.epsilon:.3f} at delta {result.delta:g} allows. This is a bug in this "
-            f"installation (or a 1-in-{round(1 / (1 - result.confidence))} chance); report it "
-            f"with {paths['json']}."
+            f"{failure(result)} This is a bug in this installation (or a 1-in-{odds} chance); "
+            f"report it with {paths['json']} (it holds the auditor's seed, {result.seed})."
         )
     return {"out": str(out), "files": {k: str(p) for k, p in paths.items()}, **result.to_dict()}
 
 
 def summary_line(r: Any) -> str:
     verdict = "PASSED" if r.passed else "FAILED"
+    spec = "as specified" if not r.findings else f"{len(r.findings)} mismatch(es)"
     return (
         f"audit {verdict}: claimed epsilon {r.epsilon:.3f} at delta {r.delta:g}; the attacker "
         f"proves epsilon >= {r.epsilon_lower:.3f} ({r.confidence:g} confidence); least margin "
-        f"FNR+ - f(FPR+) = {r.margin:+.4f}; absent scores {r.score_mean_absent:+.3f} +- "
-        f"{r.score_std_absent:.3f} (N(0,1) expected), present mean {r.score_mean_present:.3f} "
-        f"({r.expected_shift:.3f} expected)"
+        f"FNR+ - f(FPR+) = {r.margin:+.4f}; release {spec}: absent scores "
+        f"{r.score_mean_absent:+.3f} +- {r.score_std_absent:.3f} (N(0,1) expected), present "
+        f"mean {r.score_mean_present:.3f} ({r.expected_shift:.3f} expected)"
     )
 
 
+def failure(r: Any) -> str:
+    """Why an audit failed: the refuted claim (the pair it broke) and the mismatches."""
+    parts = []
+    if r.refuted:
+        worst = min(r.points, key=lambda p: p.fnr_upper - p.claimed_fnr_floor)
+        parts.append(
+            f"the attacker told present canaries from absent ones better than the run's claim "
+            f"allows (the {worst.tail}-tail test at {worst.threshold:g}: FPR <= "
+            f"{worst.fpr_upper:.4f} with FNR <= {worst.fnr_upper:.4f}, where epsilon "
+            f"{worst.claimed_epsilon:.3f} at delta {worst.claimed_delta:.3g} needs FNR >= "
+            f"{worst.claimed_fnr_floor:.4f})."
+        )
+    parts += [f"The release does not match its specification: {f}." for f in r.findings]
+    return " ".join(parts)
+
+
 def write_report(r: Any, out: Path) -> dict[str, Path]:
-    """audit.json, audit.csv and audit.png in ``out`` (created)."""
+    """audit.json, audit.csv (the tests), audit_scores.csv (every canary) and audit.png."""
     try:
         out.mkdir(parents=True, exist_ok=True)
-        paths = {"json": out / "audit.json", "csv": out / "audit.csv", "png": out / "audit.png"}
+        names = {"json": "audit.json", "csv": "audit.csv", "scores": "audit_scores.csv"}
+        paths = {k: out / name for k, name in {**names, "png": "audit.png"}.items()}
         paths["json"].write_text(json.dumps(r.to_dict(), indent=2))
         rows = r.to_dict()["points"]
         with paths["csv"].open("w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)
+        absent, present = r.scores
+        with paths["scores"].open("w") as fh:
+            fh.write("present,score\n")
+            fh.writelines(f"0,{x:.6g}\n" for x in absent)
+            fh.writelines(f"1,{x:.6g}\n" for x in present)
         _plot(r, paths["png"])
     except OSError as exc:
         raise ConfigError(f"--out {out}: cannot write the audit ({exc})") from None
@@ -172,7 +197,7 @@ def _plot(r: Any, path: Path) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from lazydp.audit import claimed_tradeoff
+    from lazydp.audit_stats import claimed_tradeoff
 
     f = claimed_tradeoff(r.claim)
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
@@ -183,17 +208,17 @@ def _plot(r: Any, path: Path) -> None:
         colour = "red" if p.violates else "black"
         left.plot([p.fpr, p.fpr_upper], [p.fnr, p.fnr], color=colour, lw=0.8)
         left.plot([p.fpr, p.fpr], [p.fnr, p.fnr_upper], color=colour, lw=0.8)
-        left.plot(p.fpr, p.fnr, "o", color=colour, ms=3)
+        left.plot(p.fpr, p.fnr, "o" if p.tail == "upper" else "s", color=colour, ms=3)
     left.set_xlabel("false-positive rate (absent canary guessed in)")
     left.set_ylabel("false-negative rate")
-    left.set_title("Measured errors (with upper bounds) vs the claim's floor")
+    left.set_title("Measured errors (o: upper tail, s: lower) vs the claim's floor")
     left.legend(fontsize=8)
     absent, present = r.scores
     bins = np.linspace(-5, max(5.0, r.expected_shift + 5), 80)
     right.hist(absent, bins=bins, alpha=0.5, density=True, label="absent canaries")
     right.hist(present, bins=bins, alpha=0.5, density=True, label="present canaries")
     for p in r.points:
-        right.axvline(p.threshold, color="grey", lw=0.5)
+        right.axvline(p.threshold if p.tail == "upper" else -p.threshold, color="grey", lw=0.5)
     right.set_xlabel("score (movement along the canary, in noise std)")
     right.set_title(f"{r.mode}, {r.layer}: {r.canaries} canaries, {r.steps} steps")
     right.legend(fontsize=8)
