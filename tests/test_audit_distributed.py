@@ -63,3 +63,38 @@ def test_distributed_training_passes_the_canary_audit_and_a_planted_bug_fails_it
                 r["sample_rate"] == kw.get("sample_rate", 1.0)
                 or abs(r["sample_rate"] - kw["sample_rate"]) < 1e-3
             ), label
+
+
+def test_lazydp_audit_under_torchrun_audits_row_sharded_tables(tmp_path, capsys):
+    from lazydp.cli import main
+
+    out = tmp_path / "d"
+    args = ["audit", "--nproc-per-node", "2", "--layer", "sharded_bag", "--canaries", "4000"]
+    assert main([*args, "--out", str(out)]) == 0
+    saved = json.loads((out / "audit.json").read_text())
+    assert saved["passed"] and saved["layer"] == "sharded_bag" and saved["canaries"] == 4000
+    assert main(["audit", "--layer", "sharded_bag", "--out", str(tmp_path / "x")]) == 1
+    assert "--nproc-per-node >= 2" in capsys.readouterr().err
+
+
+def test_a_failed_or_dead_torchrun_audit_is_an_error(tmp_path, monkeypatch, capsys):
+    import subprocess
+
+    from lazydp.cli import main
+
+    def workers(report):
+        def run(cmd, check):
+            assert "torch.distributed.run" in cmd and "audit" in cmd
+            if report is not None:
+                (tmp_path / "audit.json").write_text(json.dumps(report))
+            return subprocess.CompletedProcess(cmd, 1)
+
+        return run
+
+    args = ["audit", "--nproc-per-node", "2", "--out", str(tmp_path)]
+    monkeypatch.setattr(subprocess, "run", workers({"passed": False}))
+    assert main(args) == 1
+    assert "2-rank audit failed" in capsys.readouterr().err
+    monkeypatch.setattr(subprocess, "run", workers(None))
+    assert main(args) == 1
+    assert "stopped (exit 1) before writing its report" in capsys.readouterr().err

@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
+import secrets
 import time
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,7 @@ examples:
   $ lazydp audit --mode dpsgd_f --layer linear --canaries 4000
   $ lazydp audit --sample-rate 0.25 --steps 16 --noise-multiplier 1   # Poisson batches
   $ lazydp audit --lr 0.5 --momentum 0.9 --weight-decay 0.01           # LazyDP's momentum
+  $ lazydp audit --nproc-per-node 2 --layer sharded_bag                # distributed, sharded
 """
 
 
@@ -47,8 +50,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--mode", default="lazydp", help="dpsgd_b, dpsgd_r, dpsgd_f or lazydp")
-    single = [name for name in LAYERS if name != "sharded_bag"]  # that one needs torchrun
-    p.add_argument("--layer", default="embedding", choices=single, help="the canaries' layer")
+    p.add_argument(
+        "--layer",
+        default="embedding",
+        choices=LAYERS,
+        help="the canaries' layer (sharded_bag: row-sharded over the --nproc-per-node ranks)",
+    )
+    p.add_argument(
+        "--nproc-per-node",
+        type=int,
+        default=1,
+        help="audit distributed training: this many torchrun ranks (gloo, or NCCL with CUDA)",
+    )
     p.add_argument("--canaries", type=int, default=20_000, help="number of canaries (>= 100)")
     p.add_argument("--steps", type=int, default=4, help="DP-SGD steps")
     p.add_argument("--noise-multiplier", type=float, default=2.0, help="sigma")
@@ -93,6 +106,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from lazydp.training import check_output_dir
 
     out = check_output_dir(args.out or f"runs/audit-{time.strftime('%Y%m%d-%H%M%S')}")
+    if args.nproc_per_node < 1:
+        raise ConfigError(f"--nproc-per-node must be >= 1; got {args.nproc_per_node}.")
+    if args.layer == "sharded_bag" and args.nproc_per_node < 2:
+        raise ConfigError("--layer sharded_bag splits rows over ranks: use --nproc-per-node >= 2.")
+    if args.nproc_per_node > 1 and "WORLD_SIZE" not in os.environ:
+        return _launch(args, out)
+    rank, engine = _join_ranks(args)
     plant = parse_plant(args.plant) if args.plant else None
     if plant is not None:
         print(f"PLANTED BUG {args.plant}: this run is deliberately NOT private", flush=True)
@@ -120,9 +140,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             delta=args.delta,
             confidence=args.confidence,
             seed=args.seed,
-            progress=lambda done, total: print(f"  step {done}/{total}", flush=True),
+            engine=engine,
+            progress=(lambda d, t: print(f"  step {d}/{t}", flush=True)) if rank == 0 else None,
         )
     result.planted = args.plant
+    if rank != 0:  # every rank audited the same release; rank 0 reports it
+        return result.to_dict()
     paths = write_report(result, out)
     print(summary_line(result))
     print(f"wrote {', '.join(str(p) for p in paths.values())}")
@@ -137,6 +160,58 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             f"report it with {paths['json']} (it holds the auditor's seed, {result.seed})."
         )
     return {"out": str(out), "files": {k: str(p) for k, p in paths.items()}, **result.to_dict()}
+
+
+def _join_ranks(args: argparse.Namespace) -> tuple[int, Any]:
+    """(rank, engine): (0, None) in one process; in a torchrun worker, the group joined, the
+    same auditor seed on every rank, and a DistributedPrivacyEngine."""
+    if "WORLD_SIZE" not in os.environ:
+        return 0, None
+    import atexit
+
+    import torch
+
+    from lazydp.distributed import DistributedPrivacyEngine
+    from lazydp.distributed._comm import comm_device
+    from lazydp.distributed.launch import init_from_env
+
+    rank, _ = init_from_env()
+    atexit.register(torch.distributed.destroy_process_group)
+    if args.seed is None:  # every rank must draw the same canaries
+        seed = torch.tensor([secrets.randbits(62) if rank == 0 else 0], device=comm_device(None))
+        torch.distributed.broadcast(seed, 0)
+        args.seed = int(seed.item())
+    return rank, DistributedPrivacyEngine()
+
+
+def _launch(args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    """Run this audit as ``--nproc-per-node`` torchrun workers; rank 0 writes the report."""
+    import subprocess
+
+    from lazydp.distributed.launch import torchrun_command
+
+    cmd = torchrun_command(args, Path("unused"))[:-3]  # torchrun and its options
+    flags = [
+        f"--{key.replace('_', '-')}={value}"
+        for key, value in vars(args).items()
+        if key not in ("func", "command", "json", "nesterov", "out") and value is not None
+    ]
+    flags += ["--nesterov"] if args.nesterov else []
+    report = out / "audit.json"
+    report.unlink(missing_ok=True)
+    done = subprocess.run([*cmd, "-m", "lazydp", "audit", *flags, f"--out={out}"], check=False)
+    if not report.exists():
+        raise ConfigError(
+            f"the {args.nproc_per_node}-rank audit stopped (exit {done.returncode}) before "
+            "writing its report; see the workers' messages above."
+        )
+    result = json.loads(report.read_text())
+    if not result["passed"] and not args.plant:
+        raise PrivacyError(
+            f"the {args.nproc_per_node}-rank audit failed; rank 0 said why above and wrote "
+            f"{report}. Report it with that file."
+        )
+    return result
 
 
 def summary_line(r: Any) -> str:
