@@ -75,7 +75,7 @@ def main(argv: list[str]) -> int:
             rows.append(
                 {
                     "config": label,
-                    "planted": f"{plant[0]}={plant[1]}" if plant else "",
+                    "planted": "" if not plant else plant[0] + (f"={plant[1]}" if plant[1] else ""),
                     "repeat": rep,
                     "passed": r.passed,
                     "refuted": r.refuted,
@@ -133,16 +133,25 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = list(dict.fromkeys(x["config"] for x in rows))
+    labels = list(dict.fromkeys(x["config"] for x in rows))  # rows may come from the CSV
     fig, ax = plt.subplots(figsize=(11, 4.5))
     for i, label in enumerate(labels):
         done = [x for x in rows if x["config"] == label]
         colour = "tab:red" if done[0]["planted"] else "tab:blue"
-        ax.plot([i] * len(done), [x["margin"] for x in done], "o", color=colour, alpha=0.6)
+        for marker, runs in (
+            ("o", [x for x in done if not int(x["findings"])]),
+            ("x", [x for x in done if int(x["findings"])]),
+        ):
+            ax.plot(
+                [i] * len(runs), [float(x["margin"]) for x in runs], marker, color=colour, alpha=0.6
+            )
     ax.axhline(0, color="black", lw=0.8)
     ax.set_xticks(range(len(labels)), labels, rotation=50, ha="right", fontsize=8)
     ax.set_ylabel("margin FNR+ - f(FPR+) (< 0: audit fails)")
-    ax.set_title("Canary audit: correct runs (blue) must pass, planted bugs (red) should fail")
+    ax.set_title(
+        "Canary audit: correct runs (blue) must pass, planted bugs (red) should fail "
+        "(x: the specification test failed too)"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
