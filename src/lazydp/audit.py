@@ -260,9 +260,10 @@ def canary_audit(
 
     SGD with ``lr`` (times ``lr_gamma`` after every step), ``momentum``, ``weight_decay`` and
     ``nesterov``; ``loss_reduction`` "sum" or "mean" (as in make_private: the loss the
-    training loop backpropagates); ``resume_at=k`` checkpoints after step k and finishes in a fresh model,
-    optimizer and engine loaded from it (the ledger file carried over), as a restarted job.
-    ``seed`` fixes the auditor's choices (which canaries are in, their directions); the
+    training loop backpropagates); ``resume_at=k`` checkpoints after step k and finishes in a
+    fresh model, optimizer and engine loaded from it (the ledger file carried over), as a
+    restarted job. ``seed`` fixes the auditor's choices (which canaries are in, their
+    directions and gradient sizes; drawn from OS entropy and recorded when None); the
     training's own noise comes from OS entropy unless ``noise_seed`` is given (tests).
     ``confidence`` is the family-wise confidence of every bound together. ``engine``: an
     unused engine to train with (default ``PrivacyEngine(seed=noise_seed)``); pass a
