@@ -39,6 +39,7 @@ CONFIGS: list[tuple[str, str, dict[str, Any], tuple[str, float | None] | None]] 
     ("lazydp", "lazydp", {}, None),
     ("lazydp bag", "lazydp", dict(layer="embedding_bag"), None),
     ("lazydp linear", "lazydp", dict(layer="linear", canaries=4000), None),
+    ("lazydp mixed", "lazydp", dict(layer="mixed"), None),
     ("lazydp Poisson", "lazydp", POISSON, None),
     ("lazydp momentum", "lazydp", MOMENTUM, None),
     ("lazydp decay+resume", "lazydp", dict(lr_gamma=0.7, resume_at=2), None),

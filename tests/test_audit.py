@@ -103,6 +103,8 @@ NESTEROV_DECAY = dict(lr=0.5, momentum=0.5, weight_decay=0.05, nesterov=True)
         ("lazydp", "embedding", dict(resume_at=2)),
         ("lazydp", "embedding", dict(NESTEROV_DECAY, lr_gamma=0.9, resume_at=5, **POISSON)),
         ("dpsgd_f", "embedding", dict(loss_reduction="mean")),
+        ("dpsgd_b", "mixed", {}),  # two layers per canary, one of them a bag reading it twice
+        ("lazydp", "mixed", dict(loss_reduction="mean", **POISSON)),
         ("lazydp", "embedding_bag", dict(loss_reduction="mean", **POISSON)),
     ],
 )

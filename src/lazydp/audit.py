@@ -57,7 +57,7 @@ from lazydp.errors import ConfigError
 
 __all__ = ["LAYERS", "AuditResult", "AuditSpec", "canary_audit", "response"]
 
-LAYERS = ("embedding", "embedding_bag", "linear", "sharded_bag")
+LAYERS = ("embedding", "embedding_bag", "linear", "mixed", "sharded_bag")
 #: A canary's gradient is between these multiples of the clip bound: always clipped to C.
 _PUSH = (2.0, 20.0)
 #: The deltas at which the run's claim is read: from 1e-9 (where the curve meets FPR ~ 0) to
@@ -115,6 +115,19 @@ class AuditResult:
         return out
 
 
+class _Mixed(nn.Module):
+    """Two layers per canary: its row of an Embedding and its row of an EmbeddingBag, read
+    twice in one bag. The per-example norm must combine both layers and count the repeated id
+    (a gradient of 2 g on the bag row); clipped right, the whole gradient has norm C."""
+
+    def __init__(self, m: int, dim: int) -> None:
+        super().__init__()
+        self.emb, self.bag = nn.Embedding(m, dim), nn.EmbeddingBag(m, dim, mode="sum")
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return torch.cat([self.emb(ids), self.bag(torch.stack([ids, ids], 1))], 1)
+
+
 def _canary_layer(
     layer: str, m: int, dim: int
 ) -> tuple[nn.Module, Callable[[nn.Module, Tensor], Tensor]]:
@@ -127,8 +140,24 @@ def _canary_layer(
         from lazydp.distributed import ShardedEmbeddingBag
 
         return ShardedEmbeddingBag(m, dim, mode="sum"), lambda mod, ids: mod(ids.view(-1, 1))
+    if layer == "mixed":
+        return _Mixed(m, dim), lambda mod, ids: mod(ids)
     lin = nn.Linear(m, dim, bias=False)  # canary i is the one-hot input e_i: column i is its row
     return lin, lambda mod, ids: mod(nn.functional.one_hot(ids, m).to(torch.float32))
+
+
+def _width(layer: str, dim: int) -> int:
+    """How many released values belong to one canary (its row, or its rows side by side)."""
+    return 2 * dim if layer == "mixed" else dim
+
+
+def _row_gradient(layer: str, push: Tensor) -> Tensor:
+    """The gradient a canary's rows get from an output gradient ``push`` (the bag half of a
+    mixed canary reads its row twice: twice the push)."""
+    if layer != "mixed":
+        return push
+    half = push.shape[1] // 2
+    return torch.cat([push[:, :half], 2 * push[:, half:]], 1)
 
 
 def _rows(module: nn.Module, layer: str, engine: Any) -> Tensor:
@@ -136,8 +165,11 @@ def _rows(module: nn.Module, layer: str, engine: Any) -> Tensor:
     if layer == "sharded_bag":
         engine.flush()
         weight = module.gather_weight()  # type: ignore[operator]
+    elif layer == "mixed":
+        state = module.state_dict()  # state_dict: LazyDP flushes every pending row
+        weight = torch.cat([state["emb.weight"], state["bag.weight"]], 1)
     else:
-        weight = module.state_dict()["weight"]  # state_dict: LazyDP flushes every pending row
+        weight = module.state_dict()["weight"]
     return (weight.t() if layer == "linear" else weight).detach().to(torch.float64)
 
 
@@ -307,8 +339,9 @@ def canary_audit(
     seed = secrets.randbits(62) if seed is None else seed  # recorded: the audit can be re-run
     gen = torch.Generator().manual_seed(seed)
     present = torch.rand(spec.canaries, generator=gen) < 0.5
-    signs = torch.randint(0, 2, (spec.canaries, spec.dim), generator=gen, dtype=torch.float64)
-    directions = (signs * 2 - 1) / math.sqrt(spec.dim)  # unit vectors, weight on every coordinate
+    width = _width(spec.layer, spec.dim)
+    signs = torch.randint(0, 2, (spec.canaries, width), generator=gen, dtype=torch.float64)
+    directions = (signs * 2 - 1) / math.sqrt(width)  # unit vectors, weight on every coordinate
     low, high = _PUSH
     sizes = low + (high - low) * torch.rand(spec.canaries, generator=gen, dtype=torch.float64)
     if not bool(present.any()):
@@ -316,13 +349,16 @@ def canary_audit(
 
     push = (directions * sizes.unsqueeze(1) * spec.max_grad_norm).to(torch.float32)
     rows, engine = _train(spec, present, push, engine, noise_seed, progress)
+    # Clipped right, a present canary's rows move by C along its rows' gradient's direction.
+    along = _row_gradient(spec.layer, directions)
+    along = along / along.norm(dim=1, keepdim=True)
     privacy = engine.privacy
     # A unit gradient at step s moves a row by b_s at the end; the noise of step s is
     # sigma C / B times a unit Gaussian gradient, so the row's noise has std sigma C / B |b|.
     b = response(spec.lrs, spec.momentum, spec.weight_decay, spec.nesterov)
     norm_b = float(np.sqrt((b * b).sum()))
     unit = spec.noise_multiplier * spec.max_grad_norm / privacy.expected_batch_size * norm_b
-    scores = (rows * directions).sum(1) / unit  # every row started at 0
+    scores = (rows * along).sum(1) / unit  # every row started at 0
     absent, here = scores[~present].numpy(), scores[present].numpy()
     shift = privacy.sample_rate * float(b.sum()) / (spec.noise_multiplier * norm_b)
 

@@ -54,7 +54,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--layer",
         default="embedding",
         choices=LAYERS,
-        help="the canaries' layer (sharded_bag: row-sharded over the --nproc-per-node ranks)",
+        help="the canaries' layer (mixed: a row in an Embedding and one in an EmbeddingBag "
+        "read twice; sharded_bag: row-sharded over the --nproc-per-node ranks)",
     )
     p.add_argument(
         "--nproc-per-node",
