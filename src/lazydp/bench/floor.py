@@ -2,7 +2,7 @@
 
 Any exact DP-SGD step must give each embedding row that the next forward observes its pending
 noise, so a step that reads ``u`` distinct rows of dim ``d`` needs at least ``u * d`` fresh
-Gaussians. ``measure_noise_floor`` times exactly that with lazydp's generator
+Gaussians (``2 u d`` with table momentum: the velocity's too). ``measure_noise_floor`` times exactly that with lazydp's generator
 (``lazydp.noise.GaussianNoise``), on the same batches the harness feeds the modes: it regenerates
 the workload's batch stream, counts the distinct rows of each measured step, and times ONE
 ``normal_`` call per step into a preallocated buffer (the generator's best case: one call spreads
@@ -53,7 +53,9 @@ def measure_noise_floor(spec: BenchSpec) -> NoiseFloor:
     Example: ``measure_noise_floor(BenchSpec("rmc1", 1e-5, 16, pooling=2, iterations=2,
     measure_last=1)).elements > 0``.
     """
-    dim = spec.model_config.embedding_dim
+    # With table momentum a row owes noise on its velocity too: two Gaussians per element
+    # (lazy_momentum's joint catch-up), so the floor is twice as many draws.
+    dim = spec.model_config.embedding_dim * (2 if spec.table_momentum else 1)
     counts = [unique_rows(sparse) for _, sparse, _ in make_batches(spec)][-spec.measure_last :]
     if spec.dense_only:
         counts = [0] * len(counts)

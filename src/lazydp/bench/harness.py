@@ -12,17 +12,17 @@ Contract:
     forward; the paper fuses that work into the previous update, so it counts as update);
   - backward (per-example) = the ``norms`` phase; backward (per-batch) = autograd backward +
     ``clipped_sum``;
-  - update = everything else of the step, + lazy catch-up. It splits into coalesce, noise sampling,
-    noisy-gradient merge (our engine fuses noise into the gradient or the weight in place, so this
-    is 0 unless the engine times a ``merge`` phase), parameter update, lazy bookkeeping (history
-    and lr prefix, + catch-up, also shown on its own row, with its noise draw as a sub-row), and
-    other (the untimed rest: ledger
-    charge, capture bookkeeping, zero_grad).
+  - update = everything else of the step, + lazy catch-up. It splits into coalesce, noise sampling
+    (+ the catch-up's aggregated draw, so lazydp's row compares with dpsgd_f's per-step draws),
+    noisy-gradient merge (the ``merge`` phase: adding the dense noise to the gradients),
+    parameter update, lazy bookkeeping (history and lr prefix, + the rest of the catch-up; the
+    whole catch-up is also shown on its own row, with its noise draw as a sub-row), and other
+    (the untimed rest: ledger charge, capture bookkeeping, zero_grad).
 
   So forward + both backwards + update == total (the measured step wall), and the update rows sum
   to update; ``other`` is >= 0 up to timer resolution unless phases double count.
 * ``run_mode(..., isolate=True)`` measures each mode in a fresh spawned process so that peak RSS
-  (``ru_maxrss``) belongs to that mode alone; memory is checked against ``bench.memory``'s
+  (``VmHWM``, which starts afresh at exec, unlike ``ru_maxrss``) belongs to that mode alone; memory is checked against ``bench.memory``'s
   estimate *before* anything is allocated.
 """
 
@@ -144,12 +144,16 @@ def breakdown(
     parts = dict.fromkeys(UPDATE_PARTS, 0.0)
     for phase, row in _PHASE_ROW.items():
         parts[row] += phases.get(phase, 0.0)
-    parts["update: lazy bookkeeping"] += catch_up
+    # The catch-up's draw is noise sampling (as dpsgd_f's per-step draws are), the rest of it
+    # (grouping ids, history and prefix reads, the row write) lazy bookkeeping.
+    catch_up_noise = phases.get("lazy_catch_up_noise", 0.0)
+    parts["update: noise sampling"] += catch_up_noise
+    parts["update: lazy bookkeeping"] += catch_up - catch_up_noise
     if mode == "sgd":  # no engine: the whole optimizer step is the parameter update
         parts["update: parameter update"] = rows["update"]
     rows.update(parts)
     rows[CATCH_UP_ROW] = catch_up
-    rows[CATCH_UP_NOISE_ROW] = phases.get("lazy_catch_up_noise", 0.0)  # nested in catch-up
+    rows[CATCH_UP_NOISE_ROW] = catch_up_noise  # nested in catch-up
     rows["update: other"] = rows["update"] - sum(parts.values())
     rows["total"] = total
     return {k: 1e3 * rows[k] for k in BREAKDOWN_ROWS}
@@ -195,7 +199,19 @@ def current_rss_bytes() -> int:
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident set size of this process so far (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    """Peak resident set size of this process so far.
+
+    Linux: ``VmHWM`` of /proc/self/status, which starts afresh at exec. ``ru_maxrss`` does not:
+    a spawned child inherits its parent's high-water mark, so a small mode measured after a
+    large noise floor in the parent reported the parent's peak (941 MB instead of 774 MB).
+    Elsewhere ``ru_maxrss`` (KiB on Linux, bytes on macOS)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak) if sys.platform == "darwin" else int(peak) * 1024
 

@@ -1,10 +1,11 @@
 """Writers for a benchmark run: CSV and JSON in the paper's layout, and PNG figures.
 
 Contract:
-* ``breakdown.csv``: first column ``row`` (``harness.BREAKDOWN_ROWS``, milliseconds), then one
-  column per measured (workload, mode) in run order, named ``"<workload label> <mode>"``. Modes
-  that were refused or failed get no column (the JSON says why). Opacus columns carry only the
-  rows they have (forward, total; backward and update in ``extra_rows``), others are empty.
+* ``breakdown.csv``: first column ``row (ms)`` (``harness.BREAKDOWN_ROWS``, milliseconds), then
+  one column per measured (workload, mode) in run order, named ``"<workload label> <mode>"``.
+  Modes that were refused or failed get no column (the JSON says why). Opacus columns carry only
+  the rows they have (forward, update, total, and their own row ``OPACUS_BACKWARD_ROW``, added
+  last when Opacus ran), others are empty.
 * ``bench.json``: the same breakdown (``columns``), every result with status, message, peak RSS
   and memory estimate, the noise floors, the summary ratios, and the machine
   (``lazydp.cli.env.collect()``).
@@ -178,7 +179,7 @@ def write_all(
 def format_table(suite: SuiteResult) -> str:
     """The breakdown as fixed-width text, one block per workload (what the CLI prints)."""
     blocks = []
-    width = max(len(r) for r in BREAKDOWN_ROWS)
+    width = max(len(r) for r in (*BREAKDOWN_ROWS, OPACUS_BACKWARD_ROW))
     for spec in suite.specs:
         label = suite.label(spec)
         results = [r for r in suite.results if r.label == label and r.status == "ok"]
@@ -186,7 +187,9 @@ def format_table(suite: SuiteResult) -> str:
             continue
         head = "".join(f"{r.mode:>14}" for r in results)
         lines = [f"{label} (ms)".ljust(width) + head]
-        for row in BREAKDOWN_ROWS:
+        # Opacus's one backward row too, or its forward + update would not add up to its total
+        opacus = any(r.mode.startswith("opacus") for r in results)
+        for row in [*BREAKDOWN_ROWS, OPACUS_BACKWARD_ROW] if opacus else BREAKDOWN_ROWS:
             vals = "".join(f"{_fmt(r.breakdown_ms.get(row)) or '-':>14}" for r in results)
             lines.append(f"{row:<{width}}{vals}")
         blocks.append("\n".join(lines))
