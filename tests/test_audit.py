@@ -19,6 +19,7 @@ from scipy import optimize, stats
 
 from lazydp.audit import canary_audit, response
 from lazydp.audit_stats import audit_points, claimed_tradeoff, spec_findings
+from lazydp.engine import PrivacyEngine
 from lazydp.errors import ConfigError
 from lazydp.planted import planted_bug
 
@@ -240,6 +241,7 @@ def test_lazydp_audit_writes_its_report_and_fails_loudly_on_a_refuted_claim(tmp_
     captured = capsys.readouterr()
     assert "audit FAILED" in captured.out and "better than the run's claim" in captured.err
     assert "needs FNR >=" in captured.err and "does not match its specification" in captured.err
+    assert "1-in-500 chance" in captured.err
     assert json.loads((tmp_path / "bad" / "audit.json").read_text())["passed"] is False
     # --plant: the user asks for the bug to see the audit catch it (exit 0, named as planted)
     assert main([*args, "--plant", "flush", "--out", str(tmp_path / "plant")]) == 0
@@ -248,6 +250,7 @@ def test_lazydp_audit_writes_its_report_and_fails_loudly_on_a_refuted_claim(tmp_
     assert (tmp_path / "plant" / "audit_scores.csv").read_text().count("\n") == 4001
     saved = json.loads((tmp_path / "plant" / "audit.json").read_text())
     assert saved["planted"] == "flush" and saved["passed"] is False
+    assert saved["settings"]["canaries"] == 4000 and saved["seed"] == 3
     assert main([*args, "--plant", "noise", "--out", str(tmp_path / "p2")]) == 1
     assert "needs a factor" in capsys.readouterr().err
     assert main(["audit", "--mode", "sgd", "--out", str(tmp_path / "sgd")]) == 1
@@ -273,3 +276,39 @@ def test_the_response_coefficients_are_torch_sgds(momentum, weight_decay, nester
             w.grad = torch.full_like(w, 1.0 if t == s else 0.0)
             opt.step()
         assert -float(w.detach()) == pytest.approx(b[s], rel=1e-12, abs=1e-12)
+
+
+def test_rows_of_two_values_are_not_called_twins_by_chance():
+    # float32 noise of d <= 2 repeats by chance among 10,000 rows (a birthday count): the
+    # twin check starts at d = 3, where a chance repeat is ~1e-8.
+    rng = np.random.default_rng(7)
+    for d in (1, 2, 3):
+        rows = rng.standard_normal((10_000, d)).astype(np.float32).astype(np.float64)
+        absent = rows @ np.full(d, 1 / math.sqrt(d))
+        present = 1.0 + rng.standard_normal(10_000)
+        assert spec_findings(absent, present, 1.0, rows, 0.999) == [], d
+
+
+def test_lazydp_audit_refuses_what_would_not_work_before_training(tmp_path, capsys):
+    from lazydp.cli import main
+
+    cases = [
+        (["--plant", "velocity"], "--momentum > 0"),
+        (["--plant", "flush", "--mode", "dpsgd_f"], "--mode lazydp"),
+        (["--plant", "sample=2"], "--sample-rate < 1"),
+        (["--plant", "noise=nan"], "must be finite"),
+        (["--plant", "noise=-1"], ">= 0"),
+        (["--nproc-per-node", "2", "--resume-at", "2"], "leave out --nproc-per-node"),
+        (["--canaries", "50", "--nproc-per-node", "2"], "too few"),
+    ]
+    for extra, said in cases:
+        assert main(["audit", *extra, "--out", str(tmp_path / "x")]) == 1, extra
+        err = capsys.readouterr().err
+        assert said in err and "Traceback" not in err, (extra, err)
+    assert not (tmp_path / "x").exists()  # nothing trained, nothing written
+
+
+def test_the_epsilon_plant_keeps_the_accountant_keyword():
+    engine = PrivacyEngine()
+    with planted_bug("epsilon", 0.5):
+        assert engine.get_epsilon(1e-5, accountant="rdp") == 0.0  # no steps yet: 0, no TypeError

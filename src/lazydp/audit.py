@@ -30,8 +30,9 @@ audits of Steinke, Nasr and Jagielski 2023):
   scores and rows against their specification.
 
 With full-batch steps (sample rate 1) the released rows are exactly a Gaussian mechanism and the
-claimed curve is tight, so the privacy test resolves errors of some 10-20% (noise 0.9x: caught
-in about 3 runs of 4; benchmarks/privacy_audit.py measures the rates). With Poisson
+claimed curve is tight, so the privacy test resolves errors of some 10-20% (noise 0.9x: 5-6
+runs of 10 by the privacy test alone, 10 of 10 with the specification test; see
+benchmarks/privacy_audit.py). With Poisson
 subsampling it is valid but weaker: its resolution with 20,000 canaries cannot reach the
 claimed epsilon there. A pass is evidence, not a proof: it shows this attacker learned no more
 than the claim allows on this run, not that no attacker could.
@@ -55,7 +56,7 @@ from lazydp import _validate as v
 from lazydp.audit_stats import AuditPoint, audit_points, epsilon_lower, spec_findings
 from lazydp.errors import ConfigError
 
-__all__ = ["LAYERS", "AuditResult", "AuditSpec", "canary_audit", "response"]
+__all__ = ["LAYERS", "AuditResult", "AuditSpec", "canary_audit", "check_spec", "response"]
 
 LAYERS = ("embedding", "embedding_bag", "linear", "mixed", "sharded_bag")
 #: A canary's gradient is between these multiples of the clip bound: always clipped to C.
@@ -89,6 +90,7 @@ class AuditResult:
     score_mean_present: float = 0.0
     expected_shift: float = 0.0  # the present canaries' mean score if the run is right
     findings: list[str] = field(default_factory=list)
+    settings: dict[str, Any] = field(default_factory=dict)  # AuditSpec: enough to re-run it
     seed: int = 0  # the auditor's seed: which canaries were in, their directions and sizes
     loss_reduction: str = "sum"
     planted: str | None = None  # a bug planted on purpose (lazydp/planted.py): NOT private
@@ -208,7 +210,9 @@ class AuditSpec:
         )
 
 
-def _check_spec(mode: str, **kw: Any) -> AuditSpec:
+def check_spec(mode: str, **kw: Any) -> AuditSpec:
+    """AuditSpec from :func:`canary_audit`'s training settings (all of them, by name), checked:
+    ConfigError saying what is wrong."""
     mode = v.check_mode(mode)
     if mode == "sgd":
         raise ConfigError("mode 'sgd' makes no privacy claim to audit; pick a DP mode.")
@@ -303,7 +307,7 @@ def canary_audit(
     same ``seed`` everywhere) to audit distributed training -- then every rank returns the
     same result.
     """
-    spec = _check_spec(
+    spec = check_spec(
         mode,
         canaries=canaries,
         steps=steps,
@@ -385,6 +389,7 @@ def canary_audit(
         score_mean_present=float(here.mean()),
         expected_shift=shift,
         findings=findings,
+        settings=asdict(spec),
         seed=seed,
         loss_reduction=spec.loss_reduction,
         scores=(absent, here),

@@ -4,7 +4,9 @@ An empirical audit (lazydp/audit.py) that passes proves little unless it can als
 context managers break one stage of the DP step in a known way so that the audit (and the
 tests) can show it does. ``lazydp audit --plant noise=0.8`` uses them; nothing else does.
 
-Each patch lasts for its ``with`` block only and is process-wide (single-threaded use):
+Each patch lasts for its ``with`` block only and is process-wide (single-threaded use). Build
+the engine, train and release inside the block: noise a LazyDP pool drew ahead during the block
+is used after it too (and noise drawn before it, inside).
 
 * ``noise=F``: every Gaussian draw's std times F (F < 1: less noise than the accountant assumes).
 * ``clip=F``: gradients clipped at F * C (the accountant and the noise still assume C; a
@@ -21,6 +23,7 @@ Each patch lasts for its ``with`` block only and is process-wide (single-threade
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any
@@ -28,7 +31,7 @@ from unittest import mock
 
 from lazydp.errors import ConfigError
 
-__all__ = ["PLANTS", "parse_plant", "planted_bug"]
+__all__ = ["PLANTS", "check_plant_applies", "parse_plant", "planted_bug"]
 
 #: kind -> whether it takes a factor
 PLANTS = {
@@ -113,7 +116,7 @@ def _epsilon(k: float) -> AbstractContextManager[Any]:
 
     epsilon = PrivacyEngine.get_epsilon
     return mock.patch.object(
-        PrivacyEngine, "get_epsilon", lambda self, d, *a: k * epsilon(self, d, *a)
+        PrivacyEngine, "get_epsilon", lambda self, d, *a, **kw: k * epsilon(self, d, *a, **kw)
     )
 
 
@@ -184,8 +187,30 @@ def planted_bug(kind: str, factor: float | None = None) -> Iterator[None]:
         raise ConfigError(f"planted bug {kind!r} needs a factor, e.g. {kind}=0.8.")
     if not PLANTS[kind] and factor is not None:
         raise ConfigError(f"planted bug {kind!r} takes no factor.")
+    if factor is not None and not math.isfinite(factor):
+        raise ConfigError(f"planted bug {kind}={factor}: the factor must be finite.")
+    if (
+        kind in ("noise", "sample", "epsilon", "momentum_noise")
+        and factor is not None
+        and factor < 0
+    ):
+        raise ConfigError(f"planted bug {kind}={factor}: the factor must be >= 0.")
     with _PATCHES[kind](float(factor or 0.0)):
         yield
+
+
+def check_plant_applies(kind: str, mode: str, momentum: float, sample_rate: float) -> None:
+    """ConfigError when the planted bug would change nothing in this training run (its audit
+    would report it "missed" for no fault of the audit)."""
+    lazy_only = {"flush", "catch_up", "velocity", "momentum_noise"}
+    if kind in lazy_only and mode != "lazydp":
+        raise ConfigError(
+            f"planted bug {kind!r} breaks LazyDP's deferred noise: use --mode lazydp."
+        )
+    if kind in ("velocity", "momentum_noise") and not momentum:
+        raise ConfigError(f"planted bug {kind!r} breaks LazyDP's momentum: use --momentum > 0.")
+    if kind == "sample" and sample_rate >= 1:
+        raise ConfigError("planted bug 'sample' changes Poisson sampling: use --sample-rate < 1.")
 
 
 def parse_plant(text: str) -> tuple[str, float | None]:

@@ -43,8 +43,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             "Train canaries (each touching its own row, each in the data with probability "
             "1/2) with DP-SGD in MODE, then test how well an attacker who sees the released "
             "rows tells present canaries from absent ones against the (epsilon, delta) the run "
-            "claims. A pass shows this attacker did no better than the claim allows; a failure "
-            "refutes the claim (a bug: please report it with audit.json)."
+            "claims, and whether the release matches its specification (noise size, shifts, no "
+            "reused noise). A pass shows this attacker did no better than the claim allows; a "
+            "failure refutes the claim or finds a mismatch (a bug: please report it with "
+            "audit.json)."
         ),
         epilog=EXAMPLE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -65,6 +67,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--canaries", type=int, default=20_000, help="number of canaries (>= 100)")
     p.add_argument("--steps", type=int, default=4, help="DP-SGD steps")
+    p.add_argument("--dim", type=int, default=4, help="values per canary row (>= 3 to check twins)")
     p.add_argument("--noise-multiplier", type=float, default=2.0, help="sigma")
     p.add_argument(
         "--sample-rate", type=float, default=1.0, help="Poisson rate q (1: full batches)"
@@ -99,45 +102,62 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _options(args: argparse.Namespace) -> dict[str, Any]:
+    """The training settings of the audit (AuditSpec's fields but mode), from the flags."""
+    return {
+        "canaries": args.canaries,
+        "steps": args.steps,
+        "noise_multiplier": args.noise_multiplier,
+        "sample_rate": args.sample_rate,
+        "max_grad_norm": args.max_grad_norm,
+        "lr": args.lr,
+        "lr_gamma": args.lr_gamma,
+        "momentum": args.momentum,
+        "weight_decay": args.weight_decay,
+        "nesterov": args.nesterov,
+        "layer": args.layer,
+        "dim": args.dim,
+        "resume_at": args.resume_at,
+        "loss_reduction": args.loss_reduction,
+    }
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from contextlib import nullcontext
 
-    from lazydp.audit import canary_audit
-    from lazydp.planted import parse_plant, planted_bug
+    from lazydp.audit import canary_audit, check_spec
+    from lazydp.planted import check_plant_applies, parse_plant, planted_bug
     from lazydp.training import check_output_dir
 
     out = check_output_dir(args.out or f"runs/audit-{time.strftime('%Y%m%d-%H%M%S')}")
+    # Everything is checked here, before any worker starts (they would each say it, or hang).
+    spec = check_spec(args.mode, **_options(args))
     if args.nproc_per_node < 1:
         raise ConfigError(f"--nproc-per-node must be >= 1; got {args.nproc_per_node}.")
     if args.layer == "sharded_bag" and args.nproc_per_node < 2:
         raise ConfigError("--layer sharded_bag splits rows over ranks: use --nproc-per-node >= 2.")
+    if args.resume_at is not None and args.nproc_per_node > 1:
+        raise ConfigError(
+            "--resume-at audits a restart in one process; leave out --nproc-per-node."
+        )
+    plant = parse_plant(args.plant) if args.plant else None
+    if plant is not None:
+        check_plant_applies(plant[0], spec.mode, spec.momentum, spec.sample_rate)
     if args.nproc_per_node > 1 and "WORLD_SIZE" not in os.environ:
         return _launch(args, out)
     rank, engine = _join_ranks(args)
-    plant = parse_plant(args.plant) if args.plant else None
-    if plant is not None:
-        print(f"PLANTED BUG {args.plant}: this run is deliberately NOT private", flush=True)
-    print(
-        f"auditing {args.mode} ({args.layer}): {args.canaries} canaries, {args.steps} steps, "
-        f"sigma {args.noise_multiplier}, q {args.sample_rate}",
-        flush=True,
-    )
+    if rank == 0:
+        if plant is not None:
+            print(f"PLANTED BUG {args.plant}: this run is deliberately NOT private", flush=True)
+        print(
+            f"auditing {args.mode} ({args.layer}): {args.canaries} canaries, {args.steps} "
+            f"steps, sigma {args.noise_multiplier}, q {args.sample_rate}",
+            flush=True,
+        )
     with planted_bug(*plant) if plant is not None else nullcontext():
         result = canary_audit(
             args.mode,
-            canaries=args.canaries,
-            steps=args.steps,
-            noise_multiplier=args.noise_multiplier,
-            sample_rate=args.sample_rate,
-            max_grad_norm=args.max_grad_norm,
-            lr=args.lr,
-            lr_gamma=args.lr_gamma,
-            resume_at=args.resume_at,
-            momentum=args.momentum,
-            weight_decay=args.weight_decay,
-            nesterov=args.nesterov,
-            loss_reduction=args.loss_reduction,
-            layer=args.layer,
+            **_options(args),
             delta=args.delta,
             confidence=args.confidence,
             seed=args.seed,
@@ -150,17 +170,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     paths = write_report(result, out)
     print(summary_line(result))
     print(f"wrote {', '.join(str(p) for p in paths.values())}")
+    files = {"out": str(out), "files": {k: str(p) for k, p in paths.items()}}
     if plant is not None:
         verdict = "caught" if not result.passed else "MISSED"
         print(f"the audit {verdict} the planted bug {args.plant}")
-        return {"out": str(out), **result.to_dict()}
+        return {**files, **result.to_dict()}
     if not result.passed:
-        odds = round(1 / (1 - result.confidence))
+        # Two tests, each at the stated confidence: a correct run fails one of them with
+        # probability at most 2 (1 - confidence).
+        odds = round(1 / (2 * (1 - result.confidence)))
         raise PrivacyError(
             f"{failure(result)} This is a bug in this installation (or a 1-in-{odds} chance); "
-            f"report it with {paths['json']} (it holds the auditor's seed, {result.seed})."
+            f"report it with {paths['json']} (it holds the settings and the auditor's seed, "
+            f"{result.seed})."
         )
-    return {"out": str(out), "files": {k: str(p) for k, p in paths.items()}, **result.to_dict()}
+    return {**files, **result.to_dict()}
 
 
 def _join_ranks(args: argparse.Namespace) -> tuple[int, Any]:

@@ -417,9 +417,11 @@ class DPOptimizer(OptimizerGroup):
             if held == 0:
                 raise InputError(
                     "optimizer.step() again with no forward and no new batch from the private "
-                    "data loader: every batch it yielded was already stepped on, so this step "
-                    "would be charged as one more step and add noise with nothing learned. Call "
-                    "step() once per batch. Nothing was changed or charged."
+                    "data loader: every batch it yielded was already stepped on (or the loop "
+                    "replays batches it yielded earlier: itertools.cycle, a cached list), so "
+                    "this step would be charged as one more step and add noise with nothing "
+                    "learned. Call step() once per batch the loader yields, and iterate the "
+                    "loader itself each epoch. Nothing was changed or charged."
                 )
             if held:
                 raise InputError(
