@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import subprocess
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -416,3 +417,17 @@ def test_the_printed_table_shows_opacus_backward_row():
     table = format_table(suite)
     line = next(x for x in table.splitlines() if x.startswith(OPACUS_BACKWARD_ROW))
     assert float(line.split()[-1]) == 40.0
+
+
+def test_the_phase_timer_adds_every_block_even_one_that_raises():
+    from lazydp._timing import PhaseTimer
+
+    timer = PhaseTimer()
+    assert timer.phase("x") is timer.phase("y")  # disabled: one shared no-op, nothing allocated
+    timer.enabled = True
+    with timer.phase("a"), timer.phase("a"):  # nested and repeated names add up
+        time.sleep(0.002)
+    with pytest.raises(ValueError), timer.phase("b"):
+        raise ValueError
+    totals = timer.reset()
+    assert totals["a"] >= 0.004 and "b" in totals and timer.totals == {}

@@ -4,8 +4,28 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any
+
+# One shared no-op context: a disabled timer allocates nothing per phase.
+_OFF = nullcontext()
+
+
+class _Timed:
+    """Adds the wall time of its ``with`` block to ``totals[name]``: a plain class, about 4x
+    cheaper than a generator context manager (~0.4 against 1.6 us a phase), which the timed
+    DP modes would otherwise pay some 100 times a step and sgd (untimed) never."""
+
+    __slots__ = ("name", "start", "totals")
+
+    def __init__(self, totals: dict[str, float], name: str) -> None:
+        self.totals, self.name, self.start = totals, name, 0.0
+
+    def __enter__(self) -> None:
+        self.start = time.perf_counter()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.totals[self.name] += time.perf_counter() - self.start
 
 
 class PhaseTimer:
@@ -16,15 +36,7 @@ class PhaseTimer:
         self.totals: dict[str, float] = defaultdict(float)
 
     def phase(self, name: str) -> AbstractContextManager[None]:
-        return self._timed(name) if self.enabled else nullcontext()
-
-    @contextmanager
-    def _timed(self, name: str) -> Iterator[None]:
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.totals[name] += time.perf_counter() - start
+        return _Timed(self.totals, name) if self.enabled else _OFF
 
     def reset(self) -> dict[str, float]:
         out = dict(self.totals)
