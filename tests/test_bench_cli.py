@@ -239,3 +239,14 @@ def test_targets_script_help_prints_the_usage(monkeypatch, capsys, flag):
     for name in script.TARGETS:  # every target, with what it measures
         assert f"python benchmarks/targets.py {name} " in out
     assert "target 4: 8 x 100k model against Opacus" in out
+
+
+def test_interleaving_lazydp_with_dpsgd_f_gets_a_note(tmp_path, capsys):
+    # dpsgd_f's model in lazydp's process slowed lazydp's steps 20-30% (RESULTS): say so.
+    sweep = _tiny_sweep(tmp_path / "s.yaml", "scale: 1.0e-5\nmodes: [sgd, dpsgd_f, lazydp]\n")
+    argv = ["bench", "--sweep", str(sweep), "--no-progress", "--out"]
+    assert main([*argv, str(tmp_path / "o"), "--interleave"]) == 0
+    assert "interleaved with a dpsgd_* mode" in capsys.readouterr().err
+    sweep.write_text(sweep.read_text() + "interleave: [sgd, lazydp]\n")
+    assert main([*argv, str(tmp_path / "o2")]) == 0
+    assert "interleaved with a dpsgd_* mode" not in capsys.readouterr().err

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import sys
 import time
 from dataclasses import fields
 from typing import Any
@@ -190,6 +191,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     opacus_its = 3 if opacus_its is None else v.check_positive_int("opacus_iterations", opacus_its)
     interleave = _interleave(options.pop("interleave", False))
     interleave_scales = _flag("interleave_scales", options.pop("interleave_scales", False))
+    together = modes if interleave is True else interleave or []
+    if "lazydp" in together and any(m.startswith("dpsgd") for m in together):
+        # Measured (benchmarks/RESULTS.md): with dpsgd_f's model in the same process lazydp's
+        # steps ran 20-30% slower than in real training, which never shares a process so.
+        print(
+            "lazydp bench: note: lazydp is interleaved with a dpsgd_* mode; sharing the "
+            "process slowed lazydp's steps by 20-30% here. For lazydp/sgd ratios interleave "
+            "only those two (a sweep file's `interleave: [sgd, lazydp]`).",
+            file=sys.stderr,
+        )
     specs = build_specs(options)
     # Refuse an unusable output directory now, not after the whole benchmark has run.
     out = check_output_dir(args.out or f"runs/bench-{time.strftime('%Y%m%d-%H%M%S')}")
