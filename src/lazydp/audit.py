@@ -14,7 +14,10 @@ audits of Steinke, Nasr and Jagielski 2023):
   row, or its own weight column behind a one-hot input) and pushes it along a known direction
   v_i with a gradient of 2-20 times the clip bound C (so, clipped right, every one moves its
   row by exactly C; a clip factor applied to the wrong example or the whole batch would not).
-  Each canary is in the training set with probability 1/2, independently; nothing else is.
+  A random half of the canaries (exactly m/2, chosen by the auditor's seed) is the training
+  set; nothing else is. A fixed size keeps the data set's N, and so the sample rate q = B/N
+  and the expected batch B, the same for every draw: a row's release then depends on its own
+  canary alone (and the run's claim is the same for every audit of one configuration).
 * When the implementation is right, rows never share an example, the Poisson sampler includes
   each example independently and every noise value is drawn once, so the m released rows are
   m independent trials of one two-world experiment, "canary i in" against "canary i out", and
@@ -342,7 +345,8 @@ def canary_audit(
 
     seed = secrets.randbits(62) if seed is None else seed  # recorded: the audit can be re-run
     gen = torch.Generator().manual_seed(seed)
-    present = torch.rand(spec.canaries, generator=gen) < 0.5
+    present = torch.zeros(spec.canaries, dtype=torch.bool)
+    present[torch.randperm(spec.canaries, generator=gen)[: spec.canaries // 2]] = True
     width = _width(spec.layer, spec.dim)
     signs = torch.randint(0, 2, (spec.canaries, width), generator=gen, dtype=torch.float64)
     directions = (signs * 2 - 1) / math.sqrt(width)  # unit vectors, weight on every coordinate

@@ -40,8 +40,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "audit",
         help="empirical privacy audit: train canaries, test the release against the claim",
         description=(
-            "Train canaries (each touching its own row, each in the data with probability "
-            "1/2) with DP-SGD in MODE, then test how well an attacker who sees the released "
+            "Train canaries (each touching its own row; a random half of them is the data "
+            "set) with DP-SGD in MODE, then test how well an attacker who sees the released "
             "rows tells present canaries from absent ones against the (epsilon, delta) the run "
             "claims, and whether the release matches its specification (noise size, shifts, no "
             "reused noise). A pass shows this attacker did no better than the claim allows; a "
