@@ -8,8 +8,8 @@ Writes privacy_audit.csv (one row per run), privacy_audit.json (per configuratio
 privacy refutations, specification mismatches, margin and epsilon lower bound quantiles) and privacy_audit.png (margins per configuration; a
 margin below 0 fails). Correct configurations should pass every run (the stated false-alarm
 rate is at most 2 (1 - confidence) = 0.2%: the privacy test and the specification test); each
-planted bug's detection rate is the audit's power against it. About 5 minutes with 10 repeats
-on 2 cores.
+planted bug's detection rate is the audit's power against it. About 1.5 minutes with 10
+repeats on 2 cores.
 """
 
 from __future__ import annotations
