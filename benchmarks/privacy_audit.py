@@ -129,10 +129,9 @@ def main(argv: list[str]) -> int:
 
 
 def _plot(rows: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib
+    from lazydp._plots import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     labels = list(dict.fromkeys(x["config"] for x in rows))  # rows may come from the CSV
     fig, ax = plt.subplots(figsize=(11, 4.5))

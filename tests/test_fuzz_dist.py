@@ -553,27 +553,22 @@ def run(c: Case, rank: int, world: int, workdir: Path, batches: list[list[list[i
                 s.step()
             for n, v in _replicated_snapshot(model, c).items():
                 obs[f"p/{i}/{n}"] = v
-            if i in c.evals:
-                with torch.inference_mode() if i in c.inference_evals else torch.no_grad():
-                    parts = c.evals[i] if not distributed else [c.evals[i][rank]]
-                    for r_, eidx in enumerate(parts):
-                        ex, etin, _ = collate(c, pool, eidx)
-                        if c.float64:
-                            ex, etin, _ = _double(ex, etin, None)
-                        key = f"eval/{i}/{r_ if not distributed else rank}"
-                        obs[key] = model(ex, etin).detach().clone()
-            if i in c.grad_evals:  # a forward with autograd on and no backward
-                parts = (
-                    c.evals.get(i, [[0, 1]] * c.world)
-                    if not distributed
-                    else [c.evals.get(i, [[0, 1]] * c.world)[rank]]
-                )
+
+            def evaluate(kind: str, per_rank: list[list[int]]) -> None:
+                # one process evaluates every rank's inputs; a rank its own
+                parts = per_rank if not distributed else [per_rank[rank]]
                 for r_, eidx in enumerate(parts):
                     ex, etin, _ = collate(c, pool, eidx)
                     if c.float64:
                         ex, etin, _ = _double(ex, etin, None)
-                    key = f"geval/{i}/{r_ if not distributed else rank}"
+                    key = f"{kind}/{i}/{r_ if not distributed else rank}"
                     obs[key] = model(ex, etin).detach().clone()
+
+            if i in c.evals:
+                with torch.inference_mode() if i in c.inference_evals else torch.no_grad():
+                    evaluate("eval", c.evals[i])
+            if i in c.grad_evals:  # a forward with autograd on and no backward
+                evaluate("geval", c.evals.get(i, [[0, 1]] * c.world))
             if i in c.state_reads:
                 for k, v in model.state_dict().items():
                     obs[f"sd/{i}/{k}"] = v.detach().clone()

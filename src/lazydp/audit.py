@@ -46,7 +46,7 @@ from __future__ import annotations
 import math
 import secrets
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -114,7 +114,10 @@ class AuditResult:
         return min(p.fnr_upper - p.claimed_fnr_floor for p in self.points)
 
     def to_dict(self) -> dict[str, Any]:
-        out = {k: v for k, v in asdict(self).items() if k != "scores"}
+        # Field by field: asdict() would deep-copy the score arrays only to drop them.
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "scores"}
+        out["claim"], out["findings"] = list(self.claim), list(self.findings)
+        out["settings"] = dict(self.settings)
         out["points"] = [dict(asdict(p), violates=p.violates) for p in self.points]
         out.update(passed=self.passed, refuted=self.refuted, margin=self.margin)
         return out

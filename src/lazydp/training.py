@@ -545,15 +545,14 @@ def run(
             "spent: restore that file, or resume with the --nproc-per-node the run started with."
         )
     engine = engine_cls(seed=cfg.seed, ledger_path=ledger_file)
-    finished = (out / "model.pt").exists() and (out / "report.json").exists()
-    if cfg.resume and not (out / "checkpoint.pt").exists() and engine.ledger.steps and finished:
-        raise ConfigError(
-            f"--resume: the run in {out} finished ({engine.ledger.steps} charged steps, "
-            "model.pt and report.json written) and kept no checkpoint, so there is nothing "
-            "to continue. To train again start a new run with another --out (this ledger "
-            "keeps what was spent)."
-        )
     if cfg.resume and not (out / "checkpoint.pt").exists() and engine.ledger.steps:
+        if (out / "model.pt").exists() and (out / "report.json").exists():
+            raise ConfigError(
+                f"--resume: the run in {out} finished ({engine.ledger.steps} charged steps, "
+                "model.pt and report.json written) and kept no checkpoint, so there is "
+                "nothing to continue. To train again start a new run with another --out (this "
+                "ledger keeps what was spent)."
+            )
         charged = steps_text(engine.ledger.steps, "charged")
         raise ConfigError(
             f"--resume: {out} holds a ledger with {charged} but no checkpoint.pt "

@@ -2,11 +2,11 @@
 
 Any exact DP-SGD step must give each embedding row that the next forward observes its pending
 noise, so a step that reads ``u`` distinct rows of dim ``d`` needs at least ``u * d`` fresh
-Gaussians (``2 u d`` with table momentum: the velocity's too). ``measure_noise_floor`` times exactly that with lazydp's generator
-(``lazydp.noise.GaussianNoise``), on the same batches the harness feeds the modes: it regenerates
-the workload's batch stream, counts the distinct rows of each measured step, and times ONE
-``normal_`` call per step into a preallocated buffer (the generator's best case: one call spreads
-over all threads, no allocation). lazydp / (sgd + floor) is then the overhead LazyDP adds beyond
+Gaussians (``2 u d`` with table momentum: the velocity's too). ``measure_noise_floor`` times
+exactly that with lazydp's generator (``lazydp.noise.GaussianNoise``), on the same batches the
+harness feeds the modes: it regenerates the workload's batch stream, counts the distinct rows of
+each measured step, and times ONE ``normal_`` call per step into a preallocated buffer (the
+generator's best case: one call spreads over all threads, no allocation). lazydp / (sgd + floor) is then the overhead LazyDP adds beyond
 what exact noise costs.
 """
 

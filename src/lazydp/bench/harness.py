@@ -22,8 +22,8 @@ Contract:
   So forward + both backwards + update == total (the measured step wall), and the update rows sum
   to update; ``other`` is >= 0 up to timer resolution unless phases double count.
 * ``run_mode(..., isolate=True)`` measures each mode in a fresh spawned process so that peak RSS
-  (``VmHWM``, which starts afresh at exec, unlike ``ru_maxrss``) belongs to that mode alone; memory is checked against ``bench.memory``'s
-  estimate *before* anything is allocated.
+  (``VmHWM``, which starts afresh at exec, unlike ``ru_maxrss``) belongs to that mode alone;
+  memory is checked against ``bench.memory``'s estimate *before* anything is allocated.
 """
 
 from __future__ import annotations

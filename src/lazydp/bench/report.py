@@ -24,6 +24,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from lazydp._plots import pyplot
 from lazydp.bench.harness import BREAKDOWN_ROWS, CATCH_UP_NOISE_ROW, CATCH_UP_ROW
 from lazydp.bench.labels import distinct_names, scale_key
 from lazydp.bench.opacus_compare import OPACUS_BACKWARD_ROW
@@ -77,18 +78,9 @@ def write_json(
     return path
 
 
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_breakdown(suite: SuiteResult, path: Path) -> Path:
     """Stacked bars of the breakdown per column: absolute ms (top), share of the step (bottom)."""
-    plt = _pyplot()
+    plt = pyplot()
     results = [r for r in suite.results if r.status == "ok" and not r.mode.startswith("opacus")]
     names = [r.column.replace(" ", "\n", 1) for r in results]
     fig, axes = plt.subplots(2, 1, figsize=(max(6, 1.2 * len(results) + 2), 8), sharex=True)
@@ -145,7 +137,7 @@ def plot_scaling(suite: SuiteResult, path: Path) -> Path | None:
     lines = scaling_lines(suite)
     if not lines:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 5))
     for key, pts in sorted(lines.items()):
         ax.plot([x / 2**30 for x, _ in pts], [y for _, y in pts], marker="o", label=key)

@@ -273,8 +273,9 @@ def write_report(r: Any, out: Path) -> dict[str, Path]:
         out.mkdir(parents=True, exist_ok=True)
         names = {"json": "audit.json", "csv": "audit.csv", "scores": "audit_scores.csv"}
         paths = {k: out / name for k, name in {**names, "png": "audit.png"}.items()}
-        paths["json"].write_text(json.dumps(r.to_dict(), indent=2))
-        rows = r.to_dict()["points"]
+        doc = r.to_dict()
+        paths["json"].write_text(json.dumps(doc, indent=2))
+        rows = doc["points"]
         with paths["csv"].open("w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
             writer.writeheader()
@@ -291,13 +292,12 @@ def write_report(r: Any, out: Path) -> dict[str, Path]:
 
 
 def _plot(r: Any, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
 
+    from lazydp._plots import pyplot
     from lazydp.audit_stats import claimed_tradeoff
+
+    plt = pyplot()
 
     f = claimed_tradeoff(r.claim)
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
