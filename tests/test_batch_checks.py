@@ -146,6 +146,36 @@ def test_a_step_without_a_forward_on_a_loaded_batch_is_refused_but_an_empty_one_
     assert engine.ledger.steps == 2
 
 
+def _train_on(model, opt, batches):
+    """One step per batch: forward and backward on a loaded one, a bare step on an empty one."""
+    for x, y in batches:
+        if len(x):
+            nn.functional.mse_loss(model(x).squeeze(1), y).backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def test_a_loop_over_a_cached_epoch_or_after_a_peek_steps_on_every_batch():
+    # With one expected example per batch about a third of the Poisson batches are empty. The
+    # loader used to keep only the last 64 sizes: a cached epoch of 300 batches ran out of sizes
+    # after 64 steps and its next empty batch was refused as a second step for one batch; a
+    # batch peeked at before the loop made the first empty batch's bare step a "forgotten
+    # forward" of the peeked batch.
+    ds = TensorDataset(torch.randn(300, 3), torch.randn(300))
+    model, opt, dl, engine = private("dpsgd_f", nn.Linear(3, 1), data_loader=DataLoader(ds, 1))
+    cached = list(dl)
+    assert len(cached) == 300 and sum(len(x) == 0 for x, _ in cached) > 64
+    _train_on(model, opt, cached)
+    assert engine.ledger.steps == 300
+
+    model, opt, dl, engine = private("dpsgd_f", nn.Linear(3, 1), data_loader=DataLoader(ds, 1))
+    peeked = next(b for b in dl if len(b[0]))  # e.g. to look at shapes; never stepped on
+    assert len(peeked[0])
+    peek_draws = dl.batches_drawn  # the sampler's epoch goes on where the peek left it
+    _train_on(model, opt, dl)
+    assert engine.ledger.steps == dl.batches_drawn - peek_draws > 0
+
+
 def test_a_second_step_for_one_batch_is_refused_but_a_hand_built_loop_may_step_bare():
     # backward(); step(); step() used to charge (and noise) the second step as an empty batch:
     # budget spent on nothing. A loop that never draws from the private loader (hand-built

@@ -85,6 +85,10 @@ SHORT_ROWS = (
 )
 
 
+#: Batches yielded and not stepped on that the step checks follow (~36 MB of sizes at most).
+_WAITING_CAP = 1 << 20
+
+
 class DPDataLoader(DataLoader):
     """A DataLoader whose batches come from a DP batch sampler (Poisson by default).
 
@@ -121,7 +125,11 @@ class DPDataLoader(DataLoader):
         # The examples in each batch the sampler handed out, in order (workers may draw a few
         # ahead), and in each batch yielded that no step has taken yet (see check_rows).
         self._counted = counted
-        self._yielded: deque[int] = deque(maxlen=64)
+        # Unbounded up to a cap: a loop may cache a whole epoch (``list(loader)``) before its
+        # first step, and dropping sizes would misalign every later check. Past the cap (a loop
+        # iterating the loader without ever stepping) the checks are off for good.
+        self._yielded: deque[int] = deque()
+        self._untracked = False
         self.dp_sampler = batch_sampler  # its state_dict goes into checkpoints
         self.short_steps = 0  # steps whose layers saw fewer rows than their batch held
 
@@ -136,7 +144,7 @@ class DPDataLoader(DataLoader):
         the check is exact.
         """
         waiting = self._yielded
-        if not waiting:
+        if not waiting or self._untracked:
             return None  # no batch from this loader (a hand-built one: the report flags it)
         fits = next((i for i, size in enumerate(waiting) if rows <= size), None)
         if fits is None:
@@ -150,18 +158,23 @@ class DPDataLoader(DataLoader):
         return None
 
     def check_skipped(self) -> int | None:
-        """A step with no forward at all: None when the oldest waiting batch is empty (taken:
-        an empty Poisson batch is a step that is charged) or this loader never yielded a batch
-        (a hand-built loop); 0 when it has yielded batches but none is waiting (a second step()
-        for a batch already stepped on); else how many examples that batch holds (the forward
-        was forgotten)."""
+        """A step with no forward at all: None when a waiting batch is empty (taken, with the
+        batches before it skipped, as check_rows skips: an empty Poisson batch is a step that
+        is charged, and a batch peeked at before the loop is never stepped on) or this loader
+        never yielded a batch (a hand-built loop); 0 when it has yielded batches but none is
+        waiting (a second step() for a batch already stepped on); else how many examples the
+        oldest waiting batch holds (the forward was forgotten)."""
         waiting = self._yielded
+        if self._untracked:
+            return None
         if not waiting:
             return 0 if self.batches_drawn else None
-        if waiting[0] == 0:
+        empty = next((i for i, size in enumerate(waiting) if size == 0), None)
+        if empty is None:
+            return waiting[0]
+        for _ in range(empty + 1):
             waiting.popleft()
-            return None
-        return waiting[0]
+        return None
 
     def sampler_state(self) -> dict[str, Any]:
         """The DP sampler's state_dict, moved back over the batches workers drew but the loop
@@ -180,7 +193,12 @@ class DPDataLoader(DataLoader):
         for batch in batches:
             self.batches_drawn += 1
             if sizes:
-                self._yielded.append(sizes.popleft())
+                size = sizes.popleft()
+                if not self._untracked:
+                    self._yielded.append(size)
+                if len(self._yielded) > _WAITING_CAP:
+                    self._untracked = True
+                    self._yielded.clear()
             yield batch
         if self.on_epoch_end is not None:
             self.on_epoch_end()
