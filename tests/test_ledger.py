@@ -327,3 +327,44 @@ def test_a_file_system_without_locks_still_charges(tmp_path, monkeypatch):
     with pytest.raises(PrivacyError, match="written by someone else"):
         ledger.charge(step(2))  # the unchanged-file check runs without the lock
     assert PrivacyLedger(path).steps == 2
+
+
+def _charge(ledger, n=1):
+    for t in range(n):
+        ledger.charge(StepEvent(t, 0.01, 1.0, 1.0, "dpsgd_f", "poisson"))
+
+
+def test_an_older_copy_of_a_ledger_is_refused_before_it_charges(tmp_path):
+    # Nothing in the run directory tells a restored backup from the real ledger: the mark
+    # outside it does (ledger_mark.py).
+    path, backup = tmp_path / "l.jsonl", tmp_path / "backup.jsonl"
+    with PrivacyLedger(path) as ledger:
+        _charge(ledger, 2)
+    backup.write_bytes(path.read_bytes())
+    with PrivacyLedger(path) as ledger:
+        _charge(ledger, 3)
+        ledger.charge_external("vocabulary", 0.5, 1e-9)  # one-off charges count too
+    path.write_bytes(backup.read_bytes())
+    older = PrivacyLedger(path)
+    assert older.steps == 2 and older.epsilon(1e-5) > 0  # still readable: reports work
+    with pytest.raises(PrivacyError, match=r"holds 2 charges, but this ledger has made 6"):
+        _charge(older)
+    older.close()
+    assert path.read_bytes() == backup.read_bytes()
+    with pytest.raises(PrivacyError, match="older copy"):
+        require_existing(path, 2)  # a resume is refused up front
+
+
+def test_ledgers_work_without_marks_where_none_can_be_kept(tmp_path, monkeypatch):
+    path = tmp_path / "l.jsonl"
+    monkeypatch.setenv("LAZYDP_STATE_DIR", "")  # marks switched off
+    with PrivacyLedger(path) as ledger:
+        _charge(ledger, 2)
+    blocked = tmp_path / "file"
+    blocked.write_text("")  # a state "directory" that cannot be created
+    monkeypatch.setenv("LAZYDP_STATE_DIR", str(blocked))
+    with pytest.warns(UserWarning, match="high-water mark"), PrivacyLedger(path) as ledger:
+        _charge(ledger, 2)
+    with pytest.warns(UserWarning, match="high-water mark"), PrivacyLedger(path) as ledger:
+        assert ledger.steps == 4
+        _charge(ledger, 2)  # one warning per ledger opened, not per charge

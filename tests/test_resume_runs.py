@@ -5,6 +5,7 @@ caveat the run's history calls for."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 
 import pytest
@@ -203,3 +204,30 @@ def test_without_checkpoint_every_a_long_run_still_writes_safety_checkpoints(
     saved.clear()
     assert run_cli([*args[:-1], str(tmp_path / "short")], capsys)[0] == 0
     assert saved == [] and not (tmp_path / "short" / "checkpoint.pt").exists()
+
+
+def test_resuming_a_run_directory_restored_from_an_older_backup_is_refused(
+    tmp_path, capsys, monkeypatch
+):
+    # A backup holds a consistent older pair (ledger, checkpoint): resuming it used to be
+    # accepted, and the steps charged after the backup vanished from the record.
+    out, backup = tmp_path / "r", tmp_path / "backup"
+    args = [*ACS, "--mode", "lazydp", "--noise-multiplier", "1", "--out", str(out)]
+    forward, calls = training._forward, {"n": 0}
+
+    def forward_then_stop(model, batch):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGTERM)  # stops after this step, with a checkpoint
+        return forward(model, batch)
+
+    with monkeypatch.context() as m:
+        m.setattr(training, "_forward", forward_then_stop)
+        assert run_cli(args, capsys)[0] == 128 + signal.SIGTERM
+    shutil.copytree(out, backup)
+    assert run_cli([*args, "--resume"], capsys)[0] == 0  # the run finishes: more steps charged
+    shutil.rmtree(out)
+    shutil.copytree(backup, out)  # ... and the older copy comes back
+    code, res = run_cli([*args, "--resume"], capsys)
+    assert code == 1 and "older copy" in res.err and "Traceback" not in res.err, res.err
+    assert (out / "ledger.jsonl").read_text() == (backup / "ledger.jsonl").read_text()

@@ -30,6 +30,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import uuid
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -48,6 +49,7 @@ from lazydp._validate import (
 )
 from lazydp.accounting import SAMPLERS, MechanismCount, compute_epsilon, epsilon_report
 from lazydp.errors import ConfigError, PrivacyError
+from lazydp.ledger_mark import HighWaterMark
 
 try:
     import fcntl
@@ -181,6 +183,10 @@ class PrivacyLedger:
         # The file as this object last saw it (inode, size): a charge checks it is unchanged,
         # so a second writer or a replaced file is refused instead of under-reported.
         self._seen: tuple[int, int] | None = None
+        # The header's run id and its high-water mark outside the run directory (ledger_mark.py);
+        # _behind > 0: this file holds fewer charges than it has made (an older copy).
+        self._mark: HighWaterMark | None = None
+        self._behind = 0
         if self.path is None:
             return
         if self.path.is_dir():
@@ -193,15 +199,19 @@ class PrivacyLedger:
         try:
             with _locked(fd):
                 data = _read_all(fd)
-                if data:
-                    self._load(self.path, data)
+                run = self._load(self.path, data) if data else uuid.uuid4().hex
                 self._fd = fd
                 if not data:
-                    self._write({"kind": "header", "format": FORMAT, "version": VERSION})
+                    self._write(
+                        {"kind": "header", "format": FORMAT, "version": VERSION, "run": run}
+                    )
                 elif not data.endswith(b"\n"):
                     # A hand edit dropped the last newline: the next line would be glued onto
                     # it and the ledger would no longer load. The loaded last line parsed.
                     os.write(fd, b"\n")
+                if run is not None:
+                    self._mark = HighWaterMark(run)
+                    self._behind = self._mark.read() - self.charges
                 self._seen = _identity(fd)
         except BaseException:
             self._fd = None
@@ -210,7 +220,9 @@ class PrivacyLedger:
 
     # -- persistence -------------------------------------------------------------------------
 
-    def _load(self, path: Path, data: bytes) -> None:
+    def _load(self, path: Path, data: bytes) -> str | None:
+        """Read every line; returns the header's run id (None in ledgers from before it)."""
+        run = None
         fix = (
             f"Restore {path} from a backup, or repair that line by hand; deleting a step line "
             "under-reports the privacy spent."
@@ -242,6 +254,8 @@ class PrivacyLedger:
                         f"{where}: ledger version {record.get('version')!r}; this lazydp reads "
                         f"version {VERSION}. Use the lazydp version that wrote it."
                     )
+                run = record.get("run")
+                run = run if isinstance(run, str) and HighWaterMark.valid(run) else None
                 continue
             try:
                 item = _from_record(record, where)
@@ -251,6 +265,7 @@ class PrivacyLedger:
                 self._record(item)
             else:
                 self._external.append(item)
+        return run
 
     def _append(self, record: dict[str, Any]) -> None:
         if self._fd is None:
@@ -261,8 +276,28 @@ class PrivacyLedger:
             return
         with _locked(self._fd):
             self._check_unchanged()
+            self._check_not_behind()
             self._write(record)
             self._seen = _identity(self._fd)
+        if self._mark is not None:
+            self._mark.write(self.charges + 1)  # the caller records the charge after this
+
+    def _check_not_behind(self) -> None:
+        """PrivacyError if this file holds fewer charges than its ledger has made."""
+        if self._behind <= 0:
+            return
+        assert self._mark is not None
+        made = self.charges + self._behind
+        raise PrivacyError(
+            f"privacy ledger {self.path} holds {self.charges} charges, but this ledger has made "
+            f"{made} (its high-water mark {self._mark.path}): this file is an older copy -- a "
+            "restored backup of the run directory, or a copy of it -- and charging on from it "
+            f"would drop the {self._behind} later charges from the record, lowering the "
+            "reported epsilon although their noise may have been released. Put back the "
+            f"ledger that made {made} charges and resume. If it is lost, this run's spent "
+            "budget is not on record: start a new run in a new output directory. Nothing was "
+            "changed or charged."
+        )
 
     def _check_unchanged(self) -> None:
         """PrivacyError if the file is not the one this object loaded and last wrote."""
@@ -314,6 +349,8 @@ class PrivacyLedger:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+        if self._mark is not None:
+            self._mark.close()
 
     def __enter__(self) -> PrivacyLedger:
         return self
@@ -360,6 +397,11 @@ class PrivacyLedger:
     def steps(self) -> int:
         """Number of steps charged (a step redone after a crash counts twice)."""
         return len(self._events)
+
+    @property
+    def charges(self) -> int:
+        """Lines on record after the header: steps and one-off charges."""
+        return len(self._events) + len(self._external)
 
     @property
     def events(self) -> list[StepEvent]:
@@ -449,6 +491,11 @@ def require_existing(path: str | os.PathLike[str], expected_steps: int) -> Priva
             f"were charged; {restore}"
         )
     ledger = PrivacyLedger(path)
+    try:
+        ledger._check_not_behind()  # a restored backup: refuse at resume, not at the first step
+    except PrivacyError:
+        ledger.close()
+        raise
     if ledger.steps < expected_steps:
         ledger.close()
         raise PrivacyError(
