@@ -191,6 +191,43 @@ def test_gradient_accumulation_is_refused_and_zero_grad_drops_a_backward():
     assert engine.ledger.steps == 1
 
 
+class LossMethod(nn.Module):
+    """Lightning/HF style: the loss comes from a method that calls the layers, not forward()."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(40, 4)
+        self.fc = nn.Linear(4, 1)
+
+    def compute_loss(self, ids, y):
+        return nn.functional.mse_loss(self.fc(self.emb(ids)).squeeze(1), y)
+
+
+@pytest.mark.parametrize("mode", ["dpsgd_b", "dpsgd_f", "lazydp"])
+def test_gradient_accumulation_is_refused_when_the_loss_does_not_come_from_forward(mode):
+    # The refusal lived in the root module's forward pre-hook only: two micro-batches through
+    # compute_loss were clipped as one batch (rows of different batches as one example) and
+    # charged as one step.
+    model, opt, engine = _private(LossMethod(), mode)
+    batches = [(torch.randint(0, 40, (8,), generator=g), torch.randn(8, generator=g))
+               for g in [torch.Generator().manual_seed(i) for i in range(3)]]  # fmt: skip
+    for ids, y in batches[:2]:  # one step per batch: trains as usual
+        opt.zero_grad()
+        model.compute_loss(ids, y).backward()
+        opt.step()
+    assert engine.ledger.steps == 2
+    before = snapshot(model)
+    model.compute_loss(*batches[0]).backward()
+    with pytest.raises(ConfigError, match="gradient accumulation"):
+        model.compute_loss(*batches[1])
+    opt.zero_grad()  # drops the unused backward: the loop goes on
+    assert engine.ledger.steps == 2
+    assert all(torch.equal(t, before[k]) for k, t in snapshot(model).items())
+    model.compute_loss(*batches[2]).backward()
+    opt.step()
+    assert engine.ledger.steps == 3
+
+
 def test_zero_dim_ids_are_refused_in_training_only():
     model, opt, engine = _private(nn.Sequential(nn.Embedding(10, 3)))
     with pytest.raises(InputError, match="0-d id tensor"):

@@ -58,6 +58,7 @@ class _Tap(torch.autograd.Function):
             rec.stale.append(rec.batch_size)
         # A layer whose output is used twice in the graph gets two backward calls: they add up.
         rec.grad_output = grad if rec.grad_output is None else rec.grad_output + grad
+        rec.backed[0] = True
         return (grad if ctx.needs_input_grad[0] else None), None, None
 
 
@@ -72,6 +73,9 @@ class _Record:
     # Set when the record is forgotten (CaptureSet.clear): a backward that still reaches it
     # appends there, and the step refuses a gradient that would otherwise be dropped.
     stale: list[int] | None = None
+    # Shared by the records of one pass (CaptureSet._backed): set by the first backward that
+    # reaches any of them, so a later training forward can tell it would start accumulating.
+    backed: list[bool] = field(default_factory=lambda: [False])
     # The version counter of each tensor argument right after the layer ran (see
     # CaptureSet.check_inputs_unchanged); -1: an inference tensor, which has none.
     versions: tuple[int, ...] = ()
@@ -131,6 +135,7 @@ class CaptureSet:
         self.root_rng: RngState | None = None
         self.outside_uses: set[str] = set()  # parameters autograd reached outside their layer
         self.lost: list[int] = []  # backward calls that reached forgotten records (see clear)
+        self._backed = [False]  # a backward reached this pass's records (see _Record.backed)
         leaves = parameterised_leaves(model)
         # Every refusal before any layer is touched: a model refused half-way would keep some
         # captured forwards (and then look captured by another engine).
@@ -186,6 +191,10 @@ class CaptureSet:
         def forward(*args: Any, **kwargs: Any) -> Tensor:
             if self._passthrough:  # dpsgd_r's second pass: plain autograd through the parameters
                 return cls_forward(module, *args, **kwargs)
+            if self._backed[0] and torch.is_grad_enabled():
+                # Also where the loss does not come from model(...) (a compute_loss method
+                # calling the layers): the root's pre-hook never sees that forward.
+                self._refuse_accumulation()
             memo: dict[str, Any] = {}
             read = None
             if layer.is_table:
@@ -219,7 +228,7 @@ class CaptureSet:
                     "sequence in your forward."
                 )
             batch = out.shape[0] if out.dim() > 0 else 1
-            record = _Record(args, kwargs, batch, memo=memo)
+            record = _Record(args, kwargs, batch, memo=memo, backed=self._backed)
             record.seal()
             layer.records.append(record)
             return _Tap.apply(out, self._anchor, record)
@@ -229,21 +238,25 @@ class CaptureSet:
     def _on_root_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if not torch.is_grad_enabled() or self._passthrough:
             return
-        if any(r.grad_output is not None for layer in self.layers for r in layer.records):
+        if self._backed[0]:
             # Forgetting them (as below) would train on the last micro-batch only, silently.
-            raise ConfigError(
-                "a training forward started after a backward whose gradients optimizer.step() "
-                "has not used: lazydp clips each example within one forward/backward, so "
-                "gradient accumulation over micro-batches is not supported. Use a larger "
-                "batch (the sample rate sets it), call optimizer.step() after each backward "
-                "(or optimizer.zero_grad() to drop it), and run evaluation forwards under "
-                "torch.no_grad(). Nothing was changed or charged."
-            )
+            self._refuse_accumulation()
         # A new training forward is a new batch: forget what a forward without a backward recorded.
         self.clear()
         self.root_args, self.root_kwargs = args, kwargs
         if self.capture_root:
             self.root_rng = rng_state()
+
+    def _refuse_accumulation(self) -> None:
+        raise ConfigError(
+            "a training forward started after a backward whose gradients optimizer.step() "
+            "has not used: lazydp clips each example within one forward/backward, so "
+            "gradient accumulation over micro-batches is not supported. Use a larger "
+            "batch (the sample rate sets it), call optimizer.step() after each backward "
+            "(or optimizer.zero_grad() to drop it), and run evaluation forwards under "
+            "torch.no_grad(). If the loop steps an optimizer, it must be the one "
+            "make_private returned. Nothing was changed or charged."
+        )
 
     def _on_root_post(self, module: nn.Module, args: tuple, out: Any) -> Any:
         if not torch.is_grad_enabled() or self._passthrough:
@@ -264,7 +277,7 @@ class CaptureSet:
                 "reduce them in the loss, or use mode='dpsgd_b' or 'dpsgd_f'."
             )
         # A copy: the caller may change the returned tensor in place (out.sigmoid_()).
-        record = _Record(args, {}, out.shape[0], out=out.detach().clone())
+        record = _Record(args, {}, out.shape[0], out=out.detach().clone(), backed=self._backed)
         self.root_record = record
         return _Tap.apply(out, self._anchor, record)
 
@@ -364,6 +377,7 @@ class CaptureSet:
 
     def clear(self) -> None:
         self.lost = []
+        self._backed = [False]  # records of the pass just forgotten keep the old flag
         for layer in self.layers:
             for r in layer.records:
                 r.stale = self.lost
