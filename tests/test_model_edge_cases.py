@@ -228,6 +228,18 @@ def test_gradient_accumulation_is_refused_when_the_loss_does_not_come_from_forwa
     assert engine.ledger.steps == 3
 
 
+def test_dpsgd_r_refuses_a_loss_that_does_not_come_from_forward():
+    # Its reweighted second pass re-runs model(...): it used to be skipped without a word, so
+    # the run was dpsgd_b under dpsgd_r's name.
+    model, opt, engine = _private(LossMethod(), "dpsgd_r")
+    before = snapshot(model)
+    model.compute_loss(torch.tensor([1, 2, 3]), torch.randn(3)).backward()
+    with pytest.raises(ConfigError, match="did not come through model"):
+        opt.step()
+    assert engine.ledger.steps == 0
+    assert all(torch.equal(t, before[k]) for k, t in snapshot(model).items())
+
+
 def test_zero_dim_ids_are_refused_in_training_only():
     model, opt, engine = _private(nn.Sequential(nn.Embedding(10, 3)))
     with pytest.raises(InputError, match="0-d id tensor"):

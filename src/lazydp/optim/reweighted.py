@@ -39,6 +39,15 @@ def check_reweighted(
     """Run the reweighted second pass; ConfigError unless it reproduces ``sums``."""
     root = cap.root_record
     if root is None or root.grad_output is None or cap.root_rng is None:
+        if any(r.grad_output is not None for layer in cap.layers for r in layer.records):
+            # Returning here would run dpsgd_b under dpsgd_r's name: no second pass, no check.
+            raise ConfigError(
+                "mode='dpsgd_r' re-runs model(...) and backpropagates a reweighted gradient of "
+                "its output, but this step's gradient did not come through model(...)'s output "
+                "(the loss is computed by another method calling the layers, or from an "
+                "intermediate tensor). Compute the loss from the tensor model(...) returns, or "
+                f"use mode='dpsgd_b' or 'dpsgd_f'. {_NOTHING_CHARGED}"
+            )
         return
     g = root.grad_output * _rows(c, root.grad_output)
     params = [q for layer in cap.layers for q in layer.params().values()]
