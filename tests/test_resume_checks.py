@@ -160,6 +160,27 @@ def test_a_resumed_shuffled_epoch_goes_on_where_it_stopped(tmp_path, workers):
     assert engine.ledger.steps == 8
 
 
+def test_resuming_a_shuffled_run_twice_from_one_checkpoint_uses_no_example_twice(tmp_path):
+    # The checkpoint restores the epoch's permutation: batches redone after a resume used
+    # their examples again in the same epoch, and a second crash and resume a third time, while
+    # the ledger charges a shuffled epoch as one Gaussian release (the ledger said 2 releases
+    # where one example had been used 3 times). The batches charged past the checkpoint are
+    # now skipped.
+    model, opt, dl, engine = _shuffled(tmp_path)
+    seen: list[int] = []
+    batches = iter(dl)
+    _train_on(model, opt, itertools.islice(batches, 2), seen)
+    engine.save_checkpoint(tmp_path / "ck.pt")
+    _train_on(model, opt, itertools.islice(batches, 4), seen)  # ... then a crash
+    for more in (1, None):  # resumed twice from the one checkpoint: a crash, then the end
+        model, opt, dl, engine = _shuffled(tmp_path)
+        engine.load_checkpoint(tmp_path / "ck.pt")
+        _train_on(model, opt, itertools.islice(dl, more), seen)
+    uses = max(seen.count(i) for i in set(seen))
+    assert uses == 1 and engine.ledger.steps == 8
+    assert engine.ledger.mechanism_counts()[0].epochs == uses
+
+
 def test_a_checkpoint_without_the_shuffle_position_is_refused(tmp_path):
     _, _, _, engine = _shuffled(tmp_path)
     engine.save_checkpoint(tmp_path / "ck.pt")

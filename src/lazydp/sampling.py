@@ -18,7 +18,9 @@ Contract (DESIGN.md invariants 1 and 5):
 * ``state_dict()`` is plain data. A resumed Poisson sampler keeps its step position but, unless
   seeded, draws fresh OS entropy: it never replays the batches of the run that crashed
   (amplification by subsampling needs fresh coins). A shuffled sampler restores its permutation
-  so that no example is used twice in one epoch (its accounting assumes no secrecy of batches).
+  so that no example is used twice in one epoch (its accounting assumes no secrecy of batches),
+  and skips the batches the ledger charged past the checkpoint instead of redoing them
+  (``PrivacyEngine.load_checkpoint``).
 * Positions count batches *drawn*; a DataLoader with workers draws a few ahead of training.
 """
 
@@ -193,6 +195,15 @@ class ShuffledFixedSize(_StatefulBatchSampler):
         batch = self._perm[position * self.batch_size : (position + 1) * self.batch_size].copy()
         batch.sort()
         return batch.tolist()
+
+    def skip(self, batches: int) -> None:
+        """Move past ``batches`` batches as if they had been drawn (across epochs too)."""
+        for _ in range(batches):
+            if self._position >= self.steps:  # the epoch ended: the next starts at 0
+                self._position = 0
+            self._draw(self._step, self._position)  # keeps the epoch and permutation in step
+            self._step += 1
+            self._position += 1
 
     def state_dict(self) -> dict[str, Any]:
         """Position plus the permutation's entropy and epoch (not secret: no amplification)."""
