@@ -315,6 +315,10 @@ def test_a_layer_input_modified_in_place_after_the_layer_is_refused(mode):
     opt.zero_grad()
     h = model.fc1(torch.randn(4, 3))
     (model.fc2(h) + (h * 10).sum(1, keepdim=True)).pow(2).mean().backward()
+    if mode == "dpsgd_r":  # its second pass re-runs model(...): the loss must come from it
+        with pytest.raises(ConfigError, match="did not come through model"):
+            opt.step()
+        return
     opt.step()
     assert engine.ledger.steps == 1
 
@@ -392,3 +396,44 @@ def test_a_gradient_left_on_a_frozen_parameter_is_never_applied(mode):
     opt.step()
     assert engine.ledger.steps == 1
     assert torch.equal(model.emb.weight.detach(), before)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"sampler": "subset"},
+        {"sampler": "weighted"},
+        {"sampler": "replacement"},
+        {"batch_sampler": "custom"},
+    ],
+)
+def test_a_loader_whose_own_sampler_would_be_dropped_is_refused(options):
+    # A SubsetRandomSampler train split used to be replaced by Poisson sampling over the whole
+    # dataset: held-out examples trained on, at another sample rate, without a word.
+    from torch.utils.data import (
+        BatchSampler,
+        RandomSampler,
+        SubsetRandomSampler,
+        WeightedRandomSampler,
+    )
+
+    ds = TensorDataset(torch.randn(100, 3), torch.randn(100))
+    samplers = {
+        "subset": SubsetRandomSampler(range(20)),
+        "weighted": WeightedRandomSampler(torch.ones(100), 100),
+        "replacement": RandomSampler(ds, replacement=True),
+    }
+    if "sampler" in options:
+        dl = DataLoader(ds, batch_size=10, sampler=samplers[options["sampler"]])
+    else:
+
+        class Custom(BatchSampler):
+            pass
+
+        dl = DataLoader(ds, batch_sampler=Custom(RandomSampler(ds), 10, drop_last=False))
+    with pytest.raises(ConfigError, match=r"which make_private replaces.*Subset"):
+        private("dpsgd_f", nn.Linear(3, 1), data_loader=dl)
+    for plain in (DataLoader(ds, batch_size=10), DataLoader(ds, batch_size=10, shuffle=True)):
+        _, _, dl, _ = private("dpsgd_f", nn.Linear(3, 1), data_loader=plain)  # accepted
+    with pytest.raises(ConfigError, match="already a private loader"):
+        private("dpsgd_f", nn.Linear(3, 1), data_loader=dl)

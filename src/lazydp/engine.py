@@ -34,7 +34,13 @@ from typing import Any
 import torch
 from torch import nn
 from torch.optim import Optimizer
-from torch.utils.data import DataLoader
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    IterableDataset,
+    RandomSampler,
+    SequentialSampler,
+)
 
 from lazydp import _validate as v
 from lazydp._timing import PhaseTimer
@@ -152,6 +158,7 @@ class PrivacyEngine:
             )
         dataset = data_loader.dataset
         n = len(dataset)  # type: ignore[arg-type]
+        _check_replaceable_sampling(data_loader, n)
         batch_size = _batch_size_of(data_loader, n)
         n_global = n  # each rank passes the full dataset; the sampler picks its shard
         q = min(1.0, batch_size / n_global)
@@ -600,6 +607,37 @@ def _batch_size_of(data_loader: DataLoader, n: int) -> int:
             f"{batch_size}, {n} examples); the expected batch size sets the sample rate."
         )
     return int(batch_size)
+
+
+def _check_replaceable_sampling(data_loader: DataLoader, n: int) -> None:
+    """ConfigError unless the loader's own sampling over its whole dataset is what the private
+    loader replaces: it samples every example of ``dataset`` at rate B/N, so a sampler that
+    picks a subset (a train split), weights examples or draws with replacement would be
+    dropped without a word -- held-out examples trained on, and another sample rate."""
+    if isinstance(data_loader.dataset, IterableDataset):
+        return  # DPDataLoader refuses it, with its own reason
+    if isinstance(data_loader, DPDataLoader):
+        raise ConfigError(
+            "data_loader is already a private loader (returned by make_private); pass the "
+            "plain DataLoader it was made from, with batch_size=B: a private loader's batches "
+            "are already Poisson samples, and sampling them again would change the rate."
+        )
+    batch_sampler = data_loader.batch_sampler
+    sampler = getattr(batch_sampler, "sampler", data_loader.sampler)
+    plain_batches = batch_sampler is None or type(batch_sampler) is BatchSampler
+    plain = type(sampler) is SequentialSampler or (
+        type(sampler) is RandomSampler and not sampler.replacement and sampler.num_samples == n
+    )
+    if plain_batches and plain:
+        return
+    used = sampler if plain_batches else batch_sampler
+    raise ConfigError(
+        f"data_loader samples with {type(used).__name__}, which make_private replaces: the "
+        f"private loader samples every one of the dataset's {n} examples at rate B/N (what "
+        "the accountant assumes), so a subset, weights or repeats chosen by that sampler "
+        "would be silently dropped. Pass the examples to train on as the dataset (e.g. "
+        "torch.utils.data.Subset(dataset, train_indices)) with batch_size=B and no sampler."
+    )
 
 
 def _epoch_steps(
