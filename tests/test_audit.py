@@ -251,6 +251,10 @@ def test_lazydp_audit_writes_its_report_and_fails_loudly_on_a_refuted_claim(tmp_
     saved = json.loads((tmp_path / "plant" / "audit.json").read_text())
     assert saved["planted"] == "flush" and saved["passed"] is False
     assert saved["settings"]["canaries"] == 4000 and saved["seed"] == 3
+    # A plant too small to see is missed: the audit did not show what it was asked to (exit 1).
+    assert main([*args, "--plant", "noise=0.999", "--out", str(tmp_path / "tiny")]) == 1
+    captured = capsys.readouterr()
+    assert "the audit MISSED" in captured.out and "missed the planted bug" in captured.err
     assert main([*args, "--plant", "noise", "--out", str(tmp_path / "p2")]) == 1
     assert "needs a factor" in capsys.readouterr().err
     assert main(["audit", "--mode", "sgd", "--out", str(tmp_path / "sgd")]) == 1

@@ -80,7 +80,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--epochs",
         type=float,
         metavar="E",
-        help="passes over the data; steps = ceil(E x round(1/Q)), as lazydp train counts them",
+        help="passes over the data; steps = ceil(E x round(1/Q)) (shuffle: ceil(E x floor(1/Q))), "
+        "as lazydp train counts them",
     )
     p.add_argument(
         "--delta",
@@ -166,4 +167,9 @@ def _print(r: dict[str, Any]) -> None:
         print(
             f"  shuffled batches: no amplification by sampling; with Poisson sampling it "
             f"would be {r['epsilon_pld_as_if_poisson']:.4g} (PLD)"
+        )
+        print(
+            "  neighbours differ by one example's contribution being zeroed; for neighbours "
+            "that replace one example the sensitivity doubles (rerun with half the noise "
+            "multiplier for that figure)"
         )

@@ -51,8 +51,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--delta",
         type=float,
-        help="the run's whole delta, a DP vocabulary's included (default: 1/N rounded down to "
-        "a power of ten)",
+        help="the run's whole delta, a DP vocabulary's included (default: the largest power "
+        "of ten below 1/N)",
     )
     p.add_argument(
         "--max-grad-norm",

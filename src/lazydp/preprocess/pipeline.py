@@ -69,7 +69,8 @@ class PreprocessConfig:
             raise ConfigError(f"vocabulary={self.vocabulary!r}; use 'hash' or 'dp'")
         if self.vocabulary == "dp" and (self.vocab_epsilon is None or self.vocab_delta is None):
             raise ConfigError(
-                "vocabulary='dp' needs vocab_epsilon and vocab_delta (e.g. 1.0 and 1e-6)"
+                "vocabulary='dp' needs vocab_epsilon and vocab_delta (on the command line "
+                "--vocab-epsilon and --vocab-delta, e.g. 1.0 and 1e-6)"
             )
         if self.vocabulary == "hash" and (self.vocab_epsilon or self.vocab_delta):
             raise ConfigError("vocab_epsilon/vocab_delta are only used with vocabulary='dp'")
