@@ -407,3 +407,46 @@ def test_a_bag_with_trainable_per_sample_weights_called_twice_equals_eager():
             finals[mode] = snapshot(model)
     for k, t in finals["dpsgd_f"].items():
         torch.testing.assert_close(finals["lazydp"][k], t, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("on", ["private", "original"])
+def test_a_parameter_group_added_after_make_private_is_refused(on):
+    # A layer frozen and left out of the optimizer at make_private, unfrozen and added later:
+    # the private optimizer's add_param_group dropped the group without a word (the layer
+    # never trained), and one added to the original optimizer got no clipped gradient.
+    model = nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 1))
+    model[0].requires_grad_(False)
+    original = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    engine = PrivacyEngine(seed=0)
+    model, opt, _ = engine.make_private(
+        module=model, optimizer=original, data_loader=loader(), noise_multiplier=1.0,
+        max_grad_norm=1.0, mode="dpsgd_f",
+    )  # fmt: skip
+    model[0].requires_grad_(True)
+    group = {"params": list(model[0].parameters())}
+    if on == "private":
+        with pytest.raises(ConfigError, match="parameter groups cannot change"):
+            opt.add_param_group(group)
+        return
+    original.add_param_group(group)
+    before = snapshot(model)
+    nn.functional.mse_loss(model(torch.randn(8, 6)), torch.randn(8, 1)).backward()
+    with pytest.raises(ConfigError, match="list 4 parameters, not 2"):
+        opt.step()
+    assert engine.ledger.steps == 0
+    assert all(torch.equal(t, before[k]) for k, t in snapshot(model).items())
+
+
+def test_the_sgd_mode_optimizer_adds_a_parameter_group_to_the_optimizer_it_wraps():
+    model = nn.Sequential(nn.Linear(6, 4), nn.Linear(4, 1))
+    first = torch.optim.SGD(model[1].parameters(), lr=0.5)
+    _, opt, _ = PrivacyEngine().make_private(
+        module=model, optimizer=first, data_loader=loader(), noise_multiplier=1.0,
+        max_grad_norm=1.0, mode="sgd",
+    )  # fmt: skip
+    opt.add_param_group({"params": list(model[0].parameters())})
+    assert len(first.param_groups) == 2
+    before = model[0].weight.detach().clone()
+    model(torch.randn(8, 6)).pow(2).mean().backward()
+    opt.step()
+    assert not torch.equal(model[0].weight, before)

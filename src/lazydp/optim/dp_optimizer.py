@@ -114,6 +114,15 @@ def _not_deferred(optimizer: Optimizer | None, group: dict[str, Any]) -> str:
     return f"{name} with dampening={group.get('dampening')} (momentum={group.get('momentum')})"
 
 
+_GROUPS_FIXED = (
+    "{now}: lazydp fixes at make_private which parameters a private step clips, noises and "
+    "updates, so parameter groups cannot change after it (add_param_group). Build the "
+    "optimizer with every parameter you will train before make_private -- to hold one back, "
+    "freeze it (requires_grad=False) after make_private and unfreeze it later. Nothing was "
+    "changed or charged."
+)
+
+
 def _listed_twice(p: nn.Parameter, first: tuple[int, int], second: tuple[int, int]) -> str:
     """Why a parameter held twice by the optimizers is refused."""
     where = " and ".join(f"optimizer {i}, param group {j}" for i, j in (first, second))
@@ -312,6 +321,7 @@ class DPOptimizer(OptimizerGroup):
         cap.check_no_outside_use()
         cap.check_no_lost_gradient()
         cap.check_inputs_unchanged()
+        self._check_groups_unchanged()
         self._check_uncaptured()
         batch = cap.batch_size()
         # An empty Poisson batch has no per-example work; it still gets noise and is charged.
@@ -384,6 +394,21 @@ class DPOptimizer(OptimizerGroup):
         self._update(sums, lazy_steps)
         cap.clear()
         return loss
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Refused: the parameters a private step clips, noises and updates are fixed at
+        make_private (see _check_groups_unchanged, which also catches a group added to one of
+        the original optimizers)."""
+        raise ConfigError(_GROUPS_FIXED.format(now="a parameter group is being added"))
+
+    def _check_groups_unchanged(self) -> None:
+        """ConfigError if parameters joined the optimizers after make_private (add_param_group):
+        a parameter of an uncaptured layer would get noise but no clipped gradient, one in two
+        optimizers two updates. O(groups): the counts are compared, not the parameters."""
+        listed = sum(len(g["params"]) for g in self.param_groups)
+        if listed != len(self._group_index):
+            now = f"the optimizers list {listed} parameters, not {len(self._group_index)}"
+            raise ConfigError(_GROUPS_FIXED.format(now=now))
 
     def _check_uncaptured(self) -> None:
         """ConfigError if a parameter frozen when make_private ran is trainable now: its layer

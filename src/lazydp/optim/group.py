@@ -12,6 +12,8 @@ from typing import Any
 
 from torch.optim import Optimizer
 
+from lazydp.errors import ConfigError
+
 
 class OptimizerGroup(Optimizer):
     """One optimizer interface over ``optimizers`` (the non-private ``sgd`` mode uses it as is)."""
@@ -40,6 +42,16 @@ class OptimizerGroup(Optimizer):
     @param_groups.setter
     def param_groups(self, value: list[dict[str, Any]]) -> None:  # set by Optimizer internals only
         pass
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Added to the one wrapped optimizer (torch's version would append to a copy of the
+        live view and drop the group); with several, the caller must pick one."""
+        if len(self.originals) != 1:
+            raise ConfigError(
+                "add_param_group on a group of several optimizers: add it to the one that "
+                "should train it (the optimizers passed to make_private)"
+            )
+        self.originals[0].add_param_group(param_group)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for o in self.originals:
