@@ -196,3 +196,34 @@ def test_line_reader_follows_hadoop_line_rules(tmp_path, monkeypatch):
     (tmp_path / "bad.txt").write_bytes(b"ok\n\xff\n")
     with pytest.raises(DataError, match="line 2: invalid UTF-8"):
         list(lines_mod.iter_line_chunks(tmp_path / "bad.txt"))
+
+
+def test_an_input_given_twice_is_refused(tmp_path):
+    # Its records were read twice: every person counted twice, in training and in a DP
+    # vocabulary whose cost assumes one record each (a shell glob makes this easy).
+    src = FIX / "movielens_small.csv"
+    link = tmp_path / "link.csv"
+    link.symlink_to(src)
+    for inputs in ([src, src], [src, link]):
+        with pytest.raises(ConfigError, match="is given twice"):
+            preprocess("movielens", inputs, tmp_path / "o", progress=False)
+    with pytest.raises(ConfigError, match=r"not a file.*pass .*/\*"):
+        preprocess("movielens", [tmp_path], tmp_path / "o", progress=False)
+    assert not (tmp_path / "o").exists()
+
+
+def test_damaged_or_unsupported_compressed_input_is_a_clear_error(tmp_path):
+    import bz2
+
+    data = (FIX / "movielens_small.csv").read_bytes()
+    cases = {
+        "truncated.csv.gz": (gzip.compress(data)[:-20], "cannot decompress.*truncated"),
+        "plain.csv.gz": (data, "cannot decompress"),
+        "packed.csv": (bz2.compress(data), "bzip2-compressed; only .gz"),
+        "unnamed.csv": (gzip.compress(data), "gzip-compressed.*rename it to end in .gz"),
+    }
+    for name, (content, match) in cases.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(DataError, match=match):
+            preprocess("movielens", [tmp_path / name], tmp_path / "o", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(cases)

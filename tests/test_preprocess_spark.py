@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from lazydp.errors import DataError
+from lazydp.errors import ConfigError, DataError
 from lazydp.preprocess import preprocess
 
 pytest.importorskip("pyspark")
@@ -95,3 +95,26 @@ def test_spark_fails_on_the_same_bad_row(tmp_path, spark):
         spk.value
     )
     assert list(tmp_path.iterdir()) == []
+
+
+def test_spark_reads_a_long_quoted_field_and_refuses_names_it_would_misread(tmp_path, spark):
+    # A quoted title of 3,000 characters overflowed the JVM's stack in Spark's regex (~2,000
+    # lines of Py4J traceback); the quoting rules are the same with the unrolled pattern.
+    text = (FIX / "movielens_small.csv").read_text(encoding="utf-8").splitlines()
+    long_title = '"' + "a, " * 1000 + 'b ""quoted"""'
+    head, first = text[0], text[1].split(",")
+    title_at = head.split(",").index("title")
+    first[title_at] = long_title
+    src = tmp_path / "long.csv"
+    src.write_text("\n".join([head, ",".join(first), *text[2:]]) + "\n", encoding="utf-8")
+    emb = preprocess("movielens", [src], tmp_path / "emb", progress=False)
+    spk = preprocess("movielens", [src], tmp_path / "spk", engine="spark", spark=spark)
+    assert spk["rows"] == emb["rows"] and spk["bad_rows"] == emb["bad_rows"] == 0
+    _assert_same(tmp_path / "emb", tmp_path / "spk", ["train", "test"])
+    # Spark reads "_x.csv" as a hidden file (zero rows, exit 0) and "x[1].csv" as a pattern.
+    for name in ("_part2.csv", "ml[1].csv"):
+        odd = tmp_path / name
+        odd.write_bytes(src.read_bytes())
+        with pytest.raises(ConfigError, match="Spark reads a file whose name"):
+            preprocess("movielens", [odd], tmp_path / "o", engine="spark", spark=spark)
+    assert preprocess("movielens", [odd], tmp_path / "e", progress=False)["rows"] == emb["rows"]

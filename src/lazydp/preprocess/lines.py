@@ -10,6 +10,7 @@ two engines would hash different bytes).
 from __future__ import annotations
 
 import gzip
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
@@ -19,10 +20,34 @@ from lazydp.errors import DataError
 BLOCK_BYTES = 8 << 20
 
 
+# Leading bytes of compressed files this reader does not decompress (only ``.gz`` is read).
+_COMPRESSED = {b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz", b"\x28\xb5\x2f\xfd": "zstd"}
+
+
 def _open(path: Path) -> IO[bytes]:
     if path.suffix == ".gz":
         return gzip.open(path, "rb")  # type: ignore[return-value]
-    return open(path, "rb")  # noqa: SIM115
+    f = open(path, "rb")  # noqa: SIM115
+    head = f.read(6)
+    f.seek(0)
+    kind = "gzip" if head.startswith(b"\x1f\x8b") else None
+    kind = kind or next((k for magic, k in _COMPRESSED.items() if head.startswith(magic)), None)
+    if kind is not None:
+        f.close()
+        fix = "rename it to end in .gz" if kind == "gzip" else "decompress it first"
+        raise DataError(f"{path} is {kind}-compressed; only .gz files are decompressed: {fix}")
+    return f
+
+
+def _read(f: IO[bytes], path: Path) -> bytes:
+    """The next block; DataError naming the file for a damaged or truncated .gz."""
+    try:
+        return f.read(BLOCK_BYTES)
+    except (EOFError, OSError, zlib.error) as exc:  # gzip.BadGzipFile is an OSError
+        raise DataError(
+            f"{path}: cannot decompress ({exc}); the file is damaged or truncated (an "
+            "interrupted download?). Fetch it again."
+        ) from None
 
 
 def iter_line_chunks(
@@ -41,7 +66,7 @@ def iter_line_chunks(
     carry = b""
     with _open(path) as f:
         while True:
-            block = f.read(BLOCK_BYTES)
+            block = _read(f, path)
             data = carry + block
             if block:
                 # keep an unfinished last line (and a trailing \r that may precede \n) for later

@@ -328,9 +328,7 @@ def preprocess(
     if not inputs:
         raise ConfigError("inputs is empty; give at least one raw file")
     paths = [str(p) for p in inputs]
-    for p in paths:
-        if "://" not in p and not Path(p).is_file():
-            raise ConfigError(f"input {p!r} is not a file; check the path")
+    _check_inputs(paths, engine)
     if "://" not in str(output):
         paths = [p if "://" in p else str(Path(p).resolve()) for p in paths]
     with atomic_directory(output, overwrite=overwrite, inputs=paths) as tmp:
@@ -342,6 +340,36 @@ def preprocess(
         shutil.rmtree(tmp / SPILL_DIR, ignore_errors=True)
         write_metadata(tmp, meta)
     return meta
+
+
+def _check_inputs(paths: list[str], engine: str) -> None:
+    """ConfigError for a local input that is not a file, one given twice (its records would
+    count twice: in training and in a DP vocabulary, whose costs assume one record per
+    person), or, on Spark, a name Spark would read otherwise than named."""
+    seen: dict[tuple[int, int], str] = {}
+    for p in paths:
+        if "://" in p:
+            continue  # a URI (hdfs://, s3a://): Spark's to read
+        path = Path(p)
+        if not path.is_file():
+            hint = f" (for the files in it, pass {p.rstrip('/')}/*)" if path.is_dir() else ""
+            raise ConfigError(f"input {p!r} is not a file; check the path{hint}")
+        st = path.stat()
+        first = seen.setdefault((st.st_dev, st.st_ino), p)
+        if first != p or sum(q == p for q in paths) > 1:
+            raise ConfigError(
+                f"input {p!r} is given twice (as {first!r} too, or through a link): its "
+                "records would be read twice and count as two people each, in training and "
+                "in a DP vocabulary. Give each file once."
+            )
+        if engine == "spark":
+            name = path.name
+            if name.startswith(("_", ".")) or any(c in p for c in "*?[]{}:\\"):
+                raise ConfigError(
+                    f"input {p!r}: Spark reads a file whose name starts with '_' or '.' as "
+                    "hidden (zero rows) and a path with * ? [ ] { } : or \\ as a pattern or "
+                    "URI, not as this file. Rename or link it, or use --engine embedded."
+                )
 
 
 def _make_engine(name: str, tmp: Path, master: str | None, spark: Any, progress: bool) -> Engine:

@@ -22,7 +22,9 @@ from lazydp.preprocess.dialect import Dialect, dbl, quote
 from lazydp.preprocess.spec import Categorical, FormatSpec, raw
 
 SPLIT_RESOLUTION = 1_000_000
-CSV_FIELD = '("(?:[^"]|"")*"|[^,"]*)'
+# Unrolled ("[^"]*(?:""[^"]*)*" rather than "(?:[^"]|"")*"): Java's regex engine recurses once per
+# repetition of a group, so the plain form overflowed Spark's stack on a ~3,000-character field.
+CSV_FIELD = '("[^"]*(?:""[^"]*)*"|[^,"]*)'
 CSV_LINE = f"{CSV_FIELD}(?:,{CSV_FIELD})*"
 IDENTITY = ["file_idx", "line_no"]
 TWO_POW_52 = 2**52
