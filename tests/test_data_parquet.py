@@ -20,9 +20,10 @@ FIX = Path(__file__).parent / "fixtures"
 @pytest.fixture(scope="module")
 def movielens_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("pq") / "ml"
-    preprocess(
-        "movielens", [FIX / "movielens_small.csv"] * 3, root, test_fraction=0.0, progress=False
-    )
+    copies = [root.parent / f"part{i}.csv" for i in range(3)]  # three files: more rows
+    for c in copies:
+        c.write_bytes((FIX / "movielens_small.csv").read_bytes())
+    preprocess("movielens", copies, root, test_fraction=0.0, progress=False)
     # many small row groups and files, so the lazy path crosses group and file boundaries
     table = pq.read_table(sorted((root / "train").glob("*.parquet")))
     for f in (root / "train").glob("*.parquet"):

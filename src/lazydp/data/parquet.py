@@ -163,6 +163,17 @@ class ParquetDataset:
         else:
             for f, pf in zip(self.files, self._parquet):
                 check_statistics(f, pf, self._checks)
+            # Statistics record no NaN, label values or list elements: every row group is read
+            # and checked once now, one at a time, so that bad data stops the run before
+            # anything is charged, not at the step that first reads it (budget lost).
+            for key in self._groups:
+                fi, g = key
+                pf = self._parquet[fi]
+                group = _read(
+                    self.files[fi], partial(pf.read_row_group, g, columns=self.columns), g
+                )
+                check_table(self.files[fi], group, self._checks, self._file_row[key])
+                self._checked.add(key)
         self._cache: OrderedDict[tuple[int, int], pa.Table] = OrderedDict()
 
     def __len__(self) -> int:
