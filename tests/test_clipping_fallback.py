@@ -160,3 +160,18 @@ def test_a_layer_whose_rows_depend_on_other_examples_is_refused(layer, args) -> 
         clipper.norms2(layer, calls)
     with pytest.raises(UnsupportedLayerError, match="depends on the other examples"):
         clipper.clipped_sum(layer, calls, torch.ones(3))
+
+
+@pytest.mark.parametrize("cell", [nn.GRUCell, nn.RNNCell])
+@pytest.mark.parametrize("form", ["omitted", "None", "hx=None"])
+def test_recurrent_cells_called_without_a_state_match_the_reference(cell, form):
+    # torch makes the zero state inside forward: under vmap's one-example call it had the whole
+    # batch's size, and the step failed with a shape error from inside torch.func.
+    layer = cell(3, 4).double()
+    x = torch.randn(6, 3, dtype=torch.float64)
+    args, kwargs = {
+        "omitted": ((x,), {}),
+        "None": ((x, None), {}),
+        "hx=None": ((x,), {"hx": None}),
+    }[form]
+    check_clipper(layer, capture(layer, [(args, kwargs)], seed=4))

@@ -189,6 +189,11 @@ def test_missing_column_or_wrong_type(tmp_path, train, fragment):
             r"row 2 \(0-based\): column 'g' .* holds id 9; ids must lie in \[0, 4\]",
             "column 'g' holds ids from 0 to 9",
         ),
+        (  # above 2^63: comparing with an int64 0 raised pyarrow's ArrowInvalid
+            {"u": pa.array([1, 2, 2**63 + 5, 4, 5, 6, 7, 8], pa.uint64())},
+            r"row 2 \(0-based\): column 'u' .* is 9223372036854775813; ids must lie in",
+            "column 'u' holds ids from 1 to 9223372036854775813",
+        ),
         (
             {"d1": pa.array([0, None] * 4, pa.float32())},
             r"row 1 \(0-based\): column 'd1' .* is null; dense values must not be null",

@@ -49,14 +49,34 @@ def _state(module: nn.Module, params: dict[str, Tensor]) -> dict[str, Tensor]:
     return {f"inner.{n}": p for n, p in params.items()} | buffers
 
 
+def _with_zero_state(module: nn.Module, call: Call) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The call's arguments, with the zero state a GRUCell/RNNCell makes for ``hx=None`` given
+    explicitly: made inside the vmapped single-example call it had the whole batch's size."""
+    args, kwargs = list(call.args), dict(call.kwargs)
+    if not isinstance(module, nn.GRUCell | nn.RNNCell):
+        return call.args, call.kwargs
+    x = args[0] if args else kwargs.get("input")
+    hx = args[1] if len(args) > 1 else kwargs.get("hx")
+    if hx is None and isinstance(x, Tensor) and x.dim() == 2:
+        zeros = x.new_zeros(x.shape[0], module.hidden_size)
+        if len(args) > 1:
+            args[1] = zeros
+        elif "hx" in kwargs:
+            kwargs["hx"] = zeros
+        else:
+            args.append(zeros)
+    return tuple(args), kwargs
+
+
 def _single_example_fn(
     module: nn.Module, call: Call, batch: int
 ) -> tuple[Callable[..., Tensor], list[Tensor]]:
     """f(params, *per_example_args) -> output of one example (leading batch dim of 1 kept), and
     the batched tensors to vmap over."""
     wrapper = _ClassForward(module)
-    items = [("arg", i, v) for i, v in enumerate(call.args)] + [
-        ("kw", k, v) for k, v in call.kwargs.items()
+    call_args, call_kwargs = _with_zero_state(module, call)
+    items = [("arg", i, v) for i, v in enumerate(call_args)] + [
+        ("kw", k, v) for k, v in call_kwargs.items()
     ]
     batched = [isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == batch for _, _, v in items]
     batched_values = [v.detach() for (_, _, v), b in zip(items, batched) if b]

@@ -274,7 +274,10 @@ def _check_ids(
         f"files and metadata.json do not match: {REBUILD}"
     )
     if kind is None:
-        bad = pc.or_(pc.less(col, 0), pc.greater_equal(col, size))
+        if pa.types.is_unsigned_integer(col.type):  # above 2^63 no int64 0 compares with it
+            bad = pc.greater_equal(col, pa.scalar(size, col.type))  # size <= hi: it fits
+        else:
+            bad = pc.or_(pc.less(col, 0), pc.greater_equal(col, size))
         _bad_row(path, c, col, bad, first_row, msg)
     arr = col.combine_chunks()
     flat = np.asarray(pc.list_flatten(arr).to_numpy(zero_copy_only=False))
