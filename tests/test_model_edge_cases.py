@@ -218,8 +218,10 @@ def test_gradient_accumulation_is_refused_when_the_loss_does_not_come_from_forwa
     assert engine.ledger.steps == 2
     before = snapshot(model)
     model.compute_loss(*batches[0]).backward()
+    model.compute_loss(*batches[1]).item()  # logged, not backpropagated: harmless
+    model.compute_loss(*batches[1]).backward()  # a second micro-batch's gradient
     with pytest.raises(ConfigError, match="gradient accumulation"):
-        model.compute_loss(*batches[1])
+        opt.step()
     opt.zero_grad()  # drops the unused backward: the loop goes on
     assert engine.ledger.steps == 2
     assert all(torch.equal(t, before[k]) for k, t in snapshot(model).items())
@@ -450,3 +452,43 @@ def test_the_sgd_mode_optimizer_adds_a_parameter_group_to_the_optimizer_it_wraps
     model(torch.randn(8, 6)).pow(2).mean().backward()
     opt.step()
     assert not torch.equal(model[0].weight, before)
+
+
+class Checkpointed(nn.Module):
+    def __init__(self, reentrant: bool | None) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(8, 16), nn.Linear(16, 16), nn.Linear(16, 1)
+        self.reentrant = reentrant
+
+    def block(self, x):
+        return torch.relu(self.b(torch.relu(self.a(x))))
+
+    def forward(self, x):
+        if self.reentrant is None:
+            return self.c(self.block(x)).squeeze(1)
+        from torch.utils.checkpoint import checkpoint
+
+        return self.c(checkpoint(self.block, x, use_reentrant=self.reentrant)).squeeze(1)
+
+
+@pytest.mark.parametrize("mode", ["dpsgd_b", "dpsgd_f", "lazydp"])
+def test_activation_checkpointing_trains_as_the_same_model_without_it(mode):
+    # The recompute runs the block's layers inside the backward, after later layers' outputs
+    # got their gradients: it was refused as gradient accumulation for a while.
+    x, y = torch.randn(3, 16, 8), torch.randn(3, 16)
+    out = []
+    for reentrant in (None, False, True):
+        torch.manual_seed(0)
+        model, opt, engine = _private(Checkpointed(reentrant), mode)
+        with zero_noise():
+            for xb, yb in zip(x, y):
+                opt.zero_grad()
+                nn.functional.mse_loss(model(xb.requires_grad_(reentrant is True)), yb).backward()
+                opt.step()
+        assert engine.ledger.steps == 3
+        out.append(snapshot(model))
+    torch.manual_seed(0)
+    assert not torch.equal(out[0]["a.weight"], Checkpointed(None).a.weight)  # it trained
+    for other in out[1:]:
+        for k, v in out[0].items():
+            torch.testing.assert_close(other[k], v, msg=k)

@@ -76,6 +76,7 @@ class _Record:
     # Shared by the records of one pass (CaptureSet._backed): set by the first backward that
     # reaches any of them, so a later training forward can tell it would start accumulating.
     backed: list[bool] = field(default_factory=lambda: [False])
+    late: bool = False  # made after a backward reached this pass (see CaptureSet._make_forward)
     # The version counter of each tensor argument right after the layer ran (see
     # CaptureSet.check_inputs_unchanged); -1: an inference tensor, which has none.
     versions: tuple[int, ...] = ()
@@ -191,10 +192,12 @@ class CaptureSet:
         def forward(*args: Any, **kwargs: Any) -> Tensor:
             if self._passthrough:  # dpsgd_r's second pass: plain autograd through the parameters
                 return cls_forward(module, *args, **kwargs)
-            if self._backed[0] and torch.is_grad_enabled():
-                # Also where the loss does not come from model(...) (a compute_loss method
-                # calling the layers): the root's pre-hook never sees that forward.
-                self._refuse_accumulation()
+            # A training call after a backward the step has not used yet. Fine if nothing
+            # backpropagates through it (a logged norm); accumulation if something does, also
+            # where the loss does not come from model(...) (a compute_loss method calling the
+            # layers), which the root's pre-hook never sees: check_no_late_gradient refuses it.
+            # Calls made inside a backward (activation checkpointing's recompute) are not late.
+            late = self._backed[0] and torch._C._current_graph_task_id() == -1
             memo: dict[str, Any] = {}
             read = None
             if layer.is_table:
@@ -228,7 +231,7 @@ class CaptureSet:
                     "sequence in your forward."
                 )
             batch = out.shape[0] if out.dim() > 0 else 1
-            record = _Record(args, kwargs, batch, memo=memo, backed=self._backed)
+            record = _Record(args, kwargs, batch, memo=memo, backed=self._backed, late=late)
             record.seal()
             layer.records.append(record)
             return _Tap.apply(out, self._anchor, record)
@@ -343,6 +346,14 @@ class CaptureSet:
                 "nn.Linear for the projection), use the optimizer's weight_decay for an L2 "
                 "penalty, or freeze the parameter. Nothing was changed or charged."
             )
+
+    def check_no_late_gradient(self) -> None:
+        """ConfigError if a backward reached a layer call made after an earlier backward of
+        this pass: two micro-batches' gradients, which would be clipped as one batch."""
+        if any(
+            r.late and r.grad_output is not None for layer in self.layers for r in layer.records
+        ):
+            self._refuse_accumulation()
 
     def check_inputs_unchanged(self) -> None:
         """InputError if a tensor a layer read was modified in place after the layer ran.

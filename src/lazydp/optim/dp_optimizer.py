@@ -320,6 +320,7 @@ class DPOptimizer(OptimizerGroup):
         lazy_steps = {q: self._sgd_step(q) for q in self.lazy}
         cap.check_no_outside_use()
         cap.check_no_lost_gradient()
+        cap.check_no_late_gradient()
         cap.check_inputs_unchanged()
         self._check_groups_unchanged()
         self._check_uncaptured()
