@@ -48,7 +48,7 @@ from lazydp.accounting import SAMPLERS, calibrate_noise_multiplier, epoch_steps,
 from lazydp.capture import CaptureSet, copy_refused
 from lazydp.errors import ConfigError, PrivacyError, StorageError
 from lazydp.ledger import PrivacyLedger
-from lazydp.loader import DPDataLoader, worker_options
+from lazydp.loader import DPDataLoader, check_replay, worker_options
 from lazydp.noise import GaussianNoise, active_override
 from lazydp.optim.dp_optimizer import DPOptimizer, PrivacyParams
 from lazydp.optim.group import OptimizerGroup
@@ -446,7 +446,8 @@ class PrivacyEngine:
             self._rekey_noise()
         sampler = self._dp_sampler()
         if sampler is not None and "sampler" in state:
-            sampler.load_state_dict(state["sampler"])
+            assert isinstance(self.loader, DPDataLoader)
+            self.loader.restore(state["sampler"])
             redone = self.ledger.steps - int(state["ledger_steps"])
             if redone > 0 and isinstance(sampler, ShuffledFixedSize):
                 # The run went past this checkpoint and was charged for it. Redone, those
@@ -455,7 +456,7 @@ class PrivacyEngine:
                 # skipped instead, so no example is used twice in an epoch however often the
                 # run resumes from here. (Poisson needs nothing: a resumed sampler draws fresh
                 # coins, and redone steps are charged as the new steps they are.)
-                sampler.skip(redone)
+                self.loader.skip(redone)
         # The resumed run draws from the checkpoint's noise streams: still a reproducible run.
         self._resumed_seeded = self._resumed_seeded or bool(state.get("seeded", False))
         return dict(state.get("extra", {}))
@@ -581,6 +582,8 @@ class PrivacyEngine:
             return  # Poisson steps are independent: only the step counter is lost
         try:
             copy.deepcopy(sampler).load_state_dict(saved)
+            if sampler.name == "shuffle":
+                check_replay(saved.get("replay", []), sampler.num_samples, sampler.batch_size)
         except (ConfigError, KeyError, TypeError, ValueError) as exc:
             raise PrivacyError(
                 f"checkpoint {path}'s sampler position does not fit this loader ({exc}); resume "

@@ -35,12 +35,20 @@ class EmptySafeCollate:
 
 
 class _Counted(Sampler[list[int]]):
-    """The DP batch sampler, noting how many examples each batch it hands out holds: one queue
-    per iteration (``latest``), so that two iterators of one loader keep their own."""
+    """The DP batch sampler, keeping each batch it hands out until the loop receives it:
+    ``latest`` (one queue per iteration, so that two iterators of one loader keep their own)
+    holds those the DataLoader drew (workers run ahead) but has not yielded yet, and ``replay``
+    those an iteration left behind, which the next one hands out before drawing new ones.
+
+    Why: a loop that stops early (``break``, a peek with ``next(iter(loader))``) used to drop
+    the batches workers had drawn ahead. Dropped shuffled batches move the permutation's epochs
+    ahead of the charged steps, so an example could be used in more epochs than the accountant
+    (one Gaussian release per floor(N/B) steps) charged for."""
 
     def __init__(self, inner: Sampler[list[int]]) -> None:
         self.inner = inner
-        self.latest: deque[int] = deque()
+        self.latest: deque[list[int]] = deque()
+        self.replay: deque[list[int]] = deque()
 
     def __len__(self) -> int:
         return len(self.inner)  # type: ignore[arg-type]
@@ -49,10 +57,37 @@ class _Counted(Sampler[list[int]]):
         self.latest = deque()  # set when the DataLoader's iterator asks, before any batch
         return self._batches(self.latest)
 
-    def _batches(self, sizes: deque[int]) -> Iterator[list[int]]:
-        for batch in self.inner:
-            sizes.append(len(batch))
+    def _batches(self, pending: deque[list[int]]) -> Iterator[list[int]]:
+        while self.replay:
+            batch = self.replay.popleft()
+            pending.append(batch)
             yield batch
+        for batch in self.inner:
+            pending.append(batch)
+            yield batch
+
+    def skip(self, batches: int) -> None:
+        """Move past ``batches`` batches without handing them out (replayed ones first)."""
+        while batches and self.replay:
+            self.replay.popleft()
+            batches -= 1
+        if batches:
+            self.inner.skip(batches)  # type: ignore[attr-defined]
+
+
+def check_replay(replay: Any, num_samples: int, batch_size: int) -> list[list[int]]:
+    """A checkpoint's replayed shuffled batches, checked: ConfigError unless each is a list of
+    ``batch_size`` distinct ints in [0, num_samples) and no example is in two of them."""
+    if not isinstance(replay, list):
+        raise ConfigError(f"replay is {type(replay).__name__}, not a list of batches")
+    seen: set[int] = set()
+    for batch in replay:
+        ok = isinstance(batch, list) and len(batch) == batch_size
+        ok = ok and all(type(i) is int and 0 <= i < num_samples for i in batch)
+        if not ok or seen.intersection(batch) or len(set(batch)) != len(batch):
+            raise ConfigError("a replayed batch is not batch_size distinct examples of this data")
+        seen.update(batch)
+    return [list(b) for b in replay]
 
 
 # The user's DataLoader settings a private loader keeps (sampling and batching are its own).
@@ -177,28 +212,49 @@ class DPDataLoader(DataLoader):
         return None
 
     def sampler_state(self) -> dict[str, Any]:
-        """The DP sampler's state_dict, moved back over the batches workers drew but the loop
-        has not received yet: a resume draws those again instead of skipping them. (Across an
-        epoch boundary it is left ahead: skipped batches cost nothing, repeated ones would.)"""
+        """The DP sampler's state_dict, plus the batches it handed out that the loop has not
+        received. Shuffled: those batches themselves (``replay``), handed out first on resume,
+        so the permutation goes on exactly where the loop is, across epoch boundaries too.
+        Poisson: the position moved back over them within the epoch; a resume draws those
+        steps with fresh coins (across an epoch boundary it is left ahead: skipped Poisson
+        steps cost nothing)."""
         state = dict(self.dp_sampler.state_dict())  # type: ignore[attr-defined]
-        ahead = len(self._counted.latest)
-        if 0 < ahead <= int(state.get("position", 0)):
-            state["position"] -= ahead
-            state["step"] -= ahead
+        left = [*self._counted.replay, *self._counted.latest]
+        if state.get("name") == "shuffle":
+            state["replay"] = [list(b) for b in left]
+            return state
+        if 0 < len(left) <= int(state.get("position", 0)):
+            state["position"] -= len(left)
+            state["step"] -= len(left)
         return state
 
+    def restore(self, state: dict[str, Any]) -> None:
+        """Load a checkpoint's sampler state (checked by :func:`check_replay` before)."""
+        self.dp_sampler.load_state_dict(state)  # type: ignore[attr-defined]
+        self._counted.replay = deque(state.get("replay", []))
+
+    def skip(self, batches: int) -> None:
+        """Move past ``batches`` batches without yielding them (a resume's redone steps)."""
+        self._counted.skip(batches)
+
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
-        batches = super().__iter__()  # asks the sampler for its iterator: a fresh size queue
-        sizes = self._counted.latest
-        for batch in batches:
-            self.batches_drawn += 1
-            if sizes:
-                size = sizes.popleft()
-                if not self._untracked:
-                    self._yielded.append(size)
-                if len(self._yielded) > _WAITING_CAP:
-                    self._untracked = True
-                    self._yielded.clear()
-            yield batch
+        batches = super().__iter__()  # asks the sampler for its iterator: a fresh queue
+        pending = self._counted.latest
+        try:
+            for batch in batches:
+                self.batches_drawn += 1
+                if pending:
+                    size = len(pending.popleft())
+                    if not self._untracked:
+                        self._yielded.append(size)
+                    if len(self._yielded) > _WAITING_CAP:
+                        self._untracked = True
+                        self._yielded.clear()
+                yield batch
+        finally:
+            # Drawn for this iteration and never received (the loop stopped early, workers ran
+            # ahead of it): handed out again first, not dropped (see _Counted).
+            self._counted.replay.extendleft(reversed(pending))
+            pending.clear()
         if self.on_epoch_end is not None:
             self.on_epoch_end()

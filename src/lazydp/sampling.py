@@ -20,7 +20,9 @@ Contract (DESIGN.md invariants 1 and 5):
   (amplification by subsampling needs fresh coins). A shuffled sampler restores its permutation
   so that no example is used twice in one epoch (its accounting assumes no secrecy of batches),
   and skips the batches the ledger charged past the checkpoint instead of redoing them
-  (``PrivacyEngine.load_checkpoint``).
+  (``PrivacyEngine.load_checkpoint``). Batches workers drew ahead of the loop are neither
+  dropped nor redrawn: the private loader hands them out again (``loader._Counted``), and a
+  checkpoint keeps them.
 * Positions count batches *drawn*; a DataLoader with workers draws a few ahead of training.
 """
 
