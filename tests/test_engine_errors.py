@@ -437,3 +437,8 @@ def test_a_loader_whose_own_sampler_would_be_dropped_is_refused(options):
         _, _, dl, _ = private("dpsgd_f", nn.Linear(3, 1), data_loader=plain)  # accepted
     with pytest.raises(ConfigError, match="already a private loader"):
         private("dpsgd_f", nn.Linear(3, 1), data_loader=dl)
+    from torch.utils.data.distributed import DistributedSampler
+
+    per_rank = DataLoader(ds, batch_size=10, sampler=DistributedSampler(ds, 2, 0))
+    with pytest.raises(ConfigError, match="every rank the full dataset"):
+        private("dpsgd_f", nn.Linear(3, 1), data_loader=per_rank)

@@ -368,3 +368,15 @@ def test_ledgers_work_without_marks_where_none_can_be_kept(tmp_path, monkeypatch
     with pytest.warns(UserWarning, match="high-water mark"), PrivacyLedger(path) as ledger:
         assert ledger.steps == 4
         _charge(ledger, 2)  # one warning per ledger opened, not per charge
+
+
+def test_a_relative_state_directory_is_not_used(tmp_path, monkeypatch):
+    # Relative, it named another directory from another working directory: a resume started
+    # elsewhere found no mark and accepted an older copy.
+    from lazydp.ledger_mark import state_dir
+
+    monkeypatch.setenv("LAZYDP_STATE_DIR", "marks")
+    with pytest.warns(UserWarning, match="not an absolute path"):
+        assert state_dir() is not None and state_dir().is_absolute()
+    monkeypatch.setenv("LAZYDP_STATE_DIR", str(tmp_path / "marks"))
+    assert state_dir() == tmp_path / "marks"

@@ -112,9 +112,21 @@ def test_spark_reads_a_long_quoted_field_and_refuses_names_it_would_misread(tmp_
     assert spk["rows"] == emb["rows"] and spk["bad_rows"] == emb["bad_rows"] == 0
     _assert_same(tmp_path / "emb", tmp_path / "spk", ["train", "test"])
     # Spark reads "_x.csv" as a hidden file (zero rows, exit 0) and "x[1].csv" as a pattern.
-    for name in ("_part2.csv", "ml[1].csv"):
+    for name in ("_part2.csv", "ml[1].csv", "a:b.csv"):
         odd = tmp_path / name
         odd.write_bytes(src.read_bytes())
-        with pytest.raises(ConfigError, match="Spark reads a file whose name"):
-            preprocess("movielens", [odd], tmp_path / "o", engine="spark", spark=spark)
+        link = tmp_path / f"link{len(name)}.csv"  # Spark is given the file a link points to
+        link.symlink_to(odd)
+        for given in (odd, link):
+            with pytest.raises(ConfigError, match="Spark reads a file whose name"):
+                preprocess("movielens", [given], tmp_path / "o", engine="spark", spark=spark)
+    colon_dir = tmp_path / "t12:00"  # a ':' in a directory is read fine
+    colon_dir.mkdir()
+    (colon_dir / "day.csv").write_bytes(src.read_bytes())
+    assert (
+        preprocess(
+            "movielens", [colon_dir / "day.csv"], tmp_path / "c", engine="spark", spark=spark
+        )["rows"]
+        == emb["rows"]
+    )
     assert preprocess("movielens", [odd], tmp_path / "e", progress=False)["rows"] == emb["rows"]

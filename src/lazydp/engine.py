@@ -634,6 +634,13 @@ def _check_replaceable_sampling(data_loader: DataLoader, n: int) -> None:
     if plain_batches and plain:
         return
     used = sampler if plain_batches else batch_sampler
+    if type(used).__name__ == "DistributedSampler":
+        raise ConfigError(
+            "data_loader samples with DistributedSampler, which make_private replaces: pass "
+            "every rank the full dataset with batch_size=B (the global expected batch) and no "
+            "sampler; lazydp.distributed's private loader Poisson-samples each rank's shard. "
+            "A per-rank Subset would train each rank on a fraction of its shard."
+        )
     raise ConfigError(
         f"data_loader samples with {type(used).__name__}, which make_private replaces: the "
         f"private loader samples every one of the dataset's {n} examples at rate B/N (what "

@@ -224,7 +224,8 @@ class PrivacyLedger:
         """Read every line; returns the header's run id (None in ledgers from before it)."""
         run = None
         fix = (
-            f"Restore {path} from a backup, or repair that line by hand; deleting a step line "
+            f"Restore {path} from a backup taken after its last charge (an older one is "
+            "refused: ledger_mark.py), or repair that line by hand; deleting a step line "
             "under-reports the privacy spent."
         )
         try:
@@ -483,7 +484,7 @@ def require_existing(path: str | os.PathLike[str], expected_steps: int) -> Priva
     path = Path(path)
     restore = (
         "refusing to restart at epsilon 0; restore it from a backup of the run directory "
-        "(or copy it beside the checkpoint) and resume again."
+        "taken after its last charge (or copy it beside the checkpoint) and resume again."
     )
     if not path.is_file():
         raise PrivacyError(

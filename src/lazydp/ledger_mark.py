@@ -8,11 +8,12 @@ tell a restored backup from the real thing, so each ledger (by the ``run`` id in
 keeps one small file elsewhere holding how many charges it has made; a ledger that holds fewer
 is refused before its next charge (and on resume).
 
-Where: ``$LAZYDP_STATE_DIR`` if set (empty: no marks), else ``$XDG_STATE_HOME/lazydp``, else
+Where: ``$LAZYDP_STATE_DIR`` if set (empty: no marks; it must be absolute), else ``$XDG_STATE_HOME/lazydp``, else
 ``~/.local/state/lazydp``; one file per ledger under ``ledgers/`` (21 bytes). It protects
 against restores and copies on the machine that charged (or a shared home); it is not a
 defence against someone who also deletes the mark. Where the directory cannot be written, the
-ledger works without a mark and says so once.
+ledger works without a mark and says so once. Marks are never removed (a run's ledger may be
+resumed any time): one small file per ledger ever opened for charging.
 
 Cost: one ``pwrite`` of 21 bytes per charge, beside the ledger's own write.
 """
@@ -34,7 +35,18 @@ def state_dir() -> Path | None:
     """The directory marks live in, or None when ``LAZYDP_STATE_DIR`` is set empty."""
     explicit = os.environ.get("LAZYDP_STATE_DIR")
     if explicit is not None:
-        return Path(explicit) if explicit else None
+        if not explicit:
+            return None
+        path = Path(explicit).expanduser()
+        if path.is_absolute():
+            return path
+        # Relative, it would name another directory from another working directory, and a
+        # resume started elsewhere would find no mark.
+        warnings.warn(
+            f"LAZYDP_STATE_DIR={explicit!r} is not an absolute path; ledger marks stay in the "
+            "default directory. Set it to an absolute path.",
+            stacklevel=3,
+        )
     xdg = os.environ.get("XDG_STATE_HOME")
     return (Path(xdg) if xdg else Path.home() / ".local" / "state") / "lazydp"
 

@@ -363,12 +363,15 @@ def _check_inputs(paths: list[str], engine: str) -> None:
                 "in a DP vocabulary. Give each file once."
             )
         if engine == "spark":
-            name = path.name
-            if name.startswith(("_", ".")) or any(c in p for c in "*?[]{}:\\"):
+            # Spark is given the resolved path (links followed): check that one.
+            real = path.resolve()
+            odd = [c for c in "*?[]{}\\" if c in str(real)] or ":" in real.name
+            if real.name.startswith(("_", ".")) or odd:
                 raise ConfigError(
-                    f"input {p!r}: Spark reads a file whose name starts with '_' or '.' as "
-                    "hidden (zero rows) and a path with * ? [ ] { } : or \\ as a pattern or "
-                    "URI, not as this file. Rename or link it, or use --engine embedded."
+                    f"input {p!r} (the file {str(real)!r}): Spark reads a file whose name "
+                    "starts with '_' or '.' as hidden (zero rows, no error), a path with "
+                    "* ? [ ] { } or \\ as a pattern, and fails on a ':' in a file name. Copy "
+                    "or rename it, or use --engine embedded."
                 )
 
 
