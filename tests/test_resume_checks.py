@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from lazydp import PrivacyEngine, PrivacyError
+from lazydp import ConfigError, PrivacyEngine, PrivacyError
 from lazydp.testing import constant_noise
 from tests.test_engine_errors import private
 from tests.test_lazy import build, step
@@ -200,6 +200,55 @@ def test_shuffled_batches_workers_drew_ahead_of_a_stopped_loop_are_not_dropped(t
     epochs = engine.ledger.mechanism_counts()[0].epochs  # ceil(steps / 8)
     assert max(seen.count(i) for i in range(40)) <= epochs
     assert engine.ledger.steps == 20 and epochs == 3  # every loop got its batch
+
+
+def test_a_shuffled_checkpoint_between_a_batch_and_its_step_keeps_the_batch(tmp_path):
+    # `if i % k == 0: save_checkpoint()` at the top of the loop body: the batch in hand was
+    # neither charged nor still with the sampler, so a resume skipped one batch too many and
+    # the permutation ran ahead of the charged steps (an example used twice in 4 steps).
+    model, opt, dl, engine = _shuffled(tmp_path)
+    seen: list[int] = []
+    it = iter(dl)
+    _train_on(model, opt, itertools.islice(it, 1), seen)
+    held = next(it)
+    engine.save_checkpoint(tmp_path / "ck.pt")
+    _train_on(model, opt, [held, next(it)], seen)  # ... then a crash
+    del it
+    model, opt, dl, engine = _shuffled(tmp_path)
+    engine.load_checkpoint(tmp_path / "ck.pt")
+    _train_on(model, opt, dl, seen)  # the rest of the epoch
+    assert engine.ledger.steps == 8 and sorted(seen) == list(range(40))
+
+
+def test_a_second_live_iteration_of_the_private_loader_supersedes_the_first(tmp_path):
+    # With persistent workers both iterations share torch's one iterator: a batch came out of
+    # both (used twice in one epoch). The older one now stops with a message.
+    options = {"num_workers": 1, "prefetch_factor": 1, "persistent_workers": True}
+    model, opt, dl, engine = _shuffled(tmp_path, **options)
+    seen: list[int] = []
+    a = iter(dl)
+    _train_on(model, opt, [next(a)], seen)
+    b = iter(dl)
+    _train_on(model, opt, [next(b)], seen)
+    with pytest.raises(ConfigError, match="superseded by a newer one"):
+        next(a)
+    del a, b
+    _train_on(model, opt, dl, seen)
+    assert sorted(seen) == list(range(40)) and engine.ledger.steps == 8
+
+
+def test_a_checkpoint_whose_replayed_batches_the_permutation_never_handed_out_is_refused(
+    tmp_path,
+):
+    model, opt, dl, engine = _shuffled(tmp_path)
+    _train_on(model, opt, itertools.islice(dl, 2), [])
+    engine.save_checkpoint(tmp_path / "ck.pt")
+    state = torch.load(tmp_path / "ck.pt", weights_only=True)
+    for bad in ([list(range(5))], [[0, 0, 1, 2, 3]], "batches"):
+        state["sampler"]["replay"] = bad
+        torch.save(state, tmp_path / "bad.pt")
+        with pytest.raises(PrivacyError, match="sampler position does not fit"):
+            engine.load_checkpoint(tmp_path / "bad.pt")
 
 
 def test_a_checkpoint_without_the_shuffle_position_is_refused(tmp_path):

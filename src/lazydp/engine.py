@@ -581,9 +581,12 @@ class PrivacyEngine:
                 )
             return  # Poisson steps are independent: only the step counter is lost
         try:
-            copy.deepcopy(sampler).load_state_dict(saved)
+            restored = copy.deepcopy(sampler)
+            restored.load_state_dict(saved)
             if sampler.name == "shuffle":
-                check_replay(saved.get("replay", []), sampler.num_samples, sampler.batch_size)
+                check_replay(saved.get("replay", []), restored)
+            elif saved.get("replay"):
+                raise ConfigError("a Poisson sampler state has replayed batches")
         except (ConfigError, KeyError, TypeError, ValueError) as exc:
             raise PrivacyError(
                 f"checkpoint {path}'s sampler position does not fit this loader ({exc}); resume "

@@ -75,18 +75,24 @@ class _Counted(Sampler[list[int]]):
             self.inner.skip(batches)  # type: ignore[attr-defined]
 
 
-def check_replay(replay: Any, num_samples: int, batch_size: int) -> list[list[int]]:
-    """A checkpoint's replayed shuffled batches, checked: ConfigError unless each is a list of
-    ``batch_size`` distinct ints in [0, num_samples) and no example is in two of them."""
+def check_replay(replay: Any, sampler: Any) -> list[list[int]]:
+    """A checkpoint's replayed batches for the shuffled ``sampler`` (its checkpointed state
+    already loaded), checked: ConfigError unless each is one of the batches its permutation
+    handed out in the current or the previous epoch, none twice."""
     if not isinstance(replay, list):
         raise ConfigError(f"replay is {type(replay).__name__}, not a list of batches")
-    seen: set[int] = set()
+    if not replay:
+        return []
+    drawn = {tuple(b) for b in sampler.handed_out()}
+    seen: set[tuple[int, ...]] = set()
     for batch in replay:
-        ok = isinstance(batch, list) and len(batch) == batch_size
-        ok = ok and all(type(i) is int and 0 <= i < num_samples for i in batch)
-        if not ok or seen.intersection(batch) or len(set(batch)) != len(batch):
-            raise ConfigError("a replayed batch is not batch_size distinct examples of this data")
-        seen.update(batch)
+        key = tuple(batch) if isinstance(batch, list) else None
+        if key is None or key not in drawn or key in seen:
+            raise ConfigError(
+                "a replayed batch is not one the checkpoint's permutation handed out (or is "
+                "listed twice)"
+            )
+        seen.add(key)
     return [list(b) for b in replay]
 
 
@@ -119,6 +125,8 @@ SHORT_ROWS = (
     "dimension 0 the batch in every layer."
 )
 
+
+_END = object()  # the end of torch's batch iterator
 
 #: Batches yielded and not stepped on that the step checks follow (~36 MB of sizes at most).
 _WAITING_CAP = 1 << 20
@@ -164,7 +172,18 @@ class DPDataLoader(DataLoader):
         # first step, and dropping sizes would misalign every later check. Past the cap (a loop
         # iterating the loader without ever stepping) the checks are off for good.
         self._yielded: deque[int] = deque()
+        # Shuffled only: the batches themselves, beside their sizes. A checkpoint taken after
+        # a batch was yielded and before its step hands it out again first on resume (it was
+        # not charged; skipping it too would move the permutation ahead of the charged steps).
+        self._keep_batches = getattr(batch_sampler, "name", "") == "shuffle"
+        self._yielded_batches: deque[list[int]] = deque()
         self._untracked = False
+        # One live iteration at a time: a newer one (or a restore with workers) supersedes the
+        # older, whose undelivered batches go back to the replay queue and which then refuses
+        # to go on (with persistent workers two iterations share torch's one iterator, and a
+        # batch could come out of both).
+        self._generation = 0
+        self._live: deque[list[int]] | None = None  # the newest iteration's undelivered batches
         self.dp_sampler = batch_sampler  # its state_dict goes into checkpoints
         self.short_steps = 0  # steps whose layers saw fewer rows than their batch held
 
@@ -188,8 +207,7 @@ class DPDataLoader(DataLoader):
             self.short_steps += 1
             if self.short_steps == 1:
                 warnings.warn(SHORT_ROWS, stacklevel=4)
-        for _ in range(fits + 1):
-            waiting.popleft()
+        self._take(fits + 1)
         return None
 
     def check_skipped(self) -> int | None:
@@ -207,9 +225,15 @@ class DPDataLoader(DataLoader):
         empty = next((i for i, size in enumerate(waiting) if size == 0), None)
         if empty is None:
             return waiting[0]
-        for _ in range(empty + 1):
-            waiting.popleft()
+        self._take(empty + 1)
         return None
+
+    def _take(self, batches: int) -> None:
+        """The oldest ``batches`` waiting batches are stepped on (or skipped)."""
+        for _ in range(batches):
+            self._yielded.popleft()
+            if self._yielded_batches:
+                self._yielded_batches.popleft()
 
     def sampler_state(self) -> dict[str, Any]:
         """The DP sampler's state_dict, plus the batches it handed out that the loop has not
@@ -221,6 +245,7 @@ class DPDataLoader(DataLoader):
         state = dict(self.dp_sampler.state_dict())  # type: ignore[attr-defined]
         left = [*self._counted.replay, *self._counted.latest]
         if state.get("name") == "shuffle":
+            left = [*self._yielded_batches, *left]  # yielded, not stepped on: not charged
             state["replay"] = [list(b) for b in left]
             return state
         if 0 < len(left) <= int(state.get("position", 0)):
@@ -229,32 +254,64 @@ class DPDataLoader(DataLoader):
         return state
 
     def restore(self, state: dict[str, Any]) -> None:
-        """Load a checkpoint's sampler state (checked by :func:`check_replay` before)."""
+        """Load a checkpoint's sampler state (checked by :func:`check_replay` before). With
+        workers, a loop still running over this loader is superseded: its prefetched batches
+        belong to the state before."""
+        if self.num_workers > 0:
+            self._supersede()  # (its batches go to the replay queue, replaced just below)
         self.dp_sampler.load_state_dict(state)  # type: ignore[attr-defined]
-        self._counted.replay = deque(state.get("replay", []))
+        replay = state.get("replay", []) if self._keep_batches else []
+        self._counted.replay = deque(list(b) for b in replay)
+        self._yielded.clear()
+        self._yielded_batches.clear()
+
+    def _supersede(self) -> None:
+        """End the live iteration: its undelivered batches go back to the replay queue."""
+        self._generation += 1
+        if self._live is not None:
+            self._counted.replay.extendleft(reversed(self._live))
+            self._live.clear()
+            self._live = None
 
     def skip(self, batches: int) -> None:
         """Move past ``batches`` batches without yielding them (a resume's redone steps)."""
         self._counted.skip(batches)
 
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
-        batches = super().__iter__()  # asks the sampler for its iterator: a fresh queue
-        pending = self._counted.latest
+        self._supersede()  # an older iteration still alive stops here
+        mine = self._generation
+        batches = iter(super().__iter__())  # asks the sampler for its iterator: a fresh queue
+        pending = self._live = self._counted.latest
         try:
-            for batch in batches:
+            while True:
+                if mine != self._generation:
+                    raise ConfigError(
+                        "this iteration of the private data loader was superseded by a newer "
+                        "one (or by load_checkpoint) while it still had batches: iterate the "
+                        "loader once at a time (a peek with next(iter(loader)) is fine; keep "
+                        "no older iterator to go on with). Its undelivered batches were kept."
+                    )
+                batch = next(batches, _END)
+                if batch is _END:
+                    break
                 self.batches_drawn += 1
                 if pending:
-                    size = len(pending.popleft())
+                    handed = pending.popleft()
                     if not self._untracked:
-                        self._yielded.append(size)
+                        self._yielded.append(len(handed))
+                        if self._keep_batches:
+                            self._yielded_batches.append(handed)
                     if len(self._yielded) > _WAITING_CAP:
                         self._untracked = True
                         self._yielded.clear()
+                        self._yielded_batches.clear()
                 yield batch
         finally:
             # Drawn for this iteration and never received (the loop stopped early, workers ran
             # ahead of it): handed out again first, not dropped (see _Counted).
             self._counted.replay.extendleft(reversed(pending))
             pending.clear()
+            if self._live is pending:
+                self._live = None
         if self.on_epoch_end is not None:
             self.on_epoch_end()

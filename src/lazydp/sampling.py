@@ -198,6 +198,21 @@ class ShuffledFixedSize(_StatefulBatchSampler):
         batch.sort()
         return batch.tolist()
 
+    def handed_out(self) -> list[list[int]]:
+        """The batches this epoch's permutation has handed out so far, and the previous
+        epoch's (a checkpoint's replayed batches must be among them)."""
+        out: list[list[int]] = []
+        # Position 0 after the first step: this epoch ended (the next starts at the next draw).
+        done = self._position if self._position or not self._step else self.steps
+        for epoch, upto in ((self._epoch - 1, self.steps), (self._epoch, done)):
+            if epoch < 0:
+                continue
+            perm = self._rng(0, epoch).permutation(self.num_samples)
+            for position in range(upto):
+                rows = perm[position * self.batch_size : (position + 1) * self.batch_size]
+                out.append(sorted(rows.tolist()))
+        return out
+
     def skip(self, batches: int) -> None:
         """Move past ``batches`` batches as if they had been drawn (across epochs too)."""
         for _ in range(batches):
