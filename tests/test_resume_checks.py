@@ -278,3 +278,16 @@ def test_a_shuffled_epoch_cannot_change_its_noise_half_way(tmp_path):
     with pytest.raises(PrivacyError, match="middle of a shuffled epoch"):
         again.load_checkpoint(tmp_path / "mid.pt")
     assert any("SHUFFLE NEIGHBOURS" in c for c in again.privacy_report(1e-5).caveats)
+
+
+def test_a_shuffled_loader_iterated_without_steps_keeps_bounded_state(tmp_path, monkeypatch):
+    # It keeps each yielded batch's indices until a step takes it: a loop that never steps
+    # (statistics over the private loader) would grow that list with every batch.
+    from lazydp import loader as loader_mod
+
+    monkeypatch.setattr(loader_mod, "_KEPT_INDICES_CAP", 20)  # four batches of five
+    _, _, dl, _ = _shuffled(tmp_path)
+    for _ in range(3):
+        for _ in dl:
+            pass
+    assert dl._untracked and not dl._yielded_batches and not dl._yielded

@@ -128,8 +128,11 @@ SHORT_ROWS = (
 
 _END = object()  # the end of torch's batch iterator
 
-#: Batches yielded and not stepped on that the step checks follow (~36 MB of sizes at most).
+#: Batches yielded and not stepped on that the step checks follow (~36 MB of sizes at most),
+#: and the example indices of those a shuffled loader keeps (~600 MB at most: a loop that
+#: iterates without ever stepping); past either, the checks are off for good.
 _WAITING_CAP = 1 << 20
+_KEPT_INDICES_CAP = 1 << 24
 
 
 class DPDataLoader(DataLoader):
@@ -301,7 +304,8 @@ class DPDataLoader(DataLoader):
                         self._yielded.append(len(handed))
                         if self._keep_batches:
                             self._yielded_batches.append(handed)
-                    if len(self._yielded) > _WAITING_CAP:
+                    kept = len(self._yielded_batches) * len(handed)
+                    if len(self._yielded) > _WAITING_CAP or kept > _KEPT_INDICES_CAP:
                         self._untracked = True
                         self._yielded.clear()
                         self._yielded_batches.clear()
