@@ -130,3 +130,18 @@ def test_spark_reads_a_long_quoted_field_and_refuses_names_it_would_misread(tmp_
         == emb["rows"]
     )
     assert preprocess("movielens", [odd], tmp_path / "e", progress=False)["rows"] == emb["rows"]
+
+
+def test_both_engines_refuse_text_that_is_not_utf8_with_the_same_message(tmp_path, spark):
+    # Spark's text source reads bytes that are not UTF-8 as U+FFFD and used to go on (the
+    # embedded reader refused the file): the engines hashed different text.
+    good = (FIX / "movielens_small.csv").read_bytes().split(b"\n")
+    for name, bad in (("bytes.csv", b"\xff\xfe"), ("fffd.csv", "\ufffd".encode())):
+        src = tmp_path / name
+        src.write_bytes(b"\n".join([*good[:3], good[3] + bad, *good[4:]]))
+        with pytest.raises(DataError) as emb:
+            preprocess("movielens", [src], tmp_path / "a", progress=False)
+        with pytest.raises(DataError) as spk:
+            preprocess("movielens", [src], tmp_path / "b", engine="spark", spark=spark)
+        assert str(emb.value) == str(spk.value)
+        assert f"{name}, line 4: invalid UTF-8" in str(spk.value)

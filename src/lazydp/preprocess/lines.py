@@ -18,6 +18,10 @@ from typing import IO
 from lazydp.errors import DataError
 
 BLOCK_BYTES = 8 << 20
+NOT_UTF8 = (
+    "invalid UTF-8 (or U+FFFD, the character a lossy conversion leaves for such bytes); "
+    "re-encode the file as UTF-8"
+)
 
 
 # Leading bytes of compressed files this reader does not decompress (only ``.gz`` is read).
@@ -95,9 +99,7 @@ def _split_lines(data: bytes, path: Path, first_no: int) -> list[str]:
         return [line.decode("utf-8") for line in raw]
     except UnicodeDecodeError as exc:
         bad = next(i for i, line in enumerate(raw) if not _is_utf8(line))
-        raise DataError(
-            f"{path}, line {first_no + bad}: invalid UTF-8; re-encode the file as UTF-8"
-        ) from exc
+        raise DataError(f"{path}, line {first_no + bad}: {NOT_UTF8}") from exc
 
 
 def _is_utf8(line: bytes) -> bool:

@@ -29,6 +29,7 @@ from tqdm import tqdm
 from lazydp.errors import ConfigError, DataError
 from lazydp.preprocess import sql
 from lazydp.preprocess.engine import Engine
+from lazydp.preprocess.lines import NOT_UTF8
 from lazydp.preprocess.output import atomic_directory, write_metadata
 from lazydp.preprocess.spec import FormatSpec, get_format
 from lazydp.preprocess.vocabulary import new_seed, split_budget
@@ -155,6 +156,7 @@ def _run(
         disable=not getattr(engine, "progress", True),
     )
     headers = engine.load_lines(paths)
+    _check_text(engine, paths)
     for i, (path, header) in enumerate(zip(paths, headers)):
         positions, n_expected = _positions(spec, path, header)
         engine.view(f"parsed_{i}", sql.parse_file_sql(d, spec, i, positions, n_expected))
@@ -340,6 +342,23 @@ def preprocess(
         shutil.rmtree(tmp / SPILL_DIR, ignore_errors=True)
         write_metadata(tmp, meta)
     return meta
+
+
+def _check_text(engine: Engine, paths: list[str]) -> None:
+    """DataError at the first line that is not UTF-8 or holds U+FFFD. Spark's text source
+    keeps bytes that are not UTF-8 (shown as U+FFFD) where the embedded reader refuses them
+    (lines.py), so the engines would hash different text; refusing both in both keeps their
+    outputs the same."""
+    bad = "line LIKE '%\ufffd%'"
+    if engine.name == "spark":  # the embedded engine's lines are valid UTF-8 already
+        bad += " OR NOT is_valid_utf8(line)"
+    found = engine.query(
+        f"SELECT file_idx, min(line_no) FROM lines WHERE {bad} "
+        "GROUP BY file_idx ORDER BY file_idx LIMIT 1"
+    )
+    if found:
+        file_idx, line_no = found[0]
+        raise DataError(f"{paths[int(file_idx)]}, line {int(line_no)}: {NOT_UTF8}")
 
 
 def _check_inputs(paths: list[str], engine: str) -> None:
