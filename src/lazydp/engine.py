@@ -447,16 +447,9 @@ class PrivacyEngine:
         sampler = self._dp_sampler()
         if sampler is not None and "sampler" in state:
             assert isinstance(self.loader, DPDataLoader)
-            self.loader.restore(state["sampler"])
+            # The steps charged past this checkpoint: a shuffled loader skips their batches.
             redone = self.ledger.steps - int(state["ledger_steps"])
-            if redone > 0 and isinstance(sampler, ShuffledFixedSize):
-                # The run went past this checkpoint and was charged for it. Redone, those
-                # batches would use their examples again in the same epoch (a restored
-                # permutation), while the accountant charges a shuffled epoch once: they are
-                # skipped instead, so no example is used twice in an epoch however often the
-                # run resumes from here. (Poisson needs nothing: a resumed sampler draws fresh
-                # coins, and redone steps are charged as the new steps they are.)
-                self.loader.skip(redone)
+            self.loader.restore(state["sampler"], redone)
         # The resumed run draws from the checkpoint's noise streams: still a reproducible run.
         self._resumed_seeded = self._resumed_seeded or bool(state.get("seeded", False))
         return dict(state.get("extra", {}))

@@ -66,6 +66,11 @@ class _Counted(Sampler[list[int]]):
             pending.append(batch)
             yield batch
 
+    def hand_back(self, batches: deque[list[int]]) -> None:
+        """``batches`` (handed out, never received) go first in line again; emptied."""
+        self.replay.extendleft(reversed(batches))
+        batches.clear()
+
     def skip(self, batches: int) -> None:
         """Move past ``batches`` batches without handing them out (replayed ones first)."""
         while batches and self.replay:
@@ -128,9 +133,9 @@ SHORT_ROWS = (
 
 _END = object()  # the end of torch's batch iterator
 
-#: Batches yielded and not stepped on that the step checks follow (~36 MB of sizes at most),
-#: and the example indices of those a shuffled loader keeps (~600 MB at most: a loop that
-#: iterates without ever stepping); past either, the checks are off for good.
+#: Batches yielded and not stepped on that the step checks follow, and the example indices
+#: they hold (~600 MB at most: a loop that iterates without ever stepping); past either, the
+#: checks are off for good.
 _WAITING_CAP = 1 << 20
 _KEPT_INDICES_CAP = 1 << 24
 
@@ -174,12 +179,11 @@ class DPDataLoader(DataLoader):
         # Unbounded up to a cap: a loop may cache a whole epoch (``list(loader)``) before its
         # first step, and dropping sizes would misalign every later check. Past the cap (a loop
         # iterating the loader without ever stepping) the checks are off for good.
-        self._yielded: deque[int] = deque()
-        # Shuffled only: the batches themselves, beside their sizes. A checkpoint taken after
-        # a batch was yielded and before its step hands it out again first on resume (it was
-        # not charged; skipping it too would move the permutation ahead of the charged steps).
-        self._keep_batches = getattr(batch_sampler, "name", "") == "shuffle"
-        self._yielded_batches: deque[list[int]] = deque()
+        # The batches themselves: a shuffled checkpoint taken after a batch was yielded and
+        # before its step hands it out again first on resume (it was not charged; skipping it
+        # too would move the permutation ahead of the charged steps).
+        self._yielded: deque[list[int]] = deque()
+        self._shuffled = getattr(batch_sampler, "name", "") == "shuffle"
         self._untracked = False
         # One live iteration at a time: a newer one (or a restore with workers) supersedes the
         # older, whose undelivered batches go back to the replay queue and which then refuses
@@ -203,10 +207,10 @@ class DPDataLoader(DataLoader):
         waiting = self._yielded
         if not waiting or self._untracked:
             return None  # no batch from this loader (a hand-built one: the report flags it)
-        fits = next((i for i, size in enumerate(waiting) if rows <= size), None)
+        fits = next((i for i, b in enumerate(waiting) if rows <= len(b)), None)
         if fits is None:
-            return max(waiting)
-        if rows < waiting[fits]:
+            return max(len(b) for b in waiting)
+        if rows < len(waiting[fits]):
             self.short_steps += 1
             if self.short_steps == 1:
                 warnings.warn(SHORT_ROWS, stacklevel=4)
@@ -225,9 +229,9 @@ class DPDataLoader(DataLoader):
             return None
         if not waiting:
             return 0 if self.batches_drawn else None
-        empty = next((i for i, size in enumerate(waiting) if size == 0), None)
+        empty = next((i for i, b in enumerate(waiting) if not b), None)
         if empty is None:
-            return waiting[0]
+            return len(waiting[0])
         self._take(empty + 1)
         return None
 
@@ -235,8 +239,6 @@ class DPDataLoader(DataLoader):
         """The oldest ``batches`` waiting batches are stepped on (or skipped)."""
         for _ in range(batches):
             self._yielded.popleft()
-            if self._yielded_batches:
-                self._yielded_batches.popleft()
 
     def sampler_state(self) -> dict[str, Any]:
         """The DP sampler's state_dict, plus the batches it handed out that the loop has not
@@ -247,8 +249,8 @@ class DPDataLoader(DataLoader):
         steps cost nothing)."""
         state = dict(self.dp_sampler.state_dict())  # type: ignore[attr-defined]
         left = [*self._counted.replay, *self._counted.latest]
-        if state.get("name") == "shuffle":
-            left = [*self._yielded_batches, *left]  # yielded, not stepped on: not charged
+        if self._shuffled:
+            left = [*self._yielded, *left]  # yielded, not stepped on: not charged
             state["replay"] = [list(b) for b in left]
             return state
         if 0 < len(left) <= int(state.get("position", 0)):
@@ -256,29 +258,31 @@ class DPDataLoader(DataLoader):
             state["step"] -= len(left)
         return state
 
-    def restore(self, state: dict[str, Any]) -> None:
+    def restore(self, state: dict[str, Any], redone: int = 0) -> None:
         """Load a checkpoint's sampler state (checked by :func:`check_replay` before). With
         workers, a loop still running over this loader is superseded: its prefetched batches
-        belong to the state before."""
+        belong to the state before.
+
+        ``redone``: steps the ledger charged after the checkpoint. Shuffled, those batches
+        are skipped: redone, they would use their examples again in the same epoch (a
+        restored permutation), while the accountant charges a shuffled epoch once. (Poisson
+        needs nothing: a resumed sampler draws fresh coins, and redone steps are charged as
+        the new steps they are.)"""
         if self.num_workers > 0:
             self._supersede()  # (its batches go to the replay queue, replaced just below)
         self.dp_sampler.load_state_dict(state)  # type: ignore[attr-defined]
-        replay = state.get("replay", []) if self._keep_batches else []
+        replay = state.get("replay", []) if self._shuffled else []
         self._counted.replay = deque(list(b) for b in replay)
         self._yielded.clear()
-        self._yielded_batches.clear()
+        if self._shuffled and redone > 0:
+            self._counted.skip(redone)
 
     def _supersede(self) -> None:
         """End the live iteration: its undelivered batches go back to the replay queue."""
         self._generation += 1
         if self._live is not None:
-            self._counted.replay.extendleft(reversed(self._live))
-            self._live.clear()
+            self._counted.hand_back(self._live)
             self._live = None
-
-    def skip(self, batches: int) -> None:
-        """Move past ``batches`` batches without yielding them (a resume's redone steps)."""
-        self._counted.skip(batches)
 
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
         self._supersede()  # an older iteration still alive stops here
@@ -301,20 +305,16 @@ class DPDataLoader(DataLoader):
                 if pending:
                     handed = pending.popleft()
                     if not self._untracked:
-                        self._yielded.append(len(handed))
-                        if self._keep_batches:
-                            self._yielded_batches.append(handed)
-                    kept = len(self._yielded_batches) * len(handed)
+                        self._yielded.append(handed)
+                    kept = len(self._yielded) * len(handed)
                     if len(self._yielded) > _WAITING_CAP or kept > _KEPT_INDICES_CAP:
                         self._untracked = True
                         self._yielded.clear()
-                        self._yielded_batches.clear()
                 yield batch
         finally:
             # Drawn for this iteration and never received (the loop stopped early, workers ran
             # ahead of it): handed out again first, not dropped (see _Counted).
-            self._counted.replay.extendleft(reversed(pending))
-            pending.clear()
+            self._counted.hand_back(pending)
             if self._live is pending:
                 self._live = None
         if self.on_epoch_end is not None:

@@ -67,13 +67,17 @@ class _StatefulBatchSampler(Sampler[list[int]]):
     def __len__(self) -> int:
         return self.steps
 
+    def _next(self) -> list[int]:
+        """Draw the batch at the current position and move past it."""
+        batch = self._draw(self._step, self._position)
+        self._step += 1
+        self._position += 1
+        return batch
+
     def __iter__(self) -> Iterator[list[int]]:
         # A resumed sampler starts mid-epoch; afterwards every epoch starts at 0.
         while self._position < self.steps:
-            batch = self._draw(self._step, self._position)
-            self._step += 1
-            self._position += 1
-            yield batch
+            yield self._next()
         self._position = 0
 
     def state_dict(self) -> dict[str, Any]:
@@ -194,9 +198,11 @@ class ShuffledFixedSize(_StatefulBatchSampler):
             if position == 0 and step > 0:
                 self._epoch += 1
             self._perm = self._rng(0, self._epoch).permutation(self.num_samples)
-        batch = self._perm[position * self.batch_size : (position + 1) * self.batch_size].copy()
-        batch.sort()
-        return batch.tolist()
+        return self._batch_of(self._perm, position)
+
+    def _batch_of(self, perm: np.ndarray, position: int) -> list[int]:
+        """The sorted examples of ``perm``'s batch at ``position``."""
+        return np.sort(perm[position * self.batch_size : (position + 1) * self.batch_size]).tolist()
 
     def handed_out(self) -> list[list[int]]:
         """The batches this epoch's permutation has handed out so far, and the previous
@@ -208,9 +214,7 @@ class ShuffledFixedSize(_StatefulBatchSampler):
             if epoch < 0:
                 continue
             perm = self._rng(0, epoch).permutation(self.num_samples)
-            for position in range(upto):
-                rows = perm[position * self.batch_size : (position + 1) * self.batch_size]
-                out.append(sorted(rows.tolist()))
+            out += [self._batch_of(perm, position) for position in range(upto)]
         return out
 
     def skip(self, batches: int) -> None:
@@ -218,9 +222,7 @@ class ShuffledFixedSize(_StatefulBatchSampler):
         for _ in range(batches):
             if self._position >= self.steps:  # the epoch ended: the next starts at 0
                 self._position = 0
-            self._draw(self._step, self._position)  # keeps the epoch and permutation in step
-            self._step += 1
-            self._position += 1
+            self._next()  # drawn, so that the epoch and permutation keep in step
 
     def state_dict(self) -> dict[str, Any]:
         """Position plus the permutation's entropy and epoch (not secret: no amplification)."""

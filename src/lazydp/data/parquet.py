@@ -167,13 +167,7 @@ class ParquetDataset:
             # and checked once now, one at a time, so that bad data stops the run before
             # anything is charged, not at the step that first reads it (budget lost).
             for key in self._groups:
-                fi, g = key
-                pf = self._parquet[fi]
-                group = _read(
-                    self.files[fi], partial(pf.read_row_group, g, columns=self.columns), g
-                )
-                check_table(self.files[fi], group, self._checks, self._file_row[key])
-                self._checked.add(key)
+                self._read_checked(key)
         self._cache: OrderedDict[tuple[int, int], pa.Table] = OrderedDict()
 
     def __len__(self) -> int:
@@ -197,10 +191,8 @@ class ParquetDataset:
                 t = t.set_column(i, c.name, pc.cast(col, c.target_type, safe=False))
         return t
 
-    def _group(self, key: tuple[int, int]) -> pa.Table:
-        if key in self._cache:
-            self._cache.move_to_end(key)
-            return self._cache[key]
+    def _read_checked(self, key: tuple[int, int]) -> pa.Table:
+        """Row group ``key`` as stored, checked the first time it is read."""
         fi, g = key
         table = _read(
             self.files[fi], partial(self._parquet[fi].read_row_group, g, columns=self.columns), g
@@ -208,7 +200,13 @@ class ParquetDataset:
         if key not in self._checked:
             check_table(self.files[fi], table, self._checks, self._file_row[key])
             self._checked.add(key)
-        table = self._canonical(table)
+        return table
+
+    def _group(self, key: tuple[int, int]) -> pa.Table:
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        table = self._canonical(self._read_checked(key))
         self._cache[key] = table
         if len(self._cache) > ROW_GROUP_CACHE:
             self._cache.popitem(last=False)

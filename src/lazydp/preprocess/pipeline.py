@@ -374,13 +374,14 @@ def _check_inputs(paths: list[str], engine: str) -> None:
             hint = f" (for the files in it, pass {p.rstrip('/')}/*)" if path.is_dir() else ""
             raise ConfigError(f"input {p!r} is not a file; check the path{hint}")
         st = path.stat()
-        first = seen.setdefault((st.st_dev, st.st_ino), p)
-        if first != p or sum(q == p for q in paths) > 1:
+        first = seen.get((st.st_dev, st.st_ino))
+        if first is not None:
             raise ConfigError(
                 f"input {p!r} is given twice (as {first!r} too, or through a link): its "
                 "records would be read twice and count as two people each, in training and "
                 "in a DP vocabulary. Give each file once."
             )
+        seen[(st.st_dev, st.st_ino)] = p
         if engine == "spark":
             # Spark is given the resolved path (links followed): check that one.
             real = path.resolve()
