@@ -6,8 +6,8 @@ Gaussians (``2 u d`` with table momentum: the velocity's too). ``measure_noise_f
 exactly that with lazydp's generator (``lazydp.noise.GaussianNoise``), on the same batches the
 harness feeds the modes: it regenerates the workload's batch stream, counts the distinct rows of
 each measured step, and times ONE ``normal_`` call per step into a preallocated buffer (the
-generator's best case: one call spreads over all threads, no allocation). lazydp / (sgd + floor) is then the overhead LazyDP adds beyond
-what exact noise costs.
+generator's best case: one call spreads over all threads, no allocation). lazydp / (sgd +
+floor) is then the overhead LazyDP adds beyond what exact noise costs.
 """
 
 from __future__ import annotations
