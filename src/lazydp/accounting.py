@@ -7,8 +7,10 @@ Contract:
   (add/remove-one adjacency), i.e. amplification by Poisson subsampling.
 * ``sampler="shuffle"`` (fixed-size batches from a shuffled epoch) gets *no* amplification: each
   example is used once per epoch, so a group costs ``ceil(steps / floor(1/q))`` compositions of
-  ``GaussianDpEvent(sigma)``. :func:`compute_epsilon_as_if_poisson` gives the (commonly
-  reported, unjustified) Poisson figure beside it, so a report can show both.
+  ``GaussianDpEvent(sigma)``, or more where the ledger recorded that its steps drew from more
+  epochs (``releases``: batches a loop received and never stepped on; shuffle_epochs.py).
+  :func:`compute_epsilon_as_if_poisson` gives the (commonly reported, unjustified) Poisson
+  figure beside it, so a report can show both.
 * ``noise_multiplier == 0`` with ``steps > 0`` costs ``inf``.
 * PLD (the default) is a pessimistic estimate: never below the true epsilon of the mechanism.
   Its discretisation interval is chosen per call as ``1e-4 * (a coarse first estimate)``,
@@ -72,6 +74,8 @@ class MechanismCount:
     noise_multiplier: float
     steps: int
     sampler: str = "poisson"
+    # Shuffled epochs the steps were recorded drawing from (shuffle_epochs.py); 0: none recorded.
+    releases: int = 0
 
     def __post_init__(self) -> None:
         # Normalise (numpy scalars -> float) so equal groups hash equally in the cache.
@@ -79,6 +83,9 @@ class MechanismCount:
         object.__setattr__(self, "noise_multiplier", check_noise_multiplier(self.noise_multiplier))
         object.__setattr__(self, "steps", check_positive_int("steps", self.steps))
         check_choice("sampler", self.sampler, SAMPLERS)
+        r = self.releases
+        if isinstance(r, bool) or not isinstance(r, int) or r < 0:
+            raise ConfigError(f"releases={self.releases!r} must be an int >= 0")
 
     @property
     def epochs(self) -> int:
@@ -87,12 +94,17 @@ class MechanismCount:
         A shuffled epoch is floor(N/B) = floor(1/q) steps (the partial batch is dropped), not
         1/q: with N=10, B=3 ten epochs are 30 steps, and ceil(30 * 0.3) = 9 would under-count.
 
+        At least ``releases``: the epochs the ledger recorded the steps drawing from, more
+        than the steps fill when a loop received batches it never stepped on.
+
         >>> MechanismCount(0.3, 1.0, 30, "shuffle").epochs
         10
+        >>> MechanismCount(0.3, 1.0, 30, "shuffle", releases=11).epochs
+        11
         """
         # round() first: 1 / 0.04 is 25.000000000000004 (or 24.99...) in floating point.
         per_epoch = max(1, math.floor(round(1 / self.sample_rate, 9)))
-        return math.ceil(self.steps / per_epoch)
+        return max(self.releases, math.ceil(self.steps / per_epoch))
 
 
 @dataclass(frozen=True)

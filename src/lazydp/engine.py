@@ -214,6 +214,7 @@ class PrivacyEngine:
             raise
         self.optimizer.check_rows = loader.check_rows
         self.optimizer.check_skipped = loader.check_skipped
+        self.optimizer.shuffle_position = loader.shuffle_position
         if mode == "lazydp":
             loader.on_epoch_end = self.flush
             for layer in self.capture.layers:

@@ -50,6 +50,7 @@ from lazydp._validate import (
 from lazydp.accounting import SAMPLERS, MechanismCount, compute_epsilon, epsilon_report
 from lazydp.errors import ConfigError, PrivacyError
 from lazydp.ledger_mark import HighWaterMark
+from lazydp.shuffle_epochs import ShuffledEpochs
 
 try:
     import fcntl
@@ -76,6 +77,10 @@ class StepEvent:
     mode: str
     sampler: str
     rank: int = 0
+    # Shuffled steps: the newest permutation epoch the loop had received, and the permutation's
+    # lineage (shuffle_epochs.py). Absent (None) for Poisson steps and in older ledgers.
+    epoch: int | None = None
+    lineage: str | None = None
 
 
 @dataclass(frozen=True)
@@ -85,6 +90,9 @@ class ExternalCharge:
     name: str
     epsilon: float
     delta: float
+
+
+_OPTIONAL = {"epoch", "lineage"}  # fields a step line may lack (written only when set)
 
 
 def _from_record(record: dict[str, Any], where: str) -> StepEvent | ExternalCharge:
@@ -97,10 +105,10 @@ def _from_record(record: dict[str, Any], where: str) -> StepEvent | ExternalChar
     else:
         raise PrivacyError(f"{where}: unknown record kind {kind!r} (expected 'step' or 'external')")
     names = {f.name for f in fields(cls)}
-    missing = names - record.keys()
+    missing = names - record.keys() - _OPTIONAL
     if missing:
         raise PrivacyError(f"{where}: {kind} record lacks {sorted(missing)}")
-    item = cls(**{k: record[k] for k in names})
+    item = cls(**{k: record[k] for k in names if k in record})
     try:  # the checks charging made: a line written any other way proves nothing
         _check(item)
     except (ValueError, TypeError) as exc:
@@ -125,6 +133,13 @@ def _check(item: StepEvent | ExternalCharge) -> None:
     check_max_grad_norm(item.max_grad_norm, allow_inf=item.noise_multiplier == 0)
     check_mode(item.mode)
     check_choice("sampler", item.sampler, SAMPLERS)
+    epoch, lineage = item.epoch, item.lineage
+    if (epoch is None) != (lineage is None):
+        raise ConfigError(f"epoch={epoch!r} and lineage={lineage!r} come together or not at all")
+    if epoch is not None and (isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0):
+        raise ConfigError(f"epoch={epoch!r} must be an int >= 0")
+    if lineage is not None and not (isinstance(lineage, str) and 0 < len(lineage) <= 64):
+        raise ConfigError(f"lineage={lineage!r} must be a short non-empty string")
 
 
 @contextmanager
@@ -178,6 +193,7 @@ class PrivacyLedger:
         self._events: list[StepEvent] = []
         # Kept up to date on every charge so that epsilon() on a long run stays O(groups).
         self._counts: Counter[tuple[float, float, str]] = Counter()
+        self._epochs = ShuffledEpochs()  # the shuffled epochs the steps drew from, per group
         self._external: list[ExternalCharge] = []
         self._fd: int | None = None
         # The file as this object last saw it (inode, size): a charge checks it is unchanged,
@@ -343,7 +359,10 @@ class PrivacyLedger:
 
     def _record(self, event: StepEvent) -> None:
         self._events.append(event)
-        self._counts[(event.sample_rate, event.noise_multiplier, event.sampler)] += 1
+        group = (event.sample_rate, event.noise_multiplier, event.sampler)
+        self._counts[group] += 1
+        if event.lineage is not None and event.epoch is not None:
+            self._epochs.record(group, event.lineage, event.epoch)
 
     def close(self) -> None:
         """Release the file descriptor (the ledger stays readable in memory)."""
@@ -370,7 +389,8 @@ class PrivacyLedger:
         >>> PrivacyLedger().charge(StepEvent(0, 0.01, 1.0, 1.0, "dpsgd_f", "poisson"))
         """
         _check(event)
-        self._append({"kind": "step", **asdict(event)})
+        fields_ = {k: v for k, v in asdict(event).items() if v is not None or k not in _OPTIONAL}
+        self._append({"kind": "step", **fields_})
         self._record(event)
 
     def charge_external(self, name: str, epsilon: float, delta: float) -> None:
@@ -415,9 +435,11 @@ class PrivacyLedger:
         return list(self._external)
 
     def mechanism_counts(self) -> list[MechanismCount]:
-        """Steps grouped by (sample_rate, noise_multiplier, sampler), for the accountant."""
+        """Steps grouped by (sample_rate, noise_multiplier, sampler), for the accountant, with
+        the shuffled epochs each group was recorded drawing from."""
         return [
-            MechanismCount(q, sigma, n, sampler) for (q, sigma, sampler), n in self._counts.items()
+            MechanismCount(*group[:2], n, group[2], self._epochs.releases(group))
+            for group, n in self._counts.items()
         ]
 
     def epsilon(self, delta: float, accountant: str = "pld") -> float:

@@ -184,6 +184,8 @@ class DPDataLoader(DataLoader):
         # too would move the permutation ahead of the charged steps).
         self._yielded: deque[list[int]] = deque()
         self._shuffled = getattr(batch_sampler, "name", "") == "shuffle"
+        # Shuffled: the newest permutation epoch handed to the loop (see shuffle_position).
+        self._epoch_reached: int | None = None
         self._untracked = False
         # One live iteration at a time: a newer one (or a restore with workers) supersedes the
         # older, whose undelivered batches go back to the replay queue and which then refuses
@@ -240,6 +242,14 @@ class DPDataLoader(DataLoader):
         for _ in range(batches):
             self._yielded.popleft()
 
+    def shuffle_position(self) -> tuple[str, int] | None:
+        """Shuffled: (the permutation's lineage, the newest epoch a batch handed to the loop came
+        from) for the step's ledger line, so that batches received and never stepped on are
+        charged (shuffle_epochs.py); None for Poisson or before any batch."""
+        if self._epoch_reached is None:
+            return None
+        return self.dp_sampler.lineage, self._epoch_reached  # type: ignore[attr-defined]
+
     def sampler_state(self) -> dict[str, Any]:
         """The DP sampler's state_dict, plus the batches it handed out that the loop has not
         received. Shuffled: those batches themselves (``replay``), handed out first on resume,
@@ -274,6 +284,7 @@ class DPDataLoader(DataLoader):
         replay = state.get("replay", []) if self._shuffled else []
         self._counted.replay = deque(list(b) for b in replay)
         self._yielded.clear()
+        self._epoch_reached = None  # the ledger keeps what the steps before recorded
         if self._shuffled and redone > 0:
             self._counted.skip(redone)
 
@@ -302,6 +313,9 @@ class DPDataLoader(DataLoader):
                 if batch is _END:
                     break
                 self.batches_drawn += 1
+                if self._shuffled:  # the sampler's epoch is that of its newest batch or later
+                    epoch = self.dp_sampler.epoch  # type: ignore[attr-defined]
+                    self._epoch_reached = max(self._epoch_reached or 0, epoch)
                 if pending:
                     handed = pending.popleft()
                     if not self._untracked:

@@ -28,6 +28,7 @@ Contract (DESIGN.md invariants 1 and 5):
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Iterator
 from typing import Any
 
@@ -192,6 +193,14 @@ class ShuffledFixedSize(_StatefulBatchSampler):
         self.expected_batch_size = float(self.batch_size)
         self._epoch = 0
         self._perm: np.ndarray | None = None
+        # This permutation's id in the ledger (shuffle_epochs.py): a fresh sampler starts a new
+        # lineage (its epochs use every example again), a checkpoint's state continues one.
+        self.lineage = secrets.token_hex(8)
+
+    @property
+    def epoch(self) -> int:
+        """The permutation epoch of the batch drawn last (0 before any)."""
+        return self._epoch
 
     def _draw(self, step: int, position: int) -> list[int]:
         if position == 0 or self._perm is None:
@@ -226,10 +235,20 @@ class ShuffledFixedSize(_StatefulBatchSampler):
 
     def state_dict(self) -> dict[str, Any]:
         """Position plus the permutation's entropy and epoch (not secret: no amplification)."""
-        return {**super().state_dict(), "epoch": self._epoch, "entropy": self._entropy}
+        return {
+            **super().state_dict(),
+            "epoch": self._epoch,
+            "entropy": self._entropy,
+            "lineage": self.lineage,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self._entropy = int(state["entropy"])
         self._epoch = int(state["epoch"])
         self._perm = None
+        lineage = state.get("lineage")  # absent in checkpoints from before it: a new lineage
+        if lineage is not None:
+            if not isinstance(lineage, str) or not 0 < len(lineage) <= 64:
+                raise ConfigError(f"state['lineage']={lineage!r} must be a short string")
+            self.lineage = lineage

@@ -204,6 +204,8 @@ class DPOptimizer(OptimizerGroup):
         self.check_rows: Callable[[int], int | None] | None = None
         # Its check_skipped: for a step with no forward, the examples of the batch it skipped.
         self.check_skipped: Callable[[], int | None] | None = None
+        # Its shuffle_position: where a shuffled loop is, recorded with each charge.
+        self.shuffle_position: Callable[[], tuple[str, int] | None] | None = None
 
     def _group_of(self, p: nn.Parameter) -> tuple[Optimizer | None, dict[str, Any]]:
         if p not in self._group_index:
@@ -377,6 +379,9 @@ class DPOptimizer(OptimizerGroup):
 
         if self.before_charge is not None:
             self.before_charge()
+        where = None
+        if p.sampler == "shuffle" and self.shuffle_position is not None:
+            where = self.shuffle_position()  # (lineage, epoch): see shuffle_epochs.py
         # Charged before any noise is drawn (DP invariant 6).
         self.ledger.charge(
             StepEvent(
@@ -387,6 +392,8 @@ class DPOptimizer(OptimizerGroup):
                 mode=p.mode,
                 sampler=p.sampler,
                 rank=self.rank,
+                epoch=None if where is None else where[1],
+                lineage=None if where is None else where[0],
             )
         )
         if self.reduce_hook is not None:
