@@ -141,7 +141,9 @@ def test_a_step_without_a_forward_on_a_loaded_batch_is_refused_but_an_empty_one_
     nn.functional.mse_loss(model(x).squeeze(1), y).backward()  # the forgotten forward: fine
     opt.step()
     assert engine.ledger.steps == 1
-    dl._yielded.append([])  # as if the loader yielded an empty Poisson batch: no forward needed
+    dl._yielded.append(
+        (0, [])
+    )  # as if the loader yielded an empty Poisson batch: no forward needed
     opt.step()
     assert engine.ledger.steps == 2
 

@@ -102,8 +102,7 @@ class MechanismCount:
         >>> MechanismCount(0.3, 1.0, 30, "shuffle", releases=11).epochs
         11
         """
-        # round() first: 1 / 0.04 is 25.000000000000004 (or 24.99...) in floating point.
-        per_epoch = max(1, math.floor(round(1 / self.sample_rate, 9)))
+        per_epoch = epoch_steps("shuffle", self.sample_rate)
         return max(self.releases, math.ceil(self.steps / per_epoch))
 
 
@@ -300,6 +299,7 @@ def epoch_steps(sampler: str, q: float, n: int | None = None, batch_size: int | 
     if sampler == "shuffle":
         if n is not None and batch_size:
             return max(1, n // batch_size)
+        # round() first: 1 / 0.04 is 25.000000000000004 (or 24.99...) in floating point.
         return max(1, math.floor(round(1 / q, 9)))
     return max(1, round(1 / q))
 

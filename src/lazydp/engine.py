@@ -448,9 +448,10 @@ class PrivacyEngine:
         sampler = self._dp_sampler()
         if sampler is not None and "sampler" in state:
             assert isinstance(self.loader, DPDataLoader)
-            # The steps charged past this checkpoint: a shuffled loader skips their batches.
+            # A shuffled loader hands out no batch a charged step may have taken (see restore).
+            used = self.ledger.last_position(state["sampler"].get("lineage"))
             redone = self.ledger.steps - int(state["ledger_steps"])
-            self.loader.restore(state["sampler"], redone)
+            self.loader.restore(state["sampler"], used, redone)
         # The resumed run draws from the checkpoint's noise streams: still a reproducible run.
         self._resumed_seeded = self._resumed_seeded or bool(state.get("seeded", False))
         return dict(state.get("extra", {}))

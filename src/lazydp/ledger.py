@@ -47,7 +47,13 @@ from lazydp._validate import (
     check_noise_multiplier,
     check_sample_rate,
 )
-from lazydp.accounting import SAMPLERS, MechanismCount, compute_epsilon, epsilon_report
+from lazydp.accounting import (
+    SAMPLERS,
+    MechanismCount,
+    compute_epsilon,
+    epoch_steps,
+    epsilon_report,
+)
 from lazydp.errors import ConfigError, PrivacyError
 from lazydp.ledger_mark import HighWaterMark
 from lazydp.shuffle_epochs import ShuffledEpochs
@@ -77,9 +83,10 @@ class StepEvent:
     mode: str
     sampler: str
     rank: int = 0
-    # Shuffled steps: the newest permutation epoch the loop had received, and the permutation's
-    # lineage (shuffle_epochs.py). Absent (None) for Poisson steps and in older ledgers.
-    epoch: int | None = None
+    # Shuffled steps: the position of the newest batch the loop had received, and the
+    # permutation's lineage (shuffle_epochs.py). Absent (None) for Poisson steps and in older
+    # ledgers.
+    position: int | None = None
     lineage: str | None = None
 
 
@@ -92,7 +99,7 @@ class ExternalCharge:
     delta: float
 
 
-_OPTIONAL = {"epoch", "lineage"}  # fields a step line may lack (written only when set)
+_OPTIONAL = {"position", "lineage"}  # fields a step line may lack (written only when set)
 
 
 def _from_record(record: dict[str, Any], where: str) -> StepEvent | ExternalCharge:
@@ -116,6 +123,10 @@ def _from_record(record: dict[str, Any], where: str) -> StepEvent | ExternalChar
     return item
 
 
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def _check(item: StepEvent | ExternalCharge) -> None:
     """ConfigError unless ``item`` is a charge lazydp itself would write."""
     if isinstance(item, ExternalCharge):
@@ -126,18 +137,20 @@ def _check(item: StepEvent | ExternalCharge) -> None:
         return
     for name in ("step", "rank"):
         value = getattr(item, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        if not _is_count(value):
             raise ConfigError(f"{name}={value!r} must be an int >= 0")
     check_sample_rate(item.sample_rate)
     check_noise_multiplier(item.noise_multiplier)
     check_max_grad_norm(item.max_grad_norm, allow_inf=item.noise_multiplier == 0)
     check_mode(item.mode)
     check_choice("sampler", item.sampler, SAMPLERS)
-    epoch, lineage = item.epoch, item.lineage
-    if (epoch is None) != (lineage is None):
-        raise ConfigError(f"epoch={epoch!r} and lineage={lineage!r} come together or not at all")
-    if epoch is not None and (isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0):
-        raise ConfigError(f"epoch={epoch!r} must be an int >= 0")
+    position, lineage = item.position, item.lineage
+    if (position is None) != (lineage is None) or (lineage and item.sampler != "shuffle"):
+        raise ConfigError(
+            f"position={position!r} and lineage={lineage!r} come together, on shuffled steps only"
+        )
+    if position is not None and not _is_count(position):
+        raise ConfigError(f"position={position!r} must be an int >= 0")
     if lineage is not None and not (isinstance(lineage, str) and 0 < len(lineage) <= 64):
         raise ConfigError(f"lineage={lineage!r} must be a short non-empty string")
 
@@ -361,8 +374,9 @@ class PrivacyLedger:
         self._events.append(event)
         group = (event.sample_rate, event.noise_multiplier, event.sampler)
         self._counts[group] += 1
-        if event.lineage is not None and event.epoch is not None:
-            self._epochs.record(group, event.lineage, event.epoch)
+        if event.lineage is not None and event.position is not None:
+            per_epoch = epoch_steps("shuffle", event.sample_rate)
+            self._epochs.record(group, event.lineage, event.position, per_epoch)
 
     def close(self) -> None:
         """Release the file descriptor (the ledger stays readable in memory)."""
@@ -441,6 +455,10 @@ class PrivacyLedger:
             MechanismCount(*group[:2], n, group[2], self._epochs.releases(group))
             for group, n in self._counts.items()
         ]
+
+    def last_position(self, lineage: str | None) -> int | None:
+        """The newest batch position a shuffled step recorded in ``lineage`` (None: none)."""
+        return self._epochs.last_position(lineage)
 
     def epsilon(self, delta: float, accountant: str = "pld") -> float:
         """Total epsilon: training at ``delta`` plus every external charge's epsilon.

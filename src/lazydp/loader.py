@@ -34,21 +34,26 @@ class EmptySafeCollate:
         return self.collate_fn(list(batch) if isinstance(batch, tuple) else batch)  # type: ignore[arg-type]
 
 
+#: A batch the sampler handed out, with its position in the sampler's sequence (the number of
+#: batches drawn before it since the permutation's lineage began: epoch * floor(N/B) + index).
+Handed = tuple[int, list[int]]
+
+
 class _Counted(Sampler[list[int]]):
-    """The DP batch sampler, keeping each batch it hands out until the loop receives it:
-    ``latest`` (one queue per iteration, so that two iterators of one loader keep their own)
-    holds those the DataLoader drew (workers run ahead) but has not yielded yet, and ``replay``
-    those an iteration left behind, which the next one hands out before drawing new ones.
+    """The DP batch sampler, keeping each batch it hands out (with its position) until the loop
+    receives it: ``latest`` (one queue per iteration, so that two iterators of one loader keep
+    their own) holds those the DataLoader drew (workers run ahead) but has not yielded yet, and
+    ``replay`` those an iteration left behind, which the next one hands out before drawing new
+    ones.
 
     Why: a loop that stops early (``break``, a peek with ``next(iter(loader))``) used to drop
     the batches workers had drawn ahead. Dropped shuffled batches move the permutation's epochs
-    ahead of the charged steps, so an example could be used in more epochs than the accountant
-    (one Gaussian release per floor(N/B) steps) charged for."""
+    ahead of the charged steps: now charged (shuffle_epochs.py), but a cost for nothing."""
 
     def __init__(self, inner: Sampler[list[int]]) -> None:
         self.inner = inner
-        self.latest: deque[list[int]] = deque()
-        self.replay: deque[list[int]] = deque()
+        self.latest: deque[Handed] = deque()
+        self.replay: deque[Handed] = deque()
 
     def __len__(self) -> int:
         return len(self.inner)  # type: ignore[arg-type]
@@ -57,16 +62,16 @@ class _Counted(Sampler[list[int]]):
         self.latest = deque()  # set when the DataLoader's iterator asks, before any batch
         return self._batches(self.latest)
 
-    def _batches(self, pending: deque[list[int]]) -> Iterator[list[int]]:
+    def _batches(self, pending: deque[Handed]) -> Iterator[list[int]]:
         while self.replay:
-            batch = self.replay.popleft()
-            pending.append(batch)
-            yield batch
+            item = self.replay.popleft()
+            pending.append(item)
+            yield item[1]
         for batch in self.inner:
-            pending.append(batch)
+            pending.append((self.inner.drawn - 1, batch))  # type: ignore[attr-defined]
             yield batch
 
-    def hand_back(self, batches: deque[list[int]]) -> None:
+    def hand_back(self, batches: deque[Handed]) -> None:
         """``batches`` (handed out, never received) go first in line again; emptied."""
         self.replay.extendleft(reversed(batches))
         batches.clear()
@@ -79,26 +84,42 @@ class _Counted(Sampler[list[int]]):
         if batches:
             self.inner.skip(batches)  # type: ignore[attr-defined]
 
+    def skip_past(self, position: int) -> None:
+        """Hand out no batch at or before ``position`` (replayed or new) from now on."""
+        self.replay = deque(item for item in self.replay if item[0] > position)
+        behind = position + 1 - self.inner.drawn  # type: ignore[attr-defined]
+        if behind > 0:
+            self.inner.skip(behind)  # type: ignore[attr-defined]
 
-def check_replay(replay: Any, sampler: Any) -> list[list[int]]:
+
+def check_replay(replay: Any, sampler: Any) -> list[Handed]:
     """A checkpoint's replayed batches for the shuffled ``sampler`` (its checkpointed state
-    already loaded), checked: ConfigError unless each is one of the batches its permutation
-    handed out in the current or the previous epoch, none twice."""
+    already loaded), checked: ConfigError unless each is the batch its permutation handed out
+    at its position, none twice. Checkpoints from before positions list the batches alone:
+    each must be one the permutation handed out in the current or the previous epoch."""
     if not isinstance(replay, list):
         raise ConfigError(f"replay is {type(replay).__name__}, not a list of batches")
-    if not replay:
-        return []
-    drawn = {tuple(b) for b in sampler.handed_out()}
-    seen: set[tuple[int, ...]] = set()
-    for batch in replay:
-        key = tuple(batch) if isinstance(batch, list) else None
-        if key is None or key not in drawn or key in seen:
+    drawn = {tuple(b): p for p, b in sampler.handed_out()}
+    out: list[Handed] = []
+    for item in replay:
+        if isinstance(item, list) and len(item) == 2 and isinstance(item[1], list):
+            position, batch = item
+        else:  # an older checkpoint: the batch alone
+            batch = item
+            position = drawn.get(tuple(batch), -1) if isinstance(batch, list) else -1
+        if not (
+            isinstance(position, int)
+            and 0 <= position < sampler.drawn
+            and isinstance(batch, list)
+            and sampler.batch_at(position) == batch
+            and all(p != position for p, _ in out)
+        ):
             raise ConfigError(
-                "a replayed batch is not one the checkpoint's permutation handed out (or is "
-                "listed twice)"
+                "a replayed batch is not the one the checkpoint's permutation handed out at "
+                "its position (or is listed twice)"
             )
-        seen.add(key)
-    return [list(b) for b in replay]
+        out.append((position, list(batch)))
+    return out
 
 
 # The user's DataLoader settings a private loader keeps (sampling and batching are its own).
@@ -182,17 +203,17 @@ class DPDataLoader(DataLoader):
         # The batches themselves: a shuffled checkpoint taken after a batch was yielded and
         # before its step hands it out again first on resume (it was not charged; skipping it
         # too would move the permutation ahead of the charged steps).
-        self._yielded: deque[list[int]] = deque()
+        self._yielded: deque[Handed] = deque()
         self._shuffled = getattr(batch_sampler, "name", "") == "shuffle"
-        # Shuffled: the newest permutation epoch handed to the loop (see shuffle_position).
-        self._epoch_reached: int | None = None
+        # Shuffled: the position of the newest batch handed to the loop (see shuffle_position).
+        self._newest: int | None = None
         self._untracked = False
         # One live iteration at a time: a newer one (or a restore with workers) supersedes the
         # older, whose undelivered batches go back to the replay queue and which then refuses
         # to go on (with persistent workers two iterations share torch's one iterator, and a
         # batch could come out of both).
         self._generation = 0
-        self._live: deque[list[int]] | None = None  # the newest iteration's undelivered batches
+        self._live: deque[Handed] | None = None  # the newest iteration's undelivered batches
         self.dp_sampler = batch_sampler  # its state_dict goes into checkpoints
         self.short_steps = 0  # steps whose layers saw fewer rows than their batch held
 
@@ -209,10 +230,10 @@ class DPDataLoader(DataLoader):
         waiting = self._yielded
         if not waiting or self._untracked:
             return None  # no batch from this loader (a hand-built one: the report flags it)
-        fits = next((i for i, b in enumerate(waiting) if rows <= len(b)), None)
+        fits = next((i for i, (_, b) in enumerate(waiting) if rows <= len(b)), None)
         if fits is None:
-            return max(len(b) for b in waiting)
-        if rows < len(waiting[fits]):
+            return max(len(b) for _, b in waiting)
+        if rows < len(waiting[fits][1]):
             self.short_steps += 1
             if self.short_steps == 1:
                 warnings.warn(SHORT_ROWS, stacklevel=4)
@@ -231,9 +252,9 @@ class DPDataLoader(DataLoader):
             return None
         if not waiting:
             return 0 if self.batches_drawn else None
-        empty = next((i for i, b in enumerate(waiting) if not b), None)
+        empty = next((i for i, (_, b) in enumerate(waiting) if not b), None)
         if empty is None:
-            return len(waiting[0])
+            return len(waiting[0][1])
         self._take(empty + 1)
         return None
 
@@ -243,49 +264,63 @@ class DPDataLoader(DataLoader):
             self._yielded.popleft()
 
     def shuffle_position(self) -> tuple[str, int] | None:
-        """Shuffled: (the permutation's lineage, the newest epoch a batch handed to the loop came
-        from) for the step's ledger line, so that batches received and never stepped on are
-        charged (shuffle_epochs.py); None for Poisson or before any batch."""
-        if self._epoch_reached is None:
+        """Shuffled: (the permutation's lineage, the position of the newest batch handed to the
+        loop) for the step's ledger line: the step's batch is at or before it, so batches
+        received and never stepped on are charged and never handed out again
+        (shuffle_epochs.py); None for Poisson or before any batch."""
+        if self._newest is None:
             return None
-        return self.dp_sampler.lineage, self._epoch_reached  # type: ignore[attr-defined]
+        return self.dp_sampler.lineage, self._newest  # type: ignore[attr-defined]
 
     def sampler_state(self) -> dict[str, Any]:
-        """The DP sampler's state_dict, plus the batches it handed out that the loop has not
-        received. Shuffled: those batches themselves (``replay``), handed out first on resume,
-        so the permutation goes on exactly where the loop is, across epoch boundaries too.
-        Poisson: the position moved back over them within the epoch; a resume draws those
-        steps with fresh coins (across an epoch boundary it is left ahead: skipped Poisson
-        steps cost nothing)."""
+        """The DP sampler's state_dict, plus the batches it handed out that no step has taken.
+        Shuffled: those batches with their positions (``replay``), handed out first on resume
+        unless a charged step may have used them (see :meth:`restore`), so the permutation goes
+        on where the loop is, across epoch boundaries too. Poisson: the position moved back
+        over those the loop has not received, within the epoch; a resume draws those steps
+        with fresh coins (across an epoch boundary it is left ahead: skipped Poisson steps
+        cost nothing)."""
         state = dict(self.dp_sampler.state_dict())  # type: ignore[attr-defined]
         left = [*self._counted.replay, *self._counted.latest]
         if self._shuffled:
-            left = [*self._yielded, *left]  # yielded, not stepped on: not charged
-            state["replay"] = [list(b) for b in left]
+            left = [*self._yielded, *left]
+            state["replay"] = [[p, list(b)] for p, b in left]
             return state
         if 0 < len(left) <= int(state.get("position", 0)):
             state["position"] -= len(left)
             state["step"] -= len(left)
         return state
 
-    def restore(self, state: dict[str, Any], redone: int = 0) -> None:
+    def restore(self, state: dict[str, Any], used: int | None = None, redone: int = 0) -> None:
         """Load a checkpoint's sampler state (checked by :func:`check_replay` before). With
         workers, a loop still running over this loader is superseded: its prefetched batches
         belong to the state before.
 
-        ``redone``: steps the ledger charged after the checkpoint. Shuffled, those batches
-        are skipped: redone, they would use their examples again in the same epoch (a
-        restored permutation), while the accountant charges a shuffled epoch once. (Poisson
-        needs nothing: a resumed sampler draws fresh coins, and redone steps are charged as
-        the new steps they are.)"""
+        Shuffled, no batch at or before ``used`` (the newest position the ledger's steps
+        recorded in the checkpoint's lineage) or before the newest this loader handed out in
+        it is handed out again: a charged step, before the checkpoint or after it in a run
+        that went on, may have taken it, and a restored permutation would use its examples
+        twice in one epoch, which the accountant charges once. (Which of the batches a loop
+        received a step took is not known -- a peek and a prefetcher look alike -- so the
+        newest received bounds them all.) Ledgers from before positions give ``redone``, the
+        steps charged past the checkpoint, skipped in order. Poisson needs none of it: a
+        resumed sampler draws fresh coins, and redone steps are charged as the new steps
+        they are."""
         if self.num_workers > 0:
             self._supersede()  # (its batches go to the replay queue, replaced just below)
+        lineage = getattr(self.dp_sampler, "lineage", None)
         self.dp_sampler.load_state_dict(state)  # type: ignore[attr-defined]
-        replay = state.get("replay", []) if self._shuffled else []
-        self._counted.replay = deque(list(b) for b in replay)
+        replay = check_replay(state.get("replay", []), self.dp_sampler) if self._shuffled else []
+        self._counted.replay = deque(replay)
         self._yielded.clear()
-        self._epoch_reached = None  # the ledger keeps what the steps before recorded
-        if self._shuffled and redone > 0:
+        if not self._shuffled:
+            return
+        if self.dp_sampler.lineage != lineage:  # type: ignore[attr-defined]
+            self._newest = None  # what this loader handed out belongs to another permutation
+        past = max((p for p in (used, self._newest) if p is not None), default=None)
+        if past is not None:
+            self._counted.skip_past(past)
+        elif redone > 0:  # a ledger from before positions: the steps charged, in order
             self._counted.skip(redone)
 
     def _supersede(self) -> None:
@@ -313,14 +348,13 @@ class DPDataLoader(DataLoader):
                 if batch is _END:
                     break
                 self.batches_drawn += 1
-                if self._shuffled:  # the sampler's epoch is that of its newest batch or later
-                    epoch = self.dp_sampler.epoch  # type: ignore[attr-defined]
-                    self._epoch_reached = max(self._epoch_reached or 0, epoch)
                 if pending:
                     handed = pending.popleft()
+                    if self._shuffled:
+                        self._newest = max(handed[0], -1 if self._newest is None else self._newest)
                     if not self._untracked:
                         self._yielded.append(handed)
-                    kept = len(self._yielded) * len(handed)
+                    kept = len(self._yielded) * len(handed[1])
                     if len(self._yielded) > _WAITING_CAP or kept > _KEPT_INDICES_CAP:
                         self._untracked = True
                         self._yielded.clear()

@@ -19,8 +19,8 @@ Contract (DESIGN.md invariants 1 and 5):
   seeded, draws fresh OS entropy: it never replays the batches of the run that crashed
   (amplification by subsampling needs fresh coins). A shuffled sampler restores its permutation
   so that no example is used twice in one epoch (its accounting assumes no secrecy of batches),
-  and skips the batches the ledger charged past the checkpoint instead of redoing them
-  (``PrivacyEngine.load_checkpoint``). Batches workers drew ahead of the loop are neither
+  and hands out no batch at or before the newest position the ledger's steps recorded
+  (``DPDataLoader.restore``, shuffle_epochs.py). Batches workers drew ahead of the loop are neither
   dropped nor redrawn: the private loader hands them out again (``loader._Counted``), and a
   checkpoint keeps them.
 * Positions count batches *drawn*; a DataLoader with workers draws a few ahead of training.
@@ -75,8 +75,15 @@ class _StatefulBatchSampler(Sampler[list[int]]):
         self._position += 1
         return batch
 
+    @property
+    def drawn(self) -> int:
+        """Batches drawn since the run began (a resumed run's included)."""
+        return self._step
+
     def __iter__(self) -> Iterator[list[int]]:
-        # A resumed sampler starts mid-epoch; afterwards every epoch starts at 0.
+        # A resumed sampler starts mid-epoch; afterwards every epoch starts at 0. An iteration
+        # that stopped right after its epoch's last batch leaves the epoch's (empty) rest to
+        # the next: a loop resumed from a checkpoint taken there counts its epochs right.
         while self._position < self.steps:
             yield self._next()
         self._position = 0
@@ -197,11 +204,6 @@ class ShuffledFixedSize(_StatefulBatchSampler):
         # lineage (its epochs use every example again), a checkpoint's state continues one.
         self.lineage = secrets.token_hex(8)
 
-    @property
-    def epoch(self) -> int:
-        """The permutation epoch of the batch drawn last (0 before any)."""
-        return self._epoch
-
     def _draw(self, step: int, position: int) -> list[int]:
         if position == 0 or self._perm is None:
             if position == 0 and step > 0:
@@ -213,18 +215,16 @@ class ShuffledFixedSize(_StatefulBatchSampler):
         """The sorted examples of ``perm``'s batch at ``position``."""
         return np.sort(perm[position * self.batch_size : (position + 1) * self.batch_size]).tolist()
 
-    def handed_out(self) -> list[list[int]]:
-        """The batches this epoch's permutation has handed out so far, and the previous
-        epoch's (a checkpoint's replayed batches must be among them)."""
-        out: list[list[int]] = []
-        # Position 0 after the first step: this epoch ended (the next starts at the next draw).
-        done = self._position if self._position or not self._step else self.steps
-        for epoch, upto in ((self._epoch - 1, self.steps), (self._epoch, done)):
-            if epoch < 0:
-                continue
-            perm = self._rng(0, epoch).permutation(self.num_samples)
-            out += [self._batch_of(perm, position) for position in range(upto)]
-        return out
+    def batch_at(self, position: int) -> list[int]:
+        """The batch drawn at ``position`` (counted from the lineage's first draw)."""
+        epoch, index = divmod(position, self.steps)
+        return self._batch_of(self._rng(0, epoch).permutation(self.num_samples), index)
+
+    def handed_out(self) -> list[tuple[int, list[int]]]:
+        """(position, batch) of each batch this epoch's permutation has handed out so far, and
+        of the previous epoch's (an older checkpoint's replayed batches must be among them)."""
+        start = max(0, self._epoch - 1) * self.steps
+        return [(p, self.batch_at(p)) for p in range(start, self._step)]
 
     def skip(self, batches: int) -> None:
         """Move past ``batches`` batches as if they had been drawn (across epochs too)."""
@@ -246,6 +246,11 @@ class ShuffledFixedSize(_StatefulBatchSampler):
         super().load_state_dict(state)
         self._entropy = int(state["entropy"])
         self._epoch = int(state["epoch"])
+        if self._epoch != max(0, self._step - 1) // self.steps:
+            raise ConfigError(
+                f"state['epoch']={self._epoch} does not fit state['step']={self._step} at "
+                f"{self.steps} batches an epoch"
+            )
         self._perm = None
         lineage = state.get("lineage")  # absent in checkpoints from before it: a new lineage
         if lineage is not None:

@@ -381,7 +381,7 @@ class DPOptimizer(OptimizerGroup):
             self.before_charge()
         where = None
         if p.sampler == "shuffle" and self.shuffle_position is not None:
-            where = self.shuffle_position()  # (lineage, epoch): see shuffle_epochs.py
+            where = self.shuffle_position()  # (lineage, position): see shuffle_epochs.py
         # Charged before any noise is drawn (DP invariant 6).
         self.ledger.charge(
             StepEvent(
@@ -392,7 +392,7 @@ class DPOptimizer(OptimizerGroup):
                 mode=p.mode,
                 sampler=p.sampler,
                 rank=self.rank,
-                epoch=None if where is None else where[1],
+                position=None if where is None else where[1],
                 lineage=None if where is None else where[0],
             )
         )
