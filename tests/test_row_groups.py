@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.nn import functional as F
 
 from lazydp.row_groups import RowGroups
 
@@ -196,3 +197,26 @@ def test_shape_cache_builds_once_per_key_and_starts_over_past_its_limit() -> Non
     cache(2)
     cache(3)  # a third key: the cache starts over instead of growing
     assert cache(1) is not first and built == [1, 2, 3, 1]
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("length", [1, 3])
+def test_sum_gathered_of_distinct_ids_is_the_segment_kernels_result(
+    weighted: bool, length: int
+) -> None:
+    # All ids distinct: a gather and a scale, the bits the one-id segments give.
+    ids = torch.randperm(1000)[:60]
+    groups = RowGroups(ids, 1000)
+    assert groups.unique
+    per_bag = torch.randn(60 // length, 8)
+    w = torch.rand(60) if weighted else None
+    got = groups.sum_gathered(per_bag, None, w, length)
+    sorted_w = None if w is None else w.index_select(0, groups.order)
+    kernel = F.embedding_bag(
+        groups.bag_in_sorted_order(None, length),
+        per_bag,
+        groups.counts.cumsum(0) - groups.counts,
+        mode="sum",
+        per_sample_weights=sorted_w,
+    )
+    assert torch.equal(got, kernel)

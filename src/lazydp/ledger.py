@@ -403,8 +403,9 @@ class PrivacyLedger:
         >>> PrivacyLedger().charge(StepEvent(0, 0.01, 1.0, 1.0, "dpsgd_f", "poisson"))
         """
         _check(event)
-        fields_ = {k: v for k, v in asdict(event).items() if v is not None or k not in _OPTIONAL}
-        self._append({"kind": "step", **fields_})
+        if self._fd is not None or self.path is not None:  # in memory: no line to build
+            line = {k: v for k, v in asdict(event).items() if v is not None or k not in _OPTIONAL}
+            self._append({"kind": "step", **line})
         self._record(event)
 
     def charge_external(self, name: str, epsilon: float, delta: float) -> None:

@@ -120,6 +120,11 @@ def _check_stream(stream: Any, name: str) -> int:
     return stream
 
 
+def _on(t: Tensor, device: torch.device) -> Tensor:
+    """``t.to(device)``, without dispatching a no-op cast when it is there already."""
+    return t if t.device == device else t.to(device)
+
+
 # ------------------------------------------------------------------------ the generator
 class GaussianNoise:
     """Exact Gaussian noise, chunked over a thread pool, seeded per chunk (see module docs).
@@ -392,11 +397,11 @@ class GaussianNoise:
         with torch.no_grad():
             if scale is None:
                 assert z is not None
-                return out.add_(z.to(out.device), alpha=alpha)
+                return out.add_(_on(z, out.device), alpha=alpha)
             if z is None:
                 self._add_row_scaled_(out, scale.view(-1) * alpha)
                 return out
-            return out.addcmul_(z.to(out.device), scale.to(out.device), value=alpha)
+            return out.addcmul_(_on(z, out.device), _on(scale, out.device), value=alpha)
 
     def _add_row_scaled_(self, out: Tensor, scale: Tensor) -> None:
         """``out[j] += scale[j] * z_j`` (z i.i.d. N(0, I), out float32 CPU contiguous), drawn,
@@ -461,7 +466,8 @@ class GaussianNoise:
                 "sum_lr2 must be finite and >= 0 (a sum of squared learning rates); got "
                 f"min={float(sum_lr2.min())}. Check the history table's lr^2 prefix sums."
             )
-        scale = sum_lr2.to(torch.float64).sqrt().to(dtype).unsqueeze(1)
+        wide = sum_lr2 if sum_lr2.dtype == torch.float64 else sum_lr2.to(torch.float64)
+        scale = wide.sqrt().to(dtype).unsqueeze(1)
         pooled = dtype == torch.float32 and sum_lr2.device.type == "cpu"
         if pool is not None and pooled and (draw or pool.serves(n * dim)):
             if pool.noise is not self:

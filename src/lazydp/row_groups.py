@@ -31,6 +31,12 @@ from lazydp._cache import ShapeCache
 
 _INT32_ROWS = 1 << 31
 _INT32_SORT_MIN = 1 << 14
+# Below this many ids torch's own stable sort beats the packed numpy sort inside a step: its
+# numpy calls and two from_numpy cost a fixed ~25 us a table there (rmc1, 10 tables, in one
+# process against the packed sort: catch-up 1.45-1.52 -> 1.20-1.21 ms a step at 4 ids a table,
+# 1.46 -> 1.38 at 256; at 1024 and 2048 ids the packed sort stays ahead, 2.53 vs 2.95 and
+# 5.12 vs 5.18-5.50 ms).
+_PACKED_SORT_MIN = 1 << 9
 # embedding_bag's CPU kernel sums these dtypes; others take index_add_.
 _SEGMENT_SUM_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -83,7 +89,11 @@ class RowGroups:
         """``num_rows``: a bound the caller has checked (0 <= ids < num_rows), if any."""
         self.ids = ids
         n = ids.numel()
-        if num_rows is not None and n < _INT32_SORT_MIN and _packs(ids, num_rows):
+        if (
+            num_rows is not None
+            and _PACKED_SORT_MIN <= n < _INT32_SORT_MIN
+            and _packs(ids, num_rows)
+        ):
             self.sorted, self.order = _packed_sort(ids)
         elif num_rows is not None and num_rows <= _INT32_ROWS and n >= _INT32_SORT_MIN:
             # int32 keys sort 1.5x faster (163k ids: 0.76 vs 1.20 ms); below ~16k ids the two
@@ -137,6 +147,9 @@ class RowGroups:
             return self.sum_per_row(rows if weights is None else rows * weights[:, None])
         w = None if weights is None else weights.index_select(0, self.order).to(table.dtype)
         sorted_index = self.bag_in_sorted_order(index, length)
+        if self.unique:  # one id per row: a gather (and a scale), no segment sums
+            rows = table.index_select(0, sorted_index)
+            return rows if w is None else rows.mul_(w[:, None])
         return F.embedding_bag(
             sorted_index, table, self._starts(), mode="sum", per_sample_weights=w
         )

@@ -94,6 +94,12 @@ class SparseRows:
         self.coalesced = coalesced
         self.factors = values if isinstance(values, BagFactors) else None
         self._values = None if isinstance(values, BagFactors) else values
+        self._summed: tuple[RowGroups, Tensor] | None = None  # see presum
+
+    def presum(self, groups: RowGroups, summed: Tensor) -> None:
+        """Hand over ``summed_by(groups)``, computed elsewhere (several tables at once:
+        ``shared_rows.sum_shared_bags``); it must be exactly that sum."""
+        self._summed = (groups, summed)
 
     @property
     def values(self) -> Tensor:  # (n, dim)
@@ -104,6 +110,9 @@ class SparseRows:
 
     def summed_by(self, groups: RowGroups) -> Tensor:
         """Values summed per distinct row of ``groups`` (built from these ``indices``)."""
+        if self._summed is not None and self._summed[0] is groups:
+            summed, self._summed = self._summed[1], None  # used once, as a fresh sum would be
+            return summed
         if self.factors is not None:  # cheaper than the values even once they are built
             f = self.factors
             return groups.sum_gathered(f.per_bag, f.bag, f.entry_weights(), f.length)
@@ -210,7 +219,23 @@ class LayerClipper:
 
 def trainable_direct_params(module: nn.Module) -> dict[str, nn.Parameter]:
     """The parameters a layer owns directly (not its children's) that require grad."""
-    return {n: p for n, p in module.named_parameters(recurse=False) if p.requires_grad}
+    cls = type(module)
+    if (
+        cls.named_parameters is not nn.Module.named_parameters
+        or cls._named_members is not nn.Module._named_members
+    ):
+        return {n: p for n, p in module.named_parameters(recurse=False) if p.requires_grad}
+    # named_parameters(recurse=False) without its generator machinery (read every step, for
+    # every layer): the same names, in the same order, each parameter once.
+    out: dict[str, nn.Parameter] = {}
+    seen: set[int] = set()
+    for n, p in module._parameters.items():
+        if p is None or id(p) in seen:
+            continue
+        seen.add(id(p))
+        if p.requires_grad:
+            out[n] = p
+    return out
 
 
 def sq_norms(x: Tensor, dim: int | tuple[int, ...] = 1) -> Tensor:
@@ -231,4 +256,6 @@ def widened(x: Tensor, param: Tensor) -> Tensor:
     >>> widened(torch.ones(2, dtype=torch.bfloat16), torch.zeros(1)).dtype
     torch.float32
     """
+    if x.dtype == param.dtype:  # the common case: no promotion, no no-op cast dispatched
+        return x
     return x.to(torch.promote_types(x.dtype, param.dtype))

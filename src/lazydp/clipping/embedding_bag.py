@@ -162,7 +162,10 @@ def _bags(module: nn.EmbeddingBag, args: tuple[Any, ...], kwargs: dict[str, Any]
             f"EmbeddingBag input has shape {tuple(ids.shape)} with offsets "
             f"{'None' if offsets is None else 'given'}; use 2-D (B, L) input, or 1-D input with offsets"
         )
-    flat = ids.reshape(-1)[:entries].long()
+    if ids.dim() == 1 and ids.numel() == entries and ids.dtype == torch.int64:
+        flat = ids  # what the line below gives, without three no-op dispatches per table
+    else:
+        flat = ids.reshape(-1)[:entries].long()
     w = None if weights is None else weights.detach().reshape(-1)[:entries]
     bags = _Bags(flat, bag, w, num_bags, single, entries, length or 0)
     if module.padding_idx is not None:

@@ -203,4 +203,6 @@ def clip_factors(c: Tensor, batch: int, like: Tensor) -> Tensor:
         raise InputError(
             f"c has shape {tuple(c.shape)}; expected ({batch},), one clip factor per example"
         )
+    if c.dtype == like.dtype and c.device == like.device:
+        return c
     return c.to(dtype=like.dtype, device=like.device)

@@ -31,7 +31,7 @@ from lazydp._timing import PhaseTimer
 from lazydp.capture import CaptureSet, LayerCapture, ReadHook, RowsRead
 from lazydp.clipping import per_sample_clipped_sum, per_sample_norms2
 from lazydp.clipping._base import ClippedSum, SparseRows
-from lazydp.clipping.shared_rows import sum_sq_norms
+from lazydp.clipping.shared_rows import sum_shared_bags, sum_sq_norms
 from lazydp.errors import ConfigError, InputError, UnsupportedOptimizerError
 from lazydp.ledger import PrivacyLedger, StepEvent
 from lazydp.noise import GaussianNoise
@@ -229,6 +229,21 @@ class DPOptimizer(OptimizerGroup):
         )
         return step
 
+    def _lazy_steps(self) -> dict[nn.Parameter, SgdStep]:
+        """``_sgd_step`` of every lazy table, read once per parameter group: tables of one group
+        share its step, and one (group, prefix kind, dtype) check stands for all of them. The
+        first table of each kind is checked, in table order, so a refusal names the same table
+        as checking each table would."""
+        steps: dict[nn.Parameter, SgdStep] = {}
+        checked: dict[tuple[tuple[int, int], int, torch.dtype], SgdStep] = {}
+        for p, table in self.lazy.items():
+            kind = (self._group_index[p], id(table.prefix), p.dtype)
+            step = checked.get(kind)
+            if step is None:
+                step = checked[kind] = self._sgd_step(p)
+            steps[p] = step
+        return steps
+
     # ------------------------------------------------------------------ set-up checks
     def _check_optimizers(self) -> None:
         model_params = {p for layer in self.capture.layers for p in layer.params().values()}
@@ -319,7 +334,7 @@ class DPOptimizer(OptimizerGroup):
         p = self.privacy
         cap = self.capture
         # Read and checked once, before any change (not when the prefix appends it).
-        lazy_steps = {q: self._sgd_step(q) for q in self.lazy}
+        lazy_steps = self._lazy_steps()
         cap.check_no_outside_use()
         cap.check_no_lost_gradient()
         cap.check_no_late_gradient()
@@ -482,11 +497,15 @@ class DPOptimizer(OptimizerGroup):
         c: Tensor,
     ) -> dict[nn.Parameter, ClippedSum]:
         sums: dict[nn.Parameter, ClippedSum] = {}
+        on_device: dict[torch.device, Tensor] = {c.device: c}  # c moved once per device
         for layer in self.capture.layers:
             if not calls[layer.name]:
                 continue
             params = layer.params()
-            cl = c.to(_device_of(params))
+            device = _device_of(params)
+            cl = on_device.get(device)
+            if cl is None:
+                cl = on_device[device] = c.to(device)
             if self.privacy.mode in ("dpsgd_b", "dpsgd_r"):
                 by_name = per_sample_clipped_sum(per_sample[layer.name], cl)
             else:
@@ -504,6 +523,7 @@ class DPOptimizer(OptimizerGroup):
         p = self.privacy
         eager_tables: list[tuple[nn.Parameter, Optimizer, SgdStep]] = []
         dense: list[nn.Parameter] = []  # noised together below: one generator call, all threads
+        self._presum_tables(sums)
         for opt, group in ((o, g) for o in self.originals for g in o.param_groups):
             sgd = sgd_step(opt, group)
             for q in group["params"]:
@@ -575,6 +595,23 @@ class DPOptimizer(OptimizerGroup):
                     table.prefix.append_step(lazy_steps[q])
         self.steps_done += 1
         self._rebase_prefixes()
+
+    def _presum_tables(self, sums: dict[nn.Parameter, ClippedSum]) -> None:
+        """The lazy tables' per-row sums, computed together where their gradients allow it
+        (``sum_shared_bags``: one kernel for the tables of a DLRM at pooling 1, the same
+        numbers); each table's update then finds its sum done."""
+        items = []
+        for q, table in self.lazy.items():
+            s = sums.get(q)
+            if isinstance(s, SparseRows) and q.requires_grad:
+                groups = table.sum_groups(s)
+                if groups is not None:
+                    items.append((s, groups))
+        # All rows distinct (small batches, large tables): each sum is a plain gather
+        # (RowGroups.sum_gathered), cheaper than one parallel kernel for all of them.
+        if len(items) > 1 and not all(g.unique for _, g in items):
+            with self.timer.phase("coalesce"):
+                sum_shared_bags(items)
 
     def _rebase_prefixes(self, every_momentum: bool = False) -> None:
         """Flush the tables of any prefix whose decay product got tiny (after ~230 / (lr * wd)

@@ -36,6 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from lazydp import huge_pages
+from lazydp._nograd import no_grad
 from lazydp._timing import PhaseTimer
 from lazydp.clipping._base import SparseRows
 from lazydp.errors import ConfigError, PrivacyError
@@ -252,7 +253,7 @@ class LazyTable:
                 self.frozen_at = None
         return frozen
 
-    @torch.no_grad()
+    @no_grad
     def catch_up(self, rows: Tensor, t: int, defer: bool = False) -> None:
         """Apply all pending noise (steps before t) to ``rows``.
 
@@ -280,7 +281,7 @@ class LazyTable:
         """The rows of ``last_read.rows`` with their noise, while they are not in the table."""
         return self._written[1] if self._deferred and self._written is not None else None
 
-    @torch.no_grad()
+    @no_grad
     def settle(self) -> None:
         """Write a deferred block into the table (no-op when none is pending)."""
         if self._deferred and self._written is not None:
@@ -289,7 +290,7 @@ class LazyTable:
             self._written = (rows, block, self.weight._version)
         self._deferred = False
 
-    @torch.no_grad()
+    @no_grad
     def update(self, grad: SparseRows, alpha: float) -> None:
         """``W += alpha * grad`` for the step's clipped sum.
 
@@ -315,10 +316,10 @@ class LazyTable:
         with self.timer.phase("param_update"):
             add_rows_(self.weight, grad.indices, grad.values, alpha, grad.coalesced)
 
-    def _caught_up_sum(self, grad: SparseRows) -> tuple[Tensor | None, Tensor | None]:
-        """(the rows as the catch-up left them, ``grad`` summed per row) when ``grad`` is the
-        step's sum of exactly the rows the last catch-up read and nothing wrote the table since;
-        (None, None) otherwise (see :meth:`update`)."""
+    def sum_groups(self, grad: SparseRows) -> RowGroups | None:
+        """The grouping :meth:`update` will sum ``grad`` by (the last catch-up's), or None when
+        it takes the slow path. The step may sum several tables' gradients by it at once
+        (``SparseRows.presum``); update() then finds its sum done."""
         written, groups = self._written, self.last_read
         if (
             written is None
@@ -327,9 +328,21 @@ class LazyTable:
             or written[0] is not groups.rows
             or written[2] != self.weight._version
         ):
+            return None
+        return groups
+
+    def _caught_up_sum(self, grad: SparseRows) -> tuple[Tensor | None, Tensor | None]:
+        """(the rows as the catch-up left them, ``grad`` summed per row) when ``grad`` is the
+        step's sum of exactly the rows the last catch-up read and nothing wrote the table since;
+        (None, None) otherwise (see :meth:`update`)."""
+        written, groups = self._written, self.sum_groups(grad)
+        if written is None or groups is None:
             return None, None
         with self.timer.phase("coalesce"):
-            return written[1], grad.summed_by(groups).to(self.weight.dtype)
+            summed = grad.summed_by(groups)
+            if summed.dtype != self.weight.dtype:
+                summed = summed.to(self.weight.dtype)
+            return written[1], summed
 
     def coalesce(self, grad: SparseRows) -> SparseRows:
         """``grad`` with duplicated rows summed; free of a sort when its ids are the tensor the
@@ -363,7 +376,7 @@ class LazyTable:
         self.history.applied.index_fill_(0, rows, t)
         return block
 
-    @torch.no_grad()
+    @no_grad
     def flush(self, t: int) -> None:
         """Bring every row up to step t (O(table); only at epoch end, export and state_dict)."""
         self.settle()

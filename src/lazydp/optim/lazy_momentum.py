@@ -39,6 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from lazydp import huge_pages
+from lazydp._nograd import no_grad
 from lazydp._timing import PhaseTimer
 from lazydp.clipping._base import SparseRows
 from lazydp.errors import ConfigError, PrivacyError
@@ -229,7 +230,7 @@ class MomentumTable(LazyTable):
         # training forward), written once by the update with the step's sum, or by settle().
         self._v_block: tuple[Tensor, Tensor] | None = None
 
-    @torch.no_grad()
+    @no_grad
     def settle(self) -> None:
         super().settle()
         if self._v_block is not None:
@@ -268,7 +269,7 @@ class MomentumTable(LazyTable):
         self.history.applied.index_fill_(0, rows, t)
         return new_w
 
-    @torch.no_grad()
+    @no_grad
     def update(self, grad: SparseRows, alpha: Any) -> None:
         """``(W, v) += (alpha_w, alpha_v) * grad`` for the step's clipped sum (rows caught up)."""
         to_w, to_v = alpha
