@@ -165,6 +165,24 @@ def test_noise_changed_at_an_epoch_boundary_charges_each_setting_its_own_epochs(
     assert charged == {1.0: 4, 2.0: 2} and _uses(seen) == 6
 
 
+def test_a_checkpoint_from_before_positions_replays_its_batches(tmp_path):
+    # Its replay lists the batches alone; they are found in the permutation again.
+    options = {"num_workers": 1, "prefetch_factor": 2}
+    model, opt, dl, engine = _shuffled(tmp_path, **options)
+    seen: list[int] = []
+    _train_on(model, opt, itertools.islice(dl, 3), seen)  # the worker drew 2 more
+    engine.save_checkpoint(tmp_path / "ck.pt")
+    state = torch.load(tmp_path / "ck.pt", weights_only=True)
+    assert [p for p, _ in state["sampler"]["replay"]] == [3, 4]
+    state["sampler"]["replay"] = [b for _, b in state["sampler"]["replay"]]
+    del state["sampler"]["lineage"]
+    torch.save(state, tmp_path / "old.pt")
+    model, opt, dl, engine = _shuffled(tmp_path)
+    engine.load_checkpoint(tmp_path / "old.pt")
+    _train_on(model, opt, dl, seen)
+    assert sorted(seen) == list(range(40))
+
+
 def _line(**fields):
     event = {"kind": "step", "step": 0, "sample_rate": 0.125, "noise_multiplier": 1.0, "rank": 0}
     return {**event, "max_grad_norm": 1.0, "mode": "dpsgd_f", "sampler": "shuffle", **fields}

@@ -99,25 +99,33 @@ def check_replay(replay: Any, sampler: Any) -> list[Handed]:
     each must be one the permutation handed out in the current or the previous epoch."""
     if not isinstance(replay, list):
         raise ConfigError(f"replay is {type(replay).__name__}, not a list of batches")
-    drawn = {tuple(b): p for p, b in sampler.handed_out()}
+
+    def tagged(item: Any) -> bool:  # [position, batch]
+        return isinstance(item, list) and len(item) == 2 and isinstance(item[1], list)
+
+    old_format = not all(tagged(i) for i in replay)
+    drawn = {tuple(b): p for p, b in sampler.handed_out()} if old_format else {}
     out: list[Handed] = []
+    seen: set[int] = set()
     for item in replay:
-        if isinstance(item, list) and len(item) == 2 and isinstance(item[1], list):
+        if tagged(item):
             position, batch = item
         else:  # an older checkpoint: the batch alone
             batch = item
             position = drawn.get(tuple(batch), -1) if isinstance(batch, list) else -1
         if not (
             isinstance(position, int)
+            and not isinstance(position, bool)
             and 0 <= position < sampler.drawn
             and isinstance(batch, list)
+            and position not in seen
             and sampler.batch_at(position) == batch
-            and all(p != position for p, _ in out)
         ):
             raise ConfigError(
                 "a replayed batch is not the one the checkpoint's permutation handed out at "
                 "its position (or is listed twice)"
             )
+        seen.add(position)
         out.append((position, list(batch)))
     return out
 

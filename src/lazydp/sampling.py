@@ -200,6 +200,7 @@ class ShuffledFixedSize(_StatefulBatchSampler):
         self.expected_batch_size = float(self.batch_size)
         self._epoch = 0
         self._perm: np.ndarray | None = None
+        self._looked_up: tuple[int, np.ndarray] | None = None  # batch_at's last permutation
         # This permutation's id in the ledger (shuffle_epochs.py): a fresh sampler starts a new
         # lineage (its epochs use every example again), a checkpoint's state continues one.
         self.lineage = secrets.token_hex(8)
@@ -218,7 +219,9 @@ class ShuffledFixedSize(_StatefulBatchSampler):
     def batch_at(self, position: int) -> list[int]:
         """The batch drawn at ``position`` (counted from the lineage's first draw)."""
         epoch, index = divmod(position, self.steps)
-        return self._batch_of(self._rng(0, epoch).permutation(self.num_samples), index)
+        if self._looked_up is None or self._looked_up[0] != epoch:  # O(N) per epoch, not batch
+            self._looked_up = (epoch, self._rng(0, epoch).permutation(self.num_samples))
+        return self._batch_of(self._looked_up[1], index)
 
     def handed_out(self) -> list[tuple[int, list[int]]]:
         """(position, batch) of each batch this epoch's permutation has handed out so far, and
