@@ -199,17 +199,19 @@ def test_shape_cache_builds_once_per_key_and_starts_over_past_its_limit() -> Non
     assert cache(1) is not first and built == [1, 2, 3, 1]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("length", [1, 3])
 def test_sum_gathered_of_distinct_ids_is_the_segment_kernels_result(
-    weighted: bool, length: int
+    weighted: bool, length: int, dtype: torch.dtype
 ) -> None:
-    # All ids distinct: a gather and a scale, the bits the one-id segments give.
+    # All ids distinct: a gather and a scale, the bits the one-id segments give (bfloat16
+    # keeps the kernel: its halfway products round away from zero, a gather's mul_ to even).
     ids = torch.randperm(1000)[:60]
     groups = RowGroups(ids, 1000)
     assert groups.unique
-    per_bag = torch.randn(60 // length, 8)
-    w = torch.rand(60) if weighted else None
+    per_bag = torch.randn(60 // length, 8).to(dtype)
+    w = torch.rand(60).to(dtype) if weighted else None
     got = groups.sum_gathered(per_bag, None, w, length)
     sorted_w = None if w is None else w.index_select(0, groups.order)
     kernel = F.embedding_bag(

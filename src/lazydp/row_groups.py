@@ -147,7 +147,9 @@ class RowGroups:
             return self.sum_per_row(rows if weights is None else rows * weights[:, None])
         w = None if weights is None else weights.index_select(0, self.order).to(table.dtype)
         sorted_index = self.bag_in_sorted_order(index, length)
-        if self.unique:  # one id per row: a gather (and a scale), no segment sums
+        # One id per row: a gather (and a scale), no segment sums. Not bfloat16: the kernel
+        # rounds its halfway products away from zero, mul_ to even (1 ulp apart).
+        if self.unique and table.dtype != torch.bfloat16:
             rows = table.index_select(0, sorted_index)
             return rows if w is None else rows.mul_(w[:, None])
         return F.embedding_bag(
