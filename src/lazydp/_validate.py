@@ -152,6 +152,17 @@ def check_positive_int(name: str, v: Any) -> int:
     return int(v)
 
 
+def check_count(name: str, v: Any) -> int:
+    """An int >= 0 (a count or a position: bools are not).
+
+    >>> check_count("releases", 0)
+    0
+    """
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise ConfigError(f"{name}={v!r} must be an int >= 0")
+    return v
+
+
 def check_choice(name: str, value: Any, choices: Iterable[str]) -> str:
     """``value`` if it is one of ``choices``, else ConfigError listing them.
 

@@ -39,6 +39,7 @@ from dp_accounting import pld, rdp
 
 from lazydp._validate import (
     check_choice,
+    check_count,
     check_delta,
     check_epsilon,
     check_noise_multiplier,
@@ -83,9 +84,7 @@ class MechanismCount:
         object.__setattr__(self, "noise_multiplier", check_noise_multiplier(self.noise_multiplier))
         object.__setattr__(self, "steps", check_positive_int("steps", self.steps))
         check_choice("sampler", self.sampler, SAMPLERS)
-        r = self.releases
-        if isinstance(r, bool) or not isinstance(r, int) or r < 0:
-            raise ConfigError(f"releases={self.releases!r} must be an int >= 0")
+        check_count("releases", self.releases)
 
     @property
     def epochs(self) -> int:

@@ -40,6 +40,7 @@ from typing import Any
 
 from lazydp._validate import (
     check_choice,
+    check_count,
     check_delta,
     check_epsilon,
     check_max_grad_norm,
@@ -123,10 +124,6 @@ def _from_record(record: dict[str, Any], where: str) -> StepEvent | ExternalChar
     return item
 
 
-def _is_count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
 def _check(item: StepEvent | ExternalCharge) -> None:
     """ConfigError unless ``item`` is a charge lazydp itself would write."""
     if isinstance(item, ExternalCharge):
@@ -136,9 +133,7 @@ def _check(item: StepEvent | ExternalCharge) -> None:
         check_delta(item.delta)
         return
     for name in ("step", "rank"):
-        value = getattr(item, name)
-        if not _is_count(value):
-            raise ConfigError(f"{name}={value!r} must be an int >= 0")
+        check_count(name, getattr(item, name))
     check_sample_rate(item.sample_rate)
     check_noise_multiplier(item.noise_multiplier)
     check_max_grad_norm(item.max_grad_norm, allow_inf=item.noise_multiplier == 0)
@@ -149,8 +144,8 @@ def _check(item: StepEvent | ExternalCharge) -> None:
         raise ConfigError(
             f"position={position!r} and lineage={lineage!r} come together, on shuffled steps only"
         )
-    if position is not None and not _is_count(position):
-        raise ConfigError(f"position={position!r} must be an int >= 0")
+    if position is not None:
+        check_count("position", position)
     if lineage is not None and not (isinstance(lineage, str) and 0 < len(lineage) <= 64):
         raise ConfigError(f"lineage={lineage!r} must be a short non-empty string")
 

@@ -48,6 +48,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from lazydp._dispatch import cast
 from lazydp.box_muller import (
     CHUNK_NUMEL,
     MATERIAL_BYTES,
@@ -118,11 +119,6 @@ def _check_stream(stream: Any, name: str) -> int:
             f"{name} must be an int in [0, 2**64); got {stream!r}. Use one per table and rank."
         )
     return stream
-
-
-def _on(t: Tensor, device: torch.device) -> Tensor:
-    """``t.to(device)``, without dispatching a no-op cast when it is there already."""
-    return t if t.device == device else t.to(device)
 
 
 # ------------------------------------------------------------------------ the generator
@@ -397,11 +393,13 @@ class GaussianNoise:
         with torch.no_grad():
             if scale is None:
                 assert z is not None
-                return out.add_(_on(z, out.device), alpha=alpha)
+                return out.add_(cast(z, device=out.device), alpha=alpha)
             if z is None:
                 self._add_row_scaled_(out, scale.view(-1) * alpha)
                 return out
-            return out.addcmul_(_on(z, out.device), _on(scale, out.device), value=alpha)
+            return out.addcmul_(
+                cast(z, device=out.device), cast(scale, device=out.device), value=alpha
+            )
 
     def _add_row_scaled_(self, out: Tensor, scale: Tensor) -> None:
         """``out[j] += scale[j] * z_j`` (z i.i.d. N(0, I), out float32 CPU contiguous), drawn,
@@ -466,8 +464,7 @@ class GaussianNoise:
                 "sum_lr2 must be finite and >= 0 (a sum of squared learning rates); got "
                 f"min={float(sum_lr2.min())}. Check the history table's lr^2 prefix sums."
             )
-        wide = sum_lr2 if sum_lr2.dtype == torch.float64 else sum_lr2.to(torch.float64)
-        scale = wide.sqrt().to(dtype).unsqueeze(1)
+        scale = cast(sum_lr2, torch.float64).sqrt().to(dtype).unsqueeze(1)
         pooled = dtype == torch.float32 and sum_lr2.device.type == "cpu"
         if pool is not None and pooled and (draw or pool.serves(n * dim)):
             if pool.noise is not self:

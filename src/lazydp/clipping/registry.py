@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 from torch import Tensor, nn
 
+from lazydp._dispatch import cast
 from lazydp.clipping._base import Call, LayerClipper, trainable_direct_params
 from lazydp.errors import InputError, UnsupportedLayerError
 
@@ -203,6 +204,4 @@ def clip_factors(c: Tensor, batch: int, like: Tensor) -> Tensor:
         raise InputError(
             f"c has shape {tuple(c.shape)}; expected ({batch},), one clip factor per example"
         )
-    if c.dtype == like.dtype and c.device == like.device:
-        return c
-    return c.to(dtype=like.dtype, device=like.device)
+    return cast(c, like.dtype, like.device)

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from lazydp import huge_pages
-from lazydp._nograd import no_grad
+from lazydp._dispatch import cast, no_grad
 from lazydp._timing import PhaseTimer
 from lazydp.clipping._base import SparseRows
 from lazydp.errors import ConfigError, PrivacyError
@@ -339,10 +339,7 @@ class LazyTable:
         if written is None or groups is None:
             return None, None
         with self.timer.phase("coalesce"):
-            summed = grad.summed_by(groups)
-            if summed.dtype != self.weight.dtype:
-                summed = summed.to(self.weight.dtype)
-            return written[1], summed
+            return written[1], cast(grad.summed_by(groups), self.weight.dtype)
 
     def coalesce(self, grad: SparseRows) -> SparseRows:
         """``grad`` with duplicated rows summed; free of a sort when its ids are the tensor the

@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from lazydp import huge_pages
-from lazydp._nograd import no_grad
+from lazydp._dispatch import no_grad
 from lazydp._timing import PhaseTimer
 from lazydp.clipping._base import SparseRows
 from lazydp.errors import ConfigError, PrivacyError
