@@ -183,6 +183,25 @@ def test_box_muller_matches_float64_reference(numel: int, std: float) -> None:
     np.testing.assert_allclose(out, want, rtol=2e-6, atol=2e-6 * std)
 
 
+@pytest.mark.parametrize("numel", [1, 2, 7, 1000, 4097])
+def test_box_muller_float32_bits_equal_the_plain_float32_passes(numel: int) -> None:
+    """Bit for bit what the obvious float32 passes give on the same words: u = 1 - w 2^-24,
+    r = sqrt(-2 ln u), angle 2 pi v 2^-24 (the kernel converts the words as signed integers
+    and forms u as (2^24 - w) 2^-24, which must be the very same floats)."""
+    out = np.empty(numel, dtype=np.float32)
+    box_muller.fill_standard_chunk(out, 1.0, KEY)
+    h = (numel + 1) // 2
+    words = AesCtrBits(KEY).random_raw(h).view(np.uint32) >> np.uint32(8)
+    f32 = np.float32
+    u = f32(1.0) - words[:h].astype(f32) * f32(2.0**-24)
+    radius = np.sqrt(np.log(u) * f32(-2.0))
+    theta = words[h:].astype(f32) * f32(2.0 * math.pi * 2.0**-24)
+    want = np.concatenate(
+        [radius * np.cos(theta), radius[: numel - h] * np.sin(theta[: numel - h])]
+    )
+    assert want.dtype == np.float32 and out.tobytes() == want.tobytes()
+
+
 @pytest.mark.parametrize("numel", [1, 2, 7, 1001])
 def test_float64_box_muller_matches_scalar_math_on_53_bit_uniforms(numel: int) -> None:
     """float64 draws: Box-Muller on the top 53 bits of each 64-bit word, against Python's

@@ -76,12 +76,12 @@ class AesCtrBits:
         return out
 
 
-# Per float dtype: (uniform bits u, word dtype holding them, the lowest cell's word value).
-# u = 1 - word * 2^-bits lies on the grid {2^-bits, ..., 1}; its smallest value 2^-bits comes
-# from the all-ones word, the only one whose radius is the grid's maximum.
-_GRID: dict[Any, tuple[int, Any, int]] = {
-    np.dtype(np.float32): (24, np.uint32, (1 << 24) - 1),
-    np.dtype(np.float64): (53, np.uint64, (1 << 53) - 1),
+# Per float dtype: (uniform bits u, word dtype holding them, its signed twin, the lowest cell's
+# word value). u = 1 - word * 2^-bits lies on the grid {2^-bits, ..., 1}; its smallest value
+# 2^-bits comes from the all-ones word, the only one whose radius is the grid's maximum.
+_GRID: dict[Any, tuple[int, Any, Any, int]] = {
+    np.dtype(np.float32): (24, np.uint32, np.int32, (1 << 24) - 1),
+    np.dtype(np.float64): (53, np.uint64, np.int64, (1 << 53) - 1),
 }
 
 
@@ -108,7 +108,7 @@ def box_muller_(dst: np.ndarray, std: float, bits: RawBits) -> None:
     uniforms; the buffers are reused in place (u's words hold the angle, v's the sin / cos), so
     the only allocation is the words themselves.
     """
-    grid_bits, word, lowest_cell = _GRID[dst.dtype]
+    grid_bits, word, signed, lowest_cell = _GRID[dst.dtype]
     real = dst.dtype.type
     m = dst.size
     h = (m + 1) // 2
@@ -116,9 +116,14 @@ def box_muller_(dst: np.ndarray, std: float, bits: RawBits) -> None:
     np.right_shift(words, word(8 * words.itemsize - grid_bits), out=words)  # the top bits
     u, v = words[:h], words[h:]
     lowest = np.flatnonzero(u == lowest_cell)  # usually empty: probability 2^-grid per pair
+    # Below 2^grid the words read the same as signed integers, which convert to floats in one
+    # SIMD instruction (unsigned ones do not: 64 -> 47 us per 256k float32 here). Every value
+    # is exact, so u = (2^grid - word) * 2^-grid is the very float 1 - word * 2^-grid.
+    u, v = u.view(signed), v.view(signed)
+    np.subtract(signed(1 << grid_bits), u, out=u)
     radius = dst[:h]
-    np.multiply(u, real(2.0**-grid_bits), out=radius, dtype=dst.dtype, casting="unsafe")
-    np.subtract(real(1.0), radius, out=radius)  # u in (0, 1] exactly, so log(u) is finite
+    np.copyto(radius, u, casting="unsafe")
+    np.multiply(radius, real(2.0**-grid_bits), out=radius)  # u in (0, 1], so log(u) is finite
     np.log(radius, out=radius)
     np.multiply(radius, real(-2.0), out=radius)
     np.sqrt(radius, out=radius)
@@ -128,7 +133,8 @@ def box_muller_(dst: np.ndarray, std: float, bits: RawBits) -> None:
         np.multiply(radius, real(std), out=radius)
     theta = u.view(dst.dtype)  # u is consumed: its memory holds the angle
     angle = 2.0 * math.pi * 2.0**-grid_bits
-    np.multiply(v, real(angle), out=theta, dtype=dst.dtype, casting="unsafe")
+    np.copyto(theta, v, casting="unsafe")
+    np.multiply(theta, real(angle), out=theta)
     trig, tail = v.view(dst.dtype), m - h  # v is consumed: its memory holds sin / cos
     np.sin(theta[:tail], out=trig[:tail])
     np.multiply(radius[:tail], trig[:tail], out=dst[h:])
