@@ -76,12 +76,12 @@ class AesCtrBits:
         return out
 
 
-# Per float dtype: (uniform bits u, word dtype holding them, its signed twin, the lowest cell's
-# word value). u = 1 - word * 2^-bits lies on the grid {2^-bits, ..., 1}; its smallest value
-# 2^-bits comes from the all-ones word, the only one whose radius is the grid's maximum.
-_GRID: dict[Any, tuple[int, Any, Any, int]] = {
-    np.dtype(np.float32): (24, np.uint32, np.int32, (1 << 24) - 1),
-    np.dtype(np.float64): (53, np.uint64, np.int64, (1 << 53) - 1),
+# Per float dtype: (uniform bits u, word dtype holding them, its signed twin). u = 1 - word *
+# 2^-bits lies on the grid {2^-bits, ..., 1}; its smallest value 2^-bits comes from the all-ones
+# word, the only one whose radius is the grid's maximum.
+_GRID: dict[Any, tuple[int, Any, Any]] = {
+    np.dtype(np.float32): (24, np.uint32, np.int32),
+    np.dtype(np.float64): (53, np.uint64, np.int64),
 }
 
 
@@ -108,27 +108,28 @@ def box_muller_(dst: np.ndarray, std: float, bits: RawBits) -> None:
     uniforms; the buffers are reused in place (u's words hold the angle, v's the sin / cos), so
     the only allocation is the words themselves.
     """
-    grid_bits, word, signed, lowest_cell = _GRID[dst.dtype]
+    grid_bits, word, signed = _GRID[dst.dtype]
     real = dst.dtype.type
     m = dst.size
     h = (m + 1) // 2
     words = bits.random_raw(h if word is np.uint32 else 2 * h).view(word)  # 2h words
     np.right_shift(words, word(8 * words.itemsize - grid_bits), out=words)  # the top bits
-    u, v = words[:h], words[h:]
-    lowest = np.flatnonzero(u == lowest_cell)  # usually empty: probability 2^-grid per pair
     # Below 2^grid the words read the same as signed integers, which convert to floats in one
     # SIMD instruction (unsigned ones do not: 64 -> 47 us per 256k float32 here). Every value
     # is exact, so u = (2^grid - word) * 2^-grid is the very float 1 - word * 2^-grid.
-    u, v = u.view(signed), v.view(signed)
+    u, v = words[:h].view(signed), words[h:].view(signed)
     np.subtract(signed(1 << grid_bits), u, out=u)
+    # The lowest cell (word all ones, now 1) has probability 2^-grid per pair: one min() finds
+    # that it is absent, cheaper than a compare and a scan (28 -> 8 us per 256k pairs).
+    lowest = np.flatnonzero(u == 1) if h and u.min() == 1 else ()
     radius = dst[:h]
     np.copyto(radius, u, casting="unsafe")
     np.multiply(radius, real(2.0**-grid_bits), out=radius)  # u in (0, 1], so log(u) is finite
     np.log(radius, out=radius)
     np.multiply(radius, real(-2.0), out=radius)
     np.sqrt(radius, out=radius)
-    if lowest.size:
-        radius[lowest] = refined_tail_radius(bits, lowest.size, grid_bits)
+    if len(lowest):
+        radius[lowest] = refined_tail_radius(bits, len(lowest), grid_bits)
     if std != 1.0:
         np.multiply(radius, real(std), out=radius)
     theta = u.view(dst.dtype)  # u is consumed: its memory holds the angle
