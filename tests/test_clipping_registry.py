@@ -105,3 +105,20 @@ def test_batchnorm_without_trainable_parameters_is_refused_too(bn) -> None:
     model = nn.Sequential(nn.Linear(3, 3), bn, nn.Linear(3, 1))
     with pytest.raises(UnsupportedLayerError, match=r"BatchNorm1d '1' is not supported"):
         parameterised_leaves(model)
+
+
+@pytest.mark.parametrize(
+    "bn",
+    [
+        lambda: nn.LazyBatchNorm1d(affine=False, track_running_stats=False),
+        lambda: nn.LazyBatchNorm1d(affine=False),
+        lambda: nn.LazyBatchNorm2d(),
+    ],
+)
+def test_lazy_batchnorm_is_refused_before_it_becomes_batchnorm(bn) -> None:
+    # A lazy BatchNorm is no BatchNorm1d until its first forward (then its class changes), so
+    # a refusal of BatchNorm1d alone let it mix examples and release running statistics.
+    model = nn.Sequential(nn.Linear(3, 3), bn(), nn.Linear(3, 1))
+    with pytest.raises(UnsupportedLayerError, match=r"LazyBatchNorm\dd( '1')? is not supported"):
+        for _, layer in parameterised_leaves(model):
+            clipper_for(layer)

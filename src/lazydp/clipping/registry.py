@@ -75,6 +75,12 @@ refuse_layers(
     nn.BatchNorm2d,
     nn.BatchNorm3d,
     nn.SyncBatchNorm,
+    # Not subclasses of the above (they only become BatchNorm1d/2d/3d at their first forward,
+    # after make_private has looked at them): without these, LazyBatchNorm1d(affine=False)
+    # mixed examples silently.
+    nn.LazyBatchNorm1d,
+    nn.LazyBatchNorm2d,
+    nn.LazyBatchNorm3d,
     reason=(
         "batch normalisation mixes examples across the batch (each example's output depends on "
         "the others), so no per-example gradient exists, with or without trainable parameters; "
