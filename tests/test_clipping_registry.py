@@ -122,3 +122,18 @@ def test_lazy_batchnorm_is_refused_before_it_becomes_batchnorm(bn) -> None:
     with pytest.raises(UnsupportedLayerError, match=r"LazyBatchNorm\dd( '1')? is not supported"):
         for _, layer in parameterised_leaves(model):
             clipper_for(layer)
+
+
+@pytest.mark.parametrize("affine", [False, True])
+def test_instancenorm_with_running_stats_is_refused(affine) -> None:
+    # Per example in its forward, but its running statistics are averaged over the training
+    # batch and released in state_dict() without noise: refused at make_private.
+    norm = nn.InstanceNorm1d(3, affine=affine, track_running_stats=True)
+    model = nn.Sequential(nn.Conv1d(2, 3, 2), norm, nn.Flatten(), nn.Linear(9, 1))
+    with pytest.raises(UnsupportedLayerError, match=r"InstanceNorm1d '1'.*track_running_stats"):
+        parameterised_leaves(model)
+    with pytest.raises(UnsupportedLayerError, match=r"track_running_stats=False"):
+        clipper_for(norm)
+    # Without running statistics it is per example and stays supported (fallback if affine).
+    plain = nn.Sequential(nn.Conv1d(2, 3, 2), nn.InstanceNorm1d(3, affine=affine))
+    assert [n for n, _ in parameterised_leaves(plain)] == (["0", "1"] if affine else ["0"])

@@ -89,6 +89,32 @@ refuse_layers(
 )
 
 
+# Layers whose forward is per example but which, with track_running_stats=True, update their
+# running statistics from the training batch: those buffers leave in state_dict() and steer
+# every evaluation forward, with neither clipping nor noise (no parameter gradient shows it).
+_RUNNING_STATS = (
+    nn.InstanceNorm1d,
+    nn.InstanceNorm2d,
+    nn.InstanceNorm3d,
+    nn.LazyInstanceNorm1d,
+    nn.LazyInstanceNorm2d,
+    nn.LazyInstanceNorm3d,
+)
+
+
+def _running_stats_refusal(module: nn.Module, name: str = "") -> None:
+    """UnsupportedLayerError for an InstanceNorm that tracks running statistics."""
+    if isinstance(module, _RUNNING_STATS) and module.track_running_stats:
+        label = f"{type(module).__name__} {name!r}" if name else type(module).__name__
+        raise UnsupportedLayerError(
+            f"{label} with track_running_stats=True is not supported: in training it updates "
+            "running_mean / running_var from the batch's examples, and those buffers are "
+            "released (state_dict, evaluation forwards) without clipping or noise. Use "
+            "track_running_stats=False (the default; evaluation then normalises each example "
+            "by its own statistics, as training does)."
+        )
+
+
 def clipper_for(module: nn.Module) -> LayerClipper:
     """The clipper for one parameterised leaf layer (already checked for unsupported settings).
 
@@ -98,6 +124,7 @@ def clipper_for(module: nn.Module) -> LayerClipper:
         (<class 'torch.nn.modules.linear.Linear'>,)
     """
     check_leaf(module)
+    _running_stats_refusal(module)
     clipper = _lookup(type(module))
     clipper.check(module)
     return clipper
@@ -159,6 +186,7 @@ def parameterised_leaves(model: nn.Module) -> list[tuple[str, nn.Module]]:
     owner: dict[int, str] = {}  # id(parameter) -> the layer that owns it
     for name, module in model.named_modules():
         params = trainable_direct_params(module)
+        _running_stats_refusal(module, name)  # with or without trainable parameters
         if not params:
             # A refused layer mixes examples whether or not it trains: BatchNorm1d(affine=False)
             # or a frozen BatchNorm still normalises each example by the others in train mode,
