@@ -72,6 +72,24 @@ def test_a_table_subclass_with_its_own_forward_is_noised_eagerly_under_lazydp():
         torch.testing.assert_close(out["lazydp"][1][k], v, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["dpsgd_f", "lazydp"])
+def test_a_forward_assigned_on_a_layer_instance_is_refused_not_replaced(mode):
+    # Capture installs the class's forward on the instance: a forward the user assigned there
+    # (a patched layer) would silently stop running, and detach() would delete it.
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 1))
+    patched = model[0].forward
+    model[0].forward = lambda x: patched(x) * 2
+    x = torch.randn(2, 3)
+    with torch.no_grad():
+        want = model(x)
+    with pytest.raises(UnsupportedLayerError, match=r"layer '0' \(Linear\) has a forward assigned"):
+        _private(model, mode)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), want)  # left as it was
+    del model[0].forward
+    _private(model, mode)  # the plain layer is captured
+
+
 def test_a_second_engine_on_a_captured_model_is_refused_until_the_first_detaches():
     model, opt, engine = _private(Toy())
     for b in make_batches(2):

@@ -149,6 +149,19 @@ class CaptureSet:
                     "model back -- before making it private again; two engines on one model "
                     "would each miss the other's noise."
                 )
+            if "forward" in module.__dict__:
+                # Capturing runs the class's forward (the clippers' formulas are its
+                # derivatives), and detach() removes the instance attribute: the assigned
+                # forward would stop running, silently, and be gone afterwards.
+                raise UnsupportedLayerError(
+                    f"layer {name or type(module).__name__!r} ({type(module).__name__}) has a "
+                    "forward assigned on the instance (module.forward = ...), which lazydp "
+                    "would replace by the class's forward: the model would compute something "
+                    "else without a word. Put the changed computation in a subclass's forward "
+                    "(it is then clipped exactly by the torch.func fallback) or in a wrapper "
+                    "module around the layer, and remove the instance attribute "
+                    "(del module.forward)."
+                )
         clippers = [clipper_for(module) for _, module in leaves]  # raises: no exact norm
         for (name, module), clipper in zip(leaves, clippers):
             layer = LayerCapture(
