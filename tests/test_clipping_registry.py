@@ -137,3 +137,26 @@ def test_instancenorm_with_running_stats_is_refused(affine) -> None:
     # Without running statistics it is per example and stays supported (fallback if affine).
     plain = nn.Sequential(nn.Conv1d(2, 3, 2), nn.InstanceNorm1d(3, affine=affine))
     assert [n for n, _ in parameterised_leaves(plain)] == (["0", "1"] if affine else ["0"])
+
+
+@pytest.mark.parametrize(
+    "wrap",
+    [
+        lambda m: torch.nn.utils.parametrizations.weight_norm(m),
+        lambda m: torch.nn.utils.parametrizations.spectral_norm(m),
+        lambda m: torch.nn.utils.weight_norm(m),
+        lambda m: torch.nn.utils.spectral_norm(m),
+        lambda m: torch.nn.utils.prune.l1_unstructured(m, "weight", amount=0.5),
+    ],
+)
+@pytest.mark.parametrize("bias", [True, False])
+def test_a_parametrized_weight_is_refused_with_what_to_do(wrap, bias) -> None:
+    # Was refused only at the step, as "layers saw different batch sizes", a mixed parent, or a
+    # gradient from outside the layer (a tied weight): none says what is wrong.
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the older weight_norm is deprecated
+        model = nn.Sequential(wrap(nn.Linear(3, 4, bias=bias)), nn.Linear(4, 1))
+    with pytest.raises(UnsupportedLayerError, match=r"Linear '0' has a parametrized weight"):
+        parameterised_leaves(model)

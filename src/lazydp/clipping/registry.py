@@ -18,6 +18,10 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
+from torch.nn.utils.prune import BasePruningMethod
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 
 from lazydp._dispatch import cast
 from lazydp.clipping._base import Call, LayerClipper, trainable_direct_params
@@ -115,6 +119,31 @@ def _running_stats_refusal(module: nn.Module, name: str = "") -> None:
         )
 
 
+def _parametrization_refusal(module: nn.Module, name: str = "") -> None:
+    """UnsupportedLayerError for a layer whose weight is computed from other parameters
+    outside its forward (torch.nn.utils.parametrize, or the weight_norm / spectral_norm / prune
+    pre-hooks). Captured as is, its parameters' gradients either arrive outside the layer or
+    reach a ParametrizationList "layer" whose output is the weight, not one row per example:
+    it was refused only later, with a misleading message (batch sizes, a tied weight)."""
+    hooks = module._forward_pre_hooks.values()
+    if not (
+        parametrize.is_parametrized(module)
+        or any(isinstance(h, (WeightNorm, SpectralNorm, BasePruningMethod)) for h in hooks)
+    ):
+        return
+    label = f"{type(module).__name__} {name!r}" if name else type(module).__name__
+    raise UnsupportedLayerError(
+        f"{label} has a parametrized weight (torch.nn.utils.parametrize, e.g. "
+        "parametrizations.weight_norm / spectral_norm / orthogonal, or the older weight_norm / "
+        "spectral_norm, or torch.nn.utils.prune's mask): the weight is computed from other "
+        "parameters outside the layer's forward, so lazydp cannot clip their per-example "
+        "gradients. Remove the parametrization (parametrize.remove_parametrizations, "
+        "remove_weight_norm, prune.remove), or compute "
+        "the weight inside a custom layer's own forward from parameters it owns (the torch.func "
+        "fallback then clips it exactly)."
+    )
+
+
 def clipper_for(module: nn.Module) -> LayerClipper:
     """The clipper for one parameterised leaf layer (already checked for unsupported settings).
 
@@ -187,6 +216,7 @@ def parameterised_leaves(model: nn.Module) -> list[tuple[str, nn.Module]]:
     for name, module in model.named_modules():
         params = trainable_direct_params(module)
         _running_stats_refusal(module, name)  # with or without trainable parameters
+        _parametrization_refusal(module, name)
         if not params:
             # A refused layer mixes examples whether or not it trains: BatchNorm1d(affine=False)
             # or a frozen BatchNorm still normalises each example by the others in train mode,
