@@ -90,6 +90,19 @@ def test_a_forward_assigned_on_a_layer_instance_is_refused_not_replaced(mode):
     _private(model, mode)  # the plain layer is captured
 
 
+def test_a_lazy_module_is_refused_until_initialised_and_left_uncaptured():
+    # torch raised inside capture (register_hook on an UninitializedParameter) after the
+    # earlier layers were captured: the retry after torch's advice (a dummy forward) was then
+    # refused as "already captured by another PrivacyEngine", with no engine to detach.
+    model = nn.Sequential(nn.Linear(3, 3), nn.LazyLinear(4), nn.Linear(4, 1))
+    with pytest.raises(ConfigError, match=r"layer '1' \(LazyLinear\) has uninitialized param"):
+        _private(model)
+    assert all("forward" not in m.__dict__ for m in model.modules())  # nothing captured
+    with torch.no_grad():
+        model(torch.zeros(1, 3))
+    _private(model)
+
+
 def test_a_second_engine_on_a_captured_model_is_refused_until_the_first_detaches():
     model, opt, engine = _private(Toy())
     for b in make_batches(2):

@@ -21,6 +21,7 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
+from torch.nn.parameter import is_lazy
 
 from lazydp.clipping import clipper_for, parameterised_leaves
 from lazydp.clipping._base import Call, LayerClipper, trainable_direct_params
@@ -149,6 +150,16 @@ class CaptureSet:
                     "model back -- before making it private again; two engines on one model "
                     "would each miss the other's noise."
                 )
+            lazy = [n for n, p in trainable_direct_params(module).items() if is_lazy(p)]
+            if lazy:
+                # Hooks cannot be registered on them (torch raises half-way through capture).
+                raise ConfigError(
+                    f"layer {name or type(module).__name__!r} ({type(module).__name__}) has "
+                    f"uninitialized parameters {lazy} (a lazy module: their shapes are set by "
+                    "its first forward). Run the model once on a batch of the right shape "
+                    "before make_private, e.g. with torch.no_grad(): model(example_batch); "
+                    "the optimizer built before keeps working."
+                )
             if "forward" in module.__dict__:
                 # Capturing runs the class's forward (the clippers' formulas are its
                 # derivatives), and detach() removes the instance attribute: the assigned
@@ -163,21 +174,30 @@ class CaptureSet:
                     "(del module.forward)."
                 )
         clippers = [clipper_for(module) for _, module in leaves]  # raises: no exact norm
-        for (name, module), clipper in zip(leaves, clippers):
-            layer = LayerCapture(
-                name=name or type(module).__name__,
-                module=module,
-                clipper=clipper,
-                is_table=_is_table(module, clipper),
+        try:
+            for (name, module), clipper in zip(leaves, clippers):
+                layer = LayerCapture(
+                    name=name or type(module).__name__,
+                    module=module,
+                    clipper=clipper,
+                    is_table=_is_table(module, clipper),
+                )
+                self.layers.append(layer)
+                module.forward = _CapturedForward(self._make_forward(layer))  # type: ignore[method-assign]
+                for pname, p in layer.params().items():
+                    hook = self._outside_use(f"{layer.name}.{pname}")
+                    self._handles.append(p.register_hook(hook))
+            self.capture_root = capture_root
+            self._handles.append(
+                model.register_forward_pre_hook(self._on_root_pre, with_kwargs=True)
             )
-            self.layers.append(layer)
-            module.forward = _CapturedForward(self._make_forward(layer))  # type: ignore[method-assign]
-            for pname, p in layer.params().items():
-                self._handles.append(p.register_hook(self._outside_use(f"{layer.name}.{pname}")))
-        self.capture_root = capture_root
-        self._handles.append(model.register_forward_pre_hook(self._on_root_pre, with_kwargs=True))
-        if capture_root:
-            self._handles.append(model.register_forward_hook(self._on_root_post))
+            if capture_root:
+                self._handles.append(model.register_forward_hook(self._on_root_post))
+        except BaseException:
+            # Whatever failed after the checks above, the model is given back whole: a layer
+            # left captured would refuse every later make_private as "already captured".
+            self.remove()
+            raise
 
     def __deepcopy__(self, memo: dict[int, Any]) -> Any:  # reached through the root's hook
         raise copy_refused()
