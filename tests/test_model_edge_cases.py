@@ -222,6 +222,30 @@ def test_gradient_accumulation_is_refused_and_zero_grad_drops_a_backward():
     assert engine.ledger.steps == 1
 
 
+@pytest.mark.parametrize("mode", ["dpsgd_b", "dpsgd_r", "dpsgd_f", "lazydp"])
+def test_zero_grad_between_forward_and_backward_keeps_the_forward(mode):
+    # `loss = ...; opt.zero_grad(); loss.backward(); opt.step()` (a common loop order) was
+    # refused: zero_grad forgot the forward, so the backward looked like one that reached a
+    # replaced forward. The step must equal the usual order's, bit for bit.
+    batches = make_batches(3, seed=4)
+    runs = []
+    for late_zero_grad in (False, True):
+        torch.manual_seed(0)
+        model, opt, engine = _private(Toy(), mode)
+        with zero_noise():
+            for batch in batches:
+                if not late_zero_grad:
+                    opt.zero_grad()
+                loss = loss_fn(model(*batch[:3]), batch[3])
+                if late_zero_grad:
+                    opt.zero_grad()
+                loss.backward()
+                opt.step()
+        assert engine.ledger.steps == 3
+        runs.append(snapshot(model))
+    assert all(torch.equal(t, runs[0][k]) for k, t in runs[1].items())
+
+
 class LossMethod(nn.Module):
     """Lightning/HF style: the loss comes from a method that calls the layers, not forward()."""
 

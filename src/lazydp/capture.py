@@ -419,6 +419,12 @@ class CaptureSet:
                 "evaluation forwards under torch.no_grad(). Nothing was changed or charged."
             )
 
+    def drop_backward(self) -> None:
+        """Forget this pass if a backward reached it (or a forgotten one); keep a forward whose
+        backward is still to come."""
+        if self._backed[0] or self.lost:
+            self.clear()
+
     def clear(self) -> None:
         self.lost = []
         self._backed = [False]  # records of the pass just forgotten keep the old flag

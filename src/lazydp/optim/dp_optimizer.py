@@ -321,8 +321,11 @@ class DPOptimizer(OptimizerGroup):
         return hook
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Also forgets the recorded forward and backward: a gradient dropped on purpose."""
-        self.capture.clear()
+        """Also forgets a recorded backward (and its forward): a gradient dropped on purpose.
+        A forward no backward has reached yet is kept: ``loss = ...; opt.zero_grad();
+        loss.backward(); opt.step()`` is a common loop order, and that forward's records are
+        what the coming backward fills."""
+        self.capture.drop_backward()
         super().zero_grad(set_to_none)
 
     # ------------------------------------------------------------------ the step
