@@ -93,15 +93,19 @@ def all_to_all_varlen(
     return out
 
 
-def exchange_counts(send_counts: Tensor, group: ProcessGroup = None) -> list[int]:
-    """All-to-all of per-destination counts: returns how many rows each rank will send us."""
+def exchange_counts(
+    send_counts: Tensor, group: ProcessGroup = None, tag: int = 0
+) -> tuple[list[int], list[int]]:
+    """All-to-all of per-destination counts: returns how many rows each rank will send us,
+    and each rank's ``tag`` (what kind of exchange it is in, for the caller to compare)."""
     rank, size = world(group)
     if size == 1:
-        return [int(send_counts[0])]
-    recv = torch.empty_like(send_counts)
-    _count(send_counts)
-    dist.all_to_all_single(recv, send_counts.contiguous(), group=group)
-    return [int(x) for x in recv]
+        return [int(send_counts[0])], [tag]
+    send = torch.stack([send_counts, torch.full_like(send_counts, tag)], 1).contiguous()
+    recv = torch.empty_like(send)
+    _count(send)
+    dist.all_to_all_single(recv, send, group=group)
+    return [int(x) for x in recv[:, 0]], [int(x) for x in recv[:, 1]]
 
 
 def comm_device(group: ProcessGroup = None) -> torch.device:

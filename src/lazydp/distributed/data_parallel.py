@@ -159,19 +159,66 @@ class ClippedSumReducer:
             )
 
 
+#: Tags a table read's first collective: a training forward, or one under torch.no_grad().
+READ_TRAIN, READ_EVAL = 0x4C5A01, 0x4C5A02
+
+
+def check_same_read(kinds: Tensor, what: str) -> None:
+    """ConfigError on every rank alike unless every rank is in the same kind of table read.
+
+    ``kinds`` holds each rank's tag (from the read's first collective, so every rank sees all
+    of them). A forward run on some ranks only -- ``if rank == 0: evaluate(model)``, the DDP
+    idiom -- otherwise meets the others' next training forward in this collective: the job
+    hangs in gloo until its timeout, aborts on a size mismatch, or (worse) pairs unrelated
+    exchanges. Raised after that one collective and before any row is caught up or sent."""
+    found = [int(k) for k in kinds.view(-1).tolist()]
+    if all(k == found[0] for k in found) and found[0] in (READ_TRAIN, READ_EVAL):
+        return
+    names = {READ_TRAIN: "training", READ_EVAL: "no_grad"}
+    raise ConfigError(
+        f"a read of {what} ran on some ranks only: the ranks are in "
+        f"{[names.get(k, 'another collective') for k in found]} forwards (rank 0 first). "
+        "Reads of a table with pending LazyDP noise, and every read of a sharded table, are "
+        "collectives. Evaluate on every rank, with as many batches on each; or, for "
+        "replicated tables, call engine.flush() on every rank first: until the next step a "
+        "flushed table's reads need no collective, so rank 0 may then evaluate alone; or "
+        "engine.export() on every rank and evaluate the exported model. Nothing was changed "
+        "or charged."
+    )
+
+
+def read_kind() -> int:
+    """This forward's tag for :func:`check_same_read`."""
+    return READ_TRAIN if torch.is_grad_enabled() else READ_EVAL
+
+
 def union_catch_up_hook(
-    table: LazyTable, step: Callable[[], int], group: ProcessGroup = None
+    table: LazyTable,
+    step: Callable[[], int],
+    group: ProcessGroup = None,
+    settled: Callable[[], bool] | None = None,
 ) -> Callable[[Tensor], None]:
     """A read hook: catch up the union over ranks of the rows about to be read, at ``step()``.
 
-    Every rank must run the same table forwards in the same order (a collective per call).
+    Every rank must run the same table forwards in the same order (a collective per call),
+    except evaluation reads (under torch.no_grad()) while ``settled()``: the tables were fully
+    flushed at this step (the same answer on every rank, as the flush must run on all), so no
+    row owes noise and the read is local.
     """
 
     def hook(rows: Tensor) -> None:
+        if not torch.is_grad_enabled() and settled is not None and settled():
+            # Nothing pending: a catch-up would add exactly 0 and only consume shared draws.
+            # Skipping it on every rank alike keeps the replicas identical, and lets rank 0
+            # evaluate alone after engine.flush() on every rank (no collective to wait in).
+            # Training reads keep their collective: it checks that the ranks are in step.
+            return
         device = comm_device(group)
         mine = torch.unique(rows).to(device)
-        counts = all_gather_sizes(torch.tensor([mine.numel()], device=device), group)
-        union = all_gather_varlen(mine, counts.view(-1).tolist(), group)
+        sizes = torch.tensor([mine.numel(), read_kind()], device=device)
+        info = all_gather_sizes(sizes, group)  # (W, 2): rows and read kind per rank
+        check_same_read(info[:, 1], "a replicated LazyDP table")
+        union = all_gather_varlen(mine, info[:, 0].tolist(), group)
         table.catch_up(union.to(table.weight.device), step())
 
     return hook

@@ -16,6 +16,10 @@ Contract (DESIGN.md invariant 7; every rank builds the same model and calls the 
   optimizers (they must be plain SGD) and updated by their owners with independent per-rank
   noise streams.
 * Every rank must run forward, backward and ``step()`` every step, even on an empty batch.
+* Evaluation forwards are collectives too (LazyDP catch-up, sharded lookups): run them on
+  every rank, or flush on every rank first (then replicated tables' reads under no_grad are
+  local until the next step). A forward on some ranks only is refused on every rank when it
+  meets the others' next one (data_parallel.check_same_read), not left to hang.
 * Restart: ``load_checkpoint`` re-keys every noise stream (fresh broadcast entropy; with a user
   seed, a stream derived from the charged step count), so re-run steps never replay noise; the
   ledger is never lowered (the base engine refuses a ledger behind the checkpoint).
@@ -172,7 +176,12 @@ class DistributedPrivacyEngine(PrivacyEngine):
             opt.before_charge = self._check_replicas_alike
         for p, table in opt.lazy.items():
             opt.tables[p].read_hook = self._timed(
-                union_catch_up_hook(table, lambda: opt.steps_done, self.process_group)
+                union_catch_up_hook(
+                    table,
+                    lambda: opt.steps_done,
+                    self.process_group,
+                    settled=lambda: opt._flushed_at == opt.steps_done,
+                )
             )
         assert self.noise is not None and self.privacy is not None
         for k, (name, m) in enumerate(self.sharded.items()):

@@ -43,12 +43,16 @@ from lazydp.distributed._comm import (
     exchange_counts,
     world,
 )
+from lazydp.distributed.data_parallel import check_same_read, read_kind
 from lazydp.errors import ConfigError, InputError, PrivacyError, UnsupportedLayerError
 from lazydp.noise import GaussianNoise
 from lazydp.optim.eager import eager_table_sgd
 from lazydp.optim.lazy import LazyTable, LrPrefix, SgdStep
 from lazydp.optim.lazy_momentum import MomentumPrefix, MomentumTable, check_step
 from lazydp.optim.resume import buffer_problem, check_lazy_state
+
+#: The tag of apply_clipped_sum's exchange (reads carry data_parallel.READ_TRAIN / READ_EVAL).
+_UPDATE = 0x4C5A03
 
 #: Rank r's initialisation stream is keyed by base + r * this (odd: the golden-ratio constant),
 #: so neighbouring ranks' keys are far apart.
@@ -169,18 +173,26 @@ class ShardedEmbeddingBag(nn.Module):
             per_sample_weights=per_sample_weights,
         )
 
-    def _route(self, ids: Tensor) -> tuple[Tensor, list[int], list[int]]:
-        """Order that groups ``ids`` by owner, and the send / receive counts per rank."""
+    def _route(self, ids: Tensor, kind: int) -> tuple[Tensor, list[int], list[int]]:
+        """Order that groups ``ids`` by owner, and the send / receive counts per rank.
+
+        ``kind`` (a read's, or _UPDATE) travels with the counts: ranks in different kinds of
+        exchange (a forward on rank 0 alone meeting the others' next one) are refused on
+        every rank before any row moves, instead of hanging or pairing unrelated exchanges."""
         owner = ids % self.world_size
         order = torch.argsort(owner, stable=True)
         send = torch.bincount(owner, minlength=self.world_size)
-        recv = exchange_counts(send.to(comm_device(self.process_group)), self.process_group)
+        recv, kinds = exchange_counts(
+            send.to(comm_device(self.process_group)), self.process_group, tag=kind
+        )
+        if kind != _UPDATE or any(k != _UPDATE for k in kinds):
+            check_same_read(torch.tensor(kinds), "a ShardedEmbeddingBag")
         return order, send.tolist(), recv
 
     def _lookup(self, uniq: Tensor) -> Tensor:
         """The current (caught-up) rows ``uniq`` of the full table, fetched from their owners."""
         group, dev = self.process_group, comm_device(self.process_group)
-        order, send, recv = self._route(uniq)
+        order, send, recv = self._route(uniq, read_kind())
         wanted = all_to_all_varlen(uniq[order].to(dev), send, recv, group).to(self.weight.device)
         local = torch.div(wanted, self.world_size, rounding_mode="floor")
         t = self._training
@@ -240,7 +252,7 @@ class ShardedEmbeddingBag(nn.Module):
                 self.num_embeddings,
             )
         clipped = clipped.coalesce()  # fewer rows on the wire
-        order, send, recv = self._route(clipped.indices)
+        order, send, recv = self._route(clipped.indices, _UPDATE)
         ids = all_to_all_varlen(clipped.indices[order].to(dev), send, recv, group)
         values = all_to_all_varlen(clipped.values[order].to(dev), send, recv, group)
         local = SparseRows(

@@ -1,0 +1,90 @@
+"""Two gloo ranks: an evaluation on rank 0 alone (the DDP idiom ``if rank == 0: evaluate()``).
+
+Refused on every rank alike when its reads need a collective (pending LazyDP noise, or a
+sharded table), instead of hanging in gloo or pairing with the other rank's training forward;
+allowed after ``engine.flush()`` on every rank, where it changes nothing."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from lazydp import ConfigError
+from lazydp.distributed import ShardedEmbeddingBag
+from tests.gloo import join
+from tests.test_distributed import finish_rank, spawn_two_ranks
+from tests.test_distributed_consistency import _build, _steps
+
+
+def _digest_of(model: torch.nn.Module) -> str:
+    """Every weight as every rank sees it (a sharded table gathered: a collective)."""
+    h = hashlib.sha256()
+    for name, p in model.named_parameters():
+        if name == "bag.weight" and isinstance(model.bag, ShardedEmbeddingBag):
+            p = model.bag.gather_weight()
+        h.update(p.detach().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _eval(model: torch.nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.zeros(2, 3), torch.tensor([[1, 2], [3, 4]]))
+
+
+def _run(rank: int, sharded: bool, evaluate: bool, flush: bool) -> tuple[Any, ...]:
+    """Three steps; after each, maybe a flush on every rank and an evaluation on rank 0."""
+    model, opt, sched, engine = _build(rank, seed=3, sharded=sharded)
+    refused = None
+    for step in range(3):
+        try:
+            _steps(model, opt, sched, rank, step, step + 1)
+        except ConfigError as exc:
+            refused = str(exc)
+            break
+        if flush:
+            engine.flush()
+        if evaluate and rank == 0:
+            try:
+                _eval(model)
+            except ConfigError as exc:
+                refused = str(exc)
+                break
+    return refused, engine.ledger.steps, _digest_of(model)
+
+
+def _worker(rank: int, world: int, store_path: str, out_dir: str) -> None:
+    join(rank, world, store_path, timeout_s=30)  # a regression fails fast, not in 30 minutes
+    results: dict[str, Any] = {}
+    for sharded in (False, True):
+        results[f"alone/{sharded}"] = _run(rank, sharded, evaluate=True, flush=False)
+    results["flushed"] = _run(rank, False, evaluate=True, flush=True)
+    results["reference"] = _run(rank, False, evaluate=False, flush=True)
+    finish_rank(results, rank, Path(out_dir))
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    return spawn_two_ranks(_worker, tmp_path_factory.mktemp("dist-eval"))
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_an_evaluation_on_rank_0_alone_is_refused_on_every_rank(ranks: list, sharded: bool) -> None:
+    for r in ranks:
+        refused, charged, _ = r[f"alone/{sharded}"]
+        assert refused is not None and "ran on some ranks only" in refused
+        assert "engine.flush() on every rank" in refused
+        assert charged == 1  # refused before the second step was charged
+    assert ranks[0][f"alone/{sharded}"][2] == ranks[1][f"alone/{sharded}"][2]
+
+
+def test_rank_0_evaluates_alone_after_a_flush_on_every_rank_and_changes_nothing(
+    ranks: list,
+) -> None:
+    for r in ranks:
+        assert r["flushed"][:2] == (None, 3)
+        # The same model as the run that never evaluated: no draw, no drift between replicas.
+        assert r["flushed"][2] == r["reference"][2] == ranks[0]["reference"][2]
