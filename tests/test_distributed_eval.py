@@ -56,11 +56,25 @@ def _run(rank: int, sharded: bool, evaluate: bool, flush: bool) -> tuple[Any, ..
     return refused, engine.ledger.steps, _digest_of(model)
 
 
+def _export_alone(rank: int, out_dir: str) -> tuple[str | None, int]:
+    """``if rank == 0: engine.export(...)`` with a sharded table (assembling it is a collective)."""
+    model, opt, sched, engine = _build(rank, seed=3)
+    try:
+        _steps(model, opt, sched, rank, 0, 1)
+        if rank == 0:
+            engine.export(Path(out_dir) / "model.pt")
+        _steps(model, opt, sched, rank, 1, 2)
+    except ConfigError as exc:
+        return str(exc), engine.ledger.steps
+    return None, engine.ledger.steps
+
+
 def _worker(rank: int, world: int, store_path: str, out_dir: str) -> None:
     join(rank, world, store_path, timeout_s=30)  # a regression fails fast, not in 30 minutes
     results: dict[str, Any] = {}
     for sharded in (False, True):
         results[f"alone/{sharded}"] = _run(rank, sharded, evaluate=True, flush=False)
+    results["export_alone"] = _export_alone(rank, out_dir)
     results["flushed"] = _run(rank, False, evaluate=True, flush=True)
     results["reference"] = _run(rank, False, evaluate=False, flush=True)
     finish_rank(results, rank, Path(out_dir))
@@ -88,3 +102,13 @@ def test_rank_0_evaluates_alone_after_a_flush_on_every_rank_and_changes_nothing(
         assert r["flushed"][:2] == (None, 3)
         # The same model as the run that never evaluated: no draw, no drift between replicas.
         assert r["flushed"][2] == r["reference"][2] == ranks[0]["reference"][2]
+
+
+def test_an_export_of_sharded_tables_on_rank_0_alone_is_refused_on_every_rank(
+    ranks: list,
+) -> None:
+    for r in ranks:
+        refused, charged = r["export_alone"]
+        assert refused is not None and "gather_weight() (engine.export() with sharded" in refused
+        assert "engine.export() on every rank" in refused
+        assert charged == 1

@@ -161,6 +161,9 @@ class ClippedSumReducer:
 
 #: Tags a table read's first collective: a training forward, or one under torch.no_grad().
 READ_TRAIN, READ_EVAL = 0x4C5A01, 0x4C5A02
+#: Tags ShardedEmbeddingBag.gather_weight's first collective (export), refused with a read.
+GATHER = 0x4C5A04
+_NAMES = {READ_TRAIN: "training forward", READ_EVAL: "no_grad forward", GATHER: "gather_weight"}
 
 
 def check_same_read(kinds: Tensor, what: str) -> None:
@@ -174,6 +177,15 @@ def check_same_read(kinds: Tensor, what: str) -> None:
     found = [int(k) for k in kinds.view(-1).tolist()]
     if all(k == found[0] for k in found) and found[0] in (READ_TRAIN, READ_EVAL):
         return
+    if GATHER in found:
+        raise ConfigError(
+            f"gather_weight() (engine.export() with sharded tables) ran on some ranks only: "
+            f"the ranks are in {[_NAMES.get(k, 'another collective') for k in found]} "
+            "(rank 0 first). Assembling a sharded table is a collective: call engine.export() "
+            "on every rank at the same step (rank 0 alone writes the file). Nothing was "
+            "charged (replicated LazyDP tables it flushed on rank 0 alone differ now: resume "
+            "every rank from the last checkpoint)."
+        )
     names = {READ_TRAIN: "training", READ_EVAL: "no_grad"}
     raise ConfigError(
         f"a read of {what} ran on some ranks only: the ranks are in "

@@ -36,14 +36,13 @@ from lazydp.clipping.embedding_bag import EmbeddingBagClipper
 from lazydp.clipping.registry import register_clipper
 from lazydp.distributed._comm import (
     ProcessGroup,
-    all_gather_sizes,
     all_gather_varlen,
     all_to_all_varlen,
     comm_device,
     exchange_counts,
     world,
 )
-from lazydp.distributed.data_parallel import check_same_read, read_kind
+from lazydp.distributed.data_parallel import GATHER, check_same_read, read_kind
 from lazydp.errors import ConfigError, InputError, PrivacyError, UnsupportedLayerError
 from lazydp.noise import GaussianNoise
 from lazydp.optim.eager import eager_table_sgd
@@ -350,15 +349,17 @@ class ShardedEmbeddingBag(nn.Module):
     def gather_weight(self) -> Tensor:
         """The full (num_embeddings, dim) table on every rank (a collective; flush first)."""
         dev = comm_device(self.process_group)
-        counts = all_gather_sizes(
-            torch.tensor([self.weight.shape[0]], device=dev), self.process_group
-        )
-        rows = all_gather_varlen(
-            self.weight.detach().to(dev), counts.view(-1).tolist(), self.process_group
-        )
+        # Shaped and tagged as a lookup's first exchange: on rank 0 alone (``if rank == 0:
+        # engine.export(...)``) it meets the others' next forward and is refused on every rank,
+        # instead of hanging in gloo until its timeout.
+        mine = torch.full((self.world_size,), self.weight.shape[0], dtype=torch.long)
+        counts, kinds = exchange_counts(mine.to(dev), self.process_group, tag=GATHER)
+        if any(k != GATHER for k in kinds):
+            check_same_read(torch.tensor(kinds), "a ShardedEmbeddingBag")
+        rows = all_gather_varlen(self.weight.detach().to(dev), counts, self.process_group)
         full = torch.empty(self.num_embeddings, self.embedding_dim, dtype=self.weight.dtype)
         start = 0
-        for r, n in enumerate(counts.view(-1).tolist()):
+        for r, n in enumerate(counts):
             full[r :: self.world_size] = rows[start : start + n].cpu()
             start += n
         return full
