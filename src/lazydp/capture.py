@@ -188,6 +188,14 @@ class CaptureSet:
                     hook = self._outside_use(f"{layer.name}.{pname}")
                     self._handles.append(p.register_hook(hook))
             self.capture_root = capture_root
+            # Every buffer slot, to tell whether a training forward wrote one (see
+            # check_buffers_unchanged); a slot, not a tensor: an EMA is often reassigned.
+            self._buffer_slots = [
+                (m, b, f"{mname}.{b}" if mname else b)
+                for mname, m in model.named_modules()
+                for b in m._buffers
+            ]
+            self.mark_buffers()
             self._handles.append(
                 model.register_forward_pre_hook(self._on_root_pre, with_kwargs=True)
             )
@@ -279,6 +287,7 @@ class CaptureSet:
             self._refuse_accumulation()
         # A new training forward is a new batch: forget what a forward without a backward recorded.
         self.clear()
+        self.mark_buffers()
         self.root_args, self.root_kwargs = args, kwargs
         if self.capture_root:
             self.root_rng = rng_state()
@@ -387,6 +396,37 @@ class CaptureSet:
             r.late and r.grad_output is not None for layer in self.layers for r in layer.records
         ):
             self._refuse_accumulation()
+
+    def mark_buffers(self) -> None:
+        """Remember every buffer (tensor and version) as the training forward starts."""
+        self._buffers_seen = [
+            (b, -2 if b is None else _version(b))
+            for b in (m._buffers.get(name) for m, name, _ in self._buffer_slots)
+        ]
+
+    def check_buffers_unchanged(self) -> None:
+        """ConfigError if a buffer was written (in place or reassigned) since the training
+        forward began: a custom layer's running statistics or EMA computed from the batch.
+        Such a buffer leaves in state_dict() and steers every evaluation forward with neither
+        clipping nor noise, which no parameter gradient shows (BatchNorm and InstanceNorm's
+        running statistics are refused up front; this catches any other layer's)."""
+        changed = [
+            label
+            for (m, name, label), (was, version) in zip(self._buffer_slots, self._buffers_seen)
+            if (b := m._buffers.get(name)) is not was or (b is not None and _version(b) != version)
+        ]
+        if changed:
+            raise ConfigError(
+                f"buffer(s) {changed} changed during the training forward or backward (a layer "
+                "updating running statistics or an average from the batch?). A buffer computed "
+                "from training data is released in state_dict() and used by every evaluation "
+                "with neither clipping nor noise, so DP-SGD does not cover it. Compute it "
+                "outside training (from public data, or as a DP statistic), keep it constant "
+                "while training, or hold a counter that does not depend on the data in a "
+                "Python attribute instead of a buffer. Nothing was charged and no parameter "
+                "changed, but the buffer now holds values computed from the batch: do not "
+                "release this model as is."
+            )
 
     def check_inputs_unchanged(self) -> None:
         """InputError if a tensor a layer read was modified in place after the layer ran.

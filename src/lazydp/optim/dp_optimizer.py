@@ -342,6 +342,7 @@ class DPOptimizer(OptimizerGroup):
         cap.check_no_lost_gradient()
         cap.check_no_late_gradient()
         cap.check_inputs_unchanged()
+        cap.check_buffers_unchanged()
         self._check_groups_unchanged()
         self._check_uncaptured()
         batch = cap.batch_size()
@@ -419,6 +420,7 @@ class DPOptimizer(OptimizerGroup):
                 self.reduce_hook(sums)
         self._update(sums, lazy_steps)
         cap.clear()
+        cap.mark_buffers()  # dpsgd_r's second pass restored them (a new version)
         return loss
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
