@@ -314,6 +314,32 @@ def test_a_refused_model_is_left_untouched_and_can_be_fixed_and_retried():
     _private(model, "dpsgd_f")  # not mistaken for a model another engine holds
 
 
+def test_an_engine_whose_make_private_refused_the_model_can_be_used_again():
+    # The capture's own refusals (a layer it cannot capture) left the engine holding the
+    # refused model: the corrected call was told the engine "already made a model private".
+    engine = PrivacyEngine(seed=0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.LazyLinear(1))
+
+    def make_private(m):
+        return engine.make_private(
+            module=m,
+            optimizer=torch.optim.SGD(m.parameters(), lr=0.5),
+            data_loader=loader(),
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            mode="dpsgd_f",
+        )
+
+    with pytest.raises(ConfigError, match="uninitialized parameters"):
+        make_private(model)
+    with torch.no_grad():
+        model(torch.randn(2, 3))  # initialises the lazy layer, as the message says
+    model, opt, _ = make_private(model)
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    assert engine.ledger.steps == 1
+
+
 class TiedProjection(nn.Module):
     """The output projection reuses the table's weight in the parent's forward, not a layer."""
 
@@ -547,3 +573,63 @@ def test_activation_checkpointing_trains_as_the_same_model_without_it(mode):
     for other in out[1:]:
         for k, v in out[0].items():
             torch.testing.assert_close(other[k], v, msg=k)
+
+
+class RunningMean(nn.Module):
+    """A custom normaliser: subtracts a running mean of its inputs, kept in a buffer."""
+
+    def __init__(self, reassign: bool, train_only: bool = True) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 1)
+        self.register_buffer("mean", torch.zeros(3))
+        self.reassign, self.train_only = reassign, train_only
+
+    def forward(self, x):
+        if torch.is_grad_enabled() or not self.train_only:
+            batch_mean = x.detach().mean(0)
+            if self.reassign:
+                self.mean = 0.9 * self.mean + 0.1 * batch_mean
+            else:
+                self.mean.mul_(0.9).add_(batch_mean, alpha=0.1)
+        return self.fc(x - self.mean).squeeze(1)
+
+
+@pytest.mark.parametrize("mode", ["dpsgd_b", "dpsgd_r", "dpsgd_f", "lazydp"])
+@pytest.mark.parametrize("reassign", [False, True])
+def test_a_buffer_updated_from_the_training_batch_is_refused(mode, reassign):
+    # Its values (means of the training examples) left in state_dict() and steered evaluation
+    # with neither clipping nor noise; nothing refused it.
+    model, opt, engine = _private(RunningMean(reassign), mode)
+    before = model.fc.weight.detach().clone()
+    model(torch.randn(4, 3)).sum().backward()
+    with pytest.raises(ConfigError, match=r"buffer\(s\) \['mean'\] changed"):
+        opt.step()
+    assert engine.ledger.steps == 0 and torch.equal(model.fc.weight.detach(), before)
+
+
+class EvalCounter(nn.Module):
+    """Counts evaluation calls in a buffer; training forwards leave it alone."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 1)
+        self.register_buffer("evals", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x):
+        if not torch.is_grad_enabled():
+            self.evals += 1
+        return self.fc(x).squeeze(1)
+
+
+def test_buffers_written_outside_the_training_pass_are_not_refused():
+    # An evaluation between steps that writes a buffer, and a buffer replaced between steps
+    # (as model.to() / model.double() do), are not the training pass: no refusal.
+    model, opt, engine = _private(EvalCounter(), "dpsgd_f")
+    for _ in range(3):
+        opt.zero_grad()
+        model(torch.randn(4, 3)).sum().backward()
+        opt.step()
+        with torch.no_grad():
+            model(torch.randn(4, 3))
+        model.evals = model.evals.clone()
+    assert engine.ledger.steps == 3 and int(model.evals) == 3

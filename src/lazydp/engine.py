@@ -195,8 +195,8 @@ class PrivacyEngine:
             plain = optimizers[0] if len(optimizers) == 1 else OptimizerGroup(optimizers)
             return module, plain, loader
         self.noise = self._make_noise(rank, world_size)
-        self.capture = CaptureSet(module, capture_root=(mode == "dpsgd_r"))
         try:
+            self.capture = CaptureSet(module, capture_root=(mode == "dpsgd_r"))
             self.optimizer = DPOptimizer(
                 optimizers,
                 self.capture,
@@ -208,8 +208,10 @@ class PrivacyEngine:
             )
         except BaseException:
             # A refused set-up gives the model back and leaves this engine unused: the corrected
-            # call must not be told that an engine already holds the model.
-            self.capture.remove()
+            # call must not be told that an engine already holds the model (a layer refused
+            # by the capture itself included: it gave the model back already).
+            if self.capture is not None:
+                self.capture.remove()
             self.capture = self.module = self.loader = None
             raise
         self.optimizer.check_rows = loader.check_rows
