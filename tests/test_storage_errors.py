@@ -63,3 +63,27 @@ def test_ctrl_c_gives_one_line_not_a_traceback(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(lazydp.training, "run", interrupted)
     code, res = run_cli(["train", "--dataset", "acs", "--out", str(tmp_path / "r")], capsys)
     assert code == 130 and "interrupted" in res.err and "Traceback" not in res.err
+
+
+def test_train_refuses_a_disk_too_small_for_its_outputs_before_charging(
+    tmp_path, capsys, monkeypatch
+):
+    # Found at the end, a full disk lost the trained model after its budget was spent (a
+    # short run keeps no checkpoint to --resume from); found mid-run, it tore the ledger.
+    import shutil
+
+    real = shutil.disk_usage
+
+    def nearly_full(path):
+        return real(path)._replace(free=100_000)  # room for a ledger, not for model.pt
+
+    monkeypatch.setattr(shutil, "disk_usage", nearly_full)
+    out = tmp_path / "run"
+    args = ["train", "--dataset", "acs", "--max-steps", "3", "--out", str(out)]
+    code, res = run_cli(args, capsys)
+    assert code == 1 and "MB free, but the run writes" in res.err and "model.pt" in res.err
+    assert "Nothing was charged" in res.err and "Traceback" not in res.err
+    assert not (out / "ledger.jsonl").exists()
+    monkeypatch.undo()
+    code, res = run_cli(args, capsys)  # with the space, the same command trains
+    assert code == 0 and (out / "model.pt").exists()

@@ -310,6 +310,48 @@ def check_model_fits(train: Any, cfg: TrainConfig) -> None:
         )
 
 
+#: Bytes a ledger line takes at most (a Poisson step is ~150, a shuffled one ~200).
+LEDGER_LINE_BYTES = 256
+
+
+def check_disk_fits(out: Path, model: nn.Module, cfg: TrainConfig, steps: int) -> None:
+    """ConfigError before anything is charged when ``out``'s file system has too little free
+    space for what the run must write: the ledger's lines, the final model.pt and, with
+    --checkpoint-every, a checkpoint. Found at the end instead, the budget is spent and the
+    trained model lost (a short run keeps no checkpoint to --resume from); found mid-run, the
+    ledger's last line is torn."""
+    import shutil
+
+    try:
+        free = shutil.disk_usage(out).free
+    except OSError:
+        return  # cannot tell (an odd file system): the writes themselves report a full disk
+    params = [(m, p) for m in model.modules() for p in m.parameters(recurse=False)]
+    model_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    table = (nn.Embedding, nn.EmbeddingBag)
+    table_bytes = sum(p.numel() * p.element_size() for m, p in params if isinstance(m, table))
+    dense_bytes = sum(p.numel() * p.element_size() for m, p in params if not isinstance(m, table))
+    ledger_bytes = steps * LEDGER_LINE_BYTES
+    checkpoint_bytes = 0
+    if cfg.checkpoint_every:  # model, Adam's two moments, table velocity, LazyDP history
+        rows = sum(p.shape[0] for m, p in params if isinstance(m, table))
+        checkpoint_bytes = model_bytes + 2 * dense_bytes * (cfg.dense_optimizer == "adam")
+        checkpoint_bytes += table_bytes * (cfg.momentum > 0) + 8 * rows * (cfg.mode == "lazydp")
+    need = ledger_bytes + model_bytes + checkpoint_bytes
+    if need > free:
+        parts = (
+            f"model.pt ~{model_bytes / 1e6:.3g} MB, the ledger up to {ledger_bytes / 1e6:.3g} MB"
+        )
+        parts += f" for {steps_text(steps)}"
+        if checkpoint_bytes:
+            parts += f", checkpoint.pt ~{checkpoint_bytes / 1e6:.3g} MB"
+        raise ConfigError(
+            f"--out {out} has {free / 1e6:.3g} MB free, but the run writes about "
+            f"{need / 1e6:.3g} MB ({parts}). Free space or choose another --out. Nothing was "
+            "charged."
+        )
+
+
 def build_model(train: Any, cfg: TrainConfig, kind: str) -> nn.Module:
     sizes = [int(train.table_sizes[name]) for name in train.sparse_names]
     num_dense = len(train.dense_names)
@@ -530,6 +572,7 @@ def run(
         tables, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum
     )
     optimizers = [dense_opt, table_opt]
+    check_disk_fits(out, model, cfg, total_steps)
 
     ledger_file = ledger_path(out, rank)
     if not cfg.resume and ledger_file.exists() and not _nothing_trained(out, ledger_file):
