@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 
@@ -387,3 +388,34 @@ def test_a_relative_state_directory_is_not_used(tmp_path, monkeypatch):
         assert state_dir() is not None and state_dir().is_absolute()
     monkeypatch.setenv("LAZYDP_STATE_DIR", str(tmp_path / "marks"))
     assert state_dir() == tmp_path / "marks"
+
+
+def test_a_torn_last_line_says_it_can_be_removed_and_how(tmp_path):
+    # A crash or a full disk mid-write leaves a last line without its newline: that charge
+    # never returned, so no noise was drawn for it. "Repair that line by hand; deleting a step
+    # line under-reports" left the user no way to resume; the message now says what to cut.
+    path = tmp_path / "ledger.jsonl"
+    with PrivacyLedger(path) as ledger:
+        for t in range(3):
+            ledger.charge(step(t))
+    complete = path.stat().st_size
+    with open(path, "ab") as f:
+        f.write(b'{"kind":"step","step":3,"sample_rate":0.0')
+    with pytest.raises(PrivacyError) as info:
+        PrivacyLedger(path)
+    message = str(info.value)
+    assert "line 5 is truncated" in message and "no noise was drawn" in message
+    assert "high-water mark counts 3 charges" in message
+    assert f"truncate -s {complete} {path}" in message
+    assert path.stat().st_size > complete  # the loader changed nothing itself
+    os.truncate(path, complete)  # what the message says to do
+    with PrivacyLedger(path) as resumed:
+        assert resumed.steps == 3
+        resumed.charge(step(3))  # the high-water mark agrees: charging goes on
+    # An older copy cut short is no torn write: restore it, never cut it.
+    with PrivacyLedger(path) as ledger:
+        ledger.charge(step(4))
+    os.truncate(path, complete - 5)
+    with pytest.raises(PrivacyError, match="lost more than a line being written") as info:
+        PrivacyLedger(path)
+    assert "truncate -s" not in str(info.value)

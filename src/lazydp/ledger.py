@@ -265,6 +265,8 @@ class PrivacyLedger:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
+                if number == len(lines) and not data.endswith(b"\n"):
+                    raise self._torn(path, data, number, run) from None
                 raise PrivacyError(f"{where} is corrupt or truncated ({exc.msg}). {fix}") from None
             if not isinstance(record, dict):
                 raise PrivacyError(f"{where} is not a JSON object. {fix}")
@@ -291,6 +293,37 @@ class PrivacyLedger:
             else:
                 self._external.append(item)
         return run
+
+    def _torn(self, path: Path, data: bytes, number: int, run: str | None) -> PrivacyError:
+        """The error for a last line cut short (no newline ends it): a charge whose one write
+        did not complete -- the run crashed or its disk filled mid-write -- so ``charge`` never
+        returned and no noise was drawn for it. Removing it loses nothing, and the user must be
+        told so: "repair the line" left them nothing to repair it to."""
+        complete = len(self._events) + len(self._external)
+        keep = data.rfind(b"\n") + 1
+        remove = (
+            f"Remove that partial line, keeping the {keep} bytes of the complete lines before "
+            f"it (e.g. `truncate -s {keep} {path}`), and resume."
+        )
+        made = HighWaterMark(run).read() if run is not None else 0
+        where = f"privacy ledger {path}, line {number}"
+        if made > complete:  # lines that were complete are missing too: not a torn write
+            return PrivacyError(
+                f"{where} is cut short, and the file holds {complete} complete charges where "
+                f"this ledger made {made} (its high-water mark): it lost more than a line being "
+                f"written. Restore {path} from a backup taken after its last charge."
+            )
+        confirmed = (
+            f" (its high-water mark counts {made} charges: the complete lines hold them all)"
+            if made
+            else ""
+        )
+        return PrivacyError(
+            f"{where} is truncated: the run stopped while writing it (a crash, or a full "
+            f"disk), so that charge never completed and no noise was drawn for it{confirmed}. "
+            + remove
+            + " (Or restore the file from a backup taken after its last charge.)"
+        )
 
     def _append(self, record: dict[str, Any]) -> None:
         if self._fd is None:
@@ -362,7 +395,8 @@ class PrivacyLedger:
         if written != len(data):
             raise PrivacyError(
                 f"privacy ledger {self.path}: short write ({written} of {len(data)} bytes); "
-                "the disk may be full. Free space and repair the last line before resuming."
+                "the disk may be full. Free space, then remove the partial last line (loading the "
+                "ledger says how: no noise was drawn for it) and resume."
             )
 
     def _record(self, event: StepEvent) -> None:
