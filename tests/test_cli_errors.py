@@ -291,3 +291,19 @@ def test_bench_write_failure_after_running_is_one_line(tmp_path, capsys, monkeyp
     monkeypatch.setattr(report, "write_all", fail)
     line = refused(["bench", *TINY, "--out", str(tmp_path / "b")], capsys)
     assert "cannot write the results" in line and "Permission denied" in line
+
+
+def test_a_reader_that_goes_away_gives_no_traceback():
+    # `lazydp epsilon ... | head -1`: head exits after its line, and the rest of the output
+    # met a closed pipe, which Python reported as a BrokenPipeError traceback.
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "lazydp", "epsilon", "--sample-rate", "0.04"]
+    cmd += ["--noise-multiplier", "1", "--steps", "10", "--delta", "1e-5", "--json"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # the reader is gone before the command prints
+    err = proc.stderr.read().decode()
+    assert proc.wait() == 141
+    assert "Traceback" not in err and "BrokenPipeError" not in err

@@ -8,8 +8,10 @@ Each subcommand module defines ``add_parser(subparsers)`` (which registers itsel
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
+import os
 import sys
 import warnings
 from collections.abc import Callable
@@ -154,9 +156,25 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 130
+    except BrokenPipeError:
+        return _reader_gone()
     if getattr(args, "json", False):
-        print(json.dumps(result, default=str))
+        try:
+            print(json.dumps(result, default=str))
+        except BrokenPipeError:
+            return _reader_gone()
     return 0
+
+
+def _reader_gone() -> int:
+    """Exit status for stdout's reader going away (``lazydp epsilon ... | head -1``): no
+    traceback. stdout is pointed at /dev/null so that Python's flush at exit cannot raise
+    again. Everything a command writes to disk (ledger lines, model.pt) is written before it
+    prints, so nothing is lost."""
+    with contextlib.suppress(OSError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    return 141  # 128 + SIGPIPE, as a shell reports a process that the signal stopped
 
 
 if __name__ == "__main__":
