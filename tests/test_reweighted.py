@@ -139,13 +139,23 @@ class Counting(Dropped):
         return super().forward(x)
 
 
-def test_the_second_pass_leaves_buffers_and_an_edited_output_alone():
-    model, opt, _ = _private(Counting(), "dpsgd_r")
+def test_the_second_pass_leaves_an_edited_output_alone():
+    model, opt, engine = _private(Dropped(), "dpsgd_r")
     out = model(torch.randn(8, 6))
     out.sigmoid_()  # the caller edits the returned tensor in place
     out.sum().backward()
     opt.step()
-    assert float(model.seen) == 8
+    assert engine.ledger.steps == 1
+
+
+def test_a_buffer_the_training_forward_writes_is_refused_before_the_second_pass():
+    # A count of the examples seen is data (under Poisson sampling the batch size is private):
+    # refused at the step, nothing charged, and the second pass never runs to count twice.
+    model, opt, engine = _private(Counting(), "dpsgd_r")
+    model(torch.randn(8, 6)).sum().backward()
+    with pytest.raises(ConfigError, match=r"buffer\(s\) \['seen'\] changed"):
+        opt.step()
+    assert engine.ledger.steps == 0 and float(model.seen) == 8
 
 
 def test_a_scalar_output_is_refused_under_dpsgd_r():
