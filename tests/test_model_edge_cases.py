@@ -607,6 +607,69 @@ def test_a_buffer_updated_from_the_training_batch_is_refused(mode, reassign):
     assert engine.ledger.steps == 0 and torch.equal(model.fc.weight.detach(), before)
 
 
+class HiddenWrite(nn.Module):
+    """A running mean of the training inputs, written in ways that leave no version bump (or in
+    a slot that did not exist when make_private looked)."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 1)
+        self.how = how
+        if how != "registered_in_forward":
+            self.register_buffer("mean", torch.zeros(3))
+
+    def forward(self, x):
+        batch_mean = x.detach().mean(0)
+        if self.how == "data_in_place":  # the classic EMA idiom (VQ-VAE codebooks, ...)
+            self.mean.data.mul_(0.9).add_(batch_mean, alpha=0.1)
+        elif self.how == "data_assigned":
+            self.mean.data = 0.9 * self.mean + 0.1 * batch_mean
+        elif self.how == "numpy":
+            self.mean.numpy()[:] = batch_mean.numpy()
+        elif self.how == "registered_in_forward":  # created from the first batch
+            self.register_buffer("mean", batch_mean.clone())
+        return self.fc(x - self.mean).squeeze(1)
+
+
+@pytest.mark.parametrize("mode", ["dpsgd_r", "lazydp"])
+@pytest.mark.parametrize(
+    "how", ["data_in_place", "data_assigned", "numpy", "registered_in_forward"]
+)
+def test_a_buffer_written_without_a_version_bump_or_added_later_is_refused(mode, how):
+    # Neither the tensor nor its version counter changed (or the slot was new): the batch's
+    # mean left in state_dict() with neither clipping nor noise.
+    model, opt, engine = _private(HiddenWrite(how), mode)
+    model(torch.randn(4, 3)).sum().backward()
+    with pytest.raises(ConfigError, match=r"buffer\(s\) \['mean'\] changed"):
+        opt.step()
+    assert engine.ledger.steps == 0
+
+
+def test_a_submodule_with_a_buffer_added_after_make_private_is_checked_too():
+    model, opt, engine = _private(RunningMean(reassign=False), "dpsgd_f")
+    stats = RunningMean(reassign=False)
+    stats.fc.requires_grad_(False)  # only its buffer matters
+    model.stats = stats
+    model.forward = lambda x: model.stats(x) + model.fc(x - model.mean).squeeze(1)
+    model(torch.randn(4, 3)).sum().backward()
+    with pytest.raises(ConfigError, match=r"buffer\(s\) \['stats.mean'\] changed"):
+        opt.step()
+    assert engine.ledger.steps == 0
+
+
+def test_a_quantization_observer_fed_the_training_batch_is_refused():
+    # QAT's fused observer writes its min/max and scale in place inside one torch op, without a
+    # version bump: the training activations' range was released unnoised.
+    from torch.ao.quantization import FusedMovingAvgObsFakeQuantize
+
+    model = nn.Sequential(FusedMovingAvgObsFakeQuantize(), nn.Linear(3, 1))
+    model, opt, engine = _private(model, "dpsgd_f")
+    model(5 * torch.randn(4, 3)).sum().backward()
+    with pytest.raises(ConfigError, match=r"0\.activation_post_process\.min_val"):
+        opt.step()
+    assert engine.ledger.steps == 0
+
+
 class EvalCounter(nn.Module):
     """Counts evaluation calls in a buffer; training forwards leave it alone."""
 

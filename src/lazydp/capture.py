@@ -98,6 +98,43 @@ def _version(t: Tensor) -> int:
     return -1 if t.is_inference() else t._version
 
 
+# A buffer as mark_buffers saw it: the tensor, its version and a copy of its values (_LAZY for
+# an uninitialized buffer, which has none).
+_BufferState = tuple[Tensor | None, int, Tensor | str | None]
+_NO_BUFFER: _BufferState = (None, -2, None)
+_LAZY = "lazy"
+
+
+def _buffer_state(b: Tensor | None) -> _BufferState:
+    if b is None:
+        return _NO_BUFFER
+    return b, _version(b), _LAZY if is_lazy(b) else b.detach().clone()
+
+
+def _buffer_unchanged(state: _BufferState, b: Tensor | None) -> bool:
+    """Whether slot ``b`` holds the tensor ``state`` saw, unwritten and with the same values."""
+    was, version, copy = state
+    if b is not was:
+        return False
+    if b is None:
+        return True
+    if copy is _LAZY or is_lazy(b):  # materialising a lazy buffer keeps the object
+        return copy is _LAZY and is_lazy(b)
+    assert isinstance(copy, Tensor)
+    if _version(b) != version or (b.shape, b.dtype, b.device) != (
+        copy.shape,
+        copy.dtype,
+        copy.device,
+    ):
+        return False
+    if torch.equal(b, copy):
+        return True
+    # NaN != NaN: a buffer holding NaN is unchanged if its NaNs are where they were.
+    return (b.is_floating_point() or b.is_complex()) and bool(
+        ((b == copy) | (b.isnan() & copy.isnan())).all()
+    )
+
+
 @dataclass
 class LayerCapture:
     """One parameterised leaf layer under capture."""
@@ -188,13 +225,6 @@ class CaptureSet:
                     hook = self._outside_use(f"{layer.name}.{pname}")
                     self._handles.append(p.register_hook(hook))
             self.capture_root = capture_root
-            # Every buffer slot, to tell whether a training forward wrote one (see
-            # check_buffers_unchanged); a slot, not a tensor: an EMA is often reassigned.
-            self._buffer_slots = [
-                (m, b, f"{mname}.{b}" if mname else b)
-                for mname, m in model.named_modules()
-                for b in m._buffers
-            ]
             self.mark_buffers()
             self._handles.append(
                 model.register_forward_pre_hook(self._on_root_pre, with_kwargs=True)
@@ -397,12 +427,24 @@ class CaptureSet:
         ):
             self._refuse_accumulation()
 
+    def _buffer_slots(self) -> dict[str, tuple[nn.Module, str]]:
+        """Every buffer slot of the model, by name; a slot, not a tensor: an EMA is often
+        reassigned. Listed again each time: a buffer registered, or a submodule holding one
+        added, after make_private (an EMA created at its first forward) is no less the batch's."""
+        return {
+            f"{mname}.{name}" if mname else name: (m, name)
+            for mname, m in self.model.named_modules()
+            for name in m._buffers
+        }
+
     def mark_buffers(self) -> None:
-        """Remember every buffer (tensor and version) as the training forward starts."""
-        self._buffers_seen = [
-            (b, -2 if b is None else _version(b))
-            for b in (m._buffers.get(name) for m, name, _ in self._buffer_slots)
-        ]
+        """Remember every buffer (tensor, version and a copy of its values) as the training
+        forward starts. The copy: a write through ``.data`` or numpy, or by some of torch's own
+        ops (QAT's fused moving-average observer), leaves the version counter as it was."""
+        self._buffers_seen = {
+            label: _buffer_state(m._buffers[name])
+            for label, (m, name) in self._buffer_slots().items()
+        }
 
     def check_buffers_unchanged(self) -> None:
         """ConfigError if a buffer was written (in place or reassigned) since the training
@@ -410,10 +452,15 @@ class CaptureSet:
         Such a buffer leaves in state_dict() and steers every evaluation forward with neither
         clipping nor noise, which no parameter gradient shows (BatchNorm and InstanceNorm's
         running statistics are refused up front; this catches any other layer's)."""
+        now = self._buffer_slots()
+        seen = self._buffers_seen
         changed = [
             label
-            for (m, name, label), (was, version) in zip(self._buffer_slots, self._buffers_seen)
-            if (b := m._buffers.get(name)) is not was or (b is not None and _version(b) != version)
+            for label in dict.fromkeys([*seen, *now])
+            if not _buffer_unchanged(
+                seen.get(label, _NO_BUFFER),
+                now[label][0]._buffers.get(now[label][1]) if label in now else None,
+            )
         ]
         if changed:
             raise ConfigError(
