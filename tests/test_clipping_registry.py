@@ -160,3 +160,44 @@ def test_a_parametrized_weight_is_refused_with_what_to_do(wrap, bias) -> None:
         model = nn.Sequential(wrap(nn.Linear(3, 4, bias=bias)), nn.Linear(4, 1))
     with pytest.raises(UnsupportedLayerError, match=r"Linear '0' has a parametrized weight"):
         parameterised_leaves(model)
+
+
+@pytest.mark.parametrize(
+    "wrap",
+    [
+        lambda m: torch.nn.utils.parametrizations.weight_norm(m),
+        lambda m: torch.nn.utils.parametrizations.orthogonal(m),
+        lambda m: torch.nn.utils.weight_norm(m),
+        lambda m: torch.nn.utils.prune.l1_unstructured(m, "weight", amount=0.5),
+    ],
+)
+def test_a_frozen_parametrized_layer_under_a_trained_head_is_not_refused(wrap) -> None:
+    # Nothing of it trains (a pruned or weight-normed pretrained backbone, a private linear
+    # probe on top): it was refused like a trained one.
+    import warnings
+
+    from lazydp import PrivacyEngine
+    from tests.toy import loader
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the older weight_norm is deprecated
+        model = nn.Sequential(wrap(nn.Linear(4, 4)), nn.Linear(4, 1))
+    model[0].requires_grad_(False)
+    assert [n for n, _ in parameterised_leaves(model)] == ["1"]
+    frozen = model[0].weight.detach().clone()
+    engine = PrivacyEngine(seed=0)
+    model, opt, _ = engine.make_private(
+        module=model,
+        optimizer=torch.optim.SGD(model[1].parameters(), lr=0.1),
+        data_loader=loader(),
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        mode="dpsgd_f",
+    )
+    model(torch.randn(4, 4)).sum().backward()
+    opt.step()
+    assert engine.ledger.steps == 1 and torch.equal(model[0].weight, frozen)
+    # One of its parameters trainable again (a LoRA-style parametrization's own): refused.
+    model[0].requires_grad_(True)
+    with pytest.raises(UnsupportedLayerError, match="parametrized weight"):
+        parameterised_leaves(model)

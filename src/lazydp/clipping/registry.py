@@ -131,6 +131,10 @@ def _parametrization_refusal(module: nn.Module, name: str = "") -> None:
         or any(isinstance(h, (WeightNorm, SpectralNorm, BasePruningMethod)) for h in hooks)
     ):
         return
+    if not any(p.requires_grad for p in module.parameters()):
+        # Frozen (a pruned or weight-normed pretrained backbone under a trained head): its
+        # weight is computed without a gradient, and nothing of it is captured or updated.
+        return
     label = f"{type(module).__name__} {name!r}" if name else type(module).__name__
     raise UnsupportedLayerError(
         f"{label} has a parametrized weight (torch.nn.utils.parametrize, e.g. "
