@@ -112,3 +112,47 @@ def test_an_export_of_sharded_tables_on_rank_0_alone_is_refused_on_every_rank(
         assert refused is not None and "gather_weight() (engine.export() with sharded" in refused
         assert "engine.export() on every rank" in refused
         assert charged == 1
+
+
+def test_a_refused_make_private_gives_the_sharded_tables_back_to_the_optimizer(tmp_path) -> None:
+    # make_private takes the sharded weights out of the caller's groups (their owners update
+    # them); a refusal left them out, so the corrected call, which the engine allows, was told
+    # "sharded tables ['bag'] are in no optimizer" (and the caller's optimizer lost the table).
+    import torch.distributed as dist
+    from torch import nn
+
+    from lazydp import UnsupportedLayerError
+    from lazydp.distributed import DistributedPrivacyEngine
+    from tests.toy import loader
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bag = ShardedEmbeddingBag.from_full(torch.nn.EmbeddingBag(40, 4, mode="sum"))
+            self.fc = nn.Linear(4, 1)
+
+        def forward(self, x, bag_ids, emb_ids):
+            return self.fc(self.bag(bag_ids)).squeeze(1)
+
+    join(0, 1, str(tmp_path / "store"), timeout_s=30)
+    try:
+        model = Model()
+        tables = torch.optim.SGD([model.bag.weight], lr=0.1)
+        dense = torch.optim.SGD(model.fc.parameters(), lr=0.1)
+        engine = DistributedPrivacyEngine(seed=0)
+        kwargs = dict(
+            module=model,
+            optimizer=[dense, tables],
+            data_loader=loader(),
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            mode="dpsgd_f",
+        )
+        model.fc.forward = lambda x: nn.Linear.forward(model.fc, x)  # refused by the capture
+        with pytest.raises(UnsupportedLayerError, match="forward assigned on the instance"):
+            engine.make_private(**kwargs)
+        assert tables.param_groups[0]["params"] == [model.bag.weight]
+        del model.fc.forward
+        engine.make_private(**kwargs)
+    finally:
+        dist.destroy_process_group()

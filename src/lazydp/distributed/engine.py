@@ -120,15 +120,23 @@ class DistributedPrivacyEngine(PrivacyEngine):
         }
         self._check_same_start(module)
         optimizers = [optimizer] if isinstance(optimizer, Optimizer) else list(optimizer)
-        shard_groups = self._take_sharded_params(optimizers, mode) if self.sharded else {}
-        out = super().make_private(
-            module=module,
-            optimizer=optimizer,
-            data_loader=data_loader,
-            rank=rank,
-            world_size=world_size,
-            **kwargs,
-        )
+        # _take_sharded_params edits the caller's groups: a refused call puts them back, or
+        # the corrected call (the base engine allows one) finds the tables in no optimizer.
+        groups = [(g, g["params"]) for o in optimizers for g in o.param_groups]
+        try:
+            shard_groups = self._take_sharded_params(optimizers, mode) if self.sharded else {}
+            out = super().make_private(
+                module=module,
+                optimizer=optimizer,
+                data_loader=data_loader,
+                rank=rank,
+                world_size=world_size,
+                **kwargs,
+            )
+        except BaseException:
+            for g, params in groups:
+                g["params"] = params
+            raise
         assert self.privacy is not None
         pr = self.privacy
         self._check_ranks_agree(
