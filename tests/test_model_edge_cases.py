@@ -696,3 +696,20 @@ def test_buffers_written_outside_the_training_pass_are_not_refused():
             model(torch.randn(4, 3))
         model.evals = model.evals.clone()
     assert engine.ledger.steps == 3 and int(model.evals) == 3
+
+
+def test_a_buffer_too_large_to_copy_is_still_checked_by_version(monkeypatch):
+    # Above capture._COPY_MAX elements no copy is kept (a large constant would cost a copy per
+    # step): an in-place write still bumps its version and is refused; an untouched one passes.
+    from lazydp import capture
+
+    monkeypatch.setattr(capture, "_COPY_MAX", 2)
+    model, opt, engine = _private(EvalCounter(), "dpsgd_f")
+    model.register_buffer("big", torch.zeros(5))
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()  # untouched: passes
+    model(torch.randn(4, 3)).sum().backward()
+    model.big.add_(1.0)
+    with pytest.raises(ConfigError, match=r"\['big'\] changed"):
+        opt.step()
+    assert engine.ledger.steps == 1

@@ -139,6 +139,30 @@ class Counting(Dropped):
         return super().forward(x)
 
 
+class CountingSecond(Dropped):
+    """Counts the examples of every other call in a buffer (a Python counter says which)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("seen", torch.zeros(()))
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        if self.calls % 2 == 0:
+            self.seen += len(x)
+        return super().forward(x)
+
+
+def test_the_second_pass_puts_back_a_buffer_it_writes():
+    # The training pass leaves the buffer alone (one it wrote is refused, below); the second
+    # pass's write is undone.
+    model, opt, engine = _private(CountingSecond(), "dpsgd_r")
+    model(torch.randn(8, 6)).sum().backward()
+    opt.step()
+    assert model.calls == 2 and float(model.seen) == 0 and engine.ledger.steps == 1
+
+
 def test_the_second_pass_leaves_an_edited_output_alone():
     model, opt, engine = _private(Dropped(), "dpsgd_r")
     out = model(torch.randn(8, 6))

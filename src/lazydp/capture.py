@@ -105,10 +105,18 @@ _NO_BUFFER: _BufferState = (None, -2, None)
 _LAZY = "lazy"
 
 
+#: Buffers above this many elements are compared by tensor and version only: statistics from
+#: a batch are small (per channel, per feature), while a copy of a large constant (a mask, a
+#: lookup table) at every step would cost more than the step.
+_COPY_MAX = 1 << 22
+
+
 def _buffer_state(b: Tensor | None) -> _BufferState:
     if b is None:
         return _NO_BUFFER
-    return b, _version(b), _LAZY if is_lazy(b) else b.detach().clone()
+    if is_lazy(b):
+        return b, _version(b), _LAZY
+    return b, _version(b), b.detach().clone() if b.numel() <= _COPY_MAX else None
 
 
 def _buffer_unchanged(state: _BufferState, b: Tensor | None) -> bool:
@@ -120,12 +128,12 @@ def _buffer_unchanged(state: _BufferState, b: Tensor | None) -> bool:
         return True
     if copy is _LAZY or is_lazy(b):  # materialising a lazy buffer keeps the object
         return copy is _LAZY and is_lazy(b)
+    if _version(b) != version:
+        return False
+    if copy is None:  # too large to copy (see _COPY_MAX)
+        return b.numel() > _COPY_MAX
     assert isinstance(copy, Tensor)
-    if _version(b) != version or (b.shape, b.dtype, b.device) != (
-        copy.shape,
-        copy.dtype,
-        copy.device,
-    ):
+    if (b.shape, b.dtype, b.device) != (copy.shape, copy.dtype, copy.device):
         return False
     if torch.equal(b, copy):
         return True
