@@ -183,3 +183,15 @@ def test_a_tiny_delta_falls_back_to_rdp_and_a_huge_sigma_is_refused():
     assert math.isfinite(tiny) and tiny == compute_epsilon(group, 1e-16, "rdp")
     with pytest.raises(ConfigError, match=r"\[0, 1e6\]"):
         check_noise_multiplier(1e200)  # the accountants overflowed with a traceback
+
+
+@pytest.mark.parametrize("sigma,steps,delta", [(10.0, 1000, 3e-12), (20.0, 10_000, 1e-13)])
+def test_a_tiny_delta_never_under_reports(sigma, steps, delta):
+    # q = 1: the steps are one Gaussian with mu = sqrt(steps) / sigma, whose epsilon is known
+    # exactly. PLD's FFT composition is float64 noise at these deltas: it said 26.2231 (exact
+    # 26.2254) and 47.83 (exact 48.63).
+    group = [MechanismCount(1.0, sigma, steps)]
+    exact = exact_gaussian_epsilon(math.sqrt(steps) / sigma, delta)
+    assert compute_epsilon(group, delta) >= exact
+    # Calibrated on that figure, it chose less noise than the target needs.
+    assert calibrate_noise_multiplier(exact, delta, 1.0, steps) >= sigma
