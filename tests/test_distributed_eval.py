@@ -156,3 +156,30 @@ def test_a_refused_make_private_gives_the_sharded_tables_back_to_the_optimizer(t
         engine.make_private(**kwargs)
     finally:
         dist.destroy_process_group()
+
+
+def test_a_lazy_module_is_refused_clearly_by_the_distributed_engine(tmp_path) -> None:
+    # The ranks' starting-weights digest read every parameter's bytes first: a LazyLinear
+    # raised torch's "uninitialized parameter" ValueError before make_private could say what
+    # to do (run one forward first).
+    from torch import nn
+
+    from lazydp.distributed import DistributedPrivacyEngine
+    from tests.toy import loader
+
+    join(0, 1, str(tmp_path / "store"), timeout_s=30)
+    try:
+        model = nn.Sequential(nn.Linear(3, 4), nn.LazyLinear(1))
+        with pytest.raises(ConfigError, match="uninitialized parameters"):
+            DistributedPrivacyEngine(seed=0).make_private(
+                module=model,
+                optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                data_loader=loader(),
+                noise_multiplier=1.0,
+                max_grad_norm=1.0,
+                mode="dpsgd_f",
+            )
+    finally:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()

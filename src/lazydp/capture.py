@@ -211,7 +211,8 @@ class CaptureSet:
                 # forward would stop running, silently, and be gone afterwards.
                 raise UnsupportedLayerError(
                     f"layer {name or type(module).__name__!r} ({type(module).__name__}) has a "
-                    "forward assigned on the instance (module.forward = ...), which lazydp "
+                    "forward assigned on the instance (module.forward = ..., by your code or by "
+                    "a library's hooks, e.g. types.MethodType wrappers), which lazydp "
                     "would replace by the class's forward: the model would compute something "
                     "else without a word. Put the changed computation in a subclass's forward "
                     "(it is then clipped exactly by the torch.func fallback) or in a wrapper "
@@ -472,15 +473,17 @@ class CaptureSet:
         ]
         if changed:
             raise ConfigError(
-                f"buffer(s) {changed} changed during the training forward or backward (a layer "
-                "updating running statistics or an average from the batch?). A buffer computed "
-                "from training data is released in state_dict() and used by every evaluation "
-                "with neither clipping nor noise, so DP-SGD does not cover it. Compute it "
-                "outside training (from public data, or as a DP statistic), keep it constant "
-                "while training, or hold a counter that does not depend on the data in a "
-                "Python attribute instead of a buffer. Nothing was charged and no parameter "
-                "changed, but the buffer now holds values computed from the batch: do not "
-                "release this model as is."
+                f"buffer(s) {changed} changed between the training forward and "
+                "optimizer.step() (a layer updating running statistics or an average from the "
+                "batch? a cache rebuilt for the batch's shape?). A buffer computed from training "
+                "data is released in state_dict() and used by every evaluation with neither "
+                "clipping nor noise, so DP-SGD does not cover it. Compute it outside training "
+                "(from public data, or as a DP statistic), keep it constant while training "
+                "(build a cache once for the longest input), or hold a counter that does not "
+                "depend on the data in a Python attribute instead of a buffer; run evaluations "
+                "between steps, not between backward and step(). Nothing was charged and no "
+                "parameter changed, but the buffer may now hold values computed from the batch: "
+                "do not release this model as is."
             )
 
     def check_inputs_unchanged(self) -> None:

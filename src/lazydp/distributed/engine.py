@@ -42,6 +42,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.parameter import is_lazy
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
@@ -443,6 +444,9 @@ def _replicated_digest(module: nn.Module, sharded: dict[str, ShardedEmbeddingBag
     h = hashlib.blake2b(digest_size=6)
     for name, t in [*module.named_parameters(), *module.named_buffers()]:
         if id(t) in own:
+            continue
+        if is_lazy(t):  # no values yet: make_private refuses it next, with what to do
+            h.update(f"{name}: uninitialized".encode())
             continue
         data = t.detach().cpu().contiguous()
         h.update(name.encode())
