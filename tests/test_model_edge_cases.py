@@ -713,3 +713,23 @@ def test_a_buffer_too_large_to_copy_is_still_checked_by_version(monkeypatch):
     with pytest.raises(ConfigError, match=r"\['big'\] changed"):
         opt.step()
     assert engine.ledger.steps == 1
+
+
+def test_a_second_backward_through_a_retained_graph_is_refused_with_its_cause():
+    # After zero_grad() (or a step) a backward through the old graph reached forgotten records
+    # and was refused as if a later training forward had replaced them.
+    model, opt, engine = _private(nn.Linear(3, 1), "dpsgd_f")
+    loss = model(torch.randn(4, 3)).sum()
+    loss.backward(retain_graph=True)
+    opt.zero_grad()
+    loss.backward(retain_graph=True)
+    with pytest.raises(ConfigError, match=r"zero_grad\(\) dropped"):
+        opt.step()
+    opt.zero_grad()
+    loss = model(torch.randn(4, 3)).sum()
+    loss.backward(retain_graph=True)
+    opt.step()
+    loss.backward()
+    with pytest.raises(ConfigError, match=r"an earlier optimizer.step\(\) already used"):
+        opt.step()
+    assert engine.ledger.steps == 1

@@ -182,6 +182,7 @@ class CaptureSet:
         self.root_rng: RngState | None = None
         self.outside_uses: set[str] = set()  # parameters autograd reached outside their layer
         self.lost: list[int] = []  # backward calls that reached forgotten records (see clear)
+        self._lost_by = "forward"  # what forgot the records a late backward reached (clear)
         self._backed = [False]  # a backward reached this pass's records (see _Record.backed)
         leaves = parameterised_leaves(model)
         # Every refusal before any layer is touched: a model refused half-way would keep some
@@ -508,23 +509,40 @@ class CaptureSet:
     def check_no_lost_gradient(self) -> None:
         """ConfigError if the last backward reached a forward whose records a later training
         forward replaced (two forwards of the model before one backward)."""
-        if self.lost:
-            raise ConfigError(
-                "the backward reached a forward of the model that a later training forward "
-                "replaced: lazydp records one forward of the model per step, so the gradient "
-                "of the first would be dropped. Run one forward per step (concatenate the views "
-                "along dimension 1, or call the shared submodules inside one forward), and "
-                "evaluation forwards under torch.no_grad(). Nothing was changed or charged."
+        if not self.lost:
+            return
+        if self._lost_by == "zero_grad":
+            what = (
+                "whose gradient optimizer.zero_grad() dropped (a second backward through a "
+                "retained graph after zero_grad()?): run a new forward after zero_grad()"
             )
+        elif self._lost_by == "step":
+            what = (
+                "that an earlier optimizer.step() already used (a second backward through a "
+                "retained graph?): run a new forward for each step"
+            )
+        else:
+            what = (
+                "that a later training forward replaced: lazydp records one forward of the model "
+                "per step, so the gradient of the first would be dropped. Run one forward per "
+                "step (concatenate the views along dimension 1, or call the shared submodules "
+                "inside one forward), and evaluation forwards under torch.no_grad()"
+            )
+        raise ConfigError(
+            f"the backward reached a forward of the model {what}. Nothing was changed or charged."
+        )
 
     def drop_backward(self) -> None:
         """Forget this pass if a backward reached it (or a forgotten one); keep a forward whose
         backward is still to come."""
         if self._backed[0] or self.lost:
-            self.clear()
+            self.clear("zero_grad")
 
-    def clear(self) -> None:
+    def clear(self, by: str = "forward") -> None:
+        """Forget the recorded pass; ``by`` (a new training forward, zero_grad or a step) names
+        the cause if a backward still reaches it (check_no_lost_gradient)."""
         self.lost = []
+        self._lost_by = by
         self._backed = [False]  # records of the pass just forgotten keep the old flag
         for layer in self.layers:
             for r in layer.records:

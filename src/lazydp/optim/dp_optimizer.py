@@ -419,7 +419,7 @@ class DPOptimizer(OptimizerGroup):
             with self.timer.phase("all_reduce"):
                 self.reduce_hook(sums)
         self._update(sums, lazy_steps)
-        cap.clear()
+        cap.clear("step")
         cap.mark_buffers()  # dpsgd_r's second pass restored them (a new version)
         return loss
 
