@@ -60,9 +60,22 @@ def test_subclass_of_refused_layer_is_refused() -> None:
         clipper_for(MyBN(2))
 
 
+def test_multihead_attention_is_refused_with_what_to_write_instead() -> None:
+    """The generic advice (move the direct parameters into a child module) cannot be followed
+    for torch's own layer, which nn.TransformerEncoderLayer users meet too."""
+    layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, batch_first=True)
+    with pytest.raises(
+        UnsupportedLayerError,
+        match=r"MultiheadAttention 'self_attn' .*TransformerEncoderLayer.*in_proj_weight.*"
+        r"nn\.Linear layers.*scaled_dot_product_attention",
+    ):
+        parameterised_leaves(layer)
+
+
 def test_mixed_parent_is_refused_and_leaves_are_listed() -> None:
     with pytest.raises(
-        UnsupportedLayerError, match=r"Mixed owns trainable parameters \['scale'\].*inner.weight"
+        UnsupportedLayerError,
+        match=r"Mixed owns trainable parameters \['scale'\].*inner.weight.*whose forward uses them",
     ):
         clipper_for(Mixed())
     model = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Sequential(nn.Embedding(4, 2)))

@@ -198,10 +198,22 @@ def check_leaf(module: nn.Module, name: str = "") -> None:
     ]
     if nested:
         label = f"{type(module).__name__} {name!r}" if name else type(module).__name__
+        if isinstance(module, nn.MultiheadAttention):
+            # torch's own layer: "move the parameters into a child" cannot be done to it, and
+            # nn.Transformer*Layer users meet it here too, so name what works instead.
+            raise UnsupportedLayerError(
+                f"{label} (also inside nn.TransformerEncoderLayer / DecoderLayer) keeps its q/k/v "
+                f"projection as bare parameters {sorted(own)} used outside any leaf layer, so "
+                "they have no per-example clipper; write the attention from nn.Linear layers "
+                "(q, k, v and output projections, batch_first) and compute the scores with "
+                "torch.nn.functional.scaled_dot_product_attention or softmax(q @ k.T): those "
+                "layers' per-example norms are exact"
+            )
         raise UnsupportedLayerError(
             f"{label} owns trainable parameters {sorted(own)} and also has children with trainable "
             f"parameters {nested[:3]}; per-example gradients are computed per leaf layer: move "
-            "the direct parameters into their own small child module, or freeze them"
+            "the direct parameters into their own small child module whose forward uses them "
+            "(e.g. forward(self, h): return h + self.weight), called by the parent, or freeze them"
         )
 
 
