@@ -94,8 +94,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--plant",
         metavar="BUG[=F]",
-        help="train with a known privacy bug (noise=F, clip=F, sample=F, epsilon=F, flush, "
-        "catch_up, velocity, momentum_noise=F; see lazydp/planted.py) to see the audit fail",
+        help="train with a known privacy bug (noise=F, clip=F, roll, reuse, sample=F, epsilon=F, "
+        "flush, catch_up, velocity, momentum_noise=F; see lazydp/planted.py) to see the audit "
+        "fail",
     )
     p.add_argument("--out", help="output directory (default runs/audit-<timestamp>)")
     add_json_flag(p)
