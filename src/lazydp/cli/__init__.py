@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="lazydp",
         description="Differentially private training (DP-SGD, LazyDP) for PyTorch models.",
         epilog="Example: lazydp train   (private DLRM on MovieLens, about 15 seconds on 2 quiet "
-        "cores, plus ~10 s of preprocessing the first time)",
+        "cores, plus 1-2 s of preprocessing the first time)",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in SUBCOMMANDS:
