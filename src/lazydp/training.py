@@ -68,7 +68,7 @@ class TrainConfig:
     seed: int | None = None  # sampling and noise (None: OS entropy)
     model_seed: int = 0  # model initialisation only; no privacy randomness
     out: str = "runs/latest"
-    checkpoint_every: int = 0  # 0: a safety checkpoint every CHECKPOINT_SECONDS, and at the end
+    checkpoint_every: int = 0  # 0: a checkpoint every CHECKPOINT_SECONDS (at the end if any)
     resume: bool = False
     max_steps: int | None = None
     eval_batch_size: int = 8192

@@ -63,7 +63,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--embedding-dim", type=int)
     p.add_argument("--seed", type=int, help="reproducible research run (not for production)")
     p.add_argument("--model-seed", type=int, help="model initialisation seed (default 0)")
-    p.add_argument("--out", help="output directory (ledger, checkpoints, model, report)")
+    p.add_argument(
+        "--out",
+        help="output directory (ledger, checkpoints, model, report; default runs/latest); one "
+        "that holds a ledger is refused without --resume",
+    )
     p.add_argument(
         "--checkpoint-every",
         type=int,
