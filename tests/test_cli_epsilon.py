@@ -107,3 +107,15 @@ def test_shuffled_epochs_are_shown_as_the_passes_the_accounting_counts(capsys):
     assert main([*args, "--delta", "1e-5", "--sampler", "shuffle", "--json"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert (result["steps"], result["epochs"]) == (30, 10)  # showed 9: steps x q
+
+
+def test_a_figure_that_is_rdps_is_not_labelled_pld(capsys):
+    # Below delta 1e-10 (and past 2M steps) the "pld" figure is RDP's: printed as "(PLD)" it
+    # claimed the tighter accountant.
+    from lazydp.cli import main
+
+    argv = ["epsilon", "--sample-rate", "0.04", "--noise-multiplier", "1.5", "--steps", "2250"]
+    assert main([*argv, "--delta", "1e-12"]) == 0
+    assert "(RDP, PLD out of range)" in capsys.readouterr().out
+    assert main([*argv, "--delta", "1e-5"]) == 0
+    assert "6.769 (PLD)" in capsys.readouterr().out

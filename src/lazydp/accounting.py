@@ -208,6 +208,19 @@ def _epsilon(
         return _epsilon(groups, delta, "rdp", as_if_poisson)
 
 
+def pld_label(epsilon_pld: float, epsilon_rdp: float) -> str:
+    """How to name the "pld" figure: "PLD", or, where PLD was out of reach (see the module
+    contract) and the figure is RDP's, a label that says so. A true PLD figure never equals
+    RDP's to the last bit.
+
+    >>> pld_label(6.769, 7.329), pld_label(11.65, 11.65)
+    ('PLD', 'RDP, PLD out of range')
+    """
+    if epsilon_pld == epsilon_rdp and math.isfinite(epsilon_pld):
+        return "RDP, PLD out of range"
+    return "PLD"
+
+
 def _normalise(events: Sequence[MechanismCount]) -> tuple[MechanismCount, ...]:
     for e in events:
         if not isinstance(e, MechanismCount):

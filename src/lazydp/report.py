@@ -11,7 +11,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from lazydp.accounting import epsilon_report
+from lazydp.accounting import epsilon_report, pld_label
 from lazydp.loader import SHORT_ROWS
 
 #: Deltas above this (yet below 1/N) get a LARGE DELTA caveat: only tiny data sets need them.
@@ -69,7 +69,7 @@ class PrivacyReport:
     def __str__(self) -> str:
         lines = [
             f"privacy: epsilon = {self.epsilon:.4g} at delta = {self.delta:.3g} "
-            f"(PLD; RDP gives {self.epsilon_rdp:.4g})",
+            f"({pld_label(self.epsilon, self.epsilon_rdp)}; RDP gives {self.epsilon_rdp:.4g})",
             f"  mode {self.mode}, sampler {self.sampler}, {self._steps_line()}, "
             f"noise multiplier {self.noise_multiplier}, max grad norm {self.max_grad_norm}, "
             f"sample rate {self.sample_rate}",

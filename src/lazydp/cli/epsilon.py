@@ -27,6 +27,7 @@ from lazydp.accounting import (
     calibrate_noise_multiplier,
     epoch_steps,
     epsilon_report,
+    pld_label,
     steps_for_epochs,
 )
 from lazydp.cli import add_json_flag
@@ -151,15 +152,19 @@ def _print(r: dict[str, Any]) -> None:
     if "target_epsilon" in r:
         chosen = r["epsilon_pld"] if r["accountant"] == "pld" else r["epsilon_rdp"]
         other = "rdp" if r["accountant"] == "pld" else "pld"
+        label = r["accountant"].upper()
+        if label == "PLD":
+            label = pld_label(r["epsilon_pld"], r["epsilon_rdp"])
         print(
             f"noise_multiplier {r['noise_multiplier']:.4g} reaches epsilon {chosen:.4g} "
-            f"({r['accountant'].upper()}) <= target {r['target_epsilon']:g} "
+            f"({label}) <= target {r['target_epsilon']:g} "
             f"at delta {r['delta']:g}"
         )
         print(f"  {other.upper()} says epsilon {r['epsilon_' + other]:.4g} for the same noise")
     else:
         print(
-            f"epsilon {r['epsilon_pld']:.4g} (PLD), {r['epsilon_rdp']:.4g} (RDP) "
+            f"epsilon {r['epsilon_pld']:.4g} ({pld_label(r['epsilon_pld'], r['epsilon_rdp'])}), "
+            f"{r['epsilon_rdp']:.4g} (RDP) "
             f"at delta {r['delta']:g}"
         )
     print(setting)
