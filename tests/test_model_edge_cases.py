@@ -699,11 +699,11 @@ def test_buffers_written_outside_the_training_pass_are_not_refused():
 
 
 def test_a_buffer_too_large_to_copy_is_still_checked_by_version(monkeypatch):
-    # Above capture._COPY_MAX elements no copy is kept (a large constant would cost a copy per
+    # Above buffer_guard._COPY_MAX elements no copy is kept (a large constant would cost a copy per
     # step): an in-place write still bumps its version and is refused; an untouched one passes.
-    from lazydp import capture
+    from lazydp import buffer_guard
 
-    monkeypatch.setattr(capture, "_COPY_MAX", 2)
+    monkeypatch.setattr(buffer_guard, "_COPY_MAX", 2)
     model, opt, engine = _private(EvalCounter(), "dpsgd_f")
     model.register_buffer("big", torch.zeros(5))
     model(torch.randn(4, 3)).sum().backward()

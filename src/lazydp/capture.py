@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.parameter import is_lazy
 
+from lazydp.buffer_guard import BufferGuard, version_of
 from lazydp.clipping import clipper_for, parameterised_leaves
 from lazydp.clipping._base import Call, LayerClipper, trainable_direct_params
 from lazydp.errors import ConfigError, InputError, UnsupportedLayerError
@@ -88,59 +89,10 @@ class _Record:
         self.tensors = tuple(
             a for a in (*self.args, *self.kwargs.values()) if isinstance(a, Tensor)
         )
-        self.versions = tuple(_version(a) for a in self.tensors)
+        self.versions = tuple(version_of(a) for a in self.tensors)
 
     def unchanged(self) -> bool:
-        return tuple(_version(a) for a in self.tensors) == self.versions
-
-
-def _version(t: Tensor) -> int:
-    return -1 if t.is_inference() else t._version
-
-
-# A buffer as mark_buffers saw it: the tensor, its version and a copy of its values (_LAZY for
-# an uninitialized buffer, which has none).
-_BufferState = tuple[Tensor | None, int, Tensor | str | None]
-_NO_BUFFER: _BufferState = (None, -2, None)
-_LAZY = "lazy"
-
-
-#: Buffers above this many elements are compared by tensor and version only: statistics from
-#: a batch are small (per channel, per feature), while a copy of a large constant (a mask, a
-#: lookup table) at every step would cost more than the step.
-_COPY_MAX = 1 << 22
-
-
-def _buffer_state(b: Tensor | None) -> _BufferState:
-    if b is None:
-        return _NO_BUFFER
-    if is_lazy(b):
-        return b, _version(b), _LAZY
-    return b, _version(b), b.detach().clone() if b.numel() <= _COPY_MAX else None
-
-
-def _buffer_unchanged(state: _BufferState, b: Tensor | None) -> bool:
-    """Whether slot ``b`` holds the tensor ``state`` saw, unwritten and with the same values."""
-    was, version, copy = state
-    if b is not was:
-        return False
-    if b is None:
-        return True
-    if copy is _LAZY or is_lazy(b):  # materialising a lazy buffer keeps the object
-        return copy is _LAZY and is_lazy(b)
-    if _version(b) != version:
-        return False
-    if copy is None:  # too large to copy (see _COPY_MAX)
-        return b.numel() > _COPY_MAX
-    assert isinstance(copy, Tensor)
-    if (b.shape, b.dtype, b.device) != (copy.shape, copy.dtype, copy.device):
-        return False
-    if torch.equal(b, copy):
-        return True
-    # NaN != NaN: a buffer holding NaN is unchanged if its NaNs are where they were.
-    return (b.is_floating_point() or b.is_complex()) and bool(
-        ((b == copy) | (b.isnan() & copy.isnan())).all()
-    )
+        return tuple(version_of(a) for a in self.tensors) == self.versions
 
 
 @dataclass
@@ -235,7 +187,7 @@ class CaptureSet:
                     hook = self._outside_use(f"{layer.name}.{pname}")
                     self._handles.append(p.register_hook(hook))
             self.capture_root = capture_root
-            self.mark_buffers()
+            self.buffers = BufferGuard(model)
             self._handles.append(
                 model.register_forward_pre_hook(self._on_root_pre, with_kwargs=True)
             )
@@ -437,55 +389,11 @@ class CaptureSet:
         ):
             self._refuse_accumulation()
 
-    def _buffer_slots(self) -> dict[str, tuple[nn.Module, str]]:
-        """Every buffer slot of the model, by name; a slot, not a tensor: an EMA is often
-        reassigned. Listed again each time: a buffer registered, or a submodule holding one
-        added, after make_private (an EMA created at its first forward) is no less the batch's."""
-        return {
-            f"{mname}.{name}" if mname else name: (m, name)
-            for mname, m in self.model.named_modules()
-            for name in m._buffers
-        }
-
     def mark_buffers(self) -> None:
-        """Remember every buffer (tensor, version and a copy of its values) as the training
-        forward starts. The copy: a write through ``.data`` or numpy, or by some of torch's own
-        ops (QAT's fused moving-average observer), leaves the version counter as it was."""
-        self._buffers_seen = {
-            label: _buffer_state(m._buffers[name])
-            for label, (m, name) in self._buffer_slots().items()
-        }
+        self.buffers.mark()
 
     def check_buffers_unchanged(self) -> None:
-        """ConfigError if a buffer was written (in place or reassigned) since the training
-        forward began: a custom layer's running statistics or EMA computed from the batch.
-        Such a buffer leaves in state_dict() and steers every evaluation forward with neither
-        clipping nor noise, which no parameter gradient shows (BatchNorm and InstanceNorm's
-        running statistics are refused up front; this catches any other layer's)."""
-        now = self._buffer_slots()
-        seen = self._buffers_seen
-        changed = [
-            label
-            for label in dict.fromkeys([*seen, *now])
-            if not _buffer_unchanged(
-                seen.get(label, _NO_BUFFER),
-                now[label][0]._buffers.get(now[label][1]) if label in now else None,
-            )
-        ]
-        if changed:
-            raise ConfigError(
-                f"buffer(s) {changed} changed between the training forward and "
-                "optimizer.step() (a layer updating running statistics or an average from the "
-                "batch? a cache rebuilt for the batch's shape?). A buffer computed from training "
-                "data is released in state_dict() and used by every evaluation with neither "
-                "clipping nor noise, so DP-SGD does not cover it. Compute it outside training "
-                "(from public data, or as a DP statistic), keep it constant while training "
-                "(build a cache once for the longest input), or hold a counter that does not "
-                "depend on the data in a Python attribute instead of a buffer; run evaluations "
-                "between steps, not between backward and step(). Nothing was charged and no "
-                "parameter changed, but the buffer may now hold values computed from the batch: "
-                "do not release this model as is."
-            )
+        self.buffers.check()
 
     def check_inputs_unchanged(self) -> None:
         """InputError if a tensor a layer read was modified in place after the layer ran.
