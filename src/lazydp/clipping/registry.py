@@ -106,10 +106,15 @@ _RUNNING_STATS = (
 )
 
 
+def _label(layer_type: type[nn.Module], name: str) -> str:
+    """How a refusal names a layer: its class, and its name in the model where known."""
+    return f"{layer_type.__name__} {name!r}" if name else layer_type.__name__
+
+
 def _running_stats_refusal(module: nn.Module, name: str = "") -> None:
     """UnsupportedLayerError for an InstanceNorm that tracks running statistics."""
     if isinstance(module, _RUNNING_STATS) and module.track_running_stats:
-        label = f"{type(module).__name__} {name!r}" if name else type(module).__name__
+        label = _label(type(module), name)
         raise UnsupportedLayerError(
             f"{label} with track_running_stats=True is not supported: in training it updates "
             "running_mean / running_var from the batch's examples, and those buffers are "
@@ -135,7 +140,7 @@ def _parametrization_refusal(module: nn.Module, name: str = "") -> None:
         # Frozen (a pruned or weight-normed pretrained backbone under a trained head): its
         # weight is computed without a gradient, and nothing of it is captured or updated.
         return
-    label = f"{type(module).__name__} {name!r}" if name else type(module).__name__
+    label = _label(type(module), name)
     raise UnsupportedLayerError(
         f"{label} has a parametrized weight (torch.nn.utils.parametrize, e.g. "
         "parametrizations.weight_norm / spectral_norm / orthogonal, or the older weight_norm / "
@@ -167,7 +172,7 @@ def _refusal(layer_type: type[nn.Module], name: str = "") -> None:
     """UnsupportedLayerError if ``layer_type`` (or a base class) is refused."""
     for base in layer_type.__mro__:
         if base in _REFUSALS:
-            label = f"{layer_type.__name__} {name!r}" if name else layer_type.__name__
+            label = _label(layer_type, name)
             raise UnsupportedLayerError(f"{label} is not supported: {_REFUSALS[base]}")
 
 
@@ -197,7 +202,7 @@ def check_leaf(module: nn.Module, name: str = "") -> None:
         if p.requires_grad
     ]
     if nested:
-        label = f"{type(module).__name__} {name!r}" if name else type(module).__name__
+        label = _label(type(module), name)
         if isinstance(module, nn.MultiheadAttention):
             # torch's own layer: "move the parameters into a child" cannot be done to it, and
             # nn.Transformer*Layer users meet it here too, so name what works instead.
