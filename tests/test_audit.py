@@ -304,11 +304,15 @@ def test_lazydp_audit_refuses_what_would_not_work_before_training(tmp_path, caps
         (["--plant", "noise=-1"], ">= 0"),
         (["--nproc-per-node", "2", "--resume-at", "2"], "leave out --nproc-per-node"),
         (["--canaries", "50", "--nproc-per-node", "2"], "too few"),
+        # checked only inside the audit, after "auditing ..." was printed
+        (["--delta", "1"], "delta must be in (0, 1)"),
+        (["--confidence", "2"], "confidence must be in [0.5, 1)"),
     ]
     for extra, said in cases:
         assert main(["audit", *extra, "--out", str(tmp_path / "x")]) == 1, extra
-        err = capsys.readouterr().err
+        out, err = capsys.readouterr()
         assert said in err and "Traceback" not in err, (extra, err)
+        assert "auditing" not in out, (extra, out)
     assert not (tmp_path / "x").exists()  # nothing trained, nothing written
 
 

@@ -274,6 +274,14 @@ def check_spec(mode: str, **kw: Any) -> AuditSpec:
     )
 
 
+def check_claim(delta: float, confidence: float) -> float:
+    """``delta`` checked, and ConfigError unless ``confidence`` is in [0.5, 1)."""
+    delta = v.check_delta(delta)
+    if not 0.5 <= confidence < 1:
+        raise ConfigError(f"confidence must be in [0.5, 1); got {confidence!r}.")
+    return delta
+
+
 def canary_audit(
     mode: str = "lazydp",
     *,
@@ -330,9 +338,7 @@ def canary_audit(
         resume_at=resume_at,
         loss_reduction=loss_reduction,
     )
-    delta = v.check_delta(delta)
-    if not 0.5 <= confidence < 1:
-        raise ConfigError(f"confidence must be in [0.5, 1); got {confidence!r}.")
+    delta = check_claim(delta, confidence)
     for name, value in (("seed", seed), ("noise_seed", noise_seed)):
         if value is not None and (
             isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63

@@ -126,13 +126,14 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from contextlib import nullcontext
 
-    from lazydp.audit import canary_audit, check_spec
+    from lazydp.audit import canary_audit, check_claim, check_spec
     from lazydp.planted import check_plant_applies, parse_plant, planted_bug
     from lazydp.training import check_output_dir
 
     out = check_output_dir(args.out or f"runs/audit-{time.strftime('%Y%m%d-%H%M%S')}")
     # Everything is checked here, before any worker starts (they would each say it, or hang).
     spec = check_spec(args.mode, **_options(args))
+    check_claim(args.delta, args.confidence)  # not after "auditing ..." has been printed
     if args.nproc_per_node < 1:
         raise ConfigError(f"--nproc-per-node must be >= 1; got {args.nproc_per_node}.")
     if args.layer == "sharded_bag" and args.nproc_per_node < 2:
