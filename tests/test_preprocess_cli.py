@@ -69,3 +69,14 @@ def test_cli_warns_when_no_row_fell_into_the_test_split(tmp_path, capsys):
     captured = capsys.readouterr()
     assert rc == 0 and "test 0 rows" in captured.out
     assert "warning: no row" in captured.err
+
+
+def test_cli_refuses_a_vocab_seed_with_a_backslash_cleanly(tmp_path, capsys):
+    # The seed goes into an SQL string literal, which refuses backslashes (Spark would unescape
+    # them); it used to escape as a bare ValueError traceback after the input was read.
+    rc = main(["preprocess", "--format", "movielens", "--input", str(FIX / "movielens_small.csv"),
+               "--output", str(tmp_path / "o"), "--vocabulary", "dp", "--vocab-epsilon", "1",
+               "--vocab-delta", "1e-6", "--vocab-seed", "a\\b", "--no-progress"])  # fmt: skip
+    assert rc == 1
+    assert "vocab_seed='a\\\\b' must not contain a backslash" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -32,7 +32,7 @@ from lazydp.preprocess.engine import Engine
 from lazydp.preprocess.lines import NOT_UTF8
 from lazydp.preprocess.output import atomic_directory, write_metadata
 from lazydp.preprocess.spec import FormatSpec, get_format
-from lazydp.preprocess.vocabulary import new_seed, split_budget
+from lazydp.preprocess.vocabulary import check_seed, new_seed, split_budget
 
 ENGINES = ("embedded", "spark")
 SCHEMA_VERSION = 1
@@ -327,6 +327,7 @@ def preprocess(
     )
     if engine not in ENGINES:
         raise ConfigError(f"engine={engine!r}; use one of {ENGINES}")
+    check_seed(vocab_seed)  # now, not after the input is read
     if not inputs:
         raise ConfigError("inputs is empty; give at least one raw file")
     paths = [str(p) for p in inputs]

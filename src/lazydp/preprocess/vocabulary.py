@@ -82,8 +82,16 @@ def split_budget(
     return out
 
 
+def check_seed(seed: str | int | None) -> None:
+    """ConfigError for a fixed seed the SQL key literal cannot hold (a backslash, which Spark
+    would unescape and DuckDB would not)."""
+    if seed is not None and "\\" in str(seed):
+        raise ConfigError(f"vocab_seed={seed!r} must not contain a backslash; e.g. --vocab-seed 1")
+
+
 def new_seed(seed: str | int | None = None) -> str:
     """The noise key: 128 random bits from the OS, or a fixed seed (reproducible, not private)."""
     if seed is None:
         return secrets.token_hex(16)
+    check_seed(seed)
     return f"fixed-{seed}"
