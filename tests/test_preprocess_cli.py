@@ -80,3 +80,15 @@ def test_cli_refuses_a_vocab_seed_with_a_backslash_cleanly(tmp_path, capsys):
     assert rc == 1
     assert "vocab_seed='a\\\\b' must not contain a backslash" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_cli_says_a_seeded_vocabulary_is_not_private(tmp_path, capsys):
+    # --vocab-seed makes the noise known: say so where the vocabulary is made, not only in a
+    # later training report (the vocabulary directory can be shared without training on it).
+    args = ["preprocess", "--format", "movielens", "--input", str(FIX / "movielens_small.csv"),
+            "--vocabulary", "dp", "--vocab-epsilon", "30", "--vocab-delta", "0.3",
+            "--test-fraction", "0.25", "--no-progress"]  # fmt: skip
+    assert main([*args, "--output", str(tmp_path / "s"), "--vocab-seed", "1"]) == 0
+    assert "NOT PRIVATE" in capsys.readouterr().err
+    assert main([*args, "--output", str(tmp_path / "r")]) == 0
+    assert "NOT PRIVATE" not in capsys.readouterr().err

@@ -101,6 +101,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         progress=not args.no_progress,
     )
     rows = meta["rows"]
+    if meta["privacy_cost"].get("reproducible_seed"):
+        print(
+            f"warning: NOT PRIVATE: the vocabulary of {args.output} was selected with a fixed "
+            "--vocab-seed, so its noise is known and the selection reveals rare values; "
+            "preprocess without --vocab-seed for a private run",
+            file=sys.stderr,
+        )
     if rows["test"] == 0:
         print(
             f"warning: no row of {args.input} fell into the test split; `lazydp train` "
