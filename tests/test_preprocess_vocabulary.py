@@ -45,6 +45,11 @@ def test_budget_split_over_features_composes_to_the_total():
         split_budget(0.0, 1e-6, {"a": 1})
     with pytest.raises(ConfigError, match="vocab_delta"):
         split_budget(1.0, 1.5, {"a": 1})
+    # The noise's 52-bit grid is exact to ~2e-16 per value: a per-value delta near that would
+    # be overstated (vocabulary audit), so it is refused with the smallest usable delta.
+    with pytest.raises(ConfigError, match="too small for 3 features"):
+        split_budget(1.0, 1e-13, {"a": 1, "b": 1, "g": 10})
+    split_budget(1.0, 1e-10, {"a": 1, "b": 1, "g": 10})
 
 
 def _kept_fraction(count: int, sel: PartitionSelection, n_values: int, threshold: float) -> float:

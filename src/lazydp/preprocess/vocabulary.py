@@ -57,6 +57,10 @@ class PartitionSelection:
         return 1.0 - 0.5 * math.exp(t / self.scale)
 
 
+#: Smallest per-value delta (delta / features / k) the 52-bit noise grid keeps exact enough.
+MIN_VALUE_DELTA = 2.0**-40
+
+
 def split_budget(
     epsilon: float, delta: float, max_values: dict[str, int]
 ) -> dict[str, PartitionSelection]:
@@ -77,6 +81,14 @@ def split_budget(
         if delta / n / k >= 0.5:
             raise ConfigError(
                 f"vocab_delta={delta!r} is too large for {n} features; use a delta below {n * k / 2}"
+            )
+        if delta / n / k < MIN_VALUE_DELTA:
+            # The noise comes from 52-bit uniforms: each keep probability is exact to ~2^-52,
+            # so a per-value delta near that would be overstated.
+            raise ConfigError(
+                f"vocab_delta={delta!r} is too small for {n} features of up to {k} values a "
+                "row: the Laplace noise is drawn on a 52-bit grid, exact to about 2e-16 per "
+                f"value. Use a delta of at least {n * k * MIN_VALUE_DELTA:.2g}."
             )
         out[name] = PartitionSelection(epsilon / n, delta / n, k)
     return out
