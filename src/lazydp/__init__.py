@@ -16,6 +16,7 @@ from lazydp.errors import (
     UnsupportedLayerError,
     UnsupportedOptimizerError,
 )
+from lazydp.loss_check import check_per_example_loss
 from lazydp.malloc import tune_malloc
 from lazydp.report import PrivacyReport
 
@@ -34,5 +35,6 @@ __all__ = [
     "UnsupportedLayerError",
     "UnsupportedOptimizerError",
     "__version__",
+    "check_per_example_loss",
     "tune_malloc",
 ]

@@ -1,0 +1,99 @@
+"""Is the loss a sum (or mean) of per-example terms? A check to run once, before make_private.
+
+Why: DP-SGD bounds each example's influence by clipping its gradient, which exists only when
+the loss is a sum of per-example losses. A loss that couples the examples of a batch -- in-batch
+negatives (the two-tower retrieval loss ``cross_entropy(q_user @ q_item.T, arange(B))``), a
+contrastive loss, a weighted mean normalised by the batch's total weight -- gives each example a
+"gradient" that carries every other example's terms, and the guarantee fails silently (an audit
+measured one example moving the update by 1.7x the clip bound). The coupling happens in the loss,
+which the engine never sees, so it cannot refuse it; this check can, given the loss.
+
+Contract: ``check_per_example_loss(model, loss_fn, examples, collate_fn)`` computes the
+parameters' gradient of ``loss_fn(model, collate_fn(examples))`` and of each single example's
+``loss_fn(model, collate_fn([example]))``, with the model in eval mode (dropout off: both must
+see the same function) and its mode restored after. It returns ``"sum"`` or ``"mean"`` -- the
+reduction under which the batch's gradient equals the sum (or mean) of the single examples'
+gradients to ``rtol`` -- and raises PrivacyError when neither holds. Nothing is updated: the
+parameters' ``.grad`` are left as they were. Run it on the plain model, before make_private
+(the engine records every training forward).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import default_collate
+
+from lazydp.errors import ConfigError, PrivacyError
+
+__all__ = ["check_per_example_loss"]
+
+
+def _flat_grad(loss: Any, params: list[nn.Parameter]) -> Tensor:
+    if not isinstance(loss, Tensor) or loss.numel() != 1:
+        raise ConfigError(
+            f"loss_fn must return a scalar tensor; got {getattr(loss, 'shape', type(loss))}."
+        )
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    return torch.cat(
+        [
+            (torch.zeros_like(p) if g is None else g).detach().reshape(-1).double()
+            for p, g in zip(params, grads)
+        ]
+    )
+
+
+def check_per_example_loss(
+    model: nn.Module,
+    loss_fn: Callable[[nn.Module, Any], Tensor],
+    examples: Sequence[Any],
+    collate_fn: Callable[[list[Any]], Any] = default_collate,
+    rtol: float = 1e-4,
+) -> str:
+    """``"sum"`` or ``"mean"``: how ``loss_fn`` reduces per-example terms; PrivacyError when the
+    batch's gradient is neither the sum nor the mean of the single examples' gradients.
+
+    >>> model = nn.Linear(3, 1)
+    >>> data = [(torch.randn(3), torch.randn(1)) for _ in range(4)]
+    >>> def mse(m, batch):
+    ...     x, y = batch
+    ...     return nn.functional.mse_loss(m(x), y)
+    >>> check_per_example_loss(model, mse, data)
+    'mean'
+    """
+    examples = list(examples)
+    if len(examples) < 2:
+        raise ConfigError(f"give at least 2 examples to compare; got {len(examples)}.")
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ConfigError("the model has no parameter that requires grad: nothing to check.")
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.enable_grad():
+            batch = _flat_grad(loss_fn(model, collate_fn(examples)), params)
+            total = sum(_flat_grad(loss_fn(model, collate_fn([e])), params) for e in examples)
+    finally:
+        model.train(was_training)
+    assert isinstance(total, Tensor)
+    scale = max(float(total.norm()), float(batch.norm()), 1e-30)
+    errors = {
+        "sum": float((batch - total).norm()) / scale,
+        "mean": float((batch - total / len(examples)).norm()) / scale,
+    }
+    reduction = min(errors, key=errors.__getitem__)
+    if errors[reduction] <= rtol:
+        return reduction
+    raise PrivacyError(
+        f"the loss couples the examples of a batch: its gradient on {len(examples)} examples "
+        f"differs from the sum of their one-example gradients by {errors['sum']:.3g} (relative) "
+        f"and from their mean by {errors['mean']:.3g}. DP-SGD clips per-example gradients, "
+        "which exist only for a sum (or mean) of per-example losses: with in-batch negatives (a "
+        "softmax over q_user @ q_item.T), a contrastive loss or a batch-normalised weighting, "
+        "each example's gradient carries the others' terms and the privacy guarantee does not "
+        "hold. Score each example against negatives of its own (drawn in the collate_fn), or "
+        "normalise weights by a constant, not by the batch."
+    )
