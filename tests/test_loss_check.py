@@ -77,3 +77,11 @@ def test_bad_arguments_are_refused():
         check_per_example_loss(nn.Linear(3, 1), lambda m, b: m(b[0]).sum(), [(torch.randn(3),)])
     with pytest.raises(ConfigError, match="scalar"):
         check_per_example_loss(nn.Linear(3, 1), lambda m, b: m(b[0]), [(torch.randn(3),)] * 2)
+
+
+def test_a_sparse_embedding_gradient_is_compared():
+    # nn.Embedding(sparse=True) has a sparse gradient: reshape raised RuntimeError.
+    model = nn.Sequential(nn.Embedding(10, 4, sparse=True), nn.Flatten(), nn.Linear(4, 1))
+    data = [(torch.randint(0, 10, (1,)), torch.randn(1)) for _ in range(4)]
+    loss = lambda m, b: F.mse_loss(m(b[0]).squeeze(1), b[1].squeeze(1))  # noqa: E731
+    assert check_per_example_loss(model, loss, data) == "mean"

@@ -40,7 +40,11 @@ def _flat_grad(loss: Any, params: list[nn.Parameter]) -> Tensor:
     grads = torch.autograd.grad(loss, params, allow_unused=True)
     return torch.cat(
         [
-            (torch.zeros_like(p) if g is None else g).detach().reshape(-1).double()
+            # nn.Embedding(sparse=True) gives a sparse gradient, which has no reshape.
+            (torch.zeros_like(p) if g is None else g.to_dense() if g.is_sparse else g)
+            .detach()
+            .reshape(-1)
+            .double()
             for p, g in zip(params, grads)
         ]
     )
