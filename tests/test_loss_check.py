@@ -85,3 +85,21 @@ def test_a_sparse_embedding_gradient_is_compared():
     data = [(torch.randint(0, 10, (1,)), torch.randn(1)) for _ in range(4)]
     loss = lambda m, b: F.mse_loss(m(b[0]).squeeze(1), b[1].squeeze(1))  # noqa: E731
     assert check_per_example_loss(model, loss, data) == "mean"
+
+
+def test_a_model_fitted_to_its_examples_passes():
+    # At the least-squares fit of these examples their gradients cancel: the batch's gradient
+    # is float32 rounding noise, and it was compared relative to the (tiny) sum's norm.
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 20, generator=g, dtype=torch.float64)
+    y = x @ torch.randn(20, 1, generator=g, dtype=torch.float64)
+    y = y + torch.randn(64, 1, generator=g, dtype=torch.float64)
+    fit = torch.linalg.lstsq(torch.cat([x, torch.ones(64, 1, dtype=torch.float64)], 1), y).solution
+    model = nn.Linear(20, 1)
+    with torch.no_grad():
+        model.weight.copy_(fit[:20].T)
+        model.bias.copy_(fit[20])
+    data = [(x[i].float(), y[i].float()) for i in range(64)]
+    loss = lambda m, b: F.mse_loss(m(b[0]), b[1])  # noqa: E731
+    # Not refused (it was, as coupling); with a sum ~0 the sum and the mean are alike.
+    assert check_per_example_loss(model, loss, data) in ("sum", "mean")
