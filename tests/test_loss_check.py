@@ -103,3 +103,15 @@ def test_a_model_fitted_to_its_examples_passes():
     loss = lambda m, b: F.mse_loss(m(b[0]), b[1])  # noqa: E731
     # Not refused (it was, as coupling); with a sum ~0 the sum and the mean are alike.
     assert check_per_example_loss(model, loss, data) in ("sum", "mean")
+
+
+def test_nan_or_all_zero_gradients_are_not_a_verdict():
+    # NaN was refused as coupling; all-zero gradients passed as "sum" without comparing anything.
+    model = nn.Linear(3, 1)
+    data = [(torch.randn(3), torch.randn(1)) for _ in range(3)]
+    data.append((torch.full((3,), float("nan")), torch.randn(1)))
+    mse = lambda m, b: F.mse_loss(m(b[0]), b[1])  # noqa: E731
+    with pytest.raises(ConfigError, match="not finite"):
+        check_per_example_loss(model, mse, data)
+    with pytest.raises(ConfigError, match="every gradient is zero"):
+        check_per_example_loss(model, lambda m, b: 0 * m(b[0]).sum(), data[:3])

@@ -83,6 +83,15 @@ def check_per_example_loss(
     finally:
         model.train(was_training)
     total = torch.stack(singles).sum(0)
+    # A NaN read as "couples the examples" and all-zero gradients passed as "sum": neither
+    # compares anything.
+    if not (bool(batch.isfinite().all()) and bool(total.isfinite().all())):
+        raise ConfigError("the loss's gradient is not finite (NaN or inf): nothing to compare.")
+    if not (bool(batch.any()) or bool(total.any())):
+        raise ConfigError(
+            "every gradient is zero at these examples (a loss that does not depend on the "
+            "parameters, or saturated): nothing to compare; give examples with a gradient."
+        )
     # Relative to the examples' own gradients, not to their sum: float32 rounding is a fraction
     # of each term, and near a minimum (a model fitted to these examples) the terms cancel, so
     # a legit loss differed from its sum by ~1 relative to the sum's norm.
