@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.utils.data import default_collate
 
 from lazydp import ConfigError, PrivacyError, check_per_example_loss
 
@@ -115,3 +116,21 @@ def test_nan_or_all_zero_gradients_are_not_a_verdict():
         check_per_example_loss(model, mse, data)
     with pytest.raises(ConfigError, match="every gradient is zero"):
         check_per_example_loss(model, lambda m, b: 0 * m(b[0]).sum(), data[:3])
+
+
+def test_a_random_collate_is_named_not_refused_as_coupling():
+    # Negatives drawn in the collate_fn (as the refusal advised) differ between the batch and
+    # the single examples: refused as "couples the examples".
+    model = nn.Linear(3, 1)
+    data = [(torch.randn(3), torch.randn(1)) for _ in range(4)]
+
+    def collate(examples):
+        x, y = default_collate(examples)
+        return x, y, torch.randn(len(examples), 3)  # random negatives
+
+    def loss(m, b):
+        x, y, negatives = b
+        return F.mse_loss(m(x), y) + F.softplus(m(negatives)).mean()
+
+    with pytest.raises(ConfigError, match="another gradient each time"):
+        check_per_example_loss(model, loss, data, collate)

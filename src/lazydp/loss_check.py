@@ -79,10 +79,21 @@ def check_per_example_loss(
     try:
         with torch.enable_grad():
             batch = _flat_grad(loss_fn(model, collate_fn(examples)), params)
+            # Random negatives drawn in the collate_fn (which the refusal below recommended) or
+            # a random op that eval() does not turn off make the batch and the single examples
+            # see different functions: refused as coupling. A second batch pass tells.
+            again = _flat_grad(loss_fn(model, collate_fn(examples)), params)
             singles = [_flat_grad(loss_fn(model, collate_fn([e])), params) for e in examples]
     finally:
         model.train(was_training)
     total = torch.stack(singles).sum(0)
+    if not torch.allclose(batch, again, rtol=rtol, atol=1e-12, equal_nan=True):
+        raise ConfigError(
+            "loss_fn(model, collate_fn(examples)) gives another gradient each time (random "
+            "negatives drawn in the collate_fn or the loss, a random op that model.eval() "
+            "does not turn off): the check cannot compare it. Fix the randomness for the check, "
+            "e.g. draw each example's negatives once, into the examples."
+        )
     # A NaN read as "couples the examples" and all-zero gradients passed as "sum": neither
     # compares anything.
     if not (bool(batch.isfinite().all()) and bool(total.isfinite().all())):
@@ -111,6 +122,6 @@ def check_per_example_loss(
         "which exist only for a sum (or mean) of per-example losses: with in-batch negatives (a "
         "softmax over q_user @ q_item.T), a contrastive loss or a batch-normalised weighting, "
         "each example's gradient carries the others' terms and the privacy guarantee does not "
-        "hold. Score each example against negatives of its own (drawn in the collate_fn), or "
+        "hold. Score each example against negatives of its own (drawn per example), or "
         "normalise weights by a constant, not by the batch."
     )
