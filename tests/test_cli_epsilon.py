@@ -119,3 +119,14 @@ def test_a_figure_that_is_rdps_is_not_labelled_pld(capsys):
     assert "(RDP, PLD out of range)" in capsys.readouterr().out
     assert main([*argv, "--delta", "1e-5"]) == 0
     assert "6.769 (PLD)" in capsys.readouterr().out
+
+
+def test_pld_label_calls_a_zero_epsilon_pld():
+    # No steps (or delta 0.5 at sigma 50): both accountants say 0.0, which was labelled
+    # "RDP, PLD out of range".
+    from lazydp.accounting import MechanismCount, epsilon_report, pld_label
+
+    r = epsilon_report([MechanismCount(0.01, 50.0, 1)], 0.5)
+    assert (r.pld, r.rdp) == (0.0, 0.0)
+    assert pld_label(r.pld, r.rdp) == "PLD"
+    assert pld_label(0.0, 0.0) == "PLD"

@@ -216,7 +216,9 @@ def pld_label(epsilon_pld: float, epsilon_rdp: float) -> str:
     >>> pld_label(6.769, 7.329), pld_label(11.65, 11.65)
     ('PLD', 'RDP, PLD out of range')
     """
-    if epsilon_pld == epsilon_rdp and math.isfinite(epsilon_pld):
+    # 0 is exact from either (no steps yet, or a delta that large): both say 0.0, and a
+    # report of a run before its first step said "RDP, PLD out of range".
+    if epsilon_pld == epsilon_rdp and math.isfinite(epsilon_pld) and epsilon_pld > 0:
         return "RDP, PLD out of range"
     return "PLD"
 
