@@ -733,3 +733,23 @@ def test_a_second_backward_through_a_retained_graph_is_refused_with_its_cause():
     with pytest.raises(ConfigError, match=r"an earlier optimizer.step\(\) already used"):
         opt.step()
     assert engine.ledger.steps == 1
+
+
+def test_a_stale_backward_combined_with_a_new_forward_is_refused_not_dropped():
+    # Each clear() used to start a new lost list, so records forgotten by an earlier clear
+    # appended to a list nothing checked: the old graph's part of the gradient was dropped
+    # and the step charged (review of today's commits).
+    model, opt, engine = _private(nn.Linear(3, 1), "dpsgd_f")
+    old = model(torch.randn(4, 3)).sum()
+    old.backward(retain_graph=True)
+    opt.step()
+    opt.zero_grad()
+    new = model(torch.randn(4, 3)).sum()
+    (old + new).backward()
+    with pytest.raises(ConfigError, match=r"an earlier optimizer.step\(\) already used"):
+        opt.step()
+    assert engine.ledger.steps == 1
+    opt.zero_grad()  # drops it: training goes on
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    assert engine.ledger.steps == 2

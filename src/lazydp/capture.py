@@ -56,8 +56,9 @@ class _Tap(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None]:  # type: ignore[override]
         rec: _Record = ctx.record
-        if rec.stale is not None:  # a later training forward replaced this one's records
-            rec.stale.append(rec.batch_size)
+        if rec.stale is not None:  # a later forward, zero_grad or a step forgot this record
+            lost, cause = rec.stale
+            lost.append(cause)
         # A layer whose output is used twice in the graph gets two backward calls: they add up.
         rec.grad_output = grad if rec.grad_output is None else rec.grad_output + grad
         rec.backed[0] = True
@@ -72,9 +73,10 @@ class _Record:
     grad_output: Tensor | None = None
     memo: dict[str, Any] = field(default_factory=dict)
     out: Tensor | None = None  # the root's output (dpsgd_r compares its second pass with it)
-    # Set when the record is forgotten (CaptureSet.clear): a backward that still reaches it
-    # appends there, and the step refuses a gradient that would otherwise be dropped.
-    stale: list[int] | None = None
+    # Set when the record is forgotten (CaptureSet.clear): (the capture's lost list, the
+    # cause). A backward that still reaches it appends the cause there, and the step refuses a
+    # gradient that would otherwise be dropped.
+    stale: tuple[list[str], str] | None = None
     # Shared by the records of one pass (CaptureSet._backed): set by the first backward that
     # reaches any of them, so a later training forward can tell it would start accumulating.
     backed: list[bool] = field(default_factory=lambda: [False])
@@ -133,8 +135,10 @@ class CaptureSet:
         # The RNG state before the root forward (dpsgd_r's second pass replays it).
         self.root_rng: RngState | None = None
         self.outside_uses: set[str] = set()  # parameters autograd reached outside their layer
-        self.lost: list[int] = []  # backward calls that reached forgotten records (see clear)
-        self._lost_by = "forward"  # what forgot the records a late backward reached (clear)
+        # The causes (see clear) of forgotten records a backward still reached. One list for
+        # the capture's life, emptied only when zero_grad drops the gradients: a stale
+        # backward before the next forward must still be refused at the next step.
+        self.lost: list[str] = []
         self._backed = [False]  # a backward reached this pass's records (see _Record.backed)
         leaves = parameterised_leaves(model)
         # Every refusal before any layer is touched: a model refused half-way would keep some
@@ -415,16 +419,17 @@ class CaptureSet:
                     )
 
     def check_no_lost_gradient(self) -> None:
-        """ConfigError if the last backward reached a forward whose records a later training
-        forward replaced (two forwards of the model before one backward)."""
+        """ConfigError if a backward reached records already forgotten: a forward a later
+        training forward replaced (two forwards of the model before one backward), or one
+        whose gradient zero_grad dropped or a step already used (a retained graph)."""
         if not self.lost:
             return
-        if self._lost_by == "zero_grad":
+        if self.lost[0] == "zero_grad":
             what = (
                 "whose gradient optimizer.zero_grad() dropped (a second backward through a "
                 "retained graph after zero_grad()?): run a new forward after zero_grad()"
             )
-        elif self._lost_by == "step":
+        elif self.lost[0] == "step":
             what = (
                 "that an earlier optimizer.step() already used (a second backward through a "
                 "retained graph?): run a new forward for each step"
@@ -449,15 +454,15 @@ class CaptureSet:
     def clear(self, by: str = "forward") -> None:
         """Forget the recorded pass; ``by`` (a new training forward, zero_grad or a step) names
         the cause if a backward still reaches it (check_no_lost_gradient)."""
-        self.lost = []
-        self._lost_by = by
+        if by == "zero_grad":
+            self.lost.clear()  # in place: records forgotten earlier append to this list too
         self._backed = [False]  # records of the pass just forgotten keep the old flag
         for layer in self.layers:
             for r in layer.records:
-                r.stale = self.lost
+                r.stale = (self.lost, by)
             layer.records.clear()
         if self.root_record is not None:
-            self.root_record.stale = self.lost
+            self.root_record.stale = (self.lost, by)
         self.root_record = None
         self.root_rng = None
         self.outside_uses.clear()

@@ -13,9 +13,13 @@ parameters' gradient of ``loss_fn(model, collate_fn(examples))`` and of each sin
 ``loss_fn(model, collate_fn([example]))``, with the model in eval mode (dropout off: both must
 see the same function) and its mode restored after. It returns ``"sum"`` or ``"mean"`` -- the
 reduction under which the batch's gradient equals the sum (or mean) of the single examples'
-gradients to ``rtol`` -- and raises PrivacyError when neither holds. Nothing is updated: the
-parameters' ``.grad`` are left as they were. Run it on the plain model, before make_private
-(the engine records every training forward).
+gradients to ``rtol`` relative to the examples' own gradient norms -- and raises PrivacyError
+when neither holds. ConfigError, not a verdict, when there is nothing to compare: the batch
+gives another gradient a second time (random negatives, a random op eval() keeps), a gradient
+is NaN or inf, or every gradient is zero. Nothing is updated: the parameters' ``.grad`` are
+left as they were. Run it on the plain model, before make_private (the engine records every
+training forward), with varied examples: coupling that vanishes at the examples given (a
+batch-normalised weighting with equal weights) passes.
 """
 
 from __future__ import annotations
