@@ -639,3 +639,64 @@ def test_a_model_state_loaded_mid_run_is_what_the_model_holds_then(tmp_path):
             finals[mode] = snapshot(model)
     for k, t in finals["dpsgd_f"].items():
         torch.testing.assert_close(finals["lazydp"][k], t, rtol=1e-5, atol=1e-6)
+
+
+class _WeightedBag(nn.Module):
+    """An EmbeddingBag whose per_sample_weights come from a trained layer (so they require grad)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bag = nn.EmbeddingBag(5, 3, mode="sum", padding_idx=4)
+        self.w = nn.Linear(2, 1)
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        weights = torch.sigmoid(self.w(x)).squeeze(1)
+        return self.bag(ids, offsets, per_sample_weights=weights[: ids.numel()]).sum(1)
+
+
+@pytest.mark.parametrize("between", ["eval", "state_dict", "flush"])
+@pytest.mark.parametrize("ids", [[4, 4], []], ids=["all_padding", "no_ids"])
+def test_a_weighted_bag_call_reading_no_row_survives_a_table_write_before_backward(
+    tmp_path, between, ids
+):
+    """A training call of an EmbeddingBag with per_sample_weights requiring grad that reads no
+    row (every id padding, or no id) ran on the table itself, which autograd then saved; a
+    catch-up or flush between that forward and its backward (a no_grad evaluation,
+    state_dict(), engine.flush()) writes the table, and torch refused the backward ('modified
+    by an inplace operation') that dpsgd_f runs. Both modes must now give the same weights."""
+    x = torch.randn(2, 2, generator=torch.Generator().manual_seed(3))
+    batch = (x, torch.tensor(ids, dtype=torch.long), torch.tensor([0, min(1, len(ids))]))
+    finals = {}
+    for mode in ("dpsgd_f", "lazydp"):
+        torch.manual_seed(0)
+        model = _WeightedBag()
+        opts = [
+            torch.optim.SGD(model.w.parameters(), lr=0.1),
+            torch.optim.SGD([model.bag.weight], lr=0.5),
+        ]
+        engine = PrivacyEngine(seed=1, ledger_path=tmp_path / f"{mode}.jsonl")
+        data = torch.utils.data.TensorDataset(torch.zeros(64, 1))
+        model, opt, _ = engine.make_private(
+            module=model,
+            optimizer=opts,
+            data_loader=torch.utils.data.DataLoader(data, batch_size=8),
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            mode=mode,
+        )
+        with constant_noise(0.37):
+            for _ in range(3):
+                opt.zero_grad()
+                out = model(*batch)
+                if between == "eval":
+                    with torch.no_grad():
+                        model(x, torch.tensor([0, 1]), torch.tensor([0, 1]))
+                elif between == "state_dict":
+                    model.state_dict()
+                else:
+                    engine.flush()
+                out.sum().backward()
+                opt.step()
+            finals[mode] = {k: v.clone() for k, v in model.state_dict().items()}
+    for k, v in finals["dpsgd_f"].items():
+        torch.testing.assert_close(finals["lazydp"][k], v, atol=1e-6, rtol=1e-6)

@@ -249,6 +249,16 @@ class CaptureSet:
                     read = layer.read_hook(rows, defer)
                     if read is not None:  # the hook grouped these ids: the clipper reuses it
                         memo["row_groups"] = read.groups
+                        if defer and read.block is None and read.groups.rows.numel() == 0:
+                            # No row read (every id padding, or no id): an empty block, not the
+                            # table, which autograd would save (per_sample_weights requiring
+                            # grad) and a catch-up or flush before the backward (an evaluation,
+                            # state_dict(), engine.flush()) writes: torch then refuses the
+                            # backward that dpsgd_f runs.
+                            weight = module.weight
+                            assert isinstance(weight, Tensor)
+                            empty = weight.new_empty((0, int(weight.shape[1])))
+                            read = read._replace(block=empty)
             if read is not None and read.block is not None:
                 out = layer.clipper.forward_from_block(
                     module, args, kwargs, read.block, read.groups.positions(), memo
