@@ -246,6 +246,38 @@ def test_zero_grad_between_forward_and_backward_keeps_the_forward(mode):
     assert all(torch.equal(t, runs[0][k]) for k, t in runs[1].items())
 
 
+@pytest.mark.parametrize("mode", ["dpsgd_f", "lazydp"])
+def test_step_after_an_unused_forward_names_what_drops_it(mode):
+    # Since zero_grad keeps a forward no backward reached (for `loss = ...; opt.zero_grad();
+    # loss.backward()`), the refusal of a step after a grad-enabled evaluation forward must not
+    # advise zero_grad: the loop below did call it and was refused again. What it says works:
+    # the evaluation under torch.no_grad() lets the same (empty) step through.
+    batches = make_batches(2, seed=4)
+    torch.manual_seed(0)
+    model, opt, engine = _private(Toy(), mode)
+    with zero_noise():
+        opt.zero_grad()
+        loss_fn(model(*batches[0][:3]), batches[0][3]).backward()
+        opt.step()
+        model.eval()
+        model(*batches[1][:3])  # grad enabled, no backward
+        model.train()
+        opt.zero_grad()
+        with pytest.raises(InputError, match="without loss.backward") as info:
+            opt.step()
+        assert "zero_grad() to drop" not in str(info.value)
+        assert "torch.no_grad()" in str(info.value)
+        model(*batches[1][:3])  # replaced by the next training forward ...
+        opt.zero_grad()
+        model.eval()
+        with torch.no_grad():  # ... and an evaluation under no_grad records nothing
+            model(*batches[1][:3])
+        model.train()
+        loss_fn(model(*batches[1][:3]), batches[1][3]).backward()
+        opt.step()
+    assert engine.ledger.steps == 2
+
+
 class LossMethod(nn.Module):
     """Lightning/HF style: the loss comes from a method that calls the layers, not forward()."""
 

@@ -462,8 +462,10 @@ class DPOptimizer(OptimizerGroup):
             raise InputError(
                 "optimizer.step() after a forward without loss.backward(): there is no gradient "
                 "to clip, and the step would still be charged and add noise. Call "
-                "loss.backward() before step(), or optimizer.zero_grad() to drop the forward. "
-                "Nothing was changed or charged."
+                "loss.backward() before step(). optimizer.zero_grad() keeps a forward no "
+                "backward reached (it may come after zero_grad); a forward you do not train on "
+                "(an evaluation) belongs under torch.no_grad(), and the next training forward "
+                "replaces it. Nothing was changed or charged."
             )
         if not batch and self.check_skipped is not None and not self.capture.has_records():
             held = self.check_skipped()
