@@ -25,7 +25,12 @@ batches from the engine's own Poisson loader (epoch-end flush); a table left out
 read under no_grad inside a training forward, or with its output detached; freezing /
 unfreezing (also between backward and step); a forward whose backward never comes; LazyDP's
 internal thresholds lowered (prefix rebase, momentum window, flush chunk, sort-path size) so
-that their rare paths run at this scale.
+that their rare paths run at this scale. Loop shapes drawn apart (extend_events, their own
+generator): opt.zero_grad() between forward and backward (or with set_to_none=False);
+engine.flush() before the forward, between forward and backward, between backward and step,
+or after the step; a no_grad evaluation or a state_dict() between forward and backward; a
+no_grad forward in train mode; opt.step(closure); a checkpoint resumed into a fresh engine in
+both modes; a Poisson loader of q = 1/64 (empty batches).
 
 Some scripts roll the model back (model.load_state_dict of an earlier snapshot); a few freeze a
 table before make_private and train it later, which both modes must refuse alike.
@@ -115,6 +120,7 @@ class Script:
     ckpt: tuple[int, str] | None = None  # (after step i, "resume" | "save_only")
     final: str = "state_dict"  # "state_dict" | "export" | "detach" | "flush"
     xdim: int = 3
+    b_exp: int = B_EXP  # the loader's batch size (1: q = 1/64, a third of Poisson batches empty)
     # LazyDP-internal thresholds lowered for the lazydp run, so that rare paths run at this
     # scale (as the library's own tests do): a weight-decay prefix rebases once its decay
     # product falls below rebase_below; a momentum window of more than max_window steps
@@ -178,6 +184,8 @@ def features(s: Script) -> set[str]:
         f.add("several_table_optimizers")
     if 0 in s.batch_sizes:
         f.add("empty_batch")
+    if s.loader and s.b_exp == 1:
+        f.add("loader_q_1/64")  # about a third of its Poisson batches are empty
     if s.sched in ("lambda", "manual"):
         values = list(s.sched_param["mult"]) + [
             v for row in (s.sched_param.get("per_group") or []) for v in row
@@ -346,6 +354,7 @@ def random_script(seed: int, rollback: bool = ROLLBACK) -> Script:
     ckpt = None
     if r.random() < 0.35 and steps > 2:
         ckpt = (r.randrange(0, steps - 1), r.choice(["resume", "resume", "save_only"]))
+    b_exp = extend_events(seed, steps, loader, add) if EXTENDED else B_EXP
     return Script(
         seed=seed,
         tables=tables,
@@ -367,7 +376,37 @@ def random_script(seed: int, rollback: bool = ROLLBACK) -> Script:
         ckpt=ckpt,
         final=r.choice(["state_dict", "export", "detach", "flush"]),
         stress=stress,
+        b_exp=b_exp,
     )
+
+
+# Loop shapes drawn from their own generator (the scripts above stay what they were per seed).
+EXTENDED = True
+
+
+def extend_events(seed: int, steps: int, loader: bool, add) -> int:
+    """More loop shapes: opt.zero_grad() between forward and backward (or zero_grad(set_to_none=
+    False)); engine.flush() before the forward, between forward and backward, between backward
+    and step, or after the step; a no_grad evaluation or a state_dict() between forward and
+    backward; a no_grad forward in train mode; step(closure); a checkpoint saved and resumed
+    into a fresh model / optimizer / engine in BOTH modes. Returns the Poisson loader's batch
+    size (1 in some loader scripts: empty Poisson batches)."""
+    r = random.Random(f"extend-{seed}")
+    for i in range(steps):
+        for p, e in [
+            (0.25, ("zg_after_fwd",)),  # loss = ...; opt.zero_grad(); loss.backward()
+            (0.05, ("zg_keep",)),  # zero_grad(set_to_none=False)
+            (0.05, ("eval_fwd",)),  # no_grad evaluation between forward and backward
+            (0.04, ("state_dict_fwd",)),  # state_dict() between forward and backward
+            (0.05, ("eval_train_mode",)),  # no_grad forward without model.eval(), after step
+            (0.05, ("closure",)),  # opt.step(closure) doing zero_grad/forward/backward
+            (0.03, ("resume_both",)),  # checkpoint + resume into a fresh engine, both modes
+        ]:
+            if r.random() < p:
+                add(i, e)
+        if r.random() < 0.12:
+            add(i, ("flush", r.choice(["pre", "fwd", "mid", "post"])))
+    return r.choice([B_EXP, B_EXP, 1]) if loader else B_EXP
 
 
 # ----------------------------------------------------------------------------- batches
@@ -595,7 +634,7 @@ def build(s: Script, mode: str, ledger: Path, dataset):
     model, opt, loader = engine.make_private(
         module=model,
         optimizer=[dense_opt, *table_opts],
-        data_loader=torch.utils.data.DataLoader(dataset, batch_size=B_EXP),
+        data_loader=torch.utils.data.DataLoader(dataset, batch_size=s.b_exp),
         noise_multiplier=s.sigma,
         max_grad_norm=s.clip,
         mode=mode,
@@ -710,42 +749,93 @@ def run(s: Script, mode: str, workdir: Path, batches, probe, dataset) -> RunResu
             if "forward_only" in names:
                 opt.zero_grad()
                 model(probe["x"], probe["tables"])  # a forward whose gradient is dropped
-            opt.zero_grad()
-            model.flags = {
+            flush_at = {e[1] for e in events if e[0] == "flush"}
+            zg_after = "zg_after_fwd" in names
+            set_to_none = "zg_keep" not in names
+            flags = {
                 e[1]: e[0] for e in events if e[0] in ("skip_table", "detach_table", "nograd_read")
             }
-            out = model(b["x"], b["tables"])
-            model.flags = {}
-            obs.append((f"train_out@{i}", {"out": out.detach().clone().double()}))
-            loss_of(s, out, b["y"]).backward()
-            raw = [
-                n for n, p in model.named_parameters() if p.grad is not None and n not in uncaptured
-            ]
-            if raw:
-                raw_grads.append(f"step {i}: {raw}")
-            if "eval_mid" in names:
-                obs.append((f"eval_mid@{i}", _evaluate(model, probe)))
-            if "eval_inference_mid" in names:
-                obs.append((f"eval_inference_mid@{i}", _evaluate(model, probe, "inference")))
-            if "state_dict_mid" in names:
-                obs.append((f"state_dict_mid@{i}", _snap(model)))
-            for e in events:
-                if e[0] == "lr_mid":
-                    for g in opt.param_groups:
-                        if "_gi" in g:
-                            g["lr"] = g["lr"] * e[1]
-                if e[0] in ("freeze_mid", "unfreeze_mid"):
-                    _set_frozen(model, frozen, e[1], e[0] == "freeze_mid")
-            opt.step()
-            for sc in scheds:
-                sc.step()
-            obs.append((f"dense@{i}", _dense_snap(model)))
+            if "pre" in flush_at:
+                engine.flush()
+            if "closure" in names:
+
+                def closure(b=b, flags=flags, i=i):
+                    opt.zero_grad(set_to_none)
+                    model.flags = flags
+                    out = model(b["x"], b["tables"])
+                    model.flags = {}
+                    obs.append((f"train_out@{i}", {"out": out.detach().clone().double()}))
+                    loss = loss_of(s, out, b["y"])
+                    loss.backward()
+                    raw = [
+                        n
+                        for n, p in model.named_parameters()
+                        if p.grad is not None and bool(p.grad.any())
+                    ]
+                    if [n for n in raw if n not in uncaptured]:
+                        raw_grads.append(f"step {i} (closure): {raw}")
+                    return loss
+
+                where = f"step {i} (closure)"
+                opt.step(closure)
+                where = f"step {i}"
+                for sc in scheds:
+                    sc.step()
+                obs.append((f"dense@{i}", _dense_snap(model)))
+            else:
+                if not zg_after:
+                    opt.zero_grad(set_to_none)
+                model.flags = flags
+                out = model(b["x"], b["tables"])
+                model.flags = {}
+                if zg_after:
+                    opt.zero_grad(set_to_none)
+                obs.append((f"train_out@{i}", {"out": out.detach().clone().double()}))
+                if "eval_fwd" in names:
+                    obs.append((f"eval_fwd@{i}", _evaluate(model, probe)))
+                if "state_dict_fwd" in names:
+                    obs.append((f"state_dict_fwd@{i}", _snap(model)))
+                if "fwd" in flush_at:
+                    engine.flush()
+                loss_of(s, out, b["y"]).backward()
+                raw = [
+                    n
+                    for n, p in model.named_parameters()
+                    if p.grad is not None and n not in uncaptured and bool(p.grad.any())
+                ]  # (zero_grad(set_to_none=False) leaves zeros: not a gradient)
+                if raw:
+                    raw_grads.append(f"step {i}: {raw}")
+                if "eval_mid" in names:
+                    obs.append((f"eval_mid@{i}", _evaluate(model, probe)))
+                if "eval_inference_mid" in names:
+                    obs.append((f"eval_inference_mid@{i}", _evaluate(model, probe, "inference")))
+                if "state_dict_mid" in names:
+                    obs.append((f"state_dict_mid@{i}", _snap(model)))
+                for e in events:
+                    if e[0] == "lr_mid":
+                        for g in opt.param_groups:
+                            if "_gi" in g:
+                                g["lr"] = g["lr"] * e[1]
+                    if e[0] in ("freeze_mid", "unfreeze_mid"):
+                        _set_frozen(model, frozen, e[1], e[0] == "freeze_mid")
+                if "mid" in flush_at:
+                    engine.flush()
+                opt.step()
+                for sc in scheds:
+                    sc.step()
+                obs.append((f"dense@{i}", _dense_snap(model)))
             if "eval" in names:
                 obs.append((f"eval@{i}", _evaluate(model, probe)))
             if "eval_inference" in names:
                 obs.append((f"eval_inference@{i}", _evaluate(model, probe, "inference")))
             if "eval_grad" in names:
                 obs.append((f"eval_grad@{i}", _evaluate(model, probe, "grad")))
+            if "post" in flush_at:
+                engine.flush()
+            if "eval_train_mode" in names:
+                with torch.no_grad():
+                    out = model(probe["x"], probe["tables"]).clone().double()
+                obs.append((f"eval_train_mode@{i}", {"out": out}))
             if "state_dict" in names:
                 obs.append((f"state_dict@{i}", _snap(model)))
             if "state_dict_inference" in names:
@@ -772,6 +862,19 @@ def run(s: Script, mode: str, workdir: Path, batches, probe, dataset) -> RunResu
             if "rollback" in names and snapshot is not None:
                 model.load_state_dict(snapshot)
                 obs.append((f"rollback_eval@{i}", _evaluate(model, probe)))
+            if "resume_both" in names:
+                where = f"resume_both after step {i}"
+                path = workdir / "both.pt"
+                engine.save_checkpoint(path, sched=[sc.state_dict() for sc in scheds])
+                model, opt, scheds, engine, loader = build(s, mode, ledger, dataset)
+                extra = engine.load_checkpoint(path)
+                for sc, st in zip(scheds, extra["sched"]):
+                    sc.load_state_dict(st)
+                for k, t in enumerate(model.tables):
+                    t.weight.requires_grad_(k not in frozen)
+                if s.loader:
+                    it = iter(loader)
+                obs.append((f"resume_both_eval@{i}", _evaluate(model, probe)))
             if mode == "lazydp" and s.ckpt is not None and s.ckpt[0] == i:
                 where = f"checkpoint after step {i}"
                 path = workdir / "ck.pt"
