@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+import struct
 import warnings
+import zipfile
 
 import pytest
 import torch
@@ -203,6 +205,31 @@ def test_corrupt_checkpoint_and_lowered_ledger_are_refused(tmp_path):
     # A fresh ledger (0 steps) cannot resume a checkpoint taken after 3 charged steps.
     with pytest.raises(PrivacyError, match="lower"):
         engine2.load_checkpoint(tmp_path / "ck.pt")
+
+
+@pytest.mark.parametrize("record", ["data.pkl", "data/0", "data/3"])
+def test_a_checkpoint_with_a_flipped_bit_is_refused_and_changes_nothing(tmp_path, record):
+    """torch.load checks no CRC-32: a flipped bit in a weight, a table's history or the lr sums
+    (which set the noise every row is owed from then on) loaded without a word."""
+    model, opt, _, engine = private(ledger_path=tmp_path / "ledger.jsonl")
+    for b in make_batches(3):
+        opt.zero_grad()
+        loss_fn(model(*b[:3]), b[3]).backward()
+        opt.step()
+    engine.save_checkpoint(tmp_path / "ck.pt")
+    raw = bytearray((tmp_path / "ck.pt").read_bytes())
+    with zipfile.ZipFile(tmp_path / "ck.pt") as archive:
+        info = next(i for i in archive.infolist() if i.filename.endswith("/" + record))
+    name, extra = struct.unpack("<HH", raw[info.header_offset + 26 : info.header_offset + 30])
+    raw[info.header_offset + 30 + name + extra + info.file_size // 2] ^= 0x08
+    (tmp_path / "bad.pt").write_bytes(raw)
+    before = snapshot(model)
+    with pytest.raises(PrivacyError, match="corrupt .*earlier complete checkpoint"):
+        engine.load_checkpoint(tmp_path / "bad.pt")
+    assert engine.ledger.steps == 3 and opt.steps_done == 3
+    for k, t in snapshot(model).items():
+        assert torch.equal(t, before[k]), k
+    engine.load_checkpoint(tmp_path / "ck.pt")  # the intact file still loads
 
 
 def test_sgd_mode_report_says_not_private():
