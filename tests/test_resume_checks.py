@@ -17,7 +17,7 @@ from lazydp import ConfigError, PrivacyEngine, PrivacyError
 from lazydp.testing import constant_noise
 from tests.test_engine_errors import private
 from tests.test_lazy import build, step
-from tests.toy import Toy, dense_params, loader, make_batches, table_params
+from tests.toy import Toy, dense_params, loader, loss_fn, make_batches, table_params
 
 
 def _trained_checkpoint(tmp_path, mode="lazydp"):
@@ -120,6 +120,28 @@ def test_a_bad_part_late_in_the_checkpoint_leaves_the_model_as_it_was(tmp_path):
     # The refusals are not spurious: the undamaged checkpoint loads.
     engine.load_checkpoint(path)
     assert opt.steps_done == state["lazy"]["steps_done"] == 3
+
+
+@pytest.mark.parametrize("mode", ["lazydp", "dpsgd_f"])
+def test_a_load_between_backward_and_step_is_refused_and_changes_nothing(tmp_path, mode):
+    """The recorded gradient belongs to the weights being replaced: the next step applied it to
+    the loaded ones (and charged it), so the run went on as no uninterrupted run does."""
+    path = _trained_checkpoint(tmp_path, mode)
+    model, opt, sched, engine = build(mode, ledger_path=tmp_path / "run.jsonl")
+    batches = make_batches(5, seed=2)
+    for b in batches[:4]:
+        step(model, opt, sched, b)
+    x, bag, emb, y = batches[4]
+    opt.zero_grad()
+    loss_fn(model(x, bag, emb), y).backward()
+    before, pending, charged = _weights(model), opt.pending_rows(), engine.ledger.steps
+    with pytest.raises(PrivacyError, match=r"backward\(\) and optimizer.step.*zero_grad"):
+        engine.load_checkpoint(path)
+    _assert_untouched(model, opt, before, 4, pending)
+    assert engine.ledger.steps == charged
+    opt.zero_grad()  # drops that gradient: the load now goes through
+    engine.load_checkpoint(path)
+    assert opt.steps_done == 3 and engine.ledger.steps == charged
 
 
 def _shuffled(tmp_path, **loader_options):

@@ -455,10 +455,14 @@ class CaptureSet:
             f"the backward reached a forward of the model {what}. Nothing was changed or charged."
         )
 
+    def has_backward(self) -> bool:
+        """Whether a backward reached this pass (or a forgotten one) since the last step."""
+        return self._backed[0] or bool(self.lost)
+
     def drop_backward(self) -> None:
         """Forget this pass if a backward reached it (or a forgotten one); keep a forward whose
         backward is still to come."""
-        if self._backed[0] or self.lost:
+        if self.has_backward():
             self.clear("zero_grad")
 
     def clear(self, by: str = "forward") -> None:

@@ -479,6 +479,13 @@ class PrivacyEngine:
     def _check_checkpoint(self, state: dict[str, Any], path: str | os.PathLike[str]) -> None:
         """PrivacyError unless every part of ``state`` fits this engine (changes nothing)."""
         assert self.module is not None and self.privacy is not None
+        if self.capture is not None and self.capture.has_backward():
+            raise PrivacyError(
+                f"load_checkpoint({path}) between loss.backward() and optimizer.step(): that "
+                "gradient belongs to the weights the checkpoint would replace, and the next "
+                "step would apply it to the loaded ones. Call optimizer.zero_grad() first (or "
+                "step, then load). Nothing was loaded."
+            )
         charged = state.get("ledger_steps")
         if isinstance(charged, bool) or not isinstance(charged, int) or charged < 0:
             raise PrivacyError(f"checkpoint {path} has no valid ledger_steps; it is damaged.")
