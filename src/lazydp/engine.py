@@ -722,8 +722,8 @@ def load_checkpoint_file(path: str | os.PathLike[str]) -> dict[str, Any]:
 def _check_records(path: str | os.PathLike[str]) -> None:
     """Read every record of the checkpoint's zip archive against its CRC-32 (zipfile raises
     BadZipFile on a mismatch): torch.load checks none, so a flipped bit in a weight, a row's
-    history or the lr sums loaded without a word -- and one in the sums changes the noise every
-    row is owed from then on."""
+    history or the lr sums loaded without a word (one in the sums would change the noise every
+    row is owed from then on)."""
     with zipfile.ZipFile(path) as archive:
         for info in archive.infolist():
             if info.CRC:  # 0: written with torch.serialization.set_crc32_options(False)
