@@ -159,23 +159,22 @@ class ClippedSumReducer:
             )
 
 
-#: Tags a table read's first collective: a training forward, or one under torch.no_grad().
-READ_TRAIN, READ_EVAL = 0x4C5A01, 0x4C5A02
-#: Tags ShardedEmbeddingBag.gather_weight's first collective (export), refused with a read.
-GATHER = 0x4C5A04
+#: Tags a table exchange's first collective: a read by a training forward or by one under
+#: torch.no_grad(), a sharded table's update (apply_clipped_sum), its gather_weight (export).
+READ_TRAIN, READ_EVAL, UPDATE, GATHER = 0x4C5A01, 0x4C5A02, 0x4C5A03, 0x4C5A04
 _NAMES = {READ_TRAIN: "training forward", READ_EVAL: "no_grad forward", GATHER: "gather_weight"}
 
 
-def check_same_read(kinds: Tensor, what: str) -> None:
-    """ConfigError on every rank alike unless every rank is in the same kind of table read.
+def check_same_exchange(kinds: list[int], what: str) -> None:
+    """ConfigError on every rank alike unless every rank is in the same kind of exchange.
 
-    ``kinds`` holds each rank's tag (from the read's first collective, so every rank sees all
-    of them). A forward run on some ranks only -- ``if rank == 0: evaluate(model)``, the DDP
-    idiom -- otherwise meets the others' next training forward in this collective: the job
+    ``kinds`` holds each rank's tag (from the exchange's first collective, so every rank sees
+    all of them). A forward run on some ranks only -- ``if rank == 0: evaluate(model)``, the
+    DDP idiom -- otherwise meets the others' next training forward in this collective: the job
     hangs in gloo until its timeout, aborts on a size mismatch, or (worse) pairs unrelated
     exchanges. Raised after that one collective and before any row is caught up or sent."""
-    found = [int(k) for k in kinds.view(-1).tolist()]
-    if all(k == found[0] for k in found) and found[0] in (READ_TRAIN, READ_EVAL):
+    found = [int(k) for k in kinds]
+    if all(k == found[0] for k in found):
         return
     if GATHER in found:
         raise ConfigError(
@@ -200,7 +199,7 @@ def check_same_read(kinds: Tensor, what: str) -> None:
 
 
 def read_kind() -> int:
-    """This forward's tag for :func:`check_same_read`."""
+    """This forward's tag for :func:`check_same_exchange`."""
     return READ_TRAIN if torch.is_grad_enabled() else READ_EVAL
 
 
@@ -229,7 +228,7 @@ def union_catch_up_hook(
         mine = torch.unique(rows).to(device)
         sizes = torch.tensor([mine.numel(), read_kind()], device=device)
         info = all_gather_sizes(sizes, group)  # (W, 2): rows and read kind per rank
-        check_same_read(info[:, 1], "a replicated LazyDP table")
+        check_same_exchange(info[:, 1].tolist(), "a replicated LazyDP table")
         union = all_gather_varlen(mine, info[:, 0].tolist(), group)
         table.catch_up(union.to(table.weight.device), step())
 

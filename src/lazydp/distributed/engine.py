@@ -19,7 +19,7 @@ Contract (DESIGN.md invariant 7; every rank builds the same model and calls the 
 * Evaluation forwards are collectives too (LazyDP catch-up, sharded lookups): run them on
   every rank, or flush on every rank first (then replicated tables' reads under no_grad are
   local until the next step). A forward on some ranks only is refused on every rank when it
-  meets the others' next one (data_parallel.check_same_read), not left to hang.
+  meets the others' next one (data_parallel.check_same_exchange), not left to hang.
 * Restart: ``load_checkpoint`` re-keys every noise stream (fresh broadcast entropy; with a user
   seed, a stream derived from the charged step count), so re-run steps never replay noise; the
   ledger is never lowered (the base engine refuses a ledger behind the checkpoint).

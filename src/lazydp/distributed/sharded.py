@@ -42,16 +42,13 @@ from lazydp.distributed._comm import (
     exchange_counts,
     world,
 )
-from lazydp.distributed.data_parallel import GATHER, check_same_read, read_kind
+from lazydp.distributed.data_parallel import GATHER, UPDATE, check_same_exchange, read_kind
 from lazydp.errors import ConfigError, InputError, PrivacyError, UnsupportedLayerError
 from lazydp.noise import GaussianNoise
 from lazydp.optim.eager import eager_table_sgd
 from lazydp.optim.lazy import LazyTable, LrPrefix, SgdStep
 from lazydp.optim.lazy_momentum import MomentumPrefix, MomentumTable, check_step
 from lazydp.optim.resume import buffer_problem, check_lazy_state
-
-#: The tag of apply_clipped_sum's exchange (reads carry data_parallel.READ_TRAIN / READ_EVAL).
-_UPDATE = 0x4C5A03
 
 #: Rank r's initialisation stream is keyed by base + r * this (odd: the golden-ratio constant),
 #: so neighbouring ranks' keys are far apart.
@@ -175,7 +172,7 @@ class ShardedEmbeddingBag(nn.Module):
     def _route(self, ids: Tensor, kind: int) -> tuple[Tensor, list[int], list[int]]:
         """Order that groups ``ids`` by owner, and the send / receive counts per rank.
 
-        ``kind`` (a read's, or _UPDATE) travels with the counts: ranks in different kinds of
+        ``kind`` (a read's, or UPDATE) travels with the counts: ranks in different kinds of
         exchange (a forward on rank 0 alone meeting the others' next one) are refused on
         every rank before any row moves, instead of hanging or pairing unrelated exchanges."""
         owner = ids % self.world_size
@@ -184,8 +181,7 @@ class ShardedEmbeddingBag(nn.Module):
         recv, kinds = exchange_counts(
             send.to(comm_device(self.process_group)), self.process_group, tag=kind
         )
-        if kind != _UPDATE or any(k != _UPDATE for k in kinds):
-            check_same_read(torch.tensor(kinds), "a ShardedEmbeddingBag")
+        check_same_exchange(kinds, "a ShardedEmbeddingBag")
         return order, send.tolist(), recv
 
     def _lookup(self, uniq: Tensor) -> Tensor:
@@ -251,7 +247,7 @@ class ShardedEmbeddingBag(nn.Module):
                 self.num_embeddings,
             )
         clipped = clipped.coalesce()  # fewer rows on the wire
-        order, send, recv = self._route(clipped.indices, _UPDATE)
+        order, send, recv = self._route(clipped.indices, UPDATE)
         ids = all_to_all_varlen(clipped.indices[order].to(dev), send, recv, group)
         values = all_to_all_varlen(clipped.values[order].to(dev), send, recv, group)
         local = SparseRows(
@@ -354,8 +350,7 @@ class ShardedEmbeddingBag(nn.Module):
         # instead of hanging in gloo until its timeout.
         mine = torch.full((self.world_size,), self.weight.shape[0], dtype=torch.long)
         counts, kinds = exchange_counts(mine.to(dev), self.process_group, tag=GATHER)
-        if any(k != GATHER for k in kinds):
-            check_same_read(torch.tensor(kinds), "a ShardedEmbeddingBag")
+        check_same_exchange(kinds, "a ShardedEmbeddingBag")
         rows = all_gather_varlen(self.weight.detach().to(dev), counts, self.process_group)
         full = torch.empty(self.num_embeddings, self.embedding_dim, dtype=self.weight.dtype)
         start = 0
