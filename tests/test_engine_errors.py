@@ -190,13 +190,19 @@ def test_one_engine_per_model():
         )
 
 
-def test_corrupt_checkpoint_and_lowered_ledger_are_refused(tmp_path):
+def _checkpointed(tmp_path):
+    """(model, optimizer, engine) after three steps, checkpointed to tmp_path / "ck.pt"."""
     model, opt, _, engine = private(ledger_path=tmp_path / "ledger.jsonl")
     for b in make_batches(3):
         opt.zero_grad()
         loss_fn(model(*b[:3]), b[3]).backward()
         opt.step()
     engine.save_checkpoint(tmp_path / "ck.pt")
+    return model, opt, engine
+
+
+def test_corrupt_checkpoint_and_lowered_ledger_are_refused(tmp_path):
+    model, opt, engine = _checkpointed(tmp_path)
     bad = tmp_path / "bad.pt"
     bad.write_bytes((tmp_path / "ck.pt").read_bytes()[:100])
     model2, opt2, _, engine2 = private(ledger_path=tmp_path / "other.jsonl")
@@ -211,12 +217,7 @@ def test_corrupt_checkpoint_and_lowered_ledger_are_refused(tmp_path):
 def test_a_checkpoint_with_a_flipped_bit_is_refused_and_changes_nothing(tmp_path, record):
     """torch.load checks no CRC-32: a flipped bit in a weight, a table's history or the lr sums
     (which set the noise every row is owed from then on) loaded without a word."""
-    model, opt, _, engine = private(ledger_path=tmp_path / "ledger.jsonl")
-    for b in make_batches(3):
-        opt.zero_grad()
-        loss_fn(model(*b[:3]), b[3]).backward()
-        opt.step()
-    engine.save_checkpoint(tmp_path / "ck.pt")
+    model, opt, engine = _checkpointed(tmp_path)
     raw = bytearray((tmp_path / "ck.pt").read_bytes())
     with zipfile.ZipFile(tmp_path / "ck.pt") as archive:
         info = next(i for i in archive.infolist() if i.filename.endswith("/" + record))

@@ -720,6 +720,18 @@ def run(s: Script, mode: str, workdir: Path, batches, probe, dataset) -> RunResu
     ledger = workdir / f"{mode}.jsonl"
     snapshot = None
     raw_grads: list[str] = []
+
+    def resumed(path: Path):
+        """A fresh model, optimizer, schedulers and engine resumed from ``path``, with the
+        tables frozen now frozen again (requires_grad is not in a checkpoint)."""
+        model, opt, scheds, engine, loader = build(s, mode, ledger, dataset)
+        extra = engine.load_checkpoint(path)
+        for sc, st in zip(scheds, extra["sched"]):
+            sc.load_state_dict(st)
+        for k, t in enumerate(model.tables):
+            t.weight.requires_grad_(k not in frozen)
+        return model, opt, scheds, engine, loader
+
     try:
         model, opt, scheds, engine, loader = build(s, mode, ledger, dataset)
         it = iter(loader) if s.loader else None
@@ -866,12 +878,7 @@ def run(s: Script, mode: str, workdir: Path, batches, probe, dataset) -> RunResu
                 where = f"resume_both after step {i}"
                 path = workdir / "both.pt"
                 engine.save_checkpoint(path, sched=[sc.state_dict() for sc in scheds])
-                model, opt, scheds, engine, loader = build(s, mode, ledger, dataset)
-                extra = engine.load_checkpoint(path)
-                for sc, st in zip(scheds, extra["sched"]):
-                    sc.load_state_dict(st)
-                for k, t in enumerate(model.tables):
-                    t.weight.requires_grad_(k not in frozen)
+                model, opt, scheds, engine, loader = resumed(path)
                 if s.loader:
                     it = iter(loader)
                 obs.append((f"resume_both_eval@{i}", _evaluate(model, probe)))
@@ -881,12 +888,7 @@ def run(s: Script, mode: str, workdir: Path, batches, probe, dataset) -> RunResu
                 engine.save_checkpoint(path, sched=[sc.state_dict() for sc in scheds])
                 if s.ckpt[1] == "resume":
                     where = f"resume after step {i}"
-                    model, opt, scheds, engine, loader = build(s, mode, ledger, dataset)
-                    extra = engine.load_checkpoint(path)
-                    for sc, st in zip(scheds, extra["sched"]):
-                        sc.load_state_dict(st)
-                    for k, t in enumerate(model.tables):
-                        t.weight.requires_grad_(k not in frozen)
+                    model, opt, scheds, engine, loader = resumed(path)
                     if s.loader:
                         it = iter(loader)  # continues the epoch where the checkpoint left it
         where = f"final {s.final}"
