@@ -241,7 +241,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def _refuse_what_does_not_fit(spec: BenchSpec, modes: list[str]) -> None:
     """ConfigError naming EVERY mode that would not fit, each with its own scale advice (the
-    largest scale that fits differs per mode: lazydp's history table, dpsgd's noise buffer)."""
+    largest scale that fits differs per mode: lazydp's history table, dpsgd_b's per-example gradients)."""
     from lazydp.bench.harness import check_fits
 
     problems = []
