@@ -548,6 +548,27 @@ def test_a_bad_table_lr_or_decay_is_refused_before_anything_changes(key, bad, ma
         assert torch.equal(t.detach(), before[k]), k
 
 
+@pytest.mark.parametrize("mode", ["dpsgd_b", "dpsgd_r", "dpsgd_f"])
+@pytest.mark.parametrize("bad", [-0.1, float("nan"), float("inf")])
+def test_a_bad_table_lr_is_refused_before_anything_changes_in_the_eager_modes(mode, bad):
+    # Their table pass scales the noise by lr: a schedule gone negative (1 - s here) once
+    # applied the clipped rows with no noise at all, charged; inf failed after the charge.
+    model, opt, sched, engine = build(mode, lr_fn=lambda s: 1.0 - s)
+    step(model, opt, sched, make_batches(1)[0])
+    sched.step()
+    assert opt.param_groups[-1]["lr"] < 0  # the schedule itself went negative
+    opt.param_groups[-1]["lr"] = bad
+    x, bag, emb, y = make_batches(1, seed=3)[0]
+    loss_fn(model(x, bag, emb), y).backward()
+    before = {k: t.detach().clone() for k, t in model.named_parameters()}
+    charged = engine.ledger.steps
+    with pytest.raises(ConfigError, match="learning rate .* finite and >= 0"):
+        opt.step()
+    assert engine.ledger.steps == charged
+    for k, t in model.named_parameters():
+        assert torch.equal(t.detach(), before[k]), k
+
+
 def _read_from_block(module, args, kwargs):
     """What LazyDP's deferred read computes: the layer's output from the gathered block alone."""
     from lazydp.row_groups import RowGroups

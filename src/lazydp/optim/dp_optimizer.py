@@ -19,6 +19,7 @@ Validation happens before step 4, so a bad batch changes nothing and charges not
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
@@ -244,6 +245,24 @@ class DPOptimizer(OptimizerGroup):
             steps[p] = step
         return steps
 
+    def _check_eager_table_lrs(self) -> None:
+        """ConfigError (before the charge) unless every table of the eager SGD pass has a
+        finite lr >= 0. That pass adds the noise into the weight as ``lr * sigma * C / B``: a
+        schedule gone negative (or NaN) made that std fail ``std > 0``, so the step was charged
+        and its clipped rows applied with no noise at all; an infinite lr failed after the
+        charge, with the dense layers already updated. (LazyDP tables: check_table_lr.)"""
+        for q in self.tables:
+            if q in self.lazy or not q.requires_grad:
+                continue
+            step = sgd_step(*self._group_of(q))
+            if step is not None and not (math.isfinite(step.lr) and step.lr >= 0):
+                raise ConfigError(
+                    f"learning rate {step.lr!r} of table {self.tables[q].name!r}'s parameter "
+                    "group: it must be finite and >= 0, since the table's noise is scaled by it "
+                    "(check the LR schedule: one that decays linearly goes negative past its "
+                    "end). No parameter was changed and nothing was charged."
+                )
+
     # ------------------------------------------------------------------ set-up checks
     def _check_optimizers(self) -> None:
         model_params = {p for layer in self.capture.layers for p in layer.params().values()}
@@ -338,6 +357,7 @@ class DPOptimizer(OptimizerGroup):
         cap = self.capture
         # Read and checked once, before any change (not when the prefix appends it).
         lazy_steps = self._lazy_steps()
+        self._check_eager_table_lrs()
         cap.check_no_outside_use()
         cap.check_no_lost_gradient()
         cap.check_no_late_gradient()
