@@ -68,3 +68,37 @@ def test_a_bfloat16_autocast_step_is_clipped_to_float32_precision(mode):
 
 def test_the_same_check_in_float32_without_autocast():
     assert _step("dpsgd_f", autocast=False) == pytest.approx(C, rel=1e-5)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_half_precision_model_is_clipped_to_c_in_its_own_rounding(mode, dtype):
+    # Norms of float16 gradients were squared in float16 (inf above a norm of 256: every step
+    # refused as "NaN or Inf"), and bfloat16 clip factors came from 8-bit norms (an example
+    # reached 1.0085 C). Taken in float32, one example's update is C to the dtype's rounding.
+    worst = 0.0
+    for seed in range(10):
+        torch.manual_seed(seed)
+        model = nn.Linear(7, 3).to(dtype)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.zero_()  # the update is then the rounded clipped gradient itself
+        x, y = (30 * torch.randn(1, 7)).to(dtype), torch.randn(1, 3).to(dtype)
+        engine = PrivacyEngine(seed=0)
+        model, opt, data = engine.make_private(
+            module=model,
+            optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
+            data_loader=DataLoader(TensorDataset(x, y), batch_size=1),
+            noise_multiplier=0.0,
+            max_grad_norm=C,
+            mode=mode,
+            sampler="shuffle",
+            loss_reduction="sum",
+        )
+        xb, yb = next(iter(data))
+        ((model(xb) - yb) ** 2).sum().backward()
+        opt.step()
+        update = torch.cat([p.detach().double().flatten() for p in model.parameters()])
+        worst = max(worst, float(update.norm()) / C)
+        engine.detach()
+    assert 1 - 2e-3 < worst <= 1 + torch.finfo(dtype).eps / 2

@@ -25,7 +25,7 @@ from torch.nn.parameter import is_lazy
 
 from lazydp.buffer_guard import BufferGuard, version_of
 from lazydp.clipping import clipper_for, parameterised_leaves
-from lazydp.clipping._base import Call, LayerClipper, trainable_direct_params
+from lazydp.clipping._base import Call, LayerClipper, at_least_float32, trainable_direct_params
 from lazydp.errors import ConfigError, InputError, UnsupportedLayerError
 from lazydp.row_groups import RowGroups
 
@@ -114,7 +114,9 @@ class LayerCapture:
     def calls(self) -> list[Call]:
         """The recorded calls whose output reached the loss (others contribute nothing)."""
         return [
-            Call(r.args, r.kwargs, r.grad_output, r.memo)
+            # Half-precision output gradients are widened once here, for every clipper: their
+            # norms and clipped sums are then float32 (clipping/_base.at_least_float32).
+            Call(r.args, r.kwargs, at_least_float32(r.grad_output), r.memo)
             for r in self.records
             if r.grad_output is not None
         ]

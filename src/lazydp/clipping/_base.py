@@ -245,17 +245,34 @@ def sq_norms(x: Tensor, dim: int | tuple[int, ...] = 1) -> Tensor:
     >>> sq_norms(torch.tensor([[3.0, 4.0]])).tolist()
     [25.0]
     """
-    return torch.linalg.vector_norm(x, dim=dim).square()
+    return at_least_float32(torch.linalg.vector_norm(x, dim=dim)).square()
+
+
+#: Too narrow for norms and clip factors: float16's largest square is 65504 (a norm of 256), and
+#: bfloat16 keeps 8 bits, so a clip factor from its rounded norm let an example exceed C by ~1%.
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def at_least_float32(x: Tensor) -> Tensor:
+    """``x`` as float32 if it is float16 / bfloat16, else as it is (see ``_HALF``).
+
+    >>> at_least_float32(torch.ones(2, dtype=torch.float16)).dtype
+    torch.float32
+    """
+    return x.float() if x.dtype in _HALF else x
 
 
 def widened(x: Tensor, param: Tensor) -> Tensor:
-    """``x`` in the wider of its dtype and ``param``'s. Under autocast a layer runs in
-    bfloat16/float16 while its parameters stay float32: norms and clipped sums are then taken in
-    float32, so the clip bound holds to float32 rounding, not to bfloat16's (about 0.4%).
+    """``x`` in the wider of its dtype, ``param``'s and float32. Under autocast a layer runs in
+    bfloat16/float16 while its parameters stay float32, and a half-precision model has both in
+    half: norms and clipped sums are then taken in float32, so the clip bound holds to float32
+    rounding, not to bfloat16's (about 0.4%), and float16 squares do not overflow.
 
     >>> widened(torch.ones(2, dtype=torch.bfloat16), torch.zeros(1)).dtype
     torch.float32
+    >>> widened(torch.ones(2, dtype=torch.float16), torch.zeros(1).half()).dtype
+    torch.float32
     """
-    if x.dtype == param.dtype:  # the common case: no promotion, no no-op cast dispatched
+    if x.dtype == param.dtype and x.dtype not in _HALF:  # the common case: no cast dispatched
         return x
-    return x.to(torch.promote_types(x.dtype, param.dtype))
+    return x.to(torch.promote_types(torch.promote_types(x.dtype, param.dtype), torch.float32))
