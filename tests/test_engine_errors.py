@@ -88,6 +88,28 @@ def test_diverged_parameters_are_named_instead_of_the_batch(mode):
     assert engine.ledger.steps == 0
 
 
+@pytest.mark.parametrize("mode", ["dpsgd_f", "lazydp"])
+def test_a_squared_norm_that_overflows_is_named_not_blamed_on_nan_features(mode):
+    # Every tensor is finite, but ||a||^2 ||g||^2 of a 1e20-sized input overflows float32.
+    model = nn.Linear(4, 2)
+    engine = PrivacyEngine(seed=0)
+    m, opt, _ = engine.make_private(
+        module=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        data_loader=loader(),
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        mode=mode,
+    )
+    with torch.no_grad():
+        model.weight.zero_()
+        model.bias.zero_()
+    ((m(torch.full((2, 4), 1e20)) - 1) ** 2).sum().backward()
+    with pytest.raises(InputError, match="overflowed.*float64"):
+        opt.step()
+    assert engine.ledger.steps == 0
+
+
 def test_batchnorm_and_max_bag_are_refused_with_alternatives():
     with pytest.raises(UnsupportedLayerError, match="GroupNorm|LayerNorm"):
         private(model=nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)))

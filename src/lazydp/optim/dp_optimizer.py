@@ -403,9 +403,12 @@ class DPOptimizer(OptimizerGroup):
             # norm (NaN * 0 is NaN), so this one check on B numbers covers every tensor.
             if not bool(torch.isfinite(norms2).all()):
                 cap.check_finite()  # names the layer
+                # Every input and output gradient is finite: a squared norm overflowed.
                 raise InputError(
-                    "a per-example gradient norm is NaN or Inf: check the batch's features and "
-                    "the loss. No parameter was changed and nothing was charged."
+                    "a per-example gradient norm overflowed: every layer input and output "
+                    "gradient is finite, but a squared norm exceeds the range of the model's "
+                    "dtype (float32: a norm above ~1.8e19). Scale the features or the loss down, "
+                    "or train in float64. No parameter was changed and nothing was charged."
                 )
             c = clip_factors(norms2, p.max_grad_norm)
             c = c if wide else c.float()
