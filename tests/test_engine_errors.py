@@ -92,15 +92,7 @@ def test_diverged_parameters_are_named_instead_of_the_batch(mode):
 def test_a_squared_norm_that_overflows_is_named_not_blamed_on_nan_features(mode):
     # Every tensor is finite, but ||a||^2 ||g||^2 of a 1e20-sized input overflows float32.
     model = nn.Linear(4, 2)
-    engine = PrivacyEngine(seed=0)
-    m, opt, _ = engine.make_private(
-        module=model,
-        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-        data_loader=loader(),
-        noise_multiplier=1.0,
-        max_grad_norm=1.0,
-        mode=mode,
-    )
+    m, opt, _, engine = private(mode, model=model)
     with torch.no_grad():
         model.weight.zero_()
         model.bias.zero_()
