@@ -569,6 +569,24 @@ def test_a_bad_table_lr_is_refused_before_anything_changes_in_the_eager_modes(mo
         assert torch.equal(t.detach(), before[k]), k
 
 
+@pytest.mark.parametrize("mode", ["dpsgd_b", "dpsgd_f", "lazydp"])
+def test_a_nan_lr_on_the_dense_layers_is_refused_before_the_charge(mode):
+    # Noise is on the gradient there, so nothing leaks; but the step was charged and turned
+    # the layers into NaN, which only the next step noticed.
+    model, opt, sched, engine = build(mode)
+    step(model, opt, sched, make_batches(1)[0])
+    opt.param_groups[0]["lr"] = float("nan")
+    x, bag, emb, y = make_batches(1, seed=3)[0]
+    loss_fn(model(x, bag, emb), y).backward()
+    charged = engine.ledger.steps
+    with pytest.raises(
+        ConfigError, match="learning rate nan of parameter group 0 of the Adam optimizer"
+    ):
+        opt.step()
+    assert engine.ledger.steps == charged
+    assert all(bool(torch.isfinite(t).all()) for t in model.parameters())
+
+
 def _read_from_block(module, args, kwargs):
     """What LazyDP's deferred read computes: the layer's output from the gathered block alone."""
     from lazydp.row_groups import RowGroups

@@ -102,6 +102,14 @@ def sgd_step(optimizer: Optimizer | None, group: dict[str, Any]) -> SgdStep | No
     )
 
 
+def _bad_lr(lr: float, where: str, why: str = "") -> str:
+    return (
+        f"learning rate {lr!r} of {where}: it must be finite and >= 0{why} (check the LR "
+        "schedule: one that decays linearly goes negative past its end). No parameter was "
+        "changed and nothing was charged."
+    )
+
+
 def _not_deferred(optimizer: Optimizer | None, group: dict[str, Any]) -> str:
     """What keeps a group's update from being deferred (sgd_step gave None): the optimizer's
     class, and for SGD the setting that is not deferred, e.g. ``SGD with maximize=True``."""
@@ -245,22 +253,29 @@ class DPOptimizer(OptimizerGroup):
             steps[p] = step
         return steps
 
-    def _check_eager_table_lrs(self) -> None:
-        """ConfigError (before the charge) unless every table of the eager SGD pass has a
-        finite lr >= 0. That pass adds the noise into the weight as ``lr * sigma * C / B``: a
-        schedule gone negative (or NaN) made that std fail ``std > 0``, so the step was charged
-        and its clipped rows applied with no noise at all; an infinite lr failed after the
-        charge, with the dense layers already updated. (LazyDP tables: check_table_lr.)"""
+    def _check_lrs(self) -> None:
+        """ConfigError (before the charge) for a learning rate that would spend the step for
+        nothing or drop noise: a NaN or infinite lr in any group (it turns the parameters into
+        NaN after the step is charged), or a negative lr on a table of the eager SGD pass. That
+        pass adds the noise into the weight as ``lr * sigma * C / B``: a schedule gone negative
+        made that std fail ``std > 0``, so the step was charged and its clipped rows applied
+        with no noise at all. (LazyDP tables: check_table_lr.)"""
+        for opt in self.originals:
+            for j, group in enumerate(opt.param_groups):
+                lr = group.get("lr")
+                if isinstance(lr, Tensor) and lr.numel() == 1:
+                    lr = float(lr)
+                if isinstance(lr, float) and not math.isfinite(lr):
+                    where = f"parameter group {j} of the {type(opt).__name__} optimizer"
+                    raise ConfigError(_bad_lr(lr, where))
         for q in self.tables:
             if q in self.lazy or not q.requires_grad:
                 continue
             step = sgd_step(*self._group_of(q))
-            if step is not None and not (math.isfinite(step.lr) and step.lr >= 0):
+            if step is not None and step.lr < 0:
+                name = f"table {self.tables[q].name!r}'s parameter group"
                 raise ConfigError(
-                    f"learning rate {step.lr!r} of table {self.tables[q].name!r}'s parameter "
-                    "group: it must be finite and >= 0, since the table's noise is scaled by it "
-                    "(check the LR schedule: one that decays linearly goes negative past its "
-                    "end). No parameter was changed and nothing was charged."
+                    _bad_lr(step.lr, name, " since the table's noise is scaled by it")
                 )
 
     # ------------------------------------------------------------------ set-up checks
@@ -357,7 +372,7 @@ class DPOptimizer(OptimizerGroup):
         cap = self.capture
         # Read and checked once, before any change (not when the prefix appends it).
         lazy_steps = self._lazy_steps()
-        self._check_eager_table_lrs()
+        self._check_lrs()
         cap.check_no_outside_use()
         cap.check_no_lost_gradient()
         cap.check_no_late_gradient()
