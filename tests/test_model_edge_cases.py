@@ -15,7 +15,7 @@ from torch import nn
 from lazydp import ConfigError, InputError, PrivacyEngine, UnsupportedLayerError
 from lazydp.testing import constant_noise, zero_noise
 from tests.test_lazy import build, snapshot, step
-from tests.toy import Toy, loader, loss_fn, make_batches
+from tests.toy import Toy, dense_params, loader, loss_fn, make_batches
 
 
 def _private(model, mode="lazydp", max_grad_norm=1.0):
@@ -547,6 +547,37 @@ def test_a_parameter_group_added_after_make_private_is_refused(on):
     before = snapshot(model)
     nn.functional.mse_loss(model(torch.randn(8, 6)), torch.randn(8, 1)).backward()
     with pytest.raises(ConfigError, match="list 4 parameters, not 2"):
+        opt.step()
+    assert engine.ledger.steps == 0
+    assert all(torch.equal(t, before[k]) for k, t in snapshot(model).items())
+
+
+@pytest.mark.parametrize("change", ["swap", "pop_and_add_back"])
+def test_a_table_moved_to_another_parameter_group_is_refused(change):
+    # Two tables in groups of different lr: with the parameter count kept, lazydp went on
+    # reading each table's lr (and noise) from the group it had at make_private, so the moved
+    # table trained at the other group's lr without a word (dpsgd_f used the new one).
+    torch.manual_seed(0)
+    model = Toy()
+    dense = torch.optim.Adam(dense_params(model), lr=0.01)
+    tables = torch.optim.SGD(
+        [{"params": [model.bag.weight], "lr": 0.5}, {"params": [model.emb.weight], "lr": 0.1}]
+    )
+    engine = PrivacyEngine(seed=0)
+    model, opt, _ = engine.make_private(
+        module=model, optimizer=[dense, tables], data_loader=loader(), noise_multiplier=1.0,
+        max_grad_norm=1.0, mode="lazydp",
+    )  # fmt: skip
+    x, bag, emb, y = make_batches(1, seed=3)[0]
+    if change == "swap":
+        first, second = tables.param_groups
+        first["params"], second["params"] = second["params"], first["params"]
+    else:
+        tables.add_param_group(tables.param_groups.pop(0))
+    before = snapshot(model)
+    opt.zero_grad()
+    loss_fn(model(x, bag, emb), y).backward()
+    with pytest.raises(ConfigError, match="param group 0 no longer holds the parameters"):
         opt.step()
     assert engine.ledger.steps == 0
     assert all(torch.equal(t, before[k]) for k, t in snapshot(model).items())

@@ -20,6 +20,7 @@ Validation happens before step 4, so a bad batch changes nothing and charges not
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
@@ -170,6 +171,8 @@ class DPOptimizer(OptimizerGroup):
         # (optimizer index, group index): load_state_dict replaces the group dicts, so we
         # always look the live dict up instead of keeping a reference to it.
         self._group_index: dict[nn.Parameter, tuple[int, int]] = {}
+        # Each group's parameters at make_private, in order (_check_groups_unchanged).
+        self._layout = [[list(g["params"]) for g in o.param_groups] for o in optimizers]
         for i, o in enumerate(optimizers):
             for j, g in enumerate(o.param_groups):
                 for p in g["params"]:
@@ -470,11 +473,36 @@ class DPOptimizer(OptimizerGroup):
     def _check_groups_unchanged(self) -> None:
         """ConfigError if parameters joined the optimizers after make_private (add_param_group):
         a parameter of an uncaptured layer would get noise but no clipped gradient, one in two
-        optimizers two updates. O(groups): the counts are compared, not the parameters."""
+        optimizers two updates. Also if a group lost, gained or swapped parameters with the
+        count kept (a group removed and added back, a table moved to another group): a lazy
+        table reads its lr and momentum from the group it had at make_private (its prefix
+        sums belong to that group), so it would silently train at another group's settings.
+        O(parameters), by identity: a few dozen ``is`` per step."""
         listed = sum(len(g["params"]) for g in self.param_groups)
         if listed != len(self._group_index):
             now = f"the optimizers list {listed} parameters, not {len(self._group_index)}"
             raise ConfigError(_GROUPS_FIXED.format(now=now))
+        moved = self._moved_group()
+        if moved is not None:
+            now = (
+                f"optimizer {moved[0]}'s param group {moved[1]} no longer holds the parameters "
+                "it held at make_private (a group removed and added back, or a parameter moved "
+                "to another group; to change a group's settings, set its lr, momentum or "
+                "weight_decay in place)"
+            )
+            raise ConfigError(_GROUPS_FIXED.format(now=now))
+
+    def _moved_group(self) -> tuple[int, int] | None:
+        """(optimizer, group) of the first group whose parameters are not, in order, those it
+        held at make_private; None when every group is as it was."""
+        for i, o in enumerate(self.originals):
+            then, now = self._layout[i], o.param_groups
+            for j in range(max(len(then), len(now))):
+                old = then[j] if j < len(then) else []
+                new = now[j]["params"] if j < len(now) else []
+                if len(old) != len(new) or not all(map(operator.is_, old, new)):
+                    return i, j
+        return None
 
     def _check_uncaptured(self) -> None:
         """ConfigError if a parameter frozen when make_private ran is trainable now: its layer
