@@ -173,6 +173,32 @@ def test_a_refused_optimizer_leaves_the_model_free_for_the_corrected_call():
     assert opt.lazy  # the tables are lazily noised in the second engine
 
 
+def test_an_optimizer_state_of_another_layout_is_refused_and_loads_nothing():
+    # With two optimizers, a saved list of one loaded into the first only (zip) and a plain
+    # optimizer's state_dict failed with KeyError: 'optimizers'.
+    model = Toy()
+    dense = torch.optim.Adam([model.fc1.weight, model.fc1.bias], lr=0.01)
+    rest = [p for n, p in model.named_parameters() if not n.startswith("fc1.")]
+    tables = torch.optim.SGD(rest, lr=0.5)
+    _, opt, _ = PrivacyEngine(seed=0).make_private(
+        module=model, optimizer=[dense, tables], data_loader=loader(), noise_multiplier=1.0,
+        max_grad_norm=1.0, mode="lazydp",
+    )  # fmt: skip
+    saved = opt.state_dict()
+    for o in (dense, tables):
+        o.param_groups[0]["lr"] = 7.0
+    shorter = {"optimizers": saved["optimizers"][:1]}
+    for bad, held in ((shorter, "1 optimizers' states"), (saved["optimizers"][0], "one opt")):
+        with pytest.raises(ConfigError, match=f"got {held}.*wraps 2.*Nothing was loaded"):
+            opt.load_state_dict(bad)
+    swapped = {"optimizers": saved["optimizers"][::-1]}
+    with pytest.raises(ConfigError, match=r"sizes \[2\], the state_dict's has \[6\]"):
+        opt.load_state_dict(swapped)
+    assert [o.param_groups[0]["lr"] for o in (dense, tables)] == [7.0, 7.0]
+    opt.load_state_dict(saved)
+    assert [o.param_groups[0]["lr"] for o in (dense, tables)] == [0.01, 0.5]
+
+
 def test_iterable_dataset_is_refused():
     class Stream(IterableDataset):
         def __iter__(self):

@@ -69,8 +69,40 @@ class OptimizerGroup(Optimizer):
         return {"optimizers": [o.state_dict() for o in self.originals]}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if len(self.originals) == 1:
-            self.originals[0].load_state_dict(state_dict)
+        """Loads ``state_dict()``'s layout: one optimizer's state as is, several as
+        ``{"optimizers": [...]}``. Checked first, so that a state of another layout changes
+        nothing (zip loaded a shorter list into the first optimizers only)."""
+        states = self._states_of(state_dict)
+        if len(states) > 1:  # torch checks one optimizer's groups before it changes anything
+            for k, (o, s) in enumerate(zip(self.originals, states)):
+                mine = [len(g["params"]) for g in o.param_groups]
+                theirs = [len(g["params"]) for g in s.get("param_groups", ())]
+                if theirs != mine:
+                    raise ConfigError(
+                        f"optimizer {k} ({type(o).__name__}) has parameter groups of sizes "
+                        f"{mine}, the state_dict's has {theirs}: it belongs to other "
+                        "optimizers. Nothing was loaded."
+                    )
+        for o, s in zip(self.originals, states):
+            o.load_state_dict(s)
+
+    def _states_of(self, state_dict: Any) -> list[dict[str, Any]]:
+        """One state per wrapped optimizer, or ConfigError naming the layout that does not fit."""
+        n = len(self.originals)
+        several = isinstance(state_dict, dict) and "optimizers" in state_dict
+        if n == 1 and isinstance(state_dict, dict) and not several:
+            return [state_dict]
+        states = state_dict["optimizers"] if several else None
+        if isinstance(states, list) and len(states) == n > 1:
+            if all(isinstance(s, dict) for s in states):
+                return states
+        if isinstance(states, list):
+            held = f"{len(states)} optimizers' states"
         else:
-            for o, s in zip(self.originals, state_dict["optimizers"]):
-                o.load_state_dict(s)
+            held = "one optimizer's state" if isinstance(state_dict, dict) else repr(state_dict)
+        raise ConfigError(
+            f"load_state_dict got {held}, but this optimizer wraps {n} (the optimizers passed "
+            "to make_private, in that order). Load the state_dict() of an optimizer made the "
+            "same way, or load each original optimizer's own state_dict() into it. Nothing "
+            "was loaded."
+        )
