@@ -373,6 +373,8 @@ class DPOptimizer(OptimizerGroup):
                 loss = closure()
         p = self.privacy
         cap = self.capture
+        # First: the lazy tables' steps below are read from the groups they had at make_private.
+        self._check_groups_unchanged()
         # Read and checked once, before any change (not when the prefix appends it).
         lazy_steps = self._lazy_steps()
         self._check_lrs()
@@ -381,7 +383,6 @@ class DPOptimizer(OptimizerGroup):
         cap.check_no_late_gradient()
         cap.check_inputs_unchanged()
         cap.check_buffers_unchanged()
-        self._check_groups_unchanged()
         self._check_uncaptured()
         batch = cap.batch_size()
         # An empty Poisson batch has no per-example work; it still gets noise and is charged.
