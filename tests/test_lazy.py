@@ -342,6 +342,17 @@ def test_a_resumed_seeded_run_never_replays_the_noise_of_the_steps_it_redoes(tmp
         torch.testing.assert_close(again[k], resumed[k], atol=0, rtol=0, msg=k)
 
 
+class SignSGD(torch.optim.SGD):
+    """An SGD subclass with its own update: each parameter moves by lr * sign(gradient)."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.add_(p.grad.sign(), alpha=-group["lr"])
+
+
 @pytest.mark.parametrize(
     ("make_opt", "named"),
     [
@@ -352,6 +363,7 @@ def test_a_resumed_seeded_run_never_replays_the_noise_of_the_steps_it_redoes(tmp
         (lambda ps: torch.optim.SGD(ps, lr=0.1, maximize=True), "SGD with maximize=True."),
         (lambda ps: torch.optim.Adam(ps, lr=0.1), "Adam."),
         (lambda ps: torch.optim.Adagrad(ps, lr=0.1), "Adagrad."),
+        (lambda ps: SignSGD(ps, lr=0.1), "SignSGD, a subclass of SGD with its own step()."),
         (
             lambda ps: torch.optim.SGD(ps[-1:], lr=0.1),  # the tables are in no optimizer
             "none (the table is in none of the optimizers passed to make_private).",
@@ -371,6 +383,31 @@ def test_inexact_optimizers_on_lazy_tables_are_refused(make_opt, named):
             max_grad_norm=1.0,
             mode="lazydp",
         )
+
+
+@pytest.mark.parametrize("subclass", [SignSGD, type("PlainSubclass", (torch.optim.SGD,), {})])
+def test_tables_on_an_sgd_subclass_follow_its_step(subclass):
+    # The tables' SGD update is applied by lazydp itself (streamed, or deferred), never by the
+    # optimizer's step: a subclass with its own step had it silently replaced by plain SGD's.
+    # Such tables now take the dense path in dpsgd_f (and lazydp refuses them, above); a
+    # subclass that keeps SGD's step is still streamed / deferred.
+    torch.manual_seed(0)
+    model = Toy()
+    before = model.bag.weight.detach().clone()
+    opt_tables = subclass(table_params(model), lr=0.5)
+    _, opt, _ = PrivacyEngine(seed=0).make_private(
+        module=model, optimizer=[torch.optim.SGD(dense_params(model), lr=0.1), opt_tables],
+        data_loader=loader(), noise_multiplier=1.0, max_grad_norm=1e6, mode="dpsgd_f",
+    )  # fmt: skip
+    x, bag, emb, y = make_batches(1, seed=1)[0]
+    with zero_noise():
+        opt.zero_grad()
+        loss_fn(model(x, bag, emb), y).backward()
+        opt.step()
+    moved = (model.bag.weight.detach() - before).abs()
+    moved = moved[moved > 0]
+    assert moved.numel() > 0
+    assert bool(((moved - 0.5).abs() < 1e-6).all()) == (subclass is SignSGD)
 
 
 def test_sparse_tables_are_supported():

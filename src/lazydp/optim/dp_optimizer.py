@@ -19,6 +19,7 @@ Validation happens before step 4, so a bad batch changes nothing and charges not
 
 from __future__ import annotations
 
+import inspect
 import math
 import operator
 from collections.abc import Callable
@@ -86,11 +87,21 @@ def clip_factors(norms2: Tensor, max_grad_norm: float) -> Tensor:
     return (max_grad_norm / (norms + _NORM_EPS)).clamp(max=1.0)
 
 
+def _own_step(optimizer: torch.optim.SGD) -> bool:
+    """Whether an SGD (or a subclass) updates with SGD's own ``step``: torch wraps each class's
+    step in a profiling hook, so the functions are compared unwrapped (a few attribute reads)."""
+    return inspect.unwrap(type(optimizer).step) is inspect.unwrap(torch.optim.SGD.step)
+
+
 def sgd_step(optimizer: Optimizer | None, group: dict[str, Any]) -> SgdStep | None:
     """This step's hyper-parameters of an SGD group whose update LazyDP defers exactly (plain,
-    weight decay, momentum, Nesterov), else None: not SGD, ``maximize``, or dampening with
-    momentum (torch's first momentum step skips the dampening: a row's history would matter)."""
+    weight decay, momentum, Nesterov), else None: not SGD, a subclass with its own ``step``
+    (the tables' SGD update is applied here, never through step, so its update would be
+    silently replaced by SGD's), ``maximize``, or dampening with momentum (torch's first
+    momentum step skips the dampening: a row's history would matter)."""
     if not isinstance(optimizer, torch.optim.SGD) or group.get("maximize", False):
+        return None
+    if not _own_step(optimizer):
         return None
     momentum = float(group.get("momentum", 0) or 0)
     if momentum and group.get("dampening", 0):
@@ -119,6 +130,8 @@ def _not_deferred(optimizer: Optimizer | None, group: dict[str, Any]) -> str:
     name = type(optimizer).__name__
     if not isinstance(optimizer, torch.optim.SGD):
         return name
+    if not _own_step(optimizer):
+        return f"{name}, a subclass of SGD with its own step()"
     if group.get("maximize", False):
         return f"{name} with maximize=True"
     return f"{name} with dampening={group.get('dampening')} (momentum={group.get('momentum')})"
