@@ -15,7 +15,7 @@ from torch import nn
 from lazydp import ConfigError, InputError, PrivacyEngine, UnsupportedLayerError
 from lazydp.testing import constant_noise, zero_noise
 from tests.test_lazy import build, snapshot, step
-from tests.toy import Toy, dense_params, loader, loss_fn, make_batches
+from tests.toy import Toy, dense_params, loader, loss_fn, make_batches, table_params
 
 
 def _private(model, mode="lazydp", max_grad_norm=1.0):
@@ -606,6 +606,34 @@ def test_the_sgd_mode_optimizer_adds_a_parameter_group_to_the_optimizer_it_wraps
     model(torch.randn(8, 6)).pow(2).mean().backward()
     opt.step()
     assert not torch.equal(model[0].weight, before)
+
+
+@pytest.mark.parametrize("mode", ["sgd", "lazydp"])
+def test_hooks_registered_on_the_private_optimizer_run(mode):
+    # The private optimizer accepted torch's register_step_pre_hook / post_hook and the
+    # state_dict hooks, and never called them (torch installs them in Optimizer.__init__).
+    torch.manual_seed(0)
+    model = Toy()
+    _, opt, _ = PrivacyEngine(seed=0).make_private(
+        module=model, data_loader=loader(), noise_multiplier=1.0, max_grad_norm=1.0, mode=mode,
+        optimizer=[torch.optim.Adam(dense_params(model)), torch.optim.SGD(table_params(model))],
+    )  # fmt: skip
+    calls: list[str] = []
+    seen: list[torch.Tensor] = []
+    opt.register_step_pre_hook(lambda o, args, kwargs: calls.append("pre"))
+    opt.register_step_post_hook(lambda o, args, kwargs: seen.append(model.top.weight.clone()))
+    opt.register_state_dict_post_hook(lambda o, state: {**state, "mine": 1})
+    opt.register_load_state_dict_pre_hook(lambda o, state: calls.append(state.pop("mine")))
+    x, bag, emb, y = make_batches(1, seed=3)[0]
+    opt.zero_grad()
+    loss_fn(model(x, bag, emb), y).backward()
+    opt.step()
+    assert calls == ["pre"]
+    assert len(seen) == 1 and torch.equal(seen[0], model.top.weight)  # after the update
+    state = opt.state_dict()
+    assert state["mine"] == 1
+    opt.load_state_dict(state)
+    assert calls == ["pre", 1]
 
 
 class Checkpointed(nn.Module):

@@ -40,7 +40,7 @@ from lazydp.ledger import PrivacyLedger, StepEvent
 from lazydp.noise import GaussianNoise
 from lazydp.noise_pool import NoisePool
 from lazydp.optim.eager import eager_table_sgd, noisy_dense_grads
-from lazydp.optim.group import OptimizerGroup
+from lazydp.optim.group import OptimizerGroup, step_hooks
 from lazydp.optim.lazy import LazyTable, LrPrefix, SgdStep
 from lazydp.optim.lazy_momentum import MomentumPrefix, MomentumTable, check_step
 from lazydp.optim.resume import check_lazy_state, check_optimizer_state
@@ -379,6 +379,7 @@ class DPOptimizer(OptimizerGroup):
         super().zero_grad(set_to_none)
 
     # ------------------------------------------------------------------ the step
+    @step_hooks
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         loss = None
         if closure is not None:

@@ -7,12 +7,34 @@ schedulers built on either the group or the originals act on the same dicts.
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 from torch.optim import Optimizer
 
 from lazydp.errors import ConfigError
+
+
+def step_hooks(step: Callable[..., Any]) -> Callable[..., Any]:
+    """Runs the hooks registered on the group (``register_step_pre_hook`` / ``post_hook``)
+    around ``step``, as torch's Optimizer.__init__ arranges for an optimizer's own step: the
+    group does not call it, so they were accepted and then never called. (Global optimizer
+    hooks already run for each wrapped optimizer's step.)"""
+
+    @functools.wraps(step)
+    def with_hooks(self: OptimizerGroup, *args: Any, **kwargs: Any) -> Any:
+        for pre in list(self._optimizer_step_pre_hooks.values()):
+            result = pre(self, args, kwargs)
+            if result is not None:  # torch's contract: new (args, kwargs) for the step
+                args, kwargs = result
+        out = step(self, *args, **kwargs)
+        for post in list(self._optimizer_step_post_hooks.values()):
+            post(self, args, kwargs)
+        return out
+
+    return with_hooks
 
 
 class OptimizerGroup(Optimizer):
@@ -57,6 +79,7 @@ class OptimizerGroup(Optimizer):
         for o in self.originals:
             o.zero_grad(set_to_none=set_to_none)
 
+    @step_hooks
     def step(self, closure: Any = None) -> Any:  # type: ignore[override]
         loss = closure() if closure is not None else None
         for o in self.originals:
@@ -64,14 +87,25 @@ class OptimizerGroup(Optimizer):
         return loss
 
     def state_dict(self) -> dict[str, Any]:
+        """The wrapped optimizers' state_dict(), with the hooks registered on the group run
+        around it as torch runs an optimizer's own."""
+        for pre in list(self._optimizer_state_dict_pre_hooks.values()):
+            pre(self)
         if len(self.originals) == 1:
-            return self.originals[0].state_dict()
-        return {"optimizers": [o.state_dict() for o in self.originals]}
+            state = self.originals[0].state_dict()
+        else:
+            state = {"optimizers": [o.state_dict() for o in self.originals]}
+        for post in list(self._optimizer_state_dict_post_hooks.values()):
+            state = post(self, state) or state
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Loads ``state_dict()``'s layout: one optimizer's state as is, several as
         ``{"optimizers": [...]}``. Checked first, so that a state of another layout changes
-        nothing (zip loaded a shorter list into the first optimizers only)."""
+        nothing (zip loaded a shorter list into the first optimizers only). The hooks
+        registered on the group run around it, as torch runs an optimizer's own."""
+        for pre in list(self._optimizer_load_state_dict_pre_hooks.values()):
+            state_dict = pre(self, state_dict) or state_dict
         states = self._states_of(state_dict)
         if len(states) > 1:  # torch checks one optimizer's groups before it changes anything
             for k, (o, s) in enumerate(zip(self.originals, states)):
@@ -85,6 +119,8 @@ class OptimizerGroup(Optimizer):
                     )
         for o, s in zip(self.originals, states):
             o.load_state_dict(s)
+        for post in list(self._optimizer_load_state_dict_post_hooks.values()):
+            post(self)
 
     def _states_of(self, state_dict: Any) -> list[dict[str, Any]]:
         """One state per wrapped optimizer, or ConfigError naming the layout that does not fit."""
