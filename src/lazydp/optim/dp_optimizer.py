@@ -88,9 +88,16 @@ def clip_factors(norms2: Tensor, max_grad_norm: float) -> Tensor:
 
 
 def _own_step(optimizer: torch.optim.SGD) -> bool:
-    """Whether an SGD (or a subclass) updates with SGD's own ``step``: torch wraps each class's
-    step in a profiling hook, so the functions are compared unwrapped (a few attribute reads)."""
-    return inspect.unwrap(type(optimizer).step) is inspect.unwrap(torch.optim.SGD.step)
+    """Whether an SGD (or a subclass) updates with SGD's own ``step``. torch wraps each class's
+    step in a profiling hook, so the functions are compared unwrapped; the answer is kept per
+    class (2 us a call, once per table per step otherwise)."""
+    cls = type(optimizer)
+    if cls not in _SGD_STEP:
+        _SGD_STEP[cls] = inspect.unwrap(cls.step) is inspect.unwrap(torch.optim.SGD.step)
+    return _SGD_STEP[cls]
+
+
+_SGD_STEP: dict[type, bool] = {}
 
 
 def sgd_step(optimizer: Optimizer | None, group: dict[str, Any]) -> SgdStep | None:
