@@ -2,7 +2,8 @@
 
 Contract: lines end at ``\\n``, ``\\r\\n`` or a lone ``\\r`` (exactly what Spark's text source and
 Hadoop's LineRecordReader do), a final line without terminator counts, a trailing terminator
-does not start an empty line. Line numbers are 1-based physical line numbers. Files ending in
+does not start an empty line, and a UTF-8 byte-order mark opening the file is dropped (as
+LineRecordReader drops it). Line numbers are 1-based physical line numbers. Files ending in
 ``.gz`` are decompressed on the fly. Text must be UTF-8 (invalid bytes are an error, since the
 two engines would hash different bytes).
 """
@@ -18,6 +19,7 @@ from typing import IO
 from lazydp.errors import DataError
 
 BLOCK_BYTES = 8 << 20
+BOM = b"\xef\xbb\xbf"
 NOT_UTF8 = (
     "invalid UTF-8 (or U+FFFD, the character a lossy conversion leaves for such bytes); "
     "re-encode the file as UTF-8"
@@ -68,6 +70,7 @@ def iter_line_chunks(
     next_no = 1
     pending: list[str] = []
     carry = b""
+    at_start = True
     with _open(path) as f:
         while True:
             block = _read(f, path)
@@ -80,6 +83,9 @@ def iter_line_chunks(
                 carry, data = data[cut + 1 :], data[: cut + 1]
             else:
                 carry = b""
+            if at_start and data:
+                # Spark's reader drops one BOM there (line 1 of a headerless file would differ)
+                data, at_start = data.removeprefix(BOM), False
             pending.extend(_split_lines(data, path, next_no + len(pending)))
             while len(pending) >= chunk_lines:
                 yield next_no, pending[:chunk_lines]
