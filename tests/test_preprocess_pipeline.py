@@ -232,6 +232,9 @@ def test_damaged_or_unsupported_compressed_input_is_a_clear_error(tmp_path):
         "plain.csv.gz": (data, "cannot decompress"),
         "packed.csv": (bz2.compress(data), "bzip2-compressed; only .gz"),
         "unnamed.csv": (gzip.compress(data), "gzip-compressed.*rename it to end in .gz"),
+        # Spark decompresses these suffixes and this reader does not: refused by both engines
+        "packed.csv.bz2": (bz2.compress(data), r"a \.bz2 file; only \.gz files"),
+        "plain.csv.bz2": (data, r"a \.bz2 file; only \.gz files"),
     }
     for name, (content, match) in cases.items():
         (tmp_path / name).write_bytes(content)

@@ -7,6 +7,7 @@ to keep the Spark part of the suite short.
 
 from __future__ import annotations
 
+import gzip
 from pathlib import Path
 
 import pyarrow as pa
@@ -145,3 +146,27 @@ def test_both_engines_refuse_text_that_is_not_utf8_with_the_same_message(tmp_pat
             preprocess("movielens", [src], tmp_path / "b", engine="spark", spark=spark)
         assert str(emb.value) == str(spk.value)
         assert f"{name}, line 4: invalid UTF-8" in str(spk.value)
+
+
+def test_both_engines_refuse_compressed_input_with_the_same_message(tmp_path, spark):
+    # Spark decompresses .bz2 (and .deflate, .lz4, ...) by name, where the embedded engine
+    # refused the file; a plain file named .bz2 read as empty on Spark and fine here.
+    import bz2
+    import zlib
+
+    data = (FIX / "movielens_small.csv").read_bytes()
+    cases = {
+        "a.csv.bz2": bz2.compress(data),
+        "b.csv.bz2": data,
+        "c.csv.deflate": zlib.compress(data),
+        "d.csv": gzip.compress(data),
+    }
+    for name, content in cases.items():
+        src = tmp_path / name
+        src.write_bytes(content)
+        with pytest.raises(DataError) as emb:
+            preprocess("movielens", [src], tmp_path / "a", progress=False)
+        with pytest.raises(DataError) as spk:
+            preprocess("movielens", [src], tmp_path / "b", engine="spark", spark=spark)
+        assert str(emb.value) == str(spk.value)
+        assert str(src) in str(spk.value)

@@ -28,21 +28,37 @@ NOT_UTF8 = (
 
 # Leading bytes of compressed files this reader does not decompress (only ``.gz`` is read).
 _COMPRESSED = {b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz", b"\x28\xb5\x2f\xfd": "zstd"}
+# Suffixes Spark's reader (Hadoop's codecs) decompresses besides ``.gz``. This reader does not,
+# so both engines refuse them: Spark read a .bz2 file that the embedded engine refused.
+SPARK_CODEC_SUFFIXES = (".bz2", ".deflate", ".lz4", ".snappy", ".zst")
 
 
-def _open(path: Path) -> IO[bytes]:
+def check_compression(path: str | Path) -> None:
+    """DataError for a file compressed otherwise than as ``.gz``, or named as if it were: the
+    engines would read different text from it, or one of them would refuse it."""
+    path = Path(path)
+    if path.name.endswith(SPARK_CODEC_SUFFIXES):
+        raise DataError(
+            f"{path}: a {path.suffix} file; only .gz files are decompressed (Spark would "
+            "decompress this one and the embedded engine would not): decompress it, or gzip it "
+            "to a .gz file"
+        )
     if path.suffix == ".gz":
-        return gzip.open(path, "rb")  # type: ignore[return-value]
-    f = open(path, "rb")  # noqa: SIM115
-    head = f.read(6)
-    f.seek(0)
+        return
+    with open(path, "rb") as f:
+        head = f.read(6)
     kind = "gzip" if head.startswith(b"\x1f\x8b") else None
     kind = kind or next((k for magic, k in _COMPRESSED.items() if head.startswith(magic)), None)
     if kind is not None:
-        f.close()
         fix = "rename it to end in .gz" if kind == "gzip" else "decompress it first"
         raise DataError(f"{path} is {kind}-compressed; only .gz files are decompressed: {fix}")
-    return f
+
+
+def _open(path: Path) -> IO[bytes]:
+    check_compression(path)
+    if path.suffix == ".gz":
+        return gzip.open(path, "rb")  # type: ignore[return-value]
+    return open(path, "rb")  # noqa: SIM115
 
 
 def _read(f: IO[bytes], path: Path) -> bytes:

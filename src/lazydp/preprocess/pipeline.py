@@ -29,7 +29,7 @@ from tqdm import tqdm
 from lazydp.errors import ConfigError, DataError
 from lazydp.preprocess import sql
 from lazydp.preprocess.engine import Engine
-from lazydp.preprocess.lines import NOT_UTF8
+from lazydp.preprocess.lines import NOT_UTF8, check_compression
 from lazydp.preprocess.output import atomic_directory, write_metadata
 from lazydp.preprocess.spec import FormatSpec, get_format
 from lazydp.preprocess.vocabulary import check_seed, new_seed, split_budget
@@ -365,7 +365,8 @@ def _check_text(engine: Engine, paths: list[str]) -> None:
 def _check_inputs(paths: list[str], engine: str) -> None:
     """ConfigError for a local input that is not a file, one given twice (its records would
     count twice: in training and in a DP vocabulary, whose costs assume one record per
-    person), or, on Spark, a name Spark would read otherwise than named."""
+    person), or, on Spark, a name Spark would read otherwise than named; DataError for one
+    compressed otherwise than as .gz (lazydp.preprocess.lines.check_compression)."""
     seen: dict[tuple[int, int], str] = {}
     for p in paths:
         if "://" in p:
@@ -383,6 +384,7 @@ def _check_inputs(paths: list[str], engine: str) -> None:
                 "in a DP vocabulary. Give each file once."
             )
         seen[(st.st_dev, st.st_ino)] = p
+        check_compression(path)  # both engines: Spark decompresses more than .gz
         if engine == "spark":
             # Spark is given the resolved path (links followed): check that one.
             real = path.resolve()
