@@ -170,3 +170,14 @@ def test_both_engines_refuse_compressed_input_with_the_same_message(tmp_path, sp
             preprocess("movielens", [src], tmp_path / "b", engine="spark", spark=spark)
         assert str(emb.value) == str(spk.value)
         assert str(src) in str(spk.value)
+
+
+def test_a_damaged_gz_is_the_same_clear_error_on_spark(tmp_path, spark):
+    # Spark failed with ~60 lines of Java stack trace (FAILED_READ_FILE) from inside Py4J.
+    data = (FIX / "movielens_small.csv").read_bytes()
+    for name, content in (("cut.csv.gz", gzip.compress(data)[:-20]), ("plain.csv.gz", data)):
+        src = tmp_path / name
+        src.write_bytes(content)
+        with pytest.raises(DataError, match=r"cannot decompress \(.+\); the file is damaged"):
+            preprocess("movielens", [src], tmp_path / "b", engine="spark", spark=spark)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cut.csv.gz", "plain.csv.gz"]

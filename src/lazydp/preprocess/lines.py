@@ -54,6 +54,14 @@ def check_compression(path: str | Path) -> None:
         raise DataError(f"{path} is {kind}-compressed; only .gz files are decompressed: {fix}")
 
 
+def damaged(path: str | Path, why: object) -> DataError:
+    """The error for a .gz file that cannot be decompressed (both engines)."""
+    return DataError(
+        f"{path}: cannot decompress ({why}); the file is damaged or truncated (an "
+        "interrupted download?). Fetch it again."
+    )
+
+
 def _open(path: Path) -> IO[bytes]:
     check_compression(path)
     if path.suffix == ".gz":
@@ -66,10 +74,7 @@ def _read(f: IO[bytes], path: Path) -> bytes:
     try:
         return f.read(BLOCK_BYTES)
     except (EOFError, OSError, zlib.error) as exc:  # gzip.BadGzipFile is an OSError
-        raise DataError(
-            f"{path}: cannot decompress ({exc}); the file is damaged or truncated (an "
-            "interrupted download?). Fetch it again."
-        ) from None
+        raise damaged(path, exc) from None
 
 
 def iter_line_chunks(

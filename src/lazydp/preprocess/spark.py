@@ -12,12 +12,14 @@ session's SQL so that a malformed value is a bad row, never a failed job.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
 
 from lazydp.preprocess.dialect import SparkDialect
 from lazydp.preprocess.engine import Engine
+from lazydp.preprocess.lines import damaged
 
 DEFAULT_MASTER = "local[2]"
 
@@ -44,6 +46,21 @@ def spark_session(master: str | None = None, shuffle_partitions: int = 2) -> Any
     return spark
 
 
+def _read_splits(tagged: Any, path: str) -> list[Any]:
+    """(block start, line count, first id) of each split: the pass that reads the whole file.
+    A damaged .gz fails it with a Java traceback; say what the embedded engine says instead."""
+    from py4j.protocol import Py4JJavaError
+    from pyspark.sql import functions as F
+
+    try:
+        return sorted(tagged.groupBy("blk").agg(F.count("*"), F.min("mid")).collect())
+    except Py4JJavaError as exc:
+        causes = re.findall(r"Caused by: ([^\n]+)", str(exc))
+        if not path.endswith(".gz") or "FAILED_READ_FILE" not in str(exc) or not causes:
+            raise
+        raise damaged(path, causes[-1].strip()) from None
+
+
 class SparkEngine(Engine):
     """Spark SQL engine over a session (made from ``master`` when none is given)."""
 
@@ -68,7 +85,7 @@ class SparkEngine(Engine):
             )
             tagged = tagged.persist()
             self._cached.append(tagged)
-            splits = sorted(tagged.groupBy("blk").agg(F.count("*"), F.min("mid")).collect())
+            splits = _read_splits(tagged, path)
             offsets, before = [], 0
             for blk, count, first_id in splits:
                 offsets.append((int(blk), before - int(first_id)))
