@@ -235,9 +235,13 @@ def test_damaged_or_unsupported_compressed_input_is_a_clear_error(tmp_path):
         # Spark decompresses these suffixes and this reader does not: refused by both engines
         "packed.csv.bz2": (bz2.compress(data), r"a \.bz2 file; only \.gz files"),
         "plain.csv.bz2": (data, r"a \.bz2 file; only \.gz files"),
+        "plain.csv.BZ2": (data, r"a \.BZ2 file; only \.gz files"),  # Spark ignores the case
+        "plain.csv.Gz": (data, "cannot decompress"),
     }
     for name, (content, match) in cases.items():
         (tmp_path / name).write_bytes(content)
         with pytest.raises(DataError, match=match):
             preprocess("movielens", [tmp_path / name], tmp_path / "o", progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(cases)
+    (tmp_path / "upper.csv.GZ").write_bytes(gzip.compress(data))  # gzip to both engines
+    assert preprocess("movielens", [tmp_path / "upper.csv.GZ"], tmp_path / "o", progress=False)

@@ -160,6 +160,7 @@ def test_both_engines_refuse_compressed_input_with_the_same_message(tmp_path, sp
         "b.csv.bz2": data,
         "c.csv.deflate": zlib.compress(data),
         "d.csv": gzip.compress(data),
+        "e.csv.BZ2": data,  # Spark matches the suffix ignoring case
     }
     for name, content in cases.items():
         src = tmp_path / name

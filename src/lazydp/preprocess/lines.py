@@ -4,8 +4,8 @@ Contract: lines end at ``\\n``, ``\\r\\n`` or a lone ``\\r`` (exactly what Spark
 Hadoop's LineRecordReader do), a final line without terminator counts, a trailing terminator
 does not start an empty line, and a UTF-8 byte-order mark opening the file is dropped (as
 LineRecordReader drops it). Line numbers are 1-based physical line numbers. Files ending in
-``.gz`` are decompressed on the fly. Text must be UTF-8 (invalid bytes are an error, since the
-two engines would hash different bytes).
+``.gz`` (in any case, as in Spark) are decompressed on the fly. Text must be UTF-8 (invalid
+bytes are an error, since the two engines would hash different bytes).
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ NOT_UTF8 = (
 
 # Leading bytes of compressed files this reader does not decompress (only ``.gz`` is read).
 _COMPRESSED = {b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz", b"\x28\xb5\x2f\xfd": "zstd"}
-# Suffixes Spark's reader (Hadoop's codecs) decompresses besides ``.gz``. This reader does not,
-# so both engines refuse them: Spark read a .bz2 file that the embedded engine refused.
+# Suffixes Spark's reader (Hadoop's codecs) decompresses besides ``.gz``, in any case. This
+# reader does not, so both engines refuse them: Spark read a .bz2 file the embedded one refused.
 SPARK_CODEC_SUFFIXES = (".bz2", ".deflate", ".lz4", ".snappy", ".zst")
 
 
@@ -37,13 +37,13 @@ def check_compression(path: str | Path) -> None:
     """DataError for a file compressed otherwise than as ``.gz``, or named as if it were: the
     engines would read different text from it, or one of them would refuse it."""
     path = Path(path)
-    if path.name.endswith(SPARK_CODEC_SUFFIXES):
+    if path.name.lower().endswith(SPARK_CODEC_SUFFIXES):
         raise DataError(
             f"{path}: a {path.suffix} file; only .gz files are decompressed (Spark would "
             "decompress this one and the embedded engine would not): decompress it, or gzip it "
             "to a .gz file"
         )
-    if path.suffix == ".gz":
+    if is_gz(path):
         return
     with open(path, "rb") as f:
         head = f.read(6)
@@ -52,6 +52,11 @@ def check_compression(path: str | Path) -> None:
     if kind is not None:
         fix = "rename it to end in .gz" if kind == "gzip" else "decompress it first"
         raise DataError(f"{path} is {kind}-compressed; only .gz files are decompressed: {fix}")
+
+
+def is_gz(path: str | Path) -> bool:
+    """Whether a file is read as gzip: Hadoop matches codec suffixes ignoring case (x.GZ)."""
+    return Path(path).suffix.lower() == ".gz"
 
 
 def damaged(path: str | Path, why: object) -> DataError:
@@ -64,7 +69,7 @@ def damaged(path: str | Path, why: object) -> DataError:
 
 def _open(path: Path) -> IO[bytes]:
     check_compression(path)
-    if path.suffix == ".gz":
+    if is_gz(path):
         return gzip.open(path, "rb")  # type: ignore[return-value]
     return open(path, "rb")  # noqa: SIM115
 

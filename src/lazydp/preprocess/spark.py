@@ -19,7 +19,7 @@ from typing import Any
 
 from lazydp.preprocess.dialect import SparkDialect
 from lazydp.preprocess.engine import Engine
-from lazydp.preprocess.lines import damaged
+from lazydp.preprocess.lines import damaged, is_gz
 
 DEFAULT_MASTER = "local[2]"
 
@@ -56,7 +56,7 @@ def _read_splits(tagged: Any, path: str) -> list[Any]:
         return sorted(tagged.groupBy("blk").agg(F.count("*"), F.min("mid")).collect())
     except Py4JJavaError as exc:
         causes = re.findall(r"Caused by: ([^\n]+)", str(exc))
-        if not path.endswith(".gz") or "FAILED_READ_FILE" not in str(exc) or not causes:
+        if not is_gz(path) or "FAILED_READ_FILE" not in str(exc) or not causes:
             raise
         raise damaged(path, causes[-1].strip()) from None
 
