@@ -137,6 +137,9 @@ def test_existing_output_and_bad_settings_are_refused(tmp_path):
         preprocess("criteo", src, tmp_path / "p", buckets={"C99": 10})
     with pytest.raises(ConfigError, match="vocab_epsilon"):
         preprocess("criteo", src, tmp_path / "p", vocabulary="dp")
+    dp = dict(vocabulary="dp", vocab_epsilon=1.0, vocab_delta=1e-6)
+    with pytest.raises(ConfigError, match="Drop buckets"):  # was silently ignored
+        preprocess("criteo", src, tmp_path / "p", buckets=17, **dp)
     with pytest.raises(ConfigError, match="is not a file"):
         preprocess("criteo", [tmp_path / "missing.tsv"], tmp_path / "p")
 

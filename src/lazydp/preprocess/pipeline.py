@@ -75,6 +75,14 @@ class PreprocessConfig:
             )
         if self.vocabulary == "hash" and (self.vocab_epsilon or self.vocab_delta):
             raise ConfigError("vocab_epsilon/vocab_delta are only used with vocabulary='dp'")
+        if self.vocabulary == "dp" and (self.buckets or self.default_buckets is not None):
+            # The DP vocabulary sizes every table itself (the values it keeps, plus one row
+            # for the rest): buckets were silently ignored, yet recorded in metadata.json.
+            raise ConfigError(
+                "buckets (--buckets) set the hashed tables' sizes; with vocabulary='dp' each "
+                "table holds the values the private vocabulary keeps plus one row for all "
+                "others. Drop buckets, or use vocabulary='hash'."
+            )
         tf = self.test_fraction
         if not (isinstance(tf, (int, float)) and 0.0 <= tf < 1.0 and not math.isnan(tf)):
             raise ConfigError(f"test_fraction={tf!r} must lie in [0, 1), e.g. 0.1")
@@ -175,9 +183,9 @@ def _run(
     _require_train_rows(engine, spec, cfg, paths, n_bad)
     steps.update()
 
-    buckets = cfg.table_buckets(spec)
     dp = cfg.vocabulary == "dp"
-    if dp:
+    buckets = None if dp else cfg.table_buckets(spec)  # the DP vocabulary sizes its tables
+    if buckets is None:
         table_sizes, privacy_cost = _dp_vocabulary(engine, spec, cfg, tmp, seed)
     else:
         table_sizes, privacy_cost = buckets, {"epsilon": 0.0, "delta": 0.0}
