@@ -510,3 +510,14 @@ def test_a_loader_whose_own_sampler_would_be_dropped_is_refused(options):
     per_rank = DataLoader(ds, batch_size=10, sampler=DistributedSampler(ds, 2, 0))
     with pytest.raises(ConfigError, match="every rank the full dataset"):
         private("dpsgd_f", nn.Linear(3, 1), data_loader=per_rank)
+
+
+@pytest.mark.parametrize("name", ["noise_multiplier", "max_grad_norm", "expected_batch_size"])
+def test_opacus_optimizer_settings_are_readable_and_refuse_assignment(name):
+    # Opacus' noise and clipping schedulers assign optimizer.noise_multiplier / max_grad_norm:
+    # a plain attribute took the value and the steps kept the old noise, clipping and charge.
+    model, opt, _, engine = private("dpsgd_f")
+    assert getattr(opt, name) == getattr(engine.privacy, name)
+    with pytest.raises(ConfigError, match=f"optimizer.{name} = 0.5"):
+        setattr(opt, name, 0.5)
+    assert getattr(opt, name) == getattr(engine.privacy, name)

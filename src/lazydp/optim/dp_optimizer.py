@@ -153,6 +153,14 @@ _GROUPS_FIXED = (
 )
 
 
+_SETTING_FIXED = (
+    "optimizer.{name} = {value!r}: lazydp fixes {name} at make_private (every step is noised, "
+    "clipped and charged to the ledger with it), so assigning it would change nothing; "
+    "Opacus' noise and clipping schedulers are not supported. Pass the value to train with "
+    "to make_private (or calibrate it with make_private_with_epsilon). Nothing was changed."
+)
+
+
 def _listed_twice(p: nn.Parameter, first: tuple[int, int], second: tuple[int, int]) -> str:
     """Why a parameter held twice by the optimizers is refused."""
     where = " and ".join(f"optimizer {i}, param group {j}" for i, j in (first, second))
@@ -238,6 +246,36 @@ class DPOptimizer(OptimizerGroup):
         self.check_skipped: Callable[[], int | None] | None = None
         # Its shuffle_position: where a shuffled loop is, recorded with each charge.
         self.shuffle_position: Callable[[], tuple[str, int] | None] | None = None
+
+    # Opacus' DPOptimizer attributes, read-only: Opacus' noise and clipping schedulers (and
+    # hand-written ones) assign them, which on a plain attribute would change neither the noise
+    # nor the clipping nor the charge -- a schedule silently ignored.
+    @property
+    def noise_multiplier(self) -> float:
+        """sigma: the noise std on the clipped sum is sigma * max_grad_norm (fixed for the run)."""
+        return self.privacy.noise_multiplier
+
+    @noise_multiplier.setter
+    def noise_multiplier(self, value: Any) -> None:
+        raise ConfigError(_SETTING_FIXED.format(name="noise_multiplier", value=value))
+
+    @property
+    def max_grad_norm(self) -> float:
+        """C: the per-example clipping bound (fixed for the run)."""
+        return self.privacy.max_grad_norm
+
+    @max_grad_norm.setter
+    def max_grad_norm(self, value: Any) -> None:
+        raise ConfigError(_SETTING_FIXED.format(name="max_grad_norm", value=value))
+
+    @property
+    def expected_batch_size(self) -> float:
+        """q * N: what the clipped, noised sum is divided by (never the realised batch size)."""
+        return self.privacy.expected_batch_size
+
+    @expected_batch_size.setter
+    def expected_batch_size(self, value: Any) -> None:
+        raise ConfigError(_SETTING_FIXED.format(name="expected_batch_size", value=value))
 
     def _group_of(self, p: nn.Parameter) -> tuple[Optimizer | None, dict[str, Any]]:
         if p not in self._group_index:
