@@ -313,3 +313,22 @@ def test_a_shuffled_loader_iterated_without_steps_keeps_bounded_state(tmp_path, 
         for _ in dl:
             pass
     assert dl._untracked and not dl._yielded  # (the kept batches are _yielded itself)
+
+
+def test_extra_values_a_resume_could_not_read_back_are_refused_at_save(tmp_path):
+    """Checkpoints load with weights_only: a numpy metric or a scheduler object in ``extra``
+    was written without a word and the checkpoint then refused as corrupt at the resume; an
+    Opacus-style ``module=model`` was refused as a pickled model."""
+    import numpy as np
+
+    model, opt, _, engine = private("dpsgd_f", ledger_path=tmp_path / "run.jsonl")
+    sched = torch.optim.lr_scheduler.StepLR(opt, 1)
+    for extra in (dict(best=np.float64(0.5)), dict(scheduler=sched), dict(f=len)):
+        with pytest.raises(ConfigError, match="weights_only"):
+            engine.save_checkpoint(tmp_path / "bad.pt", **extra)
+    for extra in (dict(module=model), dict(optimizer=opt)):
+        with pytest.raises(ConfigError, match="holds the engine's model and optimizer"):
+            engine.save_checkpoint(tmp_path / "bad.pt", **extra)
+    assert not (tmp_path / "bad.pt").exists()
+    engine.save_checkpoint(tmp_path / "ok.pt", epoch=3, best=0.5, scheduler=sched.state_dict())
+    assert engine.load_checkpoint(tmp_path / "ok.pt")["epoch"] == 3

@@ -22,6 +22,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import io
 import math
 import os
 import warnings
@@ -394,6 +395,7 @@ class PrivacyEngine:
         """
         if self.module is None or self.privacy is None:
             raise ConfigError("save_checkpoint before make_private: nothing to save")
+        _check_extra(extra)
         self.flush()
         extra = self._checkpoint_extra(extra)
         with self._no_flush():
@@ -700,6 +702,35 @@ def _atomic_save(obj: Any, path: str | os.PathLike[str]) -> Path:
             ) from None
         raise
     return path
+
+
+def _check_extra(extra: dict[str, Any]) -> None:
+    """ConfigError (nothing written) for an ``extra`` value load_checkpoint could not read back.
+
+    Checkpoints load with ``weights_only`` (a file runs no code), which takes tensors, plain
+    Python values and containers of them. A numpy scalar (a metric), an LR scheduler or an
+    Opacus-style ``module=model`` was written without a word, or refused as a pickled model,
+    and the whole checkpoint was then refused as corrupt at the resume."""
+    for key, value in extra.items():
+        if isinstance(value, (nn.Module, Optimizer)):
+            raise ConfigError(
+                f"save_checkpoint({key}=...) got a {type(value).__name__}: the checkpoint holds "
+                "the engine's model and optimizer already (unlike Opacus' save_checkpoint, "
+                "lazydp's takes only the path and your own extra values). Drop it. Nothing "
+                "was written."
+            )
+        buffer = io.BytesIO()
+        try:
+            torch.save(value, buffer)
+            buffer.seek(0)
+            torch.load(buffer, map_location="cpu", weights_only=True)
+        except Exception:  # torch raises many kinds for what it cannot save or load
+            raise ConfigError(
+                f"save_checkpoint({key}=...): a {type(value).__name__} could not be read back by "
+                "load_checkpoint, which loads with weights_only=True (tensors, numbers, strings "
+                "and lists, tuples and dicts of them). Store plain values instead: float(x) for "
+                "a numpy scalar, scheduler.state_dict() for an object. Nothing was written."
+            ) from None
 
 
 def load_checkpoint_file(path: str | os.PathLike[str]) -> dict[str, Any]:
