@@ -521,3 +521,54 @@ def test_opacus_optimizer_settings_are_readable_and_refuse_assignment(name):
     with pytest.raises(ConfigError, match=f"optimizer.{name} = 0.5"):
         setattr(opt, name, 0.5)
     assert getattr(opt, name) == getattr(engine.privacy, name)
+
+
+@pytest.mark.parametrize(
+    "kw, advice",
+    [
+        (dict(poisson_sampling=False), "sampler='shuffle'"),
+        (dict(clipping="per_layer"), "clips flat"),
+        (dict(grad_sample_mode="ghost"), "mode="),
+        (dict(noise_generator=torch.Generator()), r"PrivacyEngine\(seed=...\)"),
+        (dict(nosie_multiplier=2.0), "spelling"),
+    ],
+)
+def test_opacus_keywords_are_refused_with_the_lazydp_way(kw, advice):
+    # A bare TypeError named the keyword but not what lazydp does instead; through
+    # make_private_with_epsilon it came only after the calibration.
+    with pytest.raises(ConfigError, match=advice):
+        private(**kw)
+    model = Toy()
+    with pytest.raises(ConfigError, match=advice):
+        PrivacyEngine().make_private_with_epsilon(
+            module=model,
+            optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            data_loader=loader(),
+            target_epsilon=1.0,
+            target_delta=1e-5,
+            epochs=1,
+            max_grad_norm=1.0,
+            **kw,
+        )
+
+
+def test_noise_multiplier_given_to_make_private_with_epsilon_is_refused_before_calibrating():
+    model = Toy()
+    with pytest.raises(ConfigError, match="calibrates the noise multiplier"):
+        PrivacyEngine().make_private_with_epsilon(
+            module=model,
+            optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            data_loader=loader(),
+            target_epsilon=1.0,
+            target_delta=1e-5,
+            epochs=1,
+            max_grad_norm=1.0,
+            noise_multiplier=1.0,
+        )
+
+
+def test_opacus_engine_settings_are_refused_with_the_lazydp_way():
+    with pytest.raises(ConfigError, match="AES-128-CTR"):
+        PrivacyEngine(secure_mode=True)
+    with pytest.raises(ConfigError, match="use 'pld'"):
+        PrivacyEngine(accountant="prv")

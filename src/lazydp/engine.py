@@ -77,7 +77,15 @@ class PrivacyEngine:
         accountant: str = "pld",
         seed: int | None = None,
         ledger_path: str | os.PathLike[str] | None = None,
+        **unknown: Any,
     ) -> None:
+        _refuse_unknown("PrivacyEngine", unknown)
+        if accountant == "prv":
+            raise ConfigError(
+                "accountant='prv' (Opacus' default) is not a lazydp accountant: use 'pld' "
+                "(lazydp's default), the same kind of tight numerical accounting (privacy loss "
+                "distributions); 'rdp' is also available."
+            )
         v.check_choice("accountant", accountant, ("pld", "rdp"))
         self.accountant = accountant
         self.seed = seed
@@ -116,13 +124,17 @@ class PrivacyEngine:
         steps_per_epoch: int | None = None,
         rank: int = 0,
         world_size: int = 1,
+        **unknown: Any,
     ) -> tuple[nn.Module, Optimizer, DataLoader]:
         """Return (module, optimizer, data_loader) that train with DP-SGD in ``mode``.
 
         The module is the same object (its parameterised layers are captured in place); the
         optimizer wraps yours and keeps its param_groups; the loader draws batches with
-        Poisson sampling at rate q = data_loader.batch_size / len(dataset).
+        Poisson sampling at rate q = data_loader.batch_size / len(dataset). Opacus' own
+        keywords (``poisson_sampling``, ``clipping``, ``grad_sample_mode``, ...) are refused
+        with the lazydp way to get the same.
         """
+        _refuse_unknown("make_private", unknown)
         v.check_mode(mode)
         v.check_choice("sampler", sampler, SAMPLERS)
         v.check_choice("loss_reduction", loss_reduction, ("mean", "sum"))
@@ -277,6 +289,10 @@ class PrivacyEngine:
         **kwargs: Any,
     ) -> tuple[nn.Module, Optimizer, DataLoader]:
         """As ``make_private``, with the smallest noise multiplier whose epsilon <= target."""
+        # Before the calibration (seconds for long runs), not after it in make_private.
+        _refuse_unknown(
+            "make_private_with_epsilon", {k: a for k, a in kwargs.items() if k not in _FORWARDED}
+        )
         v.check_epsilon(target_epsilon)
         v.check_delta(target_delta)
         v.check_epochs(epochs)
@@ -609,6 +625,46 @@ class PrivacyEngine:
             self.capture.remove()
         assert self.module is not None
         return self.module
+
+
+# make_private's keywords that make_private_with_epsilon passes on.
+_FORWARDED = ("mode", "sampler", "loss_reduction", "steps_per_epoch", "rank", "world_size")
+
+# Opacus' PrivacyEngine keywords lazydp does not take, and what to do instead.
+_OPACUS_ONLY = {
+    "poisson_sampling": "lazydp samples with Poisson by default (sampler='poisson'); "
+    "poisson_sampling=False is sampler='shuffle' (fixed-size batches, accounted without "
+    "amplification).",
+    "clipping": "lazydp clips flat (one bound C on each example's whole gradient, Opacus' "
+    "clipping='flat'); per-layer, adaptive and automatic clipping are not supported.",
+    "grad_sample_mode": "lazydp chooses the per-example machinery with mode=: 'dpsgd_b' "
+    "materialises per-example gradients (Opacus' 'hooks' / 'functorch'), 'dpsgd_f' and "
+    "'lazydp' use ghost norms (Opacus' 'ghost'; no criterion wrapper needed).",
+    "criterion": "lazydp's ghost norms need no loss wrapper: compute the loss as usual and "
+    "pass loss_reduction='mean' or 'sum' to match it.",
+    "noise_generator": "The noise is seeded from OS entropy; for a reproducible research run "
+    "pass PrivacyEngine(seed=...).",
+    "secure_mode": "lazydp's CPU noise is always drawn from AES-128-CTR uniforms seeded from OS "
+    "entropy (CUDA draws use torch's Philox kernel).",
+    "batch_first": "lazydp takes each layer's first dimension as the batch; feed layers "
+    "batch-first (a time-major input with fewer steps than examples is warned about and "
+    "flagged in the privacy report, not refused).",
+    "wrap_model": "lazydp captures the model's layers in place and returns the same module.",
+    "rand_on_empty": "An empty Poisson batch still steps: it is charged and its noise is drawn.",
+    # Not Opacus-only, but make_private_with_epsilon chooses it (a TypeError after calibrating).
+    "noise_multiplier": "make_private_with_epsilon calibrates the noise multiplier to "
+    "target_epsilon; to choose it yourself, call make_private.",
+}
+
+
+def _refuse_unknown(call: str, unknown: dict[str, Any]) -> None:
+    """ConfigError for a keyword lazydp does not take: an Opacus one (a migrating user's
+    first call) gets what to do instead, which a bare TypeError never said."""
+    for key in unknown:
+        advice = _OPACUS_ONLY.get(
+            key, "Check its spelling against the signature (help(PrivacyEngine))."
+        )
+        raise ConfigError(f"{call}() does not take {key}={unknown[key]!r}. {advice}")
 
 
 def _batch_size_of(data_loader: DataLoader, n: int) -> int:
