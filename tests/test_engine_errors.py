@@ -572,3 +572,12 @@ def test_opacus_engine_settings_are_refused_with_the_lazydp_way():
         PrivacyEngine(secure_mode=True)
     with pytest.raises(ConfigError, match="use 'pld'"):
         PrivacyEngine(accountant="prv")
+
+
+def test_opacus_batch_memory_manager_is_refused_with_the_reason():
+    # BatchMemoryManager's sampler calls optimizer.signal_skip_step: it died with an
+    # AttributeError from inside torch's DataLoader.
+    model, opt, _, engine = private("dpsgd_f")
+    with pytest.raises(ConfigError, match="BatchMemoryManager"):
+        opt.signal_skip_step(do_skip=True)
+    assert engine.ledger.steps == 0

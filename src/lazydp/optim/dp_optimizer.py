@@ -277,6 +277,19 @@ class DPOptimizer(OptimizerGroup):
     def expected_batch_size(self, value: Any) -> None:
         raise ConfigError(_SETTING_FIXED.format(name="expected_batch_size", value=value))
 
+    def signal_skip_step(self, do_skip: bool = True) -> None:
+        """Refused: Opacus' BatchMemoryManager calls it to split a batch into virtual steps
+        (gradient accumulation), which lazydp does not do; without it the loop died with an
+        AttributeError from inside torch's DataLoader."""
+        raise ConfigError(
+            "Opacus' BatchMemoryManager (signal_skip_step) splits each batch into physical "
+            "batches and accumulates their gradients; lazydp takes one forward and backward per "
+            "step() and does not accumulate. Iterate the loader make_private returned: "
+            "dpsgd_f and lazydp never materialise per-example gradients (a private step needs "
+            "little more memory than a plain one); if a batch still does not fit, lower the "
+            "batch size."
+        )
+
     def _group_of(self, p: nn.Parameter) -> tuple[Optimizer | None, dict[str, Any]]:
         if p not in self._group_index:
             return None, {}
