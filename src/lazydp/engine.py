@@ -644,8 +644,9 @@ _OPACUS_ONLY = {
     "pass loss_reduction='mean' or 'sum' to match it.",
     "noise_generator": "The noise is seeded from OS entropy; for a reproducible research run "
     "pass PrivacyEngine(seed=...).",
-    "secure_mode": "lazydp's CPU noise is always drawn from AES-128-CTR uniforms seeded from OS "
-    "entropy (CUDA draws use torch's Philox kernel).",
+    "secure_mode": "lazydp's CPU noise is always drawn from AES-128-CTR uniforms, seeded from OS "
+    "entropy unless PrivacyEngine(seed=...) asks for a reproducible run (CUDA draws use torch's "
+    "Philox kernel).",
     "batch_first": "lazydp takes each layer's first dimension as the batch; feed layers "
     "batch-first (a time-major input with fewer steps than examples is warned about and "
     "flagged in the privacy report, not refused).",
