@@ -39,6 +39,30 @@ def test_a_failed_save_keeps_the_earlier_file_and_leaves_no_temporary(tmp_path, 
         _atomic_save({}, path / "inside-a-file.pt")  # the parent is a file
 
 
+def test_a_save_removes_the_temporary_a_writer_killed_mid_save_left(tmp_path):
+    """SIGKILL mid-save leaves a checkpoint-sized temporary that its writer cannot remove: the
+    next save removes those whose writer process on this host is gone, and no other."""
+    import socket
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    path = tmp_path / "checkpoint.pt"
+    mine = f".checkpoint.pt.tmp-{socket.gethostname()}-"
+    abandoned, live = tmp_path / f"{mine}{int(done.stdout)}", tmp_path / f"{mine}{os.getppid()}"
+    elsewhere = tmp_path / f".checkpoint.pt.tmp-{socket.gethostname()}x-{int(done.stdout)}"
+    for tmp in (abandoned, live, elsewhere):
+        tmp.write_bytes(b"x" * 1000)
+    _atomic_save({"step": 1}, path)
+    assert not abandoned.exists() and live.exists() and elsewhere.exists()
+    assert sorted(os.listdir(tmp_path)) == sorted(["checkpoint.pt", live.name, elsewhere.name])
+
+
 def test_a_ledger_that_cannot_be_written_refuses_the_charge(tmp_path, monkeypatch):
     ledger = PrivacyLedger(tmp_path / "ledger.jsonl")
     ledger.charge(EVENT)

@@ -22,9 +22,11 @@ Example:
 from __future__ import annotations
 
 import copy
+import glob
 import io
 import math
 import os
+import socket
 import warnings
 import zipfile
 from collections.abc import Callable, Sequence
@@ -45,6 +47,7 @@ from torch.utils.data import (
 )
 
 from lazydp import _validate as v
+from lazydp._process import running
 from lazydp._timing import PhaseTimer
 from lazydp.accounting import SAMPLERS, calibrate_noise_multiplier, epoch_steps, steps_for_epochs
 from lazydp.capture import CaptureSet, copy_refused
@@ -741,9 +744,10 @@ def _atomic_save(obj: Any, path: str | os.PathLike[str]) -> Path:
     """Write ``obj`` to a temporary file, fsync it and rename it over ``path``: ``path`` is
     either the earlier file or the complete new one, and no partial temporary is left behind."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f"{_tmp_prefix(path)}{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_abandoned(path)
         with open(tmp, "wb") as f:
             torch.save(obj, f)
             f.flush()
@@ -788,6 +792,24 @@ def _check_extra(extra: dict[str, Any]) -> None:
                 "and lists, tuples and dicts of them). Store plain values instead: float(x) for "
                 "a numpy scalar, scheduler.state_dict() for an object. Nothing was written."
             ) from None
+
+
+def _tmp_prefix(path: Path) -> str:
+    """The name of ``path``'s temporaries, but for the writer's pid: the host names the writer
+    too, so a run on another host sharing the directory never takes a live one for abandoned."""
+    return f".{path.name}.tmp-{socket.gethostname()}-"
+
+
+def _remove_abandoned(path: Path) -> None:
+    """Remove ``path``'s temporaries whose writer, a process of this host, is gone. A run killed
+    hard (SIGKILL, out of memory) mid-save cannot remove its own, which is as large as the
+    checkpoint or model: one left behind per kill would fill the disk."""
+    prefix = _tmp_prefix(path)
+    for tmp in path.parent.glob(glob.escape(prefix) + "*"):
+        pid = tmp.name[len(prefix) :]
+        if pid.isdigit() and not running(int(pid)):
+            with suppress(OSError):
+                tmp.unlink()
 
 
 def load_checkpoint_file(path: str | os.PathLike[str]) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from lazydp._process import running
 from lazydp.errors import ConfigError, DataError
 
 METADATA = "metadata.json"
@@ -79,7 +80,7 @@ def _remove_abandoned(final: Path) -> None:
             continue
         try:
             writer_host, pid = (d / WRITER).read_text(encoding="utf-8").split()
-            gone = writer_host == host and not _running(int(pid))
+            gone = writer_host == host and not running(int(pid))
         except (OSError, ValueError):
             continue  # no writer recorded (older lazydp, or not ours): leave it
         if gone:
@@ -89,17 +90,6 @@ def _remove_abandoned(final: Path) -> None:
                 f"process ({pid}) no longer exists (killed before it could clean up)",
                 stacklevel=3,
             )
-
-
-def _running(pid: int) -> bool:
-    """Whether process ``pid`` exists on this host (signal 0 probes without signalling)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # another user's process
-    return True
 
 
 def _check_replaceable(final: Path, inputs: Sequence[str | Path]) -> None:
