@@ -49,8 +49,12 @@ def test_resume_without_a_checkpoint_is_refused_and_keeps_the_model(tmp_path, ca
     # A finished run is named as finished (it used to be called killed before a checkpoint).
     assert code == 1 and "finished" in res.err and "nothing to continue" in res.err
     assert "Traceback" not in res.err and (out / "model.pt").read_bytes() == model
+    (out / "report.json").unlink()  # as if killed after model.pt, before the report
+    code, res = run_cli([*args, "--resume"], capsys)
+    # It used to be called killed before its first checkpoint, model.pt to be replaced.
+    assert code == 1 and "finished training" in res.err and "model.pt is complete" in res.err
+    assert "PrivacyLedger(" in res.err and "killed before its first" not in res.err
     (out / "model.pt").unlink()  # as if killed before the end and before any checkpoint
-    (out / "report.json").unlink()
     code, res = run_cli([*args, "--resume"], capsys)
     assert code == 1 and "no checkpoint.pt" in res.err and "killed before" in res.err
 

@@ -111,3 +111,27 @@ def test_train_refuses_a_disk_too_small_for_its_outputs_before_charging(
     monkeypatch.undo()
     code, res = run_cli(args, capsys)  # with the space, the same command trains
     assert code == 0 and (out / "model.pt").exists()
+
+
+def test_a_report_that_cannot_be_written_loses_only_the_report(tmp_path, capsys, monkeypatch):
+    # It was written in place: a full disk gave a traceback from deep inside pathlib (the
+    # privacy report never shown) and a kill mid-write left a truncated report.json.
+    real = lazydp.engine._atomic_save
+
+    def disk_full_in_the_report(obj, path, dump=None):
+        if path.name != "report.json":
+            return real(obj, path)
+
+        def half_then_full(data, f):
+            f.write(data[: len(data) // 2])
+            _no_space()
+
+        return real(obj, path, half_then_full)
+
+    monkeypatch.setattr(lazydp.training, "_atomic_save", disk_full_in_the_report, raising=False)
+    out = tmp_path / "run"
+    args = ["train", "--dataset", "acs", "--max-steps", "3", "--no-progress", "--out", str(out)]
+    code, res = run_cli(args, capsys)
+    assert code == 1 and "Traceback" not in res.err and "only the report is lost" in res.err
+    assert "epsilon" in res.err and (out / "model.pt").exists()
+    assert sorted(os.listdir(out)) == ["ledger.jsonl", "model.pt"]  # no partial report.json

@@ -740,16 +740,19 @@ def _lazy_noise(privacy: dict[str, Any]) -> float | None:
         return None
 
 
-def _atomic_save(obj: Any, path: str | os.PathLike[str]) -> Path:
-    """Write ``obj`` to a temporary file, fsync it and rename it over ``path``: ``path`` is
-    either the earlier file or the complete new one, and no partial temporary is left behind."""
+def _atomic_save(
+    obj: Any, path: str | os.PathLike[str], dump: Callable[[Any, Any], object] = torch.save
+) -> Path:
+    """Write ``obj`` to a temporary file (``dump(obj, file)``), fsync it and rename it over
+    ``path``: ``path`` is either the earlier file or the complete new one, and no partial
+    temporary is left behind."""
     path = Path(path)
     tmp = path.with_name(f"{_tmp_prefix(path)}{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         _remove_abandoned(path)
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            dump(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -31,8 +31,8 @@ from lazydp.accounting import (
     epoch_steps,
     steps_for_epochs,
 )
-from lazydp.engine import PrivacyEngine
-from lazydp.errors import ConfigError, DataError, PrivacyError
+from lazydp.engine import PrivacyEngine, _atomic_save
+from lazydp.errors import ConfigError, DataError, PrivacyError, StorageError
 from lazydp.ledger import PrivacyLedger, ledger_path
 from lazydp.metrics import accuracy, roc_auc
 from lazydp.report import steps_text
@@ -597,6 +597,16 @@ def run(
                 "ledger keeps what was spent)."
             )
         charged = steps_text(engine.ledger.steps, "charged")
+        if (out / "model.pt").exists():  # written only once training is over, then the report
+            raise ConfigError(
+                f"--resume: the run in {out} finished training ({charged}) and wrote "
+                "model.pt, the trained model, but stopped before report.json (killed, or "
+                "the report could not be written); it kept no checkpoint, so there is nothing "
+                "to continue. model.pt is complete, and the ledger holds its privacy cost: "
+                '`python -c "from lazydp.ledger import PrivacyLedger; '
+                f'print(PrivacyLedger({str(ledger_file)!r}).summary({delta!r}))"`. To train '
+                "again start a new run with another --out (this ledger keeps what was spent)."
+            )
         raise ConfigError(
             f"--resume: {out} holds a ledger with {charged} but no checkpoint.pt "
             "to continue from (it was killed before its first checkpoint, "
@@ -732,7 +742,7 @@ def run(
         "config": asdict(cfg) | ({"dataset": None} if cfg.data else {}),
     }
     if rank == 0:
-        (out / "report.json").write_text(json.dumps(summary, indent=2, default=str))
+        _write_report(out / "report.json", summary, str(report))
         print(report)
         if stopped_for_budget:
             print(
@@ -755,6 +765,21 @@ def run(
                 "model.pt is the releasable model."
             )
     return summary
+
+
+def _write_report(path: Path, summary: dict[str, Any], report: str) -> None:
+    """Write report.json whole or not at all (a run killed mid-write left a truncated one that
+    a resume took for the report of a finished run). Failing, say that only the report is lost,
+    and give its privacy figures: the budget is spent and model.pt saved."""
+    data = json.dumps(summary, indent=2, default=str).encode("utf-8")
+    try:
+        _atomic_save(data, path, lambda b, f: f.write(b))
+    except StorageError as exc:
+        raise StorageError(
+            f"{exc} Training finished: {path.parent / 'model.pt'} holds the trained model and "
+            f"the ledger what the run spent; only the report is lost. Its privacy report:\n"
+            f"{report}"
+        ) from None
 
 
 def _over_ranks(value: int, world_size: int, largest: bool = False) -> int:
