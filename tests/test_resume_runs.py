@@ -187,6 +187,29 @@ def test_a_signal_stops_at_a_step_boundary_with_a_checkpoint_and_the_run_resumes
     assert (out / "ledger.jsonl").read_text().count('"kind":"step"') == full_steps
 
 
+def test_a_signal_while_the_trained_model_is_saved_waits_for_model_pt(
+    tmp_path, capsys, monkeypatch
+):
+    # Ctrl-C during the final flush and export used to interrupt it: a run with no checkpoint
+    # (the default for short runs) kept its spent budget and no model, nothing to resume.
+    out = tmp_path / "r"
+    args = [*ACS, "--mode", "lazydp", "--noise-multiplier", "1", "--out", str(out)]
+    export = PrivacyEngine.export
+
+    def signal_then_export(self, path):
+        os.kill(os.getpid(), signal.SIGINT)
+        return export(self, path)
+
+    with monkeypatch.context() as m:
+        m.setattr(PrivacyEngine, "export", signal_then_export)
+        code, res = run_cli(args, capsys)
+    assert code == 128 + signal.SIGINT and "after training finished" in res.err, res.err
+    assert "Traceback" not in res.err and (out / "model.pt").exists()
+    assert sorted(os.listdir(out)) == ["ledger.jsonl", "model.pt"]
+    code, res = run_cli([*args, "--resume"], capsys)  # named as finished: nothing to redo
+    assert code == 1 and "model.pt is complete" in res.err
+
+
 def test_without_checkpoint_every_a_long_run_still_writes_safety_checkpoints(
     tmp_path, capsys, monkeypatch
 ):

@@ -6,6 +6,7 @@ ledger of spent budget and nothing to resume from. Stopping in the middle of a s
 safe either (a charged step half applied). So the first signal only asks: the loop finishes the
 step it is in, writes a checkpoint and raises :class:`StoppedBySignal`, and ``--resume``
 continues from there. A second signal interrupts at once (KeyboardInterrupt), as before.
+Once training is over, a signal waits for model.pt the same way (``after`` says so).
 
 Only in the main thread of a single-process run: under torchrun each rank would stop at its own
 step and the others would wait in a collective for ever; there the launcher's own handling and
@@ -41,8 +42,9 @@ class StoppedBySignal(KeyboardInterrupt):
 class StopRequest:
     """Set by the first SIGINT/SIGTERM while installed; polled between steps."""
 
-    def __init__(self) -> None:
+    def __init__(self, after: str = "this step and writing a checkpoint") -> None:
         self.signum: int | None = None
+        self.after = after  # what the run still does before it stops, for the notice
 
     @property
     def requested(self) -> bool:
@@ -53,16 +55,19 @@ class StopRequest:
             raise KeyboardInterrupt  # the second signal: stop now
         self.signum = signum
         print(
-            f"\nlazydp: {signal.Signals(signum).name} received: stopping after this step and "
-            "writing a checkpoint (send it again to stop at once).",
+            f"\nlazydp: {signal.Signals(signum).name} received: stopping after {self.after} "
+            "(send it again to stop at once).",
             file=sys.stderr,
         )
 
 
 @contextmanager
-def stop_on_signals(enabled: bool = True) -> Iterator[StopRequest]:
-    """Install the handlers for the block (main thread only; elsewhere a no-op request)."""
-    request = StopRequest()
+def stop_on_signals(
+    enabled: bool = True, after: str = "this step and writing a checkpoint"
+) -> Iterator[StopRequest]:
+    """Install the handlers for the block (main thread only; elsewhere a no-op request);
+    ``after`` says what the run finishes before it stops."""
+    request = StopRequest(after)
     if not enabled or threading.current_thread() is not threading.main_thread():
         yield request
         return

@@ -710,14 +710,25 @@ def run(
     train_seconds = time.perf_counter() - started
     # Each rank counted its own shard of the batches: the report's rate is the job's.
     examples = _over_ranks(examples, world_size)
-    engine.flush()  # end of training: every row gets all its pending noise
-    if rank == 0 and (cfg.checkpoint_every or ckpt.exists()):
-        # The checkpoint now holds the flushed model: a resume of this finished run must not
-        # draw the noise that was pending at its last checkpoint a second time (two releases
-        # of one step's noise, each with fresh draws, would average it away).
-        engine.save_checkpoint(ckpt, step=step, settings=settings)
-    if rank == 0:  # saved before anything else can fail: the budget for it is already spent
-        engine.export(out / "model.pt")
+    # A signal here waits for model.pt: interrupted, a run with no checkpoint (the default for
+    # short runs) lost the model its whole spent budget paid for, with nothing to resume.
+    with stop_on_signals(enabled=world_size == 1, after="writing model.pt") as stop:
+        engine.flush()  # end of training: every row gets all its pending noise
+        if rank == 0 and (cfg.checkpoint_every or ckpt.exists()):
+            # The checkpoint now holds the flushed model: a resume of this finished run must
+            # not draw the noise that was pending at its last checkpoint a second time (two
+            # releases of one step's noise, each with fresh draws, would average it away).
+            engine.save_checkpoint(ckpt, step=step, settings=settings)
+        if rank == 0:  # saved before anything else can fail: the budget for it is already spent
+            engine.export(out / "model.pt")
+    if stop.signum is not None:
+        raise StoppedBySignal(
+            f"stopped by {signal.Signals(stop.signum).name} after training finished "
+            f"({steps_text(step)}): {out / 'model.pt'} holds the trained model; its evaluation "
+            "and report.json were skipped"
+            + (" (the same command with --resume writes them)." if ckpt.exists() else "."),
+            stop.signum,
+        )
     metrics = evaluate(model, test, cfg.eval_batch_size)
     report = engine.privacy_report(delta)
     if privacy_cost.get("reproducible_seed"):
