@@ -4,6 +4,7 @@ caveat the run's history calls for."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -178,6 +179,8 @@ def test_a_signal_stops_at_a_step_boundary_with_a_checkpoint_and_the_run_resumes
         m.setattr(training, "_forward", forward_then_signal)
         code, res = run_cli(args, capsys)
     assert code == 128 + signum and "--resume" in res.err and "Traceback" not in res.err
+    # --json ends with one JSON object, a stopped run's too (it used to print none).
+    assert json.loads(res.out.splitlines()[-1])["type"] == "StoppedBySignal"
     assert signal.getsignal(signum) == before  # handlers restored
     assert (out / "ledger.jsonl").read_text().count('"kind":"step"') == 3
     assert torch.load(out / "checkpoint.pt", weights_only=True)["extra"]["step"] == 3

@@ -4,6 +4,7 @@ checkpoint intact, no temporary files left, no step taken without its ledger lin
 from __future__ import annotations
 
 import errno
+import json
 import os
 
 import pytest
@@ -87,6 +88,8 @@ def test_ctrl_c_gives_one_line_not_a_traceback(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(lazydp.training, "run", interrupted)
     code, res = run_cli(["train", "--dataset", "acs", "--out", str(tmp_path / "r")], capsys)
     assert code == 130 and "interrupted" in res.err and "Traceback" not in res.err
+    code, res = run_cli(["train", "--json", "--out", str(tmp_path / "r")], capsys)
+    assert code == 130 and json.loads(res.out.splitlines()[-1])["type"] == "KeyboardInterrupt"
 
 
 def test_train_refuses_a_disk_too_small_for_its_outputs_before_charging(

@@ -142,19 +142,20 @@ def main(argv: list[str] | None = None) -> int:
             result: dict[str, Any] = args.func(args)
     except LazyDPError as exc:
         print(f"lazydp {args.command}: error: {exc}", file=sys.stderr)
-        if getattr(args, "json", False):
-            print(json.dumps({"error": str(exc), "type": type(exc).__name__}))
+        _json_error(args, str(exc), exc)
         return 1
     except StoppedBySignal as exc:  # stopped at a step boundary, with a checkpoint
         print(f"lazydp {args.command}: {exc}", file=sys.stderr)
+        _json_error(args, str(exc), exc)
         return exc.exit_code
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         # Every charged step is already in the ledger (written before its noise was drawn).
-        print(
-            f"lazydp {args.command}: interrupted. The privacy ledger holds every step charged so "
-            "far; a training run continues from its last checkpoint with --resume.",
-            file=sys.stderr,
+        message = (
+            "interrupted. The privacy ledger holds every step charged so far; a training run "
+            "continues from its last checkpoint with --resume."
         )
+        print(f"lazydp {args.command}: {message}", file=sys.stderr)
+        _json_error(args, message, exc)
         return 130
     except BrokenPipeError:
         return _reader_gone()
@@ -164,6 +165,13 @@ def main(argv: list[str] | None = None) -> int:
         except BrokenPipeError:
             return _reader_gone()
     return 0
+
+
+def _json_error(args: argparse.Namespace, message: str, exc: BaseException) -> None:
+    """With --json, the one JSON object a failed or stopped command ends its output with:
+    scripts read the last line, and a run stopped by a scheduler's SIGTERM printed none."""
+    if getattr(args, "json", False):
+        print(json.dumps({"error": message, "type": type(exc).__name__}))
 
 
 def _reader_gone() -> int:
