@@ -104,3 +104,25 @@ def test_a_pool_saved_before_its_first_refill_resumes():
     resumed = NoisePool(GaussianNoise(seed=3))
     resumed.load_state_dict(state)
     assert resumed.standard(8).shape == (8,)
+
+
+def test_a_restored_refill_is_not_replayed_over_draws_made_after_the_restore():
+    # Restored onto a re-keyed stream (counter 0, as a resumed engine's), a draw too large for
+    # the pool went straight to the stream as its call 0; the pool's next draw then found the
+    # counter at its saved refill's call + 1 and "replayed" call 0 -- the large draw's values,
+    # handed out a second time from the saved position.
+    noise = GaussianNoise(seed=8)
+    pool = NoisePool(noise)
+    pool.standard(10)
+    state, noise_state = pool.state_dict(), noise.state_dict()
+    assert state == {"call": 0, "pos": 10}
+
+    noise2 = GaussianNoise(seed=8)
+    pool2 = NoisePool(noise2)
+    pool2.load_state_dict(state)
+    noise2.load_state_dict(noise_state)
+    noise2.rekey_(8, [5])  # what the engine's load_checkpoint does
+    big = pool2.standard(POOL_NUMEL // 2 + 1).clone()  # bypasses the pool: call 0
+    small = pool2.standard(10)
+    assert not torch.equal(small, big[10:20])
+    assert noise2.calls == 2  # a fresh refill, not a replay

@@ -159,6 +159,9 @@ class GaussianNoise:
         self.stream_path = path
         self.threads = threads if threads is not None else default_threads()
         self._counter = 0
+        # The counter right after the last load_state_dict (None: never restored); see
+        # untouched_since_restore.
+        self._restored_at: int | None = None
         self._lock = threading.Lock()
         self._forks: dict[int, GaussianNoise] = {}
         # Prefix-free: fixed-width seed, then the path's length and fixed-width entries.
@@ -189,6 +192,24 @@ class GaussianNoise:
         return self._counter + sum(
             child.calls_below(limit) for k, child in self._forks.items() if k < limit
         )
+
+    @property
+    def untouched_since_restore(self) -> bool:
+        """Whether ``load_state_dict`` restored this stream (or a parent) and nothing has drawn
+        from it since: its past calls are then the saved run's, so a
+        :class:`~lazydp.noise_pool.NoisePool` may rebuild the refill its checkpoint was in.
+
+        >>> n = GaussianNoise(seed=0); n.load_state_dict(n.state_dict()); n.untouched_since_restore
+        True
+        >>> _ = n.normal_(torch.empty(2)); n.untouched_since_restore
+        False
+        """
+        return self._restored_at == self._counter
+
+    def _mark_restored(self) -> None:
+        self._restored_at = self._counter
+        for child in self._forks.values():
+            child._mark_restored()
 
     # -- seeding -------------------------------------------------------------------------
     def _next_call(self) -> int:
@@ -536,6 +557,7 @@ class GaussianNoise:
         True
         """
         self._adopt(GaussianNoise._from_state(state, self.threads))
+        self._mark_restored()
 
     @staticmethod
     def _from_state(state: dict[str, Any], threads: int) -> GaussianNoise:

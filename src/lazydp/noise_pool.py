@@ -78,9 +78,15 @@ class NoisePool:
         """Rebuild a checkpointed refill (seeded streams whose counter is right after it)."""
         self._restore = None
         call, pos = state["call"], state["pos"]
-        if call < 0 or not self.noise.seeded or self.noise.calls != call + 1:
+        noise = self.noise
+        if call < 0 or not noise.seeded or noise.calls != call + 1:
             # saved before its first refill, unseeded, or the stream moved on (a resumed
             # engine re-keys its streams): the next standard() refills afresh
+            return
+        if not noise.untouched_since_restore:
+            # The counter reached call + 1 by draws made after the restore (a large draw that
+            # bypassed the pool, on a re-keyed stream): call ``call`` is one of those, not the
+            # saved refill, and replaying it would hand its values out a second time.
             return
         self._buffer = torch.empty(POOL_NUMEL)
         self.noise.replay_(self._buffer, call)
