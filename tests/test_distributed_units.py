@@ -119,3 +119,18 @@ def test_restart_without_ledger_is_a_privacy_error(tmp_path: Path, monkeypatch) 
     (tmp_path / "ledger.rank1.jsonl").write_text("")
     prepare_restart(cfg, rank=1)
     assert cfg.resume is True
+
+
+def test_a_seeded_distributed_run_on_a_charged_ledger_starts_on_a_fresh_stream(tmp_path) -> None:
+    # As PrivacyEngine (tests/test_lazy.py): a seeded run from scratch on a ledger that holds
+    # charged steps redrew, on stream 0, the noise the run that charged them had drawn.
+    from tests.test_distributed_consistency import _build, _steps
+
+    weights = []
+    for _ in range(2):
+        model, opt, sched, engine = _build(0, ledger=tmp_path / "l.jsonl", seed=3, sharded=False)
+        _steps(model, opt, sched, 0, 0, 2)
+        weights.append(model.fc.weight.detach().clone())
+    assert engine.ledger.steps == 4
+    assert engine.noise is not None and engine.noise.stream_path == (3,)  # 1 + 2 charged
+    assert float((weights[1] - weights[0]).abs().max()) > 1e-3  # other noise

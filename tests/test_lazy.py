@@ -342,6 +342,36 @@ def test_a_resumed_seeded_run_never_replays_the_noise_of_the_steps_it_redoes(tmp
         torch.testing.assert_close(again[k], resumed[k], atol=0, rtol=0, msg=k)
 
 
+def _two_runs_on_one_ledger(tmp_path, mode: str) -> tuple[dict, dict]:
+    """Two seeded runs from scratch (no checkpoint) on the same batches, the second on the
+    ledger the first charged (a restart after a crash before the first checkpoint, or another
+    run on that ledger). Returns both models."""
+    batches = make_batches(3, seed=5)
+    models = []
+    for _ in range(2):
+        model, opt, sched, engine = build(mode, ledger_path=tmp_path / "l.jsonl")
+        for b in batches:
+            step(model, opt, sched, b)
+        models.append(snapshot(model))
+    assert engine.ledger.steps == 6  # the second run is charged as fresh noise
+    return models[0], models[1]
+
+
+@pytest.mark.parametrize("mode", ["dpsgd_f", "lazydp"])
+def test_a_seeded_run_on_a_charged_ledger_does_not_redraw_the_first_runs_noise(tmp_path, mode):
+    """DP invariant 5 across restarts without a checkpoint: both runs started on stream 0,
+    so the second redrew the first run's noise on its steps while the ledger charged them as
+    fresh noise -- on other data or settings the two models differ by noiseless gradients."""
+    with zero_noise():  # the control: without noise the two runs are the same run
+        first, second = _two_runs_on_one_ledger(tmp_path / "zero", mode)
+        for k in first:
+            torch.testing.assert_close(second[k], first[k], atol=1e-6, rtol=1e-6, msg=k)
+    (tmp_path / "one").mkdir()
+    first, second = _two_runs_on_one_ledger(tmp_path / "one", mode)
+    for k in ("bag.weight", "emb.weight", "fc1.weight"):
+        assert float((second[k] - first[k]).abs().max()) > 1e-3, k  # other noise
+
+
 class SignSGD(torch.optim.SGD):
     """An SGD subclass with its own update: each parameter moves by lr * sign(gradient)."""
 

@@ -277,7 +277,7 @@ class PrivacyEngine:
 
     def _make_noise(self, rank: int, world_size: int) -> GaussianNoise:
         """The noise source; tables fork independent streams from it."""
-        return GaussianNoise(seed=self.seed, stream=0)
+        return seeded_root(self.seed, self.ledger.steps)
 
     def make_private_with_epsilon(
         self,
@@ -669,6 +669,21 @@ def _refuse_unknown(call: str, unknown: dict[str, Any]) -> None:
             key, "Check its spelling against the signature (help(PrivacyEngine))."
         )
         raise ConfigError(f"{call}() does not take {key}={unknown[key]!r}. {advice}")
+
+
+def seeded_root(seed: int | None, charged: int) -> GaussianNoise:
+    """A new run's root stream when its ledger already holds ``charged`` steps.
+
+    A seeded run on a ledger with charged steps (a restart without a checkpoint, another run
+    on the same ledger) starts where a resume at that ledger would (``_rekey_noise``): on
+    stream 0 it would redraw the noise of the run that charged them -- on other batches,
+    data or settings -- while the ledger counts both runs' steps as fresh noise, so the two
+    released models would differ by noiseless gradients (DP invariant 5). A first run
+    (empty ledger) keeps stream 0, so seeded runs still reproduce."""
+    noise = GaussianNoise(seed=seed, stream=0)
+    if seed is not None and charged:
+        noise.rekey_(seed, [1 + charged])
+    return noise
 
 
 def _batch_size_of(data_loader: DataLoader, n: int) -> int:

@@ -56,7 +56,7 @@ from lazydp.distributed._comm import (
 )
 from lazydp.distributed.data_parallel import ClippedSumReducer, union_catch_up_hook
 from lazydp.distributed.sharded import ShardedEmbeddingBag
-from lazydp.engine import MODES, PrivacyEngine, _atomic_save
+from lazydp.engine import MODES, PrivacyEngine, _atomic_save, seeded_root
 from lazydp.errors import ConfigError, PrivacyError, UnsupportedOptimizerError
 from lazydp.noise import GaussianNoise, rekeyed_state
 from lazydp.optim.dp_optimizer import sgd_step
@@ -323,10 +323,10 @@ class DistributedPrivacyEngine(PrivacyEngine):
     # ------------------------------------------------------------------ noise streams
     def _make_noise(self, rank: int, world_size: int) -> GaussianNoise:
         """One stream shared by all ranks: identical draws everywhere, so noise is added once."""
-        seed = self.seed
-        if seed is None:
+        if self.seed is None:
             seed = shared_secret_seed(self.process_group, comm_device(self.process_group))
-        return GaussianNoise(seed=seed, stream=0)
+            return GaussianNoise(seed=seed, stream=0)
+        return seeded_root(self.seed, self._charged_steps())
 
     def _shard_noise(self, k: int) -> GaussianNoise:
         """Sharded table k's stream on this rank: independent of every other rank and table."""
@@ -345,13 +345,17 @@ class DistributedPrivacyEngine(PrivacyEngine):
             )
             root = 0
         else:
-            # Same on every rank: the largest charged-step count (ledgers can differ by a step).
-            steps = torch.tensor([self.ledger.steps], device=comm_device(self.process_group))
-            if world(self.process_group)[1] > 1:
-                dist.all_reduce(steps, op=dist.ReduceOp.MAX, group=self.process_group)
-            seed, root = self.seed, 1 + int(steps)
+            seed, root = self.seed, 1 + self._charged_steps()
         # Forks (tables, and shards in a seeded run) hang off the root and follow it in place.
         self.noise.rekey_(seed, [root])
+
+    def _charged_steps(self) -> int:
+        """The largest charged-step count of any rank, the same on every rank (a collective;
+        after a crash the ranks' ledgers can differ by a step)."""
+        steps = torch.tensor([self.ledger.steps], device=comm_device(self.process_group))
+        if world(self.process_group)[1] > 1:
+            dist.all_reduce(steps, op=dist.ReduceOp.MAX, group=self.process_group)
+        return int(steps)
 
     # ------------------------------------------------------------------ flush, export, checkpoints
     def flush(self) -> None:
