@@ -111,6 +111,18 @@ def test_bench_rejects_unknown_modes_and_sweep_keys(tmp_path, capsys):
         load_sweep(str(bad))
 
 
+def test_bench_refuses_a_mode_named_twice(tmp_path, capsys):
+    # It was timed once and reported twice: two equal columns, two results in bench.json.
+    out = tmp_path / "o"
+    assert main(["bench", *TINY, "--modes", "sgd,lazydp,sgd", "--out", str(out)]) == 1
+    assert "['sgd'] named more than once" in capsys.readouterr().err
+    assert not out.exists()
+    sweep = _tiny_sweep(tmp_path / "s.yaml", "scale: 1.0e-5\nmodes: [sgd, lazydp]\n")
+    sweep.write_text(sweep.read_text() + "interleave: [lazydp, lazydp]\n")
+    assert main(["bench", "--sweep", str(sweep), "--no-progress", "--out", str(out)]) == 1
+    assert "interleave=['lazydp', 'lazydp']" in capsys.readouterr().err
+
+
 def test_a_sweep_file_takes_the_flag_name_mlp_only(tmp_path):
     sweep = tmp_path / "mlp.yaml"
     sweep.write_text("config: mlperf\nmlp_only: [false, true]\nscale: 0.001\n")

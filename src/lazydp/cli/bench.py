@@ -109,6 +109,10 @@ def _modes(value: Any, name: str = "--modes") -> list[str]:
             f"{name}={value!r}: {bad or 'empty'} not known; use a comma-separated subset of "
             f"{','.join(BENCH_MODES)}"
         )
+    # A mode named twice would be timed once yet reported twice (two equal columns and results).
+    twice = sorted({m for m in modes if modes.count(m) > 1})
+    if twice:
+        raise ConfigError(f"{name}={value!r}: {twice} named more than once; name each mode once")
     return modes
 
 
