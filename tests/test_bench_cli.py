@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import signal
+import tempfile
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -262,3 +267,42 @@ def test_interleaving_lazydp_with_dpsgd_f_gets_a_note(tmp_path, capsys):
     sweep.write_text(sweep.read_text() + "interleave: [sgd, lazydp]\n")
     assert main([*argv, str(tmp_path / "o2")]) == 0
     assert "interleaved with a dpsgd_* mode" not in capsys.readouterr().err
+
+
+def _children(pid: int) -> list[int]:
+    tasks = Path(f"/proc/{pid}/task")
+    return [int(c) for t in tasks.iterdir() for c in (t / "children").read_text().split()]
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads /proc (Linux)")
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_stops_the_bench_and_its_child_process(tmp_path, capsys, monkeypatch, signum):
+    # SIGTERM ended the parent alone: the child measuring a mode ran on, orphaned, and the
+    # temporary directory of its result stayed behind.
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    ours: list[int] = []
+
+    def signal_once_the_child_runs() -> None:
+        deadline = time.monotonic() + 120
+        while not ours and time.monotonic() < deadline:
+            ours.extend(_children(os.getpid()))
+            time.sleep(0.05)
+        os.kill(os.getpid(), signum)  # the child is still importing torch: long before its end
+
+    def carry_on(signum: int, frame: object) -> None:  # without the fix: the run goes on
+        pass
+
+    previous = signal.signal(signum, carry_on)
+    try:
+        threading.Thread(target=signal_once_the_child_runs, daemon=True).start()
+        args = ["bench", *TINY, "--iterations", "2000", "--modes", "sgd"]
+        code = main([*args, "--out", str(tmp_path / "o")])
+        restored = signal.getsignal(signum)
+    finally:
+        signal.signal(signum, previous)
+    err = capsys.readouterr().err
+    assert code == 128 + signum, err
+    assert f"stopped by {signal.Signals(signum).name}" in err and "Traceback" not in err
+    assert ours and not any(Path(f"/proc/{pid}").exists() for pid in ours)  # killed, reaped
+    assert not list(tmp_path.glob("lazydp-bench-*")) and not (tmp_path / "o").exists()
+    assert restored is carry_on

@@ -461,4 +461,9 @@ def run_mode(spec: BenchSpec, mode: str, *, isolate: bool = True) -> ModeResult:
 
 
 if __name__ == "__main__":  # the isolated child of run_isolated
-    _child_main(sys.argv[1:])
+    try:
+        _child_main(sys.argv[1:])
+    except KeyboardInterrupt:
+        # Ctrl-C reaches the whole process group: the parent says it stopped; a traceback
+        # from deep inside torch here would only bury that.
+        sys.exit(130)

@@ -15,9 +15,14 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import signal
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import fields
+from types import FrameType
 from typing import Any
 
 from lazydp import _validate as v
@@ -25,6 +30,7 @@ from lazydp.bench.harness import BENCH_MODES, ModeResult
 from lazydp.bench.workload import BENCH_CONFIGS, STATISTICS, BenchSpec
 from lazydp.cli import add_json_flag, load_yaml_mapping
 from lazydp.errors import ConfigError, LazyDPError
+from lazydp.stop_signals import StoppedBySignal
 
 EPILOG = """example (2 shared cores, no GPU; numbers from benchmarks/RESULTS.md):
   $ lazydp bench --config mlperf --scale 0.001 --batch-size 2048 --iterations 20 \\
@@ -210,16 +216,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     out = check_output_dir(args.out or f"runs/bench-{time.strftime('%Y%m%d-%H%M%S')}")
     if not args.sweep:  # a single configuration that cannot fit is refused outright
         _refuse_what_does_not_fit(specs[0], modes)
-    suite = run_suite(
-        specs,
-        modes,
-        compare=compare_with,
-        isolate=args.isolate,
-        interleave=interleave,
-        interleave_scales=interleave_scales,
-        progress=args.progress,
-        opacus_iterations=(max(1, opacus_its), max(1, opacus_its - 1)),
-    )
+    with _stop_on_signals():
+        suite = run_suite(
+            specs,
+            modes,
+            compare=compare_with,
+            isolate=args.isolate,
+            interleave=interleave,
+            interleave_scales=interleave_scales,
+            progress=args.progress,
+            opacus_iterations=(max(1, opacus_its), max(1, opacus_its - 1)),
+        )
     summary = summarise(suite)
     try:
         paths = write_all(suite, summary, collect(), out)
@@ -241,6 +248,33 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     print(f"wrote {', '.join(paths.values())}")
     _fail_if_nothing_ran(suite.results, paths["json"])
     return {"out": str(out), "files": paths, "summary": summary}
+
+
+@contextmanager
+def _stop_on_signals() -> Iterator[None]:
+    """Ctrl-C and SIGTERM stop the run at once, as an exception: the child process measuring a
+    mode is then killed (subprocess.run kills it on any exception) and its temporary directory
+    removed. SIGTERM's default action (``timeout``, a scheduler, ``kill``) ended this process
+    alone, and the child ran on, orphaned, to the end of its mode: minutes, with a model that
+    may fill the machine's memory."""
+    if threading.current_thread() is not threading.main_thread():  # signals: main thread only
+        yield
+        return
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        name = signal.Signals(signum).name
+        raise StoppedBySignal(
+            f"stopped by {name} before every measurement was done; nothing was written "
+            "(the results are written once the whole run has been measured)",
+            signum,
+        )
+
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def _refuse_what_does_not_fit(spec: BenchSpec, modes: list[str]) -> None:
