@@ -74,6 +74,10 @@ def test_bench_sweep_over_scale_draws_the_scaling_plot(tmp_path, capsys):
     header = next(csv.reader(open(out / "breakdown.csv")))
     assert len(header) == 1 + 4
     assert (out / "scaling.png").read_bytes()[:8] == PNG_MAGIC
+    # One scale into the same --out: the earlier run's plot must not stay beside its results.
+    assert main(["bench", *TINY, "--modes", "sgd", "--no-isolate", "--out", str(out)]) == 0
+    assert "scaling_png" not in _last_json(capsys)["files"]
+    assert not (out / "scaling.png").exists()
 
 
 def test_bench_sweep_interleaving_scales_reports_each_modes_growth(tmp_path, capsys):

@@ -159,6 +159,9 @@ def write_all(
 ) -> dict[str, str]:
     """Write CSV, JSON and PNGs into ``out`` (created); returns {kind: path}."""
     out.mkdir(parents=True, exist_ok=True)
+    # A scaling.png of an earlier run into the same --out would sit beside results it no
+    # longer describes when this run draws none.
+    (out / "scaling.png").unlink(missing_ok=True)
     paths: dict[str, Path | None] = {
         "csv": write_csv(suite, out / "breakdown.csv"),
         "json": write_json(suite, summary, machine, out / "bench.json"),
