@@ -143,6 +143,20 @@ def test_a_sweep_file_takes_the_flag_name_mlp_only(tmp_path):
         load_sweep(str(sweep))
 
 
+def test_a_sweep_file_reads_exponent_notation_as_numbers(tmp_path):
+    # YAML 1.1 wants a dot (1.0e-5): `scale: 1e-5` was the text '1e-5', refused as not a number.
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text("scale: [1e-5, 2.5E-5, +1e-4]\nlr: 1e-3\nlocality: zipf:1e0\nseed: 1_0\n")
+    options = load_sweep(str(sweep))
+    assert options == {
+        "scale": [1e-5, 2.5e-5, 1e-4],
+        "lr": 1e-3,
+        "locality": "zipf:1e0",
+        "seed": 10,
+    }
+    assert [s.scale for s in build_specs(options)] == [1e-5, 2.5e-5, 1e-4]
+
+
 def test_build_specs_is_the_product_of_list_options():
     specs = build_specs({"config": "rmc1", "scale": [0.001, 0.01], "batch_size": [1024, 2048]})
     assert [(s.scale, s.batch_size) for s in specs] == [

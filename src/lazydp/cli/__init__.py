@@ -12,6 +12,7 @@ import contextlib
 import importlib
 import json
 import os
+import re
 import sys
 import warnings
 from collections.abc import Callable
@@ -80,6 +81,15 @@ class _UniqueKeys(yaml.SafeLoader):
                 )
             seen.add(norm)
         return super().construct_mapping(node, deep=deep)
+
+
+# PyYAML follows YAML 1.1, where a float needs a dot: `scale: 1e-5` was read as the text '1e-5'
+# and refused ("got '1e-5'") though it is the number everyone means (YAML 1.2 reads it so).
+_UniqueKeys.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
 
 
 def load_yaml_mapping(path_text: str, flag: str) -> dict[str, Any]:
