@@ -100,6 +100,16 @@ def test_bench_sweep_interleaving_scales_reports_each_modes_growth(tmp_path, cap
     assert "expected true or false" in capsys.readouterr().err
 
 
+def test_interleaving_scales_without_two_scales_is_refused(tmp_path, capsys):
+    # Every mode then ran alone and no growth was reported, without a word.
+    sweep = _tiny_sweep(tmp_path / "s.yaml", "scale: [1.0e-5]\nmodes: [sgd]\n")
+    sweep.write_text(sweep.read_text() + "interleave_scales: true\n")
+    out = tmp_path / "o"
+    assert main(["bench", "--sweep", str(sweep), "--no-progress", "--out", str(out)]) == 1
+    assert "no workload is swept over two or more scales" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_bench_refuses_a_config_that_does_not_fit(tmp_path, capsys):
     code = main(["bench", "--config", "mlperf", "--scale", "50", "--out", str(tmp_path), "--json"])
     assert code == 1

@@ -168,9 +168,14 @@ def _round_robins(
             "interleave and interleave_scales both given: time modes together (interleave) or "
             "each mode across the table sizes (interleave_scales), not both"
         )
-    return [
-        [(s, m) for s in group] for group in scale_groups(specs) if len(group) > 1 for m in modes
-    ]
+    groups = [group for group in scale_groups(specs) if len(group) > 1]
+    if not groups:  # else every mode ran alone, and no growth was reported, without a word
+        raise ConfigError(
+            "interleave_scales times each mode at every scale of a workload in one process, but "
+            "no workload is swept over two or more scales; list them (e.g. scale: [0.001, 0.15]) "
+            "or drop interleave_scales"
+        )
+    return [[(s, m) for s in group] for group in groups for m in modes]
 
 
 def scale_groups(specs: Sequence[BenchSpec]) -> list[list[BenchSpec]]:
