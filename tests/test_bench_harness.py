@@ -431,3 +431,15 @@ def test_the_phase_timer_adds_every_block_even_one_that_raises():
         raise ValueError
     totals = timer.reset()
     assert totals["a"] >= 0.004 and "b" in totals and timer.totals == {}
+
+
+def test_opacus_ratios_are_printed_to_two_decimals_below_ten():
+    # Rounded to whole numbers, opacus/lazydp 1.55 printed as "2x" and 0.4 as "0x".
+    from lazydp.bench import report
+
+    row = {"label": "w", "opacus_mode": "opacus_hooks", "opacus_ms": 31.0}
+    text = report.markdown_summary(
+        {"workloads": [], "opacus": [{**row, "opacus_over_lazydp": 1.55}]}
+    )
+    assert text.endswith("opacus_hooks: 31 ms/step; lazydp 1.55x")
+    assert [report.times(r) for r in (0.4, 1.55, 9.994, 48.3)] == ["0.40x", "1.55x", "9.99x", "48x"]

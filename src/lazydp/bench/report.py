@@ -199,6 +199,15 @@ RATIO_KEYS = (
 )
 
 
+def times(ratio: float) -> str:
+    """A speed ratio as printed: whole for 10x and above, two decimals below (``1.55x``, not the
+    ``2x`` that rounding to whole numbers made of it).
+
+    Example: ``times(48.3) == "48x" and times(0.43) == "0.43x"``.
+    """
+    return f"{ratio:.0f}x" if ratio >= 10 else f"{ratio:.2f}x"
+
+
 def growth_line(g: dict[str, Any]) -> str:
     """One mode's growth with table size, e.g. ``lazydp: 110.0 -> 118.0 ms (+7.3%) ...``."""
     how = "in one process, interleaved" if g["side_by_side"] else "in separate processes"
@@ -237,7 +246,7 @@ def markdown_summary(summary: dict[str, Any]) -> str:
             )
     for o in summary.get("opacus", []):
         parts = [
-            f"{k.removeprefix('opacus_over_')} {v:.0f}x" for k, v in o.items() if "_over_" in k
+            f"{k.removeprefix('opacus_over_')} {times(v)}" for k, v in o.items() if "_over_" in k
         ]
         lines.append(
             f"\n{o['label']} {o['opacus_mode']}: {o['opacus_ms']:.0f} ms/step; " + ", ".join(parts)

@@ -184,7 +184,7 @@ def build_specs(options: dict[str, Any]) -> list[BenchSpec]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from lazydp.bench.report import format_table, growth_line, write_all
+    from lazydp.bench.report import format_table, growth_line, times, write_all
     from lazydp.bench.suite import run_suite, summarise
     from lazydp.cli.env import collect
     from lazydp.training import check_output_dir
@@ -240,7 +240,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for row in summary["opacus"]:
         ratio = row.get("opacus_over_lazydp")
         if ratio:
-            print(f"{row['label']}: {row['opacus_mode']}/lazydp {ratio:.0f}x")
+            print(f"{row['label']}: {row['opacus_mode']}/lazydp {times(ratio)}")
     for note in summary["notes"] + [
         f"{r.column}: {r.status}: {r.message}" for r in suite.results if r.status != "ok"
     ]:
