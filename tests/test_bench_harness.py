@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import subprocess
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -443,3 +445,34 @@ def test_opacus_ratios_are_printed_to_two_decimals_below_ten():
     )
     assert text.endswith("opacus_hooks: 31 ms/step; lazydp 1.55x")
     assert [report.times(r) for r in (0.4, 1.55, 9.994, 48.3)] == ["0.40x", "1.55x", "9.99x", "48x"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl is Linux's")
+def test_a_measuring_child_dies_with_a_hard_killed_parent(tmp_path):
+    # SIGKILL (or the OOM killer) on `lazydp bench` left its child measuring on, orphaned.
+    parent = (
+        "import subprocess, sys, time\n"
+        "child = subprocess.Popen([sys.executable, '-c', "
+        "'import time, lazydp.bench.harness as h; "
+        'getattr(h, "_die_with_parent", lambda: None)(); time.sleep(60)\'])\n'
+        "print(child.pid, flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", parent], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    child = int(proc.stdout.readline())
+    time.sleep(2)  # the child has imported lazydp and asked for the signal
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and Path(f"/proc/{child}").exists():
+        if Path(f"/proc/{child}/stat").read_text().split()[2] == "Z":
+            break  # killed, not yet reaped (its new parent reaps it)
+        time.sleep(0.1)
+    gone = (
+        not Path(f"/proc/{child}").exists()
+        or "Z" == Path(f"/proc/{child}/stat").read_text().split()[2]
+    )
+    if not gone:
+        os.kill(child, 9)
+    assert gone

@@ -28,9 +28,11 @@ Contract:
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import resource
+import signal
 import subprocess
 import sys
 import tempfile
@@ -42,6 +44,7 @@ from typing import Any
 
 import torch
 
+from lazydp._libc import libc_function
 from lazydp.bench import memory
 from lazydp.bench.workload import (
     BenchSpec,
@@ -420,7 +423,23 @@ def _run_child(kind: str, spec: BenchSpec | str, mode: str) -> Any:
         return json.loads(out.read_text())
 
 
+def _die_with_parent() -> None:
+    """Linux: have the kernel kill this child when its parent dies. A parent killed hard
+    (SIGKILL, out of memory) cannot stop it, and it ran on, orphaned, to the end of its mode:
+    minutes, possibly with a machine-filling model."""
+    prctl = libc_function("prctl", [ctypes.c_int, ctypes.c_ulong], ctypes.c_int)
+    if prctl is not None:
+        parent = os.getppid()
+        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:  # it died before the call: nothing would signal us now
+            sys.exit(1)
+
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
 def _child_main(argv: list[str]) -> None:
+    _die_with_parent()
     kind, spec_json, mode, out, threads = argv
     tune_malloc()  # as the parent command did (lazydp/malloc.py)
     torch.set_num_threads(int(threads))
