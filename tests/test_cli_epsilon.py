@@ -78,10 +78,17 @@ def test_impossible_target(capsys):
 
 
 def test_noise_and_target_are_exclusive(capsys):
-    with pytest.raises(SystemExit) as info:
-        main(GOLDEN + ["--target-epsilon", "3"])
-    assert info.value.code == 2
+    assert main(GOLDEN + ["--target-epsilon", "3"]) == 2
     assert "not allowed with" in capsys.readouterr().err
+
+
+def test_a_usage_error_with_json_still_ends_with_a_json_object(capsys):
+    # argparse exits 2 without it; scripts read the last line of every --json run.
+    assert main(["epsilon", "--steps", "x", "--json"]) == 2
+    res = capsys.readouterr()
+    last = json.loads(res.out.strip().splitlines()[-1])
+    assert last["type"] == "UsageError" and "invalid int value: 'x'" in last["error"]
+    assert "usage: lazydp epsilon" in res.err and "invalid int value" in res.err
 
 
 def test_help_shows_an_example_and_its_output(capsys):

@@ -17,7 +17,7 @@ import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, NoReturn, TextIO
 
 import yaml
 
@@ -29,8 +29,24 @@ from lazydp.stop_signals import StoppedBySignal
 SUBCOMMANDS = ["train", "epsilon", "preprocess", "bench", "audit", "env"]
 
 
+class _UsageError(Exception):
+    """A command line argparse refused: raised instead of argparse's exit, so that ``main``
+    can end a ``--json`` run with its JSON object too (argparse printed none)."""
+
+    def __init__(self, parser: argparse.ArgumentParser, message: str) -> None:
+        super().__init__(message)
+        self.parser = parser
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is raised (subparsers are made of the same class)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise _UsageError(self, message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="lazydp",
         description="Differentially private training (DP-SGD, LazyDP) for PyTorch models.",
         epilog="Example: lazydp train   (private DLRM on MovieLens, about 15 seconds on 2 quiet "
@@ -140,7 +156,15 @@ def _one_line_warnings(command: str) -> Callable[..., None]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        args = parser.parse_args(argv)
+    except _UsageError as exc:  # as argparse reports it, plus the JSON line scripts read
+        exc.parser.print_usage(sys.stderr)
+        print(f"{exc.parser.prog}: error: {exc}", file=sys.stderr)
+        if "--json" in argv:
+            print(json.dumps({"error": f"{exc.parser.prog}: {exc}", "type": "UsageError"}))
+        return 2
     tune_malloc()  # training and benchmarks reuse freed memory (lazydp/malloc.py)
     if not getattr(args, "func", None):
         parser.print_help()
