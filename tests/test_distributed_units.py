@@ -134,3 +134,20 @@ def test_a_seeded_distributed_run_on_a_charged_ledger_starts_on_a_fresh_stream(t
     assert engine.ledger.steps == 4
     assert engine.noise is not None and engine.noise.stream_path == (3,)  # 1 + 2 charged
     assert float((weights[1] - weights[0]).abs().max()) > 1e-3  # other noise
+
+
+@pytest.mark.parametrize("mode", ["dpsgd_f", "lazydp"])
+def test_a_sharded_tables_negative_lr_is_refused_before_the_charge(tmp_path, mode) -> None:
+    # The shard's own update checks its lr in the reduce hook, after the charge: a schedule
+    # gone negative was refused with "nothing was charged" while the ledger held the step.
+    from tests.test_distributed_consistency import _build, _steps
+
+    model, opt, sched, engine = _build(0, ledger=tmp_path / "l.jsonl", mode=mode)
+    _steps(model, opt, sched, 0, 0, 1)
+    for group in opt.originals[1].param_groups:  # the tables' SGD
+        group["lr"] = -0.1
+    before = model.fc.weight.detach().clone()  # (a LazyDP table's forward catches rows up)
+    with pytest.raises(ConfigError, match="learning rate -0.1"):
+        _steps(model, opt, sched, 0, 1, 2)
+    assert engine.ledger.steps == 1
+    assert torch.equal(model.fc.weight.detach(), before)

@@ -181,8 +181,9 @@ class DistributedPrivacyEngine(PrivacyEngine):
             self.bucket_cap_mb,
         )
         opt.reduce_hook = self._reduce
-        if opt.lazy and world(self.process_group)[1] > 1:
-            opt.before_charge = self._check_replicas_alike
+        replicas = bool(opt.lazy) and world(self.process_group)[1] > 1
+        if self.sharded or replicas:
+            opt.before_charge = functools.partial(self._before_charge, replicas)
         for p, table in opt.lazy.items():
             opt.tables[p].read_hook = self._timed(
                 union_catch_up_hook(
@@ -205,6 +206,16 @@ class DistributedPrivacyEngine(PrivacyEngine):
             )
             self._hooks += self._table_hooks(m)
         return out
+
+    def _before_charge(self, replicas: bool) -> None:
+        """The step's checks that need the engine, before the ledger is charged: the sharded
+        tables' SGD settings (their update runs after the charge, in the reduce hook, where a
+        refusal of an lr gone negative left the step charged for nothing) and, with
+        ``replicas`` (replicated LazyDP tables on several ranks), that the replicas drew alike."""
+        for m in self.sharded.values():
+            m.check_step()
+        if replicas:
+            self._check_replicas_alike()
 
     def _check_replicas_alike(self) -> None:
         """ConfigError on every rank alike, before the charge, if a rank flushed the replicated

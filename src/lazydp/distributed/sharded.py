@@ -224,6 +224,19 @@ class ShardedEmbeddingBag(nn.Module):
             noise, noise_std, expected_batch_size, sgd, table, timer, clip=clip
         )
 
+    def check_step(self) -> SgdStep:
+        """This step's SGD settings of the table's group, or ConfigError (nothing changed) if
+        the shard's update cannot apply them (an lr gone negative, momentum switched on under
+        LazyDP, ...). The engine calls it before the charge too: apply_clipped_sum runs after
+        it, where a refusal left the step charged for nothing."""
+        t = self._training
+        if t is None:
+            raise ConfigError("check_step before attach: use DistributedPrivacyEngine")
+        step = t.sgd()
+        prefix = None if t.lazy is None else t.lazy.prefix
+        check_step(step, prefix, "(a sharded one)", self.weight, t.clip)
+        return step
+
     @torch.no_grad()
     def apply_clipped_sum(self, clipped: SparseRows | None) -> None:
         """One SGD step of this shard from the clipped sum over all ranks (a collective).
@@ -234,11 +247,8 @@ class ShardedEmbeddingBag(nn.Module):
         t = self._training
         if t is None:
             raise ConfigError("apply_clipped_sum before attach: use DistributedPrivacyEngine")
-        step = t.sgd()
         # Every rank alike, before the all-to-all and any change.
-        check_step(
-            step, None if t.lazy is None else t.lazy.prefix, "(a sharded one)", self.weight, t.clip
-        )
+        step = self.check_step()
         group, dev = self.process_group, comm_device(self.process_group)
         if clipped is None:
             clipped = SparseRows(
