@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import re
 
+import numpy as np
 import pytest
 import torch
 from scipy import stats
@@ -637,12 +638,13 @@ def test_a_bad_table_lr_is_refused_before_anything_changes_in_the_eager_modes(mo
 
 
 @pytest.mark.parametrize("mode", ["dpsgd_b", "dpsgd_f", "lazydp"])
-def test_a_nan_lr_on_the_dense_layers_is_refused_before_the_charge(mode):
+@pytest.mark.parametrize("nan", [float("nan"), np.float32("nan")])  # numpy's: no float subclass
+def test_a_nan_lr_on_the_dense_layers_is_refused_before_the_charge(mode, nan):
     # Noise is on the gradient there, so nothing leaks; but the step was charged and turned
     # the layers into NaN, which only the next step noticed.
     model, opt, sched, engine = build(mode)
     step(model, opt, sched, make_batches(1)[0])
-    opt.param_groups[0]["lr"] = float("nan")
+    opt.param_groups[0]["lr"] = nan
     x, bag, emb, y = make_batches(1, seed=3)[0]
     loss_fn(model(x, bag, emb), y).backward()
     charged = engine.ledger.steps

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import numbers
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -339,9 +340,11 @@ class DPOptimizer(OptimizerGroup):
                 lr = group.get("lr")
                 if isinstance(lr, Tensor) and lr.numel() == 1:
                     lr = float(lr)
-                if isinstance(lr, float) and not math.isfinite(lr):
+                # Real, not float: a numpy float32 / float16 lr (a schedule computed in numpy)
+                # is no float subclass, and its NaN went through to the weights.
+                if isinstance(lr, numbers.Real) and not math.isfinite(lr):
                     where = f"parameter group {j} of the {type(opt).__name__} optimizer"
-                    raise ConfigError(_bad_lr(lr, where))
+                    raise ConfigError(_bad_lr(float(lr), where))
         for q in self.tables:
             if q in self.lazy or not q.requires_grad:
                 continue
