@@ -7,8 +7,11 @@ Contract:
   only). The ``dpsgd_*`` modes hold no table-sized noise buffer: the benchmark's tables are on
   SGD, which the eager path noises and updates in place in generator chunks
   (optim/eager.py), so ``noise_buffer`` is that chunk (measured at s=0.17 on mlperf, dpsgd_f's
-  peak was 0.31 GB above its 16.35 GB of tables). Gradients, per-example gradients and
-  activations are sized from the batch and the layer widths.
+  peak was 0.31 GB above its 16.35 GB of tables). ``dpsgd_r`` alone holds table-sized
+  gradients: its second pass backpropagates through the (non-sparse) tables, leaving a dense
+  gradient on every table at once, and compares each with its clipped sum densified (two
+  more of the largest table). Other gradients, per-example gradients and activations are
+  sized from the batch and the layer widths.
 * ``check_fits`` raises ``ConfigError`` before anything is allocated, naming the config, scale, mode,
   the need, what is available, and the largest scale that fits (floored to two significant digits).
 * ``available_memory_bytes`` is MemAvailable from /proc/meminfo, lowered to the cgroup limit's
@@ -71,6 +74,11 @@ def estimate_training_bytes(
     # here refused dpsgd_f on mlperf above s=0.17 though it fit up to about s=0.21.
     noise = NOISE_CHUNK_BYTES if mode.startswith("dpsgd") else 0
     velocity = table_bytes(cfg, dtype_bytes) if momentum else 0
+    # dpsgd_r's second pass (optim/reweighted.py): a dense gradient on every table, all alive
+    # while each is compared with its clipped sum, densified with the difference (2 tables).
+    second_pass = 0
+    if mode == "dpsgd_r":
+        second_pass = table_bytes(cfg, dtype_bytes) + 2 * max(cfg.table_rows) * d * dtype_bytes
     per_example = {
         "dpsgd_b": b * (mlp_params * dtype_bytes) + sparse_grad,
         "dpsgd_r": b * max(i * o + o for i, o in layers) * dtype_bytes,  # one layer at a time
@@ -84,14 +92,14 @@ def estimate_training_bytes(
         "history_table": history,
         "velocity": velocity,
         "noise_buffer": noise,
-        "gradients": mlp_params * dtype_bytes + sparse_grad,
+        "gradients": mlp_params * dtype_bytes + sparse_grad + second_pass,
         "per_example_grads": per_example,
         "activations": forward + captured + looked_up * ID_BYTES,
     }
     return {
         **parts,
         "total": sum(parts.values()),
-        "row_bytes": table_bytes(cfg, dtype_bytes) + history + velocity,
+        "row_bytes": table_bytes(cfg, dtype_bytes) + history + velocity + second_pass,
         "config": cfg.name,
         "scale": cfg.scale,
         "mode": mode,
