@@ -550,6 +550,10 @@ def test_opacus_keywords_are_refused_with_the_lazydp_way(kw, advice):
             max_grad_norm=1.0,
             **kw,
         )
+    from lazydp.distributed.engine import DistributedPrivacyEngine
+
+    with pytest.raises(ConfigError, match=advice):  # a bare TypeError there
+        DistributedPrivacyEngine(**kw)
 
 
 def test_noise_multiplier_given_to_make_private_with_epsilon_is_refused_before_calibrating():

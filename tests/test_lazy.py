@@ -637,6 +637,21 @@ def test_a_bad_table_lr_is_refused_before_anything_changes_in_the_eager_modes(mo
         assert torch.equal(t.detach(), before[k]), k
 
 
+@pytest.mark.parametrize("key", ["weight_decay", "momentum"])
+def test_a_nan_weight_decay_or_momentum_is_refused_before_the_charge(key):
+    # torch takes NaN there; the step was charged and the weights became NaN.
+    model, opt, sched, engine = build("dpsgd_f")
+    step(model, opt, sched, make_batches(1)[0])
+    opt.param_groups[-1][key] = float("nan")  # the tables' SGD group
+    x, bag, emb, y = make_batches(1, seed=3)[0]
+    loss_fn(model(x, bag, emb), y).backward()
+    charged = engine.ledger.steps
+    with pytest.raises(ConfigError, match=f"{key} nan of parameter group 0 of the SGD"):
+        opt.step()
+    assert engine.ledger.steps == charged
+    assert all(bool(torch.isfinite(t).all()) for t in model.parameters())
+
+
 @pytest.mark.parametrize("mode", ["dpsgd_b", "dpsgd_f", "lazydp"])
 @pytest.mark.parametrize("nan", [float("nan"), np.float32("nan")])  # numpy's: no float subclass
 def test_a_nan_lr_on_the_dense_layers_is_refused_before_the_charge(mode, nan):

@@ -88,8 +88,10 @@ class DistributedPrivacyEngine(PrivacyEngine):
         ledger_path: str | os.PathLike[str] | None = None,
         process_group: ProcessGroup = None,
         bucket_cap_mb: float = 25.0,
+        **unknown: Any,
     ) -> None:
-        super().__init__(accountant=accountant, seed=seed, ledger_path=ledger_path)
+        # Unknown keywords (Opacus' among them) get the base engine's refusal with advice.
+        super().__init__(accountant=accountant, seed=seed, ledger_path=ledger_path, **unknown)
         self.process_group = process_group
         self.bucket_cap_mb = bucket_cap_mb
         self.sharded: dict[str, ShardedEmbeddingBag] = {}

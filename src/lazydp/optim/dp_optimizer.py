@@ -122,9 +122,10 @@ def sgd_step(optimizer: Optimizer | None, group: dict[str, Any]) -> SgdStep | No
     )
 
 
-def _bad_lr(lr: float, where: str, why: str = "") -> str:
+def _bad_lr(value: float, where: str, why: str = "", key: str = "lr") -> str:
+    what = "learning rate" if key == "lr" else key
     return (
-        f"learning rate {lr!r} of {where}: it must be finite and >= 0{why} (check the LR "
+        f"{what} {value!r} of {where}: it must be finite and >= 0{why} (check the LR "
         "schedule: one that decays linearly goes negative past its end). No parameter was "
         "changed and nothing was charged."
     )
@@ -329,26 +330,32 @@ class DPOptimizer(OptimizerGroup):
         return steps
 
     def _check_lrs(self) -> None:
-        """ConfigError (before the charge) for a learning rate that would spend the step for
-        nothing or drop noise: a NaN or infinite lr in any group (it turns the parameters into
-        NaN after the step is charged), or a negative lr on a table of the eager SGD pass. That
-        pass adds the noise into the weight as ``lr * sigma * C / B``: a schedule gone negative
-        made that std fail ``std > 0``, so the step was charged and its clipped rows applied
-        with no noise at all. (LazyDP tables: check_table_lr.)"""
+        """ConfigError (before the charge) for a setting that would spend the step for nothing
+        or drop noise: a NaN or infinite lr, weight_decay or momentum in any group (it turns
+        the parameters into NaN after the step is charged), or a negative lr on a table of the
+        eager SGD pass. That pass adds the noise into the weight as ``lr * sigma * C / B``: a
+        schedule gone negative made that std fail ``std > 0``, so the step was charged and its
+        clipped rows applied with no noise at all. (LazyDP tables: check_table_lr.)"""
         for opt in self.originals:
             for j, group in enumerate(opt.param_groups):
-                lr = group.get("lr")
-                if isinstance(lr, Tensor) and lr.numel() == 1:
-                    lr = float(lr)
-                # Real, not float: a numpy float32 / float16 lr (a schedule computed in numpy)
-                # is no float subclass, and its NaN went through to the weights.
-                if isinstance(lr, numbers.Real) and not math.isfinite(lr):
-                    where = f"parameter group {j} of the {type(opt).__name__} optimizer"
-                    raise ConfigError(_bad_lr(float(lr), where))
+                for key in ("lr", "weight_decay", "momentum"):
+                    value = group.get(key)
+                    if isinstance(value, Tensor) and value.numel() == 1:
+                        value = float(value)
+                    # Real, not float: a numpy float32 / float16 lr (a schedule computed in
+                    # numpy) is no float subclass, and its NaN went through to the weights.
+                    if isinstance(value, numbers.Real) and not math.isfinite(value):
+                        where = f"parameter group {j} of the {type(opt).__name__} optimizer"
+                        raise ConfigError(_bad_lr(float(value), where, key=key))
+        checked: set[int] = set()  # one look per group, not per table (26 on mlperf)
         for q in self.tables:
             if q in self.lazy or not q.requires_grad:
                 continue
-            step = sgd_step(*self._group_of(q))
+            owner, group = self._group_of(q)
+            if id(group) in checked:
+                continue
+            checked.add(id(group))
+            step = sgd_step(owner, group)
             if step is not None and step.lr < 0:
                 name = f"table {self.tables[q].name!r}'s parameter group"
                 raise ConfigError(
