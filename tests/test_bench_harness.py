@@ -450,29 +450,35 @@ def test_opacus_ratios_are_printed_to_two_decimals_below_ten():
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl is Linux's")
 def test_a_measuring_child_dies_with_a_hard_killed_parent(tmp_path):
     # SIGKILL (or the OOM killer) on `lazydp bench` left its child measuring on, orphaned.
-    parent = (
-        "import subprocess, sys, time\n"
-        "child = subprocess.Popen([sys.executable, '-c', "
-        "'import time, lazydp.bench.harness as h; "
-        'getattr(h, "_die_with_parent", lambda: None)(); time.sleep(60)\'])\n'
-        "print(child.pid, flush=True)\n"
-        "time.sleep(60)\n"
+    armed = tmp_path / "armed"
+    child_code = (
+        "import os, pathlib, time, lazydp.bench.harness as h; "
+        "getattr(h, '_die_with_parent', lambda: None)(); "
+        f"pathlib.Path({str(armed)!r}).write_text(str(os.getpid())); time.sleep(60)"
     )
-    proc = subprocess.Popen([sys.executable, "-c", parent], stdout=subprocess.PIPE, text=True)
-    assert proc.stdout is not None
-    child = int(proc.stdout.readline())
-    time.sleep(2)  # the child has imported lazydp and asked for the signal
+    parent = (
+        "import os, subprocess, sys, time\n"
+        f"env = dict(os.environ, LAZYDP_BENCH_PARENT=str(os.getpid()))\n"
+        f"subprocess.Popen([sys.executable, '-c', {child_code!r}], env=env)\n"
+        "time.sleep(120)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", parent])
+    deadline = time.monotonic() + 120  # the child imports torch first: slow on a busy machine
+    while not armed.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.2)  # the pid is written whole
+    child = int(armed.read_text())
     proc.kill()
     proc.wait()
+
+    def gone() -> bool:  # exited, or killed and not yet reaped by its new parent
+        stat = Path(f"/proc/{child}/stat")
+        return not stat.exists() or stat.read_text().split()[2] == "Z"
+
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and Path(f"/proc/{child}").exists():
-        if Path(f"/proc/{child}/stat").read_text().split()[2] == "Z":
-            break  # killed, not yet reaped (its new parent reaps it)
+    while not gone() and time.monotonic() < deadline:
         time.sleep(0.1)
-    gone = (
-        not Path(f"/proc/{child}").exists()
-        or "Z" == Path(f"/proc/{child}/stat").read_text().split()[2]
-    )
-    if not gone:
+    survived = not gone()
+    if survived:
         os.kill(child, 9)
-    assert gone
+    assert not survived

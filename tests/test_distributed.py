@@ -167,7 +167,9 @@ def _noise_run(mode: str) -> tuple[torch.Tensor, torch.Tensor]:
     )
     before = torch.cat([p.detach().reshape(-1).clone() for p in model.parameters()])
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
-    engine = DistributedPrivacyEngine()
+    # Seeded: the KS tests on these draws then pass or fail for good, never by a 1-in-1000
+    # chance in CI (the unseeded shared-secret path is exercised by the noisy runs below).
+    engine = DistributedPrivacyEngine(seed=11)
     _, opt, _ = engine.make_private(
         module=model,
         optimizer=opt,

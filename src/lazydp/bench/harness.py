@@ -414,6 +414,7 @@ def _run_child(kind: str, spec: BenchSpec | str, mode: str) -> Any:
         cmd = [sys.executable, "-m", "lazydp.bench.harness", kind, spec_json,
                mode, str(out), str(torch.get_num_threads())]  # fmt: skip
         env = {**OPENMP_ENV, **os.environ}  # the caller's own setting wins (lazydp/threads.py)
+        env[_PARENT_ENV] = str(os.getpid())  # _die_with_parent: did we die before it ran?
         proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, check=False, env=env)
         if proc.returncode != 0 or not out.exists():
             raise RuntimeError(
@@ -429,13 +430,16 @@ def _die_with_parent() -> None:
     minutes, possibly with a machine-filling model."""
     prctl = libc_function("prctl", [ctypes.c_int, ctypes.c_ulong], ctypes.c_int)
     if prctl is not None:
-        parent = os.getppid()
         prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() != parent:  # it died before the call: nothing would signal us now
+        # The parent may have died while this child imported torch (seconds), before the call:
+        # nothing would signal it now. The parent gave its pid; we were reparented if it differs.
+        parent = os.environ.get(_PARENT_ENV, "")
+        if parent.isdigit() and os.getppid() != int(parent):
             sys.exit(1)
 
 
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
+_PARENT_ENV = "LAZYDP_BENCH_PARENT"
 
 
 def _child_main(argv: list[str]) -> None:
