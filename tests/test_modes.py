@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from lazydp import PrivacyEngine
+from lazydp.accounting import MechanismCount, compute_epsilon
 from lazydp.testing import constant_noise, zero_noise
 from tests.toy import Toy, loader, loss_fn, make_batches
 
@@ -144,6 +145,21 @@ def test_ledger_counts_steps_and_epsilon_grows():
     report = engine.privacy_report(1e-5)
     assert report.steps == 4 and report.mode == "lazydp"
     assert any("reproducible" in c for c in report.caveats)
+
+
+@pytest.mark.parametrize("mode", ["dpsgd_f", "lazydp"])
+def test_each_charge_records_the_rate_and_noise_the_step_used(mode):
+    # The ledger is the only input of epsilon: a charge with another q or sigma than the
+    # step's (half the rate, twice the noise) under-reports epsilon with every test of the
+    # noise itself still passing.
+    sigma, clip = 1.3, 0.7
+    _, engine = train(mode, make_batches(3), sigma=sigma, clip=clip)
+    q = 8 / len(loader().dataset)  # the loader's batch size over its examples
+    assert engine.privacy.sample_rate == pytest.approx(q)
+    charged = [(e.sample_rate, e.noise_multiplier, e.max_grad_norm) for e in engine.ledger.events]
+    assert charged == [(engine.privacy.sample_rate, sigma, clip)] * 3
+    want = compute_epsilon([MechanismCount(engine.privacy.sample_rate, sigma, 3)], 1e-5)
+    assert engine.get_epsilon(1e-5) == pytest.approx(want, rel=1e-9)
 
 
 @pytest.mark.parametrize("mode", DP_MODES)
