@@ -548,6 +548,21 @@ def test_fused_catch_up_add_equals_draw_then_addcmul_over_many_chunks() -> None:
     torch.testing.assert_close(got, want)
 
 
+def test_each_fused_catch_up_draw_takes_a_call_of_its_own() -> None:
+    """The fused path (no pool: flushes, catch-ups too large for one) keys its chunks by the
+    call: one not taken from the counter would hand the same noise to the next catch-up and to
+    the next draw of the stream."""
+    noise = GaussianNoise(seed=4)
+    s2 = torch.ones(512, dtype=torch.float64)
+    draws = [noise.add_aggregated_(torch.zeros(512, 64), s2, s2, 1.0) for _ in range(2)]
+    draws.append(noise.normal_(torch.empty(512, 64)))
+    assert noise.calls == 3
+    flat = [d.flatten() for d in draws]
+    bound = 5 / math.sqrt(flat[0].numel())  # 5 standard errors of a correlation
+    for a, b in itertools.combinations(flat, 2):
+        assert abs(float(torch.corrcoef(torch.stack([a, b]))[0, 1])) < bound
+
+
 def test_fused_catch_up_add_has_the_aggregated_distribution() -> None:
     n, dim = 30_000, 48  # chunks of whole rows that do not split CHUNK_NUMEL evenly
     gen = torch.Generator().manual_seed(2)
