@@ -816,6 +816,23 @@ def test_a_buffer_too_large_to_copy_is_still_checked_by_version(monkeypatch):
     assert engine.ledger.steps == 1
 
 
+def test_a_buffer_too_large_to_copy_replaced_by_a_new_tensor_is_refused(monkeypatch):
+    # Without a copy, only the tensor's identity tells a replacement apart: a fresh tensor has
+    # version 0, like an untouched buffer that was never written.
+    from lazydp import buffer_guard
+
+    monkeypatch.setattr(buffer_guard, "_COPY_MAX", 2)
+    model, opt, engine = _private(EvalCounter(), "dpsgd_f")
+    model.register_buffer("big", torch.zeros(5))
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    model(torch.randn(4, 3)).sum().backward()
+    model.big = torch.ones(5)  # e.g. a statistic of the batch, assigned
+    with pytest.raises(ConfigError, match=r"\['big'\] changed"):
+        opt.step()
+    assert engine.ledger.steps == 1
+
+
 def test_a_second_backward_through_a_retained_graph_is_refused_with_its_cause():
     # After zero_grad() (or a step) a backward through the old graph reached forgotten records
     # and was refused as if a later training forward had replaced them.
