@@ -127,6 +127,18 @@ def test_prefix_without_decay_keeps_the_plain_sums_and_old_states_load():
     assert s2.tolist() == pytest.approx([0.25, 0.0], rel=1e-15)
 
 
+def test_a_decay_factor_of_exactly_zero_is_refused_and_any_above_is_kept():
+    # lr * wd == 1 zeroes every row (f = 0) and the prefix product P with it: the sums divide
+    # by P, so the next catch-up would add inf noise to a step already charged.
+    prefix = LrPrefix()
+    with pytest.raises(ConfigError, match="weight_decay"):
+        prefix.append(0.5, 2.0)
+    assert prefix.steps == 0
+    prefix.append(0.5, 1.5)  # f = 0.25: a strong decay, still exact
+    _, s2, decay = prefix.pending(torch.tensor([0]), 1)
+    assert decay.tolist() == [0.25] and s2.tolist() == pytest.approx([0.25], rel=1e-15)
+
+
 @pytest.mark.parametrize("weight_decay", [0.0, 1e-4])
 def test_small_late_steps_keep_their_noise_after_a_long_run(weight_decay):
     # In one float64, S2[t] - S2[a] dropped every step with lr^2 below ~1e-16 * S2[t]: after
