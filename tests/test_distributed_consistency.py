@@ -8,9 +8,11 @@ from typing import Any
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from lazydp import ConfigError, PrivacyError
 from lazydp.distributed import DistributedPrivacyEngine, ShardedEmbeddingBag
+from lazydp.ledger import PrivacyLedger, StepEvent
 from lazydp.testing import constant_noise
 from lazydp.training import _over_ranks
 from tests.gloo import join
@@ -129,6 +131,35 @@ def _worker(rank: int, world: int, store_path: str, out_dir: str) -> None:
     finish_rank(results, rank, out)
 
 
+def _uneven_worker(rank: int, world: int, store_path: str, out_dir: str) -> None:
+    """After a crash the ledgers differ by a step (rank 0 charged one whose all-reduce never
+    finished); the checkpoints of the resumed run must still load on every rank."""
+    join(rank, world, store_path, timeout_s=60)  # a refusal on one rank only fails, not hangs
+    out, results = Path(out_dir), {}
+    try:
+        for sharded in (False, True):
+            ledger = out / f"uneven{int(sharded)}.rank{rank}.jsonl"
+            if rank == 0:
+                crashed = PrivacyLedger(ledger)
+                crashed.charge(StepEvent(0, 0.5, SIGMA, CLIP, "lazydp", "poisson"))
+                crashed.close()
+            model, opt, sched, engine = _build(rank, ledger=ledger, sharded=sharded)
+            _steps(model, opt, sched, rank, 0, 2)
+            engine.flush()  # every rank (replicated: rank 0 then writes the file alone)
+            path = out / (f"uneven.rank{rank}.pt" if sharded else "uneven.pt")
+            if sharded or rank == 0:
+                engine.save_checkpoint(path)
+            engine.ledger.close()
+            model, opt, sched, engine = _build(rank, ledger=ledger, sharded=sharded)
+            engine.load_checkpoint(path)
+            _steps(model, opt, sched, rank, 2, 3)  # and the resumed run goes on
+            results[f"sharded={sharded}"] = engine.ledger.steps
+    except Exception as exc:  # noqa: BLE001 -- a refusal, or the other rank's broken collective
+        results["error"] = f"{type(exc).__name__}: {exc}"
+    torch.save(results, out / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     return spawn_two_ranks(_worker, tmp_path_factory.mktemp("dist-consistency"))
@@ -189,3 +220,14 @@ def test_replicated_lazy_tables_flushed_by_one_rank_alone_are_refused_before_the
             and "a full flush of the replicated" in r["flushed_alone"]
         )
         assert r["flushed_alone_charged"] == 1  # the refused step was not charged
+
+
+def test_checkpoints_load_on_every_rank_when_a_crash_left_the_ledgers_a_step_apart(
+    tmp_path: Path,
+) -> None:
+    # Stamped with the writer's charged steps alone, rank 0's checkpoint was refused on rank 1
+    # ("the privacy ledger holds 2"), and each rank's own sharded file as "different steps".
+    ranks = spawn_two_ranks(_uneven_worker, tmp_path)
+    assert [r.get("error") for r in ranks] == [None, None]
+    assert [r["sharded=False"] for r in ranks] == [4, 3]  # each its own count, one more
+    assert [r["sharded=True"] for r in ranks] == [4, 3]

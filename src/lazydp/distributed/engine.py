@@ -22,7 +22,9 @@ Contract (DESIGN.md invariant 7; every rank builds the same model and calls the 
   meets the others' next one (data_parallel.check_same_exchange), not left to hang.
 * Restart: ``load_checkpoint`` re-keys every noise stream (fresh broadcast entropy; with a user
   seed, a stream derived from the charged step count), so re-run steps never replay noise; the
-  ledger is never lowered (the base engine refuses a ledger behind the checkpoint).
+  ledger is never lowered (the base engine refuses a ledger behind the checkpoint). After a
+  crash the ranks' ledgers can differ by a step, so a checkpoint records every rank's count
+  and each rank's ledger is checked against its own.
 * Checkpoints: under lazydp ``save_checkpoint`` flushes the tables first, which the replicated
   ones must do on every rank at the same step (call ``engine.flush()`` on every rank, or
   ``save_checkpoint`` on every rank; a flush on one rank alone makes the replicas drift apart).
@@ -96,6 +98,7 @@ class DistributedPrivacyEngine(PrivacyEngine):
         self.bucket_cap_mb = bucket_cap_mb
         self.sharded: dict[str, ShardedEmbeddingBag] = {}
         self.reducer: ClippedSumReducer | None = None
+        self._ledgers_at_start: list[int] = []
 
     # ------------------------------------------------------------------ set-up
     def make_private(  # type: ignore[override]
@@ -122,6 +125,7 @@ class DistributedPrivacyEngine(PrivacyEngine):
             n: m for n, m in module.named_modules() if isinstance(m, ShardedEmbeddingBag)
         }
         self._check_same_start(module)
+        self._ledgers_at_start = self._gather_ledger_steps()
         optimizers = [optimizer] if isinstance(optimizer, Optimizer) else list(optimizer)
         # _take_sharded_params edits the caller's groups: a refused call puts them back, or
         # the corrected call (the base engine allows one) finds the tables in no optimizer.
@@ -405,7 +409,25 @@ class DistributedPrivacyEngine(PrivacyEngine):
         finally:
             self.noise = real
 
+    def _gather_ledger_steps(self) -> list[int]:
+        """Every rank's charged-step count, in rank order (a collective)."""
+        mine = torch.tensor([self.ledger.steps], device=comm_device(self.process_group))
+        return [int(x) for x in all_gather_sizes(mine, self.process_group).view(-1).tolist()]
+
+    def _ledger_steps_by_rank(self) -> list[int]:
+        """Each rank's charged-step count now, known without a collective (rank 0 saves a
+        checkpoint alone): every completed step charged every rank once, so the counts keep
+        the differences they had at make_private. After a crash they differ (a rank charged a
+        step whose all-reduce never finished), and a checkpoint stamped with the writer's count
+        alone was refused at the next resume on a rank that charged one step less."""
+        if not self._ledgers_at_start:
+            return [self.ledger.steps]
+        rank = world(self.process_group)[0]
+        since = self.ledger.steps - self._ledgers_at_start[rank]
+        return [n + since for n in self._ledgers_at_start]
+
     def _checkpoint_extra(self, extra: dict[str, Any]) -> dict[str, Any]:
+        extra["_ledger_steps"] = self._ledger_steps_by_rank()
         # Read after save_checkpoint's flush: the shards' history must match the saved weights.
         if self.sharded:
             extra["_sharded"] = {n: m.training_state_dict() for n, m in self.sharded.items()}
@@ -417,9 +439,12 @@ class DistributedPrivacyEngine(PrivacyEngine):
         saved = state.get("lazy")
         lazy: dict[str, Any] = saved if isinstance(saved, dict) else {}
         shards = dict(dict(state.get("extra", {})).get("_sharded", {}))
+        by_rank = _ledger_steps_saved(state, path)
+        rank = world(self.process_group)[0]
         self._check_ranks_agree(
             {
-                "charged steps": state.get("ledger_steps"),
+                # rank 0's count: the same in every rank's file taken at one step
+                "charged steps": by_rank[0] if by_rank else state.get("ledger_steps"),
                 "optimizer steps": lazy.get("steps_done", 0),
                 "shard steps": sum(int(dict(s).get("step", 0)) for s in shards.values()),
             },
@@ -427,6 +452,9 @@ class DistributedPrivacyEngine(PrivacyEngine):
             "crashed before writing?); resume every rank from the same step. Nothing was loaded.",
             PrivacyError,
         )
+        if by_rank and rank < len(by_rank):
+            # This rank's own count at the checkpoint: its ledger must not be behind that.
+            state = {**state, "ledger_steps": by_rank[rank]}
         super()._check_checkpoint(state, path)
         sharded = dict(state.get("extra", {})).get("_sharded", {})
         for name, shard in dict(sharded).items():
@@ -440,10 +468,25 @@ class DistributedPrivacyEngine(PrivacyEngine):
     ) -> dict[str, Any]:
         """Restore (a collective): the ledger is never lowered and every noise stream is re-keyed."""
         extra = super().load_checkpoint(path, check_extra)
+        extra.pop("_ledger_steps", None)
         for name, state in dict(extra.pop("_sharded", {})).items():
             if name in self.sharded:
                 self.sharded[name].load_training_state_dict(state)
         return extra
+
+
+def _ledger_steps_saved(state: dict[str, Any], path: str | os.PathLike[str]) -> list[int]:
+    """The ranks' charged-step counts a checkpoint recorded ([] in one from before they were)."""
+    saved = dict(state.get("extra", {})).get("_ledger_steps")
+    if saved is None:
+        return []
+    if (
+        not isinstance(saved, list)
+        or not saved
+        or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in saved)
+    ):
+        raise PrivacyError(f"checkpoint {path} has no valid per-rank ledger_steps; it is damaged.")
+    return saved
 
 
 def _seed_digest(seed: int) -> int:
