@@ -16,6 +16,7 @@ from lazydp.distributed import ShardedEmbeddingBag
 from lazydp.distributed.data_parallel import ClippedSumReducer, _buckets
 from lazydp.distributed.launch import prepare_restart, torchrun_command
 from lazydp.errors import ConfigError, PrivacyError, UnsupportedLayerError
+from lazydp.ledger import PrivacyLedger, StepEvent
 
 
 def test_sharded_bag_in_one_process_equals_embedding_bag() -> None:
@@ -114,11 +115,30 @@ def test_restart_without_ledger_is_a_privacy_error(tmp_path: Path, monkeypatch) 
     prepare_restart(cfg, rank=1)  # first attempt: nothing to check
     assert cfg.resume is False
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    rank0 = PrivacyLedger(tmp_path / "ledger.jsonl")
+    rank0.charge(StepEvent(0, 0.01, 1.0, 1.0, "dpsgd_f", "poisson"))
+    rank0.close()
     with pytest.raises(PrivacyError, match="ledger.rank1.jsonl is missing"):
         prepare_restart(cfg, rank=1)
     (tmp_path / "ledger.rank1.jsonl").write_text("")
     prepare_restart(cfg, rank=1)
     assert cfg.resume is True
+
+
+def test_a_restart_after_a_crash_in_the_set_up_goes_ahead(tmp_path: Path, monkeypatch) -> None:
+    # Rank 1 died before it opened its ledger: no rank can have charged a step (make_private
+    # waits for every rank), so torchrun's restart was refused with advice to restore a
+    # ledger that never existed. A checkpoint, or a step on record, still refuses it.
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    PrivacyLedger(tmp_path / "ledger.jsonl").close()  # rank 0 got that far: a header only
+    cfg = SimpleNamespace(out=str(tmp_path), resume=False)
+    prepare_restart(cfg, rank=1)
+    assert cfg.resume is True
+    (tmp_path / "checkpoint.pt").write_bytes(b"")
+    with pytest.raises(PrivacyError, match="ledger.rank1.jsonl is missing"):
+        prepare_restart(cfg, rank=1)
 
 
 def test_a_seeded_distributed_run_on_a_charged_ledger_starts_on_a_fresh_stream(tmp_path) -> None:

@@ -9,7 +9,9 @@ Contract:
   they resume from the last complete checkpoint (checkpoints are written atomically, so a
   partial one never exists). Steps after that checkpoint run again and are charged again: the
   ledger only grows. On a restart a missing ledger stops the run with a PrivacyError (the run
-  would otherwise restart at epsilon 0); a corrupt one already does (PrivacyLedger).
+  would otherwise restart at epsilon 0) unless nothing was charged yet (no checkpoint, no step
+  in any rank's ledger: the attempt died in its set-up); a corrupt one already does
+  (PrivacyLedger).
 * Multi-node runs need ``--out`` on a file system every node sees (checkpoint and ledgers).
 """
 
@@ -29,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from lazydp.errors import ConfigError, LazyDPError, PrivacyError
-from lazydp.ledger import ledger_path
+from lazydp.ledger import PrivacyLedger, ledger_path
 
 
 def init_from_env(backend: str | None = None) -> tuple[int, int]:
@@ -75,13 +77,38 @@ def prepare_restart(cfg: Any, rank: int) -> None:
     if restart_count() == 0:
         return
     ledger = ledger_path(cfg.out, rank)
-    if not ledger.exists():
+    if not ledger.exists() and _charged_before(Path(cfg.out)):
         raise PrivacyError(
             f"restart {restart_count()} of a distributed run, but the privacy ledger {ledger} is "
             "missing: resuming would restart at epsilon 0. Restore the ledger file of this run "
             "(it is the record of the privacy spent), then resume with --resume."
         )
     cfg.resume = True
+
+
+def _charged_before(out: Path) -> bool:
+    """Whether an earlier attempt of the job may have charged a step: it left a checkpoint, or
+    a step in some rank's ledger (or a ledger that cannot be read). No rank charges before
+    every rank has opened its ledger (make_private starts with a collective), so a ledger
+    missing while none holds a step was never created: that attempt died in its set-up, and
+    the restart that torchrun makes for it spends nothing twice (it used to be refused, with
+    advice to restore a file that never existed)."""
+    if (out / "checkpoint.pt").exists():
+        return True
+    for rank in range(int(os.environ.get("WORLD_SIZE", "1"))):
+        path = ledger_path(out, rank)
+        if not path.exists():
+            continue
+        try:
+            ledger = PrivacyLedger(path)
+        except (PrivacyError, OSError, ValueError):
+            return True
+        try:
+            if ledger.steps:
+                return True
+        finally:
+            ledger.close()
+    return False
 
 
 def torchrun_command(args: argparse.Namespace, config_file: Path) -> list[str]:
