@@ -727,6 +727,9 @@ class HiddenWrite(nn.Module):
             self.mean.data = 0.9 * self.mean + 0.1 * batch_mean
         elif self.how == "numpy":
             self.mean.numpy()[:] = batch_mean.numpy()
+        elif self.how == "numpy_nan":  # NaN != NaN: the value check must still see a write
+            self.mean.numpy()[:] = batch_mean.numpy()
+            self.mean.numpy()[0] = float("nan")
         elif self.how == "registered_in_forward":  # created from the first batch
             self.register_buffer("mean", batch_mean.clone())
         return self.fc(x - self.mean).squeeze(1)
@@ -734,7 +737,7 @@ class HiddenWrite(nn.Module):
 
 @pytest.mark.parametrize("mode", ["dpsgd_r", "lazydp"])
 @pytest.mark.parametrize(
-    "how", ["data_in_place", "data_assigned", "numpy", "registered_in_forward"]
+    "how", ["data_in_place", "data_assigned", "numpy", "numpy_nan", "registered_in_forward"]
 )
 def test_a_buffer_written_without_a_version_bump_or_added_later_is_refused(mode, how):
     # Neither the tensor nor its version counter changed (or the slot was new): the batch's
