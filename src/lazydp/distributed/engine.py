@@ -42,7 +42,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.nn.parameter import is_lazy
 from torch.optim import Optimizer
@@ -343,7 +342,8 @@ class DistributedPrivacyEngine(PrivacyEngine):
         if self.seed is None:
             seed = shared_secret_seed(self.process_group, comm_device(self.process_group))
             return GaussianNoise(seed=seed, stream=0)
-        return seeded_root(self.seed, self._charged_steps())
+        # make_private gathered every rank's count just before (_ledgers_at_start)
+        return seeded_root(self.seed, max(self._ledgers_at_start))
 
     def _shard_noise(self, k: int) -> GaussianNoise:
         """Sharded table k's stream on this rank: independent of every other rank and table."""
@@ -369,10 +369,7 @@ class DistributedPrivacyEngine(PrivacyEngine):
     def _charged_steps(self) -> int:
         """The largest charged-step count of any rank, the same on every rank (a collective;
         after a crash the ranks' ledgers can differ by a step)."""
-        steps = torch.tensor([self.ledger.steps], device=comm_device(self.process_group))
-        if world(self.process_group)[1] > 1:
-            dist.all_reduce(steps, op=dist.ReduceOp.MAX, group=self.process_group)
-        return int(steps)
+        return max(self._gather_ledger_steps())
 
     # ------------------------------------------------------------------ flush, export, checkpoints
     def flush(self) -> None:

@@ -163,6 +163,18 @@ _SETTING_FIXED = (
 )
 
 
+def _fixed_setting(name: str, doc: str) -> Any:
+    """A read-only property for ``privacy.<name>`` whose assignment is refused (_SETTING_FIXED)."""
+
+    def get(self: DPOptimizer) -> float:
+        return cast(float, getattr(self.privacy, name))
+
+    def refuse(self: DPOptimizer, value: Any) -> None:
+        raise ConfigError(_SETTING_FIXED.format(name=name, value=value))
+
+    return property(get, refuse, doc=doc)
+
+
 def _listed_twice(p: nn.Parameter, first: tuple[int, int], second: tuple[int, int]) -> str:
     """Why a parameter held twice by the optimizers is refused."""
     where = " and ".join(f"optimizer {i}, param group {j}" for i, j in (first, second))
@@ -252,32 +264,15 @@ class DPOptimizer(OptimizerGroup):
     # Opacus' DPOptimizer attributes, read-only: Opacus' noise and clipping schedulers (and
     # hand-written ones) assign them, which on a plain attribute would change neither the noise
     # nor the clipping nor the charge -- a schedule silently ignored.
-    @property
-    def noise_multiplier(self) -> float:
-        """sigma: the noise std on the clipped sum is sigma * max_grad_norm (fixed for the run)."""
-        return self.privacy.noise_multiplier
-
-    @noise_multiplier.setter
-    def noise_multiplier(self, value: Any) -> None:
-        raise ConfigError(_SETTING_FIXED.format(name="noise_multiplier", value=value))
-
-    @property
-    def max_grad_norm(self) -> float:
-        """C: the per-example clipping bound (fixed for the run)."""
-        return self.privacy.max_grad_norm
-
-    @max_grad_norm.setter
-    def max_grad_norm(self, value: Any) -> None:
-        raise ConfigError(_SETTING_FIXED.format(name="max_grad_norm", value=value))
-
-    @property
-    def expected_batch_size(self) -> float:
-        """q * N: what the clipped, noised sum is divided by (never the realised batch size)."""
-        return self.privacy.expected_batch_size
-
-    @expected_batch_size.setter
-    def expected_batch_size(self, value: Any) -> None:
-        raise ConfigError(_SETTING_FIXED.format(name="expected_batch_size", value=value))
+    noise_multiplier = _fixed_setting(
+        "noise_multiplier",
+        "sigma: the noise std on the clipped sum is sigma * max_grad_norm (fixed for the run).",
+    )
+    max_grad_norm = _fixed_setting("max_grad_norm", "C: the per-example clipping bound.")
+    expected_batch_size = _fixed_setting(
+        "expected_batch_size",
+        "q * N: what the clipped, noised sum is divided by (never the realised batch size).",
+    )
 
     def signal_skip_step(self, do_skip: bool = True) -> None:
         """Refused: Opacus' BatchMemoryManager calls it to split a batch into virtual steps
