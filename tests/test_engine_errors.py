@@ -538,37 +538,31 @@ def test_opacus_keywords_are_refused_with_the_lazydp_way(kw, advice):
     # make_private_with_epsilon it came only after the calibration.
     with pytest.raises(ConfigError, match=advice):
         private(**kw)
-    model = Toy()
     with pytest.raises(ConfigError, match=advice):
-        PrivacyEngine().make_private_with_epsilon(
-            module=model,
-            optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-            data_loader=loader(),
-            target_epsilon=1.0,
-            target_delta=1e-5,
-            epochs=1,
-            max_grad_norm=1.0,
-            **kw,
-        )
+        _with_epsilon(**kw)
     from lazydp.distributed.engine import DistributedPrivacyEngine
 
     with pytest.raises(ConfigError, match=advice):  # a bare TypeError there
         DistributedPrivacyEngine(**kw)
 
 
-def test_noise_multiplier_given_to_make_private_with_epsilon_is_refused_before_calibrating():
+def _with_epsilon(**kw):
     model = Toy()
+    return PrivacyEngine().make_private_with_epsilon(
+        module=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        data_loader=loader(),
+        target_epsilon=1.0,
+        target_delta=1e-5,
+        epochs=1,
+        max_grad_norm=1.0,
+        **kw,
+    )
+
+
+def test_noise_multiplier_given_to_make_private_with_epsilon_is_refused_before_calibrating():
     with pytest.raises(ConfigError, match="calibrates the noise multiplier"):
-        PrivacyEngine().make_private_with_epsilon(
-            module=model,
-            optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-            data_loader=loader(),
-            target_epsilon=1.0,
-            target_delta=1e-5,
-            epochs=1,
-            max_grad_norm=1.0,
-            noise_multiplier=1.0,
-        )
+        _with_epsilon(noise_multiplier=1.0)
 
 
 def test_opacus_engine_settings_are_refused_with_the_lazydp_way():
