@@ -33,12 +33,17 @@ def test_resuming_a_finished_lazydp_run_releases_the_same_model(tmp_path, capsys
     assert code == 0 and "private training state" in res.out  # the checkpoint left beside it
     first = _weights(out / "model.pt")
     steps = (out / "ledger.jsonl").read_text().count('"kind":"step"')
+    report = json.loads((out / "report.json").read_text())
     code, res = run_cli([*args, "--resume"], capsys)
     assert code == 0, res.err
     # The last checkpoint held the flushed model: no pending noise drawn a second time.
     second = _weights(out / "model.pt")
     assert all(torch.equal(first[k], second[k]) for k in first)
     assert (out / "ledger.jsonl").read_text().count('"kind":"step"') == steps
+    # The report keeps the training time and rate of the run (it said 0 s and 0 examples/s).
+    again = json.loads((out / "report.json").read_text())
+    assert again["examples_per_second"] == report["examples_per_second"] > 0
+    assert report["train_seconds"] <= again["train_seconds"] < report["train_seconds"] + 1
 
 
 def test_resume_without_a_checkpoint_is_refused_and_keeps_the_model(tmp_path, capsys):

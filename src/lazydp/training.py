@@ -17,7 +17,7 @@ import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 import torch
@@ -634,9 +634,11 @@ def run(
     step = 0
     ckpt = out / "checkpoint.pt"
     settings = _run_settings(cfg, calibrated)
+    timing = _Timing()
     if cfg.resume and ckpt.exists():
         extra = engine.load_checkpoint(ckpt, lambda e: _check_resume(e, settings, engine.ledger))
         step = int(extra.get("step", 0))  # checked by _check_resume
+        timing = _Timing.resumed(extra)
     bar = _progress(cfg.progress and rank == 0, total_steps, step)
     # PLD accounting costs ~0.3 s per call: refresh the shown epsilon a few times per run only.
     eps_every = max(10, total_steps // 8)
@@ -678,7 +680,9 @@ def run(
                 if _checkpoint_now(cfg, step, last_saved, world_size):
                     engine.flush()  # on every rank: the replicated LazyDP tables stay identical
                     if rank == 0:
-                        engine.save_checkpoint(ckpt, step=step, settings=settings)
+                        engine.save_checkpoint(
+                            ckpt, step=step, settings=settings, **timing.extra(started)
+                        )
                     last_saved = time.monotonic()
                 if bar is not None:
                     bar.update(1)
@@ -697,7 +701,7 @@ def run(
         if bar is not None:
             bar.close()
         if rank == 0:
-            engine.save_checkpoint(ckpt, step=step, settings=settings)
+            engine.save_checkpoint(ckpt, step=step, settings=settings, **timing.extra(started))
         raise StoppedBySignal(
             f"stopped by {signal.Signals(stop.signum).name} after step {step} of {total_steps}; "
             f"{ckpt} holds that step (a private training state, never to be released) and the "
@@ -707,9 +711,9 @@ def run(
         )
     if bar is not None:
         bar.close()
-    train_seconds = time.perf_counter() - started
     # Each rank counted its own shard of the batches: the report's rate is the job's.
     examples = _over_ranks(examples, world_size)
+    train_seconds, rate = timing.finish(started, examples)
     # A signal here waits for model.pt: interrupted, a run with no checkpoint (the default for
     # short runs) lost the model its whole spent budget paid for, with nothing to resume.
     with stop_on_signals(enabled=world_size == 1, after="writing model.pt") as stop:
@@ -718,7 +722,7 @@ def run(
             # The checkpoint now holds the flushed model: a resume of this finished run must
             # not draw the noise that was pending at its last checkpoint a second time (two
             # releases of one step's noise, each with fresh draws, would average it away).
-            engine.save_checkpoint(ckpt, step=step, settings=settings)
+            engine.save_checkpoint(ckpt, step=step, settings=settings, **timing.extra(started))
         if rank == 0:  # saved before anything else can fail: the budget for it is already spent
             engine.export(out / "model.pt")
     if stop.signum is not None:
@@ -743,7 +747,7 @@ def run(
         "steps": step,
         "train_rows": n,
         "train_seconds": round(train_seconds, 2),
-        "examples_per_second": round(examples / max(train_seconds, 1e-9), 1),
+        "examples_per_second": rate,
         "noise_multiplier": sigma,
         "stopped_for_budget": stopped_for_budget,
         "test": metrics,
@@ -776,6 +780,43 @@ def run(
                 "model.pt is the releasable model."
             )
     return summary
+
+
+class _Timing:
+    """The report's training time and rate over every session of a run: a resumed run adds
+    its time to what its checkpoint recorded (its report said 0 s, or a few seconds, for a
+    run that trained for hours before the resume)."""
+
+    def __init__(self, before: float = 0.0, rate: float | None = None) -> None:
+        self.before, self.rate = before, rate  # seconds of earlier sessions, their last rate
+        self.total: float | None = None  # set by finish()
+
+    @classmethod
+    def resumed(cls, extra: dict[str, Any]) -> _Timing:
+        """From a checkpoint's extras; informational only, so a missing (older checkpoints)
+        or damaged value counts as unknown, never as an error."""
+        before, rate = extra.get("train_seconds"), extra.get("examples_per_second")
+        return cls(before if _seconds(before) else 0.0, rate if _seconds(rate) else None)
+
+    def extra(self, started: float) -> dict[str, float]:
+        """What a checkpoint saved now records (after finish(): the report's figures)."""
+        if self.total is None:
+            return {"train_seconds": self.before + time.perf_counter() - started}
+        assert self.rate is not None
+        return {"train_seconds": self.total, "examples_per_second": self.rate}
+
+    def finish(self, started: float, examples: int) -> tuple[float, float]:
+        """(total training seconds, examples per second): the rate of this session, or of
+        the last one when this session trained nothing (a finished run resumed)."""
+        now = time.perf_counter() - started
+        if examples or self.rate is None:
+            self.rate = round(examples / max(now, 1e-9), 1)
+        self.total = self.before + now
+        return self.total, self.rate
+
+
+def _seconds(value: Any) -> TypeGuard[float]:
+    return isinstance(value, float) and math.isfinite(value) and value >= 0
 
 
 def _write_report(path: Path, summary: dict[str, Any], report: str) -> None:
