@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -82,3 +84,30 @@ def test_out_of_range_and_damaged_directories(movielens_dir, tmp_path):
 def test_lazy_mode_is_the_default_above_the_memory_limit(movielens_dir):
     assert not ParquetDataset(movielens_dir, memory_limit_bytes=1).in_memory
     assert ParquetDataset(movielens_dir).in_memory
+
+
+def test_a_loaded_split_is_not_copied_at_every_batch(tmp_path):
+    """take() on a column of several chunks (one per file) concatenates them first: each batch
+    copied the whole split (120 ms per batch of 4096 rows of a 3M-row split)."""
+    n, files = 50_000, 3
+    root = tmp_path / "d"
+    table = pa.table({"label": pa.array(np.arange(n) % 2, pa.float32()), "u": np.arange(n) % 7})
+    for split in ("train", "test"):
+        (root / split).mkdir(parents=True)
+        for f in range(files):
+            pq.write_table(table, root / split / f"part-{f}.parquet", row_group_size=10_000)
+    categorical = [{"name": "u", "table_size": 7, "multi_valued": False}]
+    rows = {"train": files * n, "test": files * n}
+    meta = {"rows": rows, "schema": {"dense": [], "categorical": categorical}}
+    (root / "metadata.json").write_text(json.dumps(meta))
+    ds = ParquetDataset(root, in_memory=True)
+    idx = np.arange(0, files * n, 997)[::-1]
+    pool, default = pa.proxy_memory_pool(pa.default_memory_pool()), pa.default_memory_pool()
+    pa.set_memory_pool(pool)  # counts what the batch allocates in Arrow
+    try:
+        b = ds.batch(idx)
+    finally:
+        pa.set_memory_pool(default)
+    assert b.sparse[0][0].tolist() == (idx % n % 7).tolist()
+    assert b.label.tolist() == (idx % n % 2).tolist()
+    assert pool.max_memory() < files * n * 12 // 20  # the batch's rows, not the split (12 B a row)

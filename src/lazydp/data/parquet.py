@@ -151,15 +151,20 @@ class ParquetDataset:
                 "or filtered-out rows)"
             )
         self.in_memory = size <= memory_limit_bytes if in_memory is None else in_memory
-        self._table: pa.Table | None = None
+        # Loaded: one single-chunk table per file and its first global row. Not one table of
+        # all files: take() on a column of several chunks concatenates them first, a copy of
+        # the whole split at every batch (120 ms per 4096 rows of a 3M-row split, not 5 ms).
+        self._parts: list[pa.Table] | None = None
+        self._part_starts: list[int] = []
         self._checked: set[tuple[int, int]] = set()  # row groups that passed check_table
         if self.in_memory:
-            tables = []
+            self._parts, start = [], 0
             for f, pf in zip(self.files, self._parquet):
                 t = _read(f, partial(pf.read, columns=self.columns))
                 check_table(f, t, self._checks, 0)
-                tables.append(self._canonical(t))
-            self._table = pa.concat_tables(tables) if tables else self._empty()
+                self._parts.append(self._canonical(t).combine_chunks())
+                self._part_starts.append(start)
+                start += t.num_rows
         else:
             for f, pf in zip(self.files, self._parquet):
                 check_statistics(f, pf, self._checks)
@@ -213,22 +218,11 @@ class ParquetDataset:
         return table
 
     def _rows(self, idx: np.ndarray) -> pa.Table:
-        if self._table is not None:
-            return self._table.take(pa.array(idx))
         if len(idx) == 0:
             return self._empty()
-        # read each needed row group once, in index order, then restore the requested order
-        order = np.argsort(idx, kind="stable")
-        sorted_idx = idx[order]
-        pieces = []
-        g_of = np.searchsorted(np.asarray(self._starts), sorted_idx, side="right") - 1
-        for g in np.unique(g_of):
-            local = sorted_idx[g_of == g] - self._starts[g]
-            pieces.append(self._group(self._groups[g]).take(pa.array(local)))
-        gathered = pa.concat_tables(pieces)
-        inverse = np.empty_like(order)
-        inverse[order] = np.arange(len(order))
-        return gathered.take(pa.array(inverse))
+        if self._parts is not None:
+            return _gather(idx, self._part_starts, self._parts.__getitem__)
+        return _gather(idx, self._starts, lambda g: self._group(self._groups[g]))
 
     def batch(self, indices: np.ndarray | Sequence[int] | Tensor) -> Batch:
         """The rows at ``indices`` (global, 0-based) as a Batch, in the given order."""
@@ -261,6 +255,22 @@ class ParquetDataset:
             sparse.append((ids, offs))
         label = torch.from_numpy(_f32(t.column(self.label_name)))
         return Batch(torch.from_numpy(np.ascontiguousarray(dense)), sparse, label)
+
+
+def _gather(idx: np.ndarray, starts: list[int], part: Callable[[int], pa.Table]) -> pa.Table:
+    """The rows at global ``idx`` (non-empty) of the parts beginning at ``starts``, in order."""
+    # take from each needed part once, in index order, then restore the requested order
+    order = np.argsort(idx, kind="stable")
+    sorted_idx = idx[order]
+    pieces = []
+    p_of = np.searchsorted(np.asarray(starts), sorted_idx, side="right") - 1
+    for p in np.unique(p_of):
+        local = sorted_idx[p_of == p] - starts[p]
+        pieces.append(part(int(p)).take(pa.array(local)))
+    gathered = pa.concat_tables(pieces)
+    inverse = np.empty_like(order)
+    inverse[order] = np.arange(len(order))
+    return gathered.take(pa.array(inverse))
 
 
 def _open_parquet(path: Path) -> pq.ParquetFile:
