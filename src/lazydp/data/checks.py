@@ -215,7 +215,9 @@ def check_table(path: Path, table: pa.Table, columns: list[Column], first_row: i
         if col.null_count:
             _bad_row(path, c, col, pc.is_null(col), first_row, _null_fix(c))
         if c.role == "label":
-            ok = pc.is_in(col, value_set=pa.array([0, 1]).cast(col.type))
+            # Arrow has no is_in for float16; float32 holds every float16 exactly
+            values = col.cast(pa.float32()) if pa.types.is_float16(col.type) else col
+            ok = pc.is_in(values, value_set=pa.array([0, 1]).cast(values.type))
             bad = pc.invert(ok)
             if pc.any(bad).as_py():
                 _bad_row(path, c, col, bad, first_row, f"labels must be 0 or 1; {_fix(c)}")
