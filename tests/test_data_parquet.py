@@ -111,3 +111,42 @@ def test_a_loaded_split_is_not_copied_at_every_batch(tmp_path):
     assert b.sparse[0][0].tolist() == (idx % n % 7).tolist()
     assert b.label.tolist() == (idx % n % 2).tolist()
     assert pool.max_memory() < files * n * 12 // 20  # the batch's rows, not the split (12 B a row)
+
+
+def test_memory_limit_counts_the_loaded_size_not_the_encoded_one(tmp_path):
+    """Low-cardinality columns encode to a few bits a value in Parquet; loaded they take 4 or 8
+    bytes. The footer's encoded size let a split 20x over the limit be loaded whole."""
+    n = 20_000
+    root = tmp_path / "d"
+    cols = {
+        "label": pa.array(np.arange(n) % 2, pa.float32()),
+        "u": pa.array(np.arange(n) % 3, pa.int64()),
+        "g": pa.array([[1, 2]] * n, pa.list_(pa.int64())),
+        "unused": pa.array(np.arange(n, dtype=np.float64)),  # not read: not counted
+    }
+    for split in ("train", "test"):
+        (root / split).mkdir(parents=True)
+        pq.write_table(pa.table(cols), root / split / "part-00000.parquet")
+    categorical = [
+        {"name": "u", "table_size": 3, "multi_valued": False},
+        {"name": "g", "table_size": 3, "multi_valued": True},
+    ]
+    meta = {"rows": {"train": n, "test": n}, "schema": {"dense": [], "categorical": categorical}}
+    (root / "metadata.json").write_text(json.dumps(meta))
+    loaded = n * (4 + 8) + 8 * 2 * n + 4 * (n + 1)  # label, u, g's ids and offsets
+    footer = pq.ParquetFile(root / "train" / "part-00000.parquet").metadata.row_group(0)
+    assert footer.total_byte_size < loaded // 2  # the encoded size underestimates
+    assert not ParquetDataset(root, memory_limit_bytes=loaded - 1).in_memory
+    assert ParquetDataset(root, memory_limit_bytes=loaded).in_memory
+
+
+def test_the_default_memory_limit_is_a_share_of_available_memory(monkeypatch):
+    """Loaded splits train ~200x faster than sampled from disk: the default limit follows the
+    machine (a quarter of what is available), not a fixed 512 MiB."""
+    from lazydp.bench import memory
+    from lazydp.data import parquet
+
+    monkeypatch.setattr(memory, "available_memory_bytes", lambda: 8 << 30)
+    assert parquet.default_memory_limit() == 2 << 30
+    monkeypatch.setattr(memory, "available_memory_bytes", lambda: 1 << 20)
+    assert parquet.default_memory_limit() == parquet.DEFAULT_MEMORY_LIMIT  # the floor

@@ -113,7 +113,7 @@ def _type_problem(c: Column, t: pa.DataType) -> str | None:
     return f"category ids must be integers: {REBUILD}"
 
 
-def _leaf_indices(pf: pq.ParquetFile, columns: list[Column]) -> dict[str, int]:
+def leaf_indices(pf: pq.ParquetFile, columns: list[Column]) -> dict[str, int]:
     """Parquet leaf column index of each needed column (the list element for list columns)."""
     paths = {pf.schema.column(i).path: i for i in range(len(pf.schema))}
     out = {}
@@ -138,7 +138,7 @@ def check_statistics(path: Path, pf: pq.ParquetFile, columns: list[Column]) -> N
     lists, so only the element range is checked here (nulls are left to ``check_table``).
     """
     meta = pf.metadata
-    leaves = _leaf_indices(pf, columns)
+    leaves = leaf_indices(pf, columns)
     first = 0
     for g in range(meta.num_row_groups):
         rg = meta.row_group(g)
