@@ -150,3 +150,9 @@ def test_the_default_memory_limit_is_a_share_of_available_memory(monkeypatch):
     assert parquet.default_memory_limit() == 2 << 30
     monkeypatch.setattr(memory, "available_memory_bytes", lambda: 1 << 20)
     assert parquet.default_memory_limit() == parquet.DEFAULT_MEMORY_LIMIT  # the floor
+
+
+@pytest.mark.parametrize("bad", [torch.tensor([True, False]), [2.7], np.array([1.0])])
+def test_batch_refuses_indices_that_are_not_integers(movielens_dir, bad):
+    with pytest.raises(InputError, match="must be integers"):
+        ParquetDataset(movielens_dir).batch(bad)

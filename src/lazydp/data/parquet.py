@@ -255,6 +255,12 @@ class ParquetDataset:
     def batch(self, indices: np.ndarray | Sequence[int] | Tensor) -> Batch:
         """The rows at ``indices`` (global, 0-based) as a Batch, in the given order."""
         idx = np.asarray(indices.cpu() if isinstance(indices, Tensor) else indices)
+        if idx.size and idx.dtype.kind not in "iu":
+            # A bool mask would be read as rows 0 and 1, a float index truncated: a wrong batch.
+            raise InputError(
+                f"row indices must be integers (global row numbers), got dtype {idx.dtype}; "
+                "for a mask, pass its positions (np.flatnonzero(mask))."
+            )
         idx = idx.astype(np.int64, copy=False).reshape(-1) if idx.size else np.zeros(0, np.int64)
         if idx.size and (idx.min() < 0 or idx.max() >= self.num_rows):
             bad = idx[(idx < 0) | (idx >= self.num_rows)][0]
