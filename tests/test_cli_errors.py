@@ -307,3 +307,24 @@ def test_a_reader_that_goes_away_gives_no_traceback():
     err = proc.stderr.read().decode()
     assert proc.wait() == 141
     assert "Traceback" not in err and "BrokenPipeError" not in err
+
+
+def test_a_dataset_without_id_columns_is_refused_in_the_users_words(tmp_path, capsys):
+    """It failed deep in the DLRM ("table_rows is empty") instead of saying what to do."""
+    import json
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root = tmp_path / "d"
+    table = pa.table({"label": pa.array(np.arange(40) % 2, pa.float32()), "x": np.ones(40)})
+    for split in ("train", "test"):
+        (root / split).mkdir(parents=True)
+        pq.write_table(table, root / split / "part-00000.parquet")
+    meta = {"rows": {"train": 40, "test": 40}, "schema": {"dense": ["x"], "categorical": []}}
+    (root / "metadata.json").write_text(json.dumps(meta))
+    out = tmp_path / "out"
+    err = refused(["train", "--data", str(root), "--out", str(out), "--no-progress"], capsys)
+    assert "no categorical (id) columns" in err and "Python API" in err
+    assert not (out / "ledger.jsonl").exists()

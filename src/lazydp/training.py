@@ -359,6 +359,13 @@ def build_model(train: Any, cfg: TrainConfig, kind: str) -> nn.Module:
         return _Tabular(sizes, num_dense, cfg.embedding_dim, cfg.hidden)
     from lazydp.models.dlrm import DLRM
 
+    if not sizes:
+        raise ConfigError(
+            f"{train.root} has no categorical (id) columns: `lazydp train` trains a DLRM, which "
+            "reads at least one embedding table. Preprocess with at least one categorical column, "
+            "or train your own model on the data through the Python API (lazydp.PrivacyEngine). "
+            "Nothing was charged."
+        )
     d = cfg.embedding_dim
     return DLRM(
         sizes,
