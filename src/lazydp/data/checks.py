@@ -93,7 +93,7 @@ def _type_problem(c: Column, t: pa.DataType) -> str | None:
     if c.role == "dense":
         if _numeric(t):
             return None
-        return f"dense features must be numeric (float or integer), not text: {REBUILD}"
+        return f"dense features must be numbers (float or integer): {REBUILD}"
     if c.multi_valued:
         if not _is_list(t):
             return (
