@@ -35,6 +35,16 @@ def test_epsilon_json_last_line(capsys):
     assert result["steps"] == 2250 and result["noise_multiplier"] == 1.5
 
 
+def test_an_infinite_epsilon_is_null_in_the_json_line(capsys):
+    # Python wrote ``Infinity``, which is no JSON: strict parsers (JavaScript, Go) refused the line.
+    argv = ["epsilon", "--sample-rate", "0.1", "--noise-multiplier", "0", "--steps", "10",
+            "--delta", "1e-5", "--json"]  # fmt: skip
+    code, out, _ = run(capsys, argv)
+    assert code == 0 and "epsilon inf (PLD)" in out
+    result = json.loads(out.strip().splitlines()[-1], parse_constant=pytest.fail)
+    assert result["epsilon_pld"] is None and result["epsilon_rdp"] is None
+
+
 def test_calibration_with_epochs(capsys):
     argv = ["epsilon", "--target-epsilon", "3", "--sample-rate", "0.04", "--epochs", "90",
             "--delta", "1e-5", "--json"]  # fmt: skip

@@ -111,6 +111,30 @@ def test_report_of_a_run_on_data_names_the_directory_not_a_builtin_dataset(tmp_p
     assert report["config"]["data"] == str(data) and report["config"]["dataset"] is None
 
 
+def test_an_undefined_auc_is_null_in_report_json_and_the_json_line(tmp_path, capsys):
+    # A test split of one class has no AUC (NaN): json.dumps wrote ``NaN``, which is no JSON,
+    # and strict parsers (JavaScript, Go) could not read report.json or the --json line.
+    from lazydp.preprocess import preprocess
+    from lazydp.preprocess.reference import is_test
+
+    lines = []
+    for i, line in enumerate((FIXTURES / "criteo_small.tsv").read_text().splitlines()):
+        negative, positive = "0\t" + line.split("\t", 1)[1], "1\t" + line.split("\t", 1)[1]
+        # Every test row negative; the train rows keep both classes.
+        lines.append(positive if i % 2 and not is_test(positive, 0.1) else negative)
+    assert any(is_test(line, 0.1) for line in lines)
+    (tmp_path / "one_class.tsv").write_text("\n".join(lines) + "\n")
+    data = tmp_path / "data"
+    preprocess("criteo", [tmp_path / "one_class.tsv"], data, buckets=64, progress=False)
+    args = ["train", "--data", str(data), "--max-steps", "1", "--batch-size", "4", "--json"]
+    code, out = run_cli([*args, "--out", str(tmp_path / "r")], capsys)
+    assert code == 0, out.err
+    assert "AUC is undefined" in out.out
+    for text in ((tmp_path / "r" / "report.json").read_text(), out.out.strip().splitlines()[-1]):
+        report = json.loads(text, parse_constant=pytest.fail)
+        assert report["test"]["auc"] is None and report["test"]["rows"] > 0
+
+
 def test_config_file_then_flags(tmp_path, capsys):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("dataset: acs\nepochs: 1\nmode: dpsgd_f\nnoise_multiplier: 2.0\n")

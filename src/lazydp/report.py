@@ -7,6 +7,7 @@ Poisson figure only as what it would have been. Seeded runs and test noise overr
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -20,6 +21,27 @@ LARGE_DELTA = 1e-3
 if TYPE_CHECKING:
     from lazydp.ledger import PrivacyLedger
     from lazydp.optim.dp_optimizer import PrivacyParams
+
+
+def json_text(value: Any, indent: int | None = None) -> str:
+    """``value`` as standard JSON, for report files and ``--json`` lines: a NaN or infinite
+    number is written as null. Python's ``NaN`` and ``Infinity`` are no JSON: a test split of
+    one class (AUC undefined) made report.json unreadable to strict parsers (JavaScript, Go).
+
+    >>> json_text({"auc": float("nan"), "epsilon": 1.5})
+    '{"auc": null, "epsilon": 1.5}'
+    """
+    return json.dumps(_finite(value), indent=indent, default=str, allow_nan=False)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
 
 
 def steps_text(n: int, adjective: str = "") -> str:

@@ -9,7 +9,6 @@ state), ``OUT/model.pt`` (the flushed, releasable model) and ``OUT/report.json``
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import numbers
 import os
@@ -35,7 +34,7 @@ from lazydp.engine import PrivacyEngine, _atomic_save
 from lazydp.errors import ConfigError, DataError, PrivacyError, StorageError
 from lazydp.ledger import PrivacyLedger, ledger_path
 from lazydp.metrics import accuracy, roc_auc
-from lazydp.report import steps_text
+from lazydp.report import json_text, steps_text
 from lazydp.stop_signals import StoppedBySignal, stop_on_signals
 
 
@@ -830,7 +829,7 @@ def _write_report(path: Path, summary: dict[str, Any], report: str) -> None:
     """Write report.json whole or not at all (a run killed mid-write left a truncated one that
     a resume took for the report of a finished run). Failing, say that only the report is lost,
     and give its privacy figures: the budget is spent and model.pt saved."""
-    data = json.dumps(summary, indent=2, default=str).encode("utf-8")
+    data = json_text(summary, indent=2).encode("utf-8")
     try:
         _atomic_save(data, path, lambda b, f: f.write(b))
     except StorageError as exc:

@@ -19,7 +19,6 @@ Figures use matplotlib's Agg backend (no display needed).
 from __future__ import annotations
 
 import csv
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from lazydp.bench.labels import distinct_names, scale_key
 from lazydp.bench.opacus_compare import OPACUS_BACKWARD_ROW
 from lazydp.bench.suite import SuiteResult
 from lazydp.bench.workload import BenchSpec
+from lazydp.report import json_text
 
 # Rows stacked in the bar chart: they partition the step (catch-up is inside lazy bookkeeping).
 STACKED = tuple(
@@ -74,7 +74,7 @@ def write_json(
         "summary": summary,
         "machine": machine,
     }
-    path.write_text(json.dumps(doc, indent=2, default=str))
+    path.write_text(json_text(doc, indent=2))
     return path
 
 

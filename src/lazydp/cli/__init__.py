@@ -23,6 +23,7 @@ import yaml
 
 from lazydp.errors import ConfigError, LazyDPError
 from lazydp.malloc import tune_malloc
+from lazydp.report import json_text
 from lazydp.stop_signals import StoppedBySignal
 
 # Order here is the order in `lazydp --help`.
@@ -195,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         return _reader_gone()
     if getattr(args, "json", False):
         try:
-            print(json.dumps(result, default=str))
+            print(json_text(result))
         except BrokenPipeError:
             return _reader_gone()
     return 0

@@ -22,6 +22,7 @@ from typing import Any
 
 from lazydp.cli import add_json_flag
 from lazydp.errors import ConfigError, PrivacyError
+from lazydp.report import json_text
 
 EXAMPLE = """\
 examples:
@@ -290,7 +291,7 @@ def write_report(r: Any, out: Path) -> dict[str, Path]:
         names = {"json": "audit.json", "csv": "audit.csv", "scores": "audit_scores.csv"}
         paths = {k: out / name for k, name in {**names, "png": "audit.png"}.items()}
         doc = r.to_dict()
-        paths["json"].write_text(json.dumps(doc, indent=2))
+        paths["json"].write_text(json_text(doc, indent=2))
         rows = doc["points"]
         with paths["csv"].open("w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
