@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import warnings
 from pathlib import Path
 
@@ -133,6 +134,41 @@ def test_an_undefined_auc_is_null_in_report_json_and_the_json_line(tmp_path, cap
     for text in ((tmp_path / "r" / "report.json").read_text(), out.out.strip().splitlines()[-1]):
         report = json.loads(text, parse_constant=pytest.fail)
         assert report["test"]["auc"] is None and report["test"]["rows"] > 0
+
+
+def test_a_diverged_model_is_not_given_an_accuracy_or_called_one_class():
+    # A last step that blows the weights up makes every test score NaN: accuracy counted NaN
+    # as a negative prediction (the share of negative labels), and the NaN AUC was blamed on a
+    # test split of one class.
+    from types import SimpleNamespace
+
+    from lazydp.training import evaluate, undefined_metrics_note
+
+    labels = torch.tensor([0.0, 1.0, 0.0, 1.0, 1.0])
+
+    def rows(idx):
+        n = len(idx)
+        return SimpleNamespace(dense=torch.ones(n, 1), sparse=[], label=labels[idx])
+
+    test = SimpleNamespace(num_rows=len(labels), batch=rows)
+
+    class Scores(torch.nn.Module):
+        def __init__(self, value: float) -> None:
+            super().__init__()
+            self.value = value
+
+        def forward(self, dense, sparse):
+            return torch.full((dense.shape[0],), self.value)
+
+    metrics = evaluate(Scores(float("nan")), test, batch_size=2)
+    assert metrics["nan_scores"] == metrics["rows"] == 5
+    assert math.isnan(metrics["accuracy"]) and math.isnan(metrics["logloss"])
+    note = undefined_metrics_note(metrics)
+    assert note is not None and "diverged" in note and "same class" not in note
+    fine = evaluate(Scores(1.0), test, batch_size=2)
+    assert fine["nan_scores"] == 0 and fine["accuracy"] == 0.6 and fine["auc"] == 0.5
+    one_class = dict(fine, auc=float("nan"))
+    assert "same class" in (undefined_metrics_note(one_class) or "")
 
 
 def test_config_file_then_flags(tmp_path, capsys):

@@ -22,5 +22,15 @@ def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
 
 
 def accuracy(scores: np.ndarray, labels: np.ndarray, threshold: float = 0.0) -> float:
-    """Fraction of correct predictions of logits ``scores`` (positive when > threshold)."""
-    return float(((np.asarray(scores) > threshold) == np.asarray(labels).astype(bool)).mean())
+    """Fraction of correct predictions of logits ``scores`` (positive when > threshold); NaN
+    when a score is NaN.
+
+    >>> accuracy(np.array([-1.0, 2.0]), np.array([0, 1])), accuracy(np.array([np.nan]), [0])
+    (1.0, nan)
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    if np.isnan(scores).any():
+        # A NaN logit predicts nothing; counted as "not > threshold", a diverged model scored
+        # the share of negative labels.
+        return float("nan")
+    return float(((scores > threshold) == np.asarray(labels).astype(bool)).mean())

@@ -404,7 +404,27 @@ def evaluate(model: nn.Module, test: Any, batch_size: int) -> dict[str, float]:
         "accuracy": accuracy(s, y),
         "logloss": logloss,
         "rows": int(len(y)),
+        "nan_scores": int(np.isnan(s).sum()),  # a diverged model: no metric above means anything
     }
+
+
+def undefined_metrics_note(metrics: dict[str, Any]) -> str | None:
+    """Why ``evaluate``'s metrics are NaN, if they are (None if not): a diverged model, or a
+    test split of one class (no AUC).
+
+    >>> undefined_metrics_note({"auc": 0.7, "nan_scores": 0}) is None
+    True
+    """
+    if metrics["nan_scores"]:
+        # Checked first: NaN scores make the AUC NaN too, which was blamed on the labels.
+        return (
+            f"(the model scored {metrics['nan_scores']} of {metrics['rows']} test rows NaN: "
+            "its weights diverged to inf or NaN in training, so the metrics are undefined; "
+            "lower --lr, --dense-lr or --max-grad-norm)"
+        )
+    if math.isnan(metrics["auc"]):
+        return "(AUC is undefined: every label of the test split is the same class)"
+    return None
 
 
 def _privacy_cost(meta: dict[str, Any], root: Path) -> dict[str, Any]:
@@ -777,8 +797,9 @@ def run(
             f"log-loss {metrics['logloss']:.4f}  "
             f"({steps_text(step)}, {train_seconds:.1f} s, {summary['examples_per_second']:,.0f} examples/s)"
         )
-        if math.isnan(metrics["auc"]):
-            print("(AUC is undefined: every label of the test split is the same class)")
+        note = undefined_metrics_note(metrics)
+        if note:
+            print(note)
         if ckpt.exists():
             print(
                 f"{ckpt} is a private training state (optimizer, sampler position): keep it "
