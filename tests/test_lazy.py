@@ -823,3 +823,20 @@ def test_a_weighted_bag_call_reading_no_row_survives_a_table_write_before_backwa
             finals[mode] = {k: v.clone() for k, v in model.state_dict().items()}
     for k, v in finals["dpsgd_f"].items():
         torch.testing.assert_close(finals["lazydp"][k], v, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["dpsgd_f", "lazydp"])
+@pytest.mark.parametrize(("group", "key"), [(0, "lr"), (-1, "lr"), (-1, "weight_decay")])
+def test_a_setting_beyond_the_parameters_dtype_is_refused_before_the_charge(mode, group, key):
+    # 1e300 is finite as a Python float, but torch cannot convert it to the float32 it
+    # updates with: it raised deep inside the step, after the step was charged.
+    model, opt, sched, engine = build(mode)
+    step(model, opt, sched, make_batches(1)[0])
+    opt.param_groups[group][key] = 1e300
+    x, bag, emb, y = make_batches(1, seed=3)[0]
+    loss_fn(model(x, bag, emb), y).backward()
+    charged = engine.ledger.steps
+    # (a LazyDP table's weight_decay is refused by its own rule first: lr * wd < 1)
+    with pytest.raises(ConfigError, match="representable in the parameters' dtype|below 1 / lr"):
+        opt.step()
+    assert engine.ledger.steps == charged

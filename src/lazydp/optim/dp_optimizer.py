@@ -122,6 +122,17 @@ def sgd_step(optimizer: Optimizer | None, group: dict[str, Any]) -> SgdStep | No
     )
 
 
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
+def _largest(params: list[Tensor]) -> float:
+    """The largest finite value of the widest floating dtype among ``params``."""
+    return max(
+        (float(torch.finfo(q.dtype).max) for q in params if q.is_floating_point()),
+        default=_FLOAT32_MAX,
+    )
+
+
 def _bad_lr(value: float, where: str, why: str = "", key: str = "lr") -> str:
     what = "learning rate" if key == "lr" else key
     return (
@@ -339,9 +350,16 @@ class DPOptimizer(OptimizerGroup):
                         value = float(value)
                     # Real, not float: a numpy float32 / float16 lr (a schedule computed in
                     # numpy) is no float subclass, and its NaN went through to the weights.
-                    if isinstance(value, numbers.Real) and not math.isfinite(value):
+                    if not isinstance(value, numbers.Real):
+                        continue
+                    value = float(value)
+                    big = abs(value) > _FLOAT32_MAX and abs(value) > _largest(group["params"])
+                    if not math.isfinite(value) or big:
+                        # Beyond the parameters' dtype, torch's update raises deep inside
+                        # (after the charge): "value cannot be converted to type float".
                         where = f"parameter group {j} of the {type(opt).__name__} optimizer"
-                        raise ConfigError(_bad_lr(float(value), where, key=key))
+                        why = " and representable in the parameters' dtype"
+                        raise ConfigError(_bad_lr(value, where, why, key=key))
         checked: set[int] = set()  # one look per group, not per table (26 on mlperf)
         for q in self.tables:
             if q in self.lazy or not q.requires_grad:
