@@ -88,6 +88,53 @@ def test_rebased_prefixes_stay_exact(monkeypatch):
         torch.testing.assert_close(lazy[k], eager[k], atol=2e-5, rtol=1e-5, msg=k)
 
 
+@pytest.mark.parametrize("weight_decay", [0.0, 0.05])
+def test_a_full_flush_drops_the_lr_sums_before_it(tmp_path, weight_decay):
+    """A prefix kept the sums of every step the run ever took (40 bytes a step: gigabytes over
+    a long run, all written into every checkpoint). Every full flush (an epoch's end) restarts
+    it now, and the run is the same as one never flushed."""
+    batches = make_batches(20, seed=5)
+    with constant_noise(0.6):
+        plain = snapshot(_train("lazydp", batches, weight_decay)[0])
+        model, opt, sched, engine = build("lazydp", weight_decay=weight_decay)
+        for i, b in enumerate(batches):
+            step(model, opt, sched, b)
+            if i % 6 == 5:
+                engine.flush()  # what the private loader does at each epoch's end
+        prefix = next(iter(opt.lazy.values())).prefix
+        assert prefix.base == 18 and prefix.state_dict()["s2"].numel() == 3
+        engine.save_checkpoint(tmp_path / "ck.pt")
+        saved = torch.load(tmp_path / "ck.pt", weights_only=True)["lazy"]["prefixes"]
+        assert [s["s2"].numel() for s in saved] == [1]  # not one entry per step of the run
+        flushed = snapshot(model)
+    for k in plain:
+        torch.testing.assert_close(flushed[k], plain[k], atol=2e-5, rtol=1e-5, msg=k)
+
+
+def test_lr_sums_kept_from_step_0_by_an_older_checkpoint_still_load():
+    prefix = LrPrefix()
+    for lr in (0.2, 0.4):
+        prefix.append(lr, 0.1)
+    prefix.rebase()
+    for lr in (0.3, 0.1, 0.5):
+        prefix.append(lr, 0.1)
+    state = prefix.state_dict()
+    assert state["offset"] == 2 and state["s2"].numel() == 4
+    # As lazydp wrote them before: every array from step 0, its entries before the rebase unused.
+    old = {
+        k: torch.cat([torch.full((2,), 0.0 if k.endswith("_lo") else 7.0).double(), v])
+        for k, v in state.items()
+        if isinstance(v, torch.Tensor)
+    } | {"base": 2}
+    applied = torch.tensor([2, 3, 5])
+    for loaded_state in (state, old):
+        loaded = LrPrefix()
+        loaded.load_state_dict(loaded_state)
+        assert loaded.steps == 5 and loaded.base == 2
+        for got, want in zip(loaded.pending(applied, 5), prefix.pending(applied, 5)):
+            assert got.tolist() == want.tolist()
+
+
 @pytest.mark.parametrize("schedule", ["constant", "decaying"])
 def test_untouched_rows_decay_and_get_the_dp_sgd_variance(schedule):
     """W_T = prod f_s W_0 + sum_s lr_s (prod_{r>s} f_r) n_s: the decayed start plus ONE

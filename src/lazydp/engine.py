@@ -833,8 +833,10 @@ def _remove_abandoned(path: Path) -> None:
 def load_checkpoint_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Load a lazydp checkpoint safely (weights_only), with a clear error if it is corrupt."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        # The CRCs first: a damaged record is named as such, where torch's unpickler answered
+        # a flipped bit in data.pkl with advice to load it with weights_only=False.
         _check_records(path)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise PrivacyError(f"checkpoint {path} does not exist") from None
     except Exception as exc:  # torch raises many kinds for a damaged file

@@ -296,8 +296,9 @@ class ShardedEmbeddingBag(nn.Module):
         t = self._training
         if t is not None and t.lazy is not None:
             t.lazy.flush(t.step)
-            if isinstance(t.lazy.prefix, MomentumPrefix):
-                t.lazy.prefix.rebase()  # every row is at the step: the window restarts
+            # Every row is at the step: the window (momentum) or the lr sums restart, so
+            # neither keeps the steps before (LrPrefix).
+            t.lazy.prefix.rebase()
 
     def pending_rows(self) -> int:
         t = self._training

@@ -782,13 +782,15 @@ class DPOptimizer(OptimizerGroup):
             with self.timer.phase("coalesce"):
                 sum_shared_bags(items)
 
-    def _rebase_prefixes(self, every_momentum: bool = False) -> None:
+    def _rebase_prefixes(self, flushed: bool = False) -> None:
         """Flush the tables of any prefix whose decay product got tiny (after ~230 / (lr * wd)
         steps; LrPrefix) or whose momentum window got long (MAX_WINDOW steps), then restart it:
-        rare, and O(table) when it happens. ``every_momentum``: the tables were all just
-        flushed, so every momentum window restarts (free)."""
+        rare, and O(table) when it happens. ``flushed``: the tables were all just flushed, so
+        every prefix restarts (free), dropping the steps before: a prefix that only grew kept
+        40 bytes for every step of the run (gigabytes in a long one) and wrote them all into
+        every checkpoint."""
         for prefix in {id(t.prefix): t.prefix for t in self.lazy.values()}.values():
-            if every_momentum and isinstance(prefix, MomentumPrefix):
+            if flushed:
                 prefix.rebase()
             elif prefix.needs_rebase():
                 with self.timer.phase("lazy_flush"):
@@ -810,7 +812,7 @@ class DPOptimizer(OptimizerGroup):
         with self.timer.phase("lazy_flush"):
             for table in self.lazy.values():
                 table.flush(self.steps_done)
-        self._rebase_prefixes(every_momentum=True)
+        self._rebase_prefixes(flushed=True)
         self._flushed_at = self.steps_done
 
     def settle(self) -> None:

@@ -96,7 +96,9 @@ class LrPrefix:
     the plain sums of lr and lr^2: any LR (and decay) schedule is exact.
 
     S1 and S2 are compensated sums (optim/prefix_sum.py): a window keeps steps whose lr^2 is
-    far below the sum of all steps before them.
+    far below the sum of all steps before them. P, S1 and S2 are kept from the last rebase on
+    (``offset``): a rebase follows every full flush (each epoch's end), so a run of any length
+    holds about one epoch of them, not 40 bytes for every step it ever took.
 
     A step's clipped sum enters before that step's decay is applied (the row's history stays at
     the step), so the update adds ``-lr G / (B f)``: the next catch-up's decay turns it into
@@ -122,16 +124,22 @@ class LrPrefix:
     def append(self, lr: float, weight_decay: float = 0.0) -> None:
         check_table_lr(lr, weight_decay)
         t = self.steps
-        if t + 1 >= self._p.numel():  # amortised O(1) growth
+        i = t + 1 - self.offset
+        if i >= self._p.numel():  # amortised O(1) growth
             self._p = torch.cat([self._p, torch.ones_like(self._p)])
         f = 1.0 - lr * weight_decay
         self.decays = self.decays or f != 1.0
         self._p_last *= f
-        self._p[t + 1] = self._p_last
+        self._p[i] = self._p_last
         r = lr / self._p_last  # lr exactly when nothing decays (P == 1.0)
         self._s1.append(t, r)
         self._s2.append(t, r * r)
         self.steps = t + 1
+
+    @property
+    def offset(self) -> int:
+        """The step of the first kept entry of P, S1 and S2 (the last rebase, or 0)."""
+        return self._s2.offset
 
     def pending(
         self, applied: Tensor, t: int, sum_lr: bool = True
@@ -140,12 +148,14 @@ class LrPrefix:
         (None unless asked for: only the test override reads it), the variance factor, and the
         factor P[t] / P[applied] for the row's value (None when no step ever decayed)."""
         live = t == self.steps  # the current step: no tensor read (a read costs a sync)
-        p_t = self._p_last if live else float(self._p[t])
+        off = self.offset
+        p_t = self._p_last if live else float(self._p[t - off])
         s2 = self._s2.window(applied, self._s2.last if live else self._s2.at(t))
         decay = None
         if self.decays:
             # A true division: a row already at t gets exactly 1.
-            decay = torch.full_like(s2, p_t).div_(self._p.index_select(0, applied))
+            index = applied - off if off else applied
+            decay = torch.full_like(s2, p_t).div_(self._p.index_select(0, index))
             s2.mul_(p_t * p_t)
         if not sum_lr:
             return None, s2, decay
@@ -156,13 +166,15 @@ class LrPrefix:
         return self._p_last < REBASE_BELOW
 
     def rebase(self) -> None:
-        """Restart the sums at the current step. Only after every table on this prefix was
-        flushed to it: no row may be behind ``steps`` (their old sums are gone)."""
+        """Restart the sums at the current step, dropping those before it. Only after every
+        table on this prefix was flushed to it: no row may be behind ``steps`` (their old sums
+        are gone)."""
         t = self.steps
         self._p_last = 1.0
-        self._p[t] = 1.0
         self._s1.restart(t)
         self._s2.restart(t)
+        with torch.inference_mode(False):  # a flush may run in inference mode (PrefixSum)
+            self._p = torch.ones(1024, dtype=torch.float64)  # P[t] = 1 at index 0
         self.base = t
 
     def state_dict(self) -> dict[str, object]:
@@ -173,8 +185,9 @@ class LrPrefix:
             "s2": s2,
             "s1_lo": s1_lo,
             "s2_lo": s2_lo,
-            "p": self._p[:n].clone(),
+            "p": self._p[: n - self.offset].clone(),
             "base": self.base,
+            "offset": self.offset,  # the step of each array's first entry
         }
 
     def load_state_dict(self, state: dict[str, object]) -> None:
@@ -183,16 +196,18 @@ class LrPrefix:
         p = state.get("p")  # absent in checkpoints from before weight decay: P was 1
         base = state.get("base", 0)
         self.base = base if isinstance(base, int) else 0
-        self.steps = s1.numel() - 1
-        n = self.steps + 1
+        offset = state.get("offset", 0)  # absent in checkpoints from before: every step kept
+        offset = offset if isinstance(offset, int) else 0
+        n = s1.numel()  # entries kept, from step ``offset`` on
+        self.steps = offset + n - 1
         for sums, hi, key in ((self._s1, s1, "s1_lo"), (self._s2, s2, "s2_lo")):
             lo = state.get(key)  # absent in checkpoints from before the compensated sums: 0
-            sums.load(hi, lo if isinstance(lo, Tensor) else None, self.base)
+            sums.load(hi, lo if isinstance(lo, Tensor) else None, self.base, offset)
         self._p = torch.ones(max(1024, 2 * n), dtype=torch.float64)
         if isinstance(p, Tensor):
             self._p[:n] = p
-        self.decays = bool((self._p[self.base : n] != 1.0).any())
-        self._p_last = float(self._p[self.steps])
+        self.decays = bool((self._p[self.base - offset : n] != 1.0).any())
+        self._p_last = float(self._p[n - 1])
 
 
 class HistoryTable:

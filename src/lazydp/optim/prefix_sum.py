@@ -44,21 +44,27 @@ def add_pair(total: Pair, x: float) -> Pair:
 
 
 class PrefixSum:
-    """S[t] = sum of the terms appended before step t (S[0] = 0), as hi + lo float64 arrays."""
+    """S[t] = sum of the terms appended before step t (S[0] = 0), as hi + lo float64 arrays.
+
+    The arrays hold S from ``offset`` on (the last restart): no window starts before it, and a
+    run of millions of steps kept 16 bytes per step of every step it ever took (and wrote them
+    all into every checkpoint) where one epoch's worth is needed."""
 
     def __init__(self, capacity: int = 1024) -> None:
         self.hi = torch.zeros(capacity, dtype=torch.float64)
         self.lo = torch.zeros(capacity, dtype=torch.float64)
+        self.offset = 0  # the step of hi[0] and lo[0]
         self.last: Pair = (0.0, 0.0)  # S at the newest step, as Python floats (no tensor read)
         self.smallest = float("inf")  # the smallest nonzero term since the last restart
 
     def set(self, t: int, value: Pair) -> None:
         """S[t] = value (the arrays grow as needed); the newest step's value is ``last``."""
-        if t >= self.hi.numel():  # amortised O(1) growth
-            grow = max(t + 1, 2 * self.hi.numel()) - self.hi.numel()
+        i = t - self.offset
+        if i >= self.hi.numel():  # amortised O(1) growth
+            grow = max(i + 1, 2 * self.hi.numel()) - self.hi.numel()
             self.hi = torch.cat([self.hi, self.hi.new_zeros(grow)])
             self.lo = torch.cat([self.lo, self.lo.new_zeros(grow)])
-        self.hi[t], self.lo[t] = value
+        self.hi[i], self.lo[i] = value
         self.last = value
 
     def append(self, t: int, term: float) -> None:
@@ -68,36 +74,47 @@ class PrefixSum:
         self.set(t + 1, add_pair(self.last, term))
 
     def restart(self, t: int) -> None:
-        """S[t] = 0: windows may start at t or later only (a rebase)."""
+        """S[t] = 0, with t the newest step: windows may start at t or later only (a rebase),
+        so the sums before it are dropped."""
         self.smallest = float("inf")
+        # A flush under torch.inference_mode() (state_dict there) restarts too: inference
+        # tensors could not be written by the steps that follow.
+        with torch.inference_mode(False):
+            self.hi, self.lo = self.hi.new_zeros(1024), self.lo.new_zeros(1024)
+        self.offset = t
         self.set(t, (0.0, 0.0))
 
     def at(self, t: int) -> Pair:
-        return float(self.hi[t]), float(self.lo[t])
+        return float(self.hi[t - self.offset]), float(self.lo[t - self.offset])
 
     def window(self, applied: Tensor, at: Pair) -> Tensor:
         """S[t] - S[applied] per row, with ``at`` = S[t] (float64 tensor)."""
-        d = torch.rsub(self.hi.index_select(0, applied), at[0])
+        index = applied - self.offset if self.offset else applied
+        d = torch.rsub(self.hi.index_select(0, index), at[0])
         if at[0] > CANCEL_MARGIN * self.smallest:  # a window may be swamped: add the lo parts
-            d.sub_(self.lo.index_select(0, applied)).add_(at[1])
+            d.sub_(self.lo.index_select(0, index)).add_(at[1])
         return d
 
     def state(self, n: int) -> tuple[Tensor, Tensor]:
-        return self.hi[:n].clone(), self.lo[:n].clone()
+        """S[offset..n) (hi, lo)."""
+        return self.hi[: n - self.offset].clone(), self.lo[: n - self.offset].clone()
 
-    def load(self, hi: Tensor, lo: Tensor | None, base: int) -> None:
-        """Restore S[0..n) (lo None: a checkpoint from before the compensated sums, lo = 0)."""
+    def load(self, hi: Tensor, lo: Tensor | None, base: int, offset: int = 0) -> None:
+        """Restore S[offset..offset + n) (lo None: a checkpoint from before the compensated
+        sums, lo = 0); ``base`` is the last restart (>= offset)."""
         n = hi.numel()
         cap = max(1024, 2 * n)
+        self.offset = offset
         self.hi = torch.zeros(cap, dtype=torch.float64)
         self.lo = torch.zeros(cap, dtype=torch.float64)
         self.hi[:n] = hi
         if lo is not None:
             self.lo[:n] = lo
-        self.last = self.at(n - 1)
+        self.last = self.at(offset + n - 1)
         # The terms since the rebase, recovered from the sums (a swamped one shows in lo).
-        terms = (self.hi[base + 1 : n] - self.hi[base : n - 1]) + (
-            self.lo[base + 1 : n] - self.lo[base : n - 1]
+        b = base - offset
+        terms = (self.hi[b + 1 : n] - self.hi[b : n - 1]) + (
+            self.lo[b + 1 : n] - self.lo[b : n - 1]
         )
         nonzero = terms[terms > 0]
         self.smallest = float(nonzero.min()) if nonzero.numel() else float("inf")

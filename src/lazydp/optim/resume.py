@@ -115,22 +115,30 @@ def check_lazy_state(
                 raise _refuse(f"momentum prefix {k} is at step {saved_steps}, not {steps}")
             bases.append(base)
             continue
-        parts = [s.get(key) if isinstance(s, dict) else None for key in ("s1", "s2")]
+        if not isinstance(s, dict):
+            raise _refuse(f"lr prefix {k} is not a dict of its sums")
+        parts = [s.get(key) for key in ("s1", "s2")]
         sums = [t for t in parts if isinstance(t, Tensor) and t.dtype == torch.float64]
-        if len(sums) != 2 or any(t.shape != (steps + 1,) for t in sums):
-            raise _refuse(f"lr prefix {k} does not cover the {steps} steps it claims")
         base = s.get("base", 0)  # absent before weight decay: never rebased
         if isinstance(base, bool) or not isinstance(base, int) or not 0 <= base <= steps:
             raise _refuse(f"lr prefix {k}'s rebase step {base!r} is not in [0, {steps}]")
+        # The sums are kept from ``offset`` on (absent in older checkpoints: from step 0).
+        offset = s.get("offset", 0)
+        if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset <= base:
+            raise _refuse(f"lr prefix {k}'s first kept step {offset!r} is not in [0, {base}]")
+        kept = steps + 1 - offset
+        if len(sums) != 2 or any(t.shape != (kept,) for t in sums):
+            raise _refuse(f"lr prefix {k} does not cover the {steps} steps it claims")
         # A rebase restarts the sums at its step: they grow from there on.
-        if not bool(torch.isfinite(sums[1]).all()) or bool((sums[1][base:].diff() < 0).any()):
+        since = base - offset
+        if not bool(torch.isfinite(sums[1]).all()) or bool((sums[1][since:].diff() < 0).any()):
             raise _refuse(f"lr prefix {k}'s sums of lr^2 are not finite and non-decreasing")
         for key, hi in (("s1_lo", sums[0]), ("s2_lo", sums[1])):
             lo = s.get(key)  # absent before the compensated sums: 0
             if lo is not None and (
                 not isinstance(lo, Tensor)
                 or lo.dtype != torch.float64
-                or lo.shape != (steps + 1,)
+                or lo.shape != (kept,)
                 or not bool((lo.abs() <= hi.abs() * 2.0**-52).all())
             ):
                 raise _refuse(f"lr prefix {k}'s {key} is not the rounding error of its sums")
@@ -138,9 +146,9 @@ def check_lazy_state(
         if p is not None and (
             not isinstance(p, Tensor)
             or p.dtype != torch.float64
-            or p.shape != (steps + 1,)
+            or p.shape != (kept,)
             or not bool((torch.isfinite(p) & (p > 0)).all())
-            or bool((p[base:].diff() > 0).any())
+            or bool((p[since:].diff() > 0).any())
         ):
             raise _refuse(f"lr prefix {k}'s decay products are not positive and non-increasing")
         bases.append(base)
