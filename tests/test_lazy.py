@@ -616,6 +616,28 @@ def test_a_bad_table_lr_or_decay_is_refused_before_anything_changes(key, bad, ma
         assert torch.equal(t.detach(), before[k]), k
 
 
+def test_a_step_past_what_the_history_tables_count_is_refused_before_its_charge():
+    # They count steps in int32: step 2**31 was taken, and the next forward's catch-up died
+    # with torch's "value cannot be converted to type int without overflow". The run is moved
+    # to its last countable step (every row caught up there) instead of running 2**31 steps.
+    model, opt, sched, engine = build("lazydp")
+    last = 2**31 - 1
+    opt.steps_done = last
+    for prefix in opt._prefixes.values():
+        prefix.steps = last
+        prefix.rebase()
+    for table in opt.lazy.values():
+        table.history.applied.fill_(last)
+    x, bag, emb, y = make_batches(1)[0]
+    loss_fn(model(x, bag, emb), y).backward()  # its catch-up at step 2**31 - 1 still counts
+    before = {k: t.detach().clone() for k, t in model.named_parameters()}
+    with pytest.raises(ConfigError, match="int32"):
+        opt.step()
+    assert engine.ledger.steps == 0 and opt.steps_done == last
+    for k, t in model.named_parameters():
+        assert torch.equal(t.detach(), before[k]), k
+
+
 @pytest.mark.parametrize("mode", ["dpsgd_b", "dpsgd_r", "dpsgd_f"])
 @pytest.mark.parametrize("bad", [-0.1, float("nan"), float("inf")])
 def test_a_bad_table_lr_is_refused_before_anything_changes_in_the_eager_modes(mode, bad):

@@ -42,7 +42,7 @@ from lazydp.noise import GaussianNoise
 from lazydp.noise_pool import NoisePool
 from lazydp.optim.eager import eager_table_sgd, noisy_dense_grads
 from lazydp.optim.group import OptimizerGroup, step_hooks
-from lazydp.optim.lazy import LazyTable, LrPrefix, SgdStep
+from lazydp.optim.lazy import MAX_STEPS, LazyTable, LrPrefix, SgdStep
 from lazydp.optim.lazy_momentum import MomentumPrefix, MomentumTable, check_step
 from lazydp.optim.resume import check_lazy_state, check_optimizer_state
 from lazydp.optim.reweighted import check_reweighted
@@ -468,6 +468,7 @@ class DPOptimizer(OptimizerGroup):
                 loss = closure()
         p = self.privacy
         cap = self.capture
+        self._check_step_count()
         # First: the lazy tables' steps below are read from the groups they had at make_private.
         self._check_groups_unchanged()
         # Read and checked once, before any change (not when the prefix appends it).
@@ -559,6 +560,18 @@ class DPOptimizer(OptimizerGroup):
         cap.clear("step")
         cap.mark_buffers()  # dpsgd_r's second pass restored them (a new version)
         return loss
+
+    def _check_step_count(self) -> None:
+        """ConfigError (before the charge) for a LazyDP step its history tables cannot record:
+        they count steps in int32 (optim/lazy.py, MAX_STEPS)."""
+        if self.privacy.mode == "lazydp" and self.steps_done >= MAX_STEPS:
+            raise ConfigError(
+                f"this LazyDP run has taken {self.steps_done} steps, the most its history "
+                "tables can record (they count steps in int32). Export the model "
+                "(engine.export or model.state_dict(): every row gets its pending noise); "
+                "more training on this data spends budget on top of this run's ledger. "
+                "Nothing was changed or charged."
+            )
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Refused: the parameters a private step clips, noises and updates are fixed at

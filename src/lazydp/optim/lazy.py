@@ -77,6 +77,11 @@ class SgdStep:
     nesterov: bool = False
 
 
+#: The most steps a history table can record: it counts them in int32 (4 bytes per row). The
+#: step past it is refused before its charge; the catch-up's index_fill_ raised torch's
+#: "value cannot be converted to type int without overflow" from inside a forward.
+MAX_STEPS = 2**31 - 1
+
 #: A decay prefix product below this is rebased (after a full flush of its tables) long
 #: before 1 / P^2 in the sums of lr^2 could overflow float64 (~1e308).
 REBASE_BELOW = 1e-100
