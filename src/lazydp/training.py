@@ -14,6 +14,7 @@ import numbers
 import os
 import signal
 import time
+from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeGuard
@@ -669,7 +670,8 @@ def run(
     # PLD accounting costs ~0.3 s per call: refresh the shown epsilon a few times per run only.
     eps_every = max(10, total_steps // 8)
     eps = engine.get_epsilon(delta) if cfg.mode == "sgd" or engine.ledger.steps else 0.0
-    started, examples, losses = time.perf_counter(), 0, []
+    # The progress bar shows the mean of the last 20 losses: kept, not every step's.
+    started, examples, losses = time.perf_counter(), 0, deque[float](maxlen=20)
     # A calibrated run may charge total_steps, no more: steps redone after a resume (the
     # checkpoint was behind the ledger) were paid for twice, so the run ends that much earlier
     # instead of passing the target epsilon.
@@ -717,7 +719,7 @@ def run(
                     if step % 5 == 0 or step == total_steps:
                         rate = examples / max(time.perf_counter() - started, 1e-9)
                         bar.set_postfix(
-                            loss=f"{np.mean(losses[-20:]):.4f}",
+                            loss=f"{np.mean(losses):.4f}",
                             eps=f"{eps:.3f}",
                             ex_s=f"{rate:,.0f}",
                         )
