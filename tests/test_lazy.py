@@ -862,3 +862,28 @@ def test_a_setting_beyond_the_parameters_dtype_is_refused_before_the_charge(mode
     with pytest.raises(ConfigError, match="representable in the parameters' dtype|below 1 / lr"):
         opt.step()
     assert engine.ledger.steps == charged
+
+
+@pytest.mark.parametrize("mode", ["dpsgd_f", "lazydp"])
+def test_an_lr_beyond_float16_is_refused_before_the_charge_on_a_float16_model(mode):
+    # 1e5 fits float32 but not float16 (65504): only settings beyond float32 were refused, so
+    # torch raised "value cannot be converted to type c10::Half" after the step was charged.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 1)).to(torch.float16)
+    x, y = torch.randn(8, 4, dtype=torch.float16), torch.randn(8, 1, dtype=torch.float16)
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
+    engine = PrivacyEngine()
+    model, opt, data = engine.make_private(
+        module=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        data_loader=data,
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        mode=mode,
+    )
+    opt.param_groups[0]["lr"] = 1e5
+    xb, yb = next(iter(data))
+    ((model(xb).float() - yb.float()) ** 2).mean().backward()
+    with pytest.raises(ConfigError, match="representable in the parameters' dtype"):
+        opt.step()
+    assert engine.ledger.steps == 0

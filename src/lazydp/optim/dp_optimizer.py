@@ -122,14 +122,17 @@ def sgd_step(optimizer: Optimizer | None, group: dict[str, Any]) -> SgdStep | No
     )
 
 
-_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+#: No setting up to this fits no parameter dtype the step updates (float16's largest value).
+_FLOAT16_MAX = float(torch.finfo(torch.float16).max)
 
 
-def _largest(params: list[Tensor]) -> float:
-    """The largest finite value of the widest floating dtype among ``params``."""
-    return max(
+def _narrowest(params: list[Tensor]) -> float:
+    """The largest finite value of the narrowest floating dtype among ``params``: torch
+    converts a step's scalar to each parameter's dtype, so one float16 parameter in a group
+    of float32 ones fails at 1e5 (the widest dtype let it through, and the charge with it)."""
+    return min(
         (float(torch.finfo(q.dtype).max) for q in params if q.is_floating_point()),
-        default=_FLOAT32_MAX,
+        default=math.inf,
     )
 
 
@@ -353,10 +356,10 @@ class DPOptimizer(OptimizerGroup):
                     if not isinstance(value, numbers.Real):
                         continue
                     value = float(value)
-                    big = abs(value) > _FLOAT32_MAX and abs(value) > _largest(group["params"])
+                    big = abs(value) > _FLOAT16_MAX and abs(value) > _narrowest(group["params"])
                     if not math.isfinite(value) or big:
                         # Beyond the parameters' dtype, torch's update raises deep inside
-                        # (after the charge): "value cannot be converted to type float".
+                        # (after the charge): "value cannot be converted to type c10::Half".
                         where = f"parameter group {j} of the {type(opt).__name__} optimizer"
                         why = " and representable in the parameters' dtype"
                         raise ConfigError(_bad_lr(value, where, why, key=key))
