@@ -107,6 +107,15 @@ def test_a_long_run_keeps_a_few_bytes_per_step_in_memory(tmp_path):
     assert ledger.steps == 20_001
 
 
+@pytest.mark.parametrize("position", ["7", [1]])
+def test_a_position_that_is_no_int_is_named_not_a_type_error(position):
+    # The int64 limit compared it with 2**63 before its type was checked: TypeError "'>=' not
+    # supported", and for a ledger line "line 2: '>=' not supported ...".
+    bad = StepEvent(0, 0.1, 1.0, 1.0, "dpsgd_f", "shuffle", 0, position, "ab")
+    with pytest.raises(ConfigError, match="position=.* must be an int >= 0"):
+        PrivacyLedger().charge(bad)
+
+
 @pytest.mark.parametrize(
     "bad_line,expected",
     [

@@ -136,9 +136,6 @@ def _check(item: StepEvent | ExternalCharge) -> None:
         return
     for name in ("step", "rank"):
         check_count(name, getattr(item, name))
-    for name in ("step", "position"):  # kept in int64 arrays (PrivacyLedger._record)
-        if (getattr(item, name) or 0) >= _INT64_LIMIT:
-            raise ConfigError(f"{name}={getattr(item, name)!r} must be below 2**63")
     check_sample_rate(item.sample_rate)
     check_noise_multiplier(item.noise_multiplier)
     check_max_grad_norm(item.max_grad_norm, allow_inf=item.noise_multiplier == 0)
@@ -151,6 +148,10 @@ def _check(item: StepEvent | ExternalCharge) -> None:
         )
     if position is not None:
         check_count("position", position)
+    # After the type checks: a str position raised TypeError ('>=' not supported) here.
+    for name in ("step", "position"):  # kept in int64 arrays (PrivacyLedger._record)
+        if (getattr(item, name) or 0) >= _INT64_LIMIT:
+            raise ConfigError(f"{name}={getattr(item, name)!r} must be below 2**63")
     if lineage is not None and not (isinstance(lineage, str) and 0 < len(lineage) <= 64):
         raise ConfigError(f"lineage={lineage!r} must be a short non-empty string")
 
