@@ -152,6 +152,17 @@ def test_the_default_memory_limit_is_a_share_of_available_memory(monkeypatch):
     assert parquet.default_memory_limit() == parquet.DEFAULT_MEMORY_LIMIT  # the floor
 
 
+def test_ranks_on_one_machine_share_the_default_memory_limit(monkeypatch):
+    """Each rank of `lazydp train --nproc-per-node 4` opens the whole split and saw the same
+    free memory: a quarter each loaded all of it (out of memory)."""
+    from lazydp.bench import memory
+    from lazydp.data import parquet
+
+    monkeypatch.setattr(memory, "available_memory_bytes", lambda: 16 << 30)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert parquet.default_memory_limit() == 1 << 30  # a quarter of 16 GiB, over 4 ranks
+
+
 @pytest.mark.parametrize("bad", [torch.tensor([True, False]), [2.7], np.array([1.0])])
 def test_batch_refuses_indices_that_are_not_integers(movielens_dir, bad):
     with pytest.raises(InputError, match="must be integers"):

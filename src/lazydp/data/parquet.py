@@ -9,7 +9,7 @@ Contract:
   indices raise InputError. This is what Poisson sampling needs: any subset, any size.
 * Memory: splits whose needed columns take less than ``memory_limit_bytes`` once read (float32
   and int64 values, estimated from the footers; default: a quarter of the memory available at
-  open, at least 512 MiB) are loaded once (fast path);
+  open, divided among the ranks on this machine, at least 512 MiB) are loaded once (fast path);
   larger ones stay on disk and only the row groups holding requested rows are read (footers and
   row-group boundaries are cached; a small LRU keeps recently used row groups).
 * Bad data raise DataError naming the file and column, never a pyarrow/json traceback and never
@@ -23,6 +23,7 @@ Contract:
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -292,11 +293,22 @@ class ParquetDataset:
 
 
 def default_memory_limit() -> int:
-    """Bytes a split may take loaded: MEMORY_SHARE of the memory available now, at least
-    DEFAULT_MEMORY_LIMIT."""
+    """Bytes a split may take loaded: MEMORY_SHARE of the memory available now, shared by the
+    ranks torchrun started on this machine, at least DEFAULT_MEMORY_LIMIT."""
     from lazydp.bench.memory import available_memory_bytes  # /proc/meminfo and cgroups
 
-    return max(DEFAULT_MEMORY_LIMIT, int(MEMORY_SHARE * available_memory_bytes()))
+    # Every rank opens the whole split at the same time and sees the same free memory: with
+    # a quarter each, 4 ranks of `lazydp train --nproc-per-node 4` loaded all of it.
+    share = MEMORY_SHARE / _local_ranks()
+    return max(DEFAULT_MEMORY_LIMIT, int(share * available_memory_bytes()))
+
+
+def _local_ranks() -> int:
+    """The processes of this job on this machine (torchrun's LOCAL_WORLD_SIZE; 1 without)."""
+    try:
+        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
 
 
 def _gather(idx: np.ndarray, starts: list[int], part: Callable[[int], pa.Table]) -> pa.Table:
