@@ -175,8 +175,10 @@ def test_ledger_paths_that_cannot_be_a_ledger(tmp_path):
     with pytest.raises(PrivacyError, match="is a directory"):
         PrivacyLedger(tmp_path)
     bad = tmp_path / "bad.jsonl"
-    bad.write_bytes(b'{"kind": "header"}\n\xff\xfe\n')
-    with pytest.raises(PrivacyError, match="not UTF-8"):
+    # (read line by line: the first problem in file order is named; this header is valid)
+    header = b'{"kind": "header", "format": "lazydp-privacy-ledger", "version": 1}\n'
+    bad.write_bytes(header + b"\xff\xfe\n")
+    with pytest.raises(PrivacyError, match=f"not UTF-8 text \\(byte {len(header)}\\)"):
         PrivacyLedger(bad)
     fresh = PrivacyLedger(tmp_path / "new" / "dir" / "ledger.jsonl")  # parents are created
     fresh.charge(StepEvent(0, 0.1, 1.0, 1.0, "lazydp", "poisson"))
