@@ -111,6 +111,29 @@ def test_a_full_flush_drops_the_lr_sums_before_it(tmp_path, weight_decay):
         torch.testing.assert_close(flushed[k], plain[k], atol=2e-5, rtol=1e-5, msg=k)
 
 
+def test_a_checkpoint_loaded_under_inference_mode_trains_on(tmp_path):
+    """The state it made (LazyDP's lr sums, Adam's moments) were inference tensors: the next
+    step raised torch's 'Inplace update to inference tensor outside InferenceMode' after that
+    step was charged."""
+    batches = make_batches(6, seed=4)
+    ledger = tmp_path / "ledger.jsonl"
+    with constant_noise(0.6):
+        model, opt, sched, engine = build("lazydp", ledger_path=ledger, weight_decay=0.05)
+        for b in batches[:3]:
+            step(model, opt, sched, b)
+        engine.save_checkpoint(tmp_path / "ck.pt")
+        runs = []
+        for inference in (False, True):
+            model, opt, sched, engine = build("lazydp", ledger_path=ledger, weight_decay=0.05)
+            with torch.inference_mode(inference):
+                engine.load_checkpoint(tmp_path / "ck.pt")
+            for b in batches[3:]:
+                step(model, opt, sched, b)
+            runs.append(snapshot(model))
+    for k in runs[0]:
+        torch.testing.assert_close(runs[1][k], runs[0][k], msg=k)
+
+
 def test_lr_sums_kept_from_step_0_by_an_older_checkpoint_still_load():
     prefix = LrPrefix()
     for lr in (0.2, 0.4):

@@ -445,6 +445,11 @@ class PrivacyEngine:
         """``extra`` plus the state a subclass keeps outside the model (read after the flush)."""
         return extra
 
+    # Outside inference mode, also when called in it (an evaluation block): the state it
+    # creates (LazyDP's lr sums, the optimizers' buffers) were inference tensors there, which
+    # the next step could not write: torch's RuntimeError 'Inplace update to inference tensor
+    # outside InferenceMode', raised after that step was charged and some rows were updated.
+    @torch.inference_mode(False)
     def load_checkpoint(
         self,
         path: str | os.PathLike[str],

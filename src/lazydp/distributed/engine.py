@@ -458,6 +458,7 @@ class DistributedPrivacyEngine(PrivacyEngine):
             if name in self.sharded:
                 self.sharded[name].check_training_state_dict(shard)
 
+    @torch.inference_mode(False)  # as PrivacyEngine's: the shards' state too
     def load_checkpoint(
         self,
         path: str | os.PathLike[str],
