@@ -579,3 +579,35 @@ def test_opacus_batch_memory_manager_is_refused_with_the_reason():
     with pytest.raises(ConfigError, match="BatchMemoryManager"):
         opt.signal_skip_step(do_skip=True)
     assert engine.ledger.steps == 0
+
+
+def test_lazydp_tables_off_the_cpu_are_refused_at_make_private():
+    """LazyDP's lr sums, noise pool and momentum coefficients live in host memory: a table on
+    a GPU failed inside the first catch-up (cpu_tensor.index_select(cuda_index)). The meta
+    device stands in for CUDA here (CI has no GPU); dpsgd_f's eager noise runs anywhere."""
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(10, 4, device="meta")
+            self.fc = nn.Linear(4, 1)
+
+        def forward(self, ids):
+            return self.fc(self.emb(ids)).squeeze(1)
+
+    model = Model()
+    data = DataLoader(TensorDataset(torch.arange(8) % 10, torch.zeros(8)), batch_size=4)
+    opts = [
+        torch.optim.SGD(model.fc.parameters(), 0.1),
+        torch.optim.SGD(model.emb.parameters(), 0.1),
+    ]
+    with pytest.raises(ConfigError, match="host memory.*table 'emb' is on meta.*dpsgd_f"):
+        PrivacyEngine().make_private(
+            module=model,
+            optimizer=opts,
+            data_loader=data,
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            mode="lazydp",
+        )
+    assert "forward" not in model.emb.__dict__  # given back uncaptured

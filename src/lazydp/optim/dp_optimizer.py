@@ -409,6 +409,16 @@ class DPOptimizer(OptimizerGroup):
         if self.privacy.mode != "lazydp":
             return
         for p, layer in self.tables.items():
+            if p.device.type != "cpu":
+                # The lr sums, the noise pool and the momentum coefficients live in host memory,
+                # and no GPU has run this path: refused rather than failing inside a step.
+                raise ConfigError(
+                    f"mode='lazydp' keeps embedding tables in host memory, as the LazyDP paper "
+                    f"does on a GPU machine; table {layer.name!r} is on {p.device}. Move the "
+                    "tables to the CPU (e.g. model.embeddings.cpu(), with their ids on the CPU) "
+                    "and keep the MLPs on the GPU, or use mode='dpsgd_f', whose eager noise "
+                    "runs on any device."
+                )
             opt, group = self._group_of(p)
             if sgd_step(opt, group) is None:
                 raise UnsupportedOptimizerError(
