@@ -64,6 +64,22 @@ def test_a_save_removes_the_temporary_a_writer_killed_mid_save_left(tmp_path):
     assert sorted(os.listdir(tmp_path)) == sorted(["checkpoint.pt", live.name, elsewhere.name])
 
 
+def test_a_save_never_writes_through_a_link_at_its_temporary_name(tmp_path):
+    """The temporary's name (host, pid) can be guessed: a symlink planted there was followed,
+    the target overwritten with the checkpoint and the link renamed into its place."""
+    import socket
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    out = tmp_path / "run"
+    out.mkdir()
+    tmp = out / f".checkpoint.pt.tmp-{socket.gethostname()}-{os.getpid()}"
+    tmp.symlink_to(victim)
+    path = _atomic_save({"step": 1}, out / "checkpoint.pt")
+    assert victim.read_text() == "precious"
+    assert not path.is_symlink() and os.listdir(out) == ["checkpoint.pt"]
+
+
 def test_a_ledger_that_cannot_be_written_refuses_the_charge(tmp_path, monkeypatch):
     ledger = PrivacyLedger(tmp_path / "ledger.jsonl")
     ledger.charge(EVENT)

@@ -771,7 +771,7 @@ def _atomic_save(
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         _remove_abandoned(path)
-        with open(tmp, "wb") as f:
+        with _create_new(tmp) as f:
             dump(obj, f)
             f.flush()
             os.fsync(f.fileno())
@@ -786,6 +786,17 @@ def _atomic_save(
             ) from None
         raise
     return path
+
+
+def _create_new(tmp: Path) -> Any:
+    """``tmp`` opened for writing as a new file of this process. Whatever sits at that name is
+    removed first, a symlink unfollowed: ``open(tmp, "wb")`` wrote through a link planted there
+    (the name is the host and pid) into its target, and the rename then put the link in the
+    checkpoint's place, so the private state went wherever it pointed. O_EXCL never follows."""
+    with suppress(FileNotFoundError):
+        tmp.unlink()
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    return os.fdopen(os.open(tmp, flags, 0o666), "wb")
 
 
 def _check_extra(extra: dict[str, Any]) -> None:
