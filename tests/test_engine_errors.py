@@ -241,6 +241,23 @@ def _checkpointed(tmp_path):
     return model, opt, engine
 
 
+def test_a_checkpoint_is_readable_by_its_owner_only_and_the_model_as_usual(tmp_path):
+    """A checkpoint is a private training state, never to be released: it was created 0644
+    under the usual umask, readable by every local user; model.pt is the released artefact."""
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        _, _, engine = _checkpointed(tmp_path)
+        engine.save_checkpoint(tmp_path / "ck.pt")  # replacing an earlier one too
+        engine.export(tmp_path / "model.pt")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "ck.pt").stat().st_mode) == 0o600
+    assert stat.S_IMODE((tmp_path / "model.pt").stat().st_mode) == 0o644
+
+
 def test_corrupt_checkpoint_and_lowered_ledger_are_refused(tmp_path):
     model, opt, engine = _checkpointed(tmp_path)
     bad = tmp_path / "bad.pt"

@@ -435,7 +435,8 @@ class PrivacyEngine:
             state["noise"] = self.noise.state_dict()
         if isinstance(self.loader, DPDataLoader):
             state["sampler"] = self.loader.sampler_state()
-        return _atomic_save(state, path)
+        # Never to be released: not readable by every local user (0644 under the usual umask).
+        return _atomic_save(state, path, private=True)
 
     def _dp_sampler(self) -> Any:
         """The private loader's batch sampler (it keeps a position), or None before one."""
@@ -761,17 +762,21 @@ def _lazy_noise(privacy: dict[str, Any]) -> float | None:
 
 
 def _atomic_save(
-    obj: Any, path: str | os.PathLike[str], dump: Callable[[Any, Any], object] = torch.save
+    obj: Any,
+    path: str | os.PathLike[str],
+    dump: Callable[[Any, Any], object] = torch.save,
+    private: bool = False,
 ) -> Path:
     """Write ``obj`` to a temporary file (``dump(obj, file)``), fsync it and rename it over
     ``path``: ``path`` is either the earlier file or the complete new one, and no partial
-    temporary is left behind."""
+    temporary is left behind. ``private``: readable by its owner only (0600), from its first
+    byte on (a private training state); else as the umask says (a released artefact)."""
     path = Path(path)
     tmp = path.with_name(f"{_tmp_prefix(path)}{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         _remove_abandoned(path)
-        with _create_new(tmp) as f:
+        with _create_new(tmp, 0o600 if private else 0o666) as f:
             dump(obj, f)
             f.flush()
             os.fsync(f.fileno())
@@ -788,7 +793,7 @@ def _atomic_save(
     return path
 
 
-def _create_new(tmp: Path) -> Any:
+def _create_new(tmp: Path, mode: int) -> Any:
     """``tmp`` opened for writing as a new file of this process. Whatever sits at that name is
     removed first, a symlink unfollowed: ``open(tmp, "wb")`` wrote through a link planted there
     (the name is the host and pid) into its target, and the rename then put the link in the
@@ -796,7 +801,7 @@ def _create_new(tmp: Path) -> Any:
     with suppress(FileNotFoundError):
         tmp.unlink()
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
-    return os.fdopen(os.open(tmp, flags, 0o666), "wb")
+    return os.fdopen(os.open(tmp, flags, mode), "wb")
 
 
 def _check_extra(extra: dict[str, Any]) -> None:
