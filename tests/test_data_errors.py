@@ -108,6 +108,17 @@ def test_corrupt_metadata_json(tmp_path):
 
 
 @pytest.mark.parametrize(
+    "text", ['{"rows": ' + "9" * 5000 + "}", "[" * 100_000 + "]" * 100_000], ids=["int", "nested"]
+)
+def test_metadata_past_jsons_limits_is_named_not_a_bare_error(tmp_path, text):
+    # json raised a bare ValueError (an int of over 4300 digits) or RecursionError (nesting).
+    root = make(tmp_path / "d")
+    (root / "metadata.json").write_text(text)
+    with pytest.raises(DataError, match=r"metadata\.json: is not metadata lazydp writes"):
+        ParquetDataset(root)
+
+
+@pytest.mark.parametrize(
     ("edit", "fragment"),
     [
         (lambda m: m.pop("schema"), r"lacks the key\(s\) \['schema'\]"),

@@ -164,6 +164,20 @@ def test_corrupt_line_names_file_and_line(tmp_path, bad_line, expected):
     assert path.read_text().endswith(bad_line)
 
 
+@pytest.mark.parametrize("nesting", [False, True])
+def test_a_line_past_jsons_limits_is_named_not_a_bare_error(tmp_path, nesting):
+    # json raised a bare ValueError for an int of over 4300 digits and RecursionError for deep
+    # nesting: tracebacks naming neither the file nor the line.
+    path = tmp_path / "ledger.jsonl"
+    with PrivacyLedger(path) as ledger:
+        ledger.charge(step(0))
+    bad = "[" * 100_000 + "]" * 100_000 if nesting else '{"kind": "step", "step": ' + "9" * 5000
+    with open(path, "a") as f:
+        f.write(bad + "}\n")
+    with pytest.raises(PrivacyError, match=f"{path}, line 3 is not a ledger line"):
+        PrivacyLedger(path)
+
+
 def test_foreign_file_is_not_a_ledger(tmp_path):
     path = tmp_path / "notes.jsonl"
     path.write_text('{"loss": 0.5}\n')

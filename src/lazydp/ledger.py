@@ -68,6 +68,7 @@ except ImportError:  # not POSIX: the unchanged-file check still runs, without t
 FORMAT = "lazydp-privacy-ledger"
 VERSION = 1
 _INT64_LIMIT = 2**63  # step numbers and positions are kept in int64 arrays
+_PAST_JSON_LIMITS = "an integer of thousands of digits, or values nested thousands deep"
 
 
 @dataclass(frozen=True)
@@ -292,6 +293,13 @@ class PrivacyLedger:
                 if not ended:  # the last line, cut short
                     raise self._torn(path, start, number, run) from None
                 raise PrivacyError(f"{where} is corrupt or truncated ({exc.msg}). {fix}") from None
+            except (ValueError, RecursionError):
+                # json's own limits, past which it raised these bare (ValueError's advice: raise
+                # Python's limit): an integer of over 4300 digits, or nesting past the recursion
+                # limit. No charge has either.
+                raise PrivacyError(
+                    f"{where} is not a ledger line ({_PAST_JSON_LIMITS}). {fix}"
+                ) from None
             if not isinstance(record, dict):
                 raise PrivacyError(f"{where} is not a JSON object. {fix}")
             if number == 1:

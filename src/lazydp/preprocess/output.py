@@ -169,6 +169,12 @@ def read_metadata(directory: str | Path) -> dict[str, Any]:
         raise _damaged(
             path, f"is not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})"
         ) from None
+    except (ValueError, RecursionError):  # json's limits: 4300-digit ints, deep nesting
+        raise _damaged(
+            path,
+            "is not metadata lazydp writes (an integer of thousands of digits, or values "
+            "nested thousands deep)",
+        ) from None
     check_metadata(meta, path)
     return meta  # type: ignore[no-any-return]
 
