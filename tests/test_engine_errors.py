@@ -290,6 +290,25 @@ def test_a_checkpoint_with_a_flipped_bit_is_refused_and_changes_nothing(tmp_path
     engine.load_checkpoint(tmp_path / "ck.pt")  # the intact file still loads
 
 
+def test_a_checkpoint_with_a_compressed_record_is_refused_before_it_is_inflated(tmp_path):
+    """torch.save stores records; torch.load inflated a deflated one whole into memory before
+    finding its size wrong (a zip bomb: 400 MB from 400 kB)."""
+    _, _, engine = _checkpointed(tmp_path)
+    with (
+        zipfile.ZipFile(tmp_path / "ck.pt") as src,
+        zipfile.ZipFile(tmp_path / "bomb.pt", "w") as dst,
+    ):
+        for info in src.infolist():
+            if info.filename.endswith("/data/0"):
+                dst.writestr(info.filename, bytes(1 << 20), zipfile.ZIP_DEFLATED)
+            else:
+                dst.writestr(info, src.read(info))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load reached"))
+        with pytest.raises(PrivacyError, match="data/0' is compressed.*never writes"):
+            engine.load_checkpoint(tmp_path / "bomb.pt")
+
+
 def test_sgd_mode_report_says_not_private():
     _, _, _, engine = private("sgd")
     report = engine.privacy_report(1e-5)

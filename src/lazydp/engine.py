@@ -874,9 +874,15 @@ def _check_records(path: str | os.PathLike[str]) -> None:
     """Read every record of the checkpoint's zip archive against its CRC-32 (zipfile raises
     BadZipFile on a mismatch): torch.load checks none, so a flipped bit in a weight, a row's
     history or the lr sums loaded without a word (one in the sums would change the noise every
-    row is owed from then on)."""
+    row is owed from then on). torch.save stores records uncompressed: a compressed one (a zip
+    bomb) is refused before torch.load inflates it whole into memory."""
     with zipfile.ZipFile(path) as archive:
         for info in archive.infolist():
+            if info.compress_type != zipfile.ZIP_STORED:
+                raise ValueError(
+                    f"record {info.filename!r} is compressed ({info.file_size} bytes inflated), "
+                    "which torch.save never writes"
+                )
             if info.CRC:  # 0: written with torch.serialization.set_crc32_options(False)
                 with archive.open(info) as record:
                     while record.read(1 << 24):
