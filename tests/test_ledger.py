@@ -171,10 +171,25 @@ def test_a_line_past_jsons_limits_is_named_not_a_bare_error(tmp_path, nesting):
     path = tmp_path / "ledger.jsonl"
     with PrivacyLedger(path) as ledger:
         ledger.charge(step(0))
-    bad = "[" * 100_000 + "]" * 100_000 if nesting else '{"kind": "step", "step": ' + "9" * 5000
+    bad = "[" * 5000 + "]" * 5000 if nesting else '{"kind": "step", "step": ' + "9" * 5000
     with open(path, "a") as f:
         f.write(bad + "}\n")
     with pytest.raises(PrivacyError, match=f"{path}, line 3 is not a ledger line"):
+        PrivacyLedger(path)
+
+
+def test_a_giant_line_is_refused_as_it_grows_not_held_whole(tmp_path):
+    # A file with no newline (another file, a zero-filled one) was read whole into one line,
+    # copied once per megabyte read (quadratic), then called a torn last charge.
+    path = tmp_path / "ledger.jsonl"
+    with PrivacyLedger(path) as ledger:
+        ledger.charge(step(0))
+    start = path.stat().st_size
+    with open(path, "ab") as f:
+        f.write(bytes(3 << 20))
+    with pytest.raises(
+        PrivacyError, match=f"{path} has a line of over 65536 bytes at byte {start}"
+    ):
         PrivacyLedger(path)
 
 

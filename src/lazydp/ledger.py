@@ -68,6 +68,7 @@ except ImportError:  # not POSIX: the unchanged-file check still runs, without t
 FORMAT = "lazydp-privacy-ledger"
 VERSION = 1
 _INT64_LIMIT = 2**63  # step numbers and positions are kept in int64 arrays
+_MAX_LINE = 1 << 16  # bytes; a ledger line is a few hundred (a lineage is at most 64)
 _PAST_JSON_LIMITS = "an integer of thousands of digits, or values nested thousands deep"
 
 
@@ -187,18 +188,31 @@ def _identity(fd: int) -> tuple[int, int]:
     return st.st_ino, st.st_size
 
 
-def _read_lines(fd: int) -> Iterator[tuple[int, bytes, bool]]:
+def _check_length(line: bytes, start: int, path: Path) -> None:
+    if len(line) > _MAX_LINE:
+        raise PrivacyError(
+            f"privacy ledger {path} has a line of over {_MAX_LINE} bytes at byte {start}; a "
+            "ledger line is a few hundred. It is not a lazydp privacy ledger, or it is damaged: "
+            "pass the ledger file the run wrote, or restore it from a backup."
+        )
+
+
+def _read_lines(fd: int, path: Path) -> Iterator[tuple[int, bytes, bool]]:
     """(byte offset, line without its newline, whether a newline ends it) for each line of the
     file, read through ``fd`` (the file the lock is on, not a path lookup) a megabyte at a
     time: a ledger of millions of steps is never held whole (read at once and split, a 10M-step
-    ledger took ~4.7 GB at its peak)."""
+    ledger took ~4.7 GB at its peak). A line past ``_MAX_LINE`` bytes is refused as it grows:
+    kept, a file with no newline (another file, a zero-filled one) was held whole and copied
+    once per megabyte (8 s and 0.5 GB for 128 MB; quadratic)."""
     offset, start, tail = 0, 0, b""
     while chunk := os.pread(fd, 1 << 20, offset):
         offset += len(chunk)
         *complete, tail = (tail + chunk).split(b"\n")
         for line in complete:
+            _check_length(line, start, path)
             yield start, line, True
             start += len(line) + 1
+        _check_length(tail, start, path)
     if tail:
         yield start, tail, False
 
@@ -278,7 +292,7 @@ class PrivacyLedger:
             "refused: ledger_mark.py), or repair that line by hand; deleting a step line "
             "under-reports the privacy spent."
         )
-        for number, (start, raw, ended) in enumerate(_read_lines(fd), start=1):
+        for number, (start, raw, ended) in enumerate(_read_lines(fd, path), start=1):
             where = f"privacy ledger {path}, line {number}"
             try:
                 line = raw.decode("utf-8")
