@@ -647,3 +647,22 @@ def test_lazydp_tables_off_the_cpu_are_refused_at_make_private():
             mode="lazydp",
         )
     assert "forward" not in model.emb.__dict__  # given back uncaptured
+
+
+class _Payload:
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+def test_a_checkpoint_holding_a_pickled_object_is_refused_without_unsafe_advice(tmp_path, capsys):
+    """weights_only refuses the object (nothing runs); torch's message then advised
+    weights_only=False, the one thing that would run it."""
+    from lazydp.engine import CHECKPOINT_FORMAT, load_checkpoint_file
+
+    path = tmp_path / "evil.pt"
+    torch.save({"format": CHECKPOINT_FORMAT, "model": _Payload()}, path)
+    with pytest.raises(PrivacyError, match="no lazydp checkpoint contains") as info:
+        load_checkpoint_file(path)
+    assert "Never load it with weights_only=False" in str(info.value)
+    assert "will likely succeed" not in str(info.value)
+    assert "must never run" not in capsys.readouterr().out

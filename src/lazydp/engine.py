@@ -26,6 +26,7 @@ import glob
 import io
 import math
 import os
+import pickle
 import socket
 import warnings
 import zipfile
@@ -860,6 +861,14 @@ def load_checkpoint_file(path: str | os.PathLike[str]) -> dict[str, Any]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise PrivacyError(f"checkpoint {path} does not exist") from None
+    except pickle.UnpicklingError:
+        # torch's own text advises weights_only=False, which would run whatever it holds.
+        raise PrivacyError(
+            f"checkpoint {path} holds pickled objects that no lazydp checkpoint contains (a "
+            "model or optimizer object, or code): it was not written by save_checkpoint, and "
+            "loading refused it without running anything. Never load it with "
+            "weights_only=False, which would run its code; use a checkpoint lazydp wrote."
+        ) from None
     except Exception as exc:  # torch raises many kinds for a damaged file
         raise PrivacyError(
             f"checkpoint {path} is corrupt or not a lazydp checkpoint ({type(exc).__name__}: "
