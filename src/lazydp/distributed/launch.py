@@ -158,9 +158,15 @@ def launch(args: argparse.Namespace, cfg: Any) -> dict[str, Any]:
     if getattr(args, "json", False):
         cfg.progress = False
     if int(getattr(args, "max_restarts", 0) or 0) > 0 and not cfg.checkpoint_every:
+        # The time-based default checkpoint (CHECKPOINT_SECONDS) is written here too: a restart
+        # goes back to it, or to step 0 before the first.
+        from lazydp.training import CHECKPOINT_SECONDS
+
+        minutes = CHECKPOINT_SECONDS / 60
         print(
-            "lazydp train: --max-restarts without --checkpoint-every restarts from step 0 (the "
-            "ledger keeps every charged step)",
+            f"lazydp train: --max-restarts without --checkpoint-every restarts from the last "
+            f"checkpoint, written only every {minutes:g} minutes of training (a shorter run "
+            "restarts from step 0; the ledger keeps every charged step)",
             file=sys.stderr,
         )
     config_file = out / "launch_config.json"
