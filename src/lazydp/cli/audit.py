@@ -1,9 +1,12 @@
 """``lazydp audit``: an empirical privacy audit of this installation (lazydp/audit.py).
 
 Trains canaries in the chosen mode with real (OS-entropy) noise and tests the released rows
-against the run's own (epsilon, delta) claim. Writes audit.json (every figure), audit.csv (one
-row per threshold) and audit.png (the claimed trade-off curve with the measured points, and the
-score histograms) to --out. Exits 1, after writing them, when the audit refutes the claim.
+against the run's own (epsilon, delta) claim and its specification (noise size, shifts, no
+reused noise). Writes audit.json (every figure), audit.csv (one row per threshold),
+audit_scores.csv (every canary's score) and audit.png (the claimed trade-off curve with the
+measured points, and the score histograms) to --out. Exits 1, after writing them, when the audit
+refutes the claim or finds the release off its specification (with --plant: when it misses the
+planted bug).
 
 Example:
     $ lazydp audit --mode lazydp --out runs/audit
