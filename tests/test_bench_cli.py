@@ -286,6 +286,15 @@ def test_targets_script_help_prints_the_usage(monkeypatch, capsys, flag):
     assert "target 4: 8 x 100k model against Opacus" in out
 
 
+def test_dpsgd_f_over_sgd_is_printed_without_lazydp(tmp_path, capsys):
+    # The README's "dpsgd_f on MLPs only" ratio: a run without lazydp printed "no ratios
+    # (modes missing)" although bench.json held it.
+    argv = ["bench", *TINY[:-1], "--mlp-only", "--modes", "sgd,dpsgd_f", "--no-isolate"]
+    assert main([*argv, "--out", str(tmp_path / "o")]) == 0
+    out = capsys.readouterr().out
+    assert "dpsgd_f/sgd " in out and "no ratios" not in out
+
+
 def test_interleaving_lazydp_with_dpsgd_f_gets_a_note(tmp_path, capsys):
     # dpsgd_f's model in lazydp's process slowed lazydp's steps 20-30% (RESULTS): say so.
     sweep = _tiny_sweep(tmp_path / "s.yaml", "scale: 1.0e-5\nmodes: [sgd, dpsgd_f, lazydp]\n")

@@ -43,7 +43,7 @@ EPILOG = """example (2 shared cores, no GPU; numbers from benchmarks/RESULTS.md)
   update: noise sampling                             0.000       121.740        14.870
   ...
   total                                            493.194       642.618       566.484
-  mlperf s=0.001 B=2048 L=1: lazydp/sgd 1.15   lazydp/(sgd+floor) 1.13   dpsgd_f/lazydp 1.13
+  mlperf s=0.001 B=2048 L=1: lazydp/sgd 1.15   lazydp/(sgd+floor) 1.13   dpsgd_f/lazydp 1.13   dpsgd_f/sgd 1.30
   wrote runs/bench-<timestamp>/breakdown.csv, .../bench.json, .../breakdown.png
 
 sweep file (YAML; a list value sweeps that key, flags given on the command line win):
@@ -310,6 +310,9 @@ def _ratios_line(w: dict[str, Any]) -> str:
         "lazydp_over_sgd": "lazydp/sgd",
         "lazydp_over_sgd_plus_floor": "lazydp/(sgd+floor)",
         "dpsgd_f_over_lazydp": "dpsgd_f/lazydp",
+        # Eager DP-SGD's cost without lazydp in the run (--mlp-only --modes sgd,dpsgd_f printed
+        # "no ratios (modes missing)"; the README quotes this ratio for MLP-only models).
+        "dpsgd_f_over_sgd": "dpsgd_f/sgd",
     }
     parts = [f"{label} {w[key]:.2f}" for key, label in names.items() if key in w]
     return f"{w['label']}: " + ("   ".join(parts) if parts else "no ratios (modes missing)")
