@@ -16,8 +16,8 @@ from lazydp.errors import ConfigError
 EPILOG = """\
 example:
   $ lazydp preprocess --format criteo --input day_0.tsv --output out/criteo --buckets 262144
-  lines: 1000000 rows [00:04, 231k rows/s]
-  preprocess[embedded]: 100%|##########| 5/5 [00:12<00:00]
+  lines: 1000000 rows [00:04, 231481.48 rows/s]
+  preprocess[embedded]: 100%|██████████| 5/5 [00:12<00:00,  2.40s/step]
   wrote out/criteo: train 899,913 rows, test 100,087 rows, 0 bad rows (engine embedded)
 
 --buckets takes N (all categorical features) and/or name=N overrides: --buckets 1048576,C3=1000.
