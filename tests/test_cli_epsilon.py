@@ -55,7 +55,18 @@ def test_calibration_with_epochs(capsys):
     sigma = result["noise_multiplier"]
     assert result["epsilon_pld"] <= 3.0
     assert compute_epsilon([MechanismCount(0.04, sigma, 2250)], 1e-5) == result["epsilon_pld"]
-    assert f"noise_multiplier {sigma:.4g} reaches epsilon" in out
+    assert f"noise_multiplier {sigma!r} reaches epsilon" in out
+
+
+def test_the_printed_calibrated_noise_multiplier_stays_within_the_target(capsys):
+    # Printed to 4 digits, 1.35546875 read 1.355, and --noise-multiplier 1.355 gives epsilon
+    # 5.0026 > 5: the number a user copies must be the one that meets the target.
+    argv = ["epsilon", "--target-epsilon", "5", "--sample-rate", "0.04", "--steps", "1000",
+            "--delta", "1e-5"]  # fmt: skip
+    code, out, _ = run(capsys, argv)
+    assert code == 0
+    printed = float(out.split("noise_multiplier ", 1)[1].split()[0])
+    assert compute_epsilon([MechanismCount(0.04, printed, 1000)], 1e-5) <= 5.0
 
 
 def test_shuffle_shows_both_figures(capsys):

@@ -40,9 +40,9 @@ examples:
     poisson sampling, sample_rate 0.04, noise_multiplier 1.5, 2250 steps (90 epochs)
 
   $ lazydp epsilon --target-epsilon 3 --sample-rate 0.04 --epochs 90 --delta 1e-5
-  noise_multiplier 2.762 reaches epsilon 2.999 (PLD) <= target 3 at delta 1e-05
+  noise_multiplier 2.76171875 reaches epsilon 2.999 (PLD) <= target 3 at delta 1e-05
     RDP says epsilon 3.257 for the same noise
-    poisson sampling, sample_rate 0.04, noise_multiplier 2.762, 2250 steps (90 epochs)
+    poisson sampling, sample_rate 0.04, noise_multiplier 2.76171875, 2250 steps (90 epochs)
 """
 
 
@@ -143,10 +143,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def _sigma_text(sigma: float) -> str:
+    """The noise multiplier in full (shortest round-trip form): people copy it into
+    --noise-multiplier, and a calibrated one rounded to 4 digits could round down and pass the
+    target (--target-epsilon 5 --sample-rate 0.04 --steps 1000 showed 1.355 for 1.35546875:
+    epsilon 5.0026)."""
+    return repr(float(sigma))
+
+
 def _print(r: dict[str, Any]) -> None:
     setting = (
         f"  {r['sampler']} sampling, sample_rate {r['sample_rate']:g}, "
-        f"noise_multiplier {r['noise_multiplier']:.4g}, {r['steps']} steps "
+        f"noise_multiplier {_sigma_text(r['noise_multiplier'])}, {r['steps']} steps "
         f"({r['epochs']:.4g} epochs)"
     )
     if "target_epsilon" in r:
@@ -156,7 +164,7 @@ def _print(r: dict[str, Any]) -> None:
         if label == "PLD":
             label = pld_label(r["epsilon_pld"], r["epsilon_rdp"])
         print(
-            f"noise_multiplier {r['noise_multiplier']:.4g} reaches epsilon {chosen:.4g} "
+            f"noise_multiplier {_sigma_text(r['noise_multiplier'])} reaches epsilon {chosen:.4g} "
             f"({label}) <= target {r['target_epsilon']:g} "
             f"at delta {r['delta']:g}"
         )
