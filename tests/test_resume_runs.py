@@ -266,3 +266,17 @@ def test_resuming_a_run_directory_restored_from_an_older_backup_is_refused(
     code, res = run_cli([*args, "--resume"], capsys)
     assert code == 1 and "older copy" in res.err and "Traceback" not in res.err, res.err
     assert (out / "ledger.jsonl").read_text() == (backup / "ledger.jsonl").read_text()
+
+
+def test_a_second_signal_stops_at_once_and_says_what_is_left(capsys):
+    """It exited 143 with no word: the user did not learn that the ledger is whole and that
+    the last checkpoint resumes."""
+    from lazydp.stop_signals import StopRequest
+
+    request = StopRequest()
+    request._handle(signal.SIGTERM, None)
+    assert request.requested and "send it again" in capsys.readouterr().err
+    with pytest.raises(KeyboardInterrupt):
+        request._handle(signal.SIGTERM, None)
+    err = capsys.readouterr().err
+    assert "SIGTERM again: stopping now" in err and "--resume" in err

@@ -51,8 +51,14 @@ class StopRequest:
         return self.signum is not None
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if self.signum is not None:
-            raise KeyboardInterrupt  # the second signal: stop now
+        if self.signum is not None:  # the second signal: stop now, and say what is left
+            print(
+                f"\nlazydp: {signal.Signals(signum).name} again: stopping now, without "
+                "finishing the step; the ledger holds every charged step. Continue from the "
+                "last checkpoint with the same command and --resume.",
+                file=sys.stderr,
+            )
+            raise KeyboardInterrupt
         self.signum = signum
         print(
             f"\nlazydp: {signal.Signals(signum).name} received: stopping after {self.after} "
