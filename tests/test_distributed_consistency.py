@@ -157,6 +157,12 @@ def _uneven_worker(rank: int, world: int, store_path: str, out_dir: str) -> None
     except Exception as exc:  # noqa: BLE001 -- a refusal, or the other rank's broken collective
         results["error"] = f"{type(exc).__name__}: {exc}"
     torch.save(results, out / f"rank{rank}.pt")
+    # Torn down together, as the other workers do: a rank exiting while the other's gloo
+    # threads still ran aborted it once in CI ("terminate called without an active exception").
+    try:
+        dist.barrier()
+    except Exception:  # noqa: BLE001 -- a group broken by a refusal: the results are saved
+        pass
     dist.destroy_process_group()
 
 
