@@ -589,6 +589,20 @@ def test_deferred_block_is_settled_before_every_other_read(padding, tmp_path, mo
             torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
 
 
+def refused_uncharged(model, opt, engine, match, kept=False):
+    """The next step (a fresh batch's backward, then step()) raises ConfigError ``match``
+    without charging; ``kept``: and without changing any parameter."""
+    x, bag, emb, y = make_batches(1, seed=3)[0]
+    loss_fn(model(x, bag, emb), y).backward()  # (its reads caught rows up: that is not a step)
+    before = {k: t.detach().clone() for k, t in model.named_parameters()}
+    charged = engine.ledger.steps
+    with pytest.raises(ConfigError, match=match):
+        opt.step()
+    assert engine.ledger.steps == charged
+    for k, t in model.named_parameters() if kept else ():
+        assert torch.equal(t.detach(), before[k]), k
+
+
 @pytest.mark.parametrize(
     ("key", "bad", "match"),
     [
@@ -605,15 +619,7 @@ def test_a_bad_table_lr_or_decay_is_refused_before_anything_changes(key, bad, ma
     model, opt, sched, engine = build("lazydp", weight_decay=0.01)
     step(model, opt, sched, make_batches(1)[0])
     opt.param_groups[-1][key] = bad  # the tables' SGD group
-    x, bag, emb, y = make_batches(1, seed=3)[0]
-    loss_fn(model(x, bag, emb), y).backward()  # (its reads caught rows up: that is not a step)
-    before = {k: t.detach().clone() for k, t in model.named_parameters()}
-    charged = engine.ledger.steps
-    with pytest.raises(ConfigError, match=match):
-        opt.step()
-    assert engine.ledger.steps == charged
-    for k, t in model.named_parameters():
-        assert torch.equal(t.detach(), before[k]), k
+    refused_uncharged(model, opt, engine, match, kept=True)
 
 
 def test_a_step_past_what_the_history_tables_count_is_refused_before_its_charge():
@@ -648,15 +654,7 @@ def test_a_bad_table_lr_is_refused_before_anything_changes_in_the_eager_modes(mo
     sched.step()
     assert opt.param_groups[-1]["lr"] < 0  # the schedule itself went negative
     opt.param_groups[-1]["lr"] = bad
-    x, bag, emb, y = make_batches(1, seed=3)[0]
-    loss_fn(model(x, bag, emb), y).backward()
-    before = {k: t.detach().clone() for k, t in model.named_parameters()}
-    charged = engine.ledger.steps
-    with pytest.raises(ConfigError, match="learning rate .* finite and >= 0"):
-        opt.step()
-    assert engine.ledger.steps == charged
-    for k, t in model.named_parameters():
-        assert torch.equal(t.detach(), before[k]), k
+    refused_uncharged(model, opt, engine, "learning rate .* finite and >= 0", kept=True)
 
 
 @pytest.mark.parametrize("key", ["weight_decay", "momentum"])
@@ -665,12 +663,7 @@ def test_a_nan_weight_decay_or_momentum_is_refused_before_the_charge(key):
     model, opt, sched, engine = build("dpsgd_f")
     step(model, opt, sched, make_batches(1)[0])
     opt.param_groups[-1][key] = float("nan")  # the tables' SGD group
-    x, bag, emb, y = make_batches(1, seed=3)[0]
-    loss_fn(model(x, bag, emb), y).backward()
-    charged = engine.ledger.steps
-    with pytest.raises(ConfigError, match=f"{key} nan of parameter group 0 of the SGD"):
-        opt.step()
-    assert engine.ledger.steps == charged
+    refused_uncharged(model, opt, engine, f"{key} nan of parameter group 0 of the SGD")
     assert all(bool(torch.isfinite(t).all()) for t in model.parameters())
 
 
@@ -682,14 +675,9 @@ def test_a_nan_lr_on_the_dense_layers_is_refused_before_the_charge(mode, nan):
     model, opt, sched, engine = build(mode)
     step(model, opt, sched, make_batches(1)[0])
     opt.param_groups[0]["lr"] = nan
-    x, bag, emb, y = make_batches(1, seed=3)[0]
-    loss_fn(model(x, bag, emb), y).backward()
-    charged = engine.ledger.steps
-    with pytest.raises(
-        ConfigError, match="learning rate nan of parameter group 0 of the Adam optimizer"
-    ):
-        opt.step()
-    assert engine.ledger.steps == charged
+    refused_uncharged(
+        model, opt, engine, "learning rate nan of parameter group 0 of the Adam optimizer"
+    )
     assert all(bool(torch.isfinite(t).all()) for t in model.parameters())
 
 
@@ -855,13 +843,8 @@ def test_a_setting_beyond_the_parameters_dtype_is_refused_before_the_charge(mode
     model, opt, sched, engine = build(mode)
     step(model, opt, sched, make_batches(1)[0])
     opt.param_groups[group][key] = 1e300
-    x, bag, emb, y = make_batches(1, seed=3)[0]
-    loss_fn(model(x, bag, emb), y).backward()
-    charged = engine.ledger.steps
     # (a LazyDP table's weight_decay is refused by its own rule first: lr * wd < 1)
-    with pytest.raises(ConfigError, match="representable in the parameters' dtype|below 1 / lr"):
-        opt.step()
-    assert engine.ledger.steps == charged
+    refused_uncharged(model, opt, engine, "representable in the parameters' dtype|below 1 / lr")
 
 
 @pytest.mark.parametrize("mode", ["dpsgd_f", "lazydp"])

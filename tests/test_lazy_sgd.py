@@ -16,8 +16,8 @@ from lazydp.optim import lazy as lazy_module
 from lazydp.optim import lazy_momentum
 from lazydp.optim.lazy import LrPrefix
 from lazydp.testing import constant_noise
-from tests.test_lazy import build, snapshot, step, untouched_rows
-from tests.toy import loss_fn, make_batches
+from tests.test_lazy import build, refused_uncharged, snapshot, step, untouched_rows
+from tests.toy import make_batches
 
 
 def _train(mode, batches, weight_decay, wd_change_at=None, probe=None, **sgd):
@@ -346,12 +346,7 @@ def test_momentum_switched_on_or_off_mid_run_is_refused():
         model, opt, sched, engine = build("lazydp", momentum=start)
         step(model, opt, sched, make_batches(1)[0])
         opt.param_groups[-1]["momentum"] = later
-        x, bag, emb, y = make_batches(1, seed=3)[0]
-        loss_fn(model(x, bag, emb), y).backward()
-        charged = engine.ledger.steps
-        with pytest.raises(ConfigError, match="momentum"):
-            opt.step()
-        assert engine.ledger.steps == charged
+        refused_uncharged(model, opt, engine, "momentum")
 
 
 @pytest.mark.parametrize("damage", ["phi", "velocity", "kind"])
