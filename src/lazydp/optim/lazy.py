@@ -153,18 +153,18 @@ class LrPrefix:
         (None unless asked for: only the test override reads it), the variance factor, and the
         factor P[t] / P[applied] for the row's value (None when no step ever decayed)."""
         live = t == self.steps  # the current step: no tensor read (a read costs a sync)
-        off = self.offset
-        p_t = self._p_last if live else float(self._p[t - off])
-        s2 = self._s2.window(applied, self._s2.last if live else self._s2.at(t))
+        p_t = self._p_last if live else float(self._p[t - self.offset])
+        # P, S1 and S2 restart together: one index into all three
+        index = self._s2.index_of(applied)
+        s2 = self._s2.window_at(index, self._s2.last if live else self._s2.at(t))
         decay = None
         if self.decays:
             # A true division: a row already at t gets exactly 1.
-            index = applied - off if off else applied
             decay = torch.full_like(s2, p_t).div_(self._p.index_select(0, index))
             s2.mul_(p_t * p_t)
         if not sum_lr:
             return None, s2, decay
-        s1 = self._s1.window(applied, self._s1.last if live else self._s1.at(t))
+        s1 = self._s1.window_at(index, self._s1.last if live else self._s1.at(t))
         return (s1.mul_(p_t) if self.decays else s1), s2, decay
 
     def needs_rebase(self) -> bool:

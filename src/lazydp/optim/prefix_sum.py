@@ -13,8 +13,8 @@ nonzero term since the last restart is above ``hi[t] / CANCEL_MARGIN``, the hi-o
 difference is within 1e-9 (relative) of every nonzero window -- for a constant lr, the first
 ~4.5M steps.
 
-Contract: ``window(a, t)[i] == sum of the terms of steps [a[i], t)`` to a relative 1e-9 (and
-exactly 0 for an empty window or all-zero terms).
+Contract: ``window_at(index_of(a), S[t])[i] == sum of the terms of steps [a[i], t)`` to a
+relative 1e-9 (and exactly 0 for an empty window or all-zero terms).
 """
 
 from __future__ import annotations
@@ -87,9 +87,14 @@ class PrefixSum:
     def at(self, t: int) -> Pair:
         return float(self.hi[t - self.offset]), float(self.lo[t - self.offset])
 
-    def window(self, applied: Tensor, at: Pair) -> Tensor:
-        """S[t] - S[applied] per row, with ``at`` = S[t] (float64 tensor)."""
-        index = applied - self.offset if self.offset else applied
+    def index_of(self, applied: Tensor) -> Tensor:
+        """Where steps ``applied`` sit in the arrays (``applied`` itself before any restart)."""
+        return applied - self.offset if self.offset else applied
+
+    def window_at(self, index: Tensor, at: Pair) -> Tensor:
+        """S[t] - S[applied] per row, with ``at`` = S[t] and ``index`` = index_of(applied)
+        (float64 tensor). The caller locates the rows: sums restarted together share one
+        index, one subtraction per catch-up rather than one per array."""
         d = torch.rsub(self.hi.index_select(0, index), at[0])
         if at[0] > CANCEL_MARGIN * self.smallest:  # a window may be swamped: add the lo parts
             d.sub_(self.lo.index_select(0, index)).add_(at[1])
