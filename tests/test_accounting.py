@@ -208,3 +208,25 @@ def test_many_steps_are_not_needlessly_loose(steps):
     tight = reference.get_epsilon(1e-6)
     assert compute_epsilon(group, 1e-6) <= tight * (1 + 1e-3)
     assert compute_epsilon(group, 1e-6) < compute_epsilon(group, 1e-6, "rdp")
+
+
+@pytest.mark.parametrize(
+    "groups",
+    [
+        (MechanismCount(0.045, 1.56, 440),),
+        (MechanismCount(0.01, 0.9, 300), MechanismCount(0.02, 1.3, 50)),
+        (MechanismCount(1.0, 4.0, 7),),
+        (MechanismCount(0.1, 1.2, 30, "shuffle"), MechanismCount(0.05, 2.0, 12)),
+    ],
+)
+def test_cached_pld_builds_give_the_accountants_figure_to_the_bit(groups):
+    # _pld_epsilon reuses one Gaussian PLD build per (sigma, rate, interval); it must say what
+    # dp_accounting's PLDAccountant says for the same event, whatever the cache already holds.
+    groups = acc._normalise(groups)
+    for as_if_poisson in (False, True):
+        for interval in (1e-2, 3e-4):
+            accountant = pld.PLDAccountant(value_discretization_interval=interval)
+            accountant.compose(acc._dp_event(groups, as_if_poisson))
+            expected = accountant.get_epsilon(1e-5)
+            for _ in range(2):  # the second call is served by the cache
+                assert acc._pld_epsilon(groups, as_if_poisson, 1e-5, interval) == expected

@@ -304,3 +304,29 @@ def test_distributed_shuffle_is_refused_before_any_worker_starts(tmp_path, capsy
     )
     assert code != 0 and "single-process only" in out.err
     assert not out_dir.exists() or not list(out_dir.glob("ledger*"))
+
+
+def test_the_shown_epsilon_is_refreshed_by_its_cost_and_at_the_last_step():
+    # A PLD figure costs 0.05-0.3 s; the default run refreshed it 8 times (1.8 s of 8.8 s).
+    from lazydp.training import _ShownEpsilon
+
+    clock = [0.0]
+
+    class Engine:  # each figure costs 0.1 s of the (simulated) clock and counts the calls
+        calls = 0
+
+        def get_epsilon(self, delta: float) -> float:
+            clock[0] += 0.1
+            Engine.calls += 1
+            return float(Engine.calls)
+
+    shown = _ShownEpsilon(Engine(), 1e-5, False, clock=lambda: clock[0])  # type: ignore[arg-type]
+    assert Engine.calls == 0  # nothing spent yet: nothing to account
+    for _ in range(100):  # 10 s of steps of 0.1 s
+        clock[0] += 0.1
+        shown.at(False)
+    # refreshed on the first step, then once 2 s (20 x 0.1 s) have passed since each refresh
+    assert 4 <= Engine.calls <= 6
+    before = Engine.calls
+    assert shown.at(True) == before + 1  # the last step always shows the final figure
+    assert _ShownEpsilon(Engine(), 1e-5, True, clock=lambda: clock[0]).value == before + 2
