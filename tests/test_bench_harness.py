@@ -212,13 +212,66 @@ def test_suite_interleaves_a_subset_of_modes_and_isolates_the_rest():
 def test_suite_times_a_group_that_does_not_fit_together_one_mode_at_a_time(monkeypatch):
     from lazydp.bench import suite as suite_module
 
-    monkeypatch.setattr(suite_module, "memory_together", lambda pairs: "~99 GB for both")
+    monkeypatch.setattr(
+        suite_module, "memory_together", lambda pairs, shared=False: "~99 GB for both"
+    )
     suite = suite_module.run_suite(
         [TINY], ["sgd", "lazydp"], isolate=False, interleave=True, progress=False
     )
     assert [r.status for r in suite.results] == ["ok", "ok"]
     assert all(r.peak_rss_bytes > 0 for r in suite.results)  # each timed on its own
     assert any("99 GB" in n and "its own process" in n for n in suite.notes)
+
+
+def test_suite_interleaves_on_shared_tables_where_only_one_set_fits(monkeypatch):
+    from lazydp.bench import suite as suite_module
+
+    def together(pairs, shared=False):
+        return None if shared else "~20 GB for both"
+
+    monkeypatch.setattr(suite_module, "memory_together", together)
+    suite = suite_module.run_suite(
+        [TINY], ["sgd", "lazydp"], isolate=False, interleave=True, progress=False
+    )
+    assert [r.status for r in suite.results] == ["ok", "ok"]
+    assert all(r.tables_shared and r.timed_with for r in suite.results)
+    assert any("shared one set of tables" in n for n in suite.notes)
+    assert not any("its own process" in n for n in suite.notes)
+    # A round robin across table sizes cannot share: it falls back to one process per mode.
+    monkeypatch.setattr(suite_module, "memory_together", lambda pairs, shared=False: "too big")
+    large = replace(TINY, scale=3e-5)
+    suite = suite_module.run_suite(
+        [large, TINY], ["lazydp"], isolate=False, interleave_scales=True, progress=False
+    )
+    assert not any(r.tables_shared for r in suite.results)
+
+
+def test_shared_tables_are_the_first_models_own_and_batches_differ():
+    from lazydp.bench import shared_tables
+
+    first = _ModeRunner(TINY, "sgd")
+    second = _ModeRunner(TINY, "lazydp", tables_of=first, index=1)
+    bags = [
+        [m for m in r.model.modules() if isinstance(m, torch.nn.EmbeddingBag)]
+        for r in (first, second)
+    ]
+    assert bags[0] and all(a.weight is b.weight for a, b in zip(*bags, strict=True))
+    assert all(b.num_embeddings == b.weight.shape[0] for b in bags[1])
+    # Own MLPs, own batches: the same ids would find the rows the other mode left in the cache.
+    assert first.model.top is not second.model.top
+    ids = [next(r.batches)[1] for r in (first, second)]
+    assert not torch.equal(ids[0][0][0], ids[1][0][0])
+    for _ in range(2):  # both step on the one set of tables
+        first.step()
+        second.step()
+    assert all(math.isfinite(r.finish().step_ms) for r in (first, second))
+    assert shared_tables.can_share([TINY, TINY]) and not shared_tables.can_share(
+        [TINY, replace(TINY, scale=3e-5)]
+    )
+    results = time_interleaved([(TINY, "sgd"), (TINY, "lazydp")], shared=True)
+    assert all(r.tables_shared and r.status == "ok" for r in results)
+    with pytest.raises(ConfigError, match="one workload"):
+        time_interleaved([(TINY, "sgd"), (replace(TINY, scale=3e-5), "sgd")], shared=True)
 
 
 def test_suite_times_each_mode_across_scales_in_one_round_robin_and_reports_growth():

@@ -45,7 +45,7 @@ from typing import Any
 import torch
 
 from lazydp._libc import libc_function
-from lazydp.bench import memory
+from lazydp.bench import memory, shared_tables
 from lazydp.bench.workload import (
     BenchSpec,
     build_model,
@@ -109,6 +109,7 @@ class ModeResult:
     isolated: bool = False
     spec: dict[str, Any] = field(default_factory=dict)
     timed_with: list[str] = field(default_factory=list)  # columns of its round robin (--interleave)
+    tables_shared: bool = False  # its round robin shared one set of tables (shared_tables.py)
 
     @property
     def column(self) -> str:
@@ -257,7 +258,16 @@ class _Both:
 class _ModeRunner:
     """One mode's model, optimizer and batch stream; ``step()`` times one step."""
 
-    def __init__(self, spec: BenchSpec, mode: str, steps: int | None = None) -> None:
+    def __init__(
+        self,
+        spec: BenchSpec,
+        mode: str,
+        steps: int | None = None,
+        tables_of: _ModeRunner | None = None,
+        index: int = 0,
+    ) -> None:
+        """``tables_of``: a runner whose tables this one uses (shared_tables.py); ``index``:
+        this runner's place in that round robin (it picks the batch seed)."""
         if mode not in BENCH_MODES:
             raise ConfigError(f"mode={mode!r} is unknown; choose from {', '.join(BENCH_MODES)}")
         self.spec, self.mode = spec, mode
@@ -266,7 +276,11 @@ class _ModeRunner:
         )
         self.result.estimate = check_fits(spec, mode)
         self.result.baseline_rss_bytes = current_rss_bytes()
-        self.model = build_model(spec, mode)
+        if tables_of is None:
+            self.model = build_model(spec, mode)
+        else:
+            self.model = shared_tables.model_on_tables_of(tables_of.model, spec, mode)
+            spec = shared_tables.batch_seed(spec, index)
         self.opt, self.engine = _private(self.model, spec, mode)
         if mode == "lazydp":
             self.result.history_bytes = sum(
@@ -335,10 +349,13 @@ def fits_alone(spec: BenchSpec, mode: str) -> bool:
     return True
 
 
-def memory_together(pairs: Pairs) -> str | None:
-    """None if the models of all ``pairs`` fit in memory at once; else why not. Never raises:
-    a sweep asks this of every round robin, and one point too large must not abort the sweep."""
+def memory_together(pairs: Pairs, shared: bool = False) -> str | None:
+    """None if the models of all ``pairs`` fit in memory at once (``shared``: with one set of
+    tables among them); else why not. Never raises: a sweep asks this of every round robin,
+    and one point too large must not abort the sweep."""
     need = sum(estimate_for(spec, mode)["total"] for spec, mode in pairs)
+    if shared:
+        need -= sum(spec.table_bytes() for spec, _ in pairs[1:])
     available = memory.available_memory_bytes()
     if need <= 0.85 * available:
         return None
@@ -348,9 +365,9 @@ def memory_together(pairs: Pairs) -> str | None:
     )
 
 
-def check_fits_together(pairs: Pairs) -> None:
+def check_fits_together(pairs: Pairs, shared: bool = False) -> None:
     """ConfigError unless the models of all ``pairs`` fit in memory at once (--interleave)."""
-    reason = memory_together(pairs)
+    reason = memory_together(pairs, shared)
     if reason is not None:
         raise ConfigError(
             f"--interleave keeps every model in memory at once: {reason}; drop --interleave "
@@ -358,7 +375,7 @@ def check_fits_together(pairs: Pairs) -> None:
         )
 
 
-def time_interleaved(pairs: Pairs) -> list[ModeResult]:
+def time_interleaved(pairs: Pairs, shared: bool = False) -> list[ModeResult]:
     """Time every (workload, mode) of ``pairs`` in this process, one step of each in turn.
 
     On a shared machine, bursts of other work then hit every pair alike, so ratios between
@@ -367,12 +384,18 @@ def time_interleaved(pairs: Pairs) -> list[ModeResult]:
     training: otherwise the mode after ``dpsgd_f`` (which streams every table) pays for the
     caches it left cold (measured: lazydp +30% on ``basic``). All models live at once (memory
     is checked for their sum) and peak RSS is the process's, so it is not reported per pair.
-    Every result names the others in ``timed_with``.
+    Every result names the others in ``timed_with``. ``shared``: the later pairs use the first
+    pair's tables (one workload only; see shared_tables.py).
     Example: ``[r.mode for r in time_interleaved([(spec, "sgd"), (spec, "lazydp")])]``.
     """
-    check_fits_together(pairs)
+    if shared and not shared_tables.can_share([spec for spec, _ in pairs]):
+        raise ConfigError(f"{_pairs_label(pairs)}: only modes of one workload can share tables")
+    check_fits_together(pairs, shared)
     iterations = max(spec.iterations for spec, _ in pairs)
-    runners = [_ModeRunner(spec, m, steps=2 * iterations) for spec, m in pairs]
+    runners: list[_ModeRunner] = []
+    for i, (spec, m) in enumerate(pairs):
+        source = runners[0] if shared and runners else None
+        runners.append(_ModeRunner(spec, m, steps=2 * iterations, tables_of=source, index=i))
     for i in range(iterations):
         for runner in runners:
             if i < runner.spec.iterations:
@@ -382,6 +405,7 @@ def time_interleaved(pairs: Pairs) -> list[ModeResult]:
     for r in results:
         r.peak_rss_bytes = 0  # shared by every pair: meaningless per pair
         r.timed_with = [o.column for o in results if o is not r]
+        r.tables_shared = shared
     return results
 
 
@@ -395,14 +419,16 @@ def run_isolated(kind: str, spec: BenchSpec, mode: str) -> ModeResult:
     return ModeResult.from_dict(_run_child(kind, spec, mode))
 
 
-def run_interleaved_isolated(pairs: Pairs) -> list[ModeResult]:
+def run_interleaved_isolated(pairs: Pairs, shared: bool = False) -> list[ModeResult]:
     """``time_interleaved`` in a fresh interpreter: a workload of a sweep then never runs in
     a heap the previous workloads' models fragmented (measured: lazydp on ``basic`` after the
     ``mlperf`` workloads of the same process, 20-40% slower parameter updates and norms)."""
     specs = json.dumps([spec.to_dict() for spec, _ in pairs])
     return [
         ModeResult.from_dict(d)
-        for d in _run_child("interleaved", specs, ",".join(m for _, m in pairs))
+        for d in _run_child(
+            _SHARED if shared else "interleaved", specs, ",".join(m for _, m in pairs)
+        )
     ]
 
 
@@ -439,6 +465,7 @@ def _die_with_parent() -> None:
 
 
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
+_SHARED = "interleaved-shared"  # the child kind of a round robin on shared tables
 _PARENT_ENV = "LAZYDP_BENCH_PARENT"
 
 
@@ -447,9 +474,10 @@ def _child_main(argv: list[str]) -> None:
     kind, spec_json, mode, out, threads = argv
     tune_malloc()  # as the parent command did (lazydp/malloc.py)
     torch.set_num_threads(int(threads))
-    if kind == "interleaved":
+    if kind in ("interleaved", _SHARED):
         specs = [BenchSpec(**d) for d in json.loads(spec_json)]
-        results = time_interleaved(list(zip(specs, mode.split(","), strict=True)))
+        pairs = list(zip(specs, mode.split(","), strict=True))
+        results = time_interleaved(pairs, shared=kind == _SHARED)
         for r in results:
             r.isolated = True
         Path(out).write_text(json.dumps([r.to_dict() for r in results]))

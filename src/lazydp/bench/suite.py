@@ -35,6 +35,7 @@ from lazydp.bench.harness import (
 )
 from lazydp.bench.labels import labels_of, scale_key
 from lazydp.bench.opacus_compare import OPACUS_MODES, opacus_version, run_opacus, speedups
+from lazydp.bench.shared_tables import SHARED_NOTE, can_share
 from lazydp.bench.workload import BenchSpec
 from lazydp.errors import ConfigError, LazyDPError
 
@@ -107,12 +108,20 @@ def run_suite(
         # A point too large on its own is left to run_mode below, which refuses it and says why.
         pairs = [(spec, mode) for spec, mode in group if fits_alone(spec, mode)]
         reason = memory_together(pairs) if len(pairs) > 1 else None
+        shared = (
+            reason is not None
+            and can_share([spec for spec, _ in pairs])
+            and memory_together(pairs, shared=True) is None
+        )
+        if shared:
+            reason = None
+            suite.notes.append(SHARED_NOTE.format(pairs=", ".join(_columns(pairs, labels))))
         if reason is not None:
             suite.notes.append(f"{reason}, so each was timed in its own process")
         if reason is not None or len(pairs) < 2:
             continue
         bar.set_postfix_str(f"{len(pairs)} interleaved")
-        results = _relabel(_interleaved(pairs, isolate), pairs, labels)
+        results = _relabel(_interleaved(pairs, isolate, shared), pairs, labels)
         for pair, result in zip(pairs, results, strict=True):
             _say(bar, result)
             timed[pair] = result
@@ -204,16 +213,20 @@ def _interleaved_modes(modes: Sequence[str], interleave: bool | Sequence[str]) -
     return group if len(group) > 1 else []
 
 
-def _interleaved(pairs: Pairs, isolate: bool) -> list[ModeResult]:
+def _interleaved(pairs: Pairs, isolate: bool, shared: bool) -> list[ModeResult]:
     try:
         if isolate:  # run_suite already checked that the group fits (memory_together)
-            return run_interleaved_isolated(pairs)
-        return time_interleaved(pairs)
+            return run_interleaved_isolated(pairs, shared)
+        return time_interleaved(pairs, shared)
     except (LazyDPError, RuntimeError, MemoryError) as exc:
         status = "refused" if isinstance(exc, ConfigError) else "failed"
         return [
             ModeResult(spec.label, m, status, str(exc), spec=spec.to_dict()) for spec, m in pairs
         ]
+
+
+def _columns(pairs: Pairs, labels: dict[BenchSpec, str]) -> list[str]:
+    return [f"{labels[spec]} {mode}" for spec, mode in pairs]
 
 
 def _relabel(
