@@ -3,7 +3,8 @@
     python benchmarks/lazy_vs_eager.py        # about 15 minutes on 2 shared cores
 
 Runs `lazydp bench --sweep configs/bench_lazy_vs_eager.yaml` (10 tables of 1M, 3M, 10M rows,
-d=32, pooling 1 and 20, batch 2048; sgd and lazydp round robin in one process where both fit,
+d=32, pooling 1 and 20, batch 2048; sgd and lazydp round robin in one process, on one shared set
+of tables where two do not fit,
 dpsgd_f in its own) and prints, per table size, lazydp / sgd
 (target <= 1.3) and dpsgd_f / lazydp (the gap must widen as tables grow). Outputs land in
 runs/lazy-vs-eager/.
