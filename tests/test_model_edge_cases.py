@@ -874,3 +874,55 @@ def test_a_stale_backward_combined_with_a_new_forward_is_refused_not_dropped():
     model(torch.randn(4, 3)).sum().backward()
     opt.step()
     assert engine.ledger.steps == 2
+
+
+def _input_grad_steps(mode: str, how: str) -> tuple[dict[str, torch.Tensor], int]:
+    """Three zero-noise steps on Toy, with torch.autograd.grad on an input between forward and
+    backward (``how``: "plain" none, "logged" the same forward's input gradient, "adversarial"
+    an FGSM-style example trained on instead of the clean batch, "reference" that example
+    made with a plain copy of the model)."""
+    torch.manual_seed(0)
+    model, opt, engine = _private(Toy(), mode)
+    with zero_noise():
+        for x, bag, emb, y in make_batches(3):
+            opt.zero_grad()
+            x = x.clone().requires_grad_(how != "plain")
+            loss = loss_fn(model(x, bag, emb), y)
+            if how in ("logged", "adversarial"):
+                (gx,) = torch.autograd.grad(loss, x, retain_graph=how == "logged")
+            if how == "reference":  # the same example, from a plain copy of the model
+                plain = Toy()
+                plain.load_state_dict(model.state_dict())
+                (gx,) = torch.autograd.grad(loss_fn(plain(x, bag, emb), y), x)
+            if how in ("adversarial", "reference"):
+                x_adv = (x + 0.1 * gx.sign()).detach()
+                loss = loss_fn(model(x_adv, bag, emb), y)
+            loss.backward()
+            opt.step()
+        return snapshot(model), engine.ledger.steps
+
+
+@pytest.mark.parametrize("mode", ["dpsgd_b", "dpsgd_r", "dpsgd_f", "lazydp"])
+def test_an_input_gradient_from_autograd_grad_is_not_trained_on(mode):
+    # torch.autograd.grad(loss, x) ran through the layers' taps, which recorded its output
+    # gradients as if it were loss.backward(): the backward after it doubled every example's
+    # gradient, and an adversarial example's forward was refused as gradient accumulation.
+    plain, steps = _input_grad_steps(mode, "plain")
+    logged, logged_steps = _input_grad_steps(mode, "logged")
+    assert steps == logged_steps == 3
+    for k, v in plain.items():
+        torch.testing.assert_close(logged[k], v, msg=k)
+    adversarial, adversarial_steps = _input_grad_steps(mode, "adversarial")
+    reference, _ = _input_grad_steps(mode, "reference")
+    assert adversarial_steps == 3
+    assert not torch.equal(adversarial["top.weight"], plain["top.weight"])  # another batch
+    for k, v in reference.items():
+        torch.testing.assert_close(adversarial[k], v, msg=k)
+    # autograd.grad alone leaves no gradient to step on, as it leaves every .grad in torch.
+    model, opt, engine = _private(Toy(), mode)
+    x, bag, emb, y = make_batches(1)[0]
+    x.requires_grad_()
+    torch.autograd.grad(loss_fn(model(x, bag, emb), y), x)
+    with pytest.raises(InputError, match="without loss.backward"):
+        opt.step()
+    assert engine.ledger.steps == 0

@@ -21,6 +21,7 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.graph import get_gradient_edge
 from torch.nn.parameter import is_lazy
 
 from lazydp.buffer_guard import BufferGuard, version_of
@@ -56,6 +57,12 @@ class _Tap(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None]:  # type: ignore[override]
         rec: _Record = ctx.record
+        if not _accumulates(rec.anchor):
+            # torch.autograd.grad(loss, x) (an input's gradient: a saliency map, an adversarial
+            # example) or backward(inputs=...) without the model: plain PyTorch leaves every
+            # parameter's .grad alone there, and recording it counted the gradient twice with
+            # the loss.backward() that follows (or trained on it without one).
+            return (grad if ctx.needs_input_grad[0] else None), None, None
         if rec.stale is not None:  # a later forward, zero_grad or a step forgot this record
             lost, cause = rec.stale
             lost.append(cause)
@@ -85,6 +92,9 @@ class _Record:
     # CaptureSet.check_inputs_unchanged); -1: an inference tensor, which has none.
     versions: tuple[int, ...] = ()
     tensors: tuple[Tensor, ...] = ()  # the tensor arguments, in the order of ``versions``
+    # The gradient accumulator of the capture's anchor (a leaf under every tap): a backward that
+    # will not run it accumulates no .grad (see _accumulates).
+    anchor: Any = None
 
     def seal(self) -> None:
         """Remember the arguments' versions: the clipper reads them at the step, not now."""
@@ -129,6 +139,8 @@ class CaptureSet:
         self.model = model
         self.layers: list[LayerCapture] = []
         self._anchor = torch.zeros((), requires_grad=True)
+        # Held here, so the anchor keeps this one accumulator (torch holds it weakly).
+        self._anchor_node = get_gradient_edge(self._anchor).node
         self._passthrough = False
         self._handles: list[Any] = []
         self.root_args: tuple[Any, ...] = ()
@@ -280,7 +292,15 @@ class CaptureSet:
                     "sequence in your forward."
                 )
             batch = out.shape[0] if out.dim() > 0 else 1
-            record = _Record(args, kwargs, batch, memo=memo, backed=self._backed, late=late)
+            record = _Record(
+                args,
+                kwargs,
+                batch,
+                memo=memo,
+                backed=self._backed,
+                late=late,
+                anchor=self._anchor_node,
+            )
             record.seal()
             layer.records.append(record)
             return _Tap.apply(out, self._anchor, record)
@@ -330,7 +350,14 @@ class CaptureSet:
                 "reduce them in the loss, or use mode='dpsgd_b' or 'dpsgd_f'."
             )
         # A copy: the caller may change the returned tensor in place (out.sigmoid_()).
-        record = _Record(args, {}, out.shape[0], out=out.detach().clone(), backed=self._backed)
+        record = _Record(
+            args,
+            {},
+            out.shape[0],
+            out=out.detach().clone(),
+            backed=self._backed,
+            anchor=self._anchor_node,
+        )
         self.root_record = record
         return _Tap.apply(out, self._anchor, record)
 
@@ -528,6 +555,13 @@ def replayed_rng(state: RngState) -> Iterator[None]:
         for device, enabled, dtype in autocast:
             stack.enter_context(torch.autocast(device, dtype=dtype, enabled=enabled))
         yield
+
+
+def _accumulates(anchor: Any) -> bool:
+    """Whether the running backward accumulates into leaves' .grad: ``loss.backward()`` runs
+    the anchor's accumulator (the anchor is a leaf under every tap), ``torch.autograd.grad``
+    and ``backward(inputs=...)`` run only the accumulators of the inputs they name."""
+    return anchor is None or bool(torch._C._will_engine_execute_node(anchor))
 
 
 class _CapturedForward:
