@@ -926,3 +926,34 @@ def test_an_input_gradient_from_autograd_grad_is_not_trained_on(mode):
     with pytest.raises(InputError, match="without loss.backward"):
         opt.step()
     assert engine.ledger.steps == 0
+
+
+@pytest.mark.parametrize("change", ["new_parameter", "weight_norm", "parametrization"])
+@pytest.mark.parametrize("mode", ["dpsgd_f", "lazydp"])
+def test_a_layer_whose_parameters_are_replaced_after_make_private_is_refused(change, mode):
+    # A new nn.Parameter was in no optimizer: it never trained while the old one got noise
+    # alone, and a parametrization applied after make_private failed in the step with a
+    # KeyError (weight_norm) or was called a use outside the layer.
+    from torch.nn.utils import parametrize
+    from torch.nn.utils.parametrizations import weight_norm
+
+    model, opt, engine = _private(Toy(), mode)
+    old = model.top.weight
+    if change == "new_parameter":
+        model.top.weight = nn.Parameter(old.detach().clone())
+    elif change == "weight_norm":
+        weight_norm(model.top)
+    else:
+        parametrize.register_parametrization(model.fc1, "weight", nn.Identity())
+    x, bag, emb, y = make_batches(1)[0]
+    opt.zero_grad()
+    loss_fn(model(x, bag, emb), y).backward()
+    with pytest.raises(ConfigError, match="no longer holds the parameters"):
+        opt.step()
+    assert engine.ledger.steps == 0
+    if change == "new_parameter":  # the old parameter back: training goes on
+        model.top.weight = old
+        opt.zero_grad()
+        loss_fn(model(x, bag, emb), y).backward()
+        opt.step()
+        assert engine.ledger.steps == 1

@@ -117,9 +117,16 @@ class LayerCapture:
     records: list[_Record] = field(default_factory=list)
     read_hook: ReadHook | None = None
     is_table: bool = False
+    # The layer's own parameters at make_private, frozen ones included (see unchanged).
+    owned: dict[str, Any] = field(default_factory=dict)
 
     def params(self) -> dict[str, nn.Parameter]:
         return trainable_direct_params(self.module)
+
+    def unchanged(self) -> bool:
+        """Whether the layer still holds the very parameters it held at make_private."""
+        now = self.module._parameters
+        return len(now) == len(self.owned) and all(now.get(n) is p for n, p in self.owned.items())
 
     def calls(self) -> list[Call]:
         """The recorded calls whose output reached the loss (others contribute nothing)."""
@@ -198,6 +205,7 @@ class CaptureSet:
                     module=module,
                     clipper=clipper,
                     is_table=_is_table(module, clipper),
+                    owned=dict(module._parameters),
                 )
                 self.layers.append(layer)
                 module.forward = _CapturedForward(self._make_forward(layer))  # type: ignore[method-assign]
@@ -410,6 +418,26 @@ class CaptureSet:
             "batch's features and the loss. No parameter was changed and nothing was charged "
             "to the privacy ledger."
         )
+
+    def check_layers_unchanged(self) -> None:
+        """ConfigError if a captured layer's parameters were replaced after make_private: a
+        new nn.Parameter assigned (``layer.weight = nn.Parameter(w)``) is in no optimizer and
+        would never train while the old one got noise alone; a parametrization (weight_norm,
+        spectral_norm, register_parametrization, pruning) moves the weight out of the layer,
+        and its step failed with a KeyError or as an "outside use"."""
+        for layer in self.layers:
+            if not layer.unchanged():
+                raise ConfigError(
+                    f"layer {layer.name!r} ({type(layer.module).__name__}) no longer holds the "
+                    f"parameters {sorted(layer.owned)} it held at make_private: a new "
+                    "nn.Parameter was assigned to it, or a parametrization (weight_norm, "
+                    "spectral_norm, register_parametrization, pruning) was applied after "
+                    "make_private. The optimizer and the per-example clipping hold the old "
+                    "ones, so the new ones would not be trained. Write new values into the "
+                    "existing parameter (with torch.no_grad(): layer.weight.copy_(w), or "
+                    "model.load_state_dict(...)); parametrized weights are not supported (see "
+                    "make_private's refusal). Nothing was changed or charged."
+                )
 
     def check_no_outside_use(self) -> None:
         """ConfigError if the last backward reached a captured parameter outside its layer."""

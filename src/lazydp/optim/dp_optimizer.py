@@ -482,6 +482,7 @@ class DPOptimizer(OptimizerGroup):
         p = self.privacy
         cap = self.capture
         self._check_step_count()
+        cap.check_layers_unchanged()  # the parameters below are the layers' own
         # First: the lazy tables' steps below are read from the groups they had at make_private.
         self._check_groups_unchanged()
         # Read and checked once, before any change (not when the prefix appends it).
