@@ -957,3 +957,23 @@ def test_a_layer_whose_parameters_are_replaced_after_make_private_is_refused(cha
         loss_fn(model(x, bag, emb), y).backward()
         opt.step()
         assert engine.ledger.steps == 1
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.:DeprecationWarning")
+@pytest.mark.parametrize("how", ["script", "trace", "script_layer"])
+def test_a_torchscript_model_is_refused_at_make_private_and_left_untouched(how):
+    # A traced model failed with a TypeError from inside torch (BufferDict), a scripted one
+    # was refused as a forward assigned on a layer instance.
+    torch.manual_seed(0)
+    model: nn.Module = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
+    x = torch.randn(5, 3)
+    expected = model(x)
+    if how == "script":
+        model = torch.jit.script(model)
+    elif how == "trace":
+        model = torch.jit.trace(model, x)
+    else:
+        model[0] = torch.jit.script(model[0])
+    with pytest.raises(UnsupportedLayerError, match="TorchScript module"):
+        _private(model, "dpsgd_f")
+    torch.testing.assert_close(model(x), expected)

@@ -161,6 +161,7 @@ class CaptureSet:
         # backward before the next forward must still be refused at the next step.
         self.lost: list[str] = []
         self._backed = [False]  # a backward reached this pass's records (see _Record.backed)
+        _refuse_script_modules(model)
         leaves = parameterised_leaves(model)
         # Every refusal before any layer is touched: a model refused half-way would keep some
         # captured forwards (and then look captured by another engine).
@@ -620,6 +621,22 @@ def copy_refused() -> ConfigError:
         "weights instead: new = Model(); new.load_state_dict(model.state_dict()) -- state_dict "
         "applies pending noise first -- or use engine.export(path) / engine.detach()."
     )
+
+
+def _refuse_script_modules(model: nn.Module) -> None:
+    """UnsupportedLayerError for TorchScript (torch.jit.script / trace): its compiled forward
+    never calls the Python layers lazydp captures, so a traced model failed with a TypeError
+    from torch's BufferDict and a scripted one was called a forward assigned on an instance."""
+    for name, module in model.named_modules():
+        if isinstance(module, torch.jit.ScriptModule):
+            raise UnsupportedLayerError(
+                f"{'layer ' + repr(name) if name else 'the model'} is a TorchScript module "
+                f"({type(module).__name__}, from torch.jit.script or torch.jit.trace): its "
+                "compiled forward does not run the Python layers whose inputs and output "
+                "gradients lazydp records, so no example could be clipped. Pass the eager "
+                "model to make_private; script or trace a copy for serving after training "
+                "(engine.detach(), or load model.state_dict() into a fresh model)."
+            )
 
 
 def _is_table(module: nn.Module, clipper: LayerClipper) -> bool:
