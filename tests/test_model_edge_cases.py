@@ -977,3 +977,29 @@ def test_a_torchscript_model_is_refused_at_make_private_and_left_untouched(how):
     with pytest.raises(UnsupportedLayerError, match="TorchScript module"):
         _private(model, "dpsgd_f")
     torch.testing.assert_close(model(x), expected)
+
+
+@pytest.mark.parametrize("when", ["before", "after", "post_accumulate"])
+@pytest.mark.parametrize("mode", ["dpsgd_f", "lazydp"])
+def test_a_gradient_hook_on_a_parameter_is_refused_not_ignored(when, mode):
+    # lazydp forms each layer's clipped sum itself: autograd never computes the parameters'
+    # gradients, so a hook on one (a gradient mask for partial fine-tuning) never ran and the
+    # masked rows trained on, without a word.
+    model = Toy()
+    if when == "before":
+        model.fc1.weight.register_hook(lambda g: g * 0)
+        with pytest.raises(ConfigError, match=r"\['weight'\] of layer 'fc1' carry gradient hooks"):
+            _private(model, mode)
+        assert "forward" not in model.fc1.__dict__  # nothing captured
+        return
+    model, opt, engine = _private(model, mode)
+    if when == "after":
+        model.top.weight.register_hook(lambda g: g * 0)
+    else:
+        model.top.bias.register_post_accumulate_grad_hook(lambda p: None)
+    x, bag, emb, y = make_batches(1)[0]
+    opt.zero_grad()
+    loss_fn(model(x, bag, emb), y).backward()
+    with pytest.raises(ConfigError, match="carry gradient hooks.*Nothing was changed or charged"):
+        opt.step()
+    assert engine.ledger.steps == 0

@@ -119,6 +119,8 @@ class LayerCapture:
     is_table: bool = False
     # The layer's own parameters at make_private, frozen ones included (see unchanged).
     owned: dict[str, Any] = field(default_factory=dict)
+    # The hooks on each trainable parameter once capture registered its own (see unchanged).
+    hooks: dict[str, int] = field(default_factory=dict)
 
     def params(self) -> dict[str, nn.Parameter]:
         return trainable_direct_params(self.module)
@@ -127,6 +129,11 @@ class LayerCapture:
         """Whether the layer still holds the very parameters it held at make_private."""
         now = self.module._parameters
         return len(now) == len(self.owned) and all(now.get(n) is p for n, p in self.owned.items())
+
+    def hooked(self) -> list[str]:
+        """Its parameters that got a gradient hook since make_private (see _user_hooks)."""
+        now = self.module._parameters
+        return [n for n, k in self.hooks.items() if _hook_count(now.get(n)) > k]
 
     def calls(self) -> list[Call]:
         """The recorded calls whose output reached the loss (others contribute nothing)."""
@@ -174,6 +181,7 @@ class CaptureSet:
                     "model back -- before making it private again; two engines on one model "
                     "would each miss the other's noise."
                 )
+            _refuse_param_hooks(name or type(module).__name__, module)
             lazy = [n for n, p in trainable_direct_params(module).items() if is_lazy(p)]
             if lazy:
                 # Hooks cannot be registered on them (torch raises half-way through capture).
@@ -213,6 +221,7 @@ class CaptureSet:
                 for pname, p in layer.params().items():
                     hook = self._outside_use(f"{layer.name}.{pname}")
                     self._handles.append(p.register_hook(hook))
+                    layer.hooks[pname] = _hook_count(p)
             self.capture_root = capture_root
             self.buffers = BufferGuard(model)
             self._handles.append(
@@ -421,7 +430,8 @@ class CaptureSet:
         )
 
     def check_layers_unchanged(self) -> None:
-        """ConfigError if a captured layer's parameters were replaced after make_private: a
+        """ConfigError if a captured layer's parameters were replaced after make_private, or
+        got gradient hooks (see _user_hooks). Replaced: a
         new nn.Parameter assigned (``layer.weight = nn.Parameter(w)``) is in no optimizer and
         would never train while the old one got noise alone; a parametrization (weight_norm,
         spectral_norm, register_parametrization, pruning) moves the weight out of the layer,
@@ -438,6 +448,11 @@ class CaptureSet:
                     "existing parameter (with torch.no_grad(): layer.weight.copy_(w), or "
                     "model.load_state_dict(...)); parametrized weights are not supported (see "
                     "make_private's refusal). Nothing was changed or charged."
+                )
+            hooked = layer.hooked()
+            if hooked:
+                raise ConfigError(
+                    f"{_user_hooks(layer.name, hooked)} Nothing was changed or charged."
                 )
 
     def check_no_outside_use(self) -> None:
@@ -590,7 +605,12 @@ def _accumulates(anchor: Any) -> bool:
     """Whether the running backward accumulates into leaves' .grad: ``loss.backward()`` runs
     the anchor's accumulator (the anchor is a leaf under every tap), ``torch.autograd.grad``
     and ``backward(inputs=...)`` run only the accumulators of the inputs they name."""
-    return anchor is None or bool(torch._C._will_engine_execute_node(anchor))
+    if anchor is None or _WILL_EXECUTE is None:  # (a torch without it: every backward)
+        return True
+    return bool(_WILL_EXECUTE(anchor))
+
+
+_WILL_EXECUTE = getattr(torch._C, "_will_engine_execute_node", None)
 
 
 class _CapturedForward:
@@ -621,6 +641,33 @@ def copy_refused() -> ConfigError:
         "weights instead: new = Model(); new.load_state_dict(model.state_dict()) -- state_dict "
         "applies pending noise first -- or use engine.export(path) / engine.detach()."
     )
+
+
+def _hook_count(p: Tensor | None) -> int:
+    """Gradient hooks on a parameter: register_hook's and register_post_accumulate_grad_hook's."""
+    if p is None:
+        return 0
+    pre, post = p._backward_hooks, getattr(p, "_post_accumulate_grad_hooks", None)
+    return len(pre or ()) + len(post or ())
+
+
+def _user_hooks(layer: str, names: list[str]) -> str:
+    return (
+        f"parameter(s) {names} of layer {layer!r} carry gradient hooks (tensor.register_hook or "
+        "register_post_accumulate_grad_hook). They would never run: lazydp computes each "
+        "layer's clipped gradient sum from its inputs and output gradients, so autograd never "
+        "forms these parameters' gradients, and a hook that scaled the released sum (g * 10) "
+        "would break the clipping bound anyway. Freeze what should not train with "
+        "requires_grad_(False), or put it in a parameter of its own; remove the hooks."
+    )
+
+
+def _refuse_param_hooks(layer: str, module: nn.Module) -> None:
+    """ConfigError for trainable parameters with gradient hooks (see _user_hooks): a gradient
+    mask for partial fine-tuning was ignored without a word."""
+    hooked = [n for n, p in trainable_direct_params(module).items() if _hook_count(p)]
+    if hooked:
+        raise ConfigError(_user_hooks(layer, hooked))
 
 
 def _refuse_script_modules(model: nn.Module) -> None:
