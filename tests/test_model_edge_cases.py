@@ -994,3 +994,29 @@ def test_a_gradient_hook_on_a_parameter_is_refused_not_ignored(when, mode):
     else:
         model.top.bias.register_post_accumulate_grad_hook(lambda p: None)
     refused_uncharged(model, opt, engine, "carry gradient hooks.*Nothing was changed", kept=True)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore:`torch.jit.:DeprecationWarning")
+@pytest.mark.parametrize("how", ["compile_before", "compile_after", "trace_after"])
+def test_a_compiled_or_traced_model_is_refused_clearly_before_any_charge(how):
+    # torch.compile before or after make_private was refused with "got a gradient from outside
+    # their own layer" (naming the wrong layer); torch.jit.trace after it raised torch's own
+    # "Cannot insert a Tensor that requires grad as a constant".
+    torch.manual_seed(0)
+    model: nn.Module = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
+    x = torch.randn(5, 3)
+    if how == "compile_before":
+        compiled = torch.compile(model, backend="eager")
+        with pytest.raises(UnsupportedLayerError, match="the model was compiled"):
+            _private(compiled, "dpsgd_f")
+        assert "forward" not in model[0].__dict__  # nothing captured
+        return
+    model, opt, engine = _private(model, "dpsgd_f")
+    with pytest.raises(UnsupportedLayerError, match="is being compiled.*Nothing was changed"):
+        if how == "compile_after":
+            torch.compile(model, backend="eager")(x).sum().backward()
+        else:
+            torch.jit.trace(model, x)
+    model(x).sum().backward()  # the eager model still trains
+    opt.step()
+    assert engine.ledger.steps == 1

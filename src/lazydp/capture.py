@@ -261,6 +261,8 @@ class CaptureSet:
         def forward(*args: Any, **kwargs: Any) -> Tensor:
             if self._passthrough:  # dpsgd_r's second pass: plain autograd through the parameters
                 return cls_forward(module, *args, **kwargs)
+            if _compiling():
+                raise UnsupportedLayerError(_compiled(f"layer {layer.name!r}"))
             # A training call after a backward the step has not used yet. Fine if nothing
             # backpropagates through it (a logged norm); accumulation if something does, also
             # where the loss does not come from model(...) (a compute_loss method calling the
@@ -670,11 +672,34 @@ def _refuse_param_hooks(layer: str, module: nn.Module) -> None:
         raise ConfigError(_user_hooks(layer, hooked))
 
 
+def _compiling() -> bool:
+    """Whether torch.compile (dynamo) or torch.jit.trace is tracing this call."""
+    return bool(_DYNAMO_COMPILING is not None and _DYNAMO_COMPILING()) or torch.jit.is_tracing()
+
+
+_DYNAMO_COMPILING = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+_NOTHING = "Nothing was changed or charged."
+
+
+def _compiled(what: str, when: str = "is being", then: str = _NOTHING) -> str:
+    return (
+        f"{what} {when} compiled (torch.compile or torch.jit.trace): the compiled graph would "
+        "not run the per-layer recording lazydp clips each example from, so training through "
+        "it is not supported. Train the eager model; compile or trace a copy for serving after "
+        f"training (engine.detach() gives the model back). {then}"
+    )
+
+
 def _refuse_script_modules(model: nn.Module) -> None:
     """UnsupportedLayerError for TorchScript (torch.jit.script / trace): its compiled forward
     never calls the Python layers lazydp captures, so a traced model failed with a TypeError
     from torch's BufferDict and a scripted one was called a forward assigned on an instance."""
     for name, module in model.named_modules():
+        if type(module).__name__ == "OptimizedModule" and hasattr(module, "_orig_mod"):
+            what = f"layer {name!r}" if name else "the model"
+            raise UnsupportedLayerError(
+                _compiled(what, "was", "Pass it to make_private uncompiled.")
+            )
         if isinstance(module, torch.jit.ScriptModule):
             raise UnsupportedLayerError(
                 f"{'layer ' + repr(name) if name else 'the model'} is a TorchScript module "
