@@ -92,3 +92,29 @@ def test_cli_says_a_seeded_vocabulary_is_not_private(tmp_path, capsys):
     assert "NOT PRIVATE" in capsys.readouterr().err
     assert main([*args, "--output", str(tmp_path / "r")]) == 0
     assert "NOT PRIVATE" not in capsys.readouterr().err
+
+
+def modules_after(argv: list[str]) -> dict[str, bool]:
+    """Whether torch and dp_accounting were imported by ``main(argv)``, in a fresh process."""
+    import subprocess
+    import sys
+
+    code = (
+        "import json, sys; from lazydp.cli import main; assert main(sys.argv[1:]) == 0; "
+        "print(json.dumps({m: m in sys.modules for m in ('torch', 'dp_accounting')}))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *argv], capture_output=True, text=True, check=True
+    )
+    return dict(json.loads(proc.stdout.strip().splitlines()[-1]))
+
+
+def test_preprocess_and_epsilon_import_only_what_they_run_on(tmp_path):
+    # Every command built every subcommand's parser, and `import lazydp` imported the engine:
+    # 2 of the 3 s a small `lazydp preprocess` took went to imports it never used.
+    argv = ["preprocess", "--format", "movielens", "--input", str(FIX / "movielens_small.csv"),
+            "--output", str(tmp_path / "ml"), "--no-progress", "--json"]  # fmt: skip
+    assert modules_after(argv) == {"torch": False, "dp_accounting": False}
+    argv = ["epsilon", "--sample-rate", "0.04", "--noise-multiplier", "1", "--steps", "10",
+            "--delta", "1e-5", "--json"]  # fmt: skip
+    assert modules_after(argv) == {"torch": False, "dp_accounting": True}

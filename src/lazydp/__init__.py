@@ -5,7 +5,11 @@ Example:
     >>> engine = PrivacyEngine()
 """
 
-from lazydp.engine import MODES, PrivacyEngine
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from lazydp.errors import (
     ConfigError,
     DataError,
@@ -16,11 +20,37 @@ from lazydp.errors import (
     UnsupportedLayerError,
     UnsupportedOptimizerError,
 )
-from lazydp.loss_check import check_per_example_loss
 from lazydp.malloc import tune_malloc
-from lazydp.report import PrivacyReport
+
+if TYPE_CHECKING:
+    from lazydp.engine import MODES, PrivacyEngine
+    from lazydp.loss_check import check_per_example_loss
+    from lazydp.report import PrivacyReport
 
 __version__ = "0.1.0"
+
+# Imported on first use, not with the package: every `lazydp` command imports this package
+# (lazydp.cli is inside it), and the engine pulls in torch and dp_accounting, 2 s of imports
+# that `lazydp preprocess` and `lazydp epsilon` have no use for.
+_LAZY = {
+    "MODES": "lazydp.engine",
+    "PrivacyEngine": "lazydp.engine",
+    "check_per_example_loss": "lazydp.loss_check",
+    "PrivacyReport": "lazydp.report",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'lazydp' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value  # looked up once
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "MODES",

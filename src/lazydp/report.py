@@ -12,12 +12,12 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from lazydp.accounting import epsilon_report, pld_label
-from lazydp.loader import SHORT_ROWS
-
 #: Deltas above this (yet below 1/N) get a LARGE DELTA caveat: only tiny data sets need them.
 LARGE_DELTA = 1e-3
 
+# lazydp.accounting (dp_accounting, scipy) and lazydp.loader (torch) are imported where they
+# are used: json_text serves every command's --json line, `lazydp preprocess` included, which
+# needs neither (2 s of imports).
 if TYPE_CHECKING:
     from lazydp.ledger import PrivacyLedger
     from lazydp.optim.dp_optimizer import PrivacyParams
@@ -89,6 +89,8 @@ class PrivacyReport:
         return steps_text(self.steps)
 
     def __str__(self) -> str:
+        from lazydp.accounting import pld_label
+
         lines = [
             f"privacy: epsilon = {self.epsilon:.4g} at delta = {self.delta:.3g} "
             f"({pld_label(self.epsilon, self.epsilon_rdp)}; RDP gives {self.epsilon_rdp:.4g})",
@@ -121,6 +123,9 @@ def build_report(
     short_steps: int = 0,
 ) -> PrivacyReport:
     """Assemble the report from the ledger (the only source of truth for what was spent)."""
+    from lazydp.accounting import epsilon_report
+    from lazydp.loader import SHORT_ROWS
+
     caveats: list[str] = []
     mode = privacy.mode if privacy else "sgd"
     sampler = privacy.sampler if privacy else "poisson"

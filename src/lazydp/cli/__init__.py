@@ -15,7 +15,7 @@ import os
 import re
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
@@ -46,7 +46,11 @@ class _Parser(argparse.ArgumentParser):
         raise _UsageError(self, message)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The ``lazydp`` parser; for a command line that starts with a subcommand (``argv[0]``),
+    with that subcommand alone: each module imports what its command runs on (train: torch,
+    epsilon: dp_accounting), 2 s that `lazydp preprocess` or `lazydp epsilon` spent importing
+    the others'. Help and errors for the subcommand read the same either way."""
     parser = _Parser(
         prog="lazydp",
         description="Differentially private training (DP-SGD, LazyDP) for PyTorch models.",
@@ -54,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
         "cores, plus 1-2 s of preprocessing the first time)",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in SUBCOMMANDS:
+    wanted = [argv[0]] if argv and argv[0] in SUBCOMMANDS else SUBCOMMANDS
+    for name in wanted:
         try:
             module = importlib.import_module(f"lazydp.cli.{name}")
         except ModuleNotFoundError as exc:  # a subcommand whose optional deps are missing
@@ -156,8 +161,8 @@ def _one_line_warnings(command: str) -> Callable[..., None]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
     argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(argv)
     try:
         args = parser.parse_args(argv)
     except _UsageError as exc:  # as argparse reports it, plus the JSON line scripts read
