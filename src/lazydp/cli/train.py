@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lazydp.cli import add_json_flag, load_yaml_mapping
 from lazydp.errors import ConfigError
-from lazydp.training import DATASET_DEFAULTS, TrainConfig
+
+if TYPE_CHECKING:  # imported where used: lazydp.training pulls in torch (`--help` took 2 s)
+    from lazydp.training import TrainConfig
 
 EPILOG = """example (2 quiet cores; AUC 0.735-0.755 from run to run):
   $ lazydp train
@@ -86,6 +88,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """Defaults <- the dataset's defaults <- YAML file <- flags; validated (ConfigError)."""
+    from lazydp.training import DATASET_DEFAULTS, TrainConfig
+
     file_values = load_yaml_mapping(args.config, "--config") if args.config else {}
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = set(file_values) - names
