@@ -218,6 +218,47 @@ def test_iterable_dataset_is_refused():
         )
 
 
+def test_make_private_with_epsilon_checks_the_loader_before_calibrating(monkeypatch):
+    # A dataset with no length raised a bare TypeError there, a private loader was refused as
+    # having no batch_size, and a sampler make_private replaces only after the calibration.
+    from torch.utils.data import WeightedRandomSampler
+
+    import lazydp.engine
+
+    class Stream(IterableDataset):
+        def __iter__(self):
+            yield from range(3)
+
+    class Sized(Stream):
+        def __len__(self):
+            return 3
+
+    def calibrated(*args, **kwargs):
+        raise AssertionError("calibrated for a loader make_private refuses")
+
+    monkeypatch.setattr(lazydp.engine, "calibrate_noise_multiplier", calibrated)
+    ds = TensorDataset(torch.randn(100, 3), torch.randn(100))
+    _, _, dl, _ = private("dpsgd_f", nn.Linear(3, 1), data_loader=DataLoader(ds, batch_size=10))
+    weighted = WeightedRandomSampler(torch.ones(100), 100)
+    for data_loader, match in [
+        (DataLoader(Stream(), batch_size=1), "IterableDataset"),
+        (DataLoader(Sized(), batch_size=1), "IterableDataset"),
+        (dl, "already a private loader"),
+        (DataLoader(ds, batch_size=10, sampler=weighted), "which make_private replaces"),
+    ]:
+        model = nn.Linear(3, 1)
+        with pytest.raises(ConfigError, match=match):
+            PrivacyEngine().make_private_with_epsilon(
+                module=model,
+                optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                data_loader=data_loader,
+                target_epsilon=1.0,
+                target_delta=1e-5,
+                epochs=1,
+                max_grad_norm=1.0,
+            )
+
+
 def test_one_engine_per_model():
     model, opt, dl, engine = private()
     with pytest.raises(ConfigError, match="one engine per model"):

@@ -151,12 +151,7 @@ class PrivacyEngine:
                 "(its ledger belongs to that training run)."
             )
         world_size = v.check_positive_int("world_size", world_size)
-        if not hasattr(data_loader.dataset, "__len__"):
-            raise ConfigError(
-                f"data_loader's dataset ({type(data_loader.dataset).__name__}) has no length: "
-                "Poisson sampling draws each of N examples with probability B/N, so it needs a "
-                "map-style dataset (with __len__ and __getitem__), not an IterableDataset."
-            )
+        n = _dataset_size(data_loader)
         if sampler == "shuffle" and world_size > 1:
             # Each rank would shuffle the whole dataset: examples in two ranks' batches of one
             # step (sensitivity 2C) and a global batch W times the stated one.
@@ -175,8 +170,6 @@ class PrivacyEngine:
                 f"optimizer must be a torch.optim.Optimizer or a list of them, got {optimizer!r}"
             )
         dataset = data_loader.dataset
-        n = len(dataset)  # type: ignore[arg-type]
-        _check_replaceable_sampling(data_loader, n)
         batch_size = _batch_size_of(data_loader, n)
         n_global = n  # each rank passes the full dataset; the sampler picks its shard
         q = min(1.0, batch_size / n_global)
@@ -300,7 +293,7 @@ class PrivacyEngine:
         v.check_epsilon(target_epsilon)
         v.check_delta(target_delta)
         v.check_epochs(epochs)
-        n = len(data_loader.dataset)  # type: ignore[arg-type]
+        n = _dataset_size(data_loader)  # refused here, not after calibrating for it
         batch_size = _batch_size_of(data_loader, n)
         q = min(1.0, batch_size / n)
         v.check_sample_rate(q)
@@ -704,13 +697,29 @@ def _batch_size_of(data_loader: DataLoader, n: int) -> int:
     return int(batch_size)
 
 
+def _dataset_size(data_loader: DataLoader) -> int:
+    """N, the size of the data set the private loader will sample, after the checks that it can
+    replace ``data_loader``'s sampling (ConfigError otherwise). make_private_with_epsilon runs
+    them before calibrating: without them a dataset with no length raised a bare TypeError, a
+    private loader was refused as having no batch_size, and a replaced sampler only after the
+    calibration (seconds for a long run)."""
+    dataset = data_loader.dataset
+    if not hasattr(dataset, "__len__") or isinstance(dataset, IterableDataset):
+        raise ConfigError(
+            f"data_loader's dataset ({type(dataset).__name__}) is an IterableDataset or has no "
+            "length: Poisson sampling draws each of N examples with probability B/N, so it "
+            "needs a map-style dataset (with __len__ and __getitem__), not an IterableDataset."
+        )
+    n = len(dataset)
+    _check_replaceable_sampling(data_loader, n)
+    return n
+
+
 def _check_replaceable_sampling(data_loader: DataLoader, n: int) -> None:
     """ConfigError unless the loader's own sampling over its whole dataset is what the private
     loader replaces: it samples every example of ``dataset`` at rate B/N, so a sampler that
     picks a subset (a train split), weights examples or draws with replacement would be
     dropped without a word -- held-out examples trained on, and another sample rate."""
-    if isinstance(data_loader.dataset, IterableDataset):
-        return  # DPDataLoader refuses it, with its own reason
     if isinstance(data_loader, DPDataLoader):
         raise ConfigError(
             "data_loader is already a private loader (returned by make_private); pass the "
