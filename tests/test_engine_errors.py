@@ -549,6 +549,8 @@ def test_a_gradient_left_on_a_frozen_parameter_is_never_applied(mode):
         {"sampler": "subset"},
         {"sampler": "weighted"},
         {"sampler": "replacement"},
+        {"sampler": "first_k"},
+        {"sampler": "first_k_shuffled"},
         {"batch_sampler": "custom"},
     ],
 )
@@ -558,6 +560,7 @@ def test_a_loader_whose_own_sampler_would_be_dropped_is_refused(options):
     from torch.utils.data import (
         BatchSampler,
         RandomSampler,
+        SequentialSampler,
         SubsetRandomSampler,
         WeightedRandomSampler,
     )
@@ -567,6 +570,9 @@ def test_a_loader_whose_own_sampler_would_be_dropped_is_refused(options):
         "subset": SubsetRandomSampler(range(20)),
         "weighted": WeightedRandomSampler(torch.ones(100), 100),
         "replacement": RandomSampler(ds, replacement=True),
+        # A train split as the first 20 examples: accepted, then all 100 were trained on.
+        "first_k": SequentialSampler(range(20)),
+        "first_k_shuffled": RandomSampler(range(20), num_samples=100),
     }
     if "sampler" in options:
         dl = DataLoader(ds, batch_size=10, sampler=samplers[options["sampler"]])

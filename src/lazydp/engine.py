@@ -729,8 +729,12 @@ def _check_replaceable_sampling(data_loader: DataLoader, n: int) -> None:
     batch_sampler = data_loader.batch_sampler
     sampler = getattr(batch_sampler, "sampler", data_loader.sampler)
     plain_batches = batch_sampler is None or type(batch_sampler) is BatchSampler
-    plain = type(sampler) is SequentialSampler or (
-        type(sampler) is RandomSampler and not sampler.replacement and sampler.num_samples == n
+    # Over the whole dataset: SequentialSampler(range(k)) or RandomSampler(range(k), ...) walks
+    # the first k examples only (a train split) whatever the dataset's length.
+    whole = _source_size(sampler) == n
+    plain = whole and (
+        type(sampler) is SequentialSampler
+        or (type(sampler) is RandomSampler and not sampler.replacement and sampler.num_samples == n)
     )
     if plain_batches and plain:
         return
@@ -749,6 +753,14 @@ def _check_replaceable_sampling(data_loader: DataLoader, n: int) -> None:
         "would be silently dropped. Pass the examples to train on as the dataset (e.g. "
         "torch.utils.data.Subset(dataset, train_indices)) with batch_size=B and no sampler."
     )
+
+
+def _source_size(sampler: Any) -> int | None:
+    """The number of indices ``sampler`` walks (its data source's length; None: unknown)."""
+    try:
+        return len(sampler.data_source)
+    except (AttributeError, TypeError):
+        return None
 
 
 def _epoch_steps(
