@@ -391,6 +391,30 @@ def test_tensor_dataset_empty_batches_flow_through_loader():
     assert engine.ledger.steps == len(sizes)
 
 
+@pytest.mark.parametrize("change", ["shrink", "grow"])
+def test_a_dataset_whose_length_changed_since_make_private_is_refused(change):
+    # Shrunk: an IndexError from inside the dataset; grown: the new examples never drawn.
+    class Rows(torch.utils.data.Dataset):
+        def __init__(self):
+            self.rows = list(torch.randn(100, 3))
+
+        def __len__(self):
+            return len(self.rows)
+
+        def __getitem__(self, i):
+            return self.rows[i]
+
+    ds = Rows()
+    model, opt, dl, engine = private("dpsgd_f", nn.Linear(3, 1), data_loader=DataLoader(ds, 10))
+    if change == "shrink":
+        del ds.rows[50:]
+    else:
+        ds.rows += list(torch.randn(100, 3))
+    with pytest.raises(ConfigError, match="holds (50|200) examples, but it held 100"):
+        next(iter(dl))
+    assert engine.ledger.steps == 0
+
+
 def test_a_batch_larger_than_the_data_set_warns_that_q_is_capped():
     ds = TensorDataset(torch.randn(10, 3), torch.randn(10))
     with pytest.warns(UserWarning, match="capped at 1"):

@@ -331,6 +331,20 @@ class DPDataLoader(DataLoader):
         elif redone > 0:  # a ledger from before positions: the steps charged, in order
             self._counted.skip(redone)
 
+    def _check_size(self) -> None:
+        """ConfigError when the dataset's length changed since make_private: the sampler draws
+        from the N it had then at rate B/N, so a shrunk one failed with an IndexError from inside
+        the dataset (or a worker), and examples added later were never drawn, without a word."""
+        size, sampled = len(self.dataset), self.dp_sampler.num_samples  # type: ignore[arg-type,attr-defined]
+        if size != sampled:
+            raise ConfigError(
+                f"the dataset holds {size} examples, but it held {sampled} at make_private, and "
+                f"the private loader samples those {sampled} at the sample rate set then. Keep "
+                "the dataset fixed during training; to train on other data, engine.detach() "
+                "the model and make it private again with a new PrivacyEngine on the same "
+                "ledger_path (its charges carry over)."
+            )
+
     def _supersede(self) -> None:
         """End the live iteration: its undelivered batches go back to the replay queue."""
         self._generation += 1
@@ -339,6 +353,7 @@ class DPDataLoader(DataLoader):
             self._live = None
 
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
+        self._check_size()
         self._supersede()  # an older iteration still alive stops here
         mine = self._generation
         batches = iter(super().__iter__())  # asks the sampler for its iterator: a fresh queue
