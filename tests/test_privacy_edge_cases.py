@@ -93,6 +93,29 @@ def test_calibration_refuses_nonsense_epochs(epochs):
         )
 
 
+@pytest.mark.parametrize("calibrated", [False, True])
+@pytest.mark.parametrize("steps_per_epoch", [0, -2, 2.5, "5"])
+def test_nonsense_steps_per_epoch_is_refused_under_its_name(calibrated, steps_per_epoch):
+    # 0 silently meant the default, a string raised a TypeError from round() in the
+    # calibration, and the rest were refused as "steps".
+    model = torch.nn.Linear(3, 1)
+    engine = PrivacyEngine()
+    args = dict(
+        module=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        data_loader=DataLoader(_data(64), batch_size=8),
+        max_grad_norm=1.0,
+        steps_per_epoch=steps_per_epoch,
+    )
+    with pytest.raises(ConfigError, match="steps_per_epoch must be a positive integer"):
+        if calibrated:
+            engine.make_private_with_epsilon(
+                target_epsilon=2.0, target_delta=1e-5, epochs=1, **args
+            )
+        else:
+            engine.make_private(noise_multiplier=1.0, **args)
+
+
 def _make_private(model, opt, **kw):
     return PrivacyEngine().make_private(
         module=model,

@@ -767,8 +767,12 @@ def _epoch_steps(
     sampler: str, n: int, batch_size: int, q: float, steps_per_epoch: int | None
 ) -> int:
     """Steps the private loader runs per epoch: floor(N/B) for shuffled fixed-size batches (the
-    partial batch is dropped), else ``steps_per_epoch``, by default round(1/q)."""
-    if sampler == "shuffle" or not steps_per_epoch:
+    partial batch is dropped), else ``steps_per_epoch``, by default round(1/q). Checked here
+    under its own name: make_private_with_epsilon used it before the sampler's check (a string
+    raised a TypeError from round()), and 0 silently meant the default."""
+    if steps_per_epoch is not None:
+        steps_per_epoch = v.check_positive_int("steps_per_epoch", steps_per_epoch)
+    if sampler == "shuffle" or steps_per_epoch is None:
         return epoch_steps(sampler, q, n, batch_size)
     return steps_per_epoch
 
