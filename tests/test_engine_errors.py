@@ -245,6 +245,7 @@ def test_make_private_with_epsilon_checks_the_loader_before_calibrating(monkeypa
         (DataLoader(Sized(), batch_size=1), "IterableDataset"),
         (dl, "already a private loader"),
         (DataLoader(ds, batch_size=10, sampler=weighted), "which make_private replaces"),
+        ([ds[:10], ds[10:20]], "must be a torch.utils.data.DataLoader"),  # an AttributeError
     ]:
         model = nn.Linear(3, 1)
         with pytest.raises(ConfigError, match=match):

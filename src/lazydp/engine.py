@@ -703,6 +703,12 @@ def _dataset_size(data_loader: DataLoader) -> int:
     them before calibrating: without them a dataset with no length raised a bare TypeError, a
     private loader was refused as having no batch_size, and a replaced sampler only after the
     calibration (seconds for a long run)."""
+    if not isinstance(data_loader, DataLoader):  # a list of batches: an AttributeError before
+        raise ConfigError(
+            f"data_loader must be a torch.utils.data.DataLoader over the training set, got "
+            f"{type(data_loader).__name__}: the private loader samples the dataset's examples "
+            "itself. Pass DataLoader(dataset, batch_size=B)."
+        )
     dataset = data_loader.dataset
     if not hasattr(dataset, "__len__") or isinstance(dataset, IterableDataset):
         raise ConfigError(
