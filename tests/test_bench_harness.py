@@ -246,11 +246,19 @@ def test_suite_interleaves_on_shared_tables_where_only_one_set_fits(monkeypatch)
     assert not any(r.tables_shared for r in suite.results)
 
 
-def test_shared_tables_are_the_first_models_own_and_batches_differ():
-    from lazydp.bench import shared_tables
+def test_shared_tables_are_the_first_models_own_and_batches_differ(monkeypatch):
+    from lazydp.bench import harness, shared_tables
 
     first = _ModeRunner(TINY, "sgd")
+
+    def refuse(spec, mode):  # the memory left once the first model holds the tables
+        raise ConfigError(f"no room for a second {mode} model")
+
+    monkeypatch.setattr(harness, "check_fits", refuse)
+    # It allocates no tables: it must not be measured against memory as if it did (10M rows:
+    # "needs ~13.2 GB but only 11.2 GB is available", the first model holding the 12.8 GB).
     second = _ModeRunner(TINY, "lazydp", tables_of=first, index=1)
+    monkeypatch.undo()
     bags = [
         [m for m in r.model.modules() if isinstance(m, torch.nn.EmbeddingBag)]
         for r in (first, second)

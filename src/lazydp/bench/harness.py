@@ -274,7 +274,11 @@ class _ModeRunner:
         self.result = ModeResult(
             spec.label, mode, spec=spec.to_dict(), table_bytes=spec.table_bytes()
         )
-        self.result.estimate = check_fits(spec, mode)
+        # A runner on another's tables allocates none: checked against the available memory
+        # (now less those tables) it was refused. time_interleaved checked the shared sum.
+        self.result.estimate = (
+            check_fits(spec, mode) if tables_of is None else estimate_for(spec, mode)
+        )
         self.result.baseline_rss_bytes = current_rss_bytes()
         if tables_of is None:
             self.model = build_model(spec, mode)
