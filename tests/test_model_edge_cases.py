@@ -1020,3 +1020,40 @@ def test_a_compiled_or_traced_model_is_refused_clearly_before_any_charge(how):
     model(x).sum().backward()  # the eager model still trains
     opt.step()
     assert engine.ledger.steps == 1
+
+
+class _Doubled(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(x) * 2
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("part", ["frozen_backbone", "activation"])
+def test_a_compiled_submodule_without_trainable_parameters_trains_as_the_eager_one(part):
+    # Nothing of it is captured (as a frozen parametrized backbone): refusing it at
+    # make_private, as a compiled model, stopped a model that trained exactly.
+    def run(compiled: bool) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        if part == "frozen_backbone":
+            inner: nn.Module = nn.Sequential(nn.Linear(3, 4), nn.Tanh()).requires_grad_(False)
+            model = nn.Sequential(inner, nn.Linear(4, 1))
+        else:
+            inner = _Doubled()
+            model = nn.Sequential(nn.Linear(3, 4), inner, nn.Linear(4, 1))
+        if compiled:
+            model[0 if part == "frozen_backbone" else 1] = torch.compile(inner, backend="eager")
+        model, opt, engine = _private(model, "dpsgd_f")
+        torch.manual_seed(1)
+        with zero_noise():
+            for _ in range(2):
+                opt.zero_grad()
+                model(torch.randn(6, 3)).pow(2).sum().backward()
+                opt.step()
+        assert engine.ledger.steps == 2
+        return {
+            k: v.detach().clone() for k, v in model.state_dict().items() if "_orig_mod" not in k
+        }
+
+    eager = run(False)
+    for k, v in run(True).items():
+        torch.testing.assert_close(v, eager[k], msg=k)

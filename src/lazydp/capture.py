@@ -693,9 +693,16 @@ def _compiled(what: str, when: str = "is being", then: str = _NOTHING) -> str:
 def _refuse_script_modules(model: nn.Module) -> None:
     """UnsupportedLayerError for TorchScript (torch.jit.script / trace): its compiled forward
     never calls the Python layers lazydp captures, so a traced model failed with a TypeError
-    from torch's BufferDict and a scripted one was called a forward assigned on an instance."""
+    from torch's BufferDict and a scripted one was called a forward assigned on an instance.
+    Also for a torch.compile'd module with a trainable parameter (its layers would be captured
+    and traced); one without (a frozen backbone, an activation) trains as it did: nothing of
+    it is captured, as a frozen parametrized backbone."""
     for name, module in model.named_modules():
-        if type(module).__name__ == "OptimizedModule" and hasattr(module, "_orig_mod"):
+        if (
+            type(module).__name__ == "OptimizedModule"
+            and hasattr(module, "_orig_mod")
+            and any(p.requires_grad for p in module.parameters())
+        ):
             what = f"layer {name!r}" if name else "the model"
             raise UnsupportedLayerError(
                 _compiled(what, "was", "Pass it to make_private uncompiled.")
