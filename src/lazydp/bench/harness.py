@@ -393,7 +393,10 @@ def time_interleaved(pairs: Pairs, shared: bool = False) -> list[ModeResult]:
     Example: ``[r.mode for r in time_interleaved([(spec, "sgd"), (spec, "lazydp")])]``.
     """
     if shared and not shared_tables.can_share([spec for spec, _ in pairs]):
-        raise ConfigError(f"{_pairs_label(pairs)}: only modes of one workload can share tables")
+        raise ConfigError(
+            f"{_pairs_label(pairs)}: only modes of one workload with uniform locality can "
+            "share tables (shared_tables.py); time them without shared=True"
+        )
     check_fits_together(pairs, shared)
     iterations = max(spec.iterations for spec, _ in pairs)
     runners: list[_ModeRunner] = []
