@@ -282,6 +282,16 @@ def test_shared_tables_are_the_first_models_own_and_batches_differ(monkeypatch):
         time_interleaved([(TINY, "sgd"), (replace(TINY, scale=3e-5), "sgd")], shared=True)
 
 
+def test_two_private_modes_share_tables_in_a_round_robin():
+    # Each engine's capture hooks the shared Parameter: the second engine took the first's
+    # hook for a user's gradient hook and refused make_private (and the first its steps).
+    results = time_interleaved([(TINY, "lazydp"), (TINY, "dpsgd_f")], shared=True)
+    assert [(r.mode, r.status, r.tables_shared) for r in results] == [
+        ("lazydp", "ok", True),
+        ("dpsgd_f", "ok", True),
+    ]
+
+
 def test_a_round_robin_with_skewed_locality_does_not_share_tables():
     # The hot rows of a zipf layout do not move with the batch seed: on shared tables a mode
     # found most of its rows in the cache where the other mode had just read them.

@@ -133,7 +133,13 @@ class LayerCapture:
     def hooked(self) -> list[str]:
         """Its parameters that got a gradient hook since make_private (see _user_hooks)."""
         now = self.module._parameters
-        return [n for n, k in self.hooks.items() if _hook_count(now.get(n)) > k]
+        # The count first (read every step); which hooks only once it grew: another engine's
+        # capture of the same Parameter adds its own (shared_tables.py), no user's.
+        return [
+            n
+            for n, k in self.hooks.items()
+            if _hook_count(now.get(n)) > k and _user_hook_count(now.get(n))
+        ]
 
     def calls(self) -> list[Call]:
         """The recorded calls whose output reached the loss (others contribute nothing)."""
@@ -252,7 +258,7 @@ class CaptureSet:
             if not self._passthrough:  # dpsgd_r's second pass runs through the parameters
                 self.outside_uses.add(name)
 
-        return hook
+        return _OwnHook(hook)
 
     def _make_forward(self, layer: LayerCapture) -> Callable[..., Tensor]:
         module = layer.module
@@ -645,12 +651,32 @@ def copy_refused() -> ConfigError:
     )
 
 
+class _OwnHook:
+    """A capture's own hook on a captured parameter (see CaptureSet._outside_use). Not counted
+    by _user_hook_count: another engine's capture of the same Parameter (the benchmark's round
+    robin on shared tables, shared_tables.py) is no user's gradient hook."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: Callable[[Tensor], None]) -> None:
+        self.fn = fn
+
+    def __call__(self, grad: Tensor) -> None:
+        self.fn(grad)
+
+
 def _hook_count(p: Tensor | None) -> int:
     """Gradient hooks on a parameter: register_hook's and register_post_accumulate_grad_hook's."""
     if p is None:
         return 0
     pre, post = p._backward_hooks, getattr(p, "_post_accumulate_grad_hooks", None)
     return len(pre or ()) + len(post or ())
+
+
+def _user_hook_count(p: Tensor | None) -> int:
+    """_hook_count less lazydp's own hooks (_OwnHook), whichever engine registered them."""
+    pre = None if p is None else p._backward_hooks
+    return _hook_count(p) - sum(isinstance(h, _OwnHook) for h in (pre or {}).values())
 
 
 def _user_hooks(layer: str, names: list[str]) -> str:
@@ -667,7 +693,7 @@ def _user_hooks(layer: str, names: list[str]) -> str:
 def _refuse_param_hooks(layer: str, module: nn.Module) -> None:
     """ConfigError for trainable parameters with gradient hooks (see _user_hooks): a gradient
     mask for partial fine-tuning was ignored without a word."""
-    hooked = [n for n, p in trainable_direct_params(module).items() if _hook_count(p)]
+    hooked = [n for n, p in trainable_direct_params(module).items() if _user_hook_count(p)]
     if hooked:
         raise ConfigError(_user_hooks(layer, hooked))
 
