@@ -1057,3 +1057,14 @@ def test_a_compiled_submodule_without_trainable_parameters_trains_as_the_eager_o
     eager = run(False)
     for k, v in run(True).items():
         torch.testing.assert_close(v, eager[k], msg=k)
+
+
+def test_backward_with_inputs_is_named_in_the_refusal_it_gets():
+    # backward(inputs=params) never reaches the captured layers (they run on detached
+    # parameters): the step's refusal said only "a forward without loss.backward()".
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
+    model, opt, engine = _private(model, "dpsgd_f")
+    model(torch.randn(5, 3)).sum().backward(inputs=list(model.parameters()))
+    with pytest.raises(InputError, match=r"backward\(inputs=...\)"):
+        opt.step()
+    assert engine.ledger.steps == 0

@@ -651,7 +651,9 @@ class DPOptimizer(OptimizerGroup):
             raise InputError(
                 "optimizer.step() after a forward without loss.backward(): there is no gradient "
                 "to clip, and the step would still be charged and add noise. Call "
-                "loss.backward() before step(). optimizer.zero_grad() keeps a forward no "
+                "loss.backward() before step() (torch.autograd.grad and "
+                "backward(inputs=...) leave the parameters' gradients alone, in lazydp as in "
+                "torch: they do not count). optimizer.zero_grad() keeps a forward no "
                 "backward reached (it may come after zero_grad); a forward you do not train on "
                 "(an evaluation) belongs under torch.no_grad(), and the next training forward "
                 "replaces it. Nothing was changed or charged."
