@@ -115,6 +115,21 @@ def test_a_second_engine_on_a_captured_model_is_refused_until_the_first_detaches
     _private(model)
 
 
+@pytest.mark.parametrize("mode", ["dpsgd_f", "lazydp"])
+def test_the_old_optimizer_refuses_to_step_after_detach(mode):
+    """After detach() the layers run uncaptured: a step of the engine's optimizer saw no
+    example, so it was taken as an empty batch (charged, noise alone, the gradient dropped)."""
+    model, opt, engine = _private(Toy(), mode)
+    for b in make_batches(2):
+        opt.zero_grad()
+        loss_fn(model(*b[:3]), b[3]).backward()
+        opt.step()
+    engine.detach()
+    opt.zero_grad()
+    refused_uncharged(model, opt, engine, r"step\(\) after engine.detach\(\)", kept=True)
+    assert all(p.grad is not None for p in model.parameters())  # the user's gradient is kept
+
+
 @pytest.mark.parametrize(
     "sgd", [{}, {"weight_decay": 0.05}, {"momentum": 0.9}, {"momentum": 0.8, "nesterov": True}]
 )

@@ -620,8 +620,11 @@ class PrivacyEngine:
             ) from None
 
     def detach(self) -> nn.Module:
-        """Flush and hand back the plain model (captures and hooks removed)."""
+        """Flush and hand back the plain model (captures and hooks removed); this engine's
+        optimizer then refuses to step (it would no longer see the model's examples)."""
         self.flush()
+        if self.optimizer is not None:
+            self.optimizer.detached = True
         for h in self._hooks:
             h.remove()
         if self.capture is not None:

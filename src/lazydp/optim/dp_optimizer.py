@@ -223,6 +223,7 @@ class DPOptimizer(OptimizerGroup):
         self.rank = rank
         self.steps_done = 0
         self.steps_with_data = 0  # steps of this process whose forward saw >= 1 example
+        self.detached = False  # engine.detach() gave the model back (see _check_attached)
         self._flushed_at = -1  # the step count at the last full flush
         # (optimizer index, group index): load_state_dict replaces the group dicts, so we
         # always look the live dict up instead of keeping a reference to it.
@@ -475,6 +476,7 @@ class DPOptimizer(OptimizerGroup):
     # ------------------------------------------------------------------ the step
     @step_hooks
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        self._check_attached()
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -574,6 +576,23 @@ class DPOptimizer(OptimizerGroup):
         cap.clear("step")
         cap.mark_buffers()  # dpsgd_r's second pass restored them (a new version)
         return loss
+
+    def _check_attached(self) -> None:
+        """ConfigError (before the closure and the charge) for a step after engine.detach().
+
+        The model's layers run uncaptured then, so this step saw no example: it was taken as
+        an empty batch -- charged, noise alone added, the user's gradient dropped -- or, with
+        the private loader, refused as a step 'without a forward' the user did run. Under
+        lazydp its pending noise also went to rows no state_dict hook flushes any more."""
+        if self.detached:
+            raise ConfigError(
+                "optimizer.step() after engine.detach(): the engine gave the model back, so "
+                "this optimizer no longer clips or noises its gradients (the step would add "
+                "noise alone, charged, and drop your gradient). To train the model privately "
+                "again, call make_private on a new PrivacyEngine with the same ledger_path (so "
+                "the spending so far is counted) and step its optimizer. Nothing was changed "
+                "or charged."
+            )
 
     def _check_step_count(self) -> None:
         """ConfigError (before the charge) for a LazyDP step its history tables cannot record:
