@@ -272,6 +272,15 @@ def test_one_engine_per_model():
         )
 
 
+@pytest.mark.parametrize("call", ["export", "detach", "save_checkpoint"])
+def test_releasing_or_detaching_before_make_private_is_refused_by_name(call, tmp_path):
+    engine = PrivacyEngine()
+    args = () if call == "detach" else (tmp_path / "model.pt",)
+    with pytest.raises(ConfigError, match=rf"engine\.{call}\(\) before make_private"):
+        getattr(engine, call)(*args)
+    assert not (tmp_path / "model.pt").exists()
+
+
 def _checkpointed(tmp_path):
     """(model, optimizer, engine) after three steps, checkpointed to tmp_path / "ck.pt"."""
     model, opt, _, engine = private(ledger_path=tmp_path / "ledger.jsonl")

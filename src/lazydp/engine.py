@@ -381,6 +381,7 @@ class PrivacyEngine:
 
     def export(self, path: str | os.PathLike[str]) -> Path:
         """Save the fully flushed model's state_dict (the releasable artefact)."""
+        self._check_made_private("export")
         self.flush()
         assert self.module is not None
         return _atomic_save(
@@ -406,8 +407,8 @@ class PrivacyEngine:
 
         Atomic: written to a temporary file and renamed, so a checkpoint exists only complete.
         """
-        if self.module is None or self.privacy is None:
-            raise ConfigError("save_checkpoint before make_private: nothing to save")
+        self._check_made_private("save_checkpoint")
+        assert self.module is not None and self.privacy is not None
         _check_extra(extra)
         self.flush()
         extra = self._checkpoint_extra(extra)
@@ -431,6 +432,15 @@ class PrivacyEngine:
             state["sampler"] = self.loader.sampler_state()
         # Never to be released: not readable by every local user (0644 under the usual umask).
         return _atomic_save(state, path, private=True)
+
+    def _check_made_private(self, call: str) -> None:
+        """ConfigError for ``call`` on an engine that holds no model (an AssertionError with no
+        message before, or an AttributeError under ``python -O``)."""
+        if self.module is None or self.privacy is None:
+            raise ConfigError(
+                f"engine.{call}() before make_private: this engine holds no model. Call "
+                "make_private (or make_private_with_epsilon) first."
+            )
 
     def _dp_sampler(self) -> Any:
         """The private loader's batch sampler (it keeps a position), or None before one."""
@@ -622,6 +632,7 @@ class PrivacyEngine:
     def detach(self) -> nn.Module:
         """Flush and hand back the plain model (captures and hooks removed); this engine's
         optimizer then refuses to step (it would no longer see the model's examples)."""
+        self._check_made_private("detach")
         self.flush()
         if self.optimizer is not None:
             self.optimizer.detached = True
