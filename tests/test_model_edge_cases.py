@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import io
 import math
+import warnings
 
 import pytest
 import torch
@@ -112,7 +113,8 @@ def test_a_second_engine_on_a_captured_model_is_refused_until_the_first_detaches
     with pytest.raises(ConfigError, match="already captured"):
         _private(model)
     engine.detach()  # flushes pending noise and gives the plain model back
-    _private(model)
+    with pytest.warns(UserWarning, match="trained privately before"):  # two in-memory ledgers
+        _private(model)
 
 
 @pytest.mark.parametrize("mode", ["dpsgd_f", "lazydp"])
@@ -128,6 +130,42 @@ def test_the_old_optimizer_refuses_to_step_after_detach(mode):
     opt.zero_grad()
     refused_uncharged(model, opt, engine, r"step\(\) after engine.detach\(\)", kept=True)
     assert all(p.grad is not None for p in model.parameters())  # the user's gradient is kept
+
+
+def test_fine_tuning_a_detached_model_on_another_ledger_warns_and_the_report_says_so(tmp_path):
+    """The released model's privacy composes both runs; another ledger counts the second only."""
+
+    def train(ledger, steps=2):
+        engine = PrivacyEngine(ledger_path=ledger)
+        m, opt, _ = engine.make_private(
+            module=model,
+            optimizer=torch.optim.SGD(model.parameters(), lr=0.5),
+            data_loader=loader(),
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            mode="lazydp",
+        )
+        for b in make_batches(steps):
+            opt.zero_grad()
+            loss_fn(m(*b[:3]), b[3]).backward()
+            opt.step()
+        engine.detach()
+        return engine
+
+    model = Toy()
+    first = tmp_path / "first.jsonl"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # a first run and the same ledger: silent
+        train(first)
+        again = train(first)
+    assert again.ledger.steps == 4  # the same ledger counts both runs
+    assert not any("EARLIER" in c for c in again.privacy_report(1e-5).caveats)
+    with pytest.warns(UserWarning, match=r"trained privately before .*first\.jsonl.* 4 step"):
+        other = train(tmp_path / "other.jsonl")
+    assert other.ledger.steps == 2
+    assert any(
+        c.startswith("EARLIER TRAINING NOT COUNTED") for c in other.privacy_report(1e-5).caveats
+    )
 
 
 @pytest.mark.parametrize(

@@ -29,6 +29,7 @@ import os
 import pickle
 import socket
 import warnings
+import weakref
 import zipfile
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager, suppress
@@ -64,6 +65,10 @@ from lazydp.sampling import PoissonSampling, ShuffledFixedSize
 MODES = v.MODES
 
 CHECKPOINT_FORMAT = "lazydp-checkpoint-v1"
+
+# The ledger of the private engine that last trained each model in this process: a later engine
+# on another ledger (fine-tuning after detach) does not count those steps (_earlier_ledger).
+_LEDGER_OF: weakref.WeakKeyDictionary[nn.Module, PrivacyLedger] = weakref.WeakKeyDictionary()
 
 
 class PrivacyEngine:
@@ -106,6 +111,8 @@ class PrivacyEngine:
         self._suppress_flush = False
         self._hooks: list[Any] = []
         self._resumed_seeded = False  # a checkpoint of a run the user seeded was loaded
+        # (where, steps) of another ledger that charged this model's earlier private training.
+        self._earlier: tuple[str, int] | None = None
 
     def __deepcopy__(self, memo: dict[int, Any]) -> Any:  # reached through a table's hook
         raise copy_refused()
@@ -225,6 +232,10 @@ class PrivacyEngine:
                 self.capture.remove()
             self.capture = self.module = self.loader = None
             raise
+        self._earlier = _earlier_ledger(module, self.ledger)
+        _LEDGER_OF[module] = self.ledger
+        if self._earlier is not None:
+            warnings.warn(_earlier_text(*self._earlier, self.ledger), stacklevel=2)
         self.optimizer.check_rows = loader.check_rows
         self.optimizer.check_skipped = loader.check_skipped
         self.optimizer.shuffle_position = loader.shuffle_position
@@ -350,6 +361,10 @@ class PrivacyEngine:
             unsampled_steps=self._unsampled_steps(),
             short_steps=self.loader.short_steps if isinstance(self.loader, DPDataLoader) else 0,
         )
+        if self._earlier is not None:
+            report.caveats.append(
+                f"EARLIER TRAINING NOT COUNTED: {_earlier_text(*self._earlier, self.ledger)}"
+            )
         target = self.target
         if target is not None and delta == target["delta"] and report.epsilon > target["epsilon"]:
             why = (
@@ -683,6 +698,34 @@ def _refuse_unknown(call: str, unknown: dict[str, Any]) -> None:
             key, "Check its spelling against the signature (help(PrivacyEngine))."
         )
         raise ConfigError(f"{call}() does not take {key}={unknown[key]!r}. {advice}")
+
+
+def _earlier_ledger(module: nn.Module, ledger: PrivacyLedger) -> tuple[str, int] | None:
+    """(where, charged steps) of the ledger another engine of this process charged for training
+    ``module`` privately, unless it is ``ledger``'s file; None when there is none."""
+    earlier = _LEDGER_OF.get(module)
+    if earlier is None or earlier is ledger or earlier.steps == 0:
+        return None
+    if earlier.path is not None and ledger.path is not None:
+        if earlier.path.resolve() == ledger.path.resolve():
+            return None  # the same ledger file: its charges carry over
+    return (str(earlier.path) if earlier.path is not None else "in memory", earlier.steps)
+
+
+def _earlier_text(where: str, steps: int, ledger: PrivacyLedger) -> str:
+    """Why a model trained before under another ledger releases more than this one says."""
+    here = str(ledger.path) if ledger.path is not None else "in memory"
+    advice = (
+        f"pass ledger_path={where!r} to count them together"
+        if where != "in memory"
+        else "pass the same ledger_path to both engines to count them together"
+    )
+    return (
+        f"this model was trained privately before by another PrivacyEngine, whose ledger "
+        f"({where}) charged {steps} step(s); this engine's ledger ({here}) does not count them, "
+        "so its epsilon understates the released model's: that is the composition of both "
+        f"runs. To fine-tune, {advice}."
+    )
 
 
 def seeded_root(seed: int | None, charged: int) -> GaussianNoise:
