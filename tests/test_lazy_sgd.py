@@ -422,3 +422,18 @@ def test_a_momentum_too_small_for_the_rows_dtype_is_refused_before_the_charge(tm
     after = snapshot(model)
     assert all(torch.equal(before[k], after[k]) for k in before)
     build("lazydp", momentum=1e-3)  # an ordinary small momentum is accepted
+
+
+def test_the_optimizers_state_is_the_loaded_one_after_a_resume(tmp_path):
+    """optimizer.state after load_checkpoint is the loaded state, not the one from before: a
+    view cached at make_private went stale and kept the old momentum buffers (as large as the
+    tables) alive for the rest of the run."""
+    model, opt, sched, engine = build("dpsgd_f", momentum=0.9, ledger_path=tmp_path / "l")
+    for b in make_batches(2):
+        step(model, opt, sched, b)
+    path = engine.save_checkpoint(tmp_path / "ck.pt")
+    old = [v for s in opt.state.values() for v in s.values()]  # held: their ids stay unique
+    engine.load_checkpoint(path)
+    assert opt.state is opt.originals[0].state
+    new = [v for s in opt.state.values() for v in s.values()]
+    assert old and new and not {id(v) for v in old} & {id(v) for v in new}

@@ -1,8 +1,8 @@
 """Several torch optimizers driven as one (dense layers on Adam, tables on SGD, a common DLRM setup).
 
-The group never owns param groups: ``param_groups`` is a live view of the wrapped optimizers' own
-(``Optimizer.load_state_dict`` replaces those dicts, so a cached copy would go stale), and LR
-schedulers built on either the group or the originals act on the same dicts.
+The group never owns param groups or state: ``param_groups`` and ``state`` are live views of the
+wrapped optimizers' own (``Optimizer.load_state_dict`` replaces those dicts, so a cached copy would
+go stale), and LR schedulers built on either the group or the originals act on the same dicts.
 """
 
 from __future__ import annotations
@@ -43,7 +43,6 @@ class OptimizerGroup(Optimizer):
     def __init__(self, optimizers: list[Optimizer]) -> None:
         self.originals = optimizers
         self.defaults = optimizers[0].defaults
-        self.state = optimizers[0].state  # type: ignore[assignment]
         # Optimizer.__init__ is not called (the groups belong to the wrapped optimizers), so set
         # the hook registries torch's Optimizer methods expect.
         for name in (
@@ -63,6 +62,18 @@ class OptimizerGroup(Optimizer):
 
     @param_groups.setter
     def param_groups(self, value: list[dict[str, Any]]) -> None:  # set by Optimizer internals only
+        pass
+
+    @property  # type: ignore[override]
+    def state(self) -> Any:
+        """The first wrapped optimizer's live per-parameter state. Cached at construction, it
+        went stale at the first load_state_dict (a resume): ``optimizer.state`` showed the
+        buffers from before the load, and kept them alive -- a momentum buffer as large as the
+        tables (dpsgd_f with table momentum) held twice for the rest of the run."""
+        return self.originals[0].state
+
+    @state.setter
+    def state(self, value: Any) -> None:  # set by Optimizer internals only
         pass
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
