@@ -187,6 +187,32 @@ def test_export_without_explicit_flush_is_flushed(tmp_path):
         torch.testing.assert_close(outs["lazydp"][k], outs["dpsgd_f"][k], atol=2e-5, rtol=1e-5)
 
 
+def test_export_writes_the_tables_without_a_copy_and_the_same_bytes(tmp_path, monkeypatch):
+    """model.pt is written from the tables themselves (a clone of each held a second copy of
+    the model: a run sized for its tables was killed at its export), and is byte for byte the
+    file a clone of every entry wrote -- a view or a tied entry still saved as its own copy."""
+    from lazydp import engine as engine_module
+
+    model, opt, sched, engine = build("lazydp")
+    for b in make_batches(3, seed=2):
+        step(model, opt, sched, b)
+    model.register_buffer("tied", model.top.weight.detach())  # shares top.weight's storage
+    model.register_buffer("window", torch.arange(10.0)[2:5])  # a view of a larger storage
+    saved = {}
+    save = engine_module._atomic_save
+    monkeypatch.setattr(
+        engine_module, "_atomic_save", lambda obj, path, **kw: saved.update(obj) or save(obj, path)
+    )
+    new = engine.export(tmp_path / "model.pt")
+    for name in ("bag", "emb"):
+        assert saved[f"{name}.weight"].data_ptr() == getattr(model, name).weight.data_ptr()
+    old = save({k: t.detach().clone() for k, t in model.state_dict().items()}, tmp_path / "o.pt")
+    assert new.read_bytes() == old.read_bytes()
+    loaded = torch.load(new, weights_only=True)
+    assert loaded["tied"].data_ptr() != loaded["top.weight"].data_ptr()
+    assert loaded["window"].untyped_storage().nbytes() == 3 * 4
+
+
 def untouched_rows(lr_fn, steps: int, seed: int, read_at: tuple[int, ...] = (), **sgd):
     """Train a 5000-row table whose rows >= 12 are never trained on (SGD with ``sgd``
     settings); return those rows at the start and at the end (flushed), in float64.

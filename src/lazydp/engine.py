@@ -399,9 +399,7 @@ class PrivacyEngine:
         self._check_made_private("export")
         self.flush()
         assert self.module is not None
-        return _atomic_save(
-            {k: t.detach().clone() for k, t in self.module.state_dict().items()}, path
-        )
+        return _atomic_save(released_state(self.module.state_dict()), path)
 
     # ------------------------------------------------------------------ checkpoints
     @contextmanager
@@ -848,6 +846,28 @@ def _lazy_noise(privacy: dict[str, Any]) -> float | None:
         return params.noise_std / float(params.expected_batch_size)
     except (TypeError, ValueError, ZeroDivisionError):
         return None
+
+
+def released_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` detached for saving, each entry written as its own compact copy, as a clone of
+    every entry would write it -- but cloning only the entries that need it: a view into a
+    larger storage (torch.save writes the whole storage) or one sharing the storage of an entry
+    before it (saved once and loaded shared otherwise). A clone of every table held a second
+    copy of the model while model.pt was written: a run sized to fit its tables for training
+    was killed by the OS at its export."""
+    seen: set[int] = set()
+    out = {}
+    for key, t in state.items():
+        t = t.detach()
+        storage = t.untyped_storage()
+        whole = (
+            t.storage_offset() == 0
+            and t.is_contiguous()
+            and storage.nbytes() == t.numel() * t.element_size()
+        )
+        out[key] = t if whole and storage.data_ptr() not in seen else t.clone()
+        seen.add(storage.data_ptr())
+    return out
 
 
 def _atomic_save(

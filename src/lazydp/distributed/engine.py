@@ -57,7 +57,7 @@ from lazydp.distributed._comm import (
 )
 from lazydp.distributed.data_parallel import ClippedSumReducer, union_catch_up_hook
 from lazydp.distributed.sharded import ShardedEmbeddingBag
-from lazydp.engine import MODES, PrivacyEngine, _atomic_save, seeded_root
+from lazydp.engine import MODES, PrivacyEngine, _atomic_save, released_state, seeded_root
 from lazydp.errors import ConfigError, PrivacyError, UnsupportedOptimizerError
 from lazydp.noise import GaussianNoise, rekeyed_state
 from lazydp.optim.dp_optimizer import sgd_step
@@ -385,7 +385,7 @@ class DistributedPrivacyEngine(PrivacyEngine):
             return super().export(path)
         self.flush()
         assert self.module is not None
-        state = {k: t.detach().clone() for k, t in self.module.state_dict().items()}
+        state = released_state(self.module.state_dict())
         for name, m in self.sharded.items():
             state[f"{name}.weight" if name else "weight"] = m.gather_weight()
         if world(self.process_group)[0] == 0:
