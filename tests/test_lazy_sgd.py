@@ -437,3 +437,27 @@ def test_the_optimizers_state_is_the_loaded_one_after_a_resume(tmp_path):
     assert opt.state is opt.originals[0].state
     new = [v for s in opt.state.values() for v in s.values()]
     assert old and new and not {id(v) for v in old} & {id(v) for v in new}
+
+
+def test_a_checkpoint_writes_the_rows_velocity_without_a_copy(tmp_path, monkeypatch):
+    """save_checkpoint hands torch.save each table's live velocity (a clone held a second
+    table's worth of memory while the checkpoint was written), and resumes the same."""
+    from lazydp import engine as engine_module
+
+    model, opt, sched, engine = build("lazydp", momentum=0.9, ledger_path=tmp_path / "l")
+    for b in make_batches(3):
+        step(model, opt, sched, b)
+    saved = {}
+    save = engine_module._atomic_save
+    monkeypatch.setattr(
+        engine_module, "_atomic_save", lambda obj, path, **kw: saved.update(obj) or save(obj, path)
+    )
+    path = engine.save_checkpoint(tmp_path / "ck.pt")
+    tables = list(opt.lazy.values())
+    for table, state in zip(tables, saved["lazy"]["tables"]):
+        assert state["velocity"].data_ptr() == table.velocity.data_ptr()
+    velocities = [t.velocity.clone() for t in tables]
+    model, opt, sched, engine = build("lazydp", momentum=0.9, ledger_path=tmp_path / "l")
+    engine.load_checkpoint(path)
+    for table, v in zip(opt.lazy.values(), velocities):
+        assert bool(v.abs().sum() > 0) and torch.equal(table.velocity, v)

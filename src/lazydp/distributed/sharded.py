@@ -311,8 +311,8 @@ class ShardedEmbeddingBag(nn.Module):
         if t is None:
             return {}
         state: dict[str, Any] = {"step": t.step}
-        if t.velocity is not None:
-            state["velocity"] = t.velocity.clone()
+        if t.velocity is not None:  # live, not a copy (a shard-sized clone at every checkpoint)
+            state["velocity"] = t.velocity
         if t.lazy is not None:
             state["lazy"] = t.lazy.state_dict()
             state["prefix"] = t.lazy.prefix.state_dict()

@@ -300,8 +300,11 @@ class MomentumTable(LazyTable):
             add_rows_(self.velocity, grad.indices, grad.values, to_v, True)
 
     def state_dict(self) -> dict[str, Any]:
+        """The history and the live velocity, not a copy (as torch's optimizers hand out their
+        momentum buffers): a checkpoint writes it at once, and a clone held a second table's
+        worth of memory while it did."""
         self.settle()
-        return {**super().state_dict(), "velocity": self.velocity.clone()}
+        return {**super().state_dict(), "velocity": self.velocity}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         velocity = state.get("velocity")
