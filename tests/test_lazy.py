@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import gc
+import os
 import re
 
 import numpy as np
@@ -305,6 +307,73 @@ def test_resume_equals_uninterrupted_run(tmp_path, sgd):
     assert engine.ledger.steps == 12
     for k in full:
         torch.testing.assert_close(resumed[k], full[k], atol=2e-5, rtol=1e-5, msg=k)
+
+
+def _mappings_of(path) -> list[tuple[int, int]]:
+    """This process's address ranges mapped from ``path`` (Linux)."""
+    ranges = []
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            parts = line.split(maxsplit=5)
+            if len(parts) == 6 and parts[5].strip() == str(path):
+                lo, hi = (int(x, 16) for x in parts[0].split("-"))
+                ranges.append((lo, hi))
+    return ranges
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads /proc/self/maps")
+@pytest.mark.parametrize("mode", ["lazydp", "dpsgd_f"])
+def test_a_checkpoint_loads_from_its_file_pages_and_resumes_the_same(tmp_path, mode):
+    """load_checkpoint reads the model's and the tables' state from a mapping of the file (read
+    into memory whole, the checkpoint held a second copy of the model while it loaded), keeps
+    no tensor mapped from it, and resumes exactly as the checkpoint read into memory did."""
+    make = functools.partial(build, mode, momentum=0.9, ledger_path=tmp_path / "l.jsonl")
+    model, opt, sched, engine = make()
+    for b in make_batches(4, seed=3):
+        step(model, opt, sched, b)
+    path = engine.save_checkpoint(tmp_path / "ck.pt").resolve()
+    mapped = []
+    load = torch.nn.Module.load_state_dict
+
+    def spy(module, state, *args, **kwargs):
+        ranges = _mappings_of(path)
+        mapped.extend(any(lo <= t.data_ptr() < hi for lo, hi in ranges) for t in state.values())
+        return load(module, state, *args, **kwargs)
+
+    loaded = []
+    for mmap in (True, False):
+        model, opt, sched, engine = make()
+        real_load = torch.load
+        with pytest.MonkeyPatch.context() as m:
+            if mmap:
+                m.setattr(torch.nn.Module, "load_state_dict", spy)
+            else:  # the checkpoint read into memory whole, as before
+                m.setattr(torch, "load", lambda *a, **kw: real_load(*a, **{**kw, "mmap": False}))
+            engine.load_checkpoint(path)
+        gc.collect()
+        assert _mappings_of(path) == []  # nothing kept that maps the file
+        loaded.append(
+            [snapshot(model), opt.state_dict(), opt.lazy_state_dict(), engine.noise.state_dict()]
+        )
+    assert mapped and all(mapped)
+    _assert_equal(loaded[0], loaded[1])
+
+
+def _assert_equal(a, b, where="state"):
+    """``a`` and ``b`` hold equal tensors (bit for bit) and values, through dicts and lists."""
+    assert type(a) is type(b), where
+    if isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            _assert_equal(a[k], b[k], f"{where}[{k!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for k, (x, y) in enumerate(zip(a, b)):
+            _assert_equal(x, y, f"{where}[{k}]")
+    else:
+        assert a == b, where
 
 
 def test_a_checkpoint_owes_no_noise_so_each_load_releases_the_same_model(tmp_path):

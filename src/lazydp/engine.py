@@ -479,7 +479,7 @@ class PrivacyEngine:
         checked or loaded (a caller's own refusal then comes first and changes nothing)."""
         if self.module is None:
             raise ConfigError("load_checkpoint needs make_private first (same model and mode)")
-        state = load_checkpoint_file(path)
+        state = _owned_except_copied(load_checkpoint_file(path, mmap=True))
         if check_extra is not None:
             extra = state.get("extra")
             check_extra(extra if isinstance(extra, dict) else {})
@@ -960,13 +960,16 @@ def _remove_abandoned(path: Path) -> None:
                 tmp.unlink()
 
 
-def load_checkpoint_file(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Load a lazydp checkpoint safely (weights_only), with a clear error if it is corrupt."""
+def load_checkpoint_file(path: str | os.PathLike[str], mmap: bool = False) -> dict[str, Any]:
+    """Load a lazydp checkpoint safely (weights_only), with a clear error if it is corrupt.
+
+    ``mmap``: the tensors are mapped from the file, not read into memory (see
+    :func:`_owned_except_copied` for what a caller must then copy)."""
     try:
         # The CRCs first: a damaged record is named as such, where torch's unpickler answered
         # a flipped bit in data.pkl with advice to load it with weights_only=False.
         _check_records(path)
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except FileNotFoundError:
         raise PrivacyError(f"checkpoint {path} does not exist") from None
     except pickle.UnpicklingError:
@@ -985,6 +988,32 @@ def load_checkpoint_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise PrivacyError(f"{path} is not a {CHECKPOINT_FORMAT} file")
     return state
+
+
+def _owned_except_copied(state: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint loaded with mmap, with every tensor cloned into memory but the model's and
+    the LazyDP tables' (history, velocity): load_checkpoint copies those into the model and the
+    tables, so they are read once from the file's pages. Read into memory whole, the checkpoint
+    held a second copy of the model next to it while it was loaded (the model, the tables'
+    velocity and history: 2.5x the tables with momentum). Everything else may be kept by
+    what loads it (torch's optimizers keep the loaded buffers), and must not stay a mapping of
+    a file that the next checkpoint replaces."""
+    owned = {k: (v if k in ("model", "lazy") else _cloned(v)) for k, v in state.items()}
+    lazy = state.get("lazy")
+    if isinstance(lazy, dict):
+        owned["lazy"] = {k: (v if k == "tables" else _cloned(v)) for k, v in lazy.items()}
+    return owned
+
+
+def _cloned(value: Any) -> Any:
+    """``value`` with every tensor in it (through dicts, lists and tuples) cloned."""
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, dict):
+        return {k: _cloned(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_cloned(v) for v in value)
+    return value
 
 
 def _check_records(path: str | os.PathLike[str]) -> None:
