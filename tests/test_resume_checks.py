@@ -332,3 +332,28 @@ def test_extra_values_a_resume_could_not_read_back_are_refused_at_save(tmp_path)
     assert not (tmp_path / "bad.pt").exists()
     engine.save_checkpoint(tmp_path / "ok.pt", epoch=3, best=0.5, scheduler=sched.state_dict())
     assert engine.load_checkpoint(tmp_path / "ok.pt")["epoch"] == 3
+
+
+def test_a_loaded_buffer_is_checked_finite_a_chunk_at_a_time(monkeypatch):
+    # The one-shot torch.isfinite(buffer).all() built a bool tensor of the buffer's size: a
+    # quarter of a float32 velocity or momentum buffer, as large as its table, on top of the
+    # model while a resume checked it (0.25x the tables at the worst moment to run out).
+    from lazydp import _dispatch
+    from lazydp.optim.resume import buffer_problem
+
+    monkeypatch.setattr(_dispatch, "FINITE_CHUNK", 64)
+    seen = []
+    isfinite = torch.isfinite
+    monkeypatch.setattr(torch, "isfinite", lambda t: seen.append(t.numel()) or isfinite(t))
+    buf = torch.zeros(1000, 7)
+    assert buffer_problem(buf, buf.shape) is None
+    assert seen and max(seen) <= 64
+    for where in (0, 500, 999):  # first, middle, last chunk
+        bad = buf.clone()
+        bad[where, 3] = float("nan")
+        assert buffer_problem(bad, bad.shape) == "is not finite"
+    assert buffer_problem(buf.t(), (7, 1000)) is None  # non-contiguous: slices, no copy
+    bad = buf.clone()
+    bad[999, 6] = float("inf")
+    assert buffer_problem(bad.t(), (7, 1000)) == "is not finite"
+    assert _dispatch.all_finite(torch.arange(10**3)) and _dispatch.all_finite(torch.tensor(1.0))

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from torch.autograd.graph import get_gradient_edge
 from torch.nn.parameter import is_lazy
 
+from lazydp._dispatch import all_finite
 from lazydp.buffer_guard import BufferGuard, version_of
 from lazydp.clipping import clipper_for, parameterised_leaves
 from lazydp.clipping._base import Call, LayerClipper, at_least_float32, trainable_direct_params
@@ -421,7 +422,7 @@ class CaptureSet:
             f"{layer.name}.{pname}"
             for layer in self.layers
             for pname, p in layer.params().items()
-            if p.is_floating_point() and not bool(torch.isfinite(p).all())
+            if not all_finite(p)  # a table: no table-sized temporary on this error path
         ]
         if broken:
             return (

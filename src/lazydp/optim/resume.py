@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from lazydp._dispatch import all_finite
 from lazydp.errors import PrivacyError
 from lazydp.noise_pool import NoisePool
 from lazydp.optim.lazy import LazyTable, LrPrefix
@@ -61,7 +62,7 @@ def buffer_problem(value: Any, shape: torch.Size) -> str | None:
     if not isinstance(value, Tensor) or value.shape != shape:
         got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
         return f"is {got}, not a tensor of shape {tuple(shape)}"
-    if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+    if not all_finite(value):  # a chunk at a time: a velocity is as large as its table
         return "is not finite"
     return None
 
