@@ -54,7 +54,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     parser = _Parser(
         prog="lazydp",
         description="Differentially private training (DP-SGD, LazyDP) for PyTorch models.",
-        epilog="Example: lazydp train   (private DLRM on MovieLens, about 15 seconds on 2 quiet "
+        epilog="Example: lazydp train   (private DLRM on MovieLens, about 12 seconds on 2 quiet "
         "cores, plus 1-2 s of preprocessing the first time)",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

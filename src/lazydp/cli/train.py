@@ -20,7 +20,7 @@ from lazydp.errors import ConfigError
 if TYPE_CHECKING:  # imported where used: lazydp.training pulls in torch (`--help` took 2 s)
     from lazydp.training import TrainConfig
 
-EPILOG = """example (2 quiet cores; AUC 0.735-0.755 from run to run):
+EPILOG = """example (2 quiet cores; AUC 0.72-0.755 from run to run):
   $ lazydp train
   train: 100%|██████████| 440/440 [00:07<00:00, 62.42step/s, eps=2.999, ex_s=255,868, loss=0.5817]
   privacy: epsilon = 2.999 at delta = 1e-05 (PLD; RDP gives 3.29)
