@@ -75,3 +75,22 @@ def test_the_benchmark_script_runs_on_a_tiny_model():
         check=True,
     ).stdout
     assert "lazydp/sgd on 4K pages:" in out and "lazydp 4K/2M:" in out
+
+
+def test_reachable_as_lazydp_huge_pages_after_a_bare_import():
+    """README: "allocate the weight with `lazydp.huge_pages.empty`". `import lazydp` no longer
+    imports the engine (which imported huge_pages), so the submodule must load on first use,
+    not only after PrivacyEngine was touched; a name that is no submodule stays an
+    AttributeError."""
+    code = (
+        "import torch, lazydp\n"
+        "assert lazydp.huge_pages.empty((4, 2), torch.float32).shape == (4, 2)\n"
+        "try:\n"
+        "    lazydp.no_such_name\n"
+        "except AttributeError as exc:\n"
+        "    assert 'no_such_name' in str(exc)\n"
+        "else:\n"
+        "    raise AssertionError('no AttributeError')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

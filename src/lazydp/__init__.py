@@ -42,10 +42,23 @@ _LAZY = {
 
 def __getattr__(name: str) -> Any:
     if name not in _LAZY:
-        raise AttributeError(f"module 'lazydp' has no attribute {name!r}")
+        return _submodule(name)
     value = getattr(importlib.import_module(_LAZY[name]), name)
     globals()[name] = value  # looked up once
     return value
+
+
+def _submodule(name: str) -> Any:
+    """``lazydp.huge_pages`` (any submodule) after a bare ``import lazydp``: the package used to
+    import the engine, which imported most of them, so ``lazydp.huge_pages.empty`` (as the
+    README names it) worked -- and now it would depend on whether PrivacyEngine was used yet."""
+    if not name.startswith("_"):
+        try:
+            return importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{__name__}.{name}":  # the submodule exists; its import failed
+                raise
+    raise AttributeError(f"module 'lazydp' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
