@@ -1121,3 +1121,33 @@ def test_backward_with_inputs_is_named_in_the_refusal_it_gets():
     with pytest.raises(InputError, match=r"backward\(inputs=...\)"):
         opt.step()
     assert engine.ledger.steps == 0
+
+
+@pytest.mark.parametrize("part", ["wrapped", "inner"])
+def test_earlier_training_is_flagged_for_a_model_inside_a_new_one_and_for_a_part(part):
+    """Fine-tuning a detached model under a new head (or one of its layers alone) on another
+    ledger releases the first run's training too: warned and flagged as for the model itself."""
+    data = torch.utils.data.TensorDataset(torch.randn(40, 3), torch.randn(40, 1))
+
+    def train(model: nn.Module) -> PrivacyEngine:
+        engine = PrivacyEngine()
+        m, opt, dl = engine.make_private(
+            module=model,
+            optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            data_loader=torch.utils.data.DataLoader(data, batch_size=10),
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+        )
+        x, y = next(iter(dl))
+        opt.zero_grad()
+        ((m(x) - y) ** 2).mean().backward()
+        opt.step()
+        engine.detach()
+        return engine
+
+    base = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 1))
+    train(base)
+    later = nn.Sequential(base, nn.Linear(1, 1)) if part == "wrapped" else base[0]
+    with pytest.warns(UserWarning, match="trained privately before .* 1 step"):
+        other = train(later)
+    assert any(c.startswith("EARLIER TRAINING") for c in other.privacy_report(1e-5).caveats)

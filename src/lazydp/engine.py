@@ -233,7 +233,8 @@ class PrivacyEngine:
             self.capture = self.module = self.loader = None
             raise
         self._earlier = _earlier_ledger(module, self.ledger)
-        _LEDGER_OF[module] = self.ledger
+        for part in module.modules():  # the model under a new head, or a part fine-tuned alone
+            _LEDGER_OF[part] = self.ledger
         if self._earlier is not None:
             warnings.warn(_earlier_text(*self._earlier, self.ledger), stacklevel=2)
         self.optimizer.check_rows = loader.check_rows
@@ -700,14 +701,21 @@ def _refuse_unknown(call: str, unknown: dict[str, Any]) -> None:
 
 def _earlier_ledger(module: nn.Module, ledger: PrivacyLedger) -> tuple[str, int] | None:
     """(where, charged steps) of the ledger another engine of this process charged for training
-    ``module`` privately, unless it is ``ledger``'s file; None when there is none."""
-    earlier = _LEDGER_OF.get(module)
-    if earlier is None or earlier is ledger or earlier.steps == 0:
+    ``module`` -- or a module inside it: a detached model under a new head -- privately, unless
+    it is ``ledger``'s file (the one that charged most if several); None when there is none."""
+    found: PrivacyLedger | None = None
+    for part in module.modules():
+        earlier = _LEDGER_OF.get(part)
+        if earlier is None or earlier is ledger or earlier.steps == 0:
+            continue
+        if earlier.path is not None and ledger.path is not None:
+            if earlier.path.resolve() == ledger.path.resolve():
+                continue  # the same ledger file: its charges carry over
+        if found is None or earlier.steps > found.steps:
+            found = earlier
+    if found is None:
         return None
-    if earlier.path is not None and ledger.path is not None:
-        if earlier.path.resolve() == ledger.path.resolve():
-            return None  # the same ledger file: its charges carry over
-    return (str(earlier.path) if earlier.path is not None else "in memory", earlier.steps)
+    return (str(found.path) if found.path is not None else "in memory", found.steps)
 
 
 def _earlier_text(where: str, steps: int, ledger: PrivacyLedger) -> str:
