@@ -195,6 +195,33 @@ def test_a_signal_stops_at_a_step_boundary_with_a_checkpoint_and_the_run_resumes
     assert (out / "ledger.jsonl").read_text().count('"kind":"step"') == full_steps
 
 
+def test_a_run_a_signal_stops_early_shows_the_epsilon_it_spent_last(tmp_path, capsys, monkeypatch):
+    # The progress bar refreshed its epsilon only at the run's planned last step: stopped
+    # early (a signal, or a calibrated resume's budget), its last figure was from steps before.
+    args = [a for a in ACS if a not in ("--no-progress", "--json")]
+    args += ["--mode", "lazydp", "--noise-multiplier", "1", "--out", str(tmp_path / "r")]
+    asked = []
+    at, forward = training._ShownEpsilon.at, training._forward
+
+    def shown_at(self, last):
+        asked.append(last)
+        return at(self, last)
+
+    calls = {"n": 0}
+
+    def forward_then_signal(model, batch):
+        calls["n"] += 1
+        if calls["n"] == 3:  # step 3: not a 5th step, not the planned last
+            os.kill(os.getpid(), signal.SIGINT)
+        return forward(model, batch)
+
+    monkeypatch.setattr(training._ShownEpsilon, "at", shown_at)
+    monkeypatch.setattr(training, "_forward", forward_then_signal)
+    code, res = run_cli(args, capsys)
+    assert code == 128 + signal.SIGINT, res.err
+    assert asked[-1] is True  # the stopped step's figure, computed afresh
+
+
 def test_a_signal_while_the_trained_model_is_saved_waits_for_model_pt(
     tmp_path, capsys, monkeypatch
 ):

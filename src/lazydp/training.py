@@ -743,9 +743,13 @@ def run(
                     last_saved = time.monotonic()
                 if bar is not None:
                     bar.update(1)
-                    if step % 5 == 0 or step == total_steps:
+                    # The run's last step, also when a signal or the budget ends it early: the
+                    # bar's last figure is then the spent epsilon, not one from steps before.
+                    last = step == total_steps or stop.requested
+                    last = last or (budget_steps is not None and _charged() >= budget_steps)
+                    if step % 5 == 0 or last:
                         rate = examples / max(time.perf_counter() - started, 1e-9)
-                        eps = shown.value if cfg.mode == "sgd" else shown.at(step == total_steps)
+                        eps = shown.value if cfg.mode == "sgd" else shown.at(last)
                         bar.set_postfix(
                             loss=f"{np.mean(losses):.4f}",
                             eps=f"{eps:.3f}",
