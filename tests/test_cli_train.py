@@ -330,3 +330,21 @@ def test_the_shown_epsilon_is_refreshed_by_its_cost_and_at_the_last_step():
     before = Engine.calls
     assert shown.at(True) == before + 1  # the last step always shows the final figure
     assert _ShownEpsilon(Engine(), 1e-5, True, clock=lambda: clock[0]).value == before + 2
+
+
+def test_a_config_key_named_after_the_no_progress_flag_is_read(tmp_path):
+    # The help says config keys are the flags' names with underscores; no_progress: true
+    # (--no-progress) was refused as an unknown key (the option is called progress).
+    from lazydp.cli import build_parser
+    from lazydp.cli.train import config_from_args
+    from lazydp.errors import ConfigError
+
+    cfg = tmp_path / "c.yaml"
+    for text, progress in (("no_progress: true\n", False), ("no_progress: false\n", True)):
+        cfg.write_text(f"dataset: acs\n{text}")
+        args = build_parser(["train"]).parse_args(["train", "--config", str(cfg)])
+        assert config_from_args(args).progress is progress
+    cfg.write_text("dataset: acs\nno_progress: maybe\n")
+    args = build_parser(["train"]).parse_args(["train", "--config", str(cfg)])
+    with pytest.raises(ConfigError, match="no_progress"):
+        config_from_args(args)

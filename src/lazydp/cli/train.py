@@ -91,6 +91,10 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     from lazydp.training import DATASET_DEFAULTS, TrainConfig
 
     file_values = load_yaml_mapping(args.config, "--config") if args.config else {}
+    if isinstance(file_values.get("no_progress"), bool):
+        # The flag --no-progress with underscores, as the help says keys are (the option
+        # itself is called progress): no_progress: true was refused as an unknown key.
+        file_values["progress"] = not file_values.pop("no_progress")
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = set(file_values) - names
     if unknown:
