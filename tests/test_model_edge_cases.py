@@ -19,8 +19,8 @@ from tests.test_lazy import build, refused_uncharged, snapshot, step
 from tests.toy import Toy, dense_params, loader, loss_fn, make_batches, table_params
 
 
-def _private(model, mode="lazydp", max_grad_norm=1.0):
-    engine = PrivacyEngine(seed=0)
+def _private(model, mode="lazydp", max_grad_norm=1.0, **engine_kwargs):
+    engine = PrivacyEngine(**{"seed": 0, **engine_kwargs})
     model, opt, _ = engine.make_private(
         module=model,
         optimizer=torch.optim.SGD(model.parameters(), lr=0.5),
@@ -136,15 +136,7 @@ def test_fine_tuning_a_detached_model_on_another_ledger_warns_and_the_report_say
     """The released model's privacy composes both runs; another ledger counts the second only."""
 
     def train(ledger, steps=2):
-        engine = PrivacyEngine(ledger_path=ledger)
-        m, opt, _ = engine.make_private(
-            module=model,
-            optimizer=torch.optim.SGD(model.parameters(), lr=0.5),
-            data_loader=loader(),
-            noise_multiplier=1.0,
-            max_grad_norm=1.0,
-            mode="lazydp",
-        )
+        m, opt, engine = _private(model, seed=None, ledger_path=ledger)
         for b in make_batches(steps):
             opt.zero_grad()
             loss_fn(m(*b[:3]), b[3]).backward()
