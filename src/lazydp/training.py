@@ -9,6 +9,7 @@ state), ``OUT/model.pt`` (the flushed, releasable model) and ``OUT/report.json``
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import numbers
 import os
@@ -384,27 +385,66 @@ def check_disk_fits(out: Path, model: nn.Module, cfg: TrainConfig, steps: int) -
 
 
 def build_model(train: Any, cfg: TrainConfig, kind: str) -> nn.Module:
-    sizes = [int(train.table_sizes[name]) for name in train.sparse_names]
-    num_dense = len(train.dense_names)
-    if kind == "acs":
-        return _Tabular(sizes, num_dense, cfg.embedding_dim, cfg.hidden)
-    from lazydp.models.dlrm import DLRM
+    return model_from_spec(model_spec(train, cfg, kind))
 
-    if not sizes:
+
+def model_spec(train: Any, cfg: TrainConfig, kind: str) -> dict[str, Any]:
+    """What rebuilds the trained model (report.json's "model"; see :func:`load_trained`)."""
+    sizes = [int(train.table_sizes[name]) for name in train.sparse_names]
+    if kind != "acs" and not sizes:
         raise ConfigError(
             f"{train.root} has no categorical (id) columns: `lazydp train` trains a DLRM, which "
             "reads at least one embedding table. Preprocess with at least one categorical column, "
             "or train your own model on the data through the Python API (lazydp.PrivacyEngine). "
             "Nothing was charged."
         )
-    d = cfg.embedding_dim
-    return DLRM(
-        sizes,
-        d,
-        (max(num_dense, 1), *cfg.hidden, d),
-        (*cfg.hidden, 1),
-        seed=cfg.model_seed,
-    )
+    return {
+        "kind": kind,
+        "table_rows": sizes,
+        "num_dense": len(train.dense_names),
+        "embedding_dim": cfg.embedding_dim,
+        "hidden": list(cfg.hidden),
+        "model_seed": cfg.model_seed,
+    }
+
+
+def model_from_spec(spec: dict[str, Any]) -> nn.Module:
+    """The untrained model ``spec`` (from :func:`model_spec`) describes."""
+    sizes, num_dense, d, hidden = (
+        spec["table_rows"], spec["num_dense"], spec["embedding_dim"], spec["hidden"]
+    )  # fmt: skip
+    if spec["kind"] == "acs":
+        return _Tabular(sizes, num_dense, d, hidden)
+    from lazydp.models.dlrm import DLRM
+
+    return DLRM(sizes, d, (max(num_dense, 1), *hidden, d), (*hidden, 1), seed=spec["model_seed"])
+
+
+def load_trained(out: str | os.PathLike[str]) -> nn.Module:
+    """The model a `lazydp train --out OUT` run released, for inference: rebuilt from
+    OUT/report.json's "model" and loaded from OUT/model.pt (torch.load weights_only=True; the
+    file is the flushed, releasable model). Call it as the run did:
+    ``model(dense, sparse)``, dense (B, num_dense) float32 -- (B, 1) zeros without dense
+    columns -- and sparse one (ids, offsets) pair per table, in report["model"]'s order.
+
+    Example: ``model = load_trained("runs/latest").eval()``.
+    """
+    root = Path(out)
+    try:
+        spec = json.loads((root / "report.json").read_text())["model"]
+    except FileNotFoundError:
+        raise DataError(
+            f"{root}/report.json does not exist: not a finished `lazydp train` run."
+        ) from None
+    except KeyError:
+        raise DataError(
+            f'{root}/report.json has no "model" entry: it was written by a lazydp version '
+            "before it recorded the architecture. Rebuild the model with "
+            "lazydp.training.model_from_spec (the table sizes are in the data's metadata.json)."
+        ) from None
+    model = model_from_spec(spec)
+    model.load_state_dict(torch.load(root / "model.pt", map_location="cpu", weights_only=True))
+    return model.eval()
 
 
 def _forward(model: nn.Module, batch: Any) -> Tensor:
@@ -815,6 +855,7 @@ def run(
         # With --data the dataset field is only TrainConfig's default ("movielens"), which
         # was not trained on: the report names the directory (config.data) alone.
         "config": asdict(cfg) | ({"dataset": None} if cfg.data else {}),
+        "model": model_spec(train, cfg, kind),  # what load_trained rebuilds
     }
     if rank == 0:
         _write_report(out / "report.json", summary, str(report))
