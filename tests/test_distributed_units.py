@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -108,6 +113,55 @@ def test_torchrun_command() -> None:
     assert "--rdzv-endpoint=h:29400" in torchrun_command(multi, Path("c.json"))
     with pytest.raises(ConfigError, match="rdzv-endpoint"):
         torchrun_command(argparse.Namespace(nproc_per_node=2, nnodes=2), Path("c.json"))
+
+
+# torchrun's stand-in: records the signal that reaches it, then exits as torchrun does.
+_FAKE_TORCHRUN = """
+import os, pathlib, signal, sys, time
+d = pathlib.Path(sys.argv[1])
+def stop(signum, frame):
+    (d / "stopped").write_text(str(signum))
+    sys.exit(1)
+for s in (signal.SIGINT, signal.SIGTERM):
+    signal.signal(s, stop)
+(d / "ready").write_text(str(os.getpid()))
+time.sleep(60)
+"""
+
+_LAUNCHER = """
+import sys
+import lazydp.distributed.launch
+launch = sys.modules["lazydp.distributed.launch"]  # the package's name launch is the function
+launch.torchrun_command = lambda args, config: [sys.executable, "-c", sys.argv[2], sys.argv[1]]
+from lazydp.cli import main
+sys.exit(main(["train", "--nproc-per-node", "2", "--no-progress", "--out", sys.argv[1] + "/run"]))
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_to_the_launcher_stops_torchrun_and_waits_for_it(
+    tmp_path: Path, signum: int
+) -> None:
+    """The launcher died at once on SIGTERM, and SIGKILLed torchrun on SIGINT before it could
+    stop its workers: they trained on, orphaned, after the command had returned."""
+    launcher = subprocess.Popen(
+        [sys.executable, "-c", _LAUNCHER, str(tmp_path), _FAKE_TORCHRUN],
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    ready = tmp_path / "ready"
+    while not ready.exists() or not ready.read_text():
+        assert launcher.poll() is None, "the launcher ended before torchrun started"
+        time.sleep(0.05)
+    child = int(ready.read_text())
+    try:
+        launcher.send_signal(signum)
+        assert launcher.wait(timeout=30) == 128 + signum
+        assert (tmp_path / "stopped").read_text() == str(int(signum))  # torchrun was told
+    finally:
+        try:
+            os.kill(child, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def test_restart_without_ledger_is_a_privacy_error(tmp_path: Path, monkeypatch) -> None:

@@ -13,6 +13,9 @@ Contract:
   in any rank's ledger: the attempt died in its set-up); a corrupt one already does
   (PrivacyLedger).
 * Multi-node runs need ``--out`` on a file system every node sees (checkpoint and ledgers).
+* SIGINT / SIGTERM / SIGHUP to ``lazydp train`` reach torchrun (run in a session of its own, so
+  a terminal's Ctrl-C arrives once, from here), which stops the workers; the launcher waits for
+  that and exits 128 + the signal (see :func:`_run_forwarding_signals`).
 """
 
 from __future__ import annotations
@@ -20,8 +23,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 from dataclasses import asdict
 from datetime import timedelta
 from pathlib import Path
@@ -32,6 +37,12 @@ import torch.distributed as dist
 
 from lazydp.errors import ConfigError, LazyDPError, PrivacyError
 from lazydp.ledger import PrivacyLedger, ledger_path
+from lazydp.stop_signals import StoppedBySignal
+
+#: What the launcher passes on to torchrun (torchrun stops its workers on each of them).
+_FORWARDED = tuple(
+    getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)
+)
 
 
 def init_from_env(backend: str | None = None) -> tuple[int, int]:
@@ -171,12 +182,52 @@ def launch(args: argparse.Namespace, cfg: Any) -> dict[str, Any]:
         )
     config_file = out / "launch_config.json"
     config_file.write_text(json.dumps(asdict(cfg), indent=2))
-    result = subprocess.run(torchrun_command(args, config_file), check=False)
-    if result.returncode != 0:
+    returncode, signum = _run_forwarding_signals(torchrun_command(args, config_file))
+    if signum is not None and returncode != 0:
+        raise StoppedBySignal(
+            f"stopped by {signal.Signals(signum).name}: torchrun stopped the workers in the "
+            f"step they were in (under torchrun no checkpoint is written at a signal). The "
+            f"ledgers in {out} hold every step charged; the same command with --resume "
+            "continues from the last checkpoint (--checkpoint-every N writes one every N steps).",
+            signum,
+        )
+    if returncode != 0:
         raise LazyDPError(
-            f"distributed training failed (torchrun exit code {result.returncode}) after at most "
+            f"distributed training failed (torchrun exit code {returncode}) after at most "
             f"{getattr(args, 'max_restarts', 0)} restarts; the workers' errors are printed above. "
             f"The ledger in {out} records every step charged so far."
         )
     report = out / "report.json"
     return json.loads(report.read_text()) if report.exists() else {}
+
+
+def _run_forwarding_signals(cmd: list[str]) -> tuple[int, int | None]:
+    """Run ``cmd`` (torchrun) to its end; return its exit code and the first signal forwarded.
+
+    Why: torchrun starts its workers in sessions of their own and stops them only when it is
+    signalled itself. The launcher used to die at once on SIGTERM (torchrun and the workers
+    went on training, orphaned) and, on SIGINT, SIGKILL torchrun 0.25 s later (subprocess.run's
+    cleanup) before it had stopped them: either way the command returned, saying the run was
+    interrupted, while the workers kept charging the ledger and wrote model.pt later. Now each
+    signal is passed on and the launcher waits until torchrun has stopped the workers. torchrun
+    runs in a session of its own, so a terminal's Ctrl-C reaches it once, from here."""
+    proc = subprocess.Popen(cmd, start_new_session=True)
+    received: list[int] = []
+
+    def forward(signum: int, frame: object) -> None:
+        received.append(signum)
+        if proc.poll() is None:
+            proc.send_signal(signum)
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {s: signal.signal(s, forward) for s in _FORWARDED}
+    try:
+        returncode = proc.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if proc.poll() is None:  # an exception here (not a signal): leave no torchrun behind
+            proc.terminate()
+            proc.wait()
+    return returncode, (received[0] if received else None)
