@@ -478,8 +478,8 @@ class PrivacyEngine:
 
         ``check_extra`` sees the ``extra`` that save_checkpoint stored before anything else is
         checked or loaded (a caller's own refusal then comes first and changes nothing)."""
-        if self.module is None:
-            raise ConfigError("load_checkpoint needs make_private first (same model and mode)")
+        self._check_made_private("load_checkpoint")
+        assert self.module is not None
         state = _owned_except_copied(load_checkpoint_file(path, mmap=True))
         if check_extra is not None:
             extra = state.get("extra")

@@ -384,10 +384,6 @@ def check_disk_fits(out: Path, model: nn.Module, cfg: TrainConfig, steps: int) -
         )
 
 
-def build_model(train: Any, cfg: TrainConfig, kind: str) -> nn.Module:
-    return model_from_spec(model_spec(train, cfg, kind))
-
-
 def model_spec(train: Any, cfg: TrainConfig, kind: str) -> dict[str, Any]:
     """What rebuilds the trained model (report.json's "model"; see :func:`load_trained`)."""
     sizes = [int(train.table_sizes[name]) for name in train.sparse_names]
@@ -652,7 +648,8 @@ def run(
 
     torch.manual_seed(cfg.model_seed)  # model init only; DP noise is drawn in lazydp.noise
     check_model_fits(train, cfg)
-    model = build_model(train, cfg, kind)
+    spec = model_spec(train, cfg, kind)  # report.json records it: load_trained rebuilds it
+    model = model_from_spec(spec)
     tables = [
         p
         for m in model.modules()
@@ -855,7 +852,7 @@ def run(
         # With --data the dataset field is only TrainConfig's default ("movielens"), which
         # was not trained on: the report names the directory (config.data) alone.
         "config": asdict(cfg) | ({"dataset": None} if cfg.data else {}),
-        "model": model_spec(train, cfg, kind),  # what load_trained rebuilds
+        "model": spec,
     }
     if rank == 0:
         _write_report(out / "report.json", summary, str(report))
