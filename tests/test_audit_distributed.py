@@ -78,23 +78,26 @@ def test_lazydp_audit_under_torchrun_audits_row_sharded_tables(tmp_path, capsys)
 
 
 def test_a_failed_or_dead_torchrun_audit_is_an_error(tmp_path, monkeypatch, capsys):
-    import subprocess
+    import sys
 
+    import lazydp.distributed.launch  # noqa: F401
     from lazydp.cli import main
 
+    launch_module = sys.modules["lazydp.distributed.launch"]  # the package's launch is a function
+
     def workers(report):
-        def run(cmd, check):
+        def run(cmd):
             assert "torch.distributed.run" in cmd and "audit" in cmd
             if report is not None:
                 (tmp_path / "audit.json").write_text(json.dumps(report))
-            return subprocess.CompletedProcess(cmd, 1)
+            return 1, None
 
         return run
 
     args = ["audit", "--nproc-per-node", "2", "--out", str(tmp_path)]
-    monkeypatch.setattr(subprocess, "run", workers({"passed": False}))
+    monkeypatch.setattr(launch_module, "_run_forwarding_signals", workers({"passed": False}))
     assert main(args) == 1
     assert "2-rank audit failed" in capsys.readouterr().err
-    monkeypatch.setattr(subprocess, "run", workers(None))
+    monkeypatch.setattr(launch_module, "_run_forwarding_signals", workers(None))
     assert main(args) == 1
     assert "stopped (exit 1) before writing its report" in capsys.readouterr().err

@@ -138,14 +138,29 @@ sys.exit(main(["train", "--nproc-per-node", "2", "--no-progress", "--out", sys.a
 """
 
 
+# The same for a distributed audit: torchrun's options end 3 places before its script, and the
+# audit appends its own arguments (the stand-in ignores them).
+_AUDIT_LAUNCHER = """
+import sys
+import lazydp.distributed.launch
+launch = sys.modules["lazydp.distributed.launch"]
+fake = [sys.executable, "-c", sys.argv[2], sys.argv[1], "-", "-", "-"]
+launch.torchrun_command = lambda args, config: fake
+from lazydp.cli import main
+sys.exit(main(["audit", "--nproc-per-node", "2", "--out", sys.argv[1] + "/audit"]))
+"""
+
+
+@pytest.mark.parametrize("launcher_code", [_LAUNCHER, _AUDIT_LAUNCHER], ids=["train", "audit"])
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_to_the_launcher_stops_torchrun_and_waits_for_it(
-    tmp_path: Path, signum: int
+    tmp_path: Path, signum: int, launcher_code: str
 ) -> None:
     """The launcher died at once on SIGTERM, and SIGKILLed torchrun on SIGINT before it could
-    stop its workers: they trained on, orphaned, after the command had returned."""
+    stop its workers: they trained on, orphaned, after the command had returned. A
+    distributed audit launched torchrun with subprocess.run: the same."""
     launcher = subprocess.Popen(
-        [sys.executable, "-c", _LAUNCHER, str(tmp_path), _FAKE_TORCHRUN],
+        [sys.executable, "-c", launcher_code, str(tmp_path), _FAKE_TORCHRUN],
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     ready = tmp_path / "ready"

@@ -219,9 +219,10 @@ def _join_ranks(args: argparse.Namespace) -> tuple[int, Any]:
 
 def _launch(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     """Run this audit as ``--nproc-per-node`` torchrun workers; rank 0 writes the report."""
-    import subprocess
+    import signal
 
-    from lazydp.distributed.launch import torchrun_command
+    from lazydp.distributed.launch import _run_forwarding_signals, torchrun_command
+    from lazydp.stop_signals import StoppedBySignal
 
     cmd = torchrun_command(args, Path("unused"))[:-3]  # torchrun and its options
     flags = [
@@ -232,10 +233,20 @@ def _launch(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     flags += ["--nesterov"] if args.nesterov else []
     report = out / "audit.json"
     report.unlink(missing_ok=True)
-    done = subprocess.run([*cmd, "-m", "lazydp", "audit", *flags, f"--out={out}"], check=False)
+    # As `lazydp train --nproc-per-node`: a signal is passed on to torchrun, which stops the
+    # workers before this returns (subprocess.run left them auditing on, orphaned).
+    returncode, signum = _run_forwarding_signals(
+        [*cmd, "-m", "lazydp", "audit", *flags, f"--out={out}"]
+    )
+    if signum is not None and returncode != 0:
+        raise StoppedBySignal(
+            f"stopped by {signal.Signals(signum).name}: torchrun stopped the audit's workers "
+            "before they wrote a report. An audit charges no real ledger: run it again.",
+            signum,
+        )
     if not report.exists():
         raise ConfigError(
-            f"the {args.nproc_per_node}-rank audit stopped (exit {done.returncode}) before "
+            f"the {args.nproc_per_node}-rank audit stopped (exit {returncode}) before "
             "writing its report; see the workers' messages above."
         )
     result = json.loads(report.read_text())
