@@ -175,6 +175,8 @@ def test_opacus_refuses_what_would_not_fit():
 
 
 def test_child_processes_get_the_openmp_spin_setting_unless_the_caller_has_one(monkeypatch):
+    """A short spin only for workloads whose catch-up draws half a noise-pool refill a step or
+    more (harness.openmp_env); the caller's own setting always wins."""
     from lazydp.bench import harness
 
     seen: list[dict[str, str]] = []
@@ -185,12 +187,21 @@ def test_child_processes_get_the_openmp_spin_setting_unless_the_caller_has_one(m
         return subprocess.CompletedProcess(cmd, 0)
 
     monkeypatch.setattr(harness.subprocess, "run", fake_run)
-    spec = BenchSpec("rmc1", 1e-5, 8, pooling=2, iterations=2, measure_last=1)
+    many = BenchSpec("rmc1", 1e-3, 2048, pooling=20, iterations=2, measure_last=1)  # 13M
+    few = BenchSpec("rmc1", 1e-3, 2048, pooling=1, iterations=2, measure_last=1)  # 655k
+    assert many.catch_up_values() == 10 * 2048 * 20 * 32
+    assert few.catch_up_values() == 10 * 2048 * 32
     monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
-    harness.run_interleaved_isolated([(spec, "sgd")])
+    harness.run_interleaved_isolated([(many, "sgd")])
+    harness.run_interleaved_isolated([(few, "sgd"), (few, "lazydp")])
+    harness.run_interleaved_isolated([(few, "sgd"), (many, "lazydp")])  # the larger decides
     monkeypatch.setenv("GOMP_SPINCOUNT", "7")
-    harness.run_interleaved_isolated([(spec, "sgd")])
-    assert [env["GOMP_SPINCOUNT"] for env in seen] == ["1000", "7"]
+    harness.run_interleaved_isolated([(many, "sgd")])
+    assert [env.get("GOMP_SPINCOUNT") for env in seen] == ["1000", None, "1000", "7"]
+    # Tables smaller than a batch's reads cap them; a model without tables draws nothing.
+    tiny = BenchSpec("rmc1", 1e-6, 2048, pooling=20, iterations=2, measure_last=1)
+    assert tiny.catch_up_values() == sum(tiny.model_config.table_rows) * 32
+    assert BenchSpec("rmc1", 1e-3, 64, dense_only=True).catch_up_values() == 0
 
 
 def test_suite_interleaves_a_subset_of_modes_and_isolates_the_rest():

@@ -13,14 +13,16 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
-#: OpenMP settings for processes that lazydp starts itself (the benchmark children). torch's CPU
-#: build uses libgomp, whose idle workers spin for ~300k iterations (milliseconds) after every
-#: parallel region before they sleep. Work on this pool that follows a torch op (the catch-up's
-#: noise refills) then shares a core with a spinning worker: on DLRM basic a 4M-value refill took
-#: 11.3 ms inside a step against 5.6 ms alone, and 6.0 ms with GOMP_SPINCOUNT=1000. Spinning 0
-#: costs every torch op a wake-up instead (basic steps 25% slower). libgomp reads the variable
-#: once, when torch loads it, so it cannot be set from inside a process that imported torch:
-#: set it in the environment of the training job (the README, next to tune_malloc).
+#: OpenMP settings for jobs whose steps draw much catch-up noise (the benchmark children that
+#: do: ``lazydp.bench.harness.openmp_env``). torch's CPU build uses libgomp, whose idle workers
+#: spin for ~300k iterations (milliseconds) after every parallel region before they sleep. Work
+#: on this pool that follows a torch op (the catch-up's noise refills) then shares a core with a
+#: spinning worker: on DLRM basic a 4M-value refill took 11.3 ms inside a step against 5.6 ms
+#: alone, and 6.0 ms with GOMP_SPINCOUNT=1000. But a short spin costs every torch op that
+#: follows Python work a wake-up: where refills are rare (rmc1 at pooling 1, one every ~6
+#: steps) lazydp's steps were ~13% slower with it (benchmarks/RESULTS.md, twenty-second
+#: session). libgomp reads the variable once, when torch loads it, so it cannot be set from
+#: inside a process that imported torch: set it in the environment of the training job.
 OPENMP_ENV = {"GOMP_SPINCOUNT": "1000"}
 
 _pools: dict[int, ThreadPoolExecutor] = {}

@@ -56,6 +56,7 @@ from lazydp.bench.workload import (
 )
 from lazydp.errors import ConfigError, LazyDPError
 from lazydp.malloc import tune_malloc
+from lazydp.noise_pool import POOL_NUMEL
 from lazydp.threads import OPENMP_ENV
 
 BENCH_MODES = ("sgd", "dpsgd_b", "dpsgd_r", "dpsgd_f", "lazydp")
@@ -446,7 +447,7 @@ def _run_child(kind: str, spec: BenchSpec | str, mode: str) -> Any:
         out = Path(tmp) / "result.json"
         cmd = [sys.executable, "-m", "lazydp.bench.harness", kind, spec_json,
                mode, str(out), str(torch.get_num_threads())]  # fmt: skip
-        env = {**OPENMP_ENV, **os.environ}  # the caller's own setting wins (lazydp/threads.py)
+        env = {**openmp_env(specs_of(spec_json)), **os.environ}  # the caller's setting wins
         env[_PARENT_ENV] = str(os.getpid())  # _die_with_parent: did we die before it ran?
         proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, check=False, env=env)
         if proc.returncode != 0 or not out.exists():
@@ -455,6 +456,26 @@ def _run_child(kind: str, spec: BenchSpec | str, mode: str) -> Any:
                 + (" (killed: out of memory?)" if proc.returncode in (-9, 137) else "")
             )
         return json.loads(out.read_text())
+
+
+def specs_of(spec_json: str) -> list[BenchSpec]:
+    """The specs a child times: one spec's JSON, or (interleaved) a JSON list of them."""
+    data = json.loads(spec_json)
+    return [BenchSpec(**d) for d in (data if isinstance(data, list) else [data])]
+
+
+def openmp_env(specs: list[BenchSpec]) -> dict[str, str]:
+    """The OpenMP settings a child timing ``specs`` runs under, every mode alike:
+    ``OPENMP_ENV`` (a short spin) when a step's catch-up draws half a noise-pool refill or
+    more (lazydp/threads.py: the refills' threads would share a core with a spinning OpenMP
+    worker), libgomp's default otherwise (rare refills: the spin spares every small torch op
+    a wake-up). Measured, lazydp / sgd with the short spin against without: rmc1 at 1M rows,
+    pooling 1 (655k values a step) 1.41-1.55 against 1.26-1.39; pooling 20 (13M) 1.62-1.72
+    against 1.69-1.91; basic (3.4M) 1.21-1.26 against 1.24-1.28 (benchmarks/RESULTS.md,
+    twenty-second session)."""
+    if max((s.catch_up_values() for s in specs), default=0) >= POOL_NUMEL // 2:
+        return dict(OPENMP_ENV)
+    return {}
 
 
 def _die_with_parent() -> None:
@@ -482,7 +503,7 @@ def _child_main(argv: list[str]) -> None:
     tune_malloc()  # as the parent command did (lazydp/malloc.py)
     torch.set_num_threads(int(threads))
     if kind in ("interleaved", _SHARED):
-        specs = [BenchSpec(**d) for d in json.loads(spec_json)]
+        specs = specs_of(spec_json)
         pairs = list(zip(specs, mode.split(","), strict=True))
         results = time_interleaved(pairs, shared=kind == _SHARED)
         for r in results:

@@ -155,6 +155,15 @@ class BenchSpec:
         cfg = self.model_config
         return 0 if self.dense_only else cfg.total_rows * cfg.embedding_dim * 4
 
+    def catch_up_values(self) -> int:
+        """At most how many noise values LazyDP's catch-up draws a step: every table's distinct
+        rows of a batch (at most batch x pooling, at most the table) times the dimension."""
+        if self.dense_only:
+            return 0
+        cfg = self.model_config
+        reads = self.batch_size * cfg.pooling
+        return sum(min(reads, rows) for rows in cfg.table_rows) * cfg.embedding_dim
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
