@@ -9,6 +9,7 @@ the margins they pass and fail by are recorded in benchmarks/RESULTS.md.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 
@@ -226,9 +227,16 @@ def test_the_audit_refuses_what_it_cannot_audit():
 
 
 # -- the command ----------------------------------------------------------------------------
-def test_lazydp_audit_writes_its_report_and_fails_loudly_on_a_refuted_claim(tmp_path, capsys):
+def test_lazydp_audit_writes_its_report_and_fails_loudly_on_a_refuted_claim(
+    tmp_path, capsys, monkeypatch
+):
+    import lazydp.audit
     from lazydp.cli import main
 
+    # The command trains on OS-entropy noise: a correct run fails one of its tests about 1 run
+    # in 1000 (spec test: 4 of 5000 simulated), and two runs below must pass. A fixed noise
+    # seed makes them pass or fail for good.
+    monkeypatch.setattr(lazydp.audit, "canary_audit", functools.partial(canary_audit, noise_seed=4))
     args = ["audit", "--canaries", "4000", "--seed", "3", "--json"]
     assert main([*args, "--out", str(tmp_path / "ok")]) == 0
     out = capsys.readouterr().out
