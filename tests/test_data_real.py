@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
 from lazydp.data.parquet import ParquetDataset
-from lazydp.data.real import load_builtin
+from lazydp.data.real import default_cache_dir, load_builtin
 from lazydp.errors import ConfigError
 
 
@@ -32,6 +33,12 @@ def test_movielens_builtin(tmp_path):
     meta = json.loads((root / "metadata.json").read_text())
     assert meta["rows"]["train"] + meta["rows"]["test"] == 100_004
     assert [c["multi_valued"] for c in meta["schema"]["categorical"]] == [False, False, True]
+
+
+def test_the_tests_build_builtins_in_a_cache_of_their_own():
+    # tests/conftest.py: never the user's ~/.cache/lazydp (stale entries of other commits,
+    # other sessions writing the same entry).
+    assert default_cache_dir() != Path.home() / ".cache" / "lazydp"
 
 
 def test_unknown_builtin():
