@@ -99,3 +99,29 @@ def test_normal_each_draws_every_tensor_in_one_call():
         out = [torch.zeros(2), torch.zeros(3)]
         GaussianNoise(seed=1).normal_each_(out, std=0.5)
         assert all(bool((t == 1.0).all()) for t in out)
+
+
+def test_a_pool_serves_small_float32_buffers_and_every_value_is_used_once() -> None:
+    """With a pool (DPOptimizer's, on a stream of its own), a float32 CPU buffer of at most
+    half a refill takes its noise from the pool: no generator call of its own per step, every
+    value handed out once, the same Gaussian; float64, larger buffers and the test override
+    keep the stream's own draws."""
+    from lazydp.noise_pool import POOL_NUMEL, NoisePool
+
+    noise, pool = GaussianNoise(seed=8), NoisePool(GaussianNoise(seed=9))
+    shapes = [(33, 5), (7,), (256, 64)]
+    params = [torch.zeros(s) for s in shapes]
+    steps = [noisy_dense_grads([(None, p) for p in params], noise, 1.3, B, PhaseTimer(), pool)]
+    steps += [noisy_dense_grads([(None, p) for p in params], noise, 1.3, B, PhaseTimer(), pool)]
+    assert noise.calls == 0 and pool.noise.calls == 1  # one refill serves both steps
+    flat = torch.cat([g.flatten() * B for grads in steps for g in grads])
+    heads = [g.flatten()[:5].numpy().tobytes() for grads in steps for g in grads]
+    assert len(set(heads)) == len(heads)  # no stretch of the pool handed out twice
+    assert bool((steps[0][2] != steps[1][2]).float().mean() > 0.999)
+    assert_gaussian(flat, 1.3)
+    for dtype, n in ((torch.float64, 10), (torch.float32, POOL_NUMEL // 2 + 1)):
+        noisy_dense_grads([(None, torch.zeros(n, dtype=dtype))], noise, 1.0, B, PhaseTimer(), pool)
+    assert noise.calls == 2 and pool.noise.calls == 1
+    with constant_noise(2.0):
+        (g,) = noisy_dense_grads([(None, torch.zeros(3))], noise, 0.5, B, PhaseTimer(), pool)
+    assert g.tolist() == [1.0 / B] * 3

@@ -101,6 +101,7 @@ def test_a_bad_part_late_in_the_checkpoint_leaves_the_model_as_it_was(tmp_path):
     assert pending > 0
     broken = {
         "pool": lambda s: s["lazy"]["pool"].update(pos=-5),
+        "dense_pool": lambda s: s["lazy"]["dense_pool"].update(call="x"),
         "history": lambda s: s["lazy"]["tables"][0].update(
             applied=torch.zeros(3, dtype=torch.int32)
         ),

@@ -261,6 +261,9 @@ class DPOptimizer(OptimizerGroup):
         self.lazy: dict[nn.Parameter, LazyTable] = {}
         self._prefixes: dict[tuple[int, int], LrPrefix | MomentumPrefix] = {}
         self._pool: NoisePool | None = None
+        # The dense parameters' noise, drawn ahead in large batches too (optim/eager.py), on a
+        # stream of its own past the tables' and the catch-up's.
+        self._dense_pool = NoisePool(noise.fork(2 + len(self.tables)))
         self._check_optimizers()
         if privacy.mode == "lazydp":
             self._make_lazy()
@@ -775,6 +778,7 @@ class DPOptimizer(OptimizerGroup):
             p.noise_std,
             p.expected_batch_size,
             self.timer,
+            self._dense_pool,
         )
         for q, grad in zip(dense, grads):
             if q in self._padding_row:
@@ -878,6 +882,7 @@ class DPOptimizer(OptimizerGroup):
             "tables": [t.state_dict() for t in self.lazy.values()],
             "prefixes": [pr.state_dict() for pr in self._prefixes.values()],
             "pool": self._pool.state_dict() if self._pool is not None else None,
+            "dense_pool": self._dense_pool.state_dict(),
         }
 
     def check_state_dicts(self, optimizer_state: Any, lazy_state: Any) -> None:
@@ -889,6 +894,8 @@ class DPOptimizer(OptimizerGroup):
         """Restore what :meth:`lazy_state_dict` saved (checked first by check_state_dicts)."""
         if self._pool is not None and state.get("pool") is not None:  # older checkpoints: none
             self._pool.load_state_dict(state["pool"])  # validated first: raises before any change
+        if state.get("dense_pool") is not None:  # older checkpoints: none (it starts afresh)
+            self._dense_pool.load_state_dict(state["dense_pool"])
         self.steps_done = int(state["steps_done"])
         self._flushed_at = -1
         for t, s in zip(self.lazy.values(), state["tables"]):

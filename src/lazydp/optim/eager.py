@@ -13,7 +13,8 @@ from torch import Tensor
 
 from lazydp._timing import PhaseTimer
 from lazydp.clipping._base import ClippedSum, SparseRows
-from lazydp.noise import CHUNK_NUMEL, GaussianNoise
+from lazydp.noise import CHUNK_NUMEL, GaussianNoise, active_override
+from lazydp.noise_pool import NoisePool
 from lazydp.optim.rows import add_rows_
 
 
@@ -24,6 +25,7 @@ def noisy_dense_grads(
     noise_std: float,
     expected_batch_size: float,
     timer: PhaseTimer,
+    pool: NoisePool | None = None,
 ) -> list[Tensor]:
     """(sum_i c_i g_i + N(0, noise_std^2)) / B_expected as a dense gradient for each
     (clipped sum, parameter) pair.
@@ -33,6 +35,11 @@ def noisy_dense_grads(
     not depend on the thread count) that the threads share, and the sums are merged with two
     multi-tensor ops instead of a clone, an add and a divide per tensor. A row-sparse sum is
     added into its view by row: no second table-sized tensor.
+
+    ``pool`` (its own stream): a float32 CPU buffer it serves takes its noise from there, drawn
+    ahead many steps at a time. A generator call costs a fixed set-up and runs on one thread
+    below a chunk: rmc1's 80k MLP values took 0.52 ms a step as one call inside a step (0.2 ms
+    alone in a loop), against a 4M-value refill every ~50 steps on both threads.
     """
     grads: dict[int, Tensor] = {}
     kinds: dict[tuple[torch.dtype, torch.device], list[int]] = {}
@@ -42,10 +49,12 @@ def noisy_dense_grads(
         likes = [clipped[i][1] for i in index]
         flat = torch.empty(sum(q.numel() for q in likes), dtype=dtype, device=device)
         with timer.phase("noise"):
-            if noise_std > 0:
-                noise.normal_each_(_balanced_pieces(flat), noise_std)
-            else:
+            if noise_std <= 0:
                 flat.zero_()
+            elif pool is not None and _pool_serves(pool, flat):
+                torch.mul(pool.standard(flat.numel()), noise_std, out=flat)
+            else:
+                noise.normal_each_(_balanced_pieces(flat), noise_std)
         views = [v.view_as(q) for v, q in zip(flat.split([q.numel() for q in likes]), likes)]
         with timer.phase("merge"):
             dense: list[tuple[Tensor, Tensor]] = []
@@ -61,6 +70,17 @@ def noisy_dense_grads(
         for i, view in zip(index, views):
             grads[i] = view
     return [grads[i] for i in range(len(clipped))]
+
+
+def _pool_serves(pool: NoisePool, flat: Tensor) -> bool:
+    """Whether ``flat``'s noise comes from ``pool``: float32 on the CPU, at most half a refill,
+    and no test override (which the stream's own draws apply)."""
+    return (
+        flat.dtype == torch.float32
+        and flat.device.type == "cpu"
+        and pool.serves(flat.numel())
+        and active_override() is None
+    )
 
 
 def _balanced_pieces(flat: Tensor) -> list[Tensor]:

@@ -179,5 +179,6 @@ def check_lazy_state(
             behind[table.padding_idx] = False  # never caught up: it owes nothing
         if frozen < 0 and rows and bool(behind.any()):
             raise _refuse(f"history table {k} holds steps before its prefix's rebase at {base}")
-    if state.get("pool") is not None:
-        NoisePool.check_state(state["pool"])
+    for key in ("pool", "dense_pool"):
+        if state.get(key) is not None:
+            NoisePool.check_state(state[key])
