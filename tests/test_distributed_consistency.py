@@ -1,5 +1,6 @@
 """Two gloo ranks: ranks that disagree are refused alike on every rank (settings at make_private,
-checkpoint steps at resume), and a sharded table follows its LR schedule after a resume."""
+checkpoint steps at resume, a step one rank refuses), and a sharded table follows its LR schedule
+after a resume."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from lazydp import ConfigError, PrivacyError
+from lazydp import ConfigError, InputError, PrivacyError
 from lazydp.distributed import DistributedPrivacyEngine, ShardedEmbeddingBag
+from lazydp.errors import LazyDPError
 from lazydp.ledger import PrivacyLedger, StepEvent
 from lazydp.testing import constant_noise
 from lazydp.training import _over_ranks
@@ -164,6 +166,130 @@ def _uneven_worker(rank: int, world: int, store_path: str, out_dir: str) -> None
     except Exception:  # noqa: BLE001 -- a group broken by a refusal: the results are saved
         pass
     dist.destroy_process_group()
+
+
+class _TablesOnly(torch.nn.Module):
+    """No dense parameter: no all-reduce bucket to carry the ranks' votes on a step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.bag = torch.nn.EmbeddingBag(30, 4, mode="sum")
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        return self.bag(ids).sum(1)
+
+
+def _build_tables_only() -> tuple[Any, Any, DistributedPrivacyEngine]:
+    model = _TablesOnly()
+    engine = DistributedPrivacyEngine(seed=3)
+    model, opt, _ = engine.make_private(
+        module=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.3),
+        data_loader=_dataset_loader(),
+        noise_multiplier=SIGMA,
+        max_grad_norm=CLIP,
+        mode="dpsgd_f",
+    )
+    return model, opt, engine
+
+
+def _skipping_refused(rank: int, spoil: Any, mode: str, sharded: bool) -> dict[str, Any]:
+    """Three steps of a loop that skips a step refused with a lazydp error; ``spoil(rank, step,
+    model, opt, x)`` may spoil one rank's step 1. Mode "tables": _TablesOnly under dpsgd_f."""
+    if mode == "tables":
+        model, opt, engine = _build_tables_only()
+    else:
+        model, opt, _, engine = _build(rank, seed=3, mode=mode, sharded=sharded)
+    errors: list[str | None] = []
+    for step in range(3):
+        g = torch.Generator().manual_seed(100 * step + rank)
+        x, ids = torch.randn(4, 3, generator=g), torch.randint(0, 20, (4, 2), generator=g)
+        y = (torch.rand(4, generator=g) < 0.5).float()
+        undo = spoil(rank, step, model, opt, x)
+        opt.zero_grad()
+        loss_fn(model(x, ids), y).backward()
+        try:
+            opt.step()
+            errors.append(None)
+        except LazyDPError as exc:
+            errors.append(f"{type(exc).__name__}: {exc}")
+        if undo is not None:
+            undo()
+    shard = isinstance(model.bag, ShardedEmbeddingBag)
+    weights = [model.bag.gather_weight()] if shard else []
+    weights += [
+        p.detach().clone() for n, p in model.named_parameters() if not shard or "bag" not in n
+    ]
+    charged = (engine.ledger.steps, opt.steps_with_data)
+    return {"errors": errors, "charged": charged, "weights": weights}
+
+
+def _nan_features(rank: int, step: int, model: Any, opt: Any, x: torch.Tensor) -> None:
+    if (rank, step) == (0, 1):
+        x[0, 0] = float("nan")  # a data problem in one rank's batch
+
+
+def _hook(rank: int, step: int, model: Any, opt: Any, x: torch.Tensor) -> Any:
+    if (rank, step) == (1, 1):
+        return model.fc.weight.register_hook(lambda g: g).remove  # a set-up of one rank
+
+
+def _table_lr(rank: int, step: int, model: Any, opt: Any, x: torch.Tensor) -> Any:
+    if (rank, step) == (0, 1):
+        group = opt.originals[-1].param_groups[0]  # the table's SGD
+        lr, group["lr"] = group["lr"], -0.1  # an lr schedule gone wrong on one rank
+        return lambda: group.update(lr=lr)
+
+
+def _refusing_worker(rank: int, world: int, store_path: str, out_dir: str) -> None:
+    """One rank refuses a step: every rank must refuse it, none charge it, and the loop go on
+    (it skipped the refused step on one rank only: the others charged it and waited in its
+    all-reduce -- gloo's "Connection closed by peer", a hang, or one rank's next step paired
+    with the others' refused one)."""
+    join(rank, world, store_path, timeout_s=30)  # a regression fails fast, not in 30 minutes
+    results: dict[str, Any] = {}
+    for name, spoil, mode, sharded in (
+        ("nan", _nan_features, "dpsgd_f", False),
+        ("hook", _hook, "lazydp", False),  # replicated LazyDP tables: their check's collective
+        ("shard_lr", _table_lr, "lazydp", True),
+        ("tables_only", _table_lr, "tables", False),  # a collective of its own for the votes
+    ):
+        try:
+            results[name] = _skipping_refused(rank, spoil, mode, sharded)
+        except Exception as exc:  # noqa: BLE001 -- the other rank's broken collective
+            results[name] = f"{type(exc).__name__}: {exc}"
+    torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+    try:
+        dist.barrier()
+    except Exception:  # noqa: BLE001 -- a group broken by a regression: the results are saved
+        pass
+    dist.destroy_process_group()
+
+
+def test_a_step_one_rank_refuses_is_refused_on_every_rank_and_charged_on_none(
+    tmp_path: Path,
+) -> None:
+    ranks = spawn_two_ranks(_refusing_worker, tmp_path)
+    for name, refuser, kind, why in (
+        ("nan", 0, InputError, "NaN or Inf reached layer 'fc'"),
+        ("hook", 1, ConfigError, "carry gradient hooks"),
+        ("shard_lr", 0, ConfigError, "learning rate -0.1"),
+        ("tables_only", 0, ConfigError, "learning rate -0.1"),
+    ):
+        runs = [r[name] for r in ranks]
+        assert all(isinstance(run, dict) for run in runs), runs
+        for rank, run in enumerate(runs):
+            first, refused, last = run["errors"]
+            assert first is None and last is None  # the loop went on, on every rank alike
+            assert refused is not None and refused.startswith(f"{kind.__name__}: ")
+            assert why in refused
+            if rank != refuser:
+                assert f"rank {refuser} refused this step" in refused
+                assert "nothing was changed or charged on any rank" in refused
+            assert run["charged"] == (2, 2)  # the refused step on no rank
+        for mine, theirs in zip(runs[0]["weights"], runs[1]["weights"]):
+            assert torch.equal(mine, theirs)  # the replicas still agree
 
 
 @pytest.fixture(scope="module")

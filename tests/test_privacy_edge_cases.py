@@ -12,7 +12,13 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from lazydp import ConfigError, PrivacyEngine, PrivacyError, UnsupportedOptimizerError
+from lazydp import (
+    ConfigError,
+    InputError,
+    PrivacyEngine,
+    PrivacyError,
+    UnsupportedOptimizerError,
+)
 from lazydp.accounting import PLD_MAX_STEPS, MechanismCount, compute_epsilon
 from lazydp.cli import main
 from lazydp.ledger import PrivacyLedger, StepEvent
@@ -253,6 +259,32 @@ def test_steps_on_batches_the_private_loader_did_not_draw_are_flagged():
     assert any("UNVERIFIED SAMPLING" in c for c in engine.privacy_report(1e-3).caveats)
     with pytest.warns(UserWarning, match="did not draw"):  # the bare figure says so too
         engine.get_epsilon(1e-3)
+
+
+def test_a_refused_step_retried_on_its_batch_is_not_flagged_as_unsampled():
+    # The refused step counted as a step with data: its batch, cleaned and retried, then
+    # looked like a batch the private loader never drew (a false UNVERIFIED SAMPLING).
+    model = torch.nn.Linear(3, 1)
+    engine = PrivacyEngine()
+    model, opt, loader = engine.make_private(
+        module=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        data_loader=DataLoader(_data(64), batch_size=8),
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+    )
+    x, y = next(iter(loader))
+    spoiled = x.clone()
+    spoiled[0, 0] = float("nan")
+    for features in (spoiled, x):
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(features), y).backward()
+        try:
+            opt.step()
+        except InputError:
+            assert features is spoiled
+    assert engine.ledger.steps == 1
+    assert not any("UNVERIFIED" in c for c in engine.privacy_report(1e-3).caveats)
 
 
 class _TimeMajor(torch.nn.Module):

@@ -5,7 +5,9 @@ Contract (DESIGN.md invariant 7: a W-rank step equals the 1-rank step on the uni
   *its own* examples and summed them, and before noise: clipping happens per example, never
   on an averaged gradient. It replaces every value of ``sums`` by the sum over all ranks:
   - dense sums: flattened into buckets of at most ``bucket_cap_mb`` and all-reduced, one
-    collective per bucket (one per step for models under the cap);
+    collective per bucket (one per step for models under the cap); the first also carries each
+    rank's vote on the step, when the engine passes one (a step refused on one rank is then
+    refused on every rank, before the charge);
   - embedding-table sums: exchanged as rows -- sizes first, then one all-gather of every table's
     indices and one of every table's values (3 collectives per step for all tables together).
     A table gradient is never densified; the gathered rows stay uncoalesced (they add up).
@@ -31,6 +33,7 @@ from lazydp.distributed._comm import (
     all_gather_varlen,
     all_reduce_sum_,
     comm_device,
+    world,
 )
 from lazydp.errors import ConfigError
 from lazydp.optim.lazy import LazyTable
@@ -107,26 +110,49 @@ class ClippedSumReducer:
                 "exchanged in one buffer. Give every embedding table the same dtype."
             )
 
-    def __call__(self, sums: dict[nn.Parameter, ClippedSum]) -> None:
-        for bucket in self.buckets:
-            self._reduce_dense(bucket, sums)
+    def __call__(
+        self,
+        sums: dict[nn.Parameter, ClippedSum],
+        vote: int = 0,
+        agreed: Callable[[list[int]], None] | None = None,
+    ) -> None:
+        """Sum ``sums`` over the ranks. With ``agreed`` (there must be a dense bucket), the first
+        bucket's all-reduce also carries every rank's ``vote`` (a small int, one slot per rank)
+        and ``agreed(votes)`` runs right after it, before any other collective: the engine
+        agrees there whether to take the step (a refused one raises on every rank), at no
+        collective of its own."""
+        assert agreed is None or self.buckets, "no collective to carry the votes"
+        for k, bucket in enumerate(self.buckets):
+            votes = self._reduce_dense(bucket, sums, vote if agreed and k == 0 else None)
+            if agreed is not None and votes is not None:
+                agreed(votes)
         if self.tables:
             self._gather_rows(sums)
 
     def _reduce_dense(
-        self, bucket: list[nn.Parameter], sums: dict[nn.Parameter, ClippedSum]
-    ) -> None:
+        self, bucket: list[nn.Parameter], sums: dict[nn.Parameter, ClippedSum], vote: int | None
+    ) -> list[int] | None:
         parts = []
         for p in bucket:
             s = sums.get(p)
             if isinstance(s, SparseRows):  # a non-table parameter never gets rows; be safe
                 s = s.to_dense()
             parts.append(torch.zeros_like(p).view(-1) if s is None else s.detach().reshape(-1))
+        rank, size = world(self.group)
+        if vote is not None and size > 1:
+            # Exact in any float dtype: small ints, one rank's in each slot.
+            slots = torch.zeros(size, dtype=parts[0].dtype, device=parts[0].device)
+            slots[rank] = vote
+            parts.append(slots)
         flat = all_reduce_sum_(torch.cat(parts), self.group)
+        votes = None
+        if vote is not None:
+            votes = [int(v) for v in flat[-size:].tolist()] if size > 1 else [vote]
         offset = 0
         for p in bucket:
             sums[p] = flat[offset : offset + p.numel()].view_as(p)
             offset += p.numel()
+        return votes
 
     def _gather_rows(self, sums: dict[nn.Parameter, ClippedSum]) -> None:
         local = [_as_rows(sums.get(t), t) for t in self.tables]

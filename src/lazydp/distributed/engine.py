@@ -11,6 +11,9 @@ Contract (DESIGN.md invariant 7; every rank builds the same model and calls the 
   rank draws the same noise from a shared stream (rank 0 draws a seed from OS entropy and
   broadcasts it; with a user seed, that seed everywhere), so the global sum gets std sigma*C --
   not sqrt(W)*sigma*C -- and the replicas stay bit-identical.
+* A step refused on one rank (NaN in its batch, a setting changed there) is refused on every
+  rank and charged on none: the ranks vote in the step's first collective (the first dense
+  all-reduce bucket, or the replicas' check), and it is charged after that, before any noise.
 * LazyDP on replicated tables catches up the union of the rows all ranks read.
 * :class:`~lazydp.distributed.sharded.ShardedEmbeddingBag` tables are taken out of the wrapped
   optimizers (they must be plain SGD) and updated by their owners with independent per-rank
@@ -39,7 +42,7 @@ import hashlib
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from torch import nn
@@ -51,6 +54,7 @@ from lazydp.accounting import SAMPLERS
 from lazydp.distributed._comm import (
     ProcessGroup,
     all_gather_sizes,
+    all_gather_varlen,
     comm_device,
     shared_secret_seed,
     world,
@@ -58,12 +62,35 @@ from lazydp.distributed._comm import (
 from lazydp.distributed.data_parallel import ClippedSumReducer, union_catch_up_hook
 from lazydp.distributed.sharded import ShardedEmbeddingBag
 from lazydp.engine import MODES, PrivacyEngine, _atomic_save, released_state, seeded_root
-from lazydp.errors import ConfigError, PrivacyError, UnsupportedOptimizerError
+from lazydp.errors import (
+    ConfigError,
+    DataError,
+    InputError,
+    LazyDPError,
+    PrivacyError,
+    StorageError,
+    UnsupportedLayerError,
+    UnsupportedOptimizerError,
+)
 from lazydp.noise import GaussianNoise, rekeyed_state
 from lazydp.optim.dp_optimizer import sgd_step
 from lazydp.optim.lazy import SgdStep
 
 _SHARD_STREAM = 1 << 32  # seeded runs: shard streams live under (root, 2**32 + rank, table)
+
+#: The errors a rank that did not refuse a step raises as the refusing rank did (a loop that
+#: skips a batch on InputError then skips it on every rank); a refusal of any other type
+#: gives LazyDPError. A rank's vote on a step is 0, or 1 + the index of its refusal's type.
+_REFUSALS: tuple[type[LazyDPError], ...] = (
+    ConfigError,
+    InputError,
+    PrivacyError,
+    UnsupportedLayerError,
+    UnsupportedOptimizerError,
+    DataError,
+    StorageError,
+)
+_MESSAGE_MAX = 4000  # characters of a refusal sent to the other ranks
 
 
 class DistributedPrivacyEngine(PrivacyEngine):
@@ -98,6 +125,7 @@ class DistributedPrivacyEngine(PrivacyEngine):
         self.sharded: dict[str, ShardedEmbeddingBag] = {}
         self.reducer: ClippedSumReducer | None = None
         self._ledgers_at_start: list[int] = []
+        self._replicas = False  # replicated LazyDP tables on several ranks (_replica_draws)
 
     # ------------------------------------------------------------------ set-up
     def make_private(  # type: ignore[override]
@@ -186,9 +214,9 @@ class DistributedPrivacyEngine(PrivacyEngine):
             self.bucket_cap_mb,
         )
         opt.reduce_hook = self._reduce
-        replicas = bool(opt.lazy) and world(self.process_group)[1] > 1
-        if self.sharded or replicas:
-            opt.before_charge = functools.partial(self._before_charge, replicas)
+        if self.sharded:
+            opt.before_charge = self._check_shard_steps
+        self._replicas = bool(opt.lazy) and world(self.process_group)[1] > 1
         for p, table in opt.lazy.items():
             opt.tables[p].read_hook = self._timed(
                 union_catch_up_hook(
@@ -212,39 +240,85 @@ class DistributedPrivacyEngine(PrivacyEngine):
             self._hooks += self._table_hooks(m)
         return out
 
-    def _before_charge(self, replicas: bool) -> None:
-        """The step's checks that need the engine, before the ledger is charged: the sharded
-        tables' SGD settings (their update runs after the charge, in the reduce hook, where a
-        refusal of an lr gone negative left the step charged for nothing) and, with
-        ``replicas`` (replicated LazyDP tables on several ranks), that the replicas drew alike."""
+    def _check_shard_steps(self) -> None:
+        """The sharded tables' SGD settings, checked with the step's other checks: their update
+        runs after the charge, in the reduce hook, where a refusal of an lr gone negative left
+        the step charged for nothing."""
         for m in self.sharded.values():
             m.check_step()
-        if replicas:
-            self._check_replicas_alike()
 
-    def _check_replicas_alike(self) -> None:
-        """ConfigError on every rank alike, before the charge, if a rank flushed the replicated
-        LazyDP tables alone, or drew from the shared streams in any other way the others did
-        not (a collective each step; two floats per rank).
+    def _agreed(
+        self, refusal: Exception | None, charge: Callable[[], None], votes: list[int]
+    ) -> None:
+        """Right after the step's first collective, which carried every rank's vote (0: take
+        the step; else _refusal_code): if any rank refused the step, every rank raises and
+        none charges it (_refuse_step); else the step is charged.
+
+        Every check of a step runs on each rank alone, and NaN in one rank's batch, a hook or
+        an lr schedule changed on one rank fail there only: the other ranks charged the step
+        and waited in its first collective (gloo's "Connection closed by peer", or a hang while
+        the refusing rank lives on), or paired it with that rank's next step."""
+        if any(votes):
+            self._refuse_step(refusal, votes)
+        charge()
+
+    def _gathered_votes(self, vote: int) -> list[int]:
+        """Every rank's vote in a collective of its own, which, with replicated LazyDP tables
+        on several ranks, checks that the replicas drew alike (when no rank refused)."""
+        draws = self._replica_draws() if self._replicas else {}
+        table = self._gather_values({"refused": vote} | draws)
+        votes = [int(x) for x in table[:, 0].tolist()]
+        if draws and not any(votes):
+            self._check_ranks_agree(
+                draws,
+                "a rank drew from the noise streams the ranks share alone -- a full flush of the "
+                "replicated LazyDP tables (model.state_dict(), engine.flush(), export() or "
+                "save_checkpoint() on one rank only) or a forward of a rank not in step -- so "
+                "the replicas now differ. Do these on every rank at the same step (rank 0 may "
+                "then write the file alone), and resume every rank from the last checkpoint. "
+                "Nothing was charged.",
+                ConfigError,
+                table[:, 1:],
+            )
+        return votes
+
+    def _replica_draws(self) -> dict[str, float]:
+        """What every rank must agree on, before the charge, when replicated LazyDP tables are
+        on several ranks: whether a rank flushed them alone, or drew from the shared streams
+        in any other way the others did not (two floats per rank).
 
         A full flush draws from the noise stream every rank shares: done by one rank only
         (``if rank == 0: model.state_dict()``, the DDP idiom for a snapshot), that rank's
         stream runs ahead, and from then on its replica draws other catch-up noise than the
         others -- the replicas drift apart silently."""
         assert self.optimizer is not None and self.noise is not None
-        self._check_ranks_agree(
-            {
-                "step of the last full LazyDP flush": self.optimizer._flushed_at,
-                # shard streams (and theirs below) are each rank's own: left out
-                "draws on the shared noise streams": self.noise.calls_below(_SHARD_STREAM),
-            },
-            "a rank drew from the noise streams the ranks share alone -- a full flush of the "
-            "replicated LazyDP tables (model.state_dict(), engine.flush(), export() or "
-            "save_checkpoint() on one rank only) or a forward of a rank not in step -- so the "
-            "replicas now differ. Do these on every rank at the same step (rank 0 may then "
-            "write the file alone), and resume every rank from the last checkpoint. Nothing "
-            "was charged.",
-            ConfigError,
+        return {
+            "step of the last full LazyDP flush": self.optimizer._flushed_at,
+            # shard streams (and theirs below) are each rank's own: left out
+            "draws on the shared noise streams": self.noise.calls_below(_SHARD_STREAM),
+        }
+
+    def _refuse_step(self, refusal: Exception | None, codes: list[int]) -> NoReturn:
+        """After a vote with refusals (``codes``, by rank): every rank's error message is
+        gathered (a collective, on this path only); a refusing rank raises its own error, the
+        others one of the same type naming the first rank that refused, with its message."""
+        text = "" if refusal is None else f"{type(refusal).__name__}: {refusal}"[:_MESSAGE_MAX]
+        data = torch.tensor(list(text.encode()), dtype=torch.uint8)
+        device = comm_device(self.process_group)
+        counts = all_gather_sizes(torch.tensor([data.numel()], device=device), self.process_group)
+        sizes = counts.view(-1).tolist()
+        raw = all_gather_varlen(data.to(device), sizes, self.process_group).cpu()
+        if refusal is not None:
+            raise refusal
+        refused = [r for r, code in enumerate(codes) if code]
+        first = refused[0]
+        start = sum(sizes[:first])
+        message = bytes(raw[start : start + sizes[first]].tolist()).decode(errors="replace")
+        also = f" (ranks {refused} refused it: see each one's output)" if len(refused) > 1 else ""
+        error = _REFUSALS[codes[first] - 1] if codes[first] <= len(_REFUSALS) else LazyDPError
+        raise error(
+            f"rank {first} refused this step{also}, so every rank refuses it: nothing was changed "
+            f"or charged on any rank. Rank {first}'s error (see its output): {message}"
         )
 
     def _check_same_start(self, module: nn.Module) -> None:
@@ -271,15 +345,26 @@ class DistributedPrivacyEngine(PrivacyEngine):
             ConfigError,
         )
 
-    def _check_ranks_agree(
-        self, values: dict[str, Any], advice: str, error: type[Exception]
-    ) -> None:
-        """Raise ``error`` on every rank alike if any value differs between ranks (a collective)."""
+    def _gather_values(self, values: dict[str, Any]) -> torch.Tensor:
+        """Every rank's ``values`` as float64 (NaN for one that is no number), one row per rank
+        in rank order (a collective)."""
         numbers = [
             float(x) if isinstance(x, int | float) else float("nan") for x in values.values()
         ]
         mine = torch.tensor(numbers, dtype=torch.float64, device=comm_device(self.process_group))
-        table = all_gather_sizes(mine, self.process_group).cpu()
+        return all_gather_sizes(mine, self.process_group).cpu()
+
+    def _check_ranks_agree(
+        self,
+        values: dict[str, Any],
+        advice: str,
+        error: type[Exception],
+        table: torch.Tensor | None = None,
+    ) -> None:
+        """Raise ``error`` on every rank alike if any value differs between ranks (a collective,
+        unless ``table`` holds them gathered already: _gather_values)."""
+        if table is None:
+            table = self._gather_values(values)
         differ = [
             f"{name} {table[:, i].tolist()}"
             for i, name in enumerate(values)
@@ -330,9 +415,25 @@ class DistributedPrivacyEngine(PrivacyEngine):
 
         return timed
 
-    def _reduce(self, sums: dict[nn.Parameter, Any]) -> None:
+    def _reduce(
+        self,
+        sums: dict[nn.Parameter, Any],
+        refusal: Exception | None,
+        charge: Callable[[], None],
+    ) -> None:
+        """``reduce_hook``: the ranks agree on the step (refused on any rank: raised on every
+        rank, _agreed), it is charged, the clipped sums are summed over the ranks, and the
+        sharded tables updated. The vote rides on the step's first collective: the replicas'
+        check (replicated LazyDP tables), else the first dense all-reduce bucket; a model with
+        neither (tables only) takes one tiny collective of its own."""
         assert self.reducer is not None
-        self.reducer(sums)
+        vote = _refusal_code(refusal)
+        agreed = functools.partial(self._agreed, refusal, charge)
+        if self._replicas or not self.reducer.buckets:
+            agreed(self._gathered_votes(vote))
+            self.reducer(sums)
+        else:
+            self.reducer(sums, vote, agreed)
         for m in self.sharded.values():
             m.apply_clipped_sum(sums.pop(m.weight, None))
 
@@ -414,9 +515,10 @@ class DistributedPrivacyEngine(PrivacyEngine):
     def _ledger_steps_by_rank(self) -> list[int]:
         """Each rank's charged-step count now, known without a collective (rank 0 saves a
         checkpoint alone): every completed step charged every rank once, so the counts keep
-        the differences they had at make_private. After a crash they differ (a rank charged a
-        step whose all-reduce never finished), and a checkpoint stamped with the writer's count
-        alone was refused at the next resume on a rank that charged one step less."""
+        the differences they had at make_private. After a crash they can differ (one rank died
+        between the step's vote and its charge, the others charged it), and a checkpoint
+        stamped with the writer's count alone was refused at the next resume on a rank that
+        charged one step less."""
         if not self._ledgers_at_start:
             return [self.ledger.steps]
         rank = world(self.process_group)[0]
@@ -471,6 +573,16 @@ class DistributedPrivacyEngine(PrivacyEngine):
             if name in self.sharded:
                 self.sharded[name].load_training_state_dict(state)
         return extra
+
+
+def _refusal_code(refusal: Exception | None) -> int:
+    """0 for no refusal, 1 + its index in _REFUSALS, or one past them for another error."""
+    if refusal is None:
+        return 0
+    for k, kind in enumerate(_REFUSALS):
+        if isinstance(refusal, kind):
+            return 1 + k
+    return 1 + len(_REFUSALS)
 
 
 def _ledger_steps_saved(state: dict[str, Any], path: str | os.PathLike[str]) -> list[int]:

@@ -268,8 +268,16 @@ class DPOptimizer(OptimizerGroup):
         if privacy.mode == "lazydp":
             self._make_lazy()
         # Hooks the engine sets: after each step (distributed reduction, checkpoints).
-        self.reduce_hook: Callable[[dict[nn.Parameter, ClippedSum]], None] | None = None
-        # Called right before the charge (the distributed engine checks its replicas there).
+        # reduce_hook(sums, refusal, charge) sums the clipped sums over the ranks, in place. It
+        # also takes the step's refusal on this rank (then sums is empty), and agrees on it
+        # with the other ranks in its first collective: if any rank refused, it raises on
+        # every rank and nobody charges; else it calls charge() before anything changes.
+        self.reduce_hook: (
+            Callable[[dict[nn.Parameter, ClippedSum], Exception | None, Callable[[], None]], None]
+            | None
+        ) = None
+        # Called last among the step's checks (the distributed engine checks its sharded
+        # tables' settings there); local, no collective.
         self.before_charge: Callable[[], None] | None = None
         # The private loader's DPDataLoader.check_rows: None when a step's rows fit a batch it
         # yielded, else the most examples a waiting batch holds.
@@ -484,6 +492,60 @@ class DPOptimizer(OptimizerGroup):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        refusal: Exception | None = None
+        try:
+            batch, lazy_steps, sums = self._checked_sums()
+        except Exception as exc:
+            if self.reduce_hook is None:
+                raise
+            # Refused on this rank alone, the step was charged on the others, which then
+            # waited in its first collective: gloo's "Connection closed by peer", a hang while
+            # this rank lives on, or its next step's all-reduce paired with theirs. The reduce
+            # hook makes every rank refuse it instead, and none charge it.
+            refusal, batch, lazy_steps, sums = exc, 0, {}, {}
+        if self.reduce_hook is None:
+            self._charge()
+        else:
+            with self.timer.phase("all_reduce"):
+                self.reduce_hook(sums, refusal, self._charge)
+            if refusal is not None:  # the hook raises first; never go on with no sums
+                raise refusal
+        # Counted once charged: a refused step that counted made a retry of its batch look
+        # like a step on a batch the private loader never drew (UNVERIFIED SAMPLING).
+        self.steps_with_data += batch > 0
+        self._update(sums, lazy_steps)
+        cap = self.capture
+        cap.clear("step")
+        cap.mark_buffers()  # dpsgd_r's second pass restored them (a new version)
+        return loss
+
+    def _charge(self) -> None:
+        """Charge the step to the ledger: after every check, before any noise is drawn (DP
+        invariant 6)."""
+        p = self.privacy
+        where = None
+        if p.sampler == "shuffle" and self.shuffle_position is not None:
+            where = self.shuffle_position()  # (lineage, position): see shuffle_epochs.py
+        self.ledger.charge(
+            StepEvent(
+                step=self.ledger.steps,
+                sample_rate=p.sample_rate,
+                noise_multiplier=p.noise_multiplier,
+                max_grad_norm=p.max_grad_norm,
+                mode=p.mode,
+                sampler=p.sampler,
+                rank=self.rank,
+                position=None if where is None else where[1],
+                lineage=None if where is None else where[0],
+            )
+        )
+
+    def _checked_sums(
+        self,
+    ) -> tuple[int, dict[nn.Parameter, SgdStep], dict[nn.Parameter, ClippedSum]]:
+        """Every check of the step, then the clip factors and clipped sums (which release
+        nothing): (batch size, the lazy tables' SGD steps, the clipped sums). Raises before
+        anything is changed or charged."""
         p = self.privacy
         cap = self.capture
         self._check_step_count()
@@ -503,7 +565,6 @@ class DPOptimizer(OptimizerGroup):
         # An empty Poisson batch has no per-example work; it still gets noise and is charged.
         calls = {layer.name: layer.calls() if batch else [] for layer in cap.layers}
         self._check_batch(batch, calls)
-        self.steps_with_data += batch > 0
         # A mean-reduced loss scales every output gradient by 1/B. Rather than rescaling them all,
         # fold B into the norms (x B^2) and into the clip factors (x B) -- the same numbers.
         scale = float(batch) if p.loss_reduction == "mean" else 1.0
@@ -555,30 +616,7 @@ class DPOptimizer(OptimizerGroup):
 
         if self.before_charge is not None:
             self.before_charge()
-        where = None
-        if p.sampler == "shuffle" and self.shuffle_position is not None:
-            where = self.shuffle_position()  # (lineage, position): see shuffle_epochs.py
-        # Charged before any noise is drawn (DP invariant 6).
-        self.ledger.charge(
-            StepEvent(
-                step=self.ledger.steps,
-                sample_rate=p.sample_rate,
-                noise_multiplier=p.noise_multiplier,
-                max_grad_norm=p.max_grad_norm,
-                mode=p.mode,
-                sampler=p.sampler,
-                rank=self.rank,
-                position=None if where is None else where[1],
-                lineage=None if where is None else where[0],
-            )
-        )
-        if self.reduce_hook is not None:
-            with self.timer.phase("all_reduce"):
-                self.reduce_hook(sums)
-        self._update(sums, lazy_steps)
-        cap.clear("step")
-        cap.mark_buffers()  # dpsgd_r's second pass restored them (a new version)
-        return loss
+        return batch, lazy_steps, sums
 
     def _check_attached(self) -> None:
         """ConfigError (before the closure and the charge) for a step after engine.detach().
