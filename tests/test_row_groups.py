@@ -147,7 +147,9 @@ def test_int32_keyed_sort_groups_like_the_int64_one(num_rows: int | None) -> Non
 
 
 @pytest.mark.parametrize(
-    "n,num_rows", [(1, 1), (2, 2), (2048, 50), (2048, 10**6), (16_383, 10**9), (100, 2**52)]
+    "n,num_rows",
+    [(1, 1), (2, 2), (2048, 50), (2048, 2**21), (2048, 2**21 + 1), (2048, 10**6), (16_383, 10**9)]
+    + [(100, 2**52)],
 )
 def test_packed_sort_orders_like_torchs_stable_sort(n: int, num_rows: int) -> None:
     # Small CPU batches take a numpy sort of (id, position) keys; ties must keep input order.

@@ -50,13 +50,22 @@ def _packs(ids: Tensor, num_rows: int) -> bool:
     )
 
 
-def _packed_sort(ids: Tensor) -> tuple[Tensor, Tensor]:
+def _packed_sort(ids: Tensor, num_rows: int) -> tuple[Tensor, Tensor]:
     """torch.sort(ids, stable=True) for a few thousand CPU ids, about twice as fast: each key is
     id * 2^k + position, so the keys are distinct and a plain (unstable, values-only) numpy sort
     orders them as a stable sort would (2048 ids: 40-47 against 80-87 us; from ~16k ids torch's
-    own parallel sort wins: 40k ids, 1.45 against 0.34-0.41 ms)."""
+    own parallel sort wins: 40k ids, 1.45 against 0.34-0.41 ms). Keys that fit 32 bits (ids
+    below 2^20 with 2048 of them) sort as uint32: 2048 keys in 20 against 37 us."""
     n = ids.numel()
     shift = max(n - 1, 1).bit_length()
+    if max(num_rows - 1, 1).bit_length() + shift <= 32:
+        keys32 = ids.numpy().astype(np.uint32)
+        keys32 <<= np.uint32(shift)
+        keys32 |= _positions32(n)
+        keys32.sort()
+        order32 = keys32 & np.uint32((1 << shift) - 1)
+        keys32 >>= np.uint32(shift)
+        return torch.from_numpy(keys32.astype(np.int64)), torch.from_numpy(order32.astype(np.int64))
     keys = np.left_shift(ids.numpy(), shift)
     keys |= _positions(n)  # in place: one temporary, not three
     keys.sort()
@@ -65,14 +74,15 @@ def _packed_sort(ids: Tensor) -> tuple[Tensor, Tensor]:
     return torch.from_numpy(keys), torch.from_numpy(order)
 
 
-def _readonly_arange(n: int) -> np.ndarray:
-    positions = np.arange(n, dtype=np.int64)
+def _readonly_arange(n: int, dtype: type = np.int64) -> np.ndarray:
+    positions: np.ndarray = np.arange(n, dtype=dtype)
     positions.flags.writeable = False
     return positions
 
 
-#: np.arange(n) as int64, kept for the next batch of the same size (read only).
+#: np.arange(n) as int64 (and as uint32), kept for the next batch of the same size (read only).
 _positions: ShapeCache[int, np.ndarray] = ShapeCache(_readonly_arange)
+_positions32: ShapeCache[int, np.ndarray] = ShapeCache(lambda n: _readonly_arange(n, np.uint32))
 
 
 class RowGroups:
@@ -94,7 +104,7 @@ class RowGroups:
             and _PACKED_SORT_MIN <= n < _INT32_SORT_MIN
             and _packs(ids, num_rows)
         ):
-            self.sorted, self.order = _packed_sort(ids)
+            self.sorted, self.order = _packed_sort(ids, num_rows)
         elif num_rows is not None and num_rows <= _INT32_ROWS and n >= _INT32_SORT_MIN:
             # int32 keys sort 1.5x faster (163k ids: 0.76 vs 1.20 ms); below ~16k ids the two
             # conversions cost what the sort saves.
