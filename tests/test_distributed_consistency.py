@@ -242,6 +242,30 @@ def _table_lr(rank: int, step: int, model: Any, opt: Any, x: torch.Tensor) -> An
         return lambda: group.update(lr=lr)
 
 
+def _retried_under_dpsgd_r(rank: int) -> dict[str, Any]:
+    """dpsgd_r on a model with a buffer: rank 1 refuses step 0 (a hook), takes the hook off, and
+    every rank retries the same step (same forward and backward, nothing was changed)."""
+    model, opt, _, engine = _build(rank, seed=3, mode="dpsgd_r", sharded=False)
+    model.register_buffer("scale", torch.ones(1))  # the second pass puts it back: a new version
+    g = torch.Generator().manual_seed(rank)
+    x, ids = torch.randn(4, 3, generator=g), torch.randint(0, 20, (4, 2), generator=g)
+    opt.zero_grad()
+    loss_fn(model(x, ids), (torch.rand(4, generator=g) < 0.5).float()).backward()
+    hook = model.fc.weight.register_hook(lambda g: g) if rank == 1 else None
+    errors: list[str | None] = []
+    for _ in range(2):
+        try:
+            opt.step()
+            errors.append(None)
+        except LazyDPError as exc:
+            errors.append(f"{type(exc).__name__}: {exc}")
+        if hook is not None:
+            hook.remove()
+            hook = None
+    weights = [p.detach().clone() for p in model.parameters()]
+    return {"errors": errors, "charged": engine.ledger.steps, "weights": weights}
+
+
 def _refusing_worker(rank: int, world: int, store_path: str, out_dir: str) -> None:
     """One rank refuses a step: every rank must refuse it, none charge it, and the loop go on
     (it skipped the refused step on one rank only: the others charged it and waited in its
@@ -259,6 +283,10 @@ def _refusing_worker(rank: int, world: int, store_path: str, out_dir: str) -> No
             results[name] = _skipping_refused(rank, spoil, mode, sharded)
         except Exception as exc:  # noqa: BLE001 -- the other rank's broken collective
             results[name] = f"{type(exc).__name__}: {exc}"
+    try:
+        results["retry_dpsgd_r"] = _retried_under_dpsgd_r(rank)
+    except Exception as exc:  # noqa: BLE001 -- the other rank's broken collective
+        results["retry_dpsgd_r"] = f"{type(exc).__name__}: {exc}"
     torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     try:
         dist.barrier()
@@ -267,10 +295,15 @@ def _refusing_worker(rank: int, world: int, store_path: str, out_dir: str) -> No
     dist.destroy_process_group()
 
 
+@pytest.fixture(scope="module")
+def refusing_ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    return spawn_two_ranks(_refusing_worker, tmp_path_factory.mktemp("dist-refusing"))
+
+
 def test_a_step_one_rank_refuses_is_refused_on_every_rank_and_charged_on_none(
-    tmp_path: Path,
+    refusing_ranks: list,
 ) -> None:
-    ranks = spawn_two_ranks(_refusing_worker, tmp_path)
+    ranks = refusing_ranks
     for name, refuser, kind, why in (
         ("nan", 0, InputError, "NaN or Inf reached layer 'fc'"),
         ("hook", 1, ConfigError, "carry gradient hooks"),
@@ -290,6 +323,23 @@ def test_a_step_one_rank_refuses_is_refused_on_every_rank_and_charged_on_none(
             assert run["charged"] == (2, 2)  # the refused step on no rank
         for mine, theirs in zip(runs[0]["weights"], runs[1]["weights"]):
             assert torch.equal(mine, theirs)  # the replicas still agree
+
+
+def test_a_step_refused_on_another_rank_can_be_retried_under_dpsgd_r(
+    refusing_ranks: list,
+) -> None:
+    # dpsgd_r's second pass on rank 0 put the model's buffers back (new versions) before the
+    # vote refused the step; its retry was then refused as a step whose buffers changed since
+    # the forward, on every rank, for good.
+    runs = [r["retry_dpsgd_r"] for r in refusing_ranks]
+    assert all(isinstance(run, dict) for run in runs), runs
+    for run in runs:
+        refused, retried = run["errors"]
+        assert refused is not None and "gradient hooks" in refused
+        assert retried is None
+        assert run["charged"] == 1
+    for mine, theirs in zip(runs[0]["weights"], runs[1]["weights"]):
+        assert torch.equal(mine, theirs)
 
 
 @pytest.fixture(scope="module")

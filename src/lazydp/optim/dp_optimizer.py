@@ -514,9 +514,7 @@ class DPOptimizer(OptimizerGroup):
         # like a step on a batch the private loader never drew (UNVERIFIED SAMPLING).
         self.steps_with_data += batch > 0
         self._update(sums, lazy_steps)
-        cap = self.capture
-        cap.clear("step")
-        cap.mark_buffers()  # dpsgd_r's second pass restored them (a new version)
+        self.capture.clear("step")
         return loss
 
     def _charge(self) -> None:

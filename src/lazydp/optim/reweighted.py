@@ -76,6 +76,10 @@ def check_reweighted(
         with torch.no_grad():
             for b, old in buffers:
                 b.copy_(old)
+        # The values the step's buffer check just accepted, in new versions: marked again, or
+        # a retry of this step (refused here, or on another rank after this pass) is refused
+        # as a step whose buffers changed since the forward.
+        cap.mark_buffers()
         for q, old_grad in zip(params, saved):
             q.grad = old_grad
 
