@@ -294,3 +294,65 @@ def test_lazy_momentum_replicas_agree_and_equal_one_process(ranks: list) -> None
         for r in range(2):
             got = ranks[r]["equiv/lazydp-momentum"][name]
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+class _HalfModel(nn.Module):
+    """A float16 layer (the first all-reduce bucket) and a bfloat16 table (replicated or
+    sharded): the clippers take their sums in float32."""
+
+    def __init__(self, sharded: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = nn.Linear(3, 4).half()
+        full = nn.EmbeddingBag(12, 4, mode="sum").to(torch.bfloat16)
+        self.bag = ShardedEmbeddingBag.from_full(full) if sharded else full
+        self.top = nn.Linear(8, 1)
+
+    def forward(self, x: torch.Tensor, bag: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = torch.cat([self.fc(x.half()).float(), self.bag(bag).float()], 1)
+        return self.top(h).squeeze(1)
+
+
+def _half_run(
+    engine: PrivacyEngine, rank: int, world: int, sharded: bool = False
+) -> dict[str, torch.Tensor]:
+    model = _HalfModel(sharded)
+    model, opt, _ = engine.make_private(
+        module=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.5),
+        data_loader=_dataset_loader(),
+        noise_multiplier=0.0,
+        max_grad_norm=CLIP,
+        mode="dpsgd_f",
+    )
+    for step, batch in enumerate(_batches()):  # step 1: rank 1's batch is empty
+        x, bag, emb, y = _local(batch, step, rank, world)
+        opt.zero_grad()
+        loss_fn(model(x, bag, emb), y).backward()
+        opt.step()
+    if sharded:
+        return {"bag.weight": model.bag.gather_weight()}
+    return _params(model)
+
+
+def _half_worker(rank: int, world: int, store_path: str, out_dir: str) -> None:
+    join(rank, world, store_path)
+    results = {
+        "half": _half_run(DistributedPrivacyEngine(), rank, world),
+        "half_sharded": _half_run(DistributedPrivacyEngine(), rank, world, sharded=True),
+    }
+    finish_rank(results, rank, out_dir)
+
+
+def test_half_precision_parameters_survive_an_empty_batch_on_one_rank(tmp_path: Path) -> None:
+    # The empty rank sent zeros in float16 / bfloat16, the others their float32 clipped sums:
+    # half the bytes, and gloo aborted every rank (SIGABRT) at the first empty Poisson batch.
+    ranks = spawn_two_ranks(_half_worker, tmp_path)
+    one = _half_run(PrivacyEngine(), 0, 1)
+    for name, want in one.items():
+        assert torch.equal(ranks[0]["half"][name], ranks[1]["half"][name]), name
+        torch.testing.assert_close(ranks[0]["half"][name], want, rtol=1e-2, atol=1e-3)
+    for rank in range(2):  # the sharded table's rows travel in float32 too
+        torch.testing.assert_close(
+            ranks[rank]["half_sharded"]["bag.weight"], one["bag.weight"], rtol=1e-2, atol=1e-3
+        )

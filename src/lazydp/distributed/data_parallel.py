@@ -56,12 +56,21 @@ def _buckets(params: Sequence[nn.Parameter], cap_bytes: int) -> list[list[nn.Par
     return out
 
 
+def sum_dtype(p: nn.Parameter) -> torch.dtype:
+    """The dtype every rank sends ``p``'s clipped sum in. The clippers take sums in at least
+    float32 (clipping/_base.py, ``widened``): a bfloat16 / float16 parameter's is float32 on a
+    rank with examples, and a rank without (an empty Poisson batch, a refused step) must send
+    the same bytes -- zeros in the parameter's dtype were half as many, and gloo aborted every
+    rank on the size mismatch."""
+    return torch.promote_types(p.dtype, torch.float32)
+
+
 def _as_rows(s: ClippedSum | None, like: nn.Parameter) -> SparseRows:
     """A table's clipped sum as rows (dpsgd_r on a dense-gradient table gives a dense sum)."""
     if s is None:
         return SparseRows(
             torch.empty(0, dtype=torch.long, device=like.device),
-            like.new_empty((0, like.shape[1])),
+            like.new_empty((0, like.shape[1]), dtype=sum_dtype(like)),
             like.shape[0],
         )
     if isinstance(s, SparseRows):
@@ -137,7 +146,12 @@ class ClippedSumReducer:
             s = sums.get(p)
             if isinstance(s, SparseRows):  # a non-table parameter never gets rows; be safe
                 s = s.to_dense()
-            parts.append(torch.zeros_like(p).view(-1) if s is None else s.detach().reshape(-1))
+            dtype = sum_dtype(p)
+            parts.append(
+                torch.zeros(p.numel(), dtype=dtype, device=p.device)
+                if s is None
+                else s.detach().reshape(-1).to(dtype)
+            )
         rank, size = world(self.group)
         if vote is not None and size > 1:
             # Exact in any float dtype: small ints, one rank's in each slot.
@@ -166,8 +180,9 @@ class ClippedSumReducer:
             torch.cat([r.indices for r in local]).to(device), counts.sum(1).tolist(), self.group
         )
         dim = torch.tensor(dims)
+        dtype = sum_dtype(self.tables[0])  # one dtype for all tables (checked at set-up)
         values = all_gather_varlen(
-            torch.cat([r.values.reshape(-1) for r in local]).to(device),
+            torch.cat([r.values.reshape(-1).to(dtype) for r in local]).to(device),
             (counts * dim).sum(1).tolist(),
             self.group,
         )

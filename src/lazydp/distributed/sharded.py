@@ -42,7 +42,13 @@ from lazydp.distributed._comm import (
     exchange_counts,
     world,
 )
-from lazydp.distributed.data_parallel import GATHER, UPDATE, check_same_exchange, read_kind
+from lazydp.distributed.data_parallel import (
+    GATHER,
+    UPDATE,
+    check_same_exchange,
+    read_kind,
+    sum_dtype,
+)
 from lazydp.errors import ConfigError, InputError, PrivacyError, UnsupportedLayerError
 from lazydp.noise import GaussianNoise
 from lazydp.optim.eager import eager_table_sgd
@@ -250,16 +256,17 @@ class ShardedEmbeddingBag(nn.Module):
         # Every rank alike, before the all-to-all and any change.
         step = self.check_step()
         group, dev = self.process_group, comm_device(self.process_group)
+        dtype = sum_dtype(self.weight)  # every rank's rows in one dtype, even with none
         if clipped is None:
             clipped = SparseRows(
                 torch.empty(0, dtype=torch.long, device=self.weight.device),
-                self.weight.new_empty((0, self.embedding_dim)),
+                self.weight.new_empty((0, self.embedding_dim), dtype=dtype),
                 self.num_embeddings,
             )
         clipped = clipped.coalesce()  # fewer rows on the wire
         order, send, recv = self._route(clipped.indices, UPDATE)
         ids = all_to_all_varlen(clipped.indices[order].to(dev), send, recv, group)
-        values = all_to_all_varlen(clipped.values[order].to(dev), send, recv, group)
+        values = all_to_all_varlen(clipped.values[order].to(dev, dtype), send, recv, group)
         local = SparseRows(
             torch.div(ids, self.world_size, rounding_mode="floor").to(self.weight.device),
             values.to(self.weight.device),
