@@ -4,6 +4,7 @@ after a resume."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -194,13 +195,15 @@ def _build_tables_only() -> tuple[Any, Any, DistributedPrivacyEngine]:
     return model, opt, engine
 
 
-def _skipping_refused(rank: int, spoil: Any, mode: str, sharded: bool) -> dict[str, Any]:
+def _skipping_refused(
+    rank: int, spoil: Any, mode: str, sharded: bool, ledger: Path | None = None
+) -> dict[str, Any]:
     """Three steps of a loop that skips a step refused with a lazydp error; ``spoil(rank, step,
     model, opt, x)`` may spoil one rank's step 1. Mode "tables": _TablesOnly under dpsgd_f."""
     if mode == "tables":
         model, opt, engine = _build_tables_only()
     else:
-        model, opt, _, engine = _build(rank, seed=3, mode=mode, sharded=sharded)
+        model, opt, _, engine = _build(rank, seed=3, mode=mode, sharded=sharded, ledger=ledger)
     errors: list[str | None] = []
     for step in range(3):
         g = torch.Generator().manual_seed(100 * step + rank)
@@ -242,6 +245,13 @@ def _table_lr(rank: int, step: int, model: Any, opt: Any, x: torch.Tensor) -> An
         return lambda: group.update(lr=lr)
 
 
+def _ledger_moved(rank: int, step: int, model: Any, opt: Any, x: torch.Tensor) -> Any:
+    if (rank, step) == (1, 1):
+        path = opt.ledger.path  # gone for one step: that rank's charge would be refused
+        os.rename(path, f"{path}.away")
+        return lambda: os.rename(f"{path}.away", path)
+
+
 def _retried_under_dpsgd_r(rank: int) -> dict[str, Any]:
     """dpsgd_r on a model with a buffer: rank 1 refuses step 0 (a hook), takes the hook off, and
     every rank retries the same step (same forward and backward, nothing was changed)."""
@@ -278,9 +288,11 @@ def _refusing_worker(rank: int, world: int, store_path: str, out_dir: str) -> No
         ("hook", _hook, "lazydp", False),  # replicated LazyDP tables: their check's collective
         ("shard_lr", _table_lr, "lazydp", True),
         ("tables_only", _table_lr, "tables", False),  # a collective of its own for the votes
+        ("ledger", _ledger_moved, "dpsgd_f", False),  # the charge runs after the vote
     ):
+        ledger = Path(out_dir) / f"ledger.rank{rank}.jsonl" if name == "ledger" else None
         try:
-            results[name] = _skipping_refused(rank, spoil, mode, sharded)
+            results[name] = _skipping_refused(rank, spoil, mode, sharded, ledger)
         except Exception as exc:  # noqa: BLE001 -- the other rank's broken collective
             results[name] = f"{type(exc).__name__}: {exc}"
     try:
@@ -309,6 +321,7 @@ def test_a_step_one_rank_refuses_is_refused_on_every_rank_and_charged_on_none(
         ("hook", 1, ConfigError, "carry gradient hooks"),
         ("shard_lr", 0, ConfigError, "learning rate -0.1"),
         ("tables_only", 0, ConfigError, "learning rate -0.1"),
+        ("ledger", 1, PrivacyError, "was deleted or replaced"),
     ):
         runs = [r[name] for r in ranks]
         assert all(isinstance(run, dict) for run in runs), runs

@@ -507,3 +507,23 @@ def test_a_torn_last_line_says_it_can_be_removed_and_how(tmp_path):
     with pytest.raises(PrivacyError, match="lost more than a line being written") as info:
         PrivacyLedger(path)
     assert "truncate -s" not in str(info.value)
+
+
+def test_check_chargeable_makes_the_charges_checks_without_writing(tmp_path):
+    """A distributed step runs it before the ranks vote (a charge refused on one rank after the
+    vote left the others charged and applied)."""
+    PrivacyLedger().check_chargeable()  # in memory: nothing to check
+    path = tmp_path / "l.jsonl"
+    ledger = PrivacyLedger(path)
+    ledger.charge(step(0))
+    size = path.stat().st_size
+    ledger.check_chargeable()
+    assert path.stat().st_size == size and ledger.steps == 1  # nothing written or recorded
+    os.rename(path, tmp_path / "away")
+    with pytest.raises(PrivacyError, match="deleted or replaced"):
+        ledger.check_chargeable()
+    os.rename(tmp_path / "away", path)
+    ledger.check_chargeable()
+    ledger.close()
+    with pytest.raises(PrivacyError, match="is closed"):
+        ledger.check_chargeable()

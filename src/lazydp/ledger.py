@@ -370,13 +370,33 @@ class PrivacyLedger:
             + " (Or restore the file from a backup taken after its last charge.)"
         )
 
-    def _append(self, record: dict[str, Any]) -> None:
+    def check_chargeable(self) -> None:
+        """The checks a charge makes before it writes, without writing: PrivacyError if this
+        ledger is closed, its file was replaced or written by someone else, or it is behind its
+        high-water mark. A distributed step runs them before the ranks vote on it, so that a
+        rank whose charge would be refused refuses the step on every rank (the others had
+        charged and applied it: replicas apart, or a hang at the next collective). A write
+        error (a full disk) can still fail on one rank alone."""
+        if self._closed_check():
+            assert self._fd is not None
+            with _locked(self._fd):
+                self._check_unchanged()
+                self._check_not_behind()
+
+    def _closed_check(self) -> bool:
+        """PrivacyError if the ledger was closed; whether it has a file to check."""
         if self._fd is None:
             if self.path is not None:  # closed: a charge that is not written is not kept either
                 raise PrivacyError(
                     f"privacy ledger {self.path} is closed; open it again to charge."
                 )
+            return False
+        return True
+
+    def _append(self, record: dict[str, Any]) -> None:
+        if not self._closed_check():
             return
+        assert self._fd is not None
         with _locked(self._fd):
             self._check_unchanged()
             self._check_not_behind()

@@ -614,6 +614,8 @@ class DPOptimizer(OptimizerGroup):
 
         if self.before_charge is not None:
             self.before_charge()
+        if self.reduce_hook is not None:  # a ledger that would refuse the charge: in the vote
+            self.ledger.check_chargeable()
         return batch, lazy_steps, sums
 
     def _check_attached(self) -> None:
