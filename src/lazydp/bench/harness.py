@@ -470,7 +470,7 @@ def openmp_env(specs: list[BenchSpec]) -> dict[str, str]:
     more (lazydp/threads.py: the refills' threads would share a core with a spinning OpenMP
     worker), libgomp's default otherwise (rare refills: the spin spares every small torch op
     a wake-up). Measured, lazydp / sgd with the short spin against without: rmc1 at 1M rows,
-    pooling 1 (655k values a step) 1.41-1.55 against 1.26-1.39; pooling 20 (13M) 1.62-1.72
+    pooling 1 (655k values a step) 1.32-1.55 against 1.27-1.39; pooling 20 (13M) 1.62-1.72
     against 1.69-1.91; basic (3.4M) 1.21-1.26 against 1.24-1.28 (benchmarks/RESULTS.md,
     twenty-second session)."""
     if max((s.catch_up_values() for s in specs), default=0) >= POOL_NUMEL // 2:
