@@ -75,7 +75,7 @@ def _steps(model, opt, sched, rank: int, start: int, stop: int) -> None:
 def _error(fn) -> str | None:
     try:
         fn()
-    except (ConfigError, PrivacyError) as exc:
+    except LazyDPError as exc:
         return f"{type(exc).__name__}: {exc}"
     return None
 
@@ -212,11 +212,7 @@ def _skipping_refused(
         undo = spoil(rank, step, model, opt, x)
         opt.zero_grad()
         loss_fn(model(x, ids), y).backward()
-        try:
-            opt.step()
-            errors.append(None)
-        except LazyDPError as exc:
-            errors.append(f"{type(exc).__name__}: {exc}")
+        errors.append(_error(opt.step))
         if undo is not None:
             undo()
     shard = isinstance(model.bag, ShardedEmbeddingBag)
@@ -264,11 +260,7 @@ def _retried_under_dpsgd_r(rank: int) -> dict[str, Any]:
     hook = model.fc.weight.register_hook(lambda g: g) if rank == 1 else None
     errors: list[str | None] = []
     for _ in range(2):
-        try:
-            opt.step()
-            errors.append(None)
-        except LazyDPError as exc:
-            errors.append(f"{type(exc).__name__}: {exc}")
+        errors.append(_error(opt.step))
         if hook is not None:
             hook.remove()
             hook = None

@@ -377,29 +377,30 @@ class PrivacyLedger:
         rank whose charge would be refused refuses the step on every rank (the others had
         charged and applied it: replicas apart, or a hang at the next collective). A write
         error (a full disk) can still fail on one rank alone."""
-        if self._closed_check():
-            assert self._fd is not None
-            with _locked(self._fd):
-                self._check_unchanged()
-                self._check_not_behind()
+        with self._checked():
+            pass
 
-    def _closed_check(self) -> bool:
-        """PrivacyError if the ledger was closed; whether it has a file to check."""
+    @contextmanager
+    def _checked(self) -> Iterator[bool]:
+        """A charge's checks, then (under the file's lock) whether there is a file to write:
+        False for an in-memory ledger; PrivacyError for a closed one."""
         if self._fd is None:
             if self.path is not None:  # closed: a charge that is not written is not kept either
                 raise PrivacyError(
                     f"privacy ledger {self.path} is closed; open it again to charge."
                 )
-            return False
-        return True
-
-    def _append(self, record: dict[str, Any]) -> None:
-        if not self._closed_check():
+            yield False
             return
-        assert self._fd is not None
         with _locked(self._fd):
             self._check_unchanged()
             self._check_not_behind()
+            yield True
+
+    def _append(self, record: dict[str, Any]) -> None:
+        with self._checked() as on_file:
+            if not on_file:
+                return
+            assert self._fd is not None
             self._write(record)
             self._seen = _identity(self._fd)
         if self._mark is not None:
