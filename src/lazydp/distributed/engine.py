@@ -73,8 +73,8 @@ from lazydp.errors import (
     UnsupportedOptimizerError,
 )
 from lazydp.noise import GaussianNoise, rekeyed_state
-from lazydp.optim.dp_optimizer import sgd_step
 from lazydp.optim.lazy import SgdStep
+from lazydp.optim.sgd_settings import sgd_step
 
 _SHARD_STREAM = 1 << 32  # seeded runs: shard streams live under (root, 2**32 + rank, table)
 
