@@ -738,7 +738,7 @@ class _Payload:
 def test_a_checkpoint_holding_a_pickled_object_is_refused_without_unsafe_advice(tmp_path, capsys):
     """weights_only refuses the object (nothing runs); torch's message then advised
     weights_only=False, the one thing that would run it."""
-    from lazydp.engine import CHECKPOINT_FORMAT, load_checkpoint_file
+    from lazydp.checkpoint_file import CHECKPOINT_FORMAT, load_checkpoint_file
 
     path = tmp_path / "evil.pt"
     torch.save({"format": CHECKPOINT_FORMAT, "model": _Payload()}, path)

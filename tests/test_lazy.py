@@ -201,9 +201,9 @@ def test_export_writes_the_tables_without_a_copy_and_the_same_bytes(tmp_path, mo
     model.register_buffer("tied", model.top.weight.detach())  # shares top.weight's storage
     model.register_buffer("window", torch.arange(10.0)[2:5])  # a view of a larger storage
     saved = {}
-    save = engine_module._atomic_save
+    save = engine_module.atomic_save
     monkeypatch.setattr(
-        engine_module, "_atomic_save", lambda obj, path, **kw: saved.update(obj) or save(obj, path)
+        engine_module, "atomic_save", lambda obj, path, **kw: saved.update(obj) or save(obj, path)
     )
     new = engine.export(tmp_path / "model.pt")
     for name in ("bag", "emb"):

@@ -448,9 +448,9 @@ def test_a_checkpoint_writes_the_rows_velocity_without_a_copy(tmp_path, monkeypa
     for b in make_batches(3):
         step(model, opt, sched, b)
     saved = {}
-    save = engine_module._atomic_save
+    save = engine_module.atomic_save
     monkeypatch.setattr(
-        engine_module, "_atomic_save", lambda obj, path, **kw: saved.update(obj) or save(obj, path)
+        engine_module, "atomic_save", lambda obj, path, **kw: saved.update(obj) or save(obj, path)
     )
     path = engine.save_checkpoint(tmp_path / "ck.pt")
     tables = list(opt.lazy.values())

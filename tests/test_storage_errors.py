@@ -9,11 +9,12 @@ import os
 
 import pytest
 
+import lazydp.checkpoint_file
 import lazydp.engine
 import lazydp.ledger
 import lazydp.training
 from lazydp import PrivacyError, StorageError
-from lazydp.engine import _atomic_save
+from lazydp.checkpoint_file import atomic_save
 from lazydp.ledger import PrivacyLedger, StepEvent
 from tests.test_cli_train import run_cli
 
@@ -26,18 +27,18 @@ def _no_space(*args, **kwargs):
 
 def test_a_failed_save_keeps_the_earlier_file_and_leaves_no_temporary(tmp_path, monkeypatch):
     path = tmp_path / "checkpoint.pt"
-    _atomic_save({"step": 1}, path)
+    atomic_save({"step": 1}, path)
     before = path.read_bytes()
     monkeypatch.setattr(lazydp.engine.os, "fsync", _no_space)
     with pytest.raises(StorageError, match="No space left.*earlier file there, if any, is intact"):
-        _atomic_save({"step": 2}, path)
+        atomic_save({"step": 2}, path)
     monkeypatch.undo()
     with pytest.raises(Exception, match="pickle|lambda"):  # not a disk error: passed on as is
-        _atomic_save({"f": lambda: 0}, path)
+        atomic_save({"f": lambda: 0}, path)
     assert path.read_bytes() == before
     assert os.listdir(tmp_path) == ["checkpoint.pt"]
     with pytest.raises(StorageError, match="could not write"):
-        _atomic_save({}, path / "inside-a-file.pt")  # the parent is a file
+        atomic_save({}, path / "inside-a-file.pt")  # the parent is a file
 
 
 def test_a_save_removes_the_temporary_a_writer_killed_mid_save_left(tmp_path):
@@ -59,7 +60,7 @@ def test_a_save_removes_the_temporary_a_writer_killed_mid_save_left(tmp_path):
     elsewhere = tmp_path / f".checkpoint.pt.tmp-{socket.gethostname()}x-{int(done.stdout)}"
     for tmp in (abandoned, live, elsewhere):
         tmp.write_bytes(b"x" * 1000)
-    _atomic_save({"step": 1}, path)
+    atomic_save({"step": 1}, path)
     assert not abandoned.exists() and live.exists() and elsewhere.exists()
     assert sorted(os.listdir(tmp_path)) == sorted(["checkpoint.pt", live.name, elsewhere.name])
 
@@ -75,7 +76,7 @@ def test_a_save_never_writes_through_a_link_at_its_temporary_name(tmp_path):
     out.mkdir()
     tmp = out / f".checkpoint.pt.tmp-{socket.gethostname()}-{os.getpid()}"
     tmp.symlink_to(victim)
-    path = _atomic_save({"step": 1}, out / "checkpoint.pt")
+    path = atomic_save({"step": 1}, out / "checkpoint.pt")
     assert victim.read_text() == "precious"
     assert not path.is_symlink() and os.listdir(out) == ["checkpoint.pt"]
 
@@ -135,7 +136,7 @@ def test_train_refuses_a_disk_too_small_for_its_outputs_before_charging(
 def test_a_report_that_cannot_be_written_loses_only_the_report(tmp_path, capsys, monkeypatch):
     # It was written in place: a full disk gave a traceback from deep inside pathlib (the
     # privacy report never shown) and a kill mid-write left a truncated report.json.
-    real = lazydp.engine._atomic_save
+    real = lazydp.checkpoint_file.atomic_save
 
     def disk_full_in_the_report(obj, path, dump=None):
         if path.name != "report.json":
@@ -147,7 +148,7 @@ def test_a_report_that_cannot_be_written_loses_only_the_report(tmp_path, capsys,
 
         return real(obj, path, half_then_full)
 
-    monkeypatch.setattr(lazydp.training, "_atomic_save", disk_full_in_the_report, raising=False)
+    monkeypatch.setattr(lazydp.training, "atomic_save", disk_full_in_the_report, raising=False)
     out = tmp_path / "run"
     args = ["train", "--dataset", "acs", "--max-steps", "3", "--no-progress", "--out", str(out)]
     code, res = run_cli(args, capsys)

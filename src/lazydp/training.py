@@ -33,7 +33,8 @@ from lazydp.accounting import (
     epoch_steps,
     steps_for_epochs,
 )
-from lazydp.engine import PrivacyEngine, _atomic_save
+from lazydp.checkpoint_file import atomic_save
+from lazydp.engine import PrivacyEngine
 from lazydp.errors import ConfigError, DataError, PrivacyError, StorageError
 from lazydp.ledger import PrivacyLedger, ledger_path
 from lazydp.metrics import accuracy, roc_auc
@@ -924,7 +925,7 @@ def _write_report(path: Path, summary: dict[str, Any], report: str) -> None:
     and give its privacy figures: the budget is spent and model.pt saved."""
     data = json_text(summary, indent=2).encode("utf-8")
     try:
-        _atomic_save(data, path, lambda b, f: f.write(b))
+        atomic_save(data, path, lambda b, f: f.write(b))
     except StorageError as exc:
         raise StorageError(
             f"{exc} Training finished: {path.parent / 'model.pt'} holds the trained model and "

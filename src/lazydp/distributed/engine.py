@@ -51,6 +51,7 @@ from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
 from lazydp.accounting import SAMPLERS
+from lazydp.checkpoint_file import atomic_save, released_state
 from lazydp.distributed._comm import (
     ProcessGroup,
     all_gather_sizes,
@@ -61,7 +62,7 @@ from lazydp.distributed._comm import (
 )
 from lazydp.distributed.data_parallel import ClippedSumReducer, union_catch_up_hook
 from lazydp.distributed.sharded import ShardedEmbeddingBag
-from lazydp.engine import MODES, PrivacyEngine, _atomic_save, released_state, seeded_root
+from lazydp.engine import MODES, PrivacyEngine, seeded_root
 from lazydp.errors import (
     ConfigError,
     DataError,
@@ -490,7 +491,7 @@ class DistributedPrivacyEngine(PrivacyEngine):
         for name, m in self.sharded.items():
             state[f"{name}.weight" if name else "weight"] = m.gather_weight()
         if world(self.process_group)[0] == 0:
-            _atomic_save(state, path)
+            atomic_save(state, path)
         return Path(path)
 
     def save_checkpoint(self, path: str | os.PathLike[str], **extra: Any) -> Path:
