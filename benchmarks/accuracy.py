@@ -21,7 +21,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from lazydp.training import DATASET_DEFAULTS, TrainConfig, run  # noqa: E402
+from lazydp.train_config import DATASET_DEFAULTS, TrainConfig  # noqa: E402
+from lazydp.training import run  # noqa: E402
 
 SETTINGS = [("sgd", None), ("lazydp", 1.0), ("lazydp", 3.0), ("lazydp", 8.0)]
 

@@ -14,7 +14,7 @@ import pytest
 from lazydp.cli import build_parser, main
 from lazydp.cli.train import config_from_args
 from lazydp.errors import ConfigError
-from lazydp.training import TrainConfig, check_output_dir
+from lazydp.train_config import TrainConfig, check_output_dir
 
 
 def refused(argv: list[str], capsys) -> str:

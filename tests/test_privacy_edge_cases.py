@@ -404,7 +404,8 @@ def test_resume_on_other_preprocessed_data_is_refused_and_seeded_vocabularies_ar
 
 
 def test_resuming_with_more_processes_than_the_run_started_with_says_so(tmp_path, capsys):
-    from lazydp.training import TrainConfig, run
+    from lazydp.train_config import TrainConfig
+    from lazydp.training import run
 
     out = tmp_path / "r"
     args = ["train", "--dataset", "acs", "--max-steps", "2", "--noise-multiplier", "1"]

@@ -132,7 +132,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     from lazydp.audit import canary_audit, check_claim, check_spec
     from lazydp.planted import check_plant_applies, parse_plant, planted_bug
-    from lazydp.training import check_output_dir
+    from lazydp.train_config import check_output_dir
 
     out = check_output_dir(args.out or f"runs/audit-{time.strftime('%Y%m%d-%H%M%S')}")
     # Everything is checked here, before any worker starts (they would each say it, or hang).

@@ -187,7 +187,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from lazydp.bench.report import format_table, growth_line, times, write_all
     from lazydp.bench.suite import run_suite, summarise
     from lazydp.cli.env import collect
-    from lazydp.training import check_output_dir
+    from lazydp.train_config import check_output_dir
 
     options: dict[str, Any] = load_sweep(args.sweep) if args.sweep else {}
     for key in SWEEP_KEYS:  # flags given on the command line override the file

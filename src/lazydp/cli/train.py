@@ -18,7 +18,7 @@ from lazydp.cli import add_json_flag, load_yaml_mapping
 from lazydp.errors import ConfigError
 
 if TYPE_CHECKING:  # imported where used: lazydp.training pulls in torch (`--help` took 2 s)
-    from lazydp.training import TrainConfig
+    from lazydp.train_config import TrainConfig
 
 EPILOG = """example (2 quiet cores; AUC 0.72-0.755 from run to run):
   $ lazydp train
@@ -88,7 +88,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """Defaults <- the dataset's defaults <- YAML file <- flags; validated (ConfigError)."""
-    from lazydp.training import DATASET_DEFAULTS, TrainConfig
+    from lazydp.train_config import DATASET_DEFAULTS, TrainConfig
 
     file_values = load_yaml_mapping(args.config, "--config") if args.config else {}
     if isinstance(file_values.get("no_progress"), bool):

@@ -47,7 +47,7 @@ class _WorkerEngine(DistributedPrivacyEngine):
 
 def main(argv: list[str] | None = None) -> int:
     from lazydp import training
-    from lazydp.training import TrainConfig
+    from lazydp.train_config import TrainConfig
 
     argv = sys.argv[1:] if argv is None else argv
     cfg = TrainConfig(**json.loads(Path(argv[0]).read_text()))
