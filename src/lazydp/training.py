@@ -16,7 +16,7 @@ import signal
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TypeGuard
 
@@ -394,28 +394,26 @@ def _check_out(out: Path) -> None:
         raise ConfigError(f"--out {out} is not writable; choose another directory.")
 
 
-def run(
-    cfg: TrainConfig,
-    *,
-    rank: int = 0,
-    world_size: int = 1,
-    engine_cls: type[PrivacyEngine] | None = None,
-) -> dict[str, Any]:
-    """Train privately as configured; return the summary (also written to OUT/report.json).
+@dataclass
+class _Plan:
+    """What a run trains on and what it may spend, settled before anything is built."""
 
-    Inside a process group (world_size > 1) the engine is the distributed one: clipped sums are
-    all-reduced and the noise is drawn once from a stream shared by every rank.
-    """
-    if engine_cls is None:
-        if world_size > 1:
-            from lazydp.distributed.engine import DistributedPrivacyEngine
+    root: Path
+    train: Any
+    test: Any
+    kind: str  # the model family: "acs" (census) or "dlrm"
+    n: int  # training rows
+    delta: float  # what is left for training after the preprocessing's share
+    q: float  # sampling rate
+    total_steps: int
+    privacy_cost: dict[str, Any]  # the preprocessing's (privacy_cost in metadata.json)
+    sigma: float
+    calibrated: bool  # sigma calibrated to --target-epsilon (not given)
 
-            engine_cls = DistributedPrivacyEngine
-        else:
-            engine_cls = PrivacyEngine
-    cfg.validate()
-    out = Path(cfg.out)
-    _check_out(out)
+
+def _plan(cfg: TrainConfig) -> _Plan:
+    """Open the data and settle the run's steps, delta and noise multiplier (calibrated to
+    the target epsilon when none is given), with what preprocessing spent taken off first."""
     root, train, test, meta = _open_data(cfg)
     kind = (
         "acs" if (cfg.dataset == "acs" and not cfg.data) or meta.get("format") == "acs" else "dlrm"
@@ -450,7 +448,14 @@ def run(
                 sampler=cfg.sampler,
             )
         )
+    return _Plan(root, train, test, kind, n, delta, q, total_steps, privacy_cost, sigma, calibrated)
 
+
+def _model_and_optimizers(
+    train: Any, cfg: TrainConfig, kind: str
+) -> tuple[dict[str, Any], nn.Module, list[torch.optim.Optimizer]]:
+    """(spec, model, [dense optimizer, table SGD]): the tables in their own SGD group, which
+    LazyDP defers exactly; the MLPs on Adam or SGD."""
     torch.manual_seed(cfg.model_seed)  # model init only; DP noise is drawn in lazydp.noise
     check_model_fits(train, cfg)
     spec = model_spec(train, cfg, kind)  # report.json records it: load_trained rebuilds it
@@ -472,8 +477,15 @@ def run(
         tables, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum
     )
     optimizers = [dense_opt, table_opt]
-    check_disk_fits(out, model, cfg, total_steps)
+    return spec, model, optimizers
 
+
+def _open_engine(
+    engine_cls: type[PrivacyEngine], cfg: TrainConfig, out: Path, rank: int, delta: float
+) -> PrivacyEngine:
+    """The engine on this rank's ledger in ``out``, after refusing a ledger that does not fit
+    the request: one from an earlier run without --resume, a checkpoint without its ledger, or
+    a --resume with nothing to continue (a ledger is never reset)."""
     ledger_file = ledger_path(out, rank)
     if not cfg.resume and ledger_file.exists() and not _nothing_trained(out, ledger_file):
         raise ConfigError(
@@ -515,6 +527,70 @@ def run(
             "that starts over, and replace model.pt. Start a new run with another --out; this "
             "ledger keeps what was spent."
         )
+    return engine
+
+
+def _print_outcome(
+    summary: dict[str, Any], report: str, total_steps: int, charged: int, ckpt: Path
+) -> None:
+    """Rank 0's closing lines: the privacy report, the test metrics and what to keep."""
+    step, metrics = summary["steps"], summary["test"]
+    train_seconds = summary["train_seconds"]
+    print(report)
+    if summary["stopped_for_budget"]:
+        print(
+            f"stopped after {step} of {steps_text(total_steps)}: the ledgers hold up to "
+            f"{steps_text(charged, 'charged')} (steps redone after "
+            "a resume were paid twice, and under torchrun a step one rank charged before "
+            "another crashed counts too), all the target epsilon was calibrated for."
+        )
+    print(
+        f"test AUC {metrics['auc']:.4f}  accuracy {metrics['accuracy']:.4f}  "
+        f"log-loss {metrics['logloss']:.4f}  "
+        f"({steps_text(step)}, {train_seconds:.1f} s, {summary['examples_per_second']:,.0f} examples/s)"
+    )
+    note = undefined_metrics_note(metrics)
+    if note:
+        print(note)
+    if ckpt.exists():
+        print(
+            f"{ckpt} is a private training state (optimizer, sampler position): keep it "
+            "with the ledger to --resume, never release it, and delete it when done; "
+            "model.pt is the releasable model."
+        )
+
+
+def run(
+    cfg: TrainConfig,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    engine_cls: type[PrivacyEngine] | None = None,
+) -> dict[str, Any]:
+    """Train privately as configured; return the summary (also written to OUT/report.json).
+
+    Inside a process group (world_size > 1) the engine is the distributed one: clipped sums are
+    all-reduced and the noise is drawn once from a stream shared by every rank.
+    """
+    if engine_cls is None:
+        if world_size > 1:
+            from lazydp.distributed.engine import DistributedPrivacyEngine
+
+            engine_cls = DistributedPrivacyEngine
+        else:
+            engine_cls = PrivacyEngine
+    cfg.validate()
+    out = Path(cfg.out)
+    _check_out(out)
+    plan = _plan(cfg)
+    root, train, test, kind = plan.root, plan.train, plan.test, plan.kind
+    n, delta, total_steps = plan.n, plan.delta, plan.total_steps
+    sigma, calibrated, privacy_cost = plan.sigma, plan.calibrated, plan.privacy_cost
+
+    spec, model, optimizers = _model_and_optimizers(train, cfg, kind)
+    check_disk_fits(out, model, cfg, total_steps)
+
+    engine = _open_engine(engine_cls, cfg, out, rank, delta)
     digest = hashlib.sha256((root / "metadata.json").read_bytes()).hexdigest()[:16]
     _charge_preprocessing(engine.ledger, privacy_cost, digest)
     loader = DataLoader(_Rows(train), batch_size=cfg.batch_size, collate_fn=_identity)
@@ -661,28 +737,7 @@ def run(
     }
     if rank == 0:
         _write_report(out / "report.json", summary, str(report))
-        print(report)
-        if stopped_for_budget:
-            print(
-                f"stopped after {step} of {steps_text(total_steps)}: the ledgers hold up to "
-                f"{steps_text(_charged(), 'charged')} (steps redone after "
-                "a resume were paid twice, and under torchrun a step one rank charged before "
-                "another crashed counts too), all the target epsilon was calibrated for."
-            )
-        print(
-            f"test AUC {metrics['auc']:.4f}  accuracy {metrics['accuracy']:.4f}  "
-            f"log-loss {metrics['logloss']:.4f}  "
-            f"({steps_text(step)}, {train_seconds:.1f} s, {summary['examples_per_second']:,.0f} examples/s)"
-        )
-        note = undefined_metrics_note(metrics)
-        if note:
-            print(note)
-        if ckpt.exists():
-            print(
-                f"{ckpt} is a private training state (optimizer, sampler position): keep it "
-                "with the ledger to --resume, never release it, and delete it when done; "
-                "model.pt is the releasable model."
-            )
+        _print_outcome(summary, str(report), total_steps, _charged(), ckpt)
     return summary
 
 
