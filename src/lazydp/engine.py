@@ -36,16 +36,12 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 from torch.utils.data import (
-    BatchSampler,
     DataLoader,
-    IterableDataset,
-    RandomSampler,
-    SequentialSampler,
 )
 
 from lazydp import _validate as v
 from lazydp._timing import PhaseTimer
-from lazydp.accounting import SAMPLERS, calibrate_noise_multiplier, epoch_steps, steps_for_epochs
+from lazydp.accounting import SAMPLERS, calibrate_noise_multiplier, steps_for_epochs
 from lazydp.capture import CaptureSet, copy_refused
 from lazydp.checkpoint_file import (
     CHECKPOINT_FORMAT,
@@ -58,6 +54,7 @@ from lazydp.checkpoint_file import (
 from lazydp.errors import ConfigError, PrivacyError
 from lazydp.ledger import PrivacyLedger
 from lazydp.loader import DPDataLoader, check_replay, worker_options
+from lazydp.loader_checks import batch_size_of, dataset_size, loader_epoch_steps
 from lazydp.noise import GaussianNoise, active_override
 from lazydp.optim.dp_optimizer import DPOptimizer, PrivacyParams
 from lazydp.optim.group import OptimizerGroup
@@ -158,7 +155,7 @@ class PrivacyEngine:
                 "(its ledger belongs to that training run)."
             )
         world_size = v.check_positive_int("world_size", world_size)
-        n = _dataset_size(data_loader)
+        n = dataset_size(data_loader)
         if sampler == "shuffle" and world_size > 1:
             # Each rank would shuffle the whole dataset: examples in two ranks' batches of one
             # step (sensitivity 2C) and a global batch W times the stated one.
@@ -177,7 +174,7 @@ class PrivacyEngine:
                 f"optimizer must be a torch.optim.Optimizer or a list of them, got {optimizer!r}"
             )
         dataset = data_loader.dataset
-        batch_size = _batch_size_of(data_loader, n)
+        batch_size = batch_size_of(data_loader, n)
         n_global = n  # each rank passes the full dataset; the sampler picks its shard
         q = min(1.0, batch_size / n_global)
         if batch_size > n_global:
@@ -188,7 +185,7 @@ class PrivacyEngine:
                 stacklevel=2,
             )
         v.check_sample_rate(q)
-        steps = _epoch_steps(sampler, n, batch_size, q, steps_per_epoch)
+        steps = loader_epoch_steps(sampler, n, batch_size, q, steps_per_epoch)
         batch_sampler = self._make_sampler(sampler, n, q, batch_size, steps, rank, world_size)
         loader = DPDataLoader(
             dataset,
@@ -305,15 +302,15 @@ class PrivacyEngine:
         v.check_epsilon(target_epsilon)
         v.check_delta(target_delta)
         v.check_epochs(epochs)
-        n = _dataset_size(data_loader)  # refused here, not after calibrating for it
-        batch_size = _batch_size_of(data_loader, n)
+        n = dataset_size(data_loader)  # refused here, not after calibrating for it
+        batch_size = batch_size_of(data_loader, n)
         q = min(1.0, batch_size / n)
         v.check_sample_rate(q)
         sampler = kwargs.get("sampler", "poisson")
         v.check_choice("sampler", sampler, SAMPLERS)
         # Calibrate for the steps the loader will run in ``epochs`` (ceil(epochs/q) was fewer
         # than both kinds of epoch, and training for ``epochs`` then overshot the target).
-        per_epoch = _epoch_steps(sampler, n, batch_size, q, kwargs.get("steps_per_epoch"))
+        per_epoch = loader_epoch_steps(sampler, n, batch_size, q, kwargs.get("steps_per_epoch"))
         steps = steps_for_epochs(epochs, per_epoch)
         sigma = calibrate_noise_multiplier(
             target_epsilon, target_delta, q, steps, accountant=self.accountant, sampler=sampler
@@ -747,103 +744,6 @@ def seeded_root(seed: int | None, charged: int) -> GaussianNoise:
     if seed is not None and charged:
         noise.rekey_(seed, [1 + charged])
     return noise
-
-
-def _batch_size_of(data_loader: DataLoader, n: int) -> int:
-    """The expected batch size the user's loader asks for (it sets the sample rate B/N)."""
-    batch_size = data_loader.batch_size or getattr(data_loader.batch_sampler, "batch_size", None)
-    if not batch_size or n == 0:
-        raise ConfigError(
-            f"data_loader needs a batch_size and a non-empty dataset (got batch_size="
-            f"{batch_size}, {n} examples); the expected batch size sets the sample rate."
-        )
-    return int(batch_size)
-
-
-def _dataset_size(data_loader: DataLoader) -> int:
-    """N, the size of the data set the private loader will sample, after the checks that it can
-    replace ``data_loader``'s sampling (ConfigError otherwise). make_private_with_epsilon runs
-    them before calibrating: without them a dataset with no length raised a bare TypeError, a
-    private loader was refused as having no batch_size, and a replaced sampler only after the
-    calibration (seconds for a long run)."""
-    if not isinstance(data_loader, DataLoader):  # a list of batches: an AttributeError before
-        raise ConfigError(
-            f"data_loader must be a torch.utils.data.DataLoader over the training set, got "
-            f"{type(data_loader).__name__}: the private loader samples the dataset's examples "
-            "itself. Pass DataLoader(dataset, batch_size=B)."
-        )
-    dataset = data_loader.dataset
-    if not hasattr(dataset, "__len__") or isinstance(dataset, IterableDataset):
-        raise ConfigError(
-            f"data_loader's dataset ({type(dataset).__name__}) is an IterableDataset or has no "
-            "length: Poisson sampling draws each of N examples with probability B/N, so it "
-            "needs a map-style dataset (with __len__ and __getitem__), not an IterableDataset."
-        )
-    n = len(dataset)
-    _check_replaceable_sampling(data_loader, n)
-    return n
-
-
-def _check_replaceable_sampling(data_loader: DataLoader, n: int) -> None:
-    """ConfigError unless the loader's own sampling over its whole dataset is what the private
-    loader replaces: it samples every example of ``dataset`` at rate B/N, so a sampler that
-    picks a subset (a train split), weights examples or draws with replacement would be
-    dropped without a word -- held-out examples trained on, and another sample rate."""
-    if isinstance(data_loader, DPDataLoader):
-        raise ConfigError(
-            "data_loader is already a private loader (returned by make_private); pass the "
-            "plain DataLoader it was made from, with batch_size=B: a private loader's batches "
-            "are already Poisson samples, and sampling them again would change the rate."
-        )
-    batch_sampler = data_loader.batch_sampler
-    sampler = getattr(batch_sampler, "sampler", data_loader.sampler)
-    plain_batches = batch_sampler is None or type(batch_sampler) is BatchSampler
-    # Over the whole dataset: SequentialSampler(range(k)) or RandomSampler(range(k), ...) walks
-    # the first k examples only (a train split) whatever the dataset's length.
-    whole = _source_size(sampler) == n
-    plain = whole and (
-        type(sampler) is SequentialSampler
-        or (type(sampler) is RandomSampler and not sampler.replacement and sampler.num_samples == n)
-    )
-    if plain_batches and plain:
-        return
-    used = sampler if plain_batches else batch_sampler
-    if type(used).__name__ == "DistributedSampler":
-        raise ConfigError(
-            "data_loader samples with DistributedSampler, which make_private replaces: pass "
-            "every rank the full dataset with batch_size=B (the global expected batch) and no "
-            "sampler; lazydp.distributed's private loader Poisson-samples each rank's shard. "
-            "A per-rank Subset would train each rank on a fraction of its shard."
-        )
-    raise ConfigError(
-        f"data_loader samples with {type(used).__name__}, which make_private replaces: the "
-        f"private loader samples every one of the dataset's {n} examples at rate B/N (what "
-        "the accountant assumes), so a subset, weights or repeats chosen by that sampler "
-        "would be silently dropped. Pass the examples to train on as the dataset (e.g. "
-        "torch.utils.data.Subset(dataset, train_indices)) with batch_size=B and no sampler."
-    )
-
-
-def _source_size(sampler: Any) -> int | None:
-    """The number of indices ``sampler`` walks (its data source's length; None: unknown)."""
-    try:
-        return len(sampler.data_source)
-    except (AttributeError, TypeError):
-        return None
-
-
-def _epoch_steps(
-    sampler: str, n: int, batch_size: int, q: float, steps_per_epoch: int | None
-) -> int:
-    """Steps the private loader runs per epoch: floor(N/B) for shuffled fixed-size batches (the
-    partial batch is dropped), else ``steps_per_epoch``, by default round(1/q). Checked here
-    under its own name: make_private_with_epsilon used it before the sampler's check (a string
-    raised a TypeError from round()), and 0 silently meant the default."""
-    if steps_per_epoch is not None:
-        steps_per_epoch = v.check_positive_int("steps_per_epoch", steps_per_epoch)
-    if sampler == "shuffle" or steps_per_epoch is None:
-        return epoch_steps(sampler, q, n, batch_size)
-    return steps_per_epoch
 
 
 def _lazy_noise(privacy: dict[str, Any]) -> float | None:
