@@ -35,22 +35,15 @@ from array import array
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from lazydp._validate import (
-    check_choice,
-    check_count,
     check_delta,
     check_epsilon,
-    check_max_grad_norm,
-    check_mode,
-    check_noise_multiplier,
-    check_sample_rate,
 )
 from lazydp.accounting import (
-    SAMPLERS,
     MechanismCount,
     compute_epsilon,
     epoch_steps,
@@ -58,6 +51,7 @@ from lazydp.accounting import (
 )
 from lazydp.errors import ConfigError, PrivacyError
 from lazydp.ledger_mark import HighWaterMark
+from lazydp.ledger_records import OPTIONAL, ExternalCharge, StepEvent, check_item, from_record
 from lazydp.shuffle_epochs import ShuffledEpochs
 
 try:
@@ -67,95 +61,8 @@ except ImportError:  # not POSIX: the unchanged-file check still runs, without t
 
 FORMAT = "lazydp-privacy-ledger"
 VERSION = 1
-_INT64_LIMIT = 2**63  # step numbers and positions are kept in int64 arrays
 _MAX_LINE = 1 << 16  # bytes; a ledger line is a few hundred (a lineage is at most 64)
 _PAST_JSON_LIMITS = "an integer of thousands of digits, or values nested thousands deep"
-
-
-@dataclass(frozen=True)
-class StepEvent:
-    """One DP-SGD step as charged to the ledger.
-
-    >>> StepEvent(0, sample_rate=0.01, noise_multiplier=1.1, max_grad_norm=1.0,
-    ...           mode="lazydp", sampler="poisson").rank
-    0
-    """
-
-    step: int
-    sample_rate: float
-    noise_multiplier: float
-    max_grad_norm: float
-    mode: str
-    sampler: str
-    rank: int = 0
-    # Shuffled steps: the position of the newest batch the loop had received, and the
-    # permutation's lineage (shuffle_epochs.py). Absent (None) for Poisson steps and in older
-    # ledgers.
-    position: int | None = None
-    lineage: str | None = None
-
-
-@dataclass(frozen=True)
-class ExternalCharge:
-    """A one-off (epsilon, delta)-DP release outside training, e.g. a DP vocabulary."""
-
-    name: str
-    epsilon: float
-    delta: float
-
-
-_OPTIONAL = {"position", "lineage"}  # fields a step line may lack (written only when set)
-
-
-def _from_record(record: dict[str, Any], where: str) -> StepEvent | ExternalCharge:
-    kind = record.get("kind")
-    cls: type[StepEvent] | type[ExternalCharge]
-    if kind == "step":
-        cls = StepEvent
-    elif kind == "external":
-        cls = ExternalCharge
-    else:
-        raise PrivacyError(f"{where}: unknown record kind {kind!r} (expected 'step' or 'external')")
-    names = {f.name for f in fields(cls)}
-    missing = names - record.keys() - _OPTIONAL
-    if missing:
-        raise PrivacyError(f"{where}: {kind} record lacks {sorted(missing)}")
-    item = cls(**{k: record[k] for k in names if k in record})
-    try:  # the checks charging made: a line written any other way proves nothing
-        _check(item)
-    except (ValueError, TypeError) as exc:
-        raise PrivacyError(f"{where}: {exc}") from None
-    return item
-
-
-def _check(item: StepEvent | ExternalCharge) -> None:
-    """ConfigError unless ``item`` is a charge lazydp itself would write."""
-    if isinstance(item, ExternalCharge):
-        if not isinstance(item.name, str) or not item.name:
-            raise ConfigError(f"name={item.name!r} must be a non-empty string")
-        check_epsilon(item.epsilon)
-        check_delta(item.delta)
-        return
-    for name in ("step", "rank"):
-        check_count(name, getattr(item, name))
-    check_sample_rate(item.sample_rate)
-    check_noise_multiplier(item.noise_multiplier)
-    check_max_grad_norm(item.max_grad_norm, allow_inf=item.noise_multiplier == 0)
-    check_mode(item.mode)
-    check_choice("sampler", item.sampler, SAMPLERS)
-    position, lineage = item.position, item.lineage
-    if (position is None) != (lineage is None) or (lineage and item.sampler != "shuffle"):
-        raise ConfigError(
-            f"position={position!r} and lineage={lineage!r} come together, on shuffled steps only"
-        )
-    if position is not None:
-        check_count("position", position)
-    # After the type checks: a str position raised TypeError ('>=' not supported) here.
-    for name in ("step", "position"):  # kept in int64 arrays (PrivacyLedger._record)
-        if (getattr(item, name) or 0) >= _INT64_LIMIT:
-            raise ConfigError(f"{name}={getattr(item, name)!r} must be below 2**63")
-    if lineage is not None and not (isinstance(lineage, str) and 0 < len(lineage) <= 64):
-        raise ConfigError(f"lineage={lineage!r} must be a short non-empty string")
 
 
 #: A step's fields other than its step number and position, as PrivacyLedger keeps them once.
@@ -331,7 +238,7 @@ class PrivacyLedger:
                 run = run if isinstance(run, str) and HighWaterMark.valid(run) else None
                 continue
             try:
-                item = _from_record(record, where)
+                item = from_record(record, where)
             except (PrivacyError, TypeError) as exc:
                 raise PrivacyError(f"{exc} {fix}") from None
             if isinstance(item, StepEvent):
@@ -512,9 +419,9 @@ class PrivacyLedger:
 
         >>> PrivacyLedger().charge(StepEvent(0, 0.01, 1.0, 1.0, "dpsgd_f", "poisson"))
         """
-        _check(event)
+        check_item(event)
         if self._fd is not None or self.path is not None:  # in memory: no line to build
-            line = {k: v for k, v in asdict(event).items() if v is not None or k not in _OPTIONAL}
+            line = {k: v for k, v in asdict(event).items() if v is not None or k not in OPTIONAL}
             self._append({"kind": "step", **line})
         self._record(event)
 
