@@ -9,7 +9,6 @@ the margins they pass and fail by are recorded in benchmarks/RESULTS.md.
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 
@@ -230,18 +229,24 @@ def test_the_audit_refuses_what_it_cannot_audit():
 def test_lazydp_audit_writes_its_report_and_fails_loudly_on_a_refuted_claim(
     tmp_path, capsys, monkeypatch
 ):
-    import lazydp.audit
     from lazydp.cli import main
 
-    # The command trains on OS-entropy noise: a correct run fails one of its tests about 1 run
-    # in 1000 (spec test: 4 of 5000 simulated), and two runs below must pass. A fixed noise
-    # seed makes them pass or fail for good.
-    monkeypatch.setattr(lazydp.audit, "canary_audit", functools.partial(canary_audit, noise_seed=4))
-    args = ["audit", "--canaries", "4000", "--seed", "3", "--json"]
+    # The command trains on OS-entropy noise unless --noise-seed is given: a correct run fails
+    # one of its tests about 1 run in 1000 (spec test: 4 of 5000 simulated), and two runs below
+    # must pass. A fixed noise seed makes them pass or fail for good.
+    args = ["audit", "--canaries", "4000", "--seed", "3", "--noise-seed", "4", "--json"]
     assert main([*args, "--out", str(tmp_path / "ok")]) == 0
     out = capsys.readouterr().out
     assert "audit PASSED" in out
-    assert json.loads(out.strip().splitlines()[-1])["passed"] is True
+    first = json.loads(out.strip().splitlines()[-1])
+    assert first["passed"] is True and (first["seed"], first["noise_seed"]) == (3, 4)
+    # Both seeds given, the audit re-runs exactly (its scores, hence every bound).
+    assert main([*args, "--out", str(tmp_path / "again")]) == 0
+    again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (again["score_mean_absent"], again["epsilon_lower"]) == (
+        first["score_mean_absent"],
+        first["epsilon_lower"],
+    )
     for name in ("audit.json", "audit.csv", "audit.png"):
         assert (tmp_path / "ok" / name).stat().st_size > 0
     with planted_bug("noise", 0.3):  # a real bug: the audit exits 1 and says so
@@ -250,6 +255,7 @@ def test_lazydp_audit_writes_its_report_and_fails_loudly_on_a_refuted_claim(
     assert "audit FAILED" in captured.out and "better than the run's claim" in captured.err
     assert "needs FNR >=" in captured.err and "does not match its specification" in captured.err
     assert "1-in-500 chance" in captured.err
+    assert "--seed 3 --noise-seed 4 re-run it exactly" in captured.err
     assert json.loads((tmp_path / "bad" / "audit.json").read_text())["passed"] is False
     # --plant: the user asks for the bug to see the audit catch it (exit 0, named as planted)
     assert main([*args, "--plant", "flush", "--out", str(tmp_path / "plant")]) == 0
@@ -267,6 +273,18 @@ def test_lazydp_audit_writes_its_report_and_fails_loudly_on_a_refuted_claim(
     assert "needs a factor" in capsys.readouterr().err
     assert main(["audit", "--mode", "sgd", "--out", str(tmp_path / "sgd")]) == 1
     assert "no privacy claim" in capsys.readouterr().err
+
+
+def test_a_failed_audit_says_how_to_repeat_it():
+    from types import SimpleNamespace
+
+    from lazydp.cli.audit import _rerun_advice
+
+    assert "--seed 3 --noise-seed 4 re-run it exactly" in _rerun_advice(
+        SimpleNamespace(seed=3, noise_seed=4)
+    )
+    unseeded = _rerun_advice(SimpleNamespace(seed=3, noise_seed=None))
+    assert "--seed 3 repeats its canaries" in unseeded and "OS entropy" in unseeded
 
 
 @pytest.mark.parametrize(

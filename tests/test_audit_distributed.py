@@ -70,15 +70,16 @@ def test_lazydp_audit_under_torchrun_audits_row_sharded_tables(tmp_path, capsys)
 
     out = tmp_path / "d"
     args = ["audit", "--nproc-per-node", "2", "--layer", "sharded_bag", "--canaries", "4000"]
-    # The workers train on OS-entropy noise (no seed reaches them): at the default confidence
-    # a correct run fails 1 in 1000 (spec test: 4 of 5000 simulated). At 1 - 1e-6 it fails
-    # about 1 in a million and still fails gross bugs (noise 0.7x or sqrt(2)x, reused draws);
-    # the seeded test above holds the default confidence and the planted bug.
-    args += ["--seed", "1", "--confidence", "0.999999"]
+    # --noise-seed seeds the workers' training noise (without it, OS entropy: at the default
+    # confidence a correct run fails 1 in 1000). At 1 - 1e-6 the audit still fails gross bugs
+    # (noise 0.7x or sqrt(2)x, reused draws); the seeded test above holds the default
+    # confidence and the planted bug.
+    args += ["--seed", "1", "--noise-seed", "2", "--confidence", "0.999999"]
     assert main([*args, "--out", str(out)]) == 0
     saved = json.loads((out / "audit.json").read_text())
     assert saved["passed"] and saved["layer"] == "sharded_bag" and saved["canaries"] == 4000
     assert saved["confidence"] == 0.999999 and saved["seed"] == 1  # the flags reached rank 0
+    assert saved["noise_seed"] == 2
     assert main(["audit", "--layer", "sharded_bag", "--out", str(tmp_path / "x")]) == 1
     assert "--nproc-per-node >= 2" in capsys.readouterr().err
 

@@ -95,6 +95,7 @@ class AuditResult:
     findings: list[str] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)  # AuditSpec: enough to re-run it
     seed: int = 0  # the auditor's seed: which canaries were in, their directions and sizes
+    noise_seed: int | None = None  # the training noise's seed; None: OS entropy (not re-runnable)
     loss_reduction: str = "sum"
     planted: str | None = None  # a bug planted on purpose (lazydp/planted.py): NOT private
     # The scores themselves (absent, present), for plots; not in to_dict().
@@ -314,7 +315,8 @@ def canary_audit(
     fresh model, optimizer and engine loaded from it (the ledger file carried over), as a
     restarted job. ``seed`` fixes the auditor's choices (which canaries are in, their
     directions and gradient sizes; drawn from OS entropy and recorded when None); the
-    training's own noise comes from OS entropy unless ``noise_seed`` is given (tests).
+    training's own noise comes from OS entropy unless ``noise_seed`` is given (a re-run of an
+    audit that failed, and tests).
     ``confidence`` is the family-wise confidence of every bound together. ``engine``: an
     unused engine to train with (default ``PrivacyEngine(seed=noise_seed)``); pass a
     :class:`~lazydp.distributed.DistributedPrivacyEngine` on every rank of a torchrun job (the
@@ -404,6 +406,7 @@ def canary_audit(
         findings=findings,
         settings=asdict(spec),
         seed=seed,
+        noise_seed=noise_seed,
         loss_reduction=spec.loss_reduction,
         scores=(absent, here),
     )

@@ -96,6 +96,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--seed", type=int, help="the auditor's choices (not the training noise)")
     p.add_argument(
+        "--noise-seed",
+        type=int,
+        help="seed the training noise too (default: OS entropy), so that the whole audit can be "
+        "re-run exactly: to look into a failed audit, not for a private release",
+    )
+    p.add_argument(
         "--plant",
         metavar="BUG[=F]",
         help="train with a known privacy bug (noise=F, clip=F, roll, reuse, sample=F, epsilon=F, "
@@ -167,6 +173,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             delta=args.delta,
             confidence=args.confidence,
             seed=args.seed,
+            noise_seed=args.noise_seed,
             engine=engine,
             progress=(lambda d, t: print(f"  step {d}/{t}", flush=True)) if rank == 0 else None,
         )
@@ -189,10 +196,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         odds = round(1 / (2 * (1 - result.confidence)))
         raise PrivacyError(
             f"{failure(result)} This is a bug in this installation (or a 1-in-{odds} chance); "
-            f"report it with {paths['json']} (it holds the settings and the auditor's seed, "
-            f"{result.seed})."
+            f"report it with {paths['json']} (it holds the settings and the seeds). "
+            + _rerun_advice(result)
         )
     return {**files, **result.to_dict()}
+
+
+def _rerun_advice(result: Any) -> str:
+    """How to repeat a failed audit: all of it with both seeds, else only its canaries."""
+    if result.noise_seed is not None:
+        return (
+            f"The same flags with --seed {result.seed} --noise-seed {result.noise_seed} re-run "
+            "it exactly."
+        )
+    return (
+        f"--seed {result.seed} repeats its canaries; its training noise came from OS entropy, "
+        "so add --noise-seed N to any run you want to be able to repeat exactly."
+    )
 
 
 def _join_ranks(args: argparse.Namespace) -> tuple[int, Any]:
@@ -214,7 +234,7 @@ def _join_ranks(args: argparse.Namespace) -> tuple[int, Any]:
         seed = torch.tensor([secrets.randbits(62) if rank == 0 else 0], device=comm_device(None))
         torch.distributed.broadcast(seed, 0)
         args.seed = int(seed.item())
-    return rank, DistributedPrivacyEngine()
+    return rank, DistributedPrivacyEngine(seed=args.noise_seed)  # the same on every rank
 
 
 def _launch(args: argparse.Namespace, out: Path) -> dict[str, Any]:
