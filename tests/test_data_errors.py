@@ -234,9 +234,13 @@ def test_bad_values_caught_at_open(tmp_path, in_memory, train, memory_fragment, 
     [
         ({"label": pa.array([0, 0.5] * 4, pa.float32())}, r"row 1 .* is 0\.5; labels must be 0"),
         ({"label": pa.array([0, np.nan] * 4, pa.float32())}, r"row 1 .* is nan; labels must"),
-        (  # float16: Arrow's is_in has no kernel for it (an ArrowNotImplementedError)
+        pytest.param(  # float16: Arrow's is_in has no kernel for it (an ArrowNotImplementedError)
             {"label": pa.array(np.array([0, 0.5] * 4, np.float16), pa.float16())},
             r"row 1 .* is 0\.5; labels must be 0",
+            marks=pytest.mark.skipif(
+                int(pa.__version__.split(".")[0]) < 15,
+                reason="pyarrow < 15 cannot write float16 to Parquet",
+            ),
         ),
         ({"d1": pa.array([0, np.nan] * 4, pa.float32())}, r"row 1 .* is nan; dense features"),
         ({"g": pa.array([[1]] * 7 + [None], pa.list_(pa.int64()))}, "row 7 .* is null; a row"),
