@@ -8,6 +8,8 @@ to keep the Spark part of the suite short.
 from __future__ import annotations
 
 import gzip
+import re
+import socket
 from pathlib import Path
 
 import pyarrow as pa
@@ -182,3 +184,29 @@ def test_a_damaged_gz_is_the_same_clear_error_on_spark(tmp_path, spark):
         with pytest.raises(DataError, match=r"cannot decompress \(.+\); the file is damaged"):
             preprocess("movielens", [src], tmp_path / "b", engine="spark", spark=spark)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cut.csv.gz", "plain.csv.gz"]
+
+
+def test_a_master_url_spark_cannot_use_is_a_clear_error_before_spark_starts(tmp_path):
+    # A standalone master that nothing answers at cost a minute of Java stack traces, then a
+    # Py4J traceback ("Cannot call methods on a stopped SparkContext"); a malformed URL failed
+    # inside spark-submit or SparkContext with a Java stack trace.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    cases = {
+        "127.0.0.1:7077": "is not a Spark master URL; use local[N], spark://HOST:PORT",
+        "spark://127.0.0.1": "'127.0.0.1' is not HOST:PORT",
+        "spark://127.0.0.1:99999": "'127.0.0.1:99999' is not HOST:PORT",
+        f"spark://127.0.0.1:{port}": f"no Spark master answers there (127.0.0.1:{port}: ",
+    }
+    for url, message in cases.items():
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            preprocess(
+                "movielens",
+                [FIX / "movielens_small.csv"],
+                tmp_path / "out",
+                engine="spark",
+                spark_master=url,
+                progress=False,
+            )
+    assert list(tmp_path.iterdir()) == []

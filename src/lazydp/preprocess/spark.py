@@ -13,15 +13,53 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import sys
 from pathlib import Path
 from typing import Any
 
+from lazydp.errors import ConfigError
 from lazydp.preprocess.dialect import SparkDialect
 from lazydp.preprocess.engine import Engine
 from lazydp.preprocess.lines import damaged, is_gz
 
 DEFAULT_MASTER = "local[2]"
+CONNECT_TIMEOUT_S = 5.0  # to open a TCP connection to a standalone master
+# What spark-submit and SparkContext accept besides spark:// URLs (checked in check_master).
+_OTHER_MASTERS = re.compile(r"local(\[[^\]]+\])?|local-cluster\[[^\]]+\]|yarn|k8s://.+")
+
+
+def check_master(master: str) -> None:
+    """ConfigError for a master URL Spark would refuse with a Java stack trace, and for a
+    standalone master (``spark://HOST:PORT[,HOST:PORT...]``) that nothing answers at: Spark
+    retries that for a minute, printing stack traces, then fails inside Py4J.
+
+    Example: ``check_master("local[2]")``.
+    """
+    if _OTHER_MASTERS.fullmatch(master):
+        return
+    if not master.startswith("spark://"):
+        raise ConfigError(
+            f"spark_master={master!r} is not a Spark master URL; use local[N], "
+            "spark://HOST:PORT (the URL the master's log shows), yarn or k8s://HOST:PORT"
+        )
+    failures = []
+    for address in master.removeprefix("spark://").split(","):
+        host, _, port = address.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(
+                f"spark_master={master!r}: {address!r} is not HOST:PORT; a standalone "
+                "master's URL is spark://HOST:PORT (port 7077 unless it was started otherwise)"
+            )
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), CONNECT_TIMEOUT_S).close()
+            return  # one master of a standby group is enough, as for Spark
+        except OSError as exc:
+            failures.append(f"{address}: {exc.strerror or exc}")
+    raise ConfigError(
+        f"spark_master={master!r}: no Spark master answers there ({'; '.join(failures)}); "
+        "start the master, or give the spark://HOST:PORT URL its log shows"
+    )
 
 
 def spark_session(master: str | None = None, shuffle_partitions: int = 2) -> Any:
@@ -29,11 +67,15 @@ def spark_session(master: str | None = None, shuffle_partitions: int = 2) -> Any
 
     Example: ``spark = spark_session("local[2]")``.
     """
+    from py4j.protocol import Py4JError
+    from pyspark.errors import PySparkException
     from pyspark.sql import SparkSession
 
+    master = master or DEFAULT_MASTER
+    check_master(master)
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     builder = (
-        SparkSession.builder.master(master or DEFAULT_MASTER)
+        SparkSession.builder.master(master)
         .appName("lazydp-preprocess")
         .config("spark.ui.enabled", "false")
         .config("spark.ui.showConsoleProgress", "false")
@@ -41,9 +83,22 @@ def spark_session(master: str | None = None, shuffle_partitions: int = 2) -> Any
         .config("spark.sql.session.timeZone", "UTC")
         .config("spark.hadoop.mapreduce.fileoutputcommitter.marksuccessfuljobs", "false")
     )
-    spark = builder.getOrCreate()
+    try:
+        spark = builder.getOrCreate()
+    except (Py4JError, PySparkException) as exc:
+        raise ConfigError(
+            f"Spark did not start with spark_master={master!r} ({_first_line(exc)}); Spark's "
+            "log above says why: check the master URL and that the cluster runs"
+        ) from None
     spark.sparkContext.setLogLevel("ERROR")
     return spark
+
+
+def _first_line(exc: Exception) -> str:
+    """The Java exception's own message, without Py4J's preamble and the stack trace."""
+    java = getattr(exc, "java_exception", None)
+    text = str(java) if java is not None else str(exc)
+    return next((line.strip() for line in text.splitlines() if line.strip()), type(exc).__name__)
 
 
 def _read_splits(tagged: Any, path: str) -> list[Any]:
