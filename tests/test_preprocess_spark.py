@@ -8,8 +8,14 @@ to keep the Spark part of the suite short.
 from __future__ import annotations
 
 import gzip
+import os
 import re
+import shutil
+import signal
 import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -210,3 +216,67 @@ def test_a_master_url_spark_cannot_use_is_a_clear_error_before_spark_starts(tmp_
                 progress=False,
             )
     assert list(tmp_path.iterdir()) == []
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def master_without_workers(tmp_path):
+    """A Spark standalone master with no worker (``spark://127.0.0.1:PORT``), stopped after
+    the test whatever happens."""
+    if shutil.which("java") is None and not os.environ.get("JAVA_HOME"):
+        pytest.skip("a Spark standalone master needs Java (no java on PATH, no JAVA_HOME)")
+    import pyspark
+
+    home = Path(pyspark.__file__).parent
+    port = _free_port()
+    log = tmp_path / "master.log"
+    cmd = [str(home / "bin" / "spark-class"), "org.apache.spark.deploy.master.Master"]
+    cmd += ["--host", "127.0.0.1", "--port", str(port), "--webui-port", "0"]
+    env = {**os.environ, "SPARK_HOME": str(home), "SPARK_LOG_DIR": str(tmp_path)}
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+    try:
+        deadline = time.monotonic() + 120  # a JVM start on a loaded machine; not a timing check
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), 1).close()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"the Spark master did not start:\n{log.read_text()[-2000:]}")
+                time.sleep(0.2)
+        yield f"spark://127.0.0.1:{port}"
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def test_a_cluster_without_workers_is_a_clear_error_not_a_silent_hang(
+    tmp_path, master_without_workers
+):
+    # The first job waited forever for an executor, and with Spark's log at ERROR it did so
+    # without a word. The driver runs in its own process: this one has a local session.
+    cmd = [sys.executable, "-m", "lazydp", "preprocess", "--format", "movielens"]
+    cmd += ["--input", str(FIX / "movielens_small.csv"), "--output", str(tmp_path / "out")]
+    cmd += ["--engine", "spark", "--spark-master", master_without_workers, "--spark-wait", "1"]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    except subprocess.TimeoutExpired:
+        pytest.fail("lazydp preprocess hung on a Spark master without workers")
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert (
+        f"error: the Spark cluster {master_without_workers!r} ran no task in 1 s: no worker "
+        "offered this application an executor"
+    ) in done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["master.log"]

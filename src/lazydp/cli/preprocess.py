@@ -48,6 +48,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--spark-master", default=None, metavar="URL", help="Spark master (default local[2])"
     )
+    p.add_argument(
+        "--spark-wait",
+        type=float,
+        default=None,
+        metavar="S",
+        help="seconds a Spark cluster may take to run a first task (default 120; 0: no limit)",
+    )
     p.add_argument("--buckets", default=None, metavar="N|name=N,...")
     p.add_argument("--on-bad-row", default="fail", choices=["fail", "skip"])
     p.add_argument("--vocabulary", default="hash", choices=["hash", "dp"])
@@ -67,6 +74,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from lazydp.preprocess import parse_buckets, preprocess
+    from lazydp.preprocess.spark import SPARK_WAIT_S
 
     if args.test_fraction == 0:
         # Allowed in the library (a train-only directory), but `lazydp train` evaluates on the
@@ -90,6 +98,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         args.output,
         engine=args.engine,
         spark_master=args.spark_master,
+        spark_wait_s=SPARK_WAIT_S if args.spark_wait is None else args.spark_wait,
         buckets=buckets,
         on_bad_row=args.on_bad_row,
         vocabulary=args.vocabulary,

@@ -31,6 +31,7 @@ from lazydp.preprocess import sql
 from lazydp.preprocess.engine import Engine
 from lazydp.preprocess.lines import NOT_UTF8, check_compression
 from lazydp.preprocess.output import atomic_directory, write_metadata
+from lazydp.preprocess.spark import SPARK_WAIT_S
 from lazydp.preprocess.spec import FormatSpec, get_format
 from lazydp.preprocess.vocabulary import check_seed, new_seed, split_budget
 
@@ -305,6 +306,7 @@ def preprocess(
     engine: str = "embedded",
     spark_master: str | None = None,
     spark: Any = None,
+    spark_wait_s: float = SPARK_WAIT_S,
     buckets: int | dict[str, int] | None = None,
     on_bad_row: str = "fail",
     vocabulary: str = "hash",
@@ -335,6 +337,7 @@ def preprocess(
     )
     if engine not in ENGINES:
         raise ConfigError(f"engine={engine!r}; use one of {ENGINES}")
+    _check_wait(spark_wait_s)
     check_seed(vocab_seed)  # now, not after the input is read
     if not inputs:
         raise ConfigError("inputs is empty; give at least one raw file")
@@ -343,7 +346,7 @@ def preprocess(
     if "://" not in str(output):
         paths = [p if "://" in p else str(Path(p).resolve()) for p in paths]
     with atomic_directory(output, overwrite=overwrite, inputs=paths) as tmp:
-        eng = _make_engine(engine, tmp, spark_master, spark, progress)
+        eng = _make_engine(engine, tmp, spark_master, spark, progress, spark_wait_s)
         try:
             meta = _run(eng, cfg, paths, tmp, vocab_seed)
         finally:
@@ -406,7 +409,20 @@ def _check_inputs(paths: list[str], engine: str) -> None:
                 )
 
 
-def _make_engine(name: str, tmp: Path, master: str | None, spark: Any, progress: bool) -> Engine:
+def _check_wait(wait_s: Any) -> None:
+    if (
+        not isinstance(wait_s, (int, float))
+        or isinstance(wait_s, bool)
+        or not 0 <= wait_s < math.inf
+    ):
+        raise ConfigError(
+            f"spark_wait_s={wait_s!r} must be a number of seconds >= 0 (0 waits without limit)"
+        )
+
+
+def _make_engine(
+    name: str, tmp: Path, master: str | None, spark: Any, progress: bool, wait_s: float
+) -> Engine:
     if name == "embedded":
         from lazydp.preprocess.embedded import EmbeddedEngine
 
@@ -415,4 +431,4 @@ def _make_engine(name: str, tmp: Path, master: str | None, spark: Any, progress:
         from lazydp.preprocess.spark import SparkEngine
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise ConfigError("engine='spark' needs pyspark: pip install 'lazydp[spark]'") from exc
-    return SparkEngine(spark, master, progress)
+    return SparkEngine(spark, master, progress, wait_s)

@@ -15,6 +15,7 @@ import os
 import re
 import socket
 import sys
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,9 @@ from lazydp.preprocess.lines import damaged, is_gz
 
 DEFAULT_MASTER = "local[2]"
 CONNECT_TIMEOUT_S = 5.0  # to open a TCP connection to a standalone master
+# How long a cluster may take to run a first task: executors start in seconds on a standalone
+# cluster, a busy YARN queue may need longer (--spark-wait).
+SPARK_WAIT_S = 120.0
 # What spark-submit and SparkContext accept besides spark:// URLs (checked in check_master).
 _OTHER_MASTERS = re.compile(r"local(\[[^\]]+\])?|local-cluster\[[^\]]+\]|yarn|k8s://.+")
 
@@ -94,6 +98,47 @@ def spark_session(master: str | None = None, shuffle_partitions: int = 2) -> Any
     return spark
 
 
+def await_first_task(spark: Any, wait_s: float = SPARK_WAIT_S) -> None:
+    """ConfigError unless the session's cluster runs a one-row job within ``wait_s`` seconds
+    (0 waits without limit; local masters are not checked). A master with no worker that can
+    host this application's executor queues every job forever, and with Spark's log at ERROR
+    it does so without a word.
+
+    Example: ``await_first_task(spark_session("spark://head:7077"), wait_s=60)``.
+    """
+    from pyspark import InheritableThread  # carries the job group to the JVM thread
+
+    sc = spark.sparkContext
+    if wait_s == 0 or sc.master.startswith("local"):
+        return
+    group, failed = f"lazydp-first-task-{uuid.uuid4().hex}", []
+
+    def probe() -> None:
+        try:
+            sc.setJobGroup(group, "lazydp: wait for an executor", interruptOnCancel=True)
+            spark.range(0, 1, 1, 1).collect()
+        except Exception as exc:  # reported below, in the caller's thread
+            failed.append(exc)
+
+    thread = InheritableThread(target=probe, daemon=True)
+    thread.start()
+    thread.join(wait_s)
+    if thread.is_alive():
+        sc.cancelJobGroup(group)
+        memory = sc.getConf().get("spark.executor.memory", "1g")
+        raise ConfigError(
+            f"the Spark cluster {sc.master!r} ran no task in {wait_s:g} s: no worker offered "
+            f"this application an executor (no worker, or none with a free core and "
+            f"spark.executor.memory={memory}; the master's web UI lists them). Start a worker, "
+            "or wait longer with --spark-wait SECONDS (spark_wait_s; 0 waits without limit)"
+        )
+    if failed:
+        raise ConfigError(
+            f"the Spark cluster {sc.master!r} failed a one-row job ({_first_line(failed[0])}); "
+            "Spark's log above says why: check the workers (their logs and the master's web UI)"
+        )
+
+
 def _first_line(exc: Exception) -> str:
     """The Java exception's own message, without Py4J's preamble and the stack trace."""
     java = getattr(exc, "java_exception", None)
@@ -121,10 +166,17 @@ class SparkEngine(Engine):
 
     name = "spark"
 
-    def __init__(self, spark: Any = None, master: str | None = None, progress: bool = True) -> None:
+    def __init__(
+        self,
+        spark: Any = None,
+        master: str | None = None,
+        progress: bool = True,
+        wait_s: float = SPARK_WAIT_S,
+    ) -> None:
         self.dialect = SparkDialect()
         self.progress = progress
         self.spark = spark if spark is not None else spark_session(master)
+        await_first_task(self.spark, wait_s)
         self.spark.conf.set("spark.sql.ansi.enabled", "false")
         self._cached: list[Any] = []
 
