@@ -92,6 +92,22 @@ def test_spark_output_equals_embedded(fmt, tmp_path, spark):
     assert emb["bad_rows"] == {"criteo": 4, "movielens": 3}[fmt]
 
 
+def test_executors_run_no_python(tmp_path, spark, monkeypatch):
+    # The split offsets became a DataFrame through createDataFrame on a Python list, which runs
+    # a Python worker on an executor: on a cluster whose workers lack the driver's interpreter
+    # path (PYSPARK_PYTHON), preprocessing failed with a Java stack trace. An interpreter no
+    # executor can start must not matter.
+    monkeypatch.setattr(spark.sparkContext, "pythonExec", str(tmp_path / "no-python"))
+    files, kwargs = CASES["criteo"]
+    inputs = [FIX / f for f in files]
+    emb = preprocess("criteo", inputs, tmp_path / "emb", progress=False, **kwargs)
+    spk = preprocess(
+        "criteo", inputs, tmp_path / "spk", engine="spark", spark=spark, progress=False, **kwargs
+    )
+    assert spk["rows"] == emb["rows"] and spk["bad_row_examples"] == emb["bad_row_examples"]
+    _assert_same(tmp_path / "emb", tmp_path / "spk", ["train", "test"])
+
+
 def test_spark_fails_on_the_same_bad_row(tmp_path, spark):
     with pytest.raises(DataError) as emb:
         preprocess("movielens", [FIX / "movielens_bad.csv"], tmp_path / "a", progress=False)

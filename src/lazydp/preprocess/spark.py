@@ -5,8 +5,10 @@ Line numbers without Python UDFs: the text source tags every line with its split
 split's line count and first id, so ``line_no = lines in earlier splits + (id - first id) + 1``.
 Hadoop's LineRecordReader assigns a line crossing a split boundary to the split where it starts,
 so every line is counted once. Inputs and the output must be paths every executor sees (local
-files in local mode, a shared file system on a cluster). ANSI mode is switched off for the
-session's SQL so that a malformed value is a bad row, never a failed job.
+files in local mode, a shared file system on a cluster). Nothing runs Python on an executor (no
+UDF, no DataFrame made from Python objects), so workers need no copy of the driver's Python
+environment. ANSI mode is switched off for the session's SQL so that a malformed value is a
+bad row, never a failed job.
 """
 
 from __future__ import annotations
@@ -146,6 +148,15 @@ def _first_line(exc: Exception) -> str:
     return next((line.strip() for line in text.splitlines() if line.strip()), type(exc).__name__)
 
 
+def _values_sql(rows: list[tuple[int, int]], *names: str) -> str:
+    """A relation of BIGINT rows as an inline VALUES table. createDataFrame on a Python list
+    runs a Python worker on an executor, which on a cluster needs the driver's interpreter at
+    the same path on every worker (PYSPARK_PYTHON); a VALUES table stays in the JVM."""
+    values = ", ".join(f"({', '.join(str(int(v)) for v in row)})" for row in rows)
+    cols = ", ".join(f"CAST({n} AS BIGINT) AS {n}" for n in names)
+    return f"SELECT {cols} FROM VALUES {values} AS t({', '.join(names)})"
+
+
 def _read_splits(tagged: Any, path: str) -> list[Any]:
     """(block start, line count, first id) of each split: the pass that reads the whole file.
     A damaged .gz fails it with a Java traceback; say what the embedded engine says instead."""
@@ -197,7 +208,7 @@ class SparkEngine(Engine):
             for blk, count, first_id in splits:
                 offsets.append((int(blk), before - int(first_id)))
                 before += int(count)
-            shift = self.spark.createDataFrame(offsets or [(0, 0)], "blk LONG, shift LONG")
+            shift = self.spark.sql(_values_sql(offsets or [(0, 0)], "blk", "shift"))
             frames.append(
                 tagged.join(F.broadcast(shift), "blk").select(
                     F.lit(file_idx).cast("int").alias("file_idx"),
