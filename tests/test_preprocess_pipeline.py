@@ -144,6 +144,18 @@ def test_existing_output_and_bad_settings_are_refused(tmp_path):
         preprocess("criteo", [tmp_path / "missing.tsv"], tmp_path / "p")
 
 
+def test_an_output_given_as_a_uri_is_refused(tmp_path, monkeypatch):
+    # file:///d became the relative directory ./file:/d holding only metadata.json, while Spark
+    # wrote the Parquet files to /d.tmp-* and the run reported success.
+    monkeypatch.chdir(tmp_path)
+    for output in (f"file://{tmp_path}/out", f"file:{tmp_path}/out", "hdfs://nn/out"):
+        with pytest.raises(ConfigError, match="looks like a URI; give a local directory path"):
+            preprocess("movielens", [FIX / "movielens_small.csv"], output, progress=False)
+    assert list(tmp_path.iterdir()) == []
+    meta = preprocess("movielens", [FIX / "movielens_small.csv"], "./a:b", progress=False)
+    assert meta["rows"]["train"] > 0 and (tmp_path / "a:b" / "metadata.json").is_file()
+
+
 def test_csv_header_must_name_the_columns(tmp_path):
     bad = tmp_path / "r.csv"
     bad.write_text("user,movie,rating,timestamp,genres\n1,2,3,4,Drama\n")

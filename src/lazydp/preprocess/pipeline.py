@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import math
+import re
 import shutil
 import sys
 from dataclasses import asdict, dataclass, field
@@ -343,8 +344,8 @@ def preprocess(
         raise ConfigError("inputs is empty; give at least one raw file")
     paths = [str(p) for p in inputs]
     _check_inputs(paths, engine)
-    if "://" not in str(output):
-        paths = [p if "://" in p else str(Path(p).resolve()) for p in paths]
+    _check_output(output)
+    paths = [p if "://" in p else str(Path(p).resolve()) for p in paths]
     with atomic_directory(output, overwrite=overwrite, inputs=paths) as tmp:
         eng = _make_engine(engine, tmp, spark_master, spark, progress, spark_wait_s)
         try:
@@ -371,6 +372,19 @@ def _check_text(engine: Engine, paths: list[str]) -> None:
     if found:
         file_idx, line_no = found[0]
         raise DataError(f"{paths[int(file_idx)]}, line {int(line_no)}: {NOT_UTF8}")
+
+
+def _check_output(output: str | Path) -> None:
+    """ConfigError for an output given as a URI (``file:///d``, ``hdfs://nn/d``). The output is
+    a local directory made complete by a local rename (lazydp.preprocess.output): pathlib read
+    ``file:///d`` as the relative ``./file:/d`` (metadata.json went there) while Spark wrote the
+    Parquet files to ``/d.tmp-*``, and the run reported success."""
+    if re.match(r"[A-Za-z][A-Za-z0-9+.-]*:", str(output)):
+        raise ConfigError(
+            f"output={str(output)!r} looks like a URI; give a local directory path (on a "
+            "cluster one that every executor sees at the same path, such as a shared mount), "
+            "and for a directory whose name has a ':' write it as ./NAME"
+        )
 
 
 def _check_inputs(paths: list[str], engine: str) -> None:
