@@ -122,7 +122,9 @@ def test_spark_fails_on_the_same_bad_row(tmp_path, spark):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_spark_reads_a_long_quoted_field_and_refuses_names_it_would_misread(tmp_path, spark):
+def test_spark_reads_a_long_quoted_field_and_refuses_names_it_would_misread(
+    tmp_path, spark, monkeypatch
+):
     # A quoted title of 3,000 characters overflowed the JVM's stack in Spark's regex (~2,000
     # lines of Py4J traceback); the quoting rules are the same with the unrolled pattern.
     text = (FIX / "movielens_small.csv").read_text(encoding="utf-8").splitlines()
@@ -155,6 +157,11 @@ def test_spark_reads_a_long_quoted_field_and_refuses_names_it_would_misread(tmp_
         == emb["rows"]
     )
     assert preprocess("movielens", [odd], tmp_path / "e", progress=False)["rows"] == emb["rows"]
+    # A relative output with a ':' in its name failed in Hadoop ("Relative path in absolute URI")
+    monkeypatch.chdir(tmp_path)
+    meta = preprocess("movielens", [src], "./o:1", engine="spark", spark=spark, progress=False)
+    assert meta["rows"] == emb["rows"]
+    _assert_same(tmp_path / "emb", tmp_path / "o:1", ["train", "test"])
 
 
 def test_both_engines_refuse_text_that_is_not_utf8_with_the_same_message(tmp_path, spark):

@@ -236,7 +236,9 @@ class SparkEngine(Engine):
         return [tuple(row) for row in self.spark.sql(sql).collect()]
 
     def write_parquet(self, sql: str, directory: Path) -> None:
-        self.spark.sql(sql).write.option("compression", "snappy").parquet(str(directory))
+        # Absolute: Hadoop reads a relative "a:b.tmp-x/train" as a URI with the scheme "a".
+        target = str(directory.absolute())
+        self.spark.sql(sql).write.option("compression", "snappy").parquet(target)
         # Hadoop's checksum side files are noise for readers of the directory
         for side in list(directory.glob(".*.crc")) + list(directory.glob("_SUCCESS")):
             side.unlink()
