@@ -12,6 +12,7 @@ import pytest
 import lazydp.checkpoint_file
 import lazydp.engine
 import lazydp.ledger
+import lazydp.preprocess
 import lazydp.training
 from lazydp import PrivacyError, StorageError
 from lazydp.checkpoint_file import atomic_save
@@ -105,8 +106,24 @@ def test_ctrl_c_gives_one_line_not_a_traceback(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(lazydp.training, "run", interrupted)
     code, res = run_cli(["train", "--dataset", "acs", "--out", str(tmp_path / "r")], capsys)
     assert code == 130 and "interrupted" in res.err and "Traceback" not in res.err
+    assert "--resume" in res.err
     code, res = run_cli(["train", "--json", "--out", str(tmp_path / "r")], capsys)
     assert code == 130 and json.loads(res.out.splitlines()[-1])["type"] == "KeyboardInterrupt"
+    # preprocess has no ledger and no --resume: its message says what it left instead.
+    monkeypatch.setattr(lazydp.preprocess, "preprocess", interrupted)
+    raw = tmp_path / "r.csv"
+    raw.write_text("x\n")
+    args = [
+        "preprocess",
+        "--format",
+        "movielens",
+        "--input",
+        str(raw),
+        "--output",
+        str(tmp_path / "o"),
+    ]
+    code, res = run_cli(args, capsys)
+    assert code == 130 and "output was not written" in res.err and "ledger" not in res.err
 
 
 def test_train_refuses_a_disk_too_small_for_its_outputs_before_charging(

@@ -189,11 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         _json_error(args, str(exc), exc)
         return exc.exit_code
     except KeyboardInterrupt as exc:
-        # Every charged step is already in the ledger (written before its noise was drawn).
-        message = (
-            "interrupted. The privacy ledger holds every step charged so far; a training run "
-            "continues from its last checkpoint with --resume."
-        )
+        message = _INTERRUPTED.get(args.command, "interrupted.")
         print(f"lazydp {args.command}: {message}", file=sys.stderr)
         _json_error(args, message, exc)
         return 130
@@ -205,6 +201,17 @@ def main(argv: list[str] | None = None) -> int:
         except BrokenPipeError:
             return _reader_gone()
     return 0
+
+
+#: What a Ctrl-C left behind, per command (others: nothing to say).
+_INTERRUPTED = {
+    # Every charged step is already in the ledger (written before its noise was drawn).
+    "train": "interrupted. The privacy ledger holds every step charged so far; the run "
+    "continues from its last checkpoint with --resume.",
+    # Its output is built in a temporary directory and renamed into place only when complete.
+    "preprocess": "interrupted. The output was not written (an output there before is "
+    "unchanged); run the command again.",
+}
 
 
 def _json_error(args: argparse.Namespace, message: str, exc: BaseException) -> None:
