@@ -241,6 +241,22 @@ def test_a_master_url_spark_cannot_use_is_a_clear_error_before_spark_starts(tmp_
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_master_other_than_the_running_sessions_is_refused_not_ignored(tmp_path, spark):
+    # One SparkContext per process: getOrCreate handed back the running session, and the run
+    # went to its master instead of the one asked for, without a word.
+    with pytest.raises(ConfigError, match=r"already runs a SparkSession on 'local\[2\]'"):
+        preprocess(
+            "movielens",
+            [FIX / "movielens_small.csv"],
+            tmp_path / "out",
+            engine="spark",
+            spark_master="local[1]",
+            progress=False,
+        )
+    assert list(tmp_path.iterdir()) == []
+    assert spark.sparkContext.master == "local[2]"  # the running session is untouched
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

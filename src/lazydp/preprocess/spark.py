@@ -74,11 +74,21 @@ def spark_session(master: str | None = None, shuffle_partitions: int = 2) -> Any
     Example: ``spark = spark_session("local[2]")``.
     """
     from py4j.protocol import Py4JError
+    from pyspark import SparkContext
     from pyspark.errors import PySparkException
     from pyspark.sql import SparkSession
 
-    master = master or DEFAULT_MASTER
+    asked, master = master, master or DEFAULT_MASTER
     check_master(master)
+    running = SparkContext._active_spark_context
+    if asked is not None and running is not None and running.master != master:
+        # getOrCreate would hand back that session (one SparkContext per process) and run
+        # on its master without a word, after setting this builder's options on it.
+        raise ConfigError(
+            f"spark_master={master!r}, but this process already runs a SparkSession on "
+            f"{running.master!r}, which Spark would use instead. Pass that session as "
+            "spark=... to use it, or stop it first (spark.stop())"
+        )
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     builder = (
         SparkSession.builder.master(master)
