@@ -528,6 +528,39 @@ def test_the_phase_timer_adds_every_block_even_one_that_raises():
     assert totals["a"] >= 0.004 and "b" in totals and timer.totals == {}
 
 
+def test_the_phase_timer_waits_for_the_device_at_each_phase_edge():
+    # On a GPU (bench placement "split") a phase is charged its kernels' time: the timer calls
+    # its sync (torch.cuda.synchronize) as a phase starts and as it ends, and only when on.
+    from lazydp._timing import PhaseTimer
+
+    calls = []
+    timer = PhaseTimer()
+    timer.sync = lambda: calls.append(1)
+    with timer.phase("x"):
+        pass
+    assert calls == []  # disabled: no sync either
+    timer.enabled = True
+    with timer.phase("x"), timer.phase("y"):
+        assert len(calls) == 2
+    assert len(calls) == 4 and set(timer.reset()) == {"x", "y"}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
+def test_the_papers_gpu_placement_is_refused_clearly_without_cuda(tmp_path, capsys):
+    from lazydp.bench.workload import BenchSpec
+    from lazydp.cli import main
+
+    with pytest.raises(ConfigError, match="no CUDA device. Use placement='cpu'"):
+        BenchSpec("rmc1", 1e-5, 16, placement="split")
+    with pytest.raises(ConfigError, match="placement"):
+        BenchSpec("rmc1", 1e-5, 16, placement="gpu")
+    assert BenchSpec("rmc1", 1e-5, 16).mlp_device == torch.device("cpu")
+    args = ["bench", "--config", "rmc1", "--scale", "1e-5", "--placement", "split"]
+    assert main([*args, "--out", str(tmp_path / "b")]) == 1
+    err = capsys.readouterr().err
+    assert "host memory" in err and "Traceback" not in err
+
+
 def test_opacus_ratios_are_printed_to_two_decimals_below_ten():
     # Rounded to whole numbers, opacus/lazydp 1.55 printed as "2x" and 0.4 as "0x".
     from lazydp.bench import report

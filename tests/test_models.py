@@ -215,3 +215,21 @@ def test_mlp_and_tabular_model():
     with pytest.raises(InputError, match="dense"):
         model(None, cat)
     assert TabularModel([4], 2, num_dense=0, hidden=[3])(None, cat[:, :1]).shape == (2, 1)
+
+
+def test_tables_can_live_apart_from_the_mlps():
+    # The paper's GPU set-up: tables in host memory, MLPs on the GPU. No CUDA here, so the
+    # meta device stands in for the GPU: the tables stay on the CPU, read CPU ids, and their
+    # pooled rows move to the MLPs' device (forward only: meta holds no values).
+    cfg = paper_config("rmc1", scale=1e-6, pooling=3)
+    split = DLRM.from_config(cfg, seed=0, device="meta", table_device="cpu")
+    assert {p.device.type for p in split.embeddings.parameters()} == {"cpu"}
+    assert {p.device.type for n, p in split.named_parameters() if "embeddings" not in n} == {"meta"}
+    sparse = [torch.zeros(4, 3, dtype=torch.long)] * len(cfg.table_rows)
+    out = split(torch.zeros(4, 13, device="meta"), sparse)
+    assert out.device.type == "meta" and out.shape == (4,)
+    # Both on the CPU, the same weights give the same logits as the one-device model.
+    same = DLRM.from_config(cfg, seed=0, device="cpu", table_device="cpu")
+    one = DLRM.from_config(cfg, seed=0)
+    dense = torch.randn(4, 13)
+    assert torch.equal(same(dense, sparse), one(dense, sparse))

@@ -53,6 +53,7 @@ from lazydp.bench.workload import (
     dummy_loader,
     loss_of,
     make_batches,
+    on_device,
 )
 from lazydp.errors import ConfigError, LazyDPError
 from lazydp.malloc import tune_malloc
@@ -241,6 +242,10 @@ def _private(model: torch.nn.Module, spec: BenchSpec, mode: str) -> tuple[Any, A
     return opt, engine
 
 
+def _no_sync() -> None:
+    """All on the CPU: every op has finished when it returns."""
+
+
 class _Both:
     """Steps several plain optimizers as one (the sgd reference: tables and MLPs)."""
 
@@ -293,19 +298,29 @@ class _ModeRunner:
             )
         self.batches = make_batches(spec, steps)  # default: spec.iterations
         self.rows: list[dict[str, float]] = []
+        # On a GPU (placement "split") the clock is read after the queued kernels finish.
+        self.device = spec.mlp_device
+        self.sync = torch.cuda.synchronize if self.device.type == "cuda" else _no_sync
+        if self.engine is not None and self.device.type == "cuda":
+            self.engine.timer.sync = torch.cuda.synchronize
 
     def step(self, timed: bool = True) -> None:
         """One training step; ``timed=False`` runs it without recording (a warm-up)."""
-        batch = next(self.batches)
+        batch = on_device(next(self.batches), self.device)
         if self.engine is not None:
             self.engine.timer.reset()
+        sync = self.sync
+        sync()
         t0 = time.perf_counter()
         loss = loss_of(self.model, batch)
+        sync()
         t1 = time.perf_counter()
         loss.backward()
+        sync()
         t2 = time.perf_counter()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
+        sync()
         t3 = time.perf_counter()
         phases = self.engine.timer.reset() if self.engine is not None else {}
         if not timed:

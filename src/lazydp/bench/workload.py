@@ -5,7 +5,8 @@ Contract:
   scale, batch size, pooling, embedding dim, locality) plus the timing protocol (``iterations``,
   then the ``statistic`` -- mean by default, as in the paper -- of the last ``measure_last``).
   ``dense_only=True`` keeps the config's MLPs but drops every table (the bottom MLP feeds the top
-  MLP directly): the "no embeddings" reference of target 5.
+  MLP directly): the "no embeddings" reference of target 5. ``placement="split"`` puts the MLPs
+  on the GPU and keeps the tables in host memory, as the paper does (refused without CUDA).
 * ``build_model(spec, mode)`` builds the same weights for every mode (seeded from ``spec.seed``).
   ``sgd`` gets ``sparse=True`` EmbeddingBags so plain SGD updates only the rows it read -- the fair
   non-private reference; the DP modes get dense-gradient bags, which lazydp's engine never
@@ -42,6 +43,9 @@ BENCH_CONFIGS: tuple[str, ...] = (*PAPER_CONFIGS, *EXTRA_CONFIGS)
 # How the measured steps become one number: the paper's mean, or (on a shared, noisy machine,
 # where other work only ever adds time) the median or the fastest whole step.
 STATISTICS = ("mean", "median", "min")
+# Where the model lives: all on the CPU, or the paper's GPU set-up (MLPs on the GPU, tables in
+# host memory).
+PLACEMENTS = ("cpu", "split")
 
 # Largest --scale accepted: a million times the paper's tables (~10^17 bytes) fits no machine, so
 # the memory check refuses it with the largest scale that fits; far beyond, sizes overflow floats.
@@ -73,6 +77,7 @@ class BenchSpec:
     noise_multiplier: float = 1.0
     max_grad_norm: float = 1.0
     seed: int = 0
+    placement: str = "cpu"
 
     def __post_init__(self) -> None:
         v.check_choice("config", self.config, BENCH_CONFIGS)
@@ -119,6 +124,18 @@ class BenchSpec:
         seed = self.seed
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
             raise ConfigError(f"seed must be an integer >= 0; got {seed!r}.")
+        v.check_choice("placement", self.placement, PLACEMENTS)
+        if self.placement == "split" and not torch.cuda.is_available():
+            raise ConfigError(
+                "placement='split' (--placement split) puts the MLPs on a GPU and keeps the "
+                "tables in host memory, as the LazyDP paper does; this machine has no CUDA "
+                "device. Use placement='cpu'."
+            )
+
+    @property
+    def mlp_device(self) -> torch.device:
+        """Where the MLPs (and the dense inputs and labels) live; the tables stay on the CPU."""
+        return torch.device("cuda" if self.placement == "split" else "cpu")
 
     @property
     def model_config(self) -> DLRMConfig:
@@ -148,6 +165,8 @@ class BenchSpec:
             text += f" {self.locality}"
         if self.table_momentum:
             text += f" mu={self.table_momentum:g}"
+        if self.placement != "cpu":
+            text += f" {self.placement}"
         return text
 
     def table_bytes(self) -> int:
@@ -187,10 +206,17 @@ def build_model(spec: BenchSpec, mode: str, *, sparse: bool | None = None) -> nn
     """
     cfg = spec.model_config
     if spec.dense_only:
-        return DenseOnly(cfg, spec.seed)
+        return DenseOnly(cfg, spec.seed).to(spec.mlp_device)
     use_sparse = (mode == "sgd") if sparse is None else sparse
     # check_ids costs a min/max per table per step; the synthetic ids are in range by contract.
-    return DLRM.from_config(cfg, sparse=use_sparse, seed=spec.seed, check_ids=False)
+    return DLRM.from_config(
+        cfg,
+        sparse=use_sparse,
+        seed=spec.seed,
+        check_ids=False,
+        device=spec.mlp_device,
+        table_device="cpu",
+    )
 
 
 def split_params(model: nn.Module) -> tuple[list[Tensor], list[Tensor]]:
@@ -225,6 +251,15 @@ def make_batches(spec: BenchSpec, count: int | None = None) -> Iterator[Batch]:
     """
     data = SyntheticDLRMData(spec.model_config, spec.batch_size, spec.locality, seed=spec.seed)
     yield from data.batches(spec.iterations if count is None else count)
+
+
+def on_device(batch: Batch, device: torch.device) -> Batch:
+    """``batch`` with its dense features and labels on ``device`` (the MLPs'); the ids stay
+    where the tables are (host memory)."""
+    dense, sparse, label = batch
+    if dense.device == device:
+        return batch
+    return dense.to(device), sparse, label.to(device)
 
 
 def loss_of(model: nn.Module, batch: Batch) -> Tensor:

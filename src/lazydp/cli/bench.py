@@ -27,7 +27,7 @@ from typing import Any
 
 from lazydp import _validate as v
 from lazydp.bench.harness import BENCH_MODES, ModeResult
-from lazydp.bench.workload import BENCH_CONFIGS, STATISTICS, BenchSpec
+from lazydp.bench.workload import BENCH_CONFIGS, PLACEMENTS, STATISTICS, BenchSpec
 from lazydp.cli import add_json_flag, load_yaml_mapping
 from lazydp.errors import ConfigError, LazyDPError
 from lazydp.stop_signals import StoppedBySignal
@@ -84,6 +84,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--measure-last", type=int, help="average the last N steps (default 10)")
     p.add_argument("--statistic", choices=STATISTICS,
                    help="mean (default, the paper's), median or min of the measured steps")  # fmt: skip
+    p.add_argument("--placement", choices=PLACEMENTS,
+                   help="cpu (default), or split: the MLPs on the GPU and the tables in host "
+                   "memory, the paper's set-up (needs CUDA)")  # fmt: skip
     p.add_argument("--mlp-only", dest="dense_only", action="store_true", default=None,
                    help="drop the tables: the config's MLPs on dense input only")  # fmt: skip
     p.add_argument("--compare", choices=["opacus"], help="also time Opacus (hooks and ghost)")

@@ -7,6 +7,9 @@ Contract:
 * No layer mixes examples (no BatchNorm): logit i depends on example i only.
 * Tables are created without Python loops over rows (see ``mlp.embedding_bag``): a 2 GB model
   starts in about a second on two cores.
+* ``table_device`` puts the tables apart from the MLPs (``device``): the LazyDP paper keeps the
+  tables in host memory and the MLPs on the GPU. Ids are then read on the tables' device and the
+  pooled rows move to the MLPs' (autograd moves their gradients back).
 * With ``check_ids=True`` (default) ids outside a table raise ``InputError`` naming the table;
   that costs a min/max per table (and a device sync on GPUs, where benchmarks may turn it off).
 """
@@ -50,6 +53,7 @@ class DLRM(nn.Module):
         sparse: bool = False,
         seed: int | None = None,
         device: torch.device | str | None = None,
+        table_device: torch.device | str | None = None,
         check_ids: bool = True,
     ) -> None:
         super().__init__()
@@ -71,7 +75,12 @@ class DLRM(nn.Module):
         )
         self.embeddings = nn.ModuleList(
             embedding_bag(
-                rows, embedding_dim, mode=mode, sparse=sparse, seed=base + 2 + t, device=device
+                rows,
+                embedding_dim,
+                mode=mode,
+                sparse=sparse,
+                seed=base + 2 + t,
+                device=device if table_device is None else table_device,
             )
             for t, rows in enumerate(self.table_rows)
         )
@@ -82,8 +91,11 @@ class DLRM(nn.Module):
         # Buffers (not parameters) so .to(device) moves them; not saved in state_dict.
         self.register_buffer("_tril_rows", tril[0], persistent=False)
         self.register_buffer("_tril_cols", tril[1], persistent=False)
-        if device is not None:
-            self.to(device)  # the tables were born there; this moves the MLPs and buffers
+        if device is not None:  # the tables were born where they stay: move the rest
+            for part in (self.bottom, self.top):
+                part.to(device)
+            self._tril_rows = self._tril_rows.to(device)
+            self._tril_cols = self._tril_cols.to(device)
 
     @classmethod
     def from_config(
@@ -94,6 +106,7 @@ class DLRM(nn.Module):
         sparse: bool = False,
         seed: int | None = None,
         device: torch.device | str | None = None,
+        table_device: torch.device | str | None = None,
         check_ids: bool = True,
     ) -> DLRM:
         """Build the DLRM described by ``cfg`` (see ``paper_config``).
@@ -109,6 +122,7 @@ class DLRM(nn.Module):
             sparse=sparse,
             seed=seed,
             device=device,
+            table_device=table_device,
             check_ids=check_ids,
         )
 
@@ -129,7 +143,7 @@ class DLRM(nn.Module):
             )
         batch = dense.shape[0]
         pooled = [
-            self._lookup(t, bag, entry, batch)
+            self._lookup(t, bag, entry, batch).to(dense.device, non_blocking=True)
             for t, (bag, entry) in enumerate(zip(self.embeddings, sparse))
         ]
         return self.top(self.interact(self.bottom(dense), pooled)).squeeze(1)
@@ -157,4 +171,7 @@ class DLRM(nn.Module):
                     f"sparse[{table}] has ids in [{low}, {high}] but table {table} has {rows} "
                     f"rows; ids must lie in [0, {rows - 1}]"
                 )
-        return bag(ids, offsets)
+        weight = bag.weight
+        assert isinstance(weight, Tensor)
+        where = weight.device  # the tables' (table_device): a no-op when ids are there
+        return bag(ids.to(where), None if offsets is None else offsets.to(where))
