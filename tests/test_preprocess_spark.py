@@ -257,6 +257,21 @@ def test_a_master_other_than_the_running_sessions_is_refused_not_ignored(tmp_pat
     assert spark.sparkContext.master == "local[2]"  # the running session is untouched
 
 
+def test_a_master_other_than_the_given_sessions_is_refused_not_ignored(tmp_path, spark):
+    # spark=... with another spark_master ran on the session's master, spark_master unused.
+    with pytest.raises(ConfigError, match=r"the session given as spark=... runs on 'local\[2\]'"):
+        preprocess(
+            "movielens",
+            [FIX / "movielens_small.csv"],
+            tmp_path / "out",
+            engine="spark",
+            spark=spark,
+            spark_master="local[1]",
+            progress=False,
+        )
+    assert list(tmp_path.iterdir()) == []
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

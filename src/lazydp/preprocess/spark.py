@@ -87,7 +87,7 @@ def spark_session(master: str | None = None, shuffle_partitions: int = 2) -> Any
         raise ConfigError(
             f"spark_master={master!r}, but this process already runs a SparkSession on "
             f"{running.master!r}, which Spark would use instead. Pass that session as "
-            "spark=... to use it, or stop it first (spark.stop())"
+            "spark=... (without spark_master) to use it, or stop it first (spark.stop())"
         )
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     builder = (
@@ -151,6 +151,18 @@ def await_first_task(spark: Any, wait_s: float = SPARK_WAIT_S) -> None:
         )
 
 
+def _check_session_master(spark: Any, master: str) -> None:
+    """ConfigError when a session is given together with another master: the run would go to
+    the session's master, and ``master`` was ignored without a word."""
+    running = spark.sparkContext.master
+    if running != master:
+        raise ConfigError(
+            f"spark_master={master!r}, but the session given as spark=... runs on "
+            f"{running!r}, where the run would go instead. Leave out spark_master to use that "
+            "session, or leave out spark to start one on the master asked for"
+        )
+
+
 def _first_line(exc: Exception) -> str:
     """The Java exception's own message, without Py4J's preamble and the stack trace."""
     java = getattr(exc, "java_exception", None)
@@ -196,6 +208,8 @@ class SparkEngine(Engine):
     ) -> None:
         self.dialect = SparkDialect()
         self.progress = progress
+        if spark is not None and master is not None:
+            _check_session_master(spark, master)
         self.spark = spark if spark is not None else spark_session(master)
         await_first_task(self.spark, wait_s)
         self.spark.conf.set("spark.sql.ansi.enabled", "false")
