@@ -108,3 +108,9 @@ def test_a_failed_or_dead_torchrun_audit_is_an_error(tmp_path, monkeypatch, caps
     monkeypatch.setattr(launch_module, "_run_forwarding_signals", workers(None))
     assert main(args) == 1
     assert "stopped (exit 1) before writing its report" in capsys.readouterr().err
+    # A bad seed is refused before any worker starts: it failed in every worker, after
+    # torchrun's start, under a screen of torchrun's ChildFailedError traceback.
+    for flag in ("--seed", "--noise-seed"):
+        assert main([*args, flag, "-1"]) == 1
+        captured = capsys.readouterr()
+        assert "seed must be an int in [0, 2**63)" in captured.err and not captured.out

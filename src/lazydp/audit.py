@@ -283,6 +283,15 @@ def check_claim(delta: float, confidence: float) -> float:
     return delta
 
 
+def check_seeds(seed: int | None, noise_seed: int | None) -> None:
+    """ConfigError unless each seed is None or an int in [0, 2**63)."""
+    for name, value in (("seed", seed), ("noise_seed", noise_seed)):
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63
+        ):
+            raise ConfigError(f"{name} must be an int in [0, 2**63) or None; got {value!r}.")
+
+
 def canary_audit(
     mode: str = "lazydp",
     *,
@@ -341,11 +350,7 @@ def canary_audit(
         loss_reduction=loss_reduction,
     )
     delta = check_claim(delta, confidence)
-    for name, value in (("seed", seed), ("noise_seed", noise_seed)):
-        if value is not None and (
-            isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63
-        ):
-            raise ConfigError(f"{name} must be an int in [0, 2**63) or None; got {value!r}.")
+    check_seeds(seed, noise_seed)
     if engine is not None and resume_at is not None:
         raise ConfigError("resume_at builds its own engines; leave engine out.")
     if engine is None and layer == "sharded_bag":

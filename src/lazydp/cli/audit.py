@@ -136,7 +136,7 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from contextlib import nullcontext
 
-    from lazydp.audit import canary_audit, check_claim, check_spec
+    from lazydp.audit import canary_audit, check_claim, check_seeds, check_spec
     from lazydp.planted import check_plant_applies, parse_plant, planted_bug
     from lazydp.train_config import check_output_dir
 
@@ -144,6 +144,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # Everything is checked here, before any worker starts (they would each say it, or hang).
     spec = check_spec(args.mode, **_options(args))
     check_claim(args.delta, args.confidence)  # not after "auditing ..." has been printed
+    check_seeds(args.seed, args.noise_seed)  # nor in every torchrun worker, after their start
     if args.nproc_per_node < 1:
         raise ConfigError(f"--nproc-per-node must be >= 1; got {args.nproc_per_node}.")
     if args.layer == "sharded_bag" and args.nproc_per_node < 2:
