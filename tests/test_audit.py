@@ -223,6 +223,14 @@ def test_the_audit_refuses_what_it_cannot_audit():
         canary_audit("lazydp", engine=object())
     with pytest.raises(ConfigError, match="layer"):
         canary_audit("lazydp", layer="conv")
+    # noise_seed with an engine of another seed was recorded in the result, never used.
+    with pytest.raises(ConfigError, match="draws its noise with its own seed"):
+        canary_audit("lazydp", noise_seed=4, engine=PrivacyEngine())
+
+
+def test_the_audit_records_the_seed_its_noise_was_drawn_with():
+    seeded = canary_audit("lazydp", canaries=200, steps=1, engine=PrivacyEngine(seed=9))
+    assert seeded.noise_seed == 9 and seeded.to_dict()["noise_seed"] == 9
 
 
 # -- the command ----------------------------------------------------------------------------

@@ -353,6 +353,17 @@ def canary_audit(
     check_seeds(seed, noise_seed)
     if engine is not None and resume_at is not None:
         raise ConfigError("resume_at builds its own engines; leave engine out.")
+    if (
+        engine is not None
+        and noise_seed is not None
+        and getattr(engine, "seed", None) != noise_seed
+    ):
+        # The given engine draws with its own seed: noise_seed would be recorded, unused.
+        raise ConfigError(
+            f"noise_seed={noise_seed} seeds the engine canary_audit builds, but the engine given "
+            f"draws its noise with its own seed ({getattr(engine, 'seed', None)!r}); pass "
+            "engine=PrivacyEngine(seed=noise_seed), or leave noise_seed out."
+        )
     if engine is None and layer == "sharded_bag":
         raise ConfigError(
             "layer='sharded_bag' audits distributed training: pass engine=a "
@@ -411,7 +422,7 @@ def canary_audit(
         findings=findings,
         settings=asdict(spec),
         seed=seed,
-        noise_seed=noise_seed,
+        noise_seed=engine.seed,  # the seed the training drew with (a given engine's own)
         loss_reduction=spec.loss_reduction,
         scores=(absent, here),
     )
