@@ -316,6 +316,33 @@ def master_without_workers(tmp_path):
             proc.wait()
 
 
+def test_a_session_started_for_a_cluster_that_runs_nothing_is_stopped(monkeypatch):
+    # Left running after the error, it made the next call with another master fail as
+    # "already runs a SparkSession", and the caller held no handle to stop it. A session the
+    # caller passed in is the caller's: it stays.
+    import lazydp.preprocess.spark as spark_module
+
+    class Session:
+        stopped = False
+
+        def stop(self):
+            self.stopped = True
+
+    def no_task(spark, wait_s):
+        raise ConfigError("ran no task")
+
+    monkeypatch.setattr(spark_module, "await_first_task", no_task)
+    ours = Session()
+    monkeypatch.setattr(spark_module, "spark_session", lambda master: ours)
+    with pytest.raises(ConfigError, match="ran no task"):
+        spark_module.SparkEngine(None, "spark://h:7077", progress=False)
+    assert ours.stopped
+    theirs = Session()
+    with pytest.raises(ConfigError, match="ran no task"):
+        spark_module.SparkEngine(theirs, None, progress=False)
+    assert not theirs.stopped
+
+
 def test_a_cluster_without_workers_is_a_clear_error_not_a_silent_hang(
     tmp_path, master_without_workers
 ):

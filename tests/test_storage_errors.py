@@ -123,7 +123,7 @@ def test_ctrl_c_gives_one_line_not_a_traceback(tmp_path, capsys, monkeypatch):
         str(tmp_path / "o"),
     ]
     code, res = run_cli(args, capsys)
-    assert code == 130 and "output was not written" in res.err and "ledger" not in res.err
+    assert code == 130 and "never a part" in res.err and "ledger" not in res.err
 
 
 def test_train_refuses_a_disk_too_small_for_its_outputs_before_charging(

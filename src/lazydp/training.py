@@ -156,11 +156,15 @@ def undefined_metrics_note(metrics: dict[str, Any]) -> str | None:
 
 
 def _print_outcome(
-    summary: dict[str, Any], report: str, total_steps: int, charged: int, ckpt: Path
+    summary: dict[str, Any],
+    report: str,
+    total_steps: int,
+    charged: int,
+    ckpt: Path,
+    train_seconds: float,
 ) -> None:
     """Rank 0's closing lines: the privacy report, the test metrics and what to keep."""
     step, metrics = summary["steps"], summary["test"]
-    train_seconds = summary["train_seconds"]
     print(report)
     if summary["stopped_for_budget"]:
         print(
@@ -362,7 +366,7 @@ def run(
     }
     if rank == 0:
         _write_report(out / "report.json", summary, str(report))
-        _print_outcome(summary, str(report), total_steps, _charged(), ckpt)
+        _print_outcome(summary, str(report), total_steps, _charged(), ckpt, train_seconds)
     return summary
 
 

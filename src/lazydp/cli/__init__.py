@@ -209,8 +209,9 @@ _INTERRUPTED = {
     "train": "interrupted. The privacy ledger holds every step charged so far; the run "
     "continues from its last checkpoint with --resume.",
     # Its output is built in a temporary directory and renamed into place only when complete.
-    "preprocess": "interrupted. The output was not written (an output there before is "
-    "unchanged); run the command again.",
+    "preprocess": "interrupted. An output is renamed into place only once complete, so the "
+    "output directory holds the earlier output (if any) or the finished new one, never a part "
+    "of one; run the command again for a new one.",
 }
 
 

@@ -98,8 +98,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--noise-seed",
         type=int,
-        help="seed the training noise too (default: OS entropy), so that the whole audit can be "
-        "re-run exactly: to look into a failed audit, not for a private release",
+        help="seed the training's noise and Poisson sampling too (default: OS entropy), so that "
+        "the whole audit can be re-run exactly: to look into a failed audit, not for a private "
+        "release",
     )
     p.add_argument(
         "--plant",

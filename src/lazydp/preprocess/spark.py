@@ -211,7 +211,12 @@ class SparkEngine(Engine):
         if spark is not None and master is not None:
             _check_session_master(spark, master)
         self.spark = spark if spark is not None else spark_session(master)
-        await_first_task(self.spark, wait_s)
+        try:
+            await_first_task(self.spark, wait_s)
+        except ConfigError:
+            if spark is None:  # ours: left running, it would refuse the next call's master
+                self.spark.stop()
+            raise
         self.spark.conf.set("spark.sql.ansi.enabled", "false")
         self._cached: list[Any] = []
 
