@@ -50,6 +50,7 @@ from lazydp.bench.workload import (
     BenchSpec,
     build_model,
     build_optimizers,
+    clock_sync,
     dummy_loader,
     loss_of,
     make_batches,
@@ -242,10 +243,6 @@ def _private(model: torch.nn.Module, spec: BenchSpec, mode: str) -> tuple[Any, A
     return opt, engine
 
 
-def _no_sync() -> None:
-    """All on the CPU: every op has finished when it returns."""
-
-
 class _Both:
     """Steps several plain optimizers as one (the sgd reference: tables and MLPs)."""
 
@@ -300,9 +297,9 @@ class _ModeRunner:
         self.rows: list[dict[str, float]] = []
         # On a GPU (placement "split") the clock is read after the queued kernels finish.
         self.device = spec.mlp_device
-        self.sync = torch.cuda.synchronize if self.device.type == "cuda" else _no_sync
+        self.sync = clock_sync(self.device)
         if self.engine is not None and self.device.type == "cuda":
-            self.engine.timer.sync = torch.cuda.synchronize
+            self.engine.timer.sync = self.sync
 
     def step(self, timed: bool = True) -> None:
         """One training step; ``timed=False`` runs it without recording (a warm-up)."""

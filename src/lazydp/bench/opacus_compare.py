@@ -34,7 +34,7 @@ from lazydp.bench.harness import (
     peak_rss_bytes,
     run_isolated,
 )
-from lazydp.bench.workload import BenchSpec, build_model, make_batches, on_device
+from lazydp.bench.workload import BenchSpec, build_model, clock_sync, make_batches, on_device
 from lazydp.errors import ConfigError
 
 OPACUS_MODES = ("hooks", "ghost")
@@ -131,7 +131,7 @@ def time_opacus(spec: BenchSpec, grad_sample_mode: str) -> ModeResult:
         model, (opt, criterion) = _opacus_step_fn(spec, grad_sample_mode)
         rows = []
         # placement "split": the dense inputs on the GPU, and the clock waits for it
-        sync = torch.cuda.synchronize if spec.mlp_device.type == "cuda" else (lambda: None)
+        sync = clock_sync(spec.mlp_device)
         for batch in make_batches(spec):
             dense, sparse, label = on_device(batch, spec.mlp_device)
             sync()

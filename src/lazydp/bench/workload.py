@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -251,6 +251,16 @@ def make_batches(spec: BenchSpec, count: int | None = None) -> Iterator[Batch]:
     """
     data = SyntheticDLRMData(spec.model_config, spec.batch_size, spec.locality, seed=spec.seed)
     yield from data.batches(spec.iterations if count is None else count)
+
+
+def clock_sync(device: torch.device) -> Callable[[], None]:
+    """What to call before reading the clock: on a GPU, wait for its queued kernels (a step's
+    phases are then charged their work, not their launches); on the CPU, nothing."""
+    return torch.cuda.synchronize if device.type == "cuda" else _nothing
+
+
+def _nothing() -> None:
+    """All on the CPU: every op has finished when it returns."""
 
 
 def on_device(batch: Batch, device: torch.device) -> Batch:
