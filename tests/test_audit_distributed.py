@@ -12,9 +12,7 @@ import json
 import tempfile
 from pathlib import Path
 
-import torch.distributed as dist
-
-from tests.gloo import join, run_ranks
+from tests.gloo import join, leave, run_ranks
 
 CASES = [
     ("dpsgd_f", "embedding", {}, False),
@@ -44,8 +42,7 @@ def _worker(rank: int, world: int, store: str, out_dir: str) -> None:
             )
         results.append(r.to_dict())
     (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(results))
-    dist.barrier()
-    dist.destroy_process_group()
+    leave()
 
 
 def test_distributed_training_passes_the_canary_audit_and_a_planted_bug_fails_it():

@@ -6,17 +6,13 @@ below compare them with single-process references computed here.
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import math
-import os
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-import torch.distributed as dist
 from scipy import stats
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -24,7 +20,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lazydp import PrivacyEngine
 from lazydp.distributed import DistributedPrivacyEngine, ShardedEmbeddingBag
 from lazydp.testing import constant_noise
-from tests.gloo import join, run_ranks
+from tests.gloo import join, leave, run_ranks
 from tests.toy import Toy, loss_fn
 
 MODES = ("dpsgd_b", "dpsgd_r", "dpsgd_f", "lazydp")
@@ -221,19 +217,9 @@ def _worker(rank: int, world: int, store_path: str, out_dir: str) -> None:
 
 
 def finish_rank(results: dict[str, Any], rank: int, out_dir: str | Path) -> None:
-    """Save one rank's results for the fixture, leave the process group, and exit without the
-    interpreter's finalization. Gloo's worker threads can still hold tensors of finished work
-    there, whose release takes the GIL of an interpreter being torn down: a SIGABRT
-    ("terminate called without an active exception") after the rank's work was done and
-    saved (the half-precision test: once in a clean-clone run of the twenty-third session, twice
-    in 14 runs of a variant with a gloo timeout in the twenty-second; never reproduced alone)."""
+    """Save one rank's results for the fixture and leave (tests/gloo.py's ``leave``)."""
     torch.save(results, Path(out_dir) / f"rank{rank}.pt")
-    dist.barrier()
-    dist.destroy_process_group()
-    gc.collect()  # while the interpreter is whole: drop every reference to the finished work
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)  # the results are on disk; the parent reads them
+    leave()
 
 
 def spawn_two_ranks(worker: Any, tmp: Path) -> list[dict[str, Any]]:

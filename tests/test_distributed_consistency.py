@@ -10,7 +10,6 @@ from typing import Any
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from lazydp import ConfigError, InputError, PrivacyError
 from lazydp.distributed import DistributedPrivacyEngine, ShardedEmbeddingBag
@@ -18,7 +17,7 @@ from lazydp.errors import LazyDPError
 from lazydp.ledger import PrivacyLedger, StepEvent
 from lazydp.testing import constant_noise
 from lazydp.training import _over_ranks
-from tests.gloo import join
+from tests.gloo import join, leave
 from tests.test_distributed import (
     CLIP,
     SIGMA,
@@ -160,13 +159,7 @@ def _uneven_worker(rank: int, world: int, store_path: str, out_dir: str) -> None
     except Exception as exc:  # noqa: BLE001 -- a refusal, or the other rank's broken collective
         results["error"] = f"{type(exc).__name__}: {exc}"
     torch.save(results, out / f"rank{rank}.pt")
-    # Torn down together, as the other workers do: a rank exiting while the other's gloo
-    # threads still ran aborted it once in CI ("terminate called without an active exception").
-    try:
-        dist.barrier()
-    except Exception:  # noqa: BLE001 -- a group broken by a refusal: the results are saved
-        pass
-    dist.destroy_process_group()
+    leave(tolerate_broken=True)  # a group broken by a refusal: the results are saved
 
 
 class _TablesOnly(torch.nn.Module):
@@ -292,11 +285,7 @@ def _refusing_worker(rank: int, world: int, store_path: str, out_dir: str) -> No
     except Exception as exc:  # noqa: BLE001 -- the other rank's broken collective
         results["retry_dpsgd_r"] = f"{type(exc).__name__}: {exc}"
     torch.save(results, Path(out_dir) / f"rank{rank}.pt")
-    try:
-        dist.barrier()
-    except Exception:  # noqa: BLE001 -- a group broken by a regression: the results are saved
-        pass
-    dist.destroy_process_group()
+    leave(tolerate_broken=True)  # a group broken by a regression: the results are saved
 
 
 @pytest.fixture(scope="module")

@@ -57,7 +57,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from tests.gloo import join, run_ranks
+from tests.gloo import join, leave, run_ranks
 
 ATOL, RTOL = 1e-5, 2e-6
 CASE_TIMEOUT_S = 60.0
@@ -621,8 +621,7 @@ def _worker(rank: int, world: int, store_path: str, out_dir: str, cases: list[di
             os._exit(3)
         torch.save(obs, work / f"rank{rank}.pt")
         (work / f"done.{rank}").write_text("ok")
-    dist.barrier()
-    dist.destroy_process_group()
+    leave()
 
 
 def case_from_dict(d: dict) -> Case:
@@ -1009,8 +1008,7 @@ def _noise_worker(rank: int, world: int, store_path: str, out_dir: str) -> None:
             after = {k: v.detach().clone() for k, v in model.state_dict().items()}
             out[f"{mode}/{seed}"] = {"before": before, "after": after}
     torch.save(out, Path(out_dir) / f"noise{rank}.pt")
-    dist.barrier()
-    dist.destroy_process_group()
+    leave()
 
 
 def noise_check() -> list[str]:
