@@ -37,3 +37,8 @@ class DataError(LazyDPError, ValueError):
 
 class StorageError(LazyDPError, OSError):
     """A file could not be written (disk full, no permission, a directory in the way)."""
+
+
+#: Every error type above, in the order this file defines them (each rank of a distributed run
+#: sends a refused step's error type as its index here: the same on every rank).
+ERROR_TYPES: tuple[type[LazyDPError], ...] = tuple(LazyDPError.__subclasses__())

@@ -64,13 +64,10 @@ from lazydp.distributed.data_parallel import ClippedSumReducer, union_catch_up_h
 from lazydp.distributed.sharded import ShardedEmbeddingBag
 from lazydp.engine import MODES, PrivacyEngine, seeded_root
 from lazydp.errors import (
+    ERROR_TYPES,
     ConfigError,
-    DataError,
-    InputError,
     LazyDPError,
     PrivacyError,
-    StorageError,
-    UnsupportedLayerError,
     UnsupportedOptimizerError,
 )
 from lazydp.noise import GaussianNoise, rekeyed_state
@@ -79,18 +76,10 @@ from lazydp.optim.sgd_settings import sgd_step
 
 _SHARD_STREAM = 1 << 32  # seeded runs: shard streams live under (root, 2**32 + rank, table)
 
-#: The errors a rank that did not refuse a step raises as the refusing rank did (a loop that
-#: skips a batch on InputError then skips it on every rank); a refusal of any other type
-#: gives LazyDPError. A rank's vote on a step is 0, or 1 + the index of its refusal's type.
-_REFUSALS: tuple[type[LazyDPError], ...] = (
-    ConfigError,
-    InputError,
-    PrivacyError,
-    UnsupportedLayerError,
-    UnsupportedOptimizerError,
-    DataError,
-    StorageError,
-)
+#: A rank that did not refuse a step raises the refusing rank's error type (a loop that skips a
+#: batch on InputError then skips it on every rank); a refusal of any other type gives
+#: LazyDPError. A rank's vote on a step is 0, or 1 + the index of its refusal's type.
+_REFUSALS = ERROR_TYPES
 _MESSAGE_MAX = 4000  # characters of a refusal sent to the other ranks
 
 

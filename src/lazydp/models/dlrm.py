@@ -68,6 +68,11 @@ class DLRM(nn.Module):
             raise ConfigError(f"top_mlp={tuple(top_mlp)} must end in 1 (one logit)")
         base = resolve_seed(seed)
         self.table_rows = tuple(int(r) for r in table_rows)
+        # Tables apart from the MLPs (the paper's GPU set-up): only then does a forward move
+        # ids to the tables and pooled rows to the MLPs (the step's hot path pays nothing else).
+        self._apart = table_device is not None and torch.device(table_device) != torch.device(
+            device if device is not None else table_device
+        )
         self.embedding_dim = embedding_dim
         self.check_ids = check_ids
         self.bottom = MLP(
@@ -143,9 +148,11 @@ class DLRM(nn.Module):
             )
         batch = dense.shape[0]
         pooled = [
-            self._lookup(t, bag, entry, batch).to(dense.device, non_blocking=True)
+            self._lookup(t, bag, entry, batch)
             for t, (bag, entry) in enumerate(zip(self.embeddings, sparse))
         ]
+        if self._apart:
+            pooled = [p.to(dense.device, non_blocking=True) for p in pooled]
         return self.top(self.interact(self.bottom(dense), pooled)).squeeze(1)
 
     def _lookup(self, table: int, bag: nn.Module, entry: SparseInput, batch: int) -> Tensor:
@@ -171,7 +178,9 @@ class DLRM(nn.Module):
                     f"sparse[{table}] has ids in [{low}, {high}] but table {table} has {rows} "
                     f"rows; ids must lie in [0, {rows - 1}]"
                 )
-        weight = bag.weight
-        assert isinstance(weight, Tensor)
-        where = weight.device  # the tables' (table_device): a no-op when ids are there
-        return bag(ids.to(where), None if offsets is None else offsets.to(where))
+        if self._apart:
+            weight = bag.weight
+            assert isinstance(weight, Tensor)
+            where = weight.device
+            ids, offsets = ids.to(where), None if offsets is None else offsets.to(where)
+        return bag(ids, offsets)
