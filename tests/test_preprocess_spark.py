@@ -215,6 +215,14 @@ def test_a_damaged_gz_is_the_same_clear_error_on_spark(tmp_path, spark):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cut.csv.gz", "plain.csv.gz"]
 
 
+def _small_on_spark(tmp_path, **kw):
+    """The small MovieLens fixture through the Spark engine into tmp_path / "out"."""
+    out = tmp_path / "out"
+    return preprocess(
+        "movielens", [FIX / "movielens_small.csv"], out, engine="spark", progress=False, **kw
+    )
+
+
 def test_a_master_url_spark_cannot_use_is_a_clear_error_before_spark_starts(tmp_path):
     # A standalone master that nothing answers at cost a minute of Java stack traces, then a
     # Py4J traceback ("Cannot call methods on a stopped SparkContext"); a malformed URL failed
@@ -230,14 +238,7 @@ def test_a_master_url_spark_cannot_use_is_a_clear_error_before_spark_starts(tmp_
     }
     for url, message in cases.items():
         with pytest.raises(ConfigError, match=re.escape(message)):
-            preprocess(
-                "movielens",
-                [FIX / "movielens_small.csv"],
-                tmp_path / "out",
-                engine="spark",
-                spark_master=url,
-                progress=False,
-            )
+            _small_on_spark(tmp_path, spark_master=url)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -245,14 +246,7 @@ def test_a_master_other_than_the_running_sessions_is_refused_not_ignored(tmp_pat
     # One SparkContext per process: getOrCreate handed back the running session, and the run
     # went to its master instead of the one asked for, without a word.
     with pytest.raises(ConfigError, match=r"already runs a SparkSession on 'local\[2\]'"):
-        preprocess(
-            "movielens",
-            [FIX / "movielens_small.csv"],
-            tmp_path / "out",
-            engine="spark",
-            spark_master="local[1]",
-            progress=False,
-        )
+        _small_on_spark(tmp_path, spark_master="local[1]")
     assert list(tmp_path.iterdir()) == []
     assert spark.sparkContext.master == "local[2]"  # the running session is untouched
 
@@ -260,15 +254,7 @@ def test_a_master_other_than_the_running_sessions_is_refused_not_ignored(tmp_pat
 def test_a_master_other_than_the_given_sessions_is_refused_not_ignored(tmp_path, spark):
     # spark=... with another spark_master ran on the session's master, spark_master unused.
     with pytest.raises(ConfigError, match=r"the session given as spark=... runs on 'local\[2\]'"):
-        preprocess(
-            "movielens",
-            [FIX / "movielens_small.csv"],
-            tmp_path / "out",
-            engine="spark",
-            spark=spark,
-            spark_master="local[1]",
-            progress=False,
-        )
+        _small_on_spark(tmp_path, spark=spark, spark_master="local[1]")
     assert list(tmp_path.iterdir()) == []
 
 

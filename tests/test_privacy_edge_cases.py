@@ -122,8 +122,8 @@ def test_nonsense_steps_per_epoch_is_refused_under_its_name(calibrated, steps_pe
             engine.make_private(noise_multiplier=1.0, **args)
 
 
-def _make_private(model, opt, **kw):
-    return PrivacyEngine().make_private(
+def _make_private(model, opt, engine=None, **kw):
+    return (engine or PrivacyEngine()).make_private(
         module=model,
         optimizer=opt,
         data_loader=DataLoader(_data(64), batch_size=8),
@@ -152,13 +152,7 @@ def test_refused_set_ups():
 def test_a_delta_of_one_over_n_or_more_is_flagged():
     model = torch.nn.Linear(3, 1)
     engine = PrivacyEngine()
-    model, opt, loader = engine.make_private(
-        module=model,
-        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-        data_loader=DataLoader(_data(64), batch_size=8),
-        noise_multiplier=1.0,
-        max_grad_norm=1.0,
-    )
+    model, opt, loader = _make_private(model, torch.optim.SGD(model.parameters(), lr=0.1), engine)
     _train(engine, model, opt, loader, 1)
     assert any("WEAK DELTA" in c for c in engine.privacy_report(0.05).caveats)  # 1/64 = 0.016
     assert not any("WEAK DELTA" in c for c in engine.privacy_report(1e-3).caveats)
@@ -266,13 +260,7 @@ def test_a_refused_step_retried_on_its_batch_is_not_flagged_as_unsampled():
     # looked like a batch the private loader never drew (a false UNVERIFIED SAMPLING).
     model = torch.nn.Linear(3, 1)
     engine = PrivacyEngine()
-    model, opt, loader = engine.make_private(
-        module=model,
-        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-        data_loader=DataLoader(_data(64), batch_size=8),
-        noise_multiplier=1.0,
-        max_grad_norm=1.0,
-    )
+    model, opt, loader = _make_private(model, torch.optim.SGD(model.parameters(), lr=0.1), engine)
     x, y = next(iter(loader))
     spoiled = x.clone()
     spoiled[0, 0] = float("nan")
