@@ -347,3 +347,50 @@ def test_a_cluster_without_workers_is_a_clear_error_not_a_silent_hang(
         "offered this application an executor"
     ) in done.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["master.log"]
+
+
+def test_a_local_session_gets_a_heap_sized_to_the_machine(spark):
+    # Spark's 1 GiB default spilled the pipeline's cached views to disk from ~0.5M rows on.
+    heap = spark.sparkContext.getConf().get("spark.driver.memory")  # the default is unset
+    assert heap is not None and heap.endswith("m") and 1024 <= int(heap[:-1]) <= 16384
+
+
+@pytest.mark.parametrize(("available_gib", "heap"), [(1, "1024m"), (24, "6144m"), (1024, "16384m")])
+def test_the_local_heap_is_a_quarter_of_what_is_available_within_bounds(
+    available_gib, heap, monkeypatch
+):
+    from lazydp.bench import memory
+    from lazydp.preprocess.spark import local_driver_memory
+
+    for name in ("SPARK_DRIVER_MEMORY", "PYSPARK_SUBMIT_ARGS", "SPARK_CONF_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(memory, "available_memory_bytes", lambda: available_gib << 30)
+    assert local_driver_memory("local[2]") == heap
+    assert local_driver_memory("local") == heap
+    assert local_driver_memory("spark://head:7077") is None  # executors cache, not the driver
+    assert local_driver_memory("yarn") is None
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("SPARK_DRIVER_MEMORY", "2g"),
+        ("PYSPARK_SUBMIT_ARGS", "--driver-memory 2g pyspark-shell"),
+        ("PYSPARK_SUBMIT_ARGS", "--conf spark.driver.memory=2g pyspark-shell"),
+        ("SPARK_CONF_DIR", "conf"),
+    ],
+)
+def test_a_heap_the_user_set_is_left_alone(name, value, tmp_path, monkeypatch):
+    from lazydp.preprocess.spark import local_driver_memory
+
+    for other in ("SPARK_DRIVER_MEMORY", "PYSPARK_SUBMIT_ARGS", "SPARK_CONF_DIR"):
+        monkeypatch.delenv(other, raising=False)
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "conf" / "spark-defaults.conf").write_text(
+        "spark.executor.cores 2\nspark.driver.memory   3g\n"
+    )
+    monkeypatch.setenv(name, str(tmp_path / value) if name == "SPARK_CONF_DIR" else value)
+    assert local_driver_memory("local[2]") is None
+    (tmp_path / "conf" / "spark-defaults.conf").write_text("spark.executor.cores 2\n")
+    if name == "SPARK_CONF_DIR":  # a defaults file without the key leaves it to us
+        assert local_driver_memory("local[2]") is not None

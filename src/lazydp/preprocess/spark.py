@@ -33,6 +33,11 @@ CONNECT_TIMEOUT_S = 5.0  # to open a TCP connection to a standalone master
 SPARK_WAIT_S = 120.0
 # What spark-submit and SparkContext accept besides spark:// URLs (checked in check_master).
 _OTHER_MASTERS = re.compile(r"local(\[[^\]]+\])?|local-cluster\[[^\]]+\]|yarn|k8s://.+")
+# The heap of a local-mode session we start: a quarter of the memory available, within these
+# bounds. Spark's own default (1 GiB) leaves ~400 MiB for cached relations, so the pipeline's
+# cached views spill to disk, serialised, from about 0.5M Criteo rows on (measured: 1M rows
+# took 92 s at 1 GiB, 69 s at 6 GiB; benchmarks/RESULTS.md, "Preprocessing").
+LOCAL_HEAP_MIN_MIB, LOCAL_HEAP_MAX_MIB = 1024, 16384
 
 
 def check_master(master: str) -> None:
@@ -90,6 +95,7 @@ def spark_session(master: str | None = None, shuffle_partitions: int = 2) -> Any
             "spark=... (without spark_master) to use it, or stop it first (spark.stop())"
         )
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    memory = local_driver_memory(master) if running is None else None
     builder = (
         SparkSession.builder.master(master)
         .appName("lazydp-preprocess")
@@ -99,6 +105,8 @@ def spark_session(master: str | None = None, shuffle_partitions: int = 2) -> Any
         .config("spark.sql.session.timeZone", "UTC")
         .config("spark.hadoop.mapreduce.fileoutputcommitter.marksuccessfuljobs", "false")
     )
+    if memory is not None:
+        builder = builder.config("spark.driver.memory", memory)
     try:
         spark = builder.getOrCreate()
     except (Py4JError, PySparkException) as exc:
@@ -108,6 +116,43 @@ def spark_session(master: str | None = None, shuffle_partitions: int = 2) -> Any
         ) from None
     spark.sparkContext.setLogLevel("ERROR")
     return spark
+
+
+def local_driver_memory(master: str) -> str | None:
+    """The heap (``spark.driver.memory``) for a local-mode JVM this process starts, or None to
+    leave Spark's default: on a cluster (the driver caches nothing there), and where the user
+    set it already (``SPARK_DRIVER_MEMORY``, ``--driver-memory`` in ``PYSPARK_SUBMIT_ARGS``, or
+    ``spark-defaults.conf``), which a builder setting would override.
+
+    Example: ``local_driver_memory("yarn") is None``.
+    """
+    from lazydp.bench.memory import available_memory_bytes  # /proc/meminfo and cgroups
+
+    if not master.startswith("local") or _driver_memory_configured():
+        return None
+    mib = available_memory_bytes() // 4 >> 20
+    return f"{min(max(mib, LOCAL_HEAP_MIN_MIB), LOCAL_HEAP_MAX_MIB)}m"
+
+
+def _driver_memory_configured() -> bool:
+    if os.environ.get("SPARK_DRIVER_MEMORY"):
+        return True
+    submit = os.environ.get("PYSPARK_SUBMIT_ARGS", "")
+    if "--driver-memory" in submit or "spark.driver.memory" in submit:
+        return True
+    home = os.environ.get("SPARK_HOME") or _pyspark_home()  # pip's pyspark is its own home
+    defaults = Path(os.environ.get("SPARK_CONF_DIR") or Path(home) / "conf") / "spark-defaults.conf"
+    try:
+        text = defaults.read_text()
+    except OSError:
+        return False
+    return any(line.split()[:1] == ["spark.driver.memory"] for line in text.splitlines())
+
+
+def _pyspark_home() -> str:
+    import pyspark
+
+    return str(Path(pyspark.__file__).parent)
 
 
 def await_first_task(spark: Any, wait_s: float = SPARK_WAIT_S) -> None:
