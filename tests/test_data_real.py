@@ -35,6 +35,37 @@ def test_movielens_builtin(tmp_path):
     assert [c["multi_valued"] for c in meta["schema"]["categorical"]] == [False, False, True]
 
 
+def test_two_first_uses_at_once_each_read_their_own_raw_file(tmp_path, monkeypatch):
+    """Two processes building one entry at once (simulated: the other starts while this one is
+    about to preprocess) no longer share the raw file: this one read the other's half-written
+    copy (fewer rows, cached for good), or none once the other had unlinked it."""
+    import lazydp.data.real
+    import lazydp.preprocess
+
+    real_preprocess, real_write = lazydp.preprocess.preprocess, lazydp.data.real._write_raw
+
+    class StillWriting(Exception):
+        pass
+
+    def half_written(name, path):  # the other process, halfway through writing its raw file
+        real_write(name, path)
+        text = path.read_text()
+        path.write_text(text[: text.index("\n", len(text) // 2) + 1])
+        raise StillWriting
+
+    def preprocess_while_another_process_writes(fmt, inputs, *args, **kwargs):
+        monkeypatch.setattr(lazydp.preprocess, "preprocess", real_preprocess)
+        monkeypatch.setattr(lazydp.data.real, "_write_raw", half_written)
+        with pytest.raises(StillWriting):
+            load_builtin("acs", tmp_path)
+        return real_preprocess(fmt, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(lazydp.preprocess, "preprocess", preprocess_while_another_process_writes)
+    root = load_builtin("acs", tmp_path)
+    assert ParquetDataset(root, "train").num_rows + ParquetDataset(root, "test").num_rows == 1565
+    assert not list(tmp_path.glob("*.raw.csv"))
+
+
 def test_the_tests_build_builtins_in_a_cache_of_their_own():
     # tests/conftest.py: never the user's ~/.cache/lazydp (stale entries of other commits,
     # other sessions writing the same entry).

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 from importlib import metadata
 from pathlib import Path
 
@@ -98,10 +99,19 @@ def load_builtin(name: str, cache_dir: str | Path | None = None) -> Path:
     if (root / "metadata.json").is_file():
         return root
     cache.mkdir(parents=True, exist_ok=True)
-    raw = cache / f"{name}-{key}.raw.csv"
-    _write_raw(name, raw)
+    # A raw file of this process's own: two first uses at once (two runs on a fresh machine, a
+    # team sharing $LAZYDP_CACHE) wrote one shared name together and read it torn (a bad-row
+    # DataError in 1 of 5 tries), or after the other had unlinked it.
+    fd, name_of_raw = tempfile.mkstemp(prefix=f"{name}-{key}.", suffix=".raw.csv", dir=cache)
+    os.close(fd)
+    raw = Path(name_of_raw)
     try:
+        _write_raw(name, raw)
         preprocess(name, [raw], root, test_fraction=0.1, progress=False, overwrite=root.exists())
+    except ConfigError:
+        if not (root / "metadata.json").is_file():
+            raise
+        # Another process built this entry meanwhile ("already exists"): the same data.
     finally:
         raw.unlink(missing_ok=True)
     return root
