@@ -365,6 +365,21 @@ def test_overwrite_replaces_only_an_earlier_output_never_an_input(tmp_path):
     assert (tmp_path / "out" / "metadata.json").read_text() == '{"v": 2}'
 
 
+def test_an_output_another_run_finished_meanwhile_is_not_replaced(tmp_path):
+    """Two runs for one output without overwrite: the one that finishes second is refused
+    (it replaced the first's output silently, and both reported success)."""
+    with pytest.raises(ConfigError, match="created by another run while this one was writing"):
+        with atomic_directory(tmp_path / "out") as tmp:
+            (tmp / "metadata.json").write_text('{"v": 2}')
+            with atomic_directory(tmp_path / "out") as first:  # started later, done first
+                (first / "metadata.json").write_text('{"v": 1}')
+    assert (tmp_path / "out" / "metadata.json").read_text() == '{"v": 1}'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # the loser's output removed
+    with atomic_directory(tmp_path / "out", overwrite=True) as tmp:  # asked for: replaced
+        (tmp / "metadata.json").write_text('{"v": 3}')
+    assert (tmp_path / "out" / "metadata.json").read_text() == '{"v": 3}'
+
+
 def test_a_killed_run_s_temporary_output_is_removed_by_the_next_run(tmp_path):
     """A preprocess killed hard leaves DIR.tmp-*; the next run for DIR removes it when its
     writer process is gone, and leaves a live writer's and an unrecorded one alone."""

@@ -111,7 +111,8 @@ def load_builtin(name: str, cache_dir: str | Path | None = None) -> Path:
     except ConfigError:
         if not (root / "metadata.json").is_file():
             raise
-        # Another process built this entry meanwhile ("already exists"): the same data.
+        # Another process built this entry meanwhile (it exists, or appeared before this one
+        # could rename its own into place): the same data.
     finally:
         raw.unlink(missing_ok=True)
     return root

@@ -10,6 +10,7 @@ whose writer is a process on this host that no longer exists, and leaves every o
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -60,16 +61,36 @@ def atomic_directory(
     try:
         yield tmp
         (tmp / WRITER).unlink(missing_ok=True)
-        if final.exists():
+        if overwrite and final.exists():
             old = Path(tempfile.mkdtemp(prefix=f"{final.name}.old-", dir=final.parent))
             os.replace(final, old / final.name)
             os.replace(tmp, final)
             shutil.rmtree(old, ignore_errors=True)
         else:
-            os.replace(tmp, final)
+            _rename_new(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _rename_new(tmp: Path, final: Path) -> None:
+    """Rename ``tmp`` to ``final``, which did not exist when the run started; ConfigError if
+    it does now. Another run for the same output (two `lazydp preprocess` started at once)
+    finished first: replacing its output without --overwrite dropped it silently, and both runs
+    reported "wrote DIR". (A rename onto a non-empty directory fails: the check is atomic.)"""
+    try:
+        if final.exists():
+            raise FileExistsError(errno.EEXIST, "exists", str(final))
+        os.rename(tmp, final)
+    except OSError as exc:
+        if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+            raise
+        raise ConfigError(
+            f"output={str(final)!r} was created by another run while this one was writing it "
+            "(two runs for one --output?); it is left as that run wrote it and this run's "
+            "output is discarded. Check which one you want: remove it, choose another "
+            "--output, or pass --overwrite (overwrite=True) to replace it."
+        ) from None
 
 
 def _remove_abandoned(final: Path) -> None:
