@@ -391,6 +391,37 @@ def test_resume_on_other_preprocessed_data_is_refused_and_seeded_vocabularies_ar
     assert any("--vocab-seed" in c for c in report["caveats"])
 
 
+def test_data_preprocessed_again_while_a_run_sets_up_is_not_charged_under_its_name(
+    tmp_path, monkeypatch, capsys
+):
+    """`lazydp preprocess --overwrite` (new rows, a new DP vocabulary of the same epsilon)
+    landing while a run set up: the ledger charged the old data's vocabulary under the new
+    metadata's digest, so a --resume on the new data passed as already paid for."""
+    from lazydp import training
+    from lazydp.preprocess.pipeline import preprocess
+
+    data = _dp_data(tmp_path, "a", 1.0)
+    newer = _movielens_csv(tmp_path / "newer.csv", rows=650)  # 50 more ratings, same ids
+    real = training.model_and_optimizers
+
+    def preprocessed_again(*args, **kwargs):
+        preprocess(
+            "movielens", [newer], data, vocabulary="dp", vocab_epsilon=1.0, vocab_delta=1e-6,
+            overwrite=True, progress=False,
+        )  # fmt: skip
+        return real(*args, **kwargs)
+
+    run = ["train", "--data", str(data), "--max-steps", "1", "--noise-multiplier", "1"]
+    run += ["--out", str(tmp_path / "r"), "--delta", "1e-4", "--batch-size", "64"]
+    run += ["--embedding-dim", "4", "--checkpoint-every", "1", "--no-progress"]
+    monkeypatch.setattr(training, "model_and_optimizers", preprocessed_again)
+    assert main(run) == 0
+    monkeypatch.setattr(training, "model_and_optimizers", real)
+    capsys.readouterr()
+    assert main([*run, "--resume", "--max-steps", "2"]) == 1
+    assert "other preprocessed data" in capsys.readouterr().err
+
+
 def test_resuming_with_more_processes_than_the_run_started_with_says_so(tmp_path, capsys):
     from lazydp.train_config import TrainConfig
     from lazydp.training import run

@@ -10,6 +10,8 @@ in training.py.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 from dataclasses import dataclass
@@ -55,7 +57,9 @@ def identity_collate(batch: Any) -> Any:
     return batch
 
 
-def _open_data(cfg: TrainConfig) -> tuple[Path, Any, Any, dict[str, Any]]:
+def _open_data(cfg: TrainConfig) -> tuple[Path, Any, Any, dict[str, Any], str]:
+    """(root, train, test, metadata, digest of metadata.json): the digest names the data's
+    preprocessing charge in the ledger (``charge_preprocessing``)."""
     from lazydp.data.parquet import ParquetDataset
 
     if cfg.data:
@@ -67,7 +71,26 @@ def _open_data(cfg: TrainConfig) -> tuple[Path, Any, Any, dict[str, Any]]:
         root = Path(load_builtin(cfg.dataset))
     train = ParquetDataset(root, split="train")
     test = ParquetDataset(root, split="test")
-    return root, train, test, train.metadata
+    return root, train, test, train.metadata, _digest_of(root, train.metadata, test.metadata)
+
+
+def _digest_of(root: Path, train_meta: dict[str, Any], test_meta: dict[str, Any]) -> str:
+    """The digest of ``root/metadata.json``, read after both splits opened; DataError unless
+    it is the metadata they read. A `lazydp preprocess --overwrite` of ``root`` landing while
+    the run set up (another DP vocabulary) had the ledger charge the old data's cost under the
+    new data's name, so a --resume on the new data passed as already paid for."""
+    try:
+        text = (root / "metadata.json").read_bytes()
+        same = json.loads(text) == train_meta == test_meta
+    except (OSError, ValueError):
+        same = False
+    if not same:
+        raise DataError(
+            f"{root} changed while this run opened it (preprocessed again, e.g. with "
+            "--overwrite?): the splits and metadata.json no longer belong together. Wait for "
+            "that preprocessing to finish and start the run again. Nothing was charged."
+        )
+    return hashlib.sha256(text).hexdigest()[:16]
 
 
 class _Tabular(nn.Module):
@@ -291,6 +314,7 @@ class RunPlan:
     q: float  # sampling rate
     total_steps: int
     privacy_cost: dict[str, Any]  # the preprocessing's (privacy_cost in metadata.json)
+    digest: str  # of that metadata.json: names the preprocessing charge
     sigma: float
     calibrated: bool  # sigma calibrated to --target-epsilon (not given)
 
@@ -298,7 +322,7 @@ class RunPlan:
 def plan_run(cfg: TrainConfig) -> RunPlan:
     """Open the data and settle the run's steps, delta and noise multiplier (calibrated to
     the target epsilon when none is given), with what preprocessing spent taken off first."""
-    root, train, test, meta = _open_data(cfg)
+    root, train, test, meta, digest = _open_data(cfg)
     kind = (
         "acs" if (cfg.dataset == "acs" and not cfg.data) or meta.get("format") == "acs" else "dlrm"
     )
@@ -333,7 +357,7 @@ def plan_run(cfg: TrainConfig) -> RunPlan:
             )
         )
     return RunPlan(
-        root, train, test, kind, n, delta, q, total_steps, privacy_cost, sigma, calibrated
+        root, train, test, kind, n, delta, q, total_steps, privacy_cost, digest, sigma, calibrated
     )
 
 

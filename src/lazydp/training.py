@@ -8,7 +8,6 @@ state), ``OUT/model.pt`` (the flushed, releasable model) and ``OUT/report.json``
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -220,8 +219,7 @@ def run(
     check_disk_fits(out, model, cfg, total_steps)
 
     engine = open_engine(engine_cls, cfg, out, rank, delta)
-    digest = hashlib.sha256((root / "metadata.json").read_bytes()).hexdigest()[:16]
-    charge_preprocessing(engine.ledger, privacy_cost, digest)
+    charge_preprocessing(engine.ledger, privacy_cost, plan.digest)
     loader = DataLoader(RowsDataset(train), batch_size=cfg.batch_size, collate_fn=identity_collate)
     model, opt, dp_loader = engine.make_private(
         module=model,
