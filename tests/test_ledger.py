@@ -527,3 +527,37 @@ def test_check_chargeable_makes_the_charges_checks_without_writing(tmp_path):
     ledger.close()
     with pytest.raises(PrivacyError, match="is closed"):
         ledger.check_chargeable()
+
+
+def test_a_ledger_that_cannot_be_written_is_read_and_never_charged(tmp_path, monkeypatch):
+    # A read-only mount or a teammate's run directory: opening it failed with a bare OSError,
+    # so it could not even be read. (Simulated: as root, file permissions do not refuse.)
+    import errno
+
+    from lazydp import ledger as ledger_module
+
+    path = tmp_path / "ledger.jsonl"
+    with PrivacyLedger(path) as ledger:
+        for t in range(10):
+            ledger.charge(step(t))
+        ledger.charge_external("vocabulary", epsilon=0.5, delta=1e-7)
+        before = ledger.epsilon(1e-5)
+    text = path.read_text()
+    real_open = os.open
+
+    def read_only_fs(file, flags, *args):
+        if flags & (os.O_RDWR | os.O_WRONLY):
+            raise OSError(errno.EROFS, "Read-only file system", str(file))
+        return real_open(file, flags, *args)
+
+    monkeypatch.setattr(ledger_module.os, "open", read_only_fs)
+    reader = PrivacyLedger(path)
+    assert reader.steps == 10 and reader.epsilon(1e-5) == before
+    with pytest.raises(PrivacyError, match="read-only .*Read-only file system.*nothing was taken"):
+        reader.charge(step(10))
+    with pytest.raises(PrivacyError, match="read-only"):
+        reader.charge_external("again", epsilon=0.1, delta=1e-9)
+    assert reader.steps == 10 and path.read_text() == text
+    reader.close()
+    with pytest.raises(PrivacyError, match="cannot open it .*Read-only file system"):
+        PrivacyLedger(tmp_path / "new" / "ledger.jsonl")  # none to read: a clear refusal

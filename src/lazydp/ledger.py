@@ -157,6 +157,7 @@ class PrivacyLedger:
         # _behind > 0: this file holds fewer charges than it has made (an older copy).
         self._mark: HighWaterMark | None = None
         self._behind = 0
+        self._read_only: str | None = None  # why the file could not be opened for writing
         if self.path is None:
             return
         if self.path.is_dir():
@@ -164,14 +165,15 @@ class PrivacyLedger:
                 f"privacy ledger path {self.path} is a directory; pass a file path, e.g. "
                 f"{self.path / 'ledger.jsonl'}"
             )
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+        fd = self._open(self.path)
         try:
             with _locked(fd):
                 empty = os.fstat(fd).st_size == 0
                 run, ended = (uuid.uuid4().hex, True) if empty else self._load(self.path, fd)
                 self._fd = fd
-                if empty:
+                if self._read_only:
+                    run = None  # nothing is charged through it: no high-water mark to keep
+                elif empty:
                     self._write(
                         {"kind": "header", "format": FORMAT, "version": VERSION, "run": run}
                     )
@@ -189,6 +191,28 @@ class PrivacyLedger:
             raise
 
     # -- persistence -------------------------------------------------------------------------
+
+    def _open(self, path: Path) -> int:
+        """The ledger's descriptor: read-write, or read-only where the file exists but cannot be
+        written (a read-only mount, a teammate's run directory), so that it can still be read;
+        charging it is then refused (_append)."""
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            return os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+        except OSError as exc:
+            if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS) or not path.is_file():
+                raise PrivacyError(
+                    f"privacy ledger {path}: cannot open it ({exc.strerror or exc}); give a "
+                    "writable location"
+                ) from None
+            self._read_only = exc.strerror or str(exc)
+        try:
+            return os.open(path, os.O_RDONLY)
+        except OSError as exc:
+            raise PrivacyError(
+                f"privacy ledger {path}: cannot read it ({exc.strerror or exc}); check its "
+                "permissions"
+            ) from None
 
     def _load(self, path: Path, fd: int) -> tuple[str | None, bool]:
         """Read every line: (the header's run id (None in ledgers from before it), whether a
@@ -304,6 +328,12 @@ class PrivacyLedger:
             yield True
 
     def _append(self, record: dict[str, Any]) -> None:
+        if self._read_only is not None:
+            raise PrivacyError(
+                f"privacy ledger {self.path} is open read-only ({self._read_only}): it can be "
+                "read, not charged; nothing was taken. Train with a writable copy of its run "
+                "directory, or fix the file's permissions."
+            )
         with self._checked() as on_file:
             if not on_file:
                 return
