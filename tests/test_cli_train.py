@@ -374,3 +374,42 @@ def test_the_released_model_is_rebuilt_from_the_run_directory(tmp_path, capsys, 
     (out / "report.json").write_text("{}")
     with pytest.raises(DataError, match='no "model" entry'):
         load_trained(out)
+
+
+def test_a_second_run_on_a_busy_out_is_refused_before_it_charges(tmp_path, capsys):
+    # A --resume while the first run trained was refused only at its first charge, and the
+    # first run, the one that lost the race to the ledger, stopped mid-run.
+    from lazydp.run_lock import run_lock
+
+    out = tmp_path / "r"
+    args = ["train", "--dataset", "acs", "--epochs", "1", "--noise-multiplier", "2.0"]
+    args += ["--out", str(out), "--json"]
+    out.mkdir()
+    with run_lock(out):  # the live run, as another process would hold it
+        code, result = run_cli(args, capsys)
+        assert code == 1 and "in use by another lazydp train (pid" in result.err
+        assert not (out / "ledger.jsonl").exists()  # nothing charged, nothing read
+    assert run_cli(args, capsys)[0] == 0  # released at the end of the block
+
+
+def test_the_run_lock_of_a_killed_process_is_gone(tmp_path):
+    import subprocess
+    import sys
+
+    from lazydp.run_lock import run_lock
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; "
+         "from lazydp.run_lock import run_lock; l = run_lock(Path(sys.argv[1])); "
+         "l.__enter__(); print('held', flush=True); time.sleep(60)", str(tmp_path)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        with pytest.raises(Exception, match="in use"), run_lock(tmp_path):
+            pass
+    finally:
+        holder.kill()  # SIGKILL: no cleanup runs in the holder
+        holder.wait()
+    with run_lock(tmp_path):  # the kernel dropped it with the process
+        pass

@@ -13,10 +13,10 @@ import torch
 
 from lazydp import ConfigError, InputError, PrivacyError
 from lazydp.distributed import DistributedPrivacyEngine, ShardedEmbeddingBag
+from lazydp.distributed._comm import over_ranks
 from lazydp.errors import LazyDPError
 from lazydp.ledger import PrivacyLedger, StepEvent
 from lazydp.testing import constant_noise
-from lazydp.training import _over_ranks
 from tests.gloo import join, leave
 from tests.test_distributed import (
     CLIP,
@@ -90,7 +90,7 @@ def _worker(rank: int, world: int, store_path: str, out_dir: str) -> None:
     results["weights"] = _error(lambda: _build(rank, nudge=1e-6 * rank))
     results["same_start"] = _error(lambda: _build(rank, seed=7))
     # The report's examples (summed) and the budget's charged steps (the largest ledger).
-    results["over_ranks"] = (_over_ranks(rank + 1, world), _over_ranks(rank + 1, world, True))
+    results["over_ranks"] = (over_ranks(rank + 1, world), over_ranks(rank + 1, world, True))
     torch.manual_seed(0)  # every rank alike: each must still initialise rows of its own
     results["fresh_shards"] = ShardedEmbeddingBag(8, 2).gather_weight()
     with constant_noise(0.5):

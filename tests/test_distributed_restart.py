@@ -76,3 +76,23 @@ def test_a_calibrated_run_resumed_after_a_crash_stops_every_rank_at_the_same_ste
     assert report["stopped_for_budget"] and report["steps"] == 3 + (8 - 5)
     assert report["privacy"]["epsilon"] <= 2 + 1e-9
     assert [_steps(out / name) for name in ("ledger.jsonl", "ledger.rank1.jsonl")] == [8, 8]
+
+
+@pytest.mark.slow
+def test_every_rank_refuses_a_busy_out_and_none_waits_for_rank_0(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Rank 0 alone holds the run lock: without the ranks' vote, rank 1 would go on to its
+    # first collective and wait there for a rank 0 that had left.
+    from lazydp.run_lock import run_lock
+
+    data, out = tmp_path / "data", tmp_path / "out"
+    preprocess("criteo", [FIXTURE], data, buckets=64, progress=False)
+    argv = ["train", "--data", str(data), "--out", str(out), "--max-steps", "2"]
+    argv += ["--batch-size", "4", "--noise-multiplier", "1.0", "--nproc-per-node", "2"]
+    argv += ["--max-restarts", "0", "--no-progress"]
+    out.mkdir()
+    with run_lock(out):
+        assert main(argv) != 0
+    assert "in use by another lazydp train" in capsys.readouterr().err
+    assert not list(out.glob("ledger*"))

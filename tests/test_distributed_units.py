@@ -22,6 +22,7 @@ from lazydp.distributed.data_parallel import ClippedSumReducer, _buckets
 from lazydp.distributed.launch import prepare_restart, torchrun_command
 from lazydp.errors import ConfigError, PrivacyError, UnsupportedLayerError
 from lazydp.ledger import PrivacyLedger, StepEvent
+from tests.gloo import join, leave, run_ranks
 
 
 def test_sharded_bag_in_one_process_equals_embedding_bag() -> None:
@@ -240,3 +241,31 @@ def test_a_sharded_tables_negative_lr_is_refused_before_the_charge(tmp_path, mod
         _steps(model, opt, sched, 0, 1, 2)
     assert engine.ledger.steps == 1
     assert torch.equal(model.fc.weight.detach(), before)
+
+
+def _lock_worker(rank: int, world: int, store: str, tmp: str) -> None:
+    from lazydp.run_lock import run_lock
+
+    join(rank, world, store)
+    try:
+        with run_lock(Path(tmp) / "out", rank, world):
+            outcome = "ran"
+    except ConfigError as exc:
+        outcome = str(exc)
+    (Path(tmp) / f"rank{rank}.txt").write_text(outcome)
+    leave()
+
+
+@pytest.mark.slow
+def test_every_rank_refuses_when_rank_0_finds_the_out_in_use(tmp_path: Path) -> None:
+    # Only rank 0 takes the lock; without the vote rank 1 went on to wait in a collective.
+    from lazydp.run_lock import run_lock
+
+    (tmp_path / "out").mkdir()
+    with run_lock(tmp_path / "out"):
+        run_ranks(_lock_worker, 2, tmp_path)
+    said = [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)]
+    assert "in use by another lazydp train (pid" in said[0]
+    assert "in use by another lazydp train (another rank 0)" in said[1]
+    run_ranks(_lock_worker, 2, tmp_path)  # released: both run
+    assert [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)] == ["ran", "ran"]

@@ -25,11 +25,13 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from lazydp.checkpoint_file import atomic_save
+from lazydp.distributed._comm import over_ranks
 from lazydp.engine import PrivacyEngine
 from lazydp.errors import ConfigError, DataError, PrivacyError, StorageError
 from lazydp.ledger import PrivacyLedger
 from lazydp.metrics import accuracy, roc_auc
 from lazydp.report import json_text, steps_text
+from lazydp.run_lock import run_lock
 from lazydp.stop_signals import StoppedBySignal, stop_on_signals
 from lazydp.train_config import TrainConfig, flag
 from lazydp.train_setup import (
@@ -210,6 +212,14 @@ def run(
     cfg.validate()
     out = Path(cfg.out)
     check_out(out)
+    with run_lock(out, rank, world_size):  # before anything is read or charged
+        return _train(cfg, out, rank, world_size, engine_cls)
+
+
+def _train(
+    cfg: TrainConfig, out: Path, rank: int, world_size: int, engine_cls: type[PrivacyEngine]
+) -> dict[str, Any]:
+    """run()'s stages, holding ``out``'s run lock."""
     plan = plan_run(cfg)
     root, train, test, kind = plan.root, plan.train, plan.test, plan.kind
     n, delta, total_steps = plan.n, plan.delta, plan.total_steps
@@ -253,7 +263,7 @@ def run(
     # Counted from the largest ledger of any rank, the same on every rank: after a crash the
     # ranks' ledgers can differ by a step (one charged a step its all-reduce never finished),
     # and ranks stopping at different steps would leave one waiting in a collective.
-    charged_at_start, step_at_start = _over_ranks(engine.ledger.steps, world_size, True), step
+    charged_at_start, step_at_start = over_ranks(engine.ledger.steps, world_size, True), step
 
     def _charged() -> int:  # steps charged by the rank that charged most, each step one more
         return charged_at_start + step - step_at_start
@@ -317,7 +327,7 @@ def run(
     if bar is not None:
         bar.close()
     # Each rank counted its own shard of the batches: the report's rate is the job's.
-    examples = _over_ranks(examples, world_size)
+    examples = over_ranks(examples, world_size)
     train_seconds, rate = timing.finish(started, examples)
     # A signal here waits for model.pt: interrupted, a run with no checkpoint (the default for
     # short runs) lost the model its whole spent budget paid for, with nothing to resume.
@@ -420,19 +430,6 @@ def _write_report(path: Path, summary: dict[str, Any], report: str) -> None:
         ) from None
 
 
-def _over_ranks(value: int, world_size: int, largest: bool = False) -> int:
-    """``value`` summed (or its largest) over the ranks of the job: a collective, every rank
-    gets the same answer (``value`` itself in a single-process run)."""
-    if world_size <= 1 or not torch.distributed.is_initialized():
-        return value
-    from lazydp.distributed._comm import comm_device
-
-    total = torch.tensor([value], dtype=torch.float64, device=comm_device(None))
-    op = torch.distributed.ReduceOp.MAX if largest else torch.distributed.ReduceOp.SUM
-    torch.distributed.all_reduce(total, op=op)  # NCCL needs it on the GPU: comm_device
-    return int(total.item())
-
-
 #: Without --checkpoint-every, a checkpoint after the first step past this many seconds of
 #: training since the last: a run killed hard (SIGKILL, out of memory, power) then loses at most
 #: that much work, not every step its ledger already charged. Short runs never write one.
@@ -449,7 +446,7 @@ def _checkpoint_now(cfg: TrainConfig, step: int, last_saved: float, world_size: 
         return step % cfg.checkpoint_every == 0
     due = time.monotonic() - last_saved >= CHECKPOINT_SECONDS
     if world_size > 1 and cfg.mode == "lazydp":
-        due = bool(_over_ranks(int(due), world_size, largest=True))
+        due = bool(over_ranks(int(due), world_size, largest=True))
     return due
 
 

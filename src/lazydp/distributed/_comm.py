@@ -108,6 +108,21 @@ def exchange_counts(
     return [int(x) for x in recv[:, 0]], [int(x) for x in recv[:, 1]]
 
 
+def over_ranks(value: int, world_size: int, largest: bool = False) -> int:
+    """``value`` summed (or its largest) over the ranks of the job: a collective, every rank
+    gets the same answer (``value`` itself in a single-process run).
+
+    >>> over_ranks(3, world_size=1)
+    3
+    """
+    if world_size <= 1 or not dist.is_initialized():
+        return value
+    total = torch.tensor([value], dtype=torch.float64, device=comm_device(None))
+    op = dist.ReduceOp.MAX if largest else dist.ReduceOp.SUM
+    dist.all_reduce(total, op=op)  # NCCL needs it on the GPU: comm_device
+    return int(total.item())
+
+
 def comm_device(group: ProcessGroup = None) -> torch.device:
     """Where small bookkeeping tensors must live for ``group``'s backend (NCCL: the GPU)."""
     if world(group)[1] > 1 and dist.get_backend(group) == "nccl":

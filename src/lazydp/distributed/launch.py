@@ -37,6 +37,7 @@ import torch.distributed as dist
 
 from lazydp.errors import ConfigError, LazyDPError, PrivacyError
 from lazydp.ledger import PrivacyLedger, ledger_path
+from lazydp.run_lock import run_lock
 from lazydp.stop_signals import StoppedBySignal
 
 #: What the launcher passes on to torchrun (torchrun stops its workers on each of them).
@@ -166,6 +167,8 @@ def launch(args: argparse.Namespace, cfg: Any) -> dict[str, Any]:
     cfg.validate()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    with run_lock(out):  # refused here, before the live run's launch_config.json is replaced
+        pass  # (the workers' rank 0 takes the lock for the run itself)
     if getattr(args, "json", False):
         cfg.progress = False
     if int(getattr(args, "max_restarts", 0) or 0) > 0 and not cfg.checkpoint_every:

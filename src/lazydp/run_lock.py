@@ -1,0 +1,71 @@
+"""One ``lazydp train`` at a time per ``--out``: a lock held for the whole run.
+
+Two runs on one ``--out`` (started twice by accident, or a ``--resume`` while the first still
+trains) share its ledger. The ledger's own lock keeps every charge, but the run that charges
+second is refused at that step, mid-run: an accidental ``--resume`` stopped the live run, which
+lost its work since its last checkpoint, and near the end the two could interleave model.pt and
+report.json. So rank 0 takes an exclusive ``flock`` on ``OUT/.lazydp-train.lock`` before
+anything is read or charged and holds it until the run returns. The kernel drops the lock when
+its process dies (``kill -9`` included), so a crashed run never leaves a stale one; the file
+stays and is reused. Under torchrun the ranks vote, so that all of them refuse together rather
+than the others waiting in a collective for a rank 0 that left.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from lazydp.distributed._comm import over_ranks
+from lazydp.errors import ConfigError
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: no lock, as for the ledger's
+    fcntl = None  # type: ignore[assignment]
+
+LOCK_NAME = ".lazydp-train.lock"
+
+
+@contextmanager
+def run_lock(out: Path, rank: int = 0, world_size: int = 1) -> Iterator[None]:
+    """Hold ``out``'s run lock (rank 0) for the ``with`` block; ConfigError on every rank when
+    another live run holds it.
+
+    Example: ``with run_lock(Path("runs/a")): train()``.
+    """
+    fd, holder = _acquire(out / LOCK_NAME) if rank == 0 else (None, None)
+    try:
+        if over_ranks(int(fd is None and rank == 0), world_size, largest=True):
+            raise ConfigError(
+                f"--out {out} is in use by another lazydp train ({holder or 'another rank 0'}); "
+                "two runs on one --out would share its ledger and the later one would stop the "
+                "other mid-run. Wait for it to finish (then --resume continues it), or choose "
+                "another --out. Nothing was charged."
+            )
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)  # releases the lock
+
+
+def _acquire(path: Path) -> tuple[int | None, str | None]:
+    """(open descriptor holding the lock, None), or (None, who holds it)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    if fcntl is None:
+        return fd, None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 200).decode("utf-8", "replace").strip()
+        os.close(fd)
+        return None, holder or None
+    # Who holds it, for the message another run shows: written only while holding the lock.
+    os.ftruncate(fd, 0)
+    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime())
+    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {since}".encode())
+    return fd, None
