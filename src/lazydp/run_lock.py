@@ -20,7 +20,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from lazydp.distributed._comm import over_ranks
 from lazydp.errors import ConfigError
 
 try:
@@ -38,6 +37,9 @@ def run_lock(out: Path, rank: int = 0, world_size: int = 1) -> Iterator[None]:
 
     Example: ``with run_lock(Path("runs/a")): train()``.
     """
+    # Here, not at the top: lazydp.distributed's launcher imports this module.
+    from lazydp.distributed._comm import over_ranks
+
     fd, holder = _acquire(out / LOCK_NAME) if rank == 0 else (None, None)
     try:
         if over_ranks(int(fd is None and rank == 0), world_size, largest=True):
