@@ -136,6 +136,25 @@ def test_incomplete_metadata(tmp_path, edit, fragment):
         ParquetDataset(root)
 
 
+@pytest.mark.parametrize(
+    ("version", "fragment"),
+    [
+        (2, r"written by a newer lazydp \(metadata schema_version 2\); this lazydp reads "),
+        ("1", r"schema_version is '1', not an integer >= 1"),
+        (0, r"schema_version is 0, not an integer >= 1"),
+    ],
+)
+def test_metadata_of_a_newer_schema_is_refused(tmp_path, version, fragment):
+    # Data preprocessed by a newer lazydp was read as if its fields meant what they mean here:
+    # schema_version was written and never checked.
+    root = make(tmp_path / "d")
+    edit_metadata(root, lambda m: m.update(schema_version=version))
+    with pytest.raises(DataError, match=fragment):
+        ParquetDataset(root)
+    edit_metadata(root, lambda m: m.update(schema_version=1))
+    assert ParquetDataset(root).num_rows == N
+
+
 def test_metadata_checker_accepts_a_minimal_object():
     check_metadata({"rows": {"train": 0}, "schema": {"dense": [], "categorical": []}})
 

@@ -26,6 +26,9 @@ from lazydp._process import running
 from lazydp.errors import ConfigError, DataError
 
 METADATA = "metadata.json"
+#: metadata.json's format: a later lazydp that changes what a field means (how ids were hashed,
+#: where a DP vocabulary's cost is recorded) writes a higher one, which this version refuses.
+SCHEMA_VERSION = 1
 WRITER = ".lazydp-writer"  # "host pid" of the process writing a temporary directory
 
 
@@ -210,6 +213,7 @@ def check_metadata(meta: Any, path: str | Path = METADATA) -> None:
     path = Path(path)
     if not isinstance(meta, dict):
         raise _damaged(path, f"holds a JSON {type(meta).__name__}, not an object")
+    _check_schema_version(meta.get("schema_version", SCHEMA_VERSION), path)
     missing = [k for k in ("rows", "schema") if k not in meta]
     if missing:
         raise _damaged(path, f"lacks the key(s) {missing} (it needs 'rows' and 'schema')")
@@ -253,6 +257,20 @@ def check_metadata(meta: Any, path: str | Path = METADATA) -> None:
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
         raise _damaged(path, f"schema names column(s) {repeated} more than once")
+
+
+def _check_schema_version(version: Any, path: Path) -> None:
+    """DataError unless this lazydp reads metadata of ``version`` (absent: hand-written, read
+    as the current one). Data preprocessed by a newer lazydp was read as if its fields meant
+    what they mean here: a cost or a hashing recorded another way was trained on silently."""
+    if not _count(version) or version < 1:
+        raise _damaged(path, f"schema_version is {version!r}, not an integer >= 1")
+    if version > SCHEMA_VERSION:
+        raise DataError(
+            f"{path}: written by a newer lazydp (metadata schema_version {version}); this "
+            f"lazydp reads schema_version {SCHEMA_VERSION} and could misread it (its privacy "
+            "cost, its ids). Upgrade lazydp, or preprocess the data again with this version."
+        )
 
 
 def _count(n: Any) -> bool:

@@ -31,13 +31,12 @@ from lazydp.errors import ConfigError, DataError
 from lazydp.preprocess import sql
 from lazydp.preprocess.engine import Engine
 from lazydp.preprocess.lines import NOT_UTF8, check_compression
-from lazydp.preprocess.output import atomic_directory, write_metadata
+from lazydp.preprocess.output import SCHEMA_VERSION, atomic_directory, write_metadata
 from lazydp.preprocess.spark import SPARK_WAIT_S
 from lazydp.preprocess.spec import FormatSpec, get_format
 from lazydp.preprocess.vocabulary import check_seed, new_seed, split_budget
 
 ENGINES = ("embedded", "spark")
-SCHEMA_VERSION = 1
 SPILL_DIR = ".spill"  # DuckDB spill files, inside the temporary output so they vanish with it
 
 
