@@ -317,6 +317,17 @@ def test_a_ledger_whose_last_newline_was_dropped_takes_the_next_line_on_its_own(
     [
         ('{"kind":"external","name":7,"epsilon":1.0,"delta":1e-6}', "name=7"),
         (None, "ledger version 99"),
+        # A field of another lazydp version was dropped without a word (an older lazydp so
+        # read today's shuffled positions and under-reported the epochs spent).
+        (
+            '{"kind":"step","step":0,"sample_rate":0.5,"noise_multiplier":1.0,'
+            '"max_grad_norm":1.0,"mode":"dpsgd_f","sampler":"poisson","rank":0,"epochs":9}',
+            r"step record has \['epochs'\], which this lazydp does not read",
+        ),
+        (
+            '{"kind":"external","name":"v","epsilon":1.0,"delta":0.0,"composition":"x"}',
+            r"external record has \['composition'\]",
+        ),
     ],
 )
 def test_lines_lazydp_would_not_write_are_refused_on_load(tmp_path, line, match):

@@ -72,6 +72,17 @@ def from_record(record: dict[str, Any], where: str) -> StepEvent | ExternalCharg
     missing = names - record.keys() - OPTIONAL
     if missing:
         raise PrivacyError(f"{where}: {kind} record lacks {sorted(missing)}")
+    # Dropped, a field this version does not know could hold what another version's accounting
+    # charges: lazydp before 2026-12-07 read the shuffled steps' position and lineage of
+    # today's ledgers that way, and reported fewer epochs than were spent.
+    unknown = record.keys() - names - {"kind"}
+    if unknown:
+        raise PrivacyError(
+            f"{where}: {kind} record has {sorted(unknown)}, which this lazydp does not read: "
+            "another lazydp version wrote it, and reading the line without them could "
+            "under-report the privacy spent. Read the ledger with the lazydp version that "
+            "wrote it."
+        )
     item = cls(**{k: record[k] for k in names if k in record})
     try:  # the checks charging made: a line written any other way proves nothing
         check_item(item)
