@@ -747,3 +747,17 @@ def test_a_checkpoint_holding_a_pickled_object_is_refused_without_unsafe_advice(
     assert "Never load it with weights_only=False" in str(info.value)
     assert "will likely succeed" not in str(info.value)
     assert "must never run" not in capsys.readouterr().out
+
+
+def test_a_checkpoint_of_another_format_version_says_so(tmp_path):
+    """A checkpoint of a newer lazydp was called 'not a lazydp-checkpoint-v1 file', as if it
+    were no checkpoint at all, and said nothing of what to do."""
+    from lazydp.checkpoint_file import load_checkpoint_file
+
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"format": "lazydp-checkpoint-v2", "model": {}}, path)
+    with pytest.raises(PrivacyError, match="is a lazydp-checkpoint-v2 file, written by another"):
+        load_checkpoint_file(path)
+    torch.save({"model": {}}, path)
+    with pytest.raises(PrivacyError, match="is not a lazydp-checkpoint-v1 file"):
+        load_checkpoint_file(path)

@@ -169,8 +169,22 @@ def load_checkpoint_file(path: str | os.PathLike[str], mmap: bool = False) -> di
             f"{exc}). Use an earlier complete checkpoint; partial files are never renamed into place."
         ) from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise PrivacyError(f"{path} is not a {CHECKPOINT_FORMAT} file")
+        raise _not_ours(path, state.get("format") if isinstance(state, dict) else None)
     return state
+
+
+def _not_ours(path: str | os.PathLike[str], found: Any) -> PrivacyError:
+    """The error for a file without this version's format tag: one of another lazydp version
+    (its state may mean other things) is named as such, with what to do; it was only called
+    'not a lazydp-checkpoint-v1 file', as if it were no checkpoint at all."""
+    if isinstance(found, str) and found.startswith("lazydp-checkpoint-"):
+        return PrivacyError(
+            f"checkpoint {path} is a {found} file, written by another lazydp version; this "
+            f"lazydp reads {CHECKPOINT_FORMAT}. Resume with the lazydp version that wrote it "
+            "(or finish the run there and train on from its exported model.pt). Nothing was "
+            "loaded."
+        )
+    return PrivacyError(f"{path} is not a {CHECKPOINT_FORMAT} file")
 
 
 def owned_except_copied(state: dict[str, Any]) -> dict[str, Any]:
