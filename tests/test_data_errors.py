@@ -155,6 +155,17 @@ def test_metadata_of_a_newer_schema_is_refused(tmp_path, version, fragment):
     assert ParquetDataset(root).num_rows == N
 
 
+def test_data_preprocessed_from_one_input_twice_is_refused(tmp_path):
+    # lazydp before 2026-12-07 accepted --input a.tsv a.tsv: every record became two examples
+    # (and a DP vocabulary counted it twice), which training charged as one.
+    root = make(tmp_path / "d")
+    edit_metadata(root, lambda m: m.update(inputs=["/raw/a.tsv", "/raw/b.tsv", "/raw/./a.tsv"]))
+    with pytest.raises(DataError, match=r"preprocessed from '/raw/\./a\.tsv' twice"):
+        ParquetDataset(root)
+    edit_metadata(root, lambda m: m.update(inputs=["/raw/a.tsv", "/raw/b.tsv"]))
+    assert ParquetDataset(root).num_rows == N
+
+
 def test_metadata_checker_accepts_a_minimal_object():
     check_metadata({"rows": {"train": 0}, "schema": {"dense": [], "categorical": []}})
 

@@ -214,6 +214,7 @@ def check_metadata(meta: Any, path: str | Path = METADATA) -> None:
     if not isinstance(meta, dict):
         raise _damaged(path, f"holds a JSON {type(meta).__name__}, not an object")
     _check_schema_version(meta.get("schema_version", SCHEMA_VERSION), path)
+    _check_inputs_once(meta.get("inputs"), path)
     missing = [k for k in ("rows", "schema") if k not in meta]
     if missing:
         raise _damaged(path, f"lacks the key(s) {missing} (it needs 'rows' and 'schema')")
@@ -271,6 +272,26 @@ def _check_schema_version(version: Any, path: Path) -> None:
             f"lazydp reads schema_version {SCHEMA_VERSION} and could misread it (its privacy "
             "cost, its ids). Upgrade lazydp, or preprocess the data again with this version."
         )
+
+
+def _check_inputs_once(inputs: Any, path: Path) -> None:
+    """DataError for data read from one input twice. lazydp before 2026-12-07 accepted
+    ``--input a.tsv a.tsv``: each raw record became two examples, so a training guarantee per
+    example covered half a record, and a DP vocabulary counted each record twice against a
+    cost computed for once. Preprocessing refuses that now; data it wrote then said so only in
+    its ``inputs``. (A file given through two names cannot be told from here.)"""
+    if not isinstance(inputs, list) or not all(isinstance(p, str) for p in inputs):
+        return  # hand-written metadata: nothing recorded to check
+    seen: set[str] = set()
+    for p in inputs:
+        if os.path.normpath(p) in seen:
+            raise DataError(
+                f"{path}: the data was preprocessed from {p!r} twice (by a lazydp that "
+                "allowed it): its records are two examples each, and a DP vocabulary's "
+                "recorded cost counts them once, so no guarantee lazydp reports would hold. "
+                "Preprocess the data again, giving each file once."
+            )
+        seen.add(os.path.normpath(p))
 
 
 def _count(n: Any) -> bool:
