@@ -413,3 +413,30 @@ def test_the_run_lock_of_a_killed_process_is_gone(tmp_path):
         holder.wait()
     with run_lock(tmp_path):  # the kernel dropped it with the process
         pass
+
+
+def test_the_run_lock_refuses_an_unwritable_out_and_runs_where_locks_are_missing(
+    tmp_path, monkeypatch
+):
+    import errno
+
+    from lazydp import run_lock as lock_module
+    from lazydp.errors import ConfigError
+
+    real_open = lock_module.os.open
+
+    def refused(path, flags, *args):
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    monkeypatch.setattr(lock_module.os, "open", refused)
+    with pytest.raises(ConfigError, match="Permission denied.*give a writable --out"):
+        with lock_module.run_lock(tmp_path):
+            pass
+    monkeypatch.setattr(lock_module.os, "open", real_open)
+
+    def no_locks(fd, op):  # an NFS mount without a lock daemon
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(lock_module.fcntl, "flock", no_locks)
+    with lock_module.run_lock(tmp_path):  # unlocked, as the ledger's lock is there
+        pass

@@ -13,6 +13,7 @@ than the others waiting in a collective for a rank 0 that left.
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import time
@@ -56,8 +57,16 @@ def run_lock(out: Path, rank: int = 0, world_size: int = 1) -> Iterator[None]:
 
 
 def _acquire(path: Path) -> tuple[int | None, str | None]:
-    """(open descriptor holding the lock, None), or (None, who holds it)."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    """(open descriptor holding the lock, None), or (None, who holds it). A file system
+    without locks (some network mounts) gives the descriptor unlocked, as the ledger's lock
+    does: the ledger still refuses a second writer at its charge."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot create {path} ({exc.strerror or exc}), the lock that keeps one run per "
+            "--out: give a writable --out"
+        ) from None
     if fcntl is None:
         return fd, None
     try:
@@ -66,6 +75,11 @@ def _acquire(path: Path) -> tuple[int | None, str | None]:
         holder = os.read(fd, 200).decode("utf-8", "replace").strip()
         os.close(fd)
         return None, holder or None
+    except OSError as exc:
+        if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
+            os.close(fd)
+            raise
+        return fd, None
     # Who holds it, for the message another run shows: written only while holding the lock.
     os.ftruncate(fd, 0)
     since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime())
