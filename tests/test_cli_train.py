@@ -390,6 +390,7 @@ def test_a_second_run_on_a_busy_out_is_refused_before_it_charges(tmp_path, capsy
         assert code == 1 and "in use by another lazydp train (pid" in result.err
         assert not (out / "ledger.jsonl").exists()  # nothing charged, nothing read
     assert run_cli(args, capsys)[0] == 0  # released at the end of the block
+    assert not (out / ".lazydp-train.lock").exists()  # a finished run leaves none behind
 
 
 def test_the_run_lock_of_a_killed_process_is_gone(tmp_path):
@@ -440,3 +441,24 @@ def test_the_run_lock_refuses_an_unwritable_out_and_runs_where_locks_are_missing
     monkeypatch.setattr(lock_module.fcntl, "flock", no_locks)
     with lock_module.run_lock(tmp_path):  # unlocked, as the ledger's lock is there
         pass
+
+
+def test_a_lock_file_removed_under_a_starting_run_is_taken_again(tmp_path, monkeypatch):
+    # A finishing run removes its lock file; one that opened it just before holds a lock on a
+    # file no one else can open, and must take the file now at the path instead.
+    from lazydp import run_lock as lock_module
+
+    real_flock, calls = lock_module.fcntl.flock, []
+
+    def finishing_run_removes_it(fd, op):
+        calls.append(fd)
+        if len(calls) == 1:
+            (tmp_path / lock_module.LOCK_NAME).unlink()
+        return real_flock(fd, op)
+
+    monkeypatch.setattr(lock_module.fcntl, "flock", finishing_run_removes_it)
+    with lock_module.run_lock(tmp_path):
+        assert len(calls) == 2 and (tmp_path / lock_module.LOCK_NAME).exists()
+        monkeypatch.setattr(lock_module.fcntl, "flock", real_flock)
+        with pytest.raises(Exception, match="in use"), lock_module.run_lock(tmp_path):
+            pass  # the file at the path is the one held
