@@ -62,6 +62,7 @@ class EmbeddedEngine(Engine):
                 self.con.unregister("chunk")
                 bar.update(len(lines))
             headers.append(header)
+            self.view(f"lines_{file_idx}", f"SELECT * FROM lines WHERE file_idx = {file_idx}")
         bar.close()
         return headers
 

@@ -2,7 +2,10 @@
 
 Contract: after ``load_lines(paths)`` a relation ``lines(file_idx INT, line_no BIGINT,
 line STRING)`` holds every physical line of every file (1-based line numbers, Hadoop line rules,
-see lazydp.preprocess.lines) and the method returns each file's first line (the csv header).
+see lazydp.preprocess.lines), ``lines_<i>`` holds file i's rows of it, and the method returns
+each file's first line (the csv header). Each file is parsed from its own relation: parsing a
+filter of ``lines`` per file put every file's plan into every other's, and Spark's planning of
+200 small files ran for minutes before reading a row.
 ``view(name, sql, materialize)`` names a relation; ``query`` returns rows as tuples;
 ``write_parquet(sql, directory)`` writes the result as ``directory/part-*.parquet`` whose
 concatenation in file-name order is the result in its ORDER BY order.

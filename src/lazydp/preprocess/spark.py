@@ -283,13 +283,13 @@ class SparkEngine(Engine):
                 offsets.append((int(blk), before - int(first_id)))
                 before += int(count)
             shift = self.spark.sql(_values_sql(offsets or [(0, 0)], "blk", "shift"))
-            frames.append(
-                tagged.join(F.broadcast(shift), "blk").select(
-                    F.lit(file_idx).cast("int").alias("file_idx"),
-                    (F.col("mid") + F.col("shift") + 1).alias("line_no"),
-                    "line",
-                )
+            frame = tagged.join(F.broadcast(shift), "blk").select(
+                F.lit(file_idx).cast("int").alias("file_idx"),
+                (F.col("mid") + F.col("shift") + 1).alias("line_no"),
+                "line",
             )
+            frame.createOrReplaceTempView(f"lines_{file_idx}")
+            frames.append(frame)
         lines = frames[0]
         for frame in frames[1:]:
             lines = lines.unionByName(frame)

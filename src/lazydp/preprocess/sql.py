@@ -1,7 +1,7 @@
 """The one logical pipeline, as SQL statements generated from a FormatSpec and a Dialect.
 
 Relations (each engine registers ``lines(file_idx INT, line_no BIGINT, line STRING)`` first,
-line numbers 1-based, one row per physical line):
+line numbers 1-based, one row per physical line, and ``lines_<i>``, file i's rows of it):
 
 ``parsed_<i>``  file i split into raw string columns ``r_<col>`` (+ ``n_fields``, ``quotes_ok``)
 ``checked``     all files, with ``bad_reason`` (NULL for a good row)
@@ -76,8 +76,8 @@ def parse_file_sql(
     return (
         f"SELECT file_idx, line_no, line, {d.size('f')} AS n_fields, "
         f"CAST({n_expected} AS BIGINT) AS n_expected, {quotes_ok} AS quotes_ok, "
-        f"{', '.join(cols)} FROM (SELECT file_idx, line_no, line, {fields} AS f FROM lines "
-        f"WHERE file_idx = {file_idx} AND line_no >= {first_line} AND line <> '') t"
+        f"{', '.join(cols)} FROM (SELECT file_idx, line_no, line, {fields} AS f "
+        f"FROM lines_{file_idx} WHERE line_no >= {first_line} AND line <> '') t"
     )
 
 
