@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -13,6 +14,7 @@ import lazydp.checkpoint_file
 import lazydp.engine
 import lazydp.ledger
 import lazydp.preprocess
+import lazydp.preprocess.pipeline
 import lazydp.training
 from lazydp import PrivacyError, StorageError
 from lazydp.checkpoint_file import atomic_save
@@ -172,3 +174,32 @@ def test_a_report_that_cannot_be_written_loses_only_the_report(tmp_path, capsys,
     assert code == 1 and "Traceback" not in res.err and "only the report is lost" in res.err
     assert "epsilon" in res.err and (out / "model.pt").exists()
     assert sorted(os.listdir(out)) == ["ledger.jsonl", "model.pt"]  # no partial report.json
+
+
+def test_preprocess_on_a_full_disk_is_a_clear_error_and_leaves_nothing(tmp_path, monkeypatch):
+    # DuckDB reports a full disk as its own IOException (Spark as a Py4JJavaError), neither an
+    # OSError: the run ended in a traceback from inside duckdb that named neither the output
+    # nor what was left of it.
+    import duckdb
+
+    from lazydp.preprocess.embedded import EmbeddedEngine
+
+    src = Path(__file__).parent / "fixtures" / "criteo_small.tsv"
+    real = EmbeddedEngine.write_parquet
+
+    def full(self, sql_text, directory):
+        real(self, sql_text, directory)
+        raise duckdb.IOException(
+            f'IO Error: Could not write file "{directory}/part-00000.parquet": '
+            'No space left on device","errno":"28"'
+        )
+
+    monkeypatch.setattr(EmbeddedEngine, "write_parquet", full)
+    with pytest.raises(StorageError, match="the disk filled up while writing it"):
+        lazydp.preprocess.preprocess("criteo", [src], tmp_path / "o", progress=False)
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(EmbeddedEngine, "write_parquet", real)
+    monkeypatch.setattr(lazydp.preprocess.pipeline, "write_metadata", _no_space)
+    with pytest.raises(StorageError, match="partial output was removed"):
+        lazydp.preprocess.preprocess("criteo", [src], tmp_path / "o", progress=False)
+    assert list(tmp_path.iterdir()) == []

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from lazydp._process import running
-from lazydp.errors import ConfigError, DataError
+from lazydp.errors import ConfigError, DataError, StorageError
 
 METADATA = "metadata.json"
 #: metadata.json's format: a later lazydp that changes what a field means (how ids were hashed,
@@ -94,6 +94,32 @@ def _rename_new(tmp: Path, final: Path) -> None:
             "output is discarded. Check which one you want: remove it, choose another "
             "--output, or pass --overwrite (overwrite=True) to replace it."
         ) from None
+
+
+#: How a full disk (or quota) reads in the engines' errors: DuckDB raises its own IOException and
+#: Spark a Py4JJavaError, neither an OSError, both with the system's message in their text.
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+_FULL_TEXT = ("No space left on device", "Disk quota exceeded")
+
+
+def disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` (from Python, DuckDB or Spark) reports a full disk or quota."""
+    if isinstance(exc, OSError) and exc.errno in _FULL:
+        return True
+    return any(text in str(exc) for text in _FULL_TEXT)
+
+
+def disk_full_error(final: str | Path, exc: BaseException) -> StorageError:
+    """The error for a run whose disk filled up: a traceback from inside DuckDB or Py4J named
+    neither the output nor that nothing of it was kept."""
+    why = next((t for t in _FULL_TEXT if t in str(exc)), None) or str(exc)
+    return StorageError(
+        f"output={str(final)!r}: the disk filled up while writing it ({why}); the partial "
+        "output was removed and nothing was written there. Free disk space where the output "
+        "and the engine's temporary files go (DuckDB spills inside the output's temporary "
+        "directory, Spark into spark.local.dir, /tmp by default), or choose an --output on "
+        "a disk with room, then run the command again."
+    )
 
 
 def _remove_abandoned(final: Path) -> None:
