@@ -6,6 +6,11 @@ import csv
 import datetime as dt
 import gzip
 import json
+import os
+import signal
+import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -120,6 +125,36 @@ def test_failure_mid_write_leaves_nothing_that_looks_complete(tmp_path, monkeypa
 
     monkeypatch.setattr(EmbeddedEngine, "write_parquet", failing)
     with pytest.raises(OSError, match="simulated"):
+        preprocess("criteo", [FIX / "criteo_small.tsv"], tmp_path / "o", progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def _interrupt_inside(*names: str) -> None:
+    """SIGINT this process once its main thread is inside one of the Python functions
+    ``names`` (here: inside DuckDB's execute, which they call), as a Ctrl-C mid-query."""
+    main = threading.main_thread().ident
+
+    def wait_and_interrupt() -> None:
+        while sys._current_frames()[main].f_code.co_name not in names:
+            time.sleep(0.01)
+        time.sleep(0.2)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=wait_and_interrupt, daemon=True).start()
+
+
+def test_ctrl_c_inside_a_duckdb_query_is_a_keyboard_interrupt(tmp_path, monkeypatch):
+    # DuckDB takes a Ctrl-C during a query and raises RuntimeError("Query interrupted"): the
+    # CLI printed a traceback from inside duckdb and exited 1 instead of its "interrupted"
+    # message (exit 130).
+    def interrupted_write(self, sql_text, directory):
+        # a table of many row groups: DuckDB checks for a signal between their tasks
+        self.view("big", "SELECT x FROM range(5000000) t(x)", materialize=True)
+        _interrupt_inside("view", "_execute")
+        self.view("slow", "SELECT x FROM big WHERE md5(CAST(x AS VARCHAR)) < '1'", True)
+
+    monkeypatch.setattr(EmbeddedEngine, "write_parquet", interrupted_write)
+    with pytest.raises(KeyboardInterrupt):
         preprocess("criteo", [FIX / "criteo_small.tsv"], tmp_path / "o", progress=False)
     assert list(tmp_path.iterdir()) == []
 

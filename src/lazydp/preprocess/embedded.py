@@ -58,7 +58,7 @@ class EmbeddedEngine(Engine):
                     }
                 )
                 self.con.register("chunk", chunk)
-                self.con.execute("INSERT INTO lines SELECT * FROM chunk")
+                self._execute("INSERT INTO lines SELECT * FROM chunk")
                 self.con.unregister("chunk")
                 bar.update(len(lines))
             headers.append(header)
@@ -68,19 +68,30 @@ class EmbeddedEngine(Engine):
 
     def view(self, name: str, sql: str, materialize: bool = False) -> None:
         kind = "TABLE" if materialize else "VIEW"
-        self.con.execute(f"CREATE OR REPLACE TEMP {kind} {name} AS {sql}")
+        self._execute(f"CREATE OR REPLACE TEMP {kind} {name} AS {sql}")
 
     def query(self, sql: str) -> list[tuple[Any, ...]]:
-        return self.con.execute(sql).fetchall()
+        return self._execute(sql).fetchall()
 
     def write_parquet(self, sql: str, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         target = str(directory / "part-00000.parquet").replace("'", "''")
         # Through a table: DuckDB marks columns REQUIRED from table statistics, which an empty
         # query result lacks; a table (even an empty one) has them.
-        self.con.execute(f"CREATE OR REPLACE TEMP TABLE _to_write AS {sql}")
-        self.con.execute(f"COPY _to_write TO '{target}' (FORMAT parquet, COMPRESSION snappy)")
-        self.con.execute("DROP TABLE _to_write")
+        self._execute(f"CREATE OR REPLACE TEMP TABLE _to_write AS {sql}")
+        self._execute(f"COPY _to_write TO '{target}' (FORMAT parquet, COMPRESSION snappy)")
+        self._execute("DROP TABLE _to_write")
+
+    def _execute(self, sql: str) -> duckdb.DuckDBPyConnection:
+        """Run ``sql``; KeyboardInterrupt when Ctrl-C stopped it. DuckDB takes the interrupt
+        itself and raises ``RuntimeError("Query interrupted")`` instead: the command ended in
+        a traceback (exit 1) rather than saying what an interrupted run leaves (exit 130)."""
+        try:
+            return self.con.execute(sql)
+        except (RuntimeError, duckdb.InterruptException) as exc:
+            if "interrupted" not in str(exc).lower():
+                raise
+            raise KeyboardInterrupt from None
 
     def close(self) -> None:
         self.con.close()
