@@ -151,7 +151,9 @@ def test_ctrl_c_inside_a_duckdb_query_is_a_keyboard_interrupt(tmp_path, monkeypa
         # a table of many row groups: DuckDB checks for a signal between their tasks
         self.view("big", "SELECT x FROM range(5000000) t(x)", materialize=True)
         _interrupt_inside("view", "_execute")
-        self.view("slow", "SELECT x FROM big WHERE md5(CAST(x AS VARCHAR)) < '1'", True)
+        # ~20M hashes: seconds, so the interrupt 0.2 s in lands inside it on a fast machine too
+        slow = "SELECT x FROM big, range(4) r WHERE md5(CAST(x + r.range AS VARCHAR)) < '1'"
+        self.view("slow", slow, True)
 
     monkeypatch.setattr(EmbeddedEngine, "write_parquet", interrupted_write)
     with pytest.raises(KeyboardInterrupt):
