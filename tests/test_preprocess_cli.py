@@ -122,3 +122,25 @@ def test_commands_import_only_what_they_run_on(tmp_path):
             "--delta", "1e-5", "--json"]  # fmt: skip
     assert modules_after(argv) == {"torch": False, "dp_accounting": True}
     assert modules_after(["train", "--help"]) == {"torch": False, "dp_accounting": False}
+
+
+def test_sigterm_removes_the_temporary_output_and_says_so(tmp_path):
+    # SIGTERM (kill, `timeout`, a scheduler's time limit) ended the process at once: DIR.tmp-*
+    # (up to a whole output, DuckDB's spill files included) stayed until a later run for the
+    # same DIR. It now unwinds as Ctrl-C does; the exit status stays 143.
+    import subprocess
+    import sys
+
+    code = (
+        "import os, signal, sys\n"
+        "from lazydp.cli import main\n"
+        "from lazydp.preprocess.embedded import EmbeddedEngine\n"
+        "EmbeddedEngine.write_parquet = lambda *a: os.kill(os.getpid(), signal.SIGTERM)\n"
+        "sys.exit(main(sys.argv[1:]))"
+    )
+    argv = ["preprocess", "--format", "criteo", "--input", str(FIX / "criteo_small.tsv"),
+            "--output", str(tmp_path / "o"), "--no-progress"]  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True)
+    assert proc.returncode == 143
+    assert "interrupted" in proc.stderr and "Traceback" not in proc.stderr
+    assert list(tmp_path.iterdir()) == []

@@ -7,11 +7,17 @@ Example:
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import FrameType
 from typing import Any
 
-from lazydp.cli import add_json_flag
+from lazydp.cli import _INTERRUPTED, add_json_flag
 from lazydp.errors import ConfigError
+from lazydp.stop_signals import StoppedBySignal
 
 EPILOG = """\
 example:
@@ -92,23 +98,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         base = default or None
         buckets = {c.name: base or spec.default_buckets[c.name] for c in spec.categorical}
         buckets.update(per)
-    meta = preprocess(
-        args.format,
-        args.input,
-        args.output,
-        engine=args.engine,
-        spark_master=args.spark_master,
-        spark_wait_s=SPARK_WAIT_S if args.spark_wait is None else args.spark_wait,
-        buckets=buckets,
-        on_bad_row=args.on_bad_row,
-        vocabulary=args.vocabulary,
-        vocab_epsilon=args.vocab_epsilon,
-        vocab_delta=args.vocab_delta,
-        vocab_seed=args.vocab_seed,
-        test_fraction=args.test_fraction,
-        overwrite=args.overwrite,
-        progress=not args.no_progress,
-    )
+    with _unwind_on_sigterm():
+        meta = preprocess(
+            args.format,
+            args.input,
+            args.output,
+            engine=args.engine,
+            spark_master=args.spark_master,
+            spark_wait_s=SPARK_WAIT_S if args.spark_wait is None else args.spark_wait,
+            buckets=buckets,
+            on_bad_row=args.on_bad_row,
+            vocabulary=args.vocabulary,
+            vocab_epsilon=args.vocab_epsilon,
+            vocab_delta=args.vocab_delta,
+            vocab_seed=args.vocab_seed,
+            test_fraction=args.test_fraction,
+            overwrite=args.overwrite,
+            progress=not args.no_progress,
+        )
     rows = meta["rows"]
     if meta["privacy_cost"].get("reproducible_seed"):
         print(
@@ -131,3 +138,35 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "output": str(args.output),
         **{k: meta[k] for k in ("rows", "bad_rows", "engine", "privacy_cost", "schema")},
     }
+
+
+@contextmanager
+def _unwind_on_sigterm() -> Iterator[None]:
+    """SIGTERM (``kill``, ``timeout``, a scheduler's time limit) unwinds the run as Ctrl-C does,
+    so that its temporary output is removed; the exit status stays 143. Its default action
+    ended the process at once and left ``DIR.tmp-*`` (up to a whole output, DuckDB's spill files
+    included) until a later run for the same DIR. Main thread only, as signal handlers are."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+
+    def unwind(signum: int, frame: FrameType | None) -> None:
+        received.append(signum)
+        # Ctrl-C's handler: pyspark's cancels the session's jobs first (a KeyboardInterrupt
+        # alone broke the Py4J connection mid-job, and pyspark's cleanup then raised from it)
+        ctrl_c = signal.getsignal(signal.SIGINT)
+        if callable(ctrl_c):
+            ctrl_c(signal.SIGINT, frame)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, unwind)
+    try:
+        yield
+    except KeyboardInterrupt:
+        if not received:
+            raise
+        # DuckDB turns the interrupt into its own error (re-raised as KeyboardInterrupt)
+        raise StoppedBySignal(_INTERRUPTED["preprocess"], signal.SIGTERM) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
