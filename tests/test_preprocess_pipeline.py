@@ -297,3 +297,19 @@ def test_damaged_or_unsupported_compressed_input_is_a_clear_error(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(cases)
     (tmp_path / "upper.csv.GZ").write_bytes(gzip.compress(data))  # gzip to both engines
     assert preprocess("movielens", [tmp_path / "upper.csv.GZ"], tmp_path / "o", progress=False)
+
+
+def test_the_embedded_engine_draws_no_progress_bar_of_its_own(tmp_path):
+    # In an interactive session (a REPL, Jupyter, `python -c`: DuckDB decides when it is
+    # imported) DuckDB drew its own bar on stdout, also with progress=False.
+    import subprocess
+
+    code = (
+        "import sys; from lazydp.preprocess.embedded import EmbeddedEngine; "
+        "e = EmbeddedEngine(sys.argv[1], progress=False); "
+        "print(e.query(\"SELECT current_setting('enable_progress_bar')\")[0][0])"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "False"

@@ -39,6 +39,9 @@ class EmbeddedEngine(Engine):
         if threads:
             config["threads"] = threads
         self.con = duckdb.connect(":memory:", config=config)
+        # DuckDB draws its own bar on stdout in an interactive session (a REPL, Jupyter), also
+        # with progress=False; the reader's bar (rows loaded) is the one lazydp shows.
+        self.con.execute("SET enable_progress_bar = false")
         self.progress = progress
 
     def load_lines(self, paths: list[str]) -> list[str | None]:
