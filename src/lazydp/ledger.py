@@ -69,6 +69,10 @@ _PAST_JSON_LIMITS = "an integer of thousands of digits, or values nested thousan
 _Kind = tuple[float, float, float, str, str, int, str | None]
 
 
+#: What flock raises on a file system without locks (some network mounts).
+NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL)
+
+
 @contextmanager
 def _locked(fd: int) -> Iterator[None]:
     """An exclusive advisory lock on the ledger file while a charge checks and appends (so two
@@ -79,7 +83,7 @@ def _locked(fd: int) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
         except OSError as exc:
-            if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
+            if exc.errno not in NO_LOCKS:
                 raise
             locked = False
     try:

@@ -13,7 +13,6 @@ of them refuse together rather than the others waiting in a collective for a ran
 
 from __future__ import annotations
 
-import errno
 import os
 import socket
 import time
@@ -22,6 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from lazydp.errors import ConfigError
+from lazydp.ledger import NO_LOCKS
 
 try:
     import fcntl
@@ -80,7 +80,7 @@ def _acquire(path: Path) -> tuple[int | None, str | None, bool]:
             os.close(fd)
             return None, holder or None, False
         except OSError as exc:
-            if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
+            if exc.errno not in NO_LOCKS:
                 os.close(fd)
                 raise
             return fd, None, False
