@@ -18,13 +18,15 @@ from __future__ import annotations
 import signal
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from types import FrameType
+from typing import Any
 
-__all__ = ["StopRequest", "StoppedBySignal", "stop_on_signals"]
+__all__ = ["StopRequest", "StoppedBySignal", "handling", "stop_on_signals"]
 
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
+Handler = Callable[[int, FrameType | None], Any]
 
 
 class StoppedBySignal(KeyboardInterrupt):
@@ -74,12 +76,23 @@ def stop_on_signals(
     """Install the handlers for the block (main thread only; elsewhere a no-op request);
     ``after`` says what the run finishes before it stops."""
     request = StopRequest(after)
-    if not enabled or threading.current_thread() is not threading.main_thread():
+    with handling(request._handle, _SIGNALS if enabled else ()):
         yield request
+
+
+@contextmanager
+def handling(handler: Handler, signums: Iterable[int]) -> Iterator[None]:
+    """``handler`` for ``signums`` during the block, the previous handlers restored after it.
+    Python runs signal handlers in the main thread only, so elsewhere nothing is installed.
+
+    Example: ``with handling(lambda s, f: print(s), [signal.SIGUSR1]): ...``.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
         return
-    previous = {s: signal.signal(s, request._handle) for s in _SIGNALS}
+    previous = {s: signal.signal(s, handler) for s in signums}
     try:
-        yield request
+        yield
     finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+        for s, old in previous.items():
+            signal.signal(s, old)

@@ -17,7 +17,6 @@ import argparse
 import itertools
 import signal
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -30,7 +29,7 @@ from lazydp.bench.harness import BENCH_MODES, ModeResult
 from lazydp.bench.workload import BENCH_CONFIGS, PLACEMENTS, STATISTICS, BenchSpec
 from lazydp.cli import add_json_flag, load_yaml_mapping
 from lazydp.errors import ConfigError, LazyDPError
-from lazydp.stop_signals import StoppedBySignal
+from lazydp.stop_signals import StoppedBySignal, handling
 
 EPILOG = """example (2 shared cores, no GPU; numbers from benchmarks/RESULTS.md):
   $ lazydp bench --config mlperf --scale 0.001 --batch-size 2048 --iterations 20 \\
@@ -260,9 +259,6 @@ def _stop_on_signals() -> Iterator[None]:
     removed. SIGTERM's default action (``timeout``, a scheduler, ``kill``) ended this process
     alone, and the child ran on, orphaned, to the end of its mode: minutes, with a model that
     may fill the machine's memory."""
-    if threading.current_thread() is not threading.main_thread():  # signals: main thread only
-        yield
-        return
 
     def stop(signum: int, frame: FrameType | None) -> None:
         name = signal.Signals(signum).name
@@ -272,12 +268,8 @@ def _stop_on_signals() -> Iterator[None]:
             signum,
         )
 
-    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
+    with handling(stop, (signal.SIGINT, signal.SIGTERM)):
         yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
 
 
 def _refuse_what_does_not_fit(spec: BenchSpec, modes: list[str]) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from types import FrameType
@@ -17,7 +16,7 @@ from typing import Any
 
 from lazydp.cli import _INTERRUPTED, add_json_flag
 from lazydp.errors import ConfigError
-from lazydp.stop_signals import StoppedBySignal
+from lazydp.stop_signals import StoppedBySignal, handling
 
 EPILOG = """\
 example:
@@ -146,9 +145,6 @@ def _unwind_on_sigterm() -> Iterator[None]:
     so that its temporary output is removed; the exit status stays 143. Its default action
     ended the process at once and left ``DIR.tmp-*`` (up to a whole output, DuckDB's spill files
     included) until a later run for the same DIR. Main thread only, as signal handlers are."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
     received: list[int] = []
 
     def unwind(signum: int, frame: FrameType | None) -> None:
@@ -160,13 +156,11 @@ def _unwind_on_sigterm() -> Iterator[None]:
             ctrl_c(signal.SIGINT, frame)
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, unwind)
-    try:
-        yield
-    except KeyboardInterrupt:
-        if not received:
-            raise
-        # DuckDB turns the interrupt into its own error (re-raised as KeyboardInterrupt)
-        raise StoppedBySignal(_INTERRUPTED["preprocess"], signal.SIGTERM) from None
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    with handling(unwind, (signal.SIGTERM,)):
+        try:
+            yield
+        except KeyboardInterrupt:
+            if not received:
+                raise
+            # DuckDB turns the interrupt into its own error (re-raised as KeyboardInterrupt)
+            raise StoppedBySignal(_INTERRUPTED["preprocess"], signal.SIGTERM) from None
