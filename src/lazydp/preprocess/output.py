@@ -102,24 +102,25 @@ _FULL = (errno.ENOSPC, errno.EDQUOT)
 _FULL_TEXT = ("No space left on device", "Disk quota exceeded")
 
 
-def disk_full(exc: BaseException) -> bool:
-    """Whether ``exc`` (from Python, DuckDB or Spark) reports a full disk or quota."""
-    if isinstance(exc, OSError) and exc.errno in _FULL:
-        return True
-    return any(text in str(exc) for text in _FULL_TEXT)
-
-
-def disk_full_error(final: str | Path, exc: BaseException) -> StorageError:
-    """The error for a run whose disk filled up: a traceback from inside DuckDB or Py4J named
-    neither the output nor that nothing of it was kept."""
-    why = next((t for t in _FULL_TEXT if t in str(exc)), None) or str(exc)
-    return StorageError(
-        f"output={str(final)!r}: the disk filled up while writing it ({why}); the partial "
-        "output was removed and nothing was written there. Free disk space where the output "
-        "and the engine's temporary files go (DuckDB spills inside the output's temporary "
-        "directory, Spark into spark.local.dir, /tmp by default), or choose an --output on "
-        "a disk with room, then run the command again."
-    )
+@contextmanager
+def disk_full_named(final: str | Path) -> Iterator[None]:
+    """A full disk or quota in the block (from Python, DuckDB or Spark) raised as a
+    StorageError naming ``final``: a traceback from inside DuckDB or Py4J named neither the
+    output nor that nothing of it was kept."""
+    try:
+        yield
+    except Exception as exc:
+        full = isinstance(exc, OSError) and exc.errno in _FULL
+        why = next((t for t in _FULL_TEXT if t in str(exc)), None)
+        if not (full or why):
+            raise
+        raise StorageError(
+            f"output={str(final)!r}: the disk filled up while writing it ({why or exc}); the "
+            "partial output was removed and nothing was written there. Free disk space where "
+            "the output and the engine's temporary files go (DuckDB spills inside the output's "
+            "temporary directory, Spark into spark.local.dir, /tmp by default), or choose an "
+            "--output on a disk with room, then run the command again."
+        ) from None
 
 
 def _remove_abandoned(final: Path) -> None:

@@ -34,8 +34,7 @@ from lazydp.preprocess.lines import NOT_UTF8, check_compression
 from lazydp.preprocess.output import (
     SCHEMA_VERSION,
     atomic_directory,
-    disk_full,
-    disk_full_error,
+    disk_full_named,
     write_metadata,
 )
 from lazydp.preprocess.spark import SPARK_WAIT_S
@@ -351,37 +350,18 @@ def preprocess(
     _check_inputs(paths, engine)
     _check_output(output)
     paths = [p if "://" in p else str(Path(p).resolve()) for p in paths]
-    with atomic_directory(output, overwrite=overwrite, inputs=paths) as tmp:
+    # A full disk is named as such inside atomic_directory, which removes the partial output.
+    with (
+        atomic_directory(output, overwrite=overwrite, inputs=paths) as tmp,
+        disk_full_named(output),
+    ):
+        eng = _make_engine(engine, tmp, spark_master, spark, progress, spark_wait_s)
         try:
-            meta = _write(
-                engine, cfg, paths, tmp, vocab_seed, spark_master, spark, progress, spark_wait_s
-            )
-        except Exception as exc:  # the temporary output is removed on the way out
-            if not disk_full(exc):
-                raise
-            raise disk_full_error(output, exc) from None
-    return meta
-
-
-def _write(
-    engine: str,
-    cfg: PreprocessConfig,
-    paths: list[str],
-    tmp: Path,
-    seed: Any,
-    master: str | None,
-    spark: Any,
-    progress: bool,
-    wait_s: float,
-) -> dict[str, Any]:
-    """Run the pipeline into ``tmp`` and write its metadata.json last; the metadata."""
-    eng = _make_engine(engine, tmp, master, spark, progress, wait_s)
-    try:
-        meta = _run(eng, cfg, paths, tmp, seed)
-    finally:
-        eng.close()
-    shutil.rmtree(tmp / SPILL_DIR, ignore_errors=True)
-    write_metadata(tmp, meta)
+            meta = _run(eng, cfg, paths, tmp, vocab_seed)
+        finally:
+            eng.close()
+        shutil.rmtree(tmp / SPILL_DIR, ignore_errors=True)
+        write_metadata(tmp, meta)
     return meta
 
 
